@@ -1,0 +1,120 @@
+"""A KV cache whose routed layers hold entries only for the tokens they processed (method.md section 4).
+
+Every layer reports the *logical* sequence length (all tokens seen so far), because transformers derives
+position ids, the causal mask and `generate`'s input slicing from it. A routed layer additionally records,
+for each physical entry, the logical column (sequence position) it belongs to, or -1 for an empty slot
+of a row that processed fewer tokens than the widest row; the layer builds its attention mask from
+those columns.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from .errors import PModInputError
+
+
+class PModCacheLayer(DynamicLayer):
+    """One layer of a `PModCache`.
+
+    Dense layers behave like `DynamicLayer`. A routed layer calls `stage` before its attention runs;
+    the following `update` then appends the staged columns along with the keys and values.
+    """
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.logical_length = 0
+        self.columns: torch.Tensor | None = None  # (B, S_phys) long for routed layers
+        self._staged: tuple[torch.Tensor, int] | None = None
+
+    @property
+    def is_routed(self) -> bool:
+        return self.columns is not None or self._staged is not None
+
+    def stage(self, columns: torch.Tensor, step_length: int) -> torch.Tensor:
+        """Announce the logical columns of the next `update` (B, S_new; -1 = empty slot).
+
+        Returns the columns of every entry the layer will hold after the update, (B, S_phys + S_new).
+        """
+        if self.logical_length and self.columns is None:
+            raise PModInputError("A dense cache layer cannot become a routed one mid-sequence.")
+        self._staged = (columns, step_length)
+        return columns if self.columns is None else torch.cat([self.columns, columns], dim=1)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        if self._staged is not None:
+            columns, step = self._staged
+            if columns.shape[1] != key_states.shape[-2]:
+                raise PModInputError(
+                    f"Staged {columns.shape[1]} columns but got {key_states.shape[-2]} key/value entries."
+                )
+            self.columns = columns if self.columns is None else torch.cat([self.columns, columns], dim=1)
+            self.logical_length += step
+            self._staged = None
+        elif self.columns is not None:
+            raise PModInputError("A routed cache layer was updated without its columns being staged.")
+        else:
+            self.logical_length += key_states.shape[-2]
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return self.logical_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.logical_length + query_length, 0
+
+    def physical_length(self) -> int:
+        """Number of key/value entries stored per example (including empty slots)."""
+        return 0 if not self.is_initialized or self.keys.numel() == 0 else self.keys.shape[-2]
+
+    def reset(self) -> None:
+        super().reset()
+        self.logical_length = 0
+        self.columns = None
+        self._staged = None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError(
+            "Cropping a p-MoD KV cache (assisted/speculative decoding, contrastive search) is not supported: "
+            "routed layers hold different tokens per example. Use greedy, sampling or beam search."
+        )
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.columns is not None:
+            self.columns = self.columns.index_select(0, beam_idx.to(self.columns.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.columns is not None:
+            self.columns = self.columns.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.columns is not None:
+            self.columns = self.columns[indices]
+
+
+class PModCache(DynamicCache):
+    """`DynamicCache` with one `PModCacheLayer` per decoder layer.
+
+    All layers keep every entry they are given (no sliding-window eviction); sliding-window attention is
+    still applied exactly, through the attention mask the model builds from logical positions.
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        super().__init__()
+        self.layers = [PModCacheLayer() for _ in range(num_layers)]
+        self.layer_class_to_replicate = None
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.layers[layer_idx].get_seq_length() if layer_idx < len(self.layers) else 0
+
+    def crop(self, max_length: int) -> None:
+        self.layers[0].crop(max_length)
+
+    @property
+    def is_compileable(self) -> bool:
+        return False

@@ -1,0 +1,164 @@
+"""`PModConfig`: the p-MoD settings of a model, as a typed dataclass.
+
+The resolved per-layer values (`layer_ratios`, `routed_layers`) are what a model actually uses; they
+are written into the model's `config.json` next to the settings that produced them, so a saved model
+never depends on re-running a schedule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from . import schedules
+from .errors import PModConfigError
+
+ScheduleKind = Literal["shifted_cos", "shifted_linear", "constant", "interleave"]
+TargetKind = Literal["vision", "all"]
+_SCHEDULES = ("shifted_cos", "shifted_linear", "constant", "interleave")
+_TARGETS = ("vision", "all")
+
+
+@dataclass
+class PModConfig:
+    """Settings of a p-MoD model.
+
+    Attributes:
+        schedule: ``"shifted_cos"`` (progressive ratio decay, the paper's default), ``"shifted_linear"``,
+            ``"constant"`` (``average_ratio`` on layers ``constant_start .. constant_end-1``),
+            ``"interleave"`` (``average_ratio`` on odd layers), or an explicit list with one keep ratio per
+            decoder layer (``1.0`` meaning dense).
+        average_ratio, max_ratio, min_ratio: parameters of the decay schedules (method.md section 3).
+        constant_start, constant_end: routed layer range of the ``"constant"`` schedule (slice semantics).
+        alpha, beta: TanhNorm, router weight ``g = alpha * tanh(s) + beta``.
+        router_bias: whether routers have a bias.
+        router_zero_init: routers start at zero, so a converted model starts as the dense model with some
+            tokens skipping layers (and equals it exactly at keep ratio 1).
+        targets: ``"vision"`` routes image-token positions only; ``"all"`` routes every non-padding token.
+        routed_layers: explicit indices of layers to route. By default a layer is routed iff its ratio is
+            below 1; list a layer here to route it even at ratio 1 (e.g. to test the routed path).
+    """
+
+    schedule: ScheduleKind | list[float] = "shifted_cos"
+    average_ratio: float = 0.5
+    max_ratio: float = 0.85
+    min_ratio: float = 0.15
+    constant_start: int = 2
+    constant_end: int | None = -1
+    alpha: float = 0.2
+    beta: float = 1.0
+    router_bias: bool = True
+    router_zero_init: bool = True
+    targets: TargetKind = "vision"
+    routed_layers: list[int] | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.schedule, Sequence) and not isinstance(self.schedule, str):
+            self.schedule = [float(r) for r in self.schedule]
+            for i, r in enumerate(self.schedule):
+                _check_ratio(r, f"schedule[{i}]")
+        elif self.schedule not in _SCHEDULES:
+            raise PModConfigError(
+                f"Unknown schedule {self.schedule!r}: use one of {', '.join(_SCHEDULES)} or a list of per-layer ratios."
+            )
+        for name in ("average_ratio", "max_ratio", "min_ratio"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise PModConfigError(f"{name} must be a finite number, got {value!r}.")
+        _check_ratio(self.min_ratio, "min_ratio")
+        if self.min_ratio > self.max_ratio:
+            raise PModConfigError(f"min_ratio ({self.min_ratio}) is larger than max_ratio ({self.max_ratio}).")
+        if self.schedule in ("constant", "interleave"):
+            _check_ratio(self.average_ratio, "average_ratio")
+        if self.targets not in _TARGETS:
+            raise PModConfigError(f"targets must be one of {_TARGETS}, got {self.targets!r}.")
+        if self.routed_layers is not None:
+            self.routed_layers = sorted({int(i) for i in self.routed_layers})
+
+    # ------------------------------------------------------------------ per-layer values
+    def layer_ratios(self, num_layers: int) -> list[float]:
+        """One keep ratio per decoder layer; ``1.0`` means the layer keeps every token (dense)."""
+        return [1.0 if r is None else r for r in self._raw_schedule(num_layers)]
+
+    def resolve_routed_layers(self, num_layers: int) -> list[int]:
+        """Indices of the layers that get a router. Raises if the schedule routes no layer."""
+        if self.routed_layers is not None:
+            bad = [i for i in self.routed_layers if not 0 <= i < num_layers]
+            if bad:
+                raise PModConfigError(f"routed_layers {bad} out of range for a model with {num_layers} layers.")
+            routed = list(self.routed_layers)
+        else:
+            routed = [i for i, r in enumerate(self._raw_schedule(num_layers)) if r is not None and r < 1.0]
+        if not routed:
+            raise PModConfigError(
+                f"The schedule {self.schedule!r} routes no layer of a {num_layers}-layer model (every keep ratio is 1). "
+                "Lower the ratios, or list layers in routed_layers to route them anyway."
+            )
+        return routed
+
+    def _raw_schedule(self, num_layers: int) -> list[float | None]:
+        if num_layers < 1:
+            raise PModConfigError(f"num_layers must be positive, got {num_layers}.")
+        if isinstance(self.schedule, list):
+            if len(self.schedule) != num_layers:
+                raise PModConfigError(
+                    f"The explicit schedule has {len(self.schedule)} ratios but the model has {num_layers} decoder layers."
+                )
+            return [None if r == 1.0 else r for r in self.schedule]
+        if self.schedule == "shifted_cos":
+            return schedules.shifted_cos(num_layers, self.average_ratio, self.max_ratio, self.min_ratio)
+        if self.schedule == "shifted_linear":
+            return schedules.shifted_linear(num_layers, self.average_ratio, self.max_ratio, self.min_ratio)
+        if self.schedule == "constant":
+            return schedules.constant(num_layers, self.average_ratio, self.constant_start, self.constant_end)
+        return schedules.interleave(num_layers, self.average_ratio)
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PModConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise PModConfigError(f"Unknown p-MoD settings {sorted(unknown)}; known settings: {sorted(known)}.")
+        return cls(**data)
+
+
+def _check_ratio(value: float, name: str) -> None:
+    if not isinstance(value, (int, float)) or not (0.0 < value <= 1.0):
+        raise PModConfigError(f"{name} must be a keep ratio in (0, 1], got {value!r}.")
+
+
+@dataclass
+class ResolvedPMod:
+    """What a converted model stores in ``config.pmod``: the settings plus the resolved per-layer values."""
+
+    settings: PModConfig
+    layer_ratios: list[float]
+    routed_layers: list[int]
+
+    @classmethod
+    def resolve(cls, settings: PModConfig, num_layers: int) -> ResolvedPMod:
+        return cls(settings, settings.layer_ratios(num_layers), settings.resolve_routed_layers(num_layers))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"settings": self.settings.to_dict(), "layer_ratios": self.layer_ratios, "routed_layers": self.routed_layers}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ResolvedPMod:
+        try:
+            settings = PModConfig.from_dict(dict(data["settings"]))
+            ratios = [float(r) for r in data["layer_ratios"]]
+            routed = [int(i) for i in data["routed_layers"]]
+        except (KeyError, TypeError) as exc:
+            raise PModConfigError(f"config.pmod is malformed ({exc!r}); expected settings, layer_ratios, routed_layers.") from exc
+        for i, r in enumerate(ratios):
+            _check_ratio(r, f"layer_ratios[{i}]")
+        if not routed or any(not 0 <= i < len(ratios) for i in routed):
+            raise PModConfigError(f"config.pmod.routed_layers {routed} is empty or out of range for {len(ratios)} layers.")
+        return cls(settings, ratios, routed)

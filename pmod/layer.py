@@ -1,0 +1,206 @@
+"""The p-MoD decoder layer (method.md section 2).
+
+`convert_decoder_layer` turns an installed transformers decoder layer (Llama, Qwen2, Mistral, ...) into
+its routed version in place: the instance's class becomes a subclass of its own class with
+`PModLayerMixin` in front, it keeps every child module (so parameter names, dense checkpoints, gradient
+checkpointing and hooks keep working) and gains `router`, an `nn.Linear(hidden_size, 1)`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import PModCache, PModCacheLayer
+from .errors import PModInputError, UnsupportedModelError
+from .routing import LayerRouting, RoutingPlan, Selection, select_tokens
+
+SUPPORTED_ATTENTION = ("eager", "sdpa")
+_REQUIRED_CHILDREN = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+_ROUTED_CLASSES: dict[type, type] = {}
+
+
+class PModLayerMixin:
+    """Routed forward for pre-norm decoder layers with `input_layernorm`, `self_attn`,
+    `post_attention_layernorm` and `mlp` children."""
+
+    router: nn.Linear
+    pmod_ratio: float
+    pmod_alpha: float
+    pmod_beta: float
+    pmod_layer_idx: int
+    last_routing: LayerRouting | None
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        pmod_plan: RoutingPlan | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        if pmod_plan is None:
+            raise PModInputError(
+                f"p-MoD layer {self.pmod_layer_idx} was called without a routing plan. Call the top-level model "
+                "returned by pmod.apply_pmod / pmod.load_model (it plans routing from input_ids), not its inner "
+                "language model."
+            )
+        attn_impl = self.self_attn.config._attn_implementation
+        if attn_impl not in SUPPORTED_ATTENTION:
+            raise UnsupportedModelError(
+                f"Attention backend {attn_impl!r} is not supported by p-MoD routed layers; use one of "
+                f"{SUPPORTED_ATTENTION} (model.set_attn_implementation('sdpa'))."
+            )
+        x = hidden_states
+        batch, length, hidden = x.shape
+        # Router on the raw layer input, in fp32 so ranking does not suffer bf16 ties.
+        bias = None if self.router.bias is None else self.router.bias.float()
+        logits = F.linear(x.float(), self.router.weight.float(), bias).squeeze(-1)  # (B, T)
+        sel = select_tokens(logits, pmod_plan, self.pmod_layer_idx)
+        pos = sel.positions  # (B, S)
+        width = pos.shape[1]
+
+        xs = x.gather(1, pos[..., None].expand(batch, width, hidden))  # (B, S, D)
+        cos, sin = position_embeddings
+        rope_idx = pos[..., None].expand(batch, width, cos.shape[-1])
+        cos = cos.expand(batch, -1, -1).gather(1, rope_idx)  # (B, S, head_dim), original positions
+        sin = sin.expand(batch, -1, -1).gather(1, rope_idx)
+        if position_ids is not None:
+            position_ids = position_ids.expand(batch, -1).gather(1, pos)
+
+        kv_columns = self._stage_cache(past_key_values, sel, pmod_plan.past_length, length)
+        mask = _subset_mask(
+            attention_mask,
+            sel,
+            kv_columns,
+            pmod_plan.past_length,
+            fast_path=pmod_plan.uniform[self.pmod_layer_idx] and kv_columns.shape[1] == width,
+            float_dtype=x.dtype if attn_impl == "eager" else None,
+        )
+
+        h = self.input_layernorm(xs)
+        attn_out, _ = self.self_attn(
+            hidden_states=h,
+            attention_mask=mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            position_embeddings=(cos, sin),
+            **kwargs,
+        )
+        h = xs + attn_out
+        mlp_out = self.mlp(self.post_attention_layernorm(h))
+
+        # STRing: targets carry g = alpha * tanh(s) + beta; text tokens are plain dense tokens.
+        g = (self.pmod_alpha * torch.tanh(logits) + self.pmod_beta).to(x.dtype)  # (B, T)
+        weight = torch.where(pmod_plan.target, g, torch.ones_like(g))
+        out_slots = h + weight.gather(1, pos)[..., None] * mlp_out  # (B, S, D)
+        # Skipped targets become g * x; padding passes through unchanged.
+        out = torch.where(pmod_plan.target[..., None], g[..., None] * x, x)
+        idx = pos[..., None].expand(batch, width, hidden)
+        # Empty slots point at distinct unprocessed positions: write back their unchanged values.
+        out_slots = torch.where(sel.slot_valid[..., None], out_slots, out.gather(1, idx))
+        out = out.scatter(1, idx, out_slots)
+
+        self.last_routing = LayerRouting(
+            target=pmod_plan.target,
+            processed=sel.processed,
+            selected=sel.selected,
+            router_logits=logits.detach(),
+            keep_ratio=self.pmod_ratio,
+        )
+        return out
+
+    def _stage_cache(self, cache, sel: Selection, past_length: int, length: int) -> torch.Tensor:
+        """Logical columns (B, S_kv; -1 = empty) of the keys the attention will see."""
+        columns = torch.where(sel.slot_valid, sel.positions + past_length, -1)  # (B, S)
+        if cache is None:
+            return columns
+        if not isinstance(cache, PModCache):
+            raise PModInputError(
+                f"p-MoD models need a pmod.PModCache, got {type(cache).__name__}. Pass past_key_values=None "
+                "(the model creates one) or pmod.PModCache(num_layers)."
+            )
+        layer: PModCacheLayer = cache.layers[self.pmod_layer_idx]
+        return layer.stage(columns, length)
+
+
+def _subset_mask(
+    mask: torch.Tensor | None,
+    sel: Selection,
+    kv_columns: torch.Tensor,
+    past_length: int,
+    fast_path: bool,
+    float_dtype: torch.dtype | None,
+) -> torch.Tensor | None:
+    """Attention mask of the gathered queries (B, S) over the held keys (B, S_kv).
+
+    ``mask`` is the model's mask over logical positions: (B or 1, 1, q, past + q) bool or additive float,
+    or None for plain causal attention. Empty query slots attend only to themselves so no row is fully
+    masked; empty key slots are masked for every query.
+    """
+    batch, width = sel.positions.shape
+    if mask is None and fast_path:
+        return None  # kept positions are ascending, so plain causal attention over the slots is exact
+    key_ok = kv_columns >= 0  # (B, S_kv)
+    if mask is None:
+        q_pos = sel.positions + past_length  # (B, S) logical query positions
+        allowed = (kv_columns[:, None, :] <= q_pos[:, :, None]) & key_ok[:, None, :]  # (B, S, S_kv)
+    else:
+        if mask.dim() != 4:
+            raise PModInputError(f"Expected a 4-D attention mask from the model, got shape {tuple(mask.shape)}.")
+        full = mask[:, 0].expand(batch, -1, -1)  # (B, q, past + q)
+        rows = full.gather(1, sel.positions[..., None].expand(batch, width, full.shape[-1]))  # (B, S, past + q)
+        cols = kv_columns.clamp(min=0)[:, None, :].expand(batch, width, kv_columns.shape[1])
+        picked = rows.gather(2, cols)  # (B, S, S_kv)
+        allowed = (picked if picked.dtype == torch.bool else picked == 0) & key_ok[:, None, :]
+        float_dtype = None if mask.dtype == torch.bool else mask.dtype
+    # Empty query slot j is key slot (S_kv - S + j): let it see itself only.
+    offset = kv_columns.shape[1] - width
+    eye = torch.zeros(width, kv_columns.shape[1], dtype=torch.bool, device=allowed.device)
+    eye[torch.arange(width), offset + torch.arange(width)] = True
+    allowed = allowed | (eye[None] & ~sel.slot_valid[:, :, None])
+    allowed = allowed[:, None]  # (B, 1, S, S_kv)
+    if float_dtype is None:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=float_dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(float_dtype).min
+    )
+
+
+def convert_decoder_layer(layer: nn.Module, layer_idx: int, ratio: float, alpha: float, beta: float, bias: bool, zero_init: bool) -> nn.Module:
+    """Make ``layer`` a routed p-MoD layer in place and return it."""
+    missing = [name for name in _REQUIRED_CHILDREN if not hasattr(layer, name)]
+    if missing:
+        raise UnsupportedModelError(
+            f"Decoder layer {type(layer).__name__} lacks {missing}; p-MoD supports pre-norm decoder layers "
+            "(Llama, Qwen2, Mistral families)."
+        )
+    base = type(layer)
+    if not isinstance(layer, PModLayerMixin):
+        if base not in _ROUTED_CLASSES:
+            _ROUTED_CLASSES[base] = type(f"PMod{base.__name__}", (PModLayerMixin, base), {"__module__": __name__})
+        layer.__class__ = _ROUTED_CLASSES[base]
+    hidden = layer.input_layernorm.weight.shape[-1]
+    ref = layer.input_layernorm.weight
+    if not hasattr(layer, "router") or not isinstance(layer.router, nn.Linear):
+        layer.router = nn.Linear(hidden, 1, bias=bias, device=ref.device, dtype=ref.dtype)
+        if zero_init:
+            zero_router(layer.router)
+    layer.pmod_ratio = float(ratio)
+    layer.pmod_alpha = float(alpha)
+    layer.pmod_beta = float(beta)
+    layer.pmod_layer_idx = layer_idx
+    layer.last_routing = None
+    return layer
+
+
+def zero_router(router: nn.Linear) -> None:
+    with torch.no_grad():
+        router.weight.zero_()
+        if router.bias is not None:
+            router.bias.zero_()

@@ -1,0 +1,349 @@
+"""Model adapters: p-MoD subclasses of the transformers model classes, `apply_pmod` and `load_model`.
+
+Each supported top-level class (LLaVA, LLaVA-NeXT, and Llama/Qwen2/Mistral causal LMs) gets a p-MoD
+subclass whose only differences are: routed decoder layers (built from ``config.pmod``), a forward that
+plans routing once per call and uses a `PModCache`, and loading that zeroes routers a checkpoint lacks.
+The configs get a subclass with a ``pmod`` field and their own ``model_type`` so that `save_pretrained`
+and ``AutoModel*.from_pretrained`` round-trip after ``import pmod``.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+from transformers.cache_utils import Cache
+
+from .cache import PModCache
+from .config import PModConfig, ResolvedPMod
+from .errors import PModConfigError, PModInputError, UnsupportedModelError
+from .layer import SUPPORTED_ATTENTION, PModLayerMixin, convert_decoder_layer, zero_router
+from .routing import LayerRouting, RoutingPlan
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_TEXT_FAMILIES = ("llama", "qwen2", "mistral")
+
+
+@dataclass(frozen=True)
+class _Family:
+    base_model: type[PreTrainedModel]
+    base_config: type
+    model_type: str
+    auto_class: Any
+    multimodal: bool
+
+
+_FAMILIES = [
+    _Family(LlavaForConditionalGeneration, LlavaConfig, "pmod_llava", AutoModelForImageTextToText, True),
+    _Family(LlavaNextForConditionalGeneration, LlavaNextConfig, "pmod_llava_next", AutoModelForImageTextToText, True),
+    _Family(LlamaForCausalLM, LlamaConfig, "pmod_llama", AutoModelForCausalLM, False),
+    _Family(Qwen2ForCausalLM, Qwen2Config, "pmod_qwen2", AutoModelForCausalLM, False),
+    _Family(MistralForCausalLM, MistralConfig, "pmod_mistral", AutoModelForCausalLM, False),
+]
+
+
+class PModModelMixin:
+    """Behaviour shared by every p-MoD model class (placed before the transformers base class)."""
+
+    config: Any
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def pmod(self) -> ResolvedPMod:
+        """The p-MoD settings and resolved per-layer values of this model."""
+        return ResolvedPMod.from_dict(self.config.pmod)
+
+    def decoder_layers(self) -> nn.ModuleList:
+        return _decoder_layers(self)
+
+    def routed_layers(self) -> dict[int, PModLayerMixin]:
+        return {i: layer for i, layer in enumerate(self.decoder_layers()) if isinstance(layer, PModLayerMixin)}
+
+    def routing(self) -> dict[int, LayerRouting]:
+        """Routing decisions of the most recent forward pass: routed layer index -> `LayerRouting`."""
+        return {i: layer.last_routing for i, layer in self.routed_layers().items() if layer.last_routing is not None}
+
+    # ------------------------------------------------------------------ forward
+    def _pmod_prepare(self, arguments: dict[str, Any]) -> None:
+        """Create the cache and the routing plan for one forward call (mutates ``arguments``)."""
+        extra = arguments.setdefault("kwargs", {})
+        target_mask = extra.pop("target_mask", None)
+        input_ids = arguments.get("input_ids")
+        reference = input_ids if input_ids is not None else arguments.get("inputs_embeds")
+        if reference is None:
+            raise PModInputError("Pass input_ids (or inputs_embeds with target_mask) to a p-MoD model.")
+        batch, length = reference.shape[:2]
+        device = reference.device
+
+        text_config = self.config.get_text_config(decoder=True)
+        use_cache = arguments.get("use_cache", extra.get("use_cache"))
+        if use_cache is None:
+            use_cache = bool(getattr(text_config, "use_cache", False))
+            if self.training and getattr(self, "is_gradient_checkpointing", False):
+                use_cache = False
+        cache = arguments.get("past_key_values")
+        if cache is not None and not isinstance(cache, PModCache):
+            if isinstance(cache, Cache) and type(cache).__name__ == "DynamicCache" and cache.get_seq_length() == 0:
+                cache = None  # generate() hands an empty DynamicCache: replace it with ours
+            else:
+                raise PModInputError(
+                    f"p-MoD models need a pmod.PModCache, got a {type(cache).__name__}"
+                    f"{' with content' if isinstance(cache, Cache) and cache.get_seq_length() else ''}. Static and "
+                    "offloaded caches cannot hold per-layer token subsets; use the default cache."
+                )
+        if cache is None and use_cache:
+            cache = PModCache(text_config.num_hidden_layers)
+        if "past_key_values" in arguments or cache is not None:
+            arguments["past_key_values"] = cache
+        past_length = cache.get_seq_length() if cache is not None else 0
+
+        attention_mask = arguments.get("attention_mask")
+        if attention_mask is None:
+            valid = torch.ones(batch, length, dtype=torch.bool, device=device)
+        else:
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < length:
+                raise PModInputError(
+                    f"p-MoD needs a 2-D padding mask of shape (batch, past + length) = ({batch}, {past_length + length}); "
+                    f"got {tuple(attention_mask.shape)}."
+                )
+            valid = attention_mask[:, -length:].to(device=device, dtype=torch.bool)
+
+        settings = self.pmod
+        if target_mask is not None:
+            if tuple(target_mask.shape) != (batch, length):
+                raise PModInputError(f"target_mask must have shape {(batch, length)}, got {tuple(target_mask.shape)}.")
+            target = target_mask.to(device=device, dtype=torch.bool)
+        elif settings.settings.targets == "all":
+            target = valid
+        else:
+            image_token_id = getattr(self.config, "image_token_id", None)
+            if input_ids is None or image_token_id is None:
+                raise PModInputError(
+                    "Cannot find the vision tokens: pass input_ids (vision tokens are input_ids == "
+                    "config.image_token_id), or target_mask=(batch, length) bool, or use PModConfig(targets='all')."
+                )
+            target = input_ids == image_token_id
+        ratios = {i: settings.layer_ratios[i] for i in settings.routed_layers}
+        extra["pmod_plan"] = RoutingPlan.build(target, valid, ratios, past_length=past_length)
+
+
+def _make_forward(base_forward):
+    signature = inspect.signature(base_forward)
+
+    @functools.wraps(base_forward)  # keeps the parent's signature, which generate() inspects
+    def forward(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        self._pmod_prepare(bound.arguments)
+        try:
+            return base_forward(*bound.args, **bound.kwargs)
+        except ValueError as exc:
+            if "Image features and image tokens do not match" in str(exc):
+                raise PModInputError(
+                    f"{exc}. Each image must have exactly as many image tokens (config.image_token_id) in input_ids "
+                    "as the vision tower produces features; build inputs with the model's processor."
+                ) from exc
+            raise
+
+    return forward
+
+
+def _make_from_pretrained(base_from_pretrained):
+    @functools.wraps(base_from_pretrained)
+    def from_pretrained(cls, *args, **kwargs):
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = base_from_pretrained.__func__(cls, *args, output_loading_info=True, **kwargs)
+        _zero_missing_routers(model, info.get("missing_keys", ()))
+        return (model, info) if want_info else model
+
+    return classmethod(from_pretrained)
+
+
+def _make_init(base_init):
+    @functools.wraps(base_init)
+    def __init__(self, config, *args, **kwargs):
+        if getattr(config, "pmod", None) is None:
+            raise PModConfigError(f"{type(self).__name__} needs config.pmod; build models with pmod.apply_pmod.")
+        base_init(self, config, *args, **kwargs)
+        _convert_layers(self, ResolvedPMod.from_dict(config.pmod))
+
+    return __init__
+
+
+def _build_classes(family: _Family) -> tuple[type, type]:
+    config_cls = type(
+        f"PMod{family.base_config.__name__}",
+        (family.base_config,),
+        {"__module__": __name__, "model_type": family.model_type, "__annotations__": {"pmod": "dict | None"}, "pmod": None},
+    )
+    base = family.base_model
+    model_cls = type(
+        f"PMod{base.__name__}",
+        (PModModelMixin, base),
+        {
+            "__module__": __name__,
+            "config_class": config_cls,
+            "__init__": _make_init(base.__init__),
+            "forward": _make_forward(base.forward),
+            "from_pretrained": _make_from_pretrained(base.from_pretrained),
+        },
+    )
+    return config_cls, model_cls
+
+
+_CLASSES: dict[type, tuple[type, type]] = {}
+for _family in _FAMILIES:
+    _CLASSES[_family.base_model] = _build_classes(_family)
+    globals()[_CLASSES[_family.base_model][0].__name__] = _CLASSES[_family.base_model][0]
+    globals()[_CLASSES[_family.base_model][1].__name__] = _CLASSES[_family.base_model][1]
+
+
+def _register() -> None:
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+
+    for family in _FAMILIES:
+        config_cls, model_cls = _CLASSES[family.base_model]
+        AutoConfig.register(family.model_type, config_cls, exist_ok=True)
+        family.auto_class.register(config_cls, model_cls, exist_ok=True)
+        # transformers renames legacy checkpoint keys (e.g. LLaVA's language_model.lm_head) only for its own
+        # classes; without the same mapping under our model_type, such weights would silently load random.
+        mapping = get_checkpoint_conversion_mapping(family.base_config.model_type)
+        if mapping is not None:
+            register_checkpoint_conversion_mapping(family.model_type, mapping, overwrite=True)
+
+
+_register()
+
+
+# ---------------------------------------------------------------------- helpers
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    inner = getattr(model, "model", None)
+    for owner in (getattr(inner, "language_model", None), inner):
+        layers = getattr(owner, "layers", None)
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    raise UnsupportedModelError(f"Cannot find the decoder layers of {type(model).__name__}.")
+
+
+def _convert_layers(model: nn.Module, resolved: ResolvedPMod) -> None:
+    layers = _decoder_layers(model)
+    if len(layers) != len(resolved.layer_ratios):
+        raise PModConfigError(
+            f"config.pmod has {len(resolved.layer_ratios)} layer ratios but the model has {len(layers)} decoder layers."
+        )
+    s = resolved.settings
+    for i in resolved.routed_layers:
+        convert_decoder_layer(layers[i], i, resolved.layer_ratios[i], s.alpha, s.beta, s.router_bias, s.router_zero_init)
+
+
+def _zero_missing_routers(model: nn.Module, missing_keys) -> None:
+    names = {k for k in missing_keys if ".router." in k}
+    if not names:
+        return
+    zeroed = 0
+    for i, layer in model.routed_layers().items():
+        prefixes = [n for n in names if f"layers.{i}.router." in n]
+        if prefixes:
+            zero_router(layer.router)
+            zeroed += 1
+    logger.info("Checkpoint has no router weights for %d routed layers: they start at zero.", zeroed)
+
+
+def _family_of(model: nn.Module) -> _Family:
+    for family in _FAMILIES:
+        if type(model) is family.base_model:
+            return family
+    if isinstance(model, PModModelMixin):
+        raise PModConfigError(f"{type(model).__name__} is already a p-MoD model.")
+    supported = ", ".join(f.base_model.__name__ for f in _FAMILIES)
+    raise UnsupportedModelError(f"p-MoD does not support {type(model).__name__}; supported models: {supported}.")
+
+
+# ---------------------------------------------------------------------- public API
+def apply_pmod(model: PreTrainedModel, config: PModConfig | None = None) -> PreTrainedModel:
+    """Convert a transformers LLaVA / LLaVA-NeXT / Llama / Qwen2 / Mistral model into a p-MoD model in place.
+
+    Routed decoder layers keep their parameter names and gain ``router`` (``nn.Linear(hidden, 1)``, zero
+    at start by default). The settings and per-layer ratios are stored in ``model.config.pmod``.
+    Returns the same model object, whose class is now the p-MoD subclass of its class.
+    """
+    config = config if config is not None else PModConfig()
+    family = _family_of(model)
+    text_config = model.config.get_text_config(decoder=True)
+    if text_config.model_type not in SUPPORTED_TEXT_FAMILIES:
+        raise UnsupportedModelError(
+            f"p-MoD does not support a {text_config.model_type!r} language model; supported: {SUPPORTED_TEXT_FAMILIES}."
+        )
+    attn = text_config._attn_implementation
+    if attn not in SUPPORTED_ATTENTION:
+        raise UnsupportedModelError(
+            f"Attention backend {attn!r} is not supported by p-MoD; load the model with "
+            f"attn_implementation='sdpa' or 'eager', or call model.set_attn_implementation('sdpa')."
+        )
+    resolved = ResolvedPMod.resolve(config, text_config.num_hidden_layers)
+    config_cls, model_cls = _CLASSES[family.base_model]
+    model.config.__class__ = config_cls
+    model.config.pmod = resolved.to_dict()
+    model.__class__ = model_cls
+    _convert_layers(model, resolved)
+    logger.info(
+        "p-MoD: routed %d of %d layers, mean keep ratio %.4f",
+        len(resolved.routed_layers),
+        len(resolved.layer_ratios),
+        sum(resolved.layer_ratios) / len(resolved.layer_ratios),
+    )
+    return model
+
+
+def load_model(path: str | os.PathLike, pmod_config: PModConfig | None = None, **from_pretrained_kwargs) -> PreTrainedModel:
+    """Load a p-MoD model saved with ``save_pretrained``.
+
+    A dense transformers checkpoint (LLaVA, LLaVA-NeXT, Llama, Qwen2, Mistral) is loaded and converted with
+    ``pmod_config`` (default `PModConfig()`), routers starting at zero. ``from_pretrained_kwargs`` go to
+    ``from_pretrained`` (``torch_dtype``, ``attn_implementation``, ``device_map``...).
+    """
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type.startswith("pmod_"):
+        if pmod_config is not None:
+            raise PModConfigError(f"{path} is already a p-MoD checkpoint; do not pass pmod_config.")
+        family = next((f for f in _FAMILIES if f.model_type == config.model_type), None)
+        if family is None:
+            raise UnsupportedModelError(f"Unknown p-MoD model type {config.model_type!r} in {path}.")
+        return family.auto_class.from_pretrained(path, **from_pretrained_kwargs)
+    family = next((f for f in _FAMILIES if f.base_config.model_type == config.model_type), None)
+    if family is None:
+        raise UnsupportedModelError(
+            f"{path} holds a {config.model_type!r} model; p-MoD supports "
+            f"{', '.join(f.base_config.model_type for f in _FAMILIES)}."
+        )
+    model = family.base_model.from_pretrained(path, **from_pretrained_kwargs)
+    return apply_pmod(model, pmod_config)
+
+
+def get_routing(model: nn.Module) -> dict[int, LayerRouting]:
+    """Routing decisions of the most recent forward pass of a p-MoD model, by routed layer index."""
+    if not isinstance(model, PModModelMixin):
+        raise PModInputError(f"{type(model).__name__} is not a p-MoD model; convert it with pmod.apply_pmod.")
+    return model.routing()

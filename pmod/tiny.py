@@ -1,0 +1,121 @@
+"""Small random-weight models built from configs, for tests, benchmarks and the demo (no hub needed)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    MistralConfig,
+    PreTrainedModel,
+    Qwen2Config,
+)
+
+TEXT_CONFIGS = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
+
+
+def text_config(
+    family: str = "llama",
+    vocab_size: int = 128,
+    hidden_size: int = 64,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int | None = None,
+    attn_implementation: str = "sdpa",
+    **kwargs,
+):
+    cfg = TEXT_CONFIGS[family](
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=4096,
+        **kwargs,
+    )
+    cfg._attn_implementation = attn_implementation
+    return cfg
+
+
+def vision_config(image_size: int = 28, patch_size: int = 7, hidden_size: int = 32, num_layers: int = 2):
+    return CLIPVisionConfig(
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=hidden_size,
+    )
+
+
+def tiny_llava(
+    num_layers: int = 4,
+    hidden_size: int = 64,
+    vocab_size: int = 128,
+    image_size: int = 28,
+    patch_size: int = 7,
+    attn_implementation: str = "sdpa",
+    family: str = "llama",
+    seed: int = 0,
+) -> LlavaForConditionalGeneration:
+    """A LLaVA-1.5-shaped model: (image_size / patch_size)^2 image tokens per image; image token = vocab_size - 1."""
+    torch.manual_seed(seed)
+    cfg = LlavaConfig(
+        vision_config=vision_config(image_size, patch_size),
+        text_config=text_config(family, vocab_size, hidden_size, num_layers, attn_implementation=attn_implementation),
+        image_token_id=vocab_size - 1,
+        image_seq_length=(image_size // patch_size) ** 2,
+    )
+    cfg._attn_implementation = attn_implementation
+    return LlavaForConditionalGeneration(cfg).eval()
+
+
+def tiny_llava_next(
+    num_layers: int = 4,
+    hidden_size: int = 64,
+    vocab_size: int = 128,
+    image_size: int = 28,
+    patch_size: int = 7,
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+) -> LlavaNextForConditionalGeneration:
+    """A LLaVA-NeXT-shaped model with anyres grid pinpoints [[1,2],[2,1],[2,2],[3,1],[1,3]] x image_size."""
+    torch.manual_seed(seed)
+    pinpoints = [[a * image_size, b * image_size] for a, b in [[1, 2], [2, 1], [2, 2], [3, 1], [1, 3]]]
+    cfg = LlavaNextConfig(
+        vision_config=vision_config(image_size, patch_size),
+        text_config=text_config("llama", vocab_size, hidden_size, num_layers, attn_implementation=attn_implementation),
+        image_token_id=vocab_size - 1,
+        image_grid_pinpoints=pinpoints,
+    )
+    cfg._attn_implementation = attn_implementation
+    model = LlavaNextForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # image_newline is created uninitialised
+        model.model.image_newline.normal_(0, 0.5)
+    return model
+
+
+def tiny_causal_lm(family: str = "llama", num_layers: int = 4, attn_implementation: str = "sdpa", seed: int = 0, **kwargs) -> PreTrainedModel:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = text_config(family, num_layers=num_layers, attn_implementation=attn_implementation, **kwargs)
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation).eval()
+
+
+def randomize_routers(model: torch.nn.Module, scale: float = 0.5, seed: int = 1) -> None:
+    """Give every router non-zero weights (tests of the routed path)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.routed_layers().values():
+            w = torch.randn(layer.router.weight.shape, generator=gen) * scale
+            layer.router.weight.copy_(w.to(layer.router.weight.dtype))
+            if layer.router.bias is not None:
+                layer.router.bias.copy_((torch.randn(1, generator=gen) * 0.1).to(layer.router.bias.dtype))

@@ -1,0 +1,45 @@
+"""Builders of padded multimodal batches for tests."""
+
+from __future__ import annotations
+
+import torch
+
+
+def llava_tokens_per_image(model) -> int:
+    v = model.config.vision_config
+    return (v.image_size // v.patch_size) ** 2
+
+
+def build_batch(rows, image_token_id, tokens_per_image, vocab_size, padding_side="left", seed=0):
+    """rows: list of (n_text_before, n_images_or_token_counts, n_text_after).
+
+    The middle entry is either an int number of images of ``tokens_per_image`` tokens each, or a list of
+    per-image token counts. Returns input_ids, attention_mask, position_ids (counting only real tokens).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    seqs = []
+    for before, images, after in rows:
+        counts = [tokens_per_image] * images if isinstance(images, int) else list(images)
+        parts = [torch.randint(1, vocab_size - 1, (before,), generator=gen)]
+        for c in counts:
+            parts.append(torch.full((c,), image_token_id))
+            parts.append(torch.randint(1, vocab_size - 1, (2,), generator=gen))
+        parts.append(torch.randint(1, vocab_size - 1, (after,), generator=gen))
+        seqs.append(torch.cat(parts))
+    length = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), length, dtype=torch.long)
+    mask = torch.zeros(len(seqs), length, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        if padding_side == "left":
+            ids[b, length - len(s):] = s
+            mask[b, length - len(s):] = 1
+        else:
+            ids[b, : len(s)] = s
+            mask[b, : len(s)] = 1
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, position_ids
+
+
+def valid_rows(logits, mask):
+    """Split (B, T, V) logits into per-row (n_b, V) tensors over non-padding positions."""
+    return [logits[b][mask[b].bool()] for b in range(logits.shape[0])]

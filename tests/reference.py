@@ -1,0 +1,113 @@
+"""A plain, per-example reference implementation of method.md, written independently of pmod's routed layer.
+
+One example at a time, padding removed, Python-level selection; it reuses only the model's own sub-modules
+(embeddings, vision path, norms, attention, MLP, rotary embedding, lm_head).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class _Stop(Exception):
+    pass
+
+
+def merged_embeddings(model, input_ids, pixel_values=None, image_sizes=None):
+    """(1, T, D) input embeddings of one example with its image features spliced in, via the model's own code."""
+    captured = {}
+
+    def capture_and_stop(module, args, kwargs):
+        captured["x"] = kwargs["inputs_embeds"]
+        raise _Stop  # the decoder stack is what the reference reimplements
+
+    handle = model.model.language_model.register_forward_pre_hook(capture_and_stop, with_kwargs=True)
+    kwargs = {"image_sizes": image_sizes} if image_sizes is not None else {}
+    try:
+        with torch.no_grad():
+            model.model(input_ids=input_ids, pixel_values=pixel_values, **kwargs)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return captured["x"]
+
+
+def causal_mask(n: int, dtype) -> torch.Tensor:
+    m = torch.full((n, n), torch.finfo(dtype).min, dtype=dtype).triu(1)
+    return m[None, None]
+
+
+def reference_language_model(model, x: torch.Tensor, positions: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Run the decoder stack of a p-MoD model on one example.
+
+    x: (n, D) input embeddings of the non-padding tokens; positions: (n,) their position ids;
+    target: (n,) bool routed positions. Returns (n, vocab) logits.
+    """
+    inner = model.model.language_model if hasattr(model.model, "language_model") else model.model
+    pmod = model.pmod
+    x = x[None]  # (1, n, D)
+    for i, layer in enumerate(inner.layers):
+        if i not in pmod.routed_layers:
+            cos_sin = inner.rotary_emb(x, positions[None])
+            x = layer(x, attention_mask=causal_mask(x.shape[1], x.dtype), position_embeddings=cos_sin, position_ids=positions[None])
+            continue
+        ratio = pmod.layer_ratios[i]
+        s = [float(v) for v in (x[0].float() @ layer.router.weight[0].float() + (layer.router.bias.float() if layer.router.bias is not None else 0.0))]
+        s_t = torch.tensor(s, dtype=torch.float32)
+        targets = [j for j in range(x.shape[1]) if target[j]]
+        k = math.floor(float(torch.tensor(len(targets), dtype=torch.float32) * torch.tensor(ratio, dtype=torch.float32)))
+        ranked = sorted(targets, key=lambda j: (-s[j], j))
+        selected = set(ranked[:k])
+        keep = [j for j in range(x.shape[1]) if (not target[j]) or j in selected]
+        g = (pmod.settings.alpha * torch.tanh(s_t) + pmod.settings.beta).to(x.dtype)  # (n,)
+        out = []
+        xs = x[:, keep]
+        cos_sin = inner.rotary_emb(xs, positions[keep][None])
+        attn, _ = layer.self_attn(
+            hidden_states=layer.input_layernorm(xs),
+            attention_mask=causal_mask(len(keep), x.dtype),
+            position_embeddings=cos_sin,
+        )
+        h = xs + attn
+        m = layer.mlp(layer.post_attention_layernorm(h))
+        kept_out = {j: (h[0, r] + (g[j] if target[j] else 1.0) * m[0, r]) for r, j in enumerate(keep)}
+        for j in range(x.shape[1]):
+            out.append(kept_out[j] if j in kept_out else g[j] * x[0, j])
+        x = torch.stack(out)[None]
+    x = inner.norm(x)
+    return model.lm_head(x)[0]
+
+
+def reference_logits(model, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, position_ids=None,
+                     images_per_row=None, targets="vision"):
+    """Per-example reference logits for a batch: a list of (n_b, vocab) tensors over each row's non-padding positions.
+
+    ``images_per_row[b]`` says how many entries of ``pixel_values`` (in order) belong to row b.
+    """
+    batch, length = input_ids.shape
+    mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+    if position_ids is None:
+        position_ids = torch.arange(length).expand(batch, length)
+    images_per_row = images_per_row or [0] * batch
+    outs = []
+    cursor = 0
+    for b in range(batch):
+        valid = mask[b].bool()
+        ids = input_ids[b][valid][None]
+        if hasattr(model.model, "language_model"):
+            n = images_per_row[b]
+            px = pixel_values[cursor : cursor + n] if n else None
+            sizes = image_sizes[cursor : cursor + n] if (n and image_sizes is not None) else None
+            cursor += n
+            x = merged_embeddings(model, ids, px, sizes)[0]
+        else:
+            x = model.get_input_embeddings()(ids)[0]
+        if targets == "vision":
+            target = ids[0] == model.config.image_token_id
+        else:
+            target = torch.ones(ids.shape[1], dtype=torch.bool)
+        outs.append(reference_language_model(model, x, position_ids[b][valid], target))
+    return outs
