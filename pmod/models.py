@@ -102,7 +102,7 @@ class PModModelMixin:
         use_cache = arguments.get("use_cache", extra.get("use_cache"))
         if use_cache is None:
             use_cache = bool(getattr(text_config, "use_cache", False))
-            if self.training and getattr(self, "is_gradient_checkpointing", False):
+            if self.training and _checkpointing(self):
                 use_cache = False
         cache = arguments.get("past_key_values")
         if cache is not None and not isinstance(cache, PModCache):
@@ -238,6 +238,11 @@ _register()
 
 
 # ---------------------------------------------------------------------- helpers
+def _checkpointing(model: nn.Module) -> bool:
+    # transformers >= 5.2x renamed gradient to activation checkpointing; 5.17 only has the old name.
+    return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     inner = getattr(model, "model", None)
     for owner in (getattr(inner, "language_model", None), inner):

@@ -55,8 +55,9 @@ def reference_language_model(model, x: torch.Tensor, positions: torch.Tensor, ta
             x = layer(x, attention_mask=causal_mask(x.shape[1], x.dtype), position_embeddings=cos_sin, position_ids=positions[None])
             continue
         ratio = pmod.layer_ratios[i]
-        s = [float(v) for v in (x[0].float() @ layer.router.weight[0].float() + (layer.router.bias.float() if layer.router.bias is not None else 0.0))]
-        s_t = torch.tensor(s, dtype=torch.float32)
+        bias = layer.router.bias.float() if layer.router.bias is not None else 0.0
+        s_t = x[0].float() @ layer.router.weight[0].float() + bias  # (n,) router logits, fp32
+        s = s_t.tolist()
         targets = [j for j in range(x.shape[1]) if target[j]]
         k = math.floor(float(torch.tensor(len(targets), dtype=torch.float32) * torch.tensor(ratio, dtype=torch.float32)))
         ranked = sorted(targets, key=lambda j: (-s[j], j))

@@ -1,0 +1,78 @@
+import json
+import math
+
+import pytest
+
+from pmod import PModConfig, PModConfigError
+from pmod.config import ResolvedPMod
+
+VICUNA_TABLE = [0.8445, 0.8061, 0.7645, 0.7202, 0.6737, 0.6253, 0.5757, 0.5253, 0.4747, 0.4243, 0.3747, 0.3263,
+                0.2798, 0.2355, 0.1939, 0.1555]
+
+
+def test_shifted_cos_matches_paper_table_for_32_layers():
+    ratios = PModConfig().layer_ratios(32)
+    assert ratios[:8] == [1.0] * 8
+    assert [round(r, 4) for r in ratios[8:24]] == VICUNA_TABLE
+    assert ratios[24:] == [0.15] * 8
+    assert round(sum(ratios) / 32, 4) == 0.5375
+    assert PModConfig().resolve_routed_layers(32) == list(range(8, 32))
+
+
+def test_shifted_cos_general_depth_and_linear_constant_interleave():
+    r = PModConfig().layer_ratios(16)
+    assert r[0] == 1.0 and r[-1] == 0.15 and all(a >= b for a, b in zip(r, r[1:]))
+    lin = PModConfig(schedule="shifted_linear").layer_ratios(11)
+    assert lin[2] == pytest.approx(0.8) and lin[5] == pytest.approx(0.5) and lin[10] == 0.15 and lin[1] == 1.0
+    const = PModConfig(schedule="constant", average_ratio=0.4).layer_ratios(8)
+    assert const == [1.0, 1.0, 0.4, 0.4, 0.4, 0.4, 0.4, 1.0]
+    const_to_end = PModConfig(schedule="constant", average_ratio=0.4, constant_end=None).layer_ratios(8)
+    assert const_to_end[-1] == 0.4
+    inter = PModConfig(schedule="interleave", average_ratio=0.125).layer_ratios(6)
+    assert inter == [1.0, 0.125, 1.0, 0.125, 1.0, 0.125]
+
+
+def test_explicit_schedule_and_routed_layers():
+    cfg = PModConfig(schedule=[1.0, 0.5, 1.0], routed_layers=[2, 1])
+    assert cfg.layer_ratios(3) == [1.0, 0.5, 1.0]
+    assert cfg.resolve_routed_layers(3) == [1, 2]
+    assert PModConfig(schedule=[1.0, 0.5, 1.0]).resolve_routed_layers(3) == [1]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(schedule=[0.5, 0.0]), "schedule\\[1\\]"),
+        (dict(schedule=[1.5]), "keep ratio in \\(0, 1\\]"),
+        (dict(schedule="cosine"), "Unknown schedule"),
+        (dict(min_ratio=0.0), "min_ratio"),
+        (dict(min_ratio=0.9), "larger than max_ratio"),
+        (dict(schedule="constant", average_ratio=1.2), "average_ratio"),
+        (dict(targets="text"), "targets"),
+        (dict(average_ratio=math.nan), "finite"),
+    ],
+)
+def test_invalid_settings_are_rejected(kwargs, message):
+    with pytest.raises(PModConfigError, match=message):
+        PModConfig(**kwargs)
+
+
+def test_schedule_that_routes_nothing_is_an_error():
+    with pytest.raises(PModConfigError, match="routes no layer"):
+        PModConfig(schedule=[1.0, 1.0]).resolve_routed_layers(2)
+    with pytest.raises(PModConfigError, match="routes no layer"):
+        PModConfig(schedule="constant", constant_start=5).resolve_routed_layers(4)
+    with pytest.raises(PModConfigError, match="3 ratios but the model has 4"):
+        PModConfig(schedule=[0.5] * 3).layer_ratios(4)
+    with pytest.raises(PModConfigError, match="out of range"):
+        PModConfig(routed_layers=[7]).resolve_routed_layers(4)
+
+
+def test_resolved_round_trips_through_json():
+    resolved = ResolvedPMod.resolve(PModConfig(alpha=0.1), 12)
+    again = ResolvedPMod.from_dict(json.loads(json.dumps(resolved.to_dict())))
+    assert again == resolved
+    with pytest.raises(PModConfigError, match="Unknown p-MoD settings"):
+        PModConfig.from_dict({"schedul": "shifted_cos"})
+    with pytest.raises(PModConfigError, match="malformed"):
+        ResolvedPMod.from_dict({"settings": {}})

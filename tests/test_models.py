@@ -1,0 +1,161 @@
+"""Numerical equivalence of p-MoD models: identity at keep ratio 1, a per-example reference, batch vs one-by-one."""
+
+import pytest
+import torch
+from batches import build_batch, llava_tokens_per_image, valid_rows
+from reference import reference_logits
+
+import pmod
+from pmod.tiny import randomize_routers, tiny_causal_lm, tiny_llava, tiny_llava_next
+
+ROWS = [(3, 1, 4), (2, 2, 1), (5, 0, 3), (1, 1, 0)]  # different vision-token counts, one row without image
+
+
+def llava_inputs(model, rows=ROWS, padding_side="left", seed=0):
+    ids, mask, pos = build_batch(rows, model.config.image_token_id, llava_tokens_per_image(model), 128, padding_side, seed)
+    n_images = [r[1] for r in rows]
+    gen = torch.Generator().manual_seed(seed)
+    pixel_values = torch.randn(sum(n_images), 3, 28, 28, generator=gen)
+    return dict(input_ids=ids, attention_mask=mask, position_ids=pos, pixel_values=pixel_values), n_images
+
+
+def all_routed(num_layers, ratio=1.0):
+    return pmod.PModConfig(schedule=[ratio] * num_layers, routed_layers=list(range(num_layers)))
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("padding", [None, "left", "right"])
+def test_keep_ratio_one_equals_dense(attn, padding):
+    dense = tiny_llava(num_layers=4, attn_implementation=attn)
+    rows = [(3, 1, 4), (3, 1, 4)] if padding is None else ROWS
+    inputs, _ = llava_inputs(dense, rows, padding or "left")
+    if padding is None:
+        inputs.pop("attention_mask")
+    with torch.no_grad():
+        expected = dense(**inputs).logits
+        model = pmod.apply_pmod(dense, all_routed(4))
+        assert len(model.routed_layers()) == 4
+        got = model(**inputs).logits
+    if padding is None:
+        assert torch.equal(got, expected)
+    else:
+        mask = inputs["attention_mask"]
+        for a, b in zip(valid_rows(got, mask), valid_rows(expected, mask)):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_random_routers_match_reference(attn, padding_side):
+    model = pmod.apply_pmod(tiny_llava(num_layers=6, attn_implementation=attn), pmod.PModConfig())
+    assert model.pmod.routed_layers == [2, 3, 4, 5]
+    randomize_routers(model)
+    inputs, n_images = llava_inputs(model, padding_side=padding_side)
+    with torch.no_grad():
+        got = valid_rows(model(**inputs).logits, inputs["attention_mask"])
+        ref = reference_logits(model, **inputs, images_per_row=n_images)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # The routed layers really skipped tokens, differently per row.
+    routing = model.routing()
+    kept = routing[5].selected.sum(dim=1).tolist()
+    assert kept == [int(16 * 0.15), int(32 * 0.15), 0, int(16 * 0.15)]
+
+
+def test_first_layer_routed_and_targets_all_on_causal_lm():
+    for family in ["llama", "qwen2", "mistral"]:
+        model = pmod.apply_pmod(
+            tiny_causal_lm(family, num_layers=3), pmod.PModConfig(schedule=[0.5, 1.0, 0.25], targets="all")
+        )
+        randomize_routers(model)
+        ids, mask, pos = build_batch([(7, 0, 2), (3, 0, 1)], 127, 0, 128, "left")
+        with torch.no_grad():
+            got = valid_rows(model(input_ids=ids, attention_mask=mask, position_ids=pos).logits, mask)
+            ref = reference_logits(model, ids, mask, position_ids=pos, targets="all")
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_explicit_target_mask_on_causal_lm():
+    model = pmod.apply_pmod(tiny_causal_lm("llama", num_layers=2), pmod.PModConfig(schedule=[0.5, 0.5]))
+    randomize_routers(model)
+    ids = torch.randint(1, 127, (1, 12))
+    target = torch.zeros(1, 12, dtype=torch.bool)
+    target[0, 2:10] = True
+    with torch.no_grad():
+        model(input_ids=ids, target_mask=target)
+    assert model.routing()[0].selected.sum().item() == 4
+    assert not model.routing()[0].selected[~target].any()
+
+
+def next_inputs(model, sizes, texts, seed=0):
+    """A LLaVA-NeXT batch: one image of the given (h, w) per row (None: no image), left padded."""
+    gen = torch.Generator().manual_seed(seed)
+    image_sizes = torch.tensor([s for s in sizes if s is not None])
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    base = model.config.vision_config.image_size
+    patches = [image_size_to_num_patches(s, model.config.image_grid_pinpoints, base) for s in image_sizes.tolist()]
+    pixel_values = torch.zeros(len(patches), max(patches), 3, base, base)
+    for i, p in enumerate(patches):
+        pixel_values[i, :p] = torch.randn(p, 3, base, base, generator=gen)
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values, image_sizes).pooler_output
+    counts = iter([f.shape[0] for f in feats])
+    rows = [(t[0], [next(counts)] if s is not None else [], t[1]) for s, t in zip(sizes, texts)]
+    ids, mask, pos = build_batch(rows, model.config.image_token_id, 0, 128, "left", seed)
+    inputs = dict(input_ids=ids, attention_mask=mask, position_ids=pos, pixel_values=pixel_values, image_sizes=image_sizes)
+    return inputs, [int(s is not None) for s in sizes]
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_llava_next_anyres_matches_reference(attn):
+    model = pmod.apply_pmod(tiny_llava_next(num_layers=4, attn_implementation=attn), pmod.PModConfig())
+    randomize_routers(model)
+    inputs, n_images = next_inputs(model, [(28, 56), (56, 56), None, (84, 28)], [(2, 3), (1, 1), (6, 2), (3, 0)])
+    counts = (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
+    assert len(set(counts)) == 4  # every row has a different number of vision tokens
+    with torch.no_grad():
+        got = valid_rows(model(**inputs).logits, inputs["attention_mask"])
+        ref = reference_logits(model, **inputs, images_per_row=n_images)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_equals_rows_alone():
+    model = pmod.apply_pmod(tiny_llava(num_layers=6), pmod.PModConfig())
+    randomize_routers(model)
+    inputs, n_images = llava_inputs(model)
+    with torch.no_grad():
+        batched = valid_rows(model(**inputs).logits, inputs["attention_mask"])
+        cursor = 0
+        for b, n in enumerate(n_images):
+            valid = inputs["attention_mask"][b].bool()
+            single = {"input_ids": inputs["input_ids"][b][valid][None]}
+            if n:
+                single["pixel_values"] = inputs["pixel_values"][cursor : cursor + n]
+            cursor += n
+            alone = model(**single).logits[0]
+            torch.testing.assert_close(batched[b], alone, rtol=1e-5, atol=1e-5)
+            # Same routing decisions, row alone vs in the batch.
+            assert model.routing()[4].selected.sum().item() == int(16 * n * 0.15)
+
+
+def test_routing_records_are_inspectable():
+    model = pmod.apply_pmod(tiny_llava(num_layers=6), pmod.PModConfig())
+    randomize_routers(model)
+    inputs, _ = llava_inputs(model)
+    with torch.no_grad():
+        model(**inputs)
+    routing = pmod.get_routing(model)
+    assert sorted(routing) == [2, 3, 4, 5]
+    layer = routing[3]
+    ids = inputs["input_ids"]
+    is_image = ids == model.config.image_token_id
+    assert torch.equal(layer.target, is_image & inputs["attention_mask"].bool())
+    assert not layer.selected[~is_image].any()
+    assert layer.kept_positions(1) == layer.selected[1].nonzero().flatten().tolist()
+    # Text tokens are always processed, padding never.
+    assert torch.equal(layer.processed & ~is_image, inputs["attention_mask"].bool() & ~is_image)
+    frac = layer.kept_fraction()
+    assert frac[2] == 1.0 and abs(frac[1].item() - int(32 * layer.keep_ratio) / 32) < 1e-6

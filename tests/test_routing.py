@@ -1,0 +1,69 @@
+import torch
+
+import pmod
+from pmod.routing import RoutingPlan, select_tokens
+from pmod.tiny import randomize_routers, tiny_llava
+
+
+def test_plan_counts_and_widths():
+    target = torch.tensor([[0, 1, 1, 1, 1, 0], [0, 0, 1, 1, 0, 0]], dtype=torch.bool)
+    valid = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]], dtype=torch.bool)
+    plan = RoutingPlan.build(target, valid, {3: 0.5, 5: 0.3})
+    assert plan.keep_targets[3].tolist() == [2, 1]
+    assert plan.keep_targets[5].tolist() == [1, 0]  # trunc(4 * 0.3) = 1, trunc(2 * 0.3) = 0
+    assert plan.width == {3: 4, 5: 3}  # row 0: 2 text + k; row 1: 2 text + k
+    assert plan.uniform == {3: False, 5: False}
+
+
+def test_k_uses_float32_truncation():
+    # 0.29 * 100 = 28.999999999999996 in float64 but 29.0 in float32; the original truncates the float32 product.
+    target = torch.ones(1, 100, dtype=torch.bool)
+    plan = RoutingPlan.build(target, target, {0: 0.29})
+    assert int(100 * 0.29) == 28
+    assert plan.keep_targets[0].item() == 29
+
+
+def test_ties_are_broken_by_position():
+    target = torch.tensor([[1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    plan = RoutingPlan.build(target, torch.ones_like(target), {0: 0.5})
+    logits = torch.tensor([[0.0, 2.0, 1.0, 2.0, 2.0, 1.0]])
+    sel = select_tokens(logits, plan, 0)
+    assert sel.selected[0].nonzero().flatten().tolist() == [1, 3, 4]
+    # All equal: the earliest k win, whatever the kernel.
+    sel = select_tokens(torch.zeros(1, 6), plan, 0)
+    assert sel.selected[0].nonzero().flatten().tolist() == [0, 1, 2]
+
+
+def test_selection_ranks_fp32_logits_not_bf16_tanh():
+    """In bf16, tanh of large logits saturates to the same value; ranking must use the fp32 logits."""
+    model = pmod.apply_pmod(tiny_llava(num_layers=2), pmod.PModConfig(schedule=[0.25, 1.0]))
+    model.to(torch.bfloat16)
+    layer = model.routed_layers()[0]
+    ids = torch.randint(1, 100, (1, 20))
+    ids[0, 2:18] = model.config.image_token_id
+    captured = {}
+    layer.register_forward_pre_hook(lambda m, a, kw: captured.update(x=a[0] if a else kw["hidden_states"]), with_kwargs=True)
+    with torch.no_grad():
+        layer.router.weight.normal_(0, 2.0)
+        model(input_ids=ids, pixel_values=torch.randn(1, 3, 28, 28, dtype=torch.bfloat16))
+    x = captured["x"][0].float()
+    logits = x @ layer.router.weight[0].float() + layer.router.bias.float()
+    g_bf16 = (0.2 * torch.tanh(logits) + 1.0).to(torch.bfloat16)
+    img = torch.arange(2, 18)
+    assert len(set(g_bf16[img].tolist())) < 16  # bf16 router weights do tie...
+    expected = img[torch.sort(logits[img], descending=True, stable=True).indices[:4]].sort().values
+    got = layer.last_routing.selected[0].nonzero().flatten()
+    assert torch.equal(got, expected)  # ...but the selection follows the fp32 logits
+
+
+def test_routing_is_deterministic_across_runs():
+    model = pmod.apply_pmod(tiny_llava(num_layers=4), pmod.PModConfig(schedule=[1.0, 0.5, 0.5, 0.2]))
+    randomize_routers(model)
+    ids = torch.randint(1, 100, (2, 24))
+    ids[:, 4:20] = model.config.image_token_id
+    px = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        model(input_ids=ids, pixel_values=px)
+        first = {i: r.selected.clone() for i, r in model.routing().items()}
+        model(input_ids=ids, pixel_values=px)
+    assert all(torch.equal(first[i], r.selected) for i, r in model.routing().items())
