@@ -161,13 +161,28 @@ def _make_forward(base_forward):
             return base_forward(*bound.args, **bound.kwargs)
         except ValueError as exc:
             if "Image features and image tokens do not match" in str(exc):
-                raise PModInputError(
-                    f"{exc}. Each image must have exactly as many image tokens (config.image_token_id) in input_ids "
-                    "as the vision tower produces features; build inputs with the model's processor."
-                ) from exc
+                raise PModInputError(_image_mismatch_message(self, bound.arguments)) from exc
             raise
 
     return forward
+
+
+def _image_mismatch_message(model, arguments: dict[str, Any]) -> str:
+    image_token_id = model.config.image_token_id
+    input_ids, pixel_values = arguments.get("input_ids"), arguments.get("pixel_values")
+    per_row = (input_ids == image_token_id).sum(dim=1).tolist() if input_ids is not None else "?"
+    n_images = pixel_values.shape[0] if pixel_values is not None else 0
+    expected = ""
+    vision = model.config.vision_config
+    if getattr(model.config, "image_grid_pinpoints", None) is None:
+        per_image = (vision.image_size // vision.patch_size) ** 2
+        per_image += int(getattr(model.config, "vision_feature_select_strategy", "default") == "full")
+        expected = f"; this model needs {per_image} image tokens per image, {per_image * n_images} in all"
+    return (
+        f"Image tokens and image features do not match: input_ids hold {per_row} image tokens per row "
+        f"(config.image_token_id={image_token_id}) for {n_images} image(s){expected}. Build inputs with the model's "
+        "processor, which expands each image placeholder to the right number of image tokens."
+    )
 
 
 def _make_from_pretrained(base_from_pretrained):

@@ -1,0 +1,84 @@
+"""Bad input gets a clear pmod error, never a silent wrong answer or a deep stack trace."""
+
+import pytest
+import torch
+from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, StaticCache
+
+import pmod
+from pmod.tiny import tiny_causal_lm, tiny_llava
+
+
+def _model(**kw):
+    return pmod.apply_pmod(tiny_llava(num_layers=2, **kw), pmod.PModConfig(schedule=[0.5, 1.0]))
+
+
+def test_image_token_count_mismatch():
+    model = _model()
+    ids = torch.randint(1, 100, (1, 20))
+    ids[0, 2:12] = model.config.image_token_id  # 10 tokens, the image has 16 features
+    with pytest.raises(pmod.PModInputError, match=r"hold \[10\] image tokens per row .* for 1 image\(s\); this model needs 16 image tokens per image"):
+        model(input_ids=ids, pixel_values=torch.randn(1, 3, 28, 28))
+
+
+def test_unsupported_model_family():
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(pmod.UnsupportedModelError, match="does not support GPT2LMHeadModel.*LlavaForConditionalGeneration"):
+        pmod.apply_pmod(gpt2)
+
+
+def test_already_converted():
+    model = _model()
+    with pytest.raises(pmod.PModConfigError, match="already a p-MoD model"):
+        pmod.apply_pmod(model)
+
+
+def test_unsupported_attention_backend():
+    dense = tiny_llava(num_layers=2)
+    dense.config.text_config._attn_implementation = "flash_attention_2"
+    with pytest.raises(pmod.UnsupportedModelError, match="flash_attention_2.*sdpa"):
+        pmod.apply_pmod(dense, pmod.PModConfig(schedule=[0.5, 1.0]))
+    # Switched after conversion: caught at forward time.
+    model = _model()
+    model.config.text_config._attn_implementation = "flex_attention"
+    ids = torch.randint(1, 100, (1, 8))
+    with pytest.raises(pmod.UnsupportedModelError, match="flex_attention"):
+        model(input_ids=ids)
+
+
+def test_schedule_routing_no_layer():
+    with pytest.raises(pmod.PModConfigError, match="routes no layer"):
+        pmod.apply_pmod(tiny_llava(num_layers=2), pmod.PModConfig(schedule=[1.0, 1.0]))
+
+
+def test_vision_targets_need_image_tokens():
+    lm = pmod.apply_pmod(tiny_causal_lm("llama", num_layers=2), pmod.PModConfig(schedule=[0.5, 1.0]))
+    with pytest.raises(pmod.PModInputError, match="target_mask"):
+        lm(input_ids=torch.randint(1, 100, (1, 8)))
+    with pytest.raises(pmod.PModInputError, match="target_mask must have shape"):
+        lm(input_ids=torch.randint(1, 100, (1, 8)), target_mask=torch.ones(1, 7, dtype=torch.bool))
+
+
+def test_bad_attention_mask_and_foreign_caches():
+    model = _model()
+    ids = torch.randint(1, 100, (2, 8))
+    with pytest.raises(pmod.PModInputError, match="2-D padding mask"):
+        model(input_ids=ids, attention_mask=torch.ones(2, 1, 8, 8))
+    with pytest.raises(pmod.PModInputError, match="StaticCache"):
+        model(input_ids=ids, past_key_values=StaticCache(config=model.config, max_cache_len=16))
+    filled = DynamicCache()
+    filled.update(torch.zeros(2, 2, 3, 16), torch.zeros(2, 2, 3, 16), 0)
+    with pytest.raises(pmod.PModInputError, match="DynamicCache with content"):
+        model(input_ids=ids, past_key_values=filled)
+
+
+def test_inner_language_model_called_directly():
+    model = _model()
+    with pytest.raises(pmod.PModInputError, match="without a routing plan"):
+        model.model.language_model(input_ids=torch.randint(1, 100, (1, 8)))
+
+
+def test_cache_crop_is_refused():
+    model = _model()
+    out = model(input_ids=torch.randint(1, 100, (1, 8)), use_cache=True)
+    with pytest.raises(NotImplementedError, match="Cropping a p-MoD KV cache"):
+        out.past_key_values.crop(4)

@@ -1,0 +1,116 @@
+"""Generation with the p-MoD KV cache: cached decoding equals recomputation, batched equals one-by-one."""
+
+import pytest
+import torch
+from test_models import all_routed, llava_inputs, next_inputs
+
+import pmod
+from pmod.tiny import randomize_routers, tiny_llava, tiny_llava_next
+
+
+def _routed_model(attn="sdpa", schedule=(0.5, 1.0, 0.3, 0.6)):
+    model = pmod.apply_pmod(tiny_llava(num_layers=len(schedule), attn_implementation=attn), pmod.PModConfig(schedule=list(schedule)))
+    randomize_routers(model)
+    return model
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_cached_decoding_equals_recomputation(attn):
+    model = _routed_model(attn)  # layer 0 is routed
+    inputs, _ = llava_inputs(model)
+    ids, mask, px = inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"]
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        out = model(**inputs, use_cache=True)
+        cache = out.past_key_values
+        assert isinstance(cache, pmod.PModCache)
+        for step in range(4):
+            new = torch.randint(1, 120, (ids.shape[0], 1), generator=gen)
+            ids = torch.cat([ids, new], 1)
+            mask = torch.cat([mask, torch.ones_like(new)], 1)
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            step_out = model(input_ids=new, attention_mask=mask, position_ids=pos[:, -1:], past_key_values=cache)
+            full = model(input_ids=ids, attention_mask=mask, position_ids=pos, pixel_values=px, use_cache=False)
+            torch.testing.assert_close(step_out.logits[:, -1], full.logits[:, -1], rtol=1e-5, atol=1e-5)
+        assert cache.get_seq_length() == ids.shape[1]
+
+
+def _suppress(model):
+    # Random weights may emit the image token; EOS would end rows early and make lengths differ.
+    return [model.config.image_token_id, model.config.get_text_config().eos_token_id]
+
+
+def test_batched_greedy_generation_equals_rows_alone():
+    model = _routed_model()
+    inputs, n_images = llava_inputs(model)
+    inputs.pop("position_ids")
+    kw = dict(max_new_tokens=6, do_sample=False, suppress_tokens=_suppress(model))
+    with torch.no_grad():
+        batched = model.generate(**inputs, **kw)[:, inputs["input_ids"].shape[1]:]
+        cursor = 0
+        for b, n in enumerate(n_images):
+            valid = inputs["attention_mask"][b].bool()
+            single = {"input_ids": inputs["input_ids"][b][valid][None]}
+            if n:
+                single["pixel_values"] = inputs["pixel_values"][cursor : cursor + n]
+            cursor += n
+            alone = model.generate(**single, **kw)[0, single["input_ids"].shape[1]:]
+            assert torch.equal(batched[b], alone), b
+
+
+def test_batched_llava_next_generation_equals_rows_alone():
+    model = pmod.apply_pmod(tiny_llava_next(num_layers=4), pmod.PModConfig(schedule=[0.4, 1.0, 0.5, 0.2]))
+    randomize_routers(model)
+    inputs, _ = next_inputs(model, [(28, 56), (56, 56), (84, 28)], [(2, 3), (1, 1), (3, 0)])
+    inputs.pop("position_ids")
+    kw = dict(max_new_tokens=5, do_sample=False, suppress_tokens=_suppress(model))
+    with torch.no_grad():
+        batched = model.generate(**inputs, **kw)[:, inputs["input_ids"].shape[1]:]
+        for b in range(3):
+            valid = inputs["attention_mask"][b].bool()
+            single = dict(input_ids=inputs["input_ids"][b][valid][None], pixel_values=inputs["pixel_values"][b : b + 1],
+                          image_sizes=inputs["image_sizes"][b : b + 1])
+            alone = model.generate(**single, **kw)[0, single["input_ids"].shape[1]:]
+            assert torch.equal(batched[b], alone), b
+
+
+def test_sampling_and_beam_search():
+    model = _routed_model()
+    inputs, _ = llava_inputs(model)
+    inputs.pop("position_ids")
+    with torch.no_grad():
+        torch.manual_seed(0)
+        sampled = model.generate(**inputs, max_new_tokens=4, do_sample=True, top_k=20, suppress_tokens=_suppress(model))
+        assert sampled.shape == (4, inputs["input_ids"].shape[1] + 4)
+        beams = model.generate(**inputs, max_new_tokens=4, num_beams=3, do_sample=False, suppress_tokens=_suppress(model))
+        assert beams.shape == (4, inputs["input_ids"].shape[1] + 4)
+
+
+def test_beam_search_at_keep_ratio_one_equals_dense():
+    dense = tiny_llava(num_layers=3)
+    inputs, _ = llava_inputs(dense, [(3, 1, 4), (3, 1, 4)])
+    inputs.pop("position_ids")
+    inputs.pop("attention_mask")
+    kw = dict(max_new_tokens=5, num_beams=3, do_sample=False, suppress_tokens=_suppress(dense))
+    with torch.no_grad():
+        expected = dense.generate(**inputs, **kw)
+        model = pmod.apply_pmod(dense, all_routed(3))
+        assert torch.equal(model.generate(**inputs, **kw), expected)
+
+
+def test_routed_layers_cache_only_processed_tokens():
+    model = _routed_model()
+    inputs, _ = llava_inputs(model)
+    with torch.no_grad():
+        cache = model(**inputs, use_cache=True).past_key_values
+    routing = model.routing()
+    length = inputs["input_ids"].shape[1]
+    for i, layer in enumerate(cache.layers):
+        assert layer.get_seq_length() == length  # logical length, as transformers expects
+        if i in routing:
+            held = (layer.columns >= 0).sum(dim=1)
+            assert torch.equal(held, routing[i].processed.sum(dim=1))
+            assert layer.physical_length() == int(held.max())
+        else:
+            assert layer.physical_length() == length
+    assert cache.layers[2].physical_length() < length
