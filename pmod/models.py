@@ -34,7 +34,7 @@ from transformers import (
     Qwen2Config,
     Qwen2ForCausalLM,
 )
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicCache
 
 from .cache import PModCache
 from .config import PModConfig, ResolvedPMod
@@ -106,7 +106,7 @@ class PModModelMixin:
                 use_cache = False
         cache = arguments.get("past_key_values")
         if cache is not None and not isinstance(cache, PModCache):
-            if isinstance(cache, Cache) and type(cache).__name__ == "DynamicCache" and cache.get_seq_length() == 0:
+            if type(cache) is DynamicCache and cache.get_seq_length() == 0:
                 cache = None  # generate() hands an empty DynamicCache: replace it with ours
             else:
                 raise PModInputError(
@@ -236,12 +236,17 @@ for _family in _FAMILIES:
 
 
 def _register() -> None:
-    from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+    except ImportError:  # older transformers 5.x without user-registered conversions: keys are not renamed either
+        get_checkpoint_conversion_mapping = None
 
     for family in _FAMILIES:
         config_cls, model_cls = _CLASSES[family.base_model]
         AutoConfig.register(family.model_type, config_cls, exist_ok=True)
         family.auto_class.register(config_cls, model_cls, exist_ok=True)
+        if get_checkpoint_conversion_mapping is None:
+            continue
         # transformers renames legacy checkpoint keys (e.g. LLaVA's language_model.lm_head) only for its own
         # classes; without the same mapping under our model_type, such weights would silently load random.
         mapping = get_checkpoint_conversion_mapping(family.base_config.model_type)

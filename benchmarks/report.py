@@ -1,0 +1,35 @@
+"""Write benchmarks/README.md's result table from the JSON files in benchmarks/results/."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+HERE = Path(__file__).parent
+
+
+def main() -> None:
+    rows = []
+    for path in sorted((HERE / "results").glob("prefill*.json")):
+        r = json.loads(path.read_text())
+        s, m = r["shape"], r["machine"]
+        where = m.get("gpu") or f"{m['processor']}, {m['torch_threads']} threads"
+        rows.append(
+            f"| [{path.name}](results/{path.name}) | {s['layers']}x{s['hidden']} {s['dtype']} {s['attn']} | "
+            f"{s['vision_tokens']}+{s['text_tokens']} | {s['batch']} | {r['dense_ms_median']:.1f} | "
+            f"{r['pmod_ms_median']:.1f} | **{r['time_ratio']:.3f}** | {r['processed_token_ratio']:.3f} | "
+            f"{r['reps']} | {where} |"
+        )
+    table = "\n".join(
+        [
+            "| result | decoder | vision+text tokens | batch | dense ms | p-MoD ms | time ratio | processed-token ratio | reps | machine |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+            *rows,
+        ]
+    )
+    text = (HERE / "README.template.md").read_text().replace("{{PREFILL_TABLE}}", table)
+    (HERE / "README.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
