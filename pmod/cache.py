@@ -26,31 +26,40 @@ class PModCacheLayer(DynamicLayer):
         super().__init__(**kwargs)
         self.logical_length = 0
         self.columns: torch.Tensor | None = None  # (B, S_phys) long for routed layers
-        self._staged: tuple[torch.Tensor, int] | None = None
+        self.has_empty_slots = False  # some held entry is an empty slot (column -1)
+        self._staged: tuple[torch.Tensor, int, bool] | None = None
 
     @property
     def is_routed(self) -> bool:
         return self.columns is not None or self._staged is not None
 
-    def stage(self, columns: torch.Tensor, step_length: int) -> torch.Tensor:
-        """Announce the logical columns of the next `update` (B, S_new; -1 = empty slot).
+    def stage(self, columns: torch.Tensor, step_length: int, full: bool) -> torch.Tensor:
+        """Announce the logical columns of the next `update` (B, S_new; -1 = empty slot; ``full``: none is -1).
 
         Returns the columns of every entry the layer will hold after the update, (B, S_phys + S_new).
         """
         if self.logical_length and self.columns is None:
             raise PModInputError("A dense cache layer cannot become a routed one mid-sequence.")
-        self._staged = (columns, step_length)
-        return columns if self.columns is None else torch.cat([self.columns, columns], dim=1)
+        held = columns if self.columns is None else torch.cat([self.columns, columns], dim=1)
+        self._staged = (held, step_length, full)
+        return held
+
+    def advance(self, step_length: int, batch: int, device: torch.device) -> None:
+        """Record a step in which this routed layer processed no token of any example."""
+        if self.columns is None:
+            if self.logical_length:
+                raise PModInputError("A dense cache layer cannot become a routed one mid-sequence.")
+            self.columns = torch.empty(batch, 0, dtype=torch.long, device=device)
+        self.logical_length += step_length
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         keys, values = super().update(key_states, value_states, *args, **kwargs)
         if self._staged is not None:
-            columns, step = self._staged
-            if columns.shape[1] != key_states.shape[-2]:
-                raise PModInputError(
-                    f"Staged {columns.shape[1]} columns but got {key_states.shape[-2]} key/value entries."
-                )
-            self.columns = columns if self.columns is None else torch.cat([self.columns, columns], dim=1)
+            held, step, full = self._staged
+            if held.shape[1] != keys.shape[-2]:
+                raise PModInputError(f"Staged {held.shape[1]} columns but the layer holds {keys.shape[-2]} entries.")
+            self.columns = held
+            self.has_empty_slots |= not full
             self.logical_length += step
             self._staged = None
         elif self.columns is not None:
@@ -73,6 +82,7 @@ class PModCacheLayer(DynamicLayer):
         super().reset()
         self.logical_length = 0
         self.columns = None
+        self.has_empty_slots = False
         self._staged = None
 
     def crop(self, tokens_to_remove: int) -> None:

@@ -2,6 +2,7 @@
 
     pmod schedule --layers 32 [--schedule shifted_cos] [--json]   per-layer keep ratios of a schedule
     pmod info MODEL_DIR                                           p-MoD settings of a saved model
+    pmod chat MODEL_DIR --image PATH [--prompt TEXT]              answer (or converse) about an image
     pmod demo [--out DIR]                                         end-to-end run on a tiny random model
 """
 
@@ -66,6 +67,50 @@ def cmd_info(args: argparse.Namespace) -> int:
     resolved = ResolvedPMod.from_dict(config.pmod)
     _emit(f"{args.model_dir}: {config.model_type}")
     _emit(json.dumps(resolved.to_dict(), indent=2))
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoProcessor
+
+    from .chat import ChatSession, chat_loop, load_image
+    from .models import load_model
+
+    image = load_image(args.image)
+    kwargs = {"dtype": getattr(torch, args.dtype)} if args.dtype else {}
+    model = load_model(args.model_dir, **kwargs).eval()
+    try:
+        processor = AutoProcessor.from_pretrained(args.model_dir)
+    except (OSError, ValueError, TypeError) as exc:
+        raise PModError(
+            f"{args.model_dir} has no usable processor (tokenizer + image processor): {exc}. "
+            "Save one next to the model with processor.save_pretrained(MODEL_DIR)."
+        ) from exc
+    if getattr(processor, "chat_template", None) is None:
+        from .tiny import VICUNA_CHAT_TEMPLATE
+
+        processor.chat_template = VICUNA_CHAT_TEMPLATE  # the original LLaVA models' conversation format
+    session = ChatSession(model, processor, image, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    if args.prompt is not None:
+        _, stats = session.ask(args.prompt, write)
+        _emit(stats.summary())
+        return 0
+    interactive = sys.stdin.isatty()
+
+    def marker() -> None:
+        if interactive:
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+
+    if interactive:
+        sys.stderr.write("Ask about the image; 'exit' or Ctrl-D ends the session.\n")
+    chat_loop(session, sys.stdin, write, marker)
     return 0
 
 
@@ -142,6 +187,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="print the p-MoD settings of a saved model")
     p.add_argument("model_dir")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("chat", help="answer questions about an image with a p-MoD model")
+    p.add_argument("model_dir")
+    p.add_argument("--image", required=True)
+    p.add_argument("--prompt", help="one-shot question; without it, read questions from standard input")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("demo", help="end-to-end run on a tiny random-weight LLaVA model")
     p.add_argument("--out", default="demo-output")

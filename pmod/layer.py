@@ -60,73 +60,90 @@ class PModLayerMixin:
         # Router on the raw layer input, in fp32 so ranking does not suffer bf16 ties.
         bias = None if self.router.bias is None else self.router.bias.float()
         logits = F.linear(x.float(), self.router.weight.float(), bias).squeeze(-1)  # (B, T)
+        float_dtype = x.dtype if attn_impl == "eager" else None
+        attend = dict(past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+
+        if pmod_plan.dense_step:
+            # Nothing to route (a decoding step, a text-only batch): the plain dense layer, on every token.
+            positions = torch.arange(length, device=x.device).expand(batch, length)
+            sel = Selection(positions, torch.ones_like(pmod_plan.valid), pmod_plan.valid, torch.zeros_like(pmod_plan.valid))
+            mask = self._mask(attention_mask, sel, past_key_values, pmod_plan, length, True, float_dtype)
+            h, mlp_out = self._attention_mlp(x, mask, position_ids, position_embeddings, attend)
+            self._record(pmod_plan, sel, logits)
+            return h + mlp_out
+
         sel = select_tokens(logits, pmod_plan, self.pmod_layer_idx)
         pos = sel.positions  # (B, S)
         width = pos.shape[1]
+        # STRing: targets carry g = alpha * tanh(s) + beta; text tokens are plain dense tokens.
+        g = (self.pmod_alpha * torch.tanh(logits) + self.pmod_beta).to(x.dtype)  # (B, T)
+        # Skipped targets become g * x; padding passes through unchanged.
+        out = torch.where(pmod_plan.target[..., None], g[..., None] * x, x)
+        if width == 0:  # no example processes any token in this layer
+            if isinstance(past_key_values, PModCache):
+                past_key_values.layers[self.pmod_layer_idx].advance(length, batch, x.device)
+            self._record(pmod_plan, sel, logits)
+            return out
 
-        xs = x.gather(1, pos[..., None].expand(batch, width, hidden))  # (B, S, D)
+        idx = pos[..., None].expand(batch, width, hidden)
+        xs = x.gather(1, idx)  # (B, S, D)
         cos, sin = position_embeddings
         rope_idx = pos[..., None].expand(batch, width, cos.shape[-1])
         cos = cos.expand(batch, -1, -1).gather(1, rope_idx)  # (B, S, head_dim), original positions
         sin = sin.expand(batch, -1, -1).gather(1, rope_idx)
         if position_ids is not None:
             position_ids = position_ids.expand(batch, -1).gather(1, pos)
+        uniform = pmod_plan.uniform[self.pmod_layer_idx]
+        mask = self._mask(attention_mask, sel, past_key_values, pmod_plan, length, uniform, float_dtype)
+        h, mlp_out = self._attention_mlp(xs, mask, position_ids, (cos, sin), attend)
 
-        kv_columns = self._stage_cache(past_key_values, sel, pmod_plan.past_length, length)
-        mask = _subset_mask(
-            attention_mask,
-            sel,
-            kv_columns,
-            pmod_plan.past_length,
-            fast_path=pmod_plan.uniform[self.pmod_layer_idx] and kv_columns.shape[1] == width,
-            float_dtype=x.dtype if attn_impl == "eager" else None,
-        )
-
-        h = self.input_layernorm(xs)
-        attn_out, _ = self.self_attn(
-            hidden_states=h,
-            attention_mask=mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
-            position_embeddings=(cos, sin),
-            **kwargs,
-        )
-        h = xs + attn_out
-        mlp_out = self.mlp(self.post_attention_layernorm(h))
-
-        # STRing: targets carry g = alpha * tanh(s) + beta; text tokens are plain dense tokens.
-        g = (self.pmod_alpha * torch.tanh(logits) + self.pmod_beta).to(x.dtype)  # (B, T)
         weight = torch.where(pmod_plan.target, g, torch.ones_like(g))
         out_slots = h + weight.gather(1, pos)[..., None] * mlp_out  # (B, S, D)
-        # Skipped targets become g * x; padding passes through unchanged.
-        out = torch.where(pmod_plan.target[..., None], g[..., None] * x, x)
-        idx = pos[..., None].expand(batch, width, hidden)
         # Empty slots point at distinct unprocessed positions: write back their unchanged values.
         out_slots = torch.where(sel.slot_valid[..., None], out_slots, out.gather(1, idx))
         out = out.scatter(1, idx, out_slots)
+        self._record(pmod_plan, sel, logits)
+        return out
 
+    def _attention_mlp(self, xs, mask, position_ids, position_embeddings, attend: dict):
+        """Pre-norm attention and MLP of the processed tokens: (h = x + Attn, MLP(norm2(h)))."""
+        attn_out, _ = self.self_attn(
+            hidden_states=self.input_layernorm(xs),
+            attention_mask=mask,
+            position_ids=position_ids,
+            position_embeddings=position_embeddings,
+            **attend,
+        )
+        h = xs + attn_out
+        return h, self.mlp(self.post_attention_layernorm(h))
+
+    def _mask(self, attention_mask, sel: Selection, cache, plan: RoutingPlan, length: int, uniform: bool, float_dtype):
+        """Stage this step's columns in the cache and build the attention mask over the held keys."""
+        columns = torch.where(sel.slot_valid, sel.positions + plan.past_length, -1)  # (B, S)
+        held_empty = False
+        if cache is not None:
+            if not isinstance(cache, PModCache):
+                raise PModInputError(
+                    f"p-MoD models need a pmod.PModCache, got {type(cache).__name__}. Pass past_key_values=None "
+                    "(the model creates one) or pmod.PModCache(num_layers)."
+                )
+            layer: PModCacheLayer = cache.layers[self.pmod_layer_idx]
+            held_empty = layer.has_empty_slots
+            columns = layer.stage(columns, length, full=uniform)
+        width = sel.positions.shape[1]
+        # Plain causal attention (mask None) is exact when every slot holds a token and the queries either
+        # are all the keys (ascending positions) or are a single token that sees every held key.
+        causal_ok = uniform and not held_empty and (columns.shape[1] == width or width == 1)
+        return _subset_mask(attention_mask, sel, columns, plan.past_length, causal_ok, float_dtype)
+
+    def _record(self, plan: RoutingPlan, sel: Selection, logits: torch.Tensor) -> None:
         self.last_routing = LayerRouting(
-            target=pmod_plan.target,
+            target=plan.target,
             processed=sel.processed,
             selected=sel.selected,
             router_logits=logits.detach(),
             keep_ratio=self.pmod_ratio,
         )
-        return out
-
-    def _stage_cache(self, cache, sel: Selection, past_length: int, length: int) -> torch.Tensor:
-        """Logical columns (B, S_kv; -1 = empty) of the keys the attention will see."""
-        columns = torch.where(sel.slot_valid, sel.positions + past_length, -1)  # (B, S)
-        if cache is None:
-            return columns
-        if not isinstance(cache, PModCache):
-            raise PModInputError(
-                f"p-MoD models need a pmod.PModCache, got {type(cache).__name__}. Pass past_key_values=None "
-                "(the model creates one) or pmod.PModCache(num_layers)."
-            )
-        layer: PModCacheLayer = cache.layers[self.pmod_layer_idx]
-        return layer.stage(columns, length)
 
 
 def _subset_mask(

@@ -45,6 +45,7 @@ from .routing import LayerRouting, RoutingPlan
 logger = logging.getLogger(__name__)
 
 SUPPORTED_TEXT_FAMILIES = ("llama", "qwen2", "mistral")
+_IMAGE_INPUTS = ("pixel_values", "mm_encoder_outputs")
 
 
 @dataclass(frozen=True)
@@ -132,20 +133,25 @@ class PModModelMixin:
             valid = attention_mask[:, -length:].to(device=device, dtype=torch.bool)
 
         settings = self.pmod
+        has_images = any(arguments.get(k) is not None for k in _IMAGE_INPUTS)
+        image_token_id = getattr(self.config, "image_token_id", None)
         if target_mask is not None:
             if tuple(target_mask.shape) != (batch, length):
                 raise PModInputError(f"target_mask must have shape {(batch, length)}, got {tuple(target_mask.shape)}.")
             target = target_mask.to(device=device, dtype=torch.bool)
+        elif past_length > 0 and not has_images:
+            # A decoding step: generated tokens are never targets (even one that equals the image token id).
+            target = torch.zeros_like(valid)
         elif settings.settings.targets == "all":
             target = valid
+        elif input_ids is None or image_token_id is None:
+            raise PModInputError(
+                "Cannot find the vision tokens: pass input_ids (vision tokens are input_ids == "
+                "config.image_token_id), or target_mask=(batch, length) bool, or use PModConfig(targets='all')."
+            )
         else:
-            image_token_id = getattr(self.config, "image_token_id", None)
-            if input_ids is None or image_token_id is None:
-                raise PModInputError(
-                    "Cannot find the vision tokens: pass input_ids (vision tokens are input_ids == "
-                    "config.image_token_id), or target_mask=(batch, length) bool, or use PModConfig(targets='all')."
-                )
-            target = input_ids == image_token_id
+            # Image tokens are targets only where image features are spliced in.
+            target = input_ids == image_token_id if has_images else torch.zeros_like(valid)
         ratios = {i: settings.layer_ratios[i] for i in settings.routed_layers}
         extra["pmod_plan"] = RoutingPlan.build(target, valid, ratios, past_length=past_length)
 

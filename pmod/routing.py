@@ -21,6 +21,8 @@ class RoutingPlan:
         target: (B, T) bool, routed positions (vision tokens, or every token for ``targets="all"``).
         valid: (B, T) bool, non-padding positions.
         past_length: logical number of tokens already in the KV cache before this forward.
+        dense_step: no padding and no target anywhere (e.g. a decoding step): every layer processes every
+            token, so routed layers can run as plain dense layers.
         keep_targets: layer index -> (B,) long, number of target tokens each example keeps.
         width: layer index -> int, number of gathered slots (max over the batch of processed tokens).
         uniform: layer index -> bool, every example processes the same number of tokens and there is
@@ -30,6 +32,7 @@ class RoutingPlan:
     target: torch.Tensor
     valid: torch.Tensor
     past_length: int
+    dense_step: bool
     keep_targets: dict[int, torch.Tensor]
     width: dict[int, int]
     uniform: dict[int, bool]
@@ -52,13 +55,15 @@ class RoutingPlan:
         keep = torch.floor(num_targets.to(torch.float32)[None, :] * ratios[:, None]).to(torch.long)  # (layers, B)
         processed = keep + num_text[None, :]  # (layers, B)
         n = len(layers)
-        stats = torch.cat([processed.max(dim=1).values, processed.min(dim=1).values, valid.all().long().view(1)])
+        flags = torch.stack([valid.all().long(), num_targets.sum()])
+        stats = torch.cat([processed.max(dim=1).values, processed.min(dim=1).values, flags])
         stats = stats.tolist()  # the one host sync of the forward: widths of all layers at once
-        widest, narrowest, all_valid = stats[:n], stats[n : 2 * n], bool(stats[-1])
+        widest, narrowest, all_valid, total_targets = stats[:n], stats[n : 2 * n], bool(stats[-2]), stats[-1]
         return cls(
             target=target,
             valid=valid,
             past_length=past_length,
+            dense_step=all_valid and total_targets == 0,
             keep_targets={i: keep[j] for j, i in enumerate(layers)},
             width={i: widest[j] for j, i in enumerate(layers)},
             uniform={i: all_valid and widest[j] == narrowest[j] for j, i in enumerate(layers)},

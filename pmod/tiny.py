@@ -119,3 +119,55 @@ def randomize_routers(model: torch.nn.Module, scale: float = 0.5, seed: int = 1)
             layer.router.weight.copy_(w.to(layer.router.weight.dtype))
             if layer.router.bias is not None:
                 layer.router.bias.copy_((torch.randn(1, generator=gen) * 0.1).to(layer.router.bias.dtype))
+
+
+VICUNA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: "
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %} "
+    "{% else %}ASSISTANT: {% for c in message['content'] %}{{ c['text'] }}{% endfor %}</s>{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def word_tokenizer(words: list[str], vocab_size: int):
+    """A word-level fast tokenizer: ids 0-3 are <pad> <unk> <s> </s>, then ``words``; ``<image>`` is vocab_size - 1."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<s>", "</s>"]
+    vocab = {w: i for i, w in enumerate(specials + [w for w in dict.fromkeys(words) if w not in specials])}
+    if len(vocab) >= vocab_size:
+        raise ValueError(f"{len(vocab)} words do not fit a vocabulary of {vocab_size} (the last id is <image>).")
+    vocab["<image>"] = vocab_size - 1
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        additional_special_tokens=["<image>"], padding_side="left",
+    )
+    return fast
+
+
+def tiny_llava_processor(model: LlavaForConditionalGeneration, words: list[str] | None = None):
+    """A `LlavaProcessor` matching a `tiny_llava` model: word tokenizer, CLIP image processor, Vicuna chat template."""
+    from transformers import LlavaProcessor
+
+    try:  # the PIL backend (no torchvision here); older transformers only has the one class
+        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+    except ImportError:
+        from transformers import CLIPImageProcessor
+
+    vision = model.config.vision_config
+    words = words or "USER ASSISTANT : what is in the image ? a red blue green circle square triangle yes no".split()
+    tokenizer = word_tokenizer(words, model.config.text_config.vocab_size)
+    size = vision.image_size
+    image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=vision.patch_size,
+        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,
+        chat_template=VICUNA_CHAT_TEMPLATE,
+    )

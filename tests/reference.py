@@ -65,6 +65,9 @@ def reference_language_model(model, x: torch.Tensor, positions: torch.Tensor, ta
         keep = [j for j in range(x.shape[1]) if (not target[j]) or j in selected]
         g = (pmod.settings.alpha * torch.tanh(s_t) + pmod.settings.beta).to(x.dtype)  # (n,)
         out = []
+        if not keep:  # nothing processed: every token is a skipped target
+            x = (g[:, None] * x[0])[None]
+            continue
         xs = x[:, keep]
         cos_sin = inner.rotary_emb(xs, positions[keep][None])
         attn, _ = layer.self_attn(

@@ -114,3 +114,44 @@ def test_routed_layers_cache_only_processed_tokens():
         else:
             assert layer.physical_length() == length
     assert cache.layers[2].physical_length() < length
+
+
+def test_generated_image_token_is_text():
+    """A decoding step is never routed, even if the sampled token is the image token id."""
+    model = _routed_model()
+    inputs, _ = llava_inputs(model, [(3, 1, 4)])
+    with torch.no_grad():
+        cache = model(**inputs, use_cache=True).past_key_values
+        step = torch.full((1, 1), model.config.image_token_id)
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(step)], 1)
+        model(input_ids=step, attention_mask=mask, past_key_values=cache)
+    for r in model.routing().values():
+        assert not r.target.any() and r.processed.all()
+
+
+def test_mistral_sliding_window_generation_is_exact():
+    """Sliding-window layers keep every entry in the p-MoD cache; the mask still applies the window."""
+    from pmod.tiny import tiny_causal_lm
+
+    model = pmod.apply_pmod(
+        tiny_causal_lm("mistral", num_layers=3, sliding_window=8), pmod.PModConfig(schedule=[0.5, 1.0, 0.5], targets="all")
+    )
+    randomize_routers(model)
+    ids = torch.randint(1, 120, (1, 14))
+    with torch.no_grad():
+        cache = model(input_ids=ids, use_cache=True).past_key_values
+        nxt = torch.randint(1, 120, (1, 1))
+        step = model(input_ids=nxt, past_key_values=cache).logits[:, -1]
+        # A generated token is never a target: recompute with every prompt token targeted, the new one not.
+        target = torch.ones(1, 15, dtype=torch.bool)
+        target[0, -1] = False
+        full = model(input_ids=torch.cat([ids, nxt], 1), use_cache=False, target_mask=target).logits[:, -1]
+    torch.testing.assert_close(step, full, rtol=1e-5, atol=1e-5)
+
+
+def test_assisted_decoding_is_refused_clearly():
+    model = _routed_model()
+    inputs, _ = llava_inputs(model, [(3, 1, 4)])
+    inputs.pop("position_ids")
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="Cropping a p-MoD KV cache"):
+        model.generate(**inputs, max_new_tokens=6, prompt_lookup_num_tokens=2, do_sample=False)

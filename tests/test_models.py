@@ -88,6 +88,21 @@ def test_explicit_target_mask_on_causal_lm():
     assert not model.routing()[0].selected[~target].any()
 
 
+def test_layer_that_processes_nothing():
+    """k = 0 for every example (one target each, ratio 0.5): the layer only scales, and attention is skipped."""
+    model = pmod.apply_pmod(tiny_causal_lm("llama", num_layers=2), pmod.PModConfig(schedule=[0.5, 0.5], targets="all"))
+    randomize_routers(model)
+    ids = torch.randint(1, 127, (2, 1))
+    with torch.no_grad():
+        got = model(input_ids=ids, use_cache=True)
+        ref = reference_logits(model, ids, targets="all")
+    assert not model.routing()[1].processed.any()
+    for a, b in zip(got.logits, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert got.past_key_values.get_seq_length() == 1
+    assert got.past_key_values.layers[0].physical_length() == 0
+
+
 def next_inputs(model, sizes, texts, seed=0):
     """A LLaVA-NeXT batch: one image of the given (h, w) per row (None: no image), left padded."""
     gen = torch.Generator().manual_seed(seed)

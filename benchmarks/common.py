@@ -1,0 +1,90 @@
+"""Shared pieces of the benchmarks: the scaled-down Vicuna-shaped decoder, inputs, and the machine record."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pmod  # noqa: E402
+from pmod.tiny import tiny_causal_lm  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--intermediate", type=int, default=1376)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--vision-tokens", type=int, default=576)
+    p.add_argument("--text-tokens", type=int, default=64)
+    p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def shape(args: argparse.Namespace) -> dict:
+    keys = ("layers", "hidden", "intermediate", "heads", "vision_tokens", "text_tokens", "attn", "dtype")
+    return {k: getattr(args, k) for k in keys}
+
+
+def dense_and_pmod(args: argparse.Namespace):
+    """A random-weight Llama decoder and its p-MoD conversion (paper schedule, zero routers), same weights."""
+    dense = tiny_causal_lm(
+        "llama",
+        num_layers=args.layers,
+        attn_implementation=args.attn,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_heads=args.heads,
+        num_kv_heads=args.heads,
+        vocab_size=1024,
+    ).to(device=args.device, dtype=getattr(torch, args.dtype))
+    return dense, pmod.apply_pmod(copy.deepcopy(dense), pmod.PModConfig())
+
+
+def prompt(args: argparse.Namespace, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and the vision-token mask: half the text, the image, the other half of the text."""
+    length = args.vision_tokens + args.text_tokens
+    ids = torch.randint(0, 1024, (batch, length), device=args.device)
+    target = torch.zeros(batch, length, dtype=torch.bool, device=args.device)
+    start = args.text_tokens // 2
+    target[:, start : start + args.vision_tokens] = True
+    return ids, target
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def clock(device: str) -> float:
+    sync(device)
+    return time.perf_counter()
+
+
+def machine(device: str) -> dict:
+    import transformers
+
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "device": device,
+    }
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name()
+    return info

@@ -1,0 +1,61 @@
+import io
+
+import pytest
+import torch
+from PIL import Image
+
+import pmod
+from pmod.chat import ChatSession, generate_with_stats
+from pmod.cli import main
+from pmod.tiny import randomize_routers, tiny_llava, tiny_llava_processor
+
+
+@pytest.fixture(scope="module")
+def chat_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("chat")
+    model = pmod.apply_pmod(tiny_llava(num_layers=6), pmod.PModConfig())
+    randomize_routers(model)
+    model.save_pretrained(path / "model")
+    tiny_llava_processor(model).save_pretrained(path / "model")
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(path / "red.png")
+    return path
+
+
+def test_streamed_text_equals_answer_and_stats(chat_dir):
+    model = pmod.load_model(chat_dir / "model").eval()
+    processor = tiny_llava_processor(model)
+    pieces = []
+    session = ChatSession(model, processor, Image.open(chat_dir / "red.png").convert("RGB"), max_new_tokens=6)
+    answer, stats = session.ask("what is in the image ?", pieces.append)
+    assert "".join(pieces).strip() == answer
+    assert stats.new_tokens == 6 and stats.prefill_seconds > 0 and stats.decode_tokens_per_second > 0
+    assert 0 < stats.kv.ratio < 1
+    answer2, _ = session.ask("is it red ?", pieces.append)
+    assert [m["role"] for m in session.messages] == ["user", "assistant", "user", "assistant"]
+    assert session.messages[1]["content"][0]["text"] == answer
+
+
+def test_generate_with_stats_batched(chat_dir):
+    model = pmod.load_model(chat_dir / "model").eval()
+    ids = torch.randint(1, 100, (3, 10))
+    new, stats = generate_with_stats(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, max_new_tokens=4,
+                                     do_sample=False)
+    assert new.shape == (3, 4)
+    assert (new != model.config.image_token_id).all()
+    assert stats.kv.ratio == 1.0  # text only: nothing to skip
+
+
+def test_chat_one_shot_and_interactive(chat_dir, capsys, monkeypatch):
+    args = ["chat", str(chat_dir / "model"), "--image", str(chat_dir / "red.png"), "--max-new-tokens", "4"]
+    assert main(args + ["--prompt", "what is in the image ?"]) == 0
+    out = capsys.readouterr().out
+    assert "prefill" in out and "tokens/s" in out and "vs dense" in out
+    monkeypatch.setattr("sys.stdin", io.StringIO("what ?\n\nis it red ?\nexit\nnot answered\n"))
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("KV cache") == 2
+
+
+def test_chat_errors(chat_dir, capsys):
+    assert main(["chat", str(chat_dir / "model"), "--image", str(chat_dir / "missing.png"), "--prompt", "x"]) == 2
+    assert "Image not found" in capsys.readouterr().err
