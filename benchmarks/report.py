@@ -20,6 +20,25 @@ def main() -> None:
             f"{r['pmod_ms_median']:.1f} | **{r['time_ratio']:.3f}** | {r['processed_token_ratio']:.3f} | "
             f"{r['reps']} | {where} |"
         )
+    decode_rows = []
+    for path in sorted((HERE / "results").glob("decode*.json")):
+        r = json.loads(path.read_text())
+        s, m = r["shape"], r["machine"]
+        where = m.get("gpu") or f"{m['processor']}, {m['torch_threads']} threads"
+        for row in r["results"]:
+            decode_rows.append(
+                f"| [{path.name}](results/{path.name}) | {s['layers']}x{s['hidden']} {s['dtype']} {s['attn']} | "
+                f"{s['vision_tokens']}+{s['text_tokens']} | {row['batch']} | {row['dense_ms_per_token']:.2f} | "
+                f"{row['pmod_ms_per_token']:.2f} | **{row['time_ratio']:.3f}** | {row['dense_kv_bytes'] / 2**20:.1f} | "
+                f"{row['pmod_kv_bytes'] / 2**20:.1f} | **{row['kv_ratio']:.4f}** | {row['predicted_kv_ratio']:.4f} | {where} |"
+            )
+    decode_table = "\n".join(
+        [
+            "| result | decoder | prompt tokens | batch | dense ms/token | p-MoD ms/token | time ratio | dense KV MiB | p-MoD KV MiB | KV ratio | predicted | machine |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            *decode_rows,
+        ]
+    )
     table = "\n".join(
         [
             "| result | decoder | vision+text tokens | batch | dense ms | p-MoD ms | time ratio | processed-token ratio | reps | machine |",
@@ -28,6 +47,7 @@ def main() -> None:
         ]
     )
     text = (HERE / "README.template.md").read_text().replace("{{PREFILL_TABLE}}", table)
+    text = text.replace("{{DECODE_TABLE}}", decode_table)
     (HERE / "README.md").write_text(text)
 
 

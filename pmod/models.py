@@ -107,7 +107,7 @@ class PModModelMixin:
                 use_cache = False
         cache = arguments.get("past_key_values")
         if cache is not None and not isinstance(cache, PModCache):
-            if type(cache) is DynamicCache and cache.get_seq_length() == 0:
+            if type(cache) is DynamicCache and cache.get_seq_length() == 0 and not getattr(cache, "offloading", False):
                 cache = None  # generate() hands an empty DynamicCache: replace it with ours
             else:
                 raise PModInputError(

@@ -82,3 +82,12 @@ def test_cache_crop_is_refused():
     out = model(input_ids=torch.randint(1, 100, (1, 8)), use_cache=True)
     with pytest.raises(NotImplementedError, match="Cropping a p-MoD KV cache"):
         out.past_key_values.crop(4)
+
+
+def test_static_and_offloaded_caches_in_generate_are_refused():
+    model = _model()
+    ids = torch.randint(1, 100, (1, 8))
+    with pytest.raises(pmod.PModInputError, match="StaticCache"):
+        model.generate(input_ids=ids, max_new_tokens=2, cache_implementation="static")
+    with pytest.raises(pmod.PModInputError, match="DynamicCache"):
+        model(input_ids=ids, past_key_values=DynamicCache(offloading=True))

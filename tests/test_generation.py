@@ -61,15 +61,20 @@ def test_batched_greedy_generation_equals_rows_alone():
 def test_batched_llava_next_generation_equals_rows_alone():
     model = pmod.apply_pmod(tiny_llava_next(num_layers=4), pmod.PModConfig(schedule=[0.4, 1.0, 0.5, 0.2]))
     randomize_routers(model)
-    inputs, _ = next_inputs(model, [(28, 56), (56, 56), (84, 28)], [(2, 3), (1, 1), (3, 0)])
+    sizes = [(28, 56), None, (56, 56), (84, 28)]
+    inputs, _ = next_inputs(model, sizes, [(2, 3), (5, 2), (1, 1), (3, 0)])
     inputs.pop("position_ids")
     kw = dict(max_new_tokens=5, do_sample=False, suppress_tokens=_suppress(model))
     with torch.no_grad():
         batched = model.generate(**inputs, **kw)[:, inputs["input_ids"].shape[1]:]
-        for b in range(3):
+        image = 0
+        for b, size in enumerate(sizes):
             valid = inputs["attention_mask"][b].bool()
-            single = dict(input_ids=inputs["input_ids"][b][valid][None], pixel_values=inputs["pixel_values"][b : b + 1],
-                          image_sizes=inputs["image_sizes"][b : b + 1])
+            single = dict(input_ids=inputs["input_ids"][b][valid][None])
+            if size is not None:
+                single.update(pixel_values=inputs["pixel_values"][image : image + 1],
+                              image_sizes=inputs["image_sizes"][image : image + 1])
+                image += 1
             alone = model.generate(**single, **kw)[0, single["input_ids"].shape[1]:]
             assert torch.equal(batched[b], alone), b
 
