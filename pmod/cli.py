@@ -3,6 +3,8 @@
     pmod schedule --layers 32 [--schedule shifted_cos] [--json]   per-layer keep ratios of a schedule
     pmod info MODEL_DIR                                           p-MoD settings of a saved model
     pmod chat MODEL_DIR --image PATH [--prompt TEXT]              answer (or converse) about an image
+    pmod flops (--preset NAME | --model DIR) --vision-tokens N --text-tokens N [--json]
+                                                                  analytic prefill FLOPs and KV cache
     pmod demo [--out DIR]                                         end-to-end run on a tiny random model
 """
 
@@ -67,6 +69,43 @@ def cmd_info(args: argparse.Namespace) -> int:
     resolved = ResolvedPMod.from_dict(config.pmod)
     _emit(f"{args.model_dir}: {config.model_type}")
     _emit(json.dumps(resolved.to_dict(), indent=2))
+    return 0
+
+
+def cmd_flops(args: argparse.Namespace) -> int:
+    from transformers import AutoConfig
+
+    from . import models  # noqa: F401  (registers the p-MoD model types)
+    from .config import ResolvedPMod
+    from .efficiency import PRESETS, prefill_cost, shape_from_config
+
+    resolved = None
+    if args.preset:
+        shape = PRESETS[args.preset]
+    else:
+        config = AutoConfig.from_pretrained(args.model)
+        shape = shape_from_config(config, name=str(args.model))
+        if getattr(config, "pmod", None):
+            resolved = ResolvedPMod.from_dict(config.pmod)
+    if args.crops is not None:
+        shape = shape.with_crops(args.crops)
+    cost = prefill_cost(shape, args.vision_tokens, args.text_tokens, _config_from(args), resolved)
+    if args.json:
+        _emit(json.dumps(cost.to_dict()))
+        return 0
+    _emit(f"{cost.model}: {args.vision_tokens} vision + {args.text_tokens} text tokens, prefill")
+    _emit(f"{'layer':>5} {'keep':>7} {'vision kept':>11} {'dense GFLOPs':>13} {'p-MoD GFLOPs':>13}")
+    for i, (r, k, d, p) in enumerate(zip(cost.layer_ratios, cost.kept_vision, cost.dense_layer_flops, cost.pmod_layer_flops)):
+        _emit(f"{i:>5} {r:>7.4f} {k:>11d} {d / 1e9:>13.1f} {p / 1e9:>13.1f}")
+    _emit(f"decoder layers: {cost.dense_flops / 1e12:.2f} -> {cost.pmod_flops / 1e12:.2f} TFLOPs ({cost.flops_ratio:.1%})")
+    _emit(f"vision encoder {cost.vision_encoder_flops / 1e12:.3f}, projector {cost.projector_flops / 1e12:.3f}, "
+          f"LM head {cost.lm_head_flops / 1e12:.4f} TFLOPs (the same in both)")
+    _emit(f"KV cache: {cost.dense_kv_bytes / 2**20:.1f} -> {cost.pmod_kv_bytes / 2**20:.1f} MiB "
+          f"({cost.pmod_kv_bytes / cost.dense_kv_bytes:.1%}); vision-token entries {cost.kv_ratio:.2%} "
+          f"(nominal mean keep ratio {cost.kv_ratio_nominal:.2%})")
+    _emit("assumptions:")
+    for a in cost.assumptions:
+        _emit(f"  - {a}")
     return 0
 
 
@@ -187,6 +226,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="print the p-MoD settings of a saved model")
     p.add_argument("model_dir")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("flops", help="analytic prefill FLOPs and KV cache, dense vs p-MoD")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--preset", choices=["llava-1.5-7b", "llava-1.5-13b", "llava-next-7b", "llava-next-13b"])
+    source.add_argument("--model", help="a checkpoint directory (only config.json is read)")
+    p.add_argument("--vision-tokens", type=int, required=True)
+    p.add_argument("--text-tokens", type=int, required=True)
+    p.add_argument("--crops", type=int, default=None, help="images through the vision tower per input image")
+    p.add_argument("--json", action="store_true")
+    _schedule_args(p)
+    p.set_defaults(func=cmd_flops)
 
     p = sub.add_parser("chat", help="answer questions about an image with a p-MoD model")
     p.add_argument("model_dir")

@@ -1,15 +1,20 @@
-"""Measured efficiency of p-MoD models: KV-cache bytes of a live cache, per layer and in total.
+"""Efficiency accounting of p-MoD models.
 
-A dense model's cache holds one key and one value vector per token and layer; a routed p-MoD layer holds
-them only for the tokens it processed. `kv_cache_report` compares what a `PModCache` holds with what the
-dense model's cache would hold for the same sequence.
+- `kv_cache_report`: KV-cache bytes a live `PModCache` holds, per layer and in total, against the dense cache.
+- `prefill_cost`: analytic prefill FLOPs (decoder layers, vision encoder, projector, LM head) and KV bytes,
+  dense vs p-MoD, for a model shape (`PRESETS` or `shape_from_config`) and given token counts.
+- `realized_cost`: the FLOP and KV ratios the most recent forward pass actually achieved, per example.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import torch
 
 from .cache import PModCache
+from .config import PModConfig, ResolvedPMod
+from .errors import PModConfigError, PModInputError
 
 
 @dataclass
@@ -92,3 +97,287 @@ def kv_cache_report(cache: PModCache) -> KVCacheReport:
             )
         )
     return KVCacheReport(layers)
+
+
+# ====================================================================== analytic accounting
+# Prefill cost model (method.md section 5). A multiply-add counts as 2 FLOPs. For a decoder layer that
+# processes n tokens, with hidden size d, key/value width d_kv (= d without grouped-query attention) and
+# SwiGLU MLP width f:
+#     projections  2 n d (2 d + 2 d_kv)     Q and O are d x d, K and V are d x d_kv
+#     attention    4 n^2 d                  scores and weighted sum, full n x n as the paper counts
+#     MLP          6 n d f                  gate, up and down projections
+# A routed layer processes n = k_l + N_text tokens (k_l = trunc(R_l N_V)) and adds its router, 2 d per token.
+# Norms, rotary embeddings, softmax and activations are not counted (well under 1% at these shapes).
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    num_layers: int
+    hidden: int
+    intermediate: int
+    num_heads: int
+    num_kv_heads: int
+    vocab_size: int
+
+    @property
+    def kv_width(self) -> int:
+        return self.hidden // self.num_heads * self.num_kv_heads
+
+
+@dataclass(frozen=True)
+class VisionShape:
+    """A ViT encoder (CLIP-style, GELU MLP) plus LLaVA's 2-layer MLP projector."""
+
+    num_layers: int
+    hidden: int
+    intermediate: int
+    image_size: int
+    patch_size: int
+
+    @property
+    def tokens_per_crop(self) -> int:
+        return (self.image_size // self.patch_size) ** 2 + 1  # patches + CLS
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    name: str
+    decoder: DecoderShape
+    vision: VisionShape | None = None
+    crops: int = 1  # images the vision encoder runs on per input image (LLaVA-NeXT anyres: base + sub-images)
+    bytes_per_value: int = 2  # bf16/fp16 KV cache
+
+    def with_crops(self, crops: int) -> ModelShape:
+        return ModelShape(self.name, self.decoder, self.vision, crops, self.bytes_per_value)
+
+
+_VICUNA_7B = DecoderShape(32, 4096, 11008, 32, 32, 32000)
+_VICUNA_13B = DecoderShape(40, 5120, 13824, 40, 40, 32000)
+_CLIP_L_336 = VisionShape(24, 1024, 4096, 336, 14)
+PRESETS: dict[str, ModelShape] = {
+    "llava-1.5-7b": ModelShape("llava-1.5-7b", _VICUNA_7B, _CLIP_L_336, crops=1),
+    "llava-1.5-13b": ModelShape("llava-1.5-13b", _VICUNA_13B, _CLIP_L_336, crops=1),
+    # anyres with a 2x2 grid: the base image and four sub-images go through the vision tower
+    "llava-next-7b": ModelShape("llava-next-7b", _VICUNA_7B, _CLIP_L_336, crops=5),
+    "llava-next-13b": ModelShape("llava-next-13b", _VICUNA_13B, _CLIP_L_336, crops=5),
+}
+
+
+def shape_from_config(config, name: str = "model") -> ModelShape:
+    """The cost-model shape of a transformers config (LLaVA, LLaVA-NeXT or a plain decoder; dense or p-MoD)."""
+    text = config.get_text_config(decoder=True)
+    decoder = DecoderShape(
+        text.num_hidden_layers,
+        text.hidden_size,
+        text.intermediate_size,
+        text.num_attention_heads,
+        getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
+        text.vocab_size,
+    )
+    vision = None
+    vc = getattr(config, "vision_config", None)
+    if vc is not None:
+        vision = VisionShape(vc.num_hidden_layers, vc.hidden_size, vc.intermediate_size, vc.image_size, vc.patch_size)
+    crops = 5 if getattr(config, "image_grid_pinpoints", None) else 1
+    return ModelShape(name, decoder, vision, crops)
+
+
+def decoder_layer_flops(n: float, shape: DecoderShape) -> float:
+    """Prefill FLOPs of one decoder layer processing ``n`` tokens."""
+    d = shape.hidden
+    return 2 * n * d * (2 * d + 2 * shape.kv_width) + 4 * n * n * d + 6 * n * d * shape.intermediate
+
+
+def vision_encoder_flops(shape: VisionShape, crops: int) -> float:
+    t, d, f = shape.tokens_per_crop, shape.hidden, shape.intermediate
+    patch_embed = 2 * (t - 1) * 3 * shape.patch_size**2 * d
+    per_layer = 8 * t * d * d + 4 * t * t * d + 4 * t * d * f  # QKVO, attention, 2-matmul GELU MLP
+    return crops * (patch_embed + shape.num_layers * per_layer)
+
+
+def projector_flops(shape: VisionShape, llm_hidden: int, crops: int) -> float:
+    patches = crops * (shape.tokens_per_crop - 1)
+    return 2 * patches * (shape.hidden * llm_hidden + llm_hidden * llm_hidden)
+
+
+@dataclass
+class PrefillCost:
+    """Analytic prefill cost, dense vs p-MoD, for one example. FLOPs in FLOPs, KV in bytes."""
+
+    model: str
+    vision_tokens: int
+    text_tokens: int
+    layer_ratios: list[float]
+    routed_layers: list[int]
+    kept_vision: list[int]  # vision tokens processed by each layer (p-MoD)
+    dense_layer_flops: list[float]
+    pmod_layer_flops: list[float]
+    vision_encoder_flops: float
+    projector_flops: float
+    lm_head_flops: float
+    dense_kv_bytes: int
+    pmod_kv_bytes: int
+    assumptions: list[str] = field(default_factory=list)
+
+    @property
+    def dense_flops(self) -> float:
+        return sum(self.dense_layer_flops)
+
+    @property
+    def pmod_flops(self) -> float:
+        return sum(self.pmod_layer_flops)
+
+    @property
+    def flops_ratio(self) -> float:
+        """Decoder-layer prefill FLOPs, p-MoD over dense."""
+        return self.pmod_flops / self.dense_flops
+
+    @property
+    def kv_ratio(self) -> float:
+        """Vision-token KV entries, p-MoD over dense (with integer k, as the model runs)."""
+        return sum(self.kept_vision) / (len(self.kept_vision) * self.vision_tokens) if self.vision_tokens else 1.0
+
+    @property
+    def kv_ratio_nominal(self) -> float:
+        """Mean keep ratio over all layers (dense layers count 1): the paper's KV figure."""
+        return sum(self.layer_ratios) / len(self.layer_ratios)
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "vision_tokens": self.vision_tokens,
+            "text_tokens": self.text_tokens,
+            "flops_ratio": self.flops_ratio,
+            "kv_ratio": self.kv_ratio,
+            "kv_ratio_nominal": self.kv_ratio_nominal,
+            "decoder_tflops": {"dense": self.dense_flops / 1e12, "pmod": self.pmod_flops / 1e12},
+            "vision_encoder_tflops": self.vision_encoder_flops / 1e12,
+            "projector_tflops": self.projector_flops / 1e12,
+            "lm_head_tflops": self.lm_head_flops / 1e12,
+            "kv_cache_bytes": {"dense": self.dense_kv_bytes, "pmod": self.pmod_kv_bytes,
+                               "ratio": self.pmod_kv_bytes / self.dense_kv_bytes},
+            "layers": [
+                {"layer": i, "keep_ratio": r, "routed": i in self.routed_layers, "vision_tokens_kept": k,
+                 "dense_gflops": df / 1e9, "pmod_gflops": pf / 1e9}
+                for i, (r, k, df, pf) in enumerate(
+                    zip(self.layer_ratios, self.kept_vision, self.dense_layer_flops, self.pmod_layer_flops)
+                )
+            ],
+            "assumptions": self.assumptions,
+        }
+
+
+def prefill_cost(
+    shape: ModelShape,
+    vision_tokens: int,
+    text_tokens: int,
+    pmod_config: PModConfig | None = None,
+    resolved: ResolvedPMod | None = None,
+) -> PrefillCost:
+    """Analytic prefill FLOPs and KV bytes of one example, dense vs p-MoD.
+
+    The schedule comes from ``resolved`` (a model's own ``model.pmod``) or else ``pmod_config``
+    (default `PModConfig()`), resolved for the decoder's depth.
+    """
+    dec = shape.decoder
+    if resolved is None:
+        resolved = ResolvedPMod.resolve(pmod_config or PModConfig(), dec.num_layers)
+    if len(resolved.layer_ratios) != dec.num_layers:
+        raise PModConfigError(f"Schedule has {len(resolved.layer_ratios)} layers, the model {dec.num_layers}.")
+    n_dense = vision_tokens + text_tokens
+    kept, dense_f, pmod_f = [], [], []
+    for i, ratio in enumerate(resolved.layer_ratios):
+        k = _keep(vision_tokens, ratio) if i in resolved.routed_layers else vision_tokens
+        kept.append(k)
+        dense_f.append(decoder_layer_flops(n_dense, dec))
+        router = 2 * n_dense * dec.hidden if i in resolved.routed_layers else 0
+        pmod_f.append(decoder_layer_flops(k + text_tokens, dec) + router)
+    per_entry = 2 * dec.kv_width * shape.bytes_per_value
+    vision = shape.vision
+    assumptions = [
+        "decoder FLOPs per layer with n tokens: 2nd(2d+2d_kv) + 4n^2 d + 6ndf (multiply-add = 2 FLOPs, "
+        "full n x n attention, norms/rotary/softmax not counted)",
+        f"p-MoD layers process trunc(R_l x {vision_tokens}) vision tokens + all {text_tokens} text tokens, plus a router (2d per token)",
+        "batch 1, no padding; LM head on the last position only (generation prefill)",
+        f"KV cache in {8 * shape.bytes_per_value}-bit values, keys and values of every processed token",
+    ]
+    if vision is not None:
+        assumptions.append(
+            f"vision encoder: {shape.crops} crop(s) of {vision.image_size}px through a {vision.num_layers}-layer ViT "
+            f"(d={vision.hidden}, {vision.tokens_per_crop} tokens each), projector 2-layer MLP on every patch"
+        )
+    return PrefillCost(
+        model=shape.name,
+        vision_tokens=vision_tokens,
+        text_tokens=text_tokens,
+        layer_ratios=list(resolved.layer_ratios),
+        routed_layers=list(resolved.routed_layers),
+        kept_vision=kept,
+        dense_layer_flops=dense_f,
+        pmod_layer_flops=pmod_f,
+        vision_encoder_flops=vision_encoder_flops(vision, shape.crops) if vision else 0.0,
+        projector_flops=projector_flops(vision, dec.hidden, shape.crops) if vision else 0.0,
+        lm_head_flops=2.0 * dec.hidden * dec.vocab_size,
+        dense_kv_bytes=dec.num_layers * n_dense * per_entry,
+        pmod_kv_bytes=sum(k + text_tokens for k in kept) * per_entry,
+        assumptions=assumptions,
+    )
+
+
+def _keep(num_targets: int, ratio: float) -> int:
+    # the same float32 truncation the model uses (pmod.routing.RoutingPlan.build)
+    return int(torch.floor(torch.tensor(float(num_targets), dtype=torch.float32) * torch.tensor(ratio, dtype=torch.float32)))
+
+
+# ====================================================================== runtime accounting
+@dataclass
+class RealizedCost:
+    """FLOP and KV ratios realised by the most recent forward pass of a p-MoD model, per example.
+
+    Attributes:
+        flops_ratio: (B,) decoder-layer FLOPs, p-MoD over the dense model on the same example.
+        kv_ratio: (B,) vision-token KV entries kept, p-MoD over dense (1.0 for rows without vision tokens).
+        processed: (L, B) tokens each layer processed per example.
+    """
+
+    flops_ratio: list[float]
+    kv_ratio: list[float]
+    processed: list[list[int]]
+
+    @property
+    def mean_flops_ratio(self) -> float:
+        return sum(self.flops_ratio) / len(self.flops_ratio)
+
+    @property
+    def mean_kv_ratio(self) -> float:
+        return sum(self.kv_ratio) / len(self.kv_ratio)
+
+
+def realized_cost(model) -> RealizedCost:
+    """Realised per-example FLOP and KV ratios from the routing records of the model's last forward pass."""
+    routing = model.routing()
+    if not routing:
+        raise PModInputError("No routing records: run a forward pass of the p-MoD model first.")
+    shape = shape_from_config(model.config).decoder
+    first = next(iter(routing.values()))
+    valid = (first.processed | first.target).sum(dim=1)  # (B,) non-padding tokens
+    n_vision = first.target.sum(dim=1)  # (B,)
+    processed, kept = [], []
+    for i in range(shape.num_layers):
+        if i in routing:
+            processed.append(routing[i].processed.sum(dim=1))
+            kept.append(routing[i].selected.sum(dim=1))
+        else:
+            processed.append(valid)
+            kept.append(n_vision)
+    proc = torch.stack(processed).tolist()  # (L, B)
+    kept_t = torch.stack(kept).sum(dim=0)  # (B,)
+    dense_n, nv = valid.tolist(), n_vision.tolist()
+    flops, kv = [], []
+    for b in range(len(dense_n)):
+        dense = shape.num_layers * decoder_layer_flops(dense_n[b], shape)
+        routed = sum(decoder_layer_flops(proc[i][b], shape) for i in range(shape.num_layers))
+        routed += 2 * dense_n[b] * shape.hidden * len(routing)
+        flops.append(routed / dense if dense else 1.0)
+        kv.append(float(kept_t[b]) / (shape.num_layers * nv[b]) if nv[b] else 1.0)
+    return RealizedCost(flops, kv, proc)

@@ -57,3 +57,84 @@ def test_kv_report_counts_empty_slots_of_uneven_rows():
     assert report.ratio >= report.entry_ratio
     assert report.ratio < 1.0
     assert report.to_dict()["layers"][1]["routed"] is False
+
+
+# ---------------------------------------------------------------------- analytic accounting
+import json  # noqa: E402
+import re  # noqa: E402
+
+import pytest  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from pmod.cli import main  # noqa: E402
+from pmod.efficiency import PRESETS, prefill_cost, realized_cost, shape_from_config  # noqa: E402
+from pmod.tiny import tiny_causal_lm  # noqa: E402
+
+
+def test_paper_settings():
+    c15 = prefill_cost(PRESETS["llava-1.5-7b"], 576, 60)
+    assert round(c15.kv_ratio_nominal, 4) == 0.5375
+    assert round(c15.kv_ratio, 4) == 0.5369
+    assert abs(c15.flops_ratio - 0.587) < 0.02
+    assert abs(c15.dense_flops / 1e12 - 8.38) < 0.2
+    for vision in (2500, 2880):
+        nxt = prefill_cost(PRESETS["llava-next-7b"], vision, 200)
+        assert abs(nxt.flops_ratio - 0.556) < 0.02
+    assert abs(prefill_cost(PRESETS["llava-next-7b"], 2500, 200).dense_flops / 1e12 - 39.46) < 1.0
+
+
+def _decoder_flops(model, **inputs):
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(**inputs, use_cache=False)
+    counts = counter.get_flop_counts()
+    return sum(sum(v.values()) for k, v in counts.items() if re.search(r"\.layers\.\d+$", k))
+
+
+def test_analytic_flops_match_flop_counter():
+    dense = tiny_causal_lm("llama", num_layers=6, attn_implementation="eager", hidden_size=64, num_kv_heads=2)
+    n_vision, n_text = 48, 16
+    ids = torch.randint(1, 120, (1, n_vision + n_text))
+    target = torch.zeros_like(ids, dtype=torch.bool)
+    target[0, 8 : 8 + n_vision] = True
+    measured_dense = _decoder_flops(dense, input_ids=ids)
+    model = pmod.apply_pmod(dense, pmod.PModConfig())
+    randomize_routers(model)
+    measured_pmod = _decoder_flops(model, input_ids=ids, target_mask=target)
+    cost = prefill_cost(shape_from_config(model.config), n_vision, n_text, resolved=model.pmod)
+    assert abs(cost.dense_flops / measured_dense - 1) < 0.05
+    assert abs(cost.pmod_flops / measured_pmod - 1) < 0.05
+    assert abs(cost.flops_ratio - measured_pmod / measured_dense) < 0.02
+    # and the realised accounting of that very forward agrees with the analytic one
+    realized = realized_cost(model)
+    assert realized.flops_ratio[0] == pytest.approx(cost.flops_ratio, rel=1e-9)
+    assert realized.kv_ratio[0] == pytest.approx(cost.kv_ratio, rel=1e-9)
+
+
+def test_realized_cost_differs_per_row():
+    model = _model()
+    inputs, _ = llava_inputs(model)  # 16, 32, 0 and 16 vision tokens, different text lengths
+    with torch.no_grad():
+        model(**inputs)
+    realized = realized_cost(model)
+    assert realized.kv_ratio[2] == 1.0 and realized.flops_ratio[2] > 0.99  # no image: only the routers cost extra
+    assert realized.kv_ratio[1] < 1.0 and realized.flops_ratio[1] < realized.flops_ratio[0]
+    shape = shape_from_config(model.config)
+    mask = inputs["attention_mask"]
+    n_vision = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
+    expected = prefill_cost(shape, n_vision, int(mask[0].sum()) - n_vision, resolved=model.pmod)
+    assert realized.flops_ratio[0] == pytest.approx(expected.flops_ratio, rel=1e-9)
+
+
+def test_flops_cli(tmp_path, capsys):
+    assert main(["flops", "--preset", "llava-1.5-7b", "--vision-tokens", "576", "--text-tokens", "64", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert 0.55 < out["flops_ratio"] < 0.6 and round(out["kv_ratio"], 4) == 0.5369
+    assert len(out["layers"]) == 32 and out["assumptions"]
+    assert main(["flops", "--preset", "llava-next-7b", "--vision-tokens", "2880", "--text-tokens", "200"]) == 0
+    text = capsys.readouterr().out
+    assert "TFLOPs" in text and "assumptions" in text
+    model = _model()
+    model.save_pretrained(tmp_path)
+    assert main(["flops", "--model", str(tmp_path), "--vision-tokens", "16", "--text-tokens", "8", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [layer["routed"] for layer in out["layers"]] == [True, False, True, True]
