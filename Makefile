@@ -25,6 +25,9 @@ demo: setup
 
 bench: setup
 	$(PY) benchmarks/prefill.py
+	$(PY) benchmarks/decode.py
+	$(PY) benchmarks/efficiency.py
+	$(PY) benchmarks/report.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache

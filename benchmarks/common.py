@@ -37,9 +37,9 @@ def shape(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k) for k in keys}
 
 
-def dense_and_pmod(args: argparse.Namespace):
-    """A random-weight Llama decoder and its p-MoD conversion (paper schedule, zero routers), same weights."""
-    dense = tiny_causal_lm(
+def dense_model(args: argparse.Namespace):
+    """A random-weight Llama decoder of the benchmark shape (seeded: the same weights every time)."""
+    return tiny_causal_lm(
         "llama",
         num_layers=args.layers,
         attn_implementation=args.attn,
@@ -49,6 +49,11 @@ def dense_and_pmod(args: argparse.Namespace):
         num_kv_heads=args.heads,
         vocab_size=1024,
     ).to(device=args.device, dtype=getattr(torch, args.dtype))
+
+
+def dense_and_pmod(args: argparse.Namespace):
+    """The dense decoder and its p-MoD conversion (paper schedule, zero routers), same weights."""
+    dense = dense_model(args)
     return dense, pmod.apply_pmod(copy.deepcopy(dense), pmod.PModConfig())
 
 

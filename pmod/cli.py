@@ -89,7 +89,7 @@ def cmd_flops(args: argparse.Namespace) -> int:
             resolved = ResolvedPMod.from_dict(config.pmod)
     if args.crops is not None:
         shape = shape.with_crops(args.crops)
-    cost = prefill_cost(shape, args.vision_tokens, args.text_tokens, _config_from(args), resolved)
+    cost = prefill_cost(shape, args.vision_tokens, args.text_tokens, _config_from(args), resolved, causal=args.causal)
     if args.json:
         _emit(json.dumps(cost.to_dict()))
         return 0
@@ -234,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vision-tokens", type=int, required=True)
     p.add_argument("--text-tokens", type=int, required=True)
     p.add_argument("--crops", type=int, default=None, help="images through the vision tower per input image")
+    p.add_argument("--causal", action="store_true", help="count causal attention (half matrix), as sdpa/flash compute it")
     p.add_argument("--json", action="store_true")
     _schedule_args(p)
     p.set_defaults(func=cmd_flops)

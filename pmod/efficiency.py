@@ -182,10 +182,15 @@ def shape_from_config(config, name: str = "model") -> ModelShape:
     return ModelShape(name, decoder, vision, crops)
 
 
-def decoder_layer_flops(n: float, shape: DecoderShape) -> float:
-    """Prefill FLOPs of one decoder layer processing ``n`` tokens."""
+def decoder_layer_flops(n: float, shape: DecoderShape, causal: bool = False) -> float:
+    """Prefill FLOPs of one decoder layer processing ``n`` tokens.
+
+    ``causal=True`` counts only the lower triangle of the attention matrix (n (n + 1) / 2 pairs), which is
+    what block-skipping causal kernels (sdpa / flash) compute; the paper counts the full n x n.
+    """
     d = shape.hidden
-    return 2 * n * d * (2 * d + 2 * shape.kv_width) + 4 * n * n * d + 6 * n * d * shape.intermediate
+    pairs = n * (n + 1) / 2 if causal else n * n
+    return 2 * n * d * (2 * d + 2 * shape.kv_width) + 4 * pairs * d + 6 * n * d * shape.intermediate
 
 
 def vision_encoder_flops(shape: VisionShape, crops: int) -> float:
@@ -273,11 +278,13 @@ def prefill_cost(
     text_tokens: int,
     pmod_config: PModConfig | None = None,
     resolved: ResolvedPMod | None = None,
+    causal: bool = False,
 ) -> PrefillCost:
     """Analytic prefill FLOPs and KV bytes of one example, dense vs p-MoD.
 
     The schedule comes from ``resolved`` (a model's own ``model.pmod``) or else ``pmod_config``
-    (default `PModConfig()`), resolved for the decoder's depth.
+    (default `PModConfig()`), resolved for the decoder's depth. ``causal`` counts attention as causal
+    kernels compute it (half the matrix) instead of the paper's full n x n.
     """
     dec = shape.decoder
     if resolved is None:
@@ -289,14 +296,15 @@ def prefill_cost(
     for i, ratio in enumerate(resolved.layer_ratios):
         k = _keep(vision_tokens, ratio) if i in resolved.routed_layers else vision_tokens
         kept.append(k)
-        dense_f.append(decoder_layer_flops(n_dense, dec))
+        dense_f.append(decoder_layer_flops(n_dense, dec, causal))
         router = 2 * n_dense * dec.hidden if i in resolved.routed_layers else 0
-        pmod_f.append(decoder_layer_flops(k + text_tokens, dec) + router)
+        pmod_f.append(decoder_layer_flops(k + text_tokens, dec, causal) + router)
     per_entry = 2 * dec.kv_width * shape.bytes_per_value
     vision = shape.vision
     assumptions = [
-        "decoder FLOPs per layer with n tokens: 2nd(2d+2d_kv) + 4n^2 d + 6ndf (multiply-add = 2 FLOPs, "
-        "full n x n attention, norms/rotary/softmax not counted)",
+        "decoder FLOPs per layer with n tokens: 2nd(2d+2d_kv) + 4Pd + 6ndf with P = "
+        + ("n(n+1)/2 (causal kernels)" if causal else "n^2 (full attention matrix, as the paper counts)")
+        + " (multiply-add = 2 FLOPs; norms, rotary, softmax not counted)",
         f"p-MoD layers process trunc(R_l x {vision_tokens}) vision tokens + all {text_tokens} text tokens, plus a router (2d per token)",
         "batch 1, no padding; LM head on the last position only (generation prefill)",
         f"KV cache in {8 * shape.bytes_per_value}-bit values, keys and values of every processed token",

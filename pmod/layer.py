@@ -75,10 +75,11 @@ class PModLayerMixin:
         sel = select_tokens(logits, pmod_plan, self.pmod_layer_idx)
         pos = sel.positions  # (B, S)
         width = pos.shape[1]
-        # STRing: targets carry g = alpha * tanh(s) + beta; text tokens are plain dense tokens.
+        # STRing: targets carry g = alpha * tanh(s) + beta; text tokens are plain dense tokens (weight 1).
         g = (self.pmod_alpha * torch.tanh(logits) + self.pmod_beta).to(x.dtype)  # (B, T)
-        # Skipped targets become g * x; padding passes through unchanged.
-        out = torch.where(pmod_plan.target[..., None], g[..., None] * x, x)
+        weight = torch.where(pmod_plan.target, g, torch.ones_like(g))  # (B, T)
+        # Skipped targets become g * x, padding passes through; processed slots are overwritten below.
+        out = x * weight[..., None]
         if width == 0:  # no example processes any token in this layer
             if isinstance(past_key_values, PModCache):
                 past_key_values.layers[self.pmod_layer_idx].advance(length, batch, x.device)
@@ -97,11 +98,12 @@ class PModLayerMixin:
         mask = self._mask(attention_mask, sel, past_key_values, pmod_plan, length, uniform, float_dtype)
         h, mlp_out = self._attention_mlp(xs, mask, position_ids, (cos, sin), attend)
 
-        weight = torch.where(pmod_plan.target, g, torch.ones_like(g))
-        out_slots = h + weight.gather(1, pos)[..., None] * mlp_out  # (B, S, D)
-        # Empty slots point at distinct unprocessed positions: write back their unchanged values.
-        out_slots = torch.where(sel.slot_valid[..., None], out_slots, out.gather(1, idx))
-        out = out.scatter(1, idx, out_slots)
+        slot_weight = weight.gather(1, pos)[..., None]  # (B, S, 1)
+        out_slots = h + slot_weight * mlp_out  # (B, S, D)
+        if not uniform:
+            # Empty slots point at distinct unprocessed positions: write back what `out` holds there.
+            out_slots = torch.where(sel.slot_valid[..., None], out_slots, xs * slot_weight)
+        out.scatter_(1, idx, out_slots)  # out is a fresh product; no saved tensor refers to it
         self._record(pmod_plan, sel, logits)
         return out
 

@@ -1,0 +1,41 @@
+"""Smoke tests of the benchmark scripts on tiny shapes: they run and write the result files they promise."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--layers", "4", "--hidden", "64", "--intermediate", "128", "--heads", "4", "--text-tokens", "16"]
+
+
+def run(script, *args):
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], check=True, capture_output=True, text=True)
+
+
+def test_prefill_benchmark(tmp_path):
+    out = tmp_path / "prefill.json"
+    run("prefill.py", *TINY, "--vision-tokens", "32", "--reps", "1", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert 0 < result["time_ratio"] and 0 < result["processed_token_ratio"] < 1
+    assert result["machine"]["torch"]
+
+
+def test_decode_benchmark(tmp_path):
+    out = tmp_path / "decode.json"
+    run("decode.py", *TINY, "--vision-tokens", "32", "--steps", "2", "--reps", "1", "--batches", "1", "2", "--out", str(out))
+    rows = json.loads(out.read_text())["results"]
+    assert [r["batch"] for r in rows] == [1, 2]
+    assert all(r["kv_ratio"] == pytest.approx(r["predicted_kv_ratio"]) for r in rows)
+
+
+def test_efficiency_benchmark(tmp_path):
+    out = tmp_path / "eff.json"
+    run("efficiency.py", *TINY, "--vision-counts", "32", "64", "--reps", "1", "--train-reps", "1", "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["vision_tokens"] for r in rows] == [32, 64]
+    assert all(r["peak_memory_dense_bytes"] > 0 and 0 < r["analytic_flops_ratio"] < 1 for r in rows)
+    assert out.with_suffix(".md").read_text().count("\n| ") >= 3
+    assert out.with_suffix(".png").stat().st_size > 1000
