@@ -43,3 +43,15 @@ def build_batch(rows, image_token_id, tokens_per_image, vocab_size, padding_side
 def valid_rows(logits, mask):
     """Split (B, T, V) logits into per-row (n_b, V) tensors over non-padding positions."""
     return [logits[b][mask[b].bool()] for b in range(logits.shape[0])]
+
+
+def rows_alone(inputs, n_images):
+    """Yield each row of a padded LLaVA batch as its own unpadded single-example inputs."""
+    cursor = 0
+    for b, n in enumerate(n_images):
+        valid = inputs["attention_mask"][b].bool()
+        single = {"input_ids": inputs["input_ids"][b][valid][None]}
+        if n:
+            single["pixel_values"] = inputs["pixel_values"][cursor : cursor + n]
+        cursor += n
+        yield b, single

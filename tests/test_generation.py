@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from batches import rows_alone
 from test_models import all_routed, llava_inputs, next_inputs
 
 import pmod
@@ -47,13 +48,7 @@ def test_batched_greedy_generation_equals_rows_alone():
     kw = dict(max_new_tokens=6, do_sample=False, suppress_tokens=_suppress(model))
     with torch.no_grad():
         batched = model.generate(**inputs, **kw)[:, inputs["input_ids"].shape[1]:]
-        cursor = 0
-        for b, n in enumerate(n_images):
-            valid = inputs["attention_mask"][b].bool()
-            single = {"input_ids": inputs["input_ids"][b][valid][None]}
-            if n:
-                single["pixel_values"] = inputs["pixel_values"][cursor : cursor + n]
-            cursor += n
+        for b, single in rows_alone(inputs, n_images):
             alone = model.generate(**single, **kw)[0, single["input_ids"].shape[1]:]
             assert torch.equal(batched[b], alone), b
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from batches import build_batch, llava_tokens_per_image, valid_rows
+from batches import build_batch, llava_tokens_per_image, rows_alone, valid_rows
 from reference import reference_logits
 
 import pmod
@@ -143,13 +143,8 @@ def test_batch_equals_rows_alone():
     inputs, n_images = llava_inputs(model)
     with torch.no_grad():
         batched = valid_rows(model(**inputs).logits, inputs["attention_mask"])
-        cursor = 0
-        for b, n in enumerate(n_images):
-            valid = inputs["attention_mask"][b].bool()
-            single = {"input_ids": inputs["input_ids"][b][valid][None]}
-            if n:
-                single["pixel_values"] = inputs["pixel_values"][cursor : cursor + n]
-            cursor += n
+        for b, single in rows_alone(inputs, n_images):
+            n = n_images[b]
             alone = model(**single).logits[0]
             torch.testing.assert_close(batched[b], alone, rtol=1e-5, atol=1e-5)
             # Same routing decisions, row alone vs in the batch.
