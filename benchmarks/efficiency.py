@@ -204,6 +204,7 @@ def plot(result: dict, path: Path) -> None:
     ]:
         ax.plot(x, [r[key] for r in rows], style, label=label)
     ax.set_xscale("log")
+    ax.minorticks_off()
     ax.set_xticks(x, [str(v) for v in x])
     ax.set_xlabel("vision tokens")
     ax.set_ylabel("p-MoD / dense")
