@@ -3,6 +3,7 @@
     pmod schedule --layers 32 [--schedule shifted_cos] [--json]   per-layer keep ratios of a schedule
     pmod info MODEL_DIR                                           p-MoD settings of a saved model
     pmod chat MODEL_DIR --image PATH [--prompt TEXT]              answer (or converse) about an image
+    pmod convert dense SRC OUT [schedule options] [--force]      dense checkpoint -> untrained p-MoD
     pmod flops (--preset NAME | --model DIR) --vision-tokens N --text-tokens N [--json]
                                                                   analytic prefill FLOPs and KV cache
     pmod demo [--out DIR]                                         end-to-end run on a tiny random model
@@ -69,6 +70,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     resolved = ResolvedPMod.from_dict(config.pmod)
     _emit(f"{args.model_dir}: {config.model_type}")
     _emit(json.dumps(resolved.to_dict(), indent=2))
+    return 0
+
+
+def cmd_convert_dense(args: argparse.Namespace) -> int:
+    from .convert import convert_dense
+
+    out = convert_dense(args.src, args.out, _config_from(args), force=args.force)
+    _emit(f"wrote {out}")
     return 0
 
 
@@ -226,6 +235,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="print the p-MoD settings of a saved model")
     p.add_argument("model_dir")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("convert", help="convert checkpoints into p-MoD checkpoints")
+    kinds = p.add_subparsers(dest="kind", required=True)
+    c = kinds.add_parser("dense", help="a dense transformers LLaVA / LLaVA-NeXT checkpoint -> p-MoD, routers at zero")
+    c.add_argument("src")
+    c.add_argument("out")
+    c.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    _schedule_args(c)
+    c.set_defaults(func=cmd_convert_dense)
 
     p = sub.add_parser("flops", help="analytic prefill FLOPs and KV cache, dense vs p-MoD")
     source = p.add_mutually_exclusive_group(required=True)
