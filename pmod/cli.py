@@ -4,6 +4,7 @@
     pmod info MODEL_DIR                                           p-MoD settings of a saved model
     pmod chat MODEL_DIR --image PATH [--prompt TEXT]              answer (or converse) about an image
     pmod convert dense SRC OUT [schedule options] [--force]      dense checkpoint -> untrained p-MoD
+    pmod convert original SRC OUT [--vision-tower DIR] [--force] released p-MoD checkpoint -> pmod
     pmod flops (--preset NAME | --model DIR) --vision-tokens N --text-tokens N [--json]
                                                                   analytic prefill FLOPs and KV cache
     pmod demo [--out DIR]                                         end-to-end run on a tiny random model
@@ -77,6 +78,14 @@ def cmd_convert_dense(args: argparse.Namespace) -> int:
     from .convert import convert_dense
 
     out = convert_dense(args.src, args.out, _config_from(args), force=args.force)
+    _emit(f"wrote {out}")
+    return 0
+
+
+def cmd_convert_original(args: argparse.Namespace) -> int:
+    from .convert import convert_original
+
+    out = convert_original(args.src, args.out, vision_tower=args.vision_tower, force=args.force)
     _emit(f"wrote {out}")
     return 0
 
@@ -244,6 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="replace OUT if it exists")
     _schedule_args(c)
     c.set_defaults(func=cmd_convert_dense)
+    c = kinds.add_parser("original", help="a checkpoint of the original p-MoD code (LLaVA layout) -> pmod")
+    c.add_argument("src")
+    c.add_argument("out")
+    c.add_argument("--vision-tower", help="local CLIP checkpoint directory, when the config names a hub id")
+    c.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    c.set_defaults(func=cmd_convert_original)
 
     p = sub.add_parser("flops", help="analytic prefill FLOPs and KV cache, dense vs p-MoD")
     source = p.add_mutually_exclusive_group(required=True)
