@@ -108,16 +108,20 @@ def _mlp(state, p, x):
     return (F.silu(x @ state[p + "mlp.gate_proj.weight"].T) * (x @ state[p + "mlp.up_proj.weight"].T)) @ state[p + "mlp.down_proj.weight"].T
 
 
-def original_logits(state, vision, settings, ids, pixel_values):
-    """Logits of the original code for one prompt with -200 placeholders (one image per placeholder)."""
-    feats = vision(pixel_values, output_hidden_states=True).hidden_states[-2][:, 1:]  # (images, 16, 32)
-    feats = F.gelu(feats @ state["model.mm_projector.0.weight"].T + state["model.mm_projector.0.bias"])
-    feats = feats @ state["model.mm_projector.2.weight"].T + state["model.mm_projector.2.bias"]
+def original_logits(state, vision, settings, ids, pixel_values, feats=None):
+    """Logits of the original code for one prompt with -200 placeholders (one image per placeholder).
+
+    ``feats`` (a list of (n_i, D) image features) replaces the LLaVA-1.5 vision path.
+    """
+    if feats is None:
+        feats = vision(pixel_values, output_hidden_states=True).hidden_states[-2][:, 1:]  # (images, 16, 32)
+        feats = F.gelu(feats @ state["model.mm_projector.0.weight"].T + state["model.mm_projector.0.bias"])
+        feats = feats @ state["model.mm_projector.2.weight"].T + state["model.mm_projector.2.bias"]
     rows, target, image = [], [], 0
     for t in ids:
         if t == PLACEHOLDER:
             rows += list(feats[image])
-            target += [True] * feats.shape[1]
+            target += [True] * len(feats[image])
             image += 1
         else:
             rows.append(state["model.embed_tokens.weight"][t])
@@ -151,6 +155,9 @@ def expand(ids, image_token_id, per_image=16):
     for t in ids:
         out += [image_token_id] * per_image if t == PLACEHOLDER else [t]
     return torch.tensor([out])
+
+
+PINPOINTS = [[28, 56], [56, 28], [56, 56], [84, 28], [28, 84]]
 
 
 def _original_tokenizer():
@@ -270,3 +277,29 @@ def test_convert_original_cli(converted, tmp_path, capsys):
     assert json.loads((tmp_path / "cli" / "config.json").read_text())["model_type"] == "pmod_llava"
     assert main(args) == 2 and "already exists" in capsys.readouterr().err
     assert main(args + ["--force"]) == 0
+
+
+def test_llava_next_original_conversion(tmp_path, converted):
+    """anyres + spatial_unpad: image_newline carried; decoder and routing equal the original computation on the
+    packed image features (the anyres packing itself is transformers' LLaVA-NeXT code)."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    state, vision, settings = _original_state()
+    state["model.image_newline"] = torch.randn(D, generator=torch.Generator().manual_seed(7))
+    config = {**_original_config(), "image_aspect_ratio": "anyres", "mm_patch_merge_type": "spatial_unpad",
+              "image_grid_pinpoints": PINPOINTS}
+    write_original(tmp_path / "src", state, config)
+    convert_original(tmp_path / "src", tmp_path / "out", vision_tower=converted[4] / "clip")
+    model = pmod.load_model(tmp_path / "out").eval()
+    assert type(model).__name__ == "PModLlavaNextForConditionalGeneration"
+    assert torch.equal(model.model.image_newline, state["model.image_newline"])
+    sizes = torch.tensor([[28, 56]])
+    patches = image_size_to_num_patches([28, 56], PINPOINTS, 28)
+    px = torch.randn(1, patches, 3, 28, 28, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        feats = list(model.model.get_image_features(px, sizes).pooler_output)
+        ids = [1, 5, PLACEHOLDER, 11, 12]
+        expected = original_logits(state, vision, settings, ids, None, feats=feats)
+        got = model(input_ids=expand(ids, V, feats[0].shape[0]), pixel_values=px, image_sizes=sizes).logits[0, :, :V]
+    assert feats[0].shape[0] > 16  # base image + high-resolution grid + newlines
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
