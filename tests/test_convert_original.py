@@ -303,3 +303,17 @@ def test_llava_next_original_conversion(tmp_path, converted):
         got = model(input_ids=expand(ids, V, feats[0].shape[0]), pixel_values=px, image_sizes=sizes).logits[0, :, :V]
     assert feats[0].shape[0] > 16  # base image + high-resolution grid + newlines
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_original_bin_checkpoint(tmp_path, converted):
+    """Unsharded pytorch_model.bin (read with weights_only=True) converts to the same model."""
+    model, state, *_ , root = converted
+    (tmp_path / "src").mkdir()
+    torch.save(state, tmp_path / "src" / "pytorch_model.bin")
+    (tmp_path / "src" / "config.json").write_text(json.dumps(_original_config()))
+    convert_original(tmp_path / "src", tmp_path / "out", vision_tower=root / "clip")
+    again = pmod.load_model(tmp_path / "out")
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
+    (tmp_path / "src" / "pytorch_model.bin").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConversionError, match="Cannot read weights"):
+        convert_original(tmp_path / "src", tmp_path / "out2", vision_tower=root / "clip")
