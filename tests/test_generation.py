@@ -155,3 +155,24 @@ def test_assisted_decoding_is_refused_clearly():
     inputs.pop("position_ids")
     with torch.no_grad(), pytest.raises(NotImplementedError, match="Cropping a p-MoD KV cache"):
         model.generate(**inputs, max_new_tokens=6, prompt_lookup_num_tokens=2, do_sample=False)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("padded", [True, False])
+def test_multi_token_continuation_with_cache_equals_recomputation(attn, padded):
+    """A prompt continued by several tokens at once (chunked prefill / multi-turn reuse of the cache)."""
+    model = _routed_model(attn)
+    inputs, _ = llava_inputs(model, [(3, 1, 4), (2, 2, 1)] if padded else [(3, 1, 4), (3, 1, 4)])
+    if not padded:
+        inputs.pop("attention_mask")
+    extra = torch.randint(1, 120, (2, 3), generator=torch.Generator().manual_seed(9))
+    mask = inputs.get("attention_mask")
+    mask = torch.cat([mask, torch.ones_like(extra)], 1) if mask is not None else None
+    pos = inputs["position_ids"][:, -1:] + torch.arange(1, 4)
+    with torch.no_grad():
+        cache = model(**inputs, use_cache=True).past_key_values
+        step = model(input_ids=extra, attention_mask=mask, position_ids=pos, past_key_values=cache).logits
+        full = model(input_ids=torch.cat([inputs["input_ids"], extra], 1), attention_mask=mask,
+                     position_ids=torch.cat([inputs["position_ids"], pos], 1), pixel_values=inputs["pixel_values"],
+                     use_cache=False).logits[:, -3:]
+    torch.testing.assert_close(step, full, rtol=1e-5, atol=1e-5)
