@@ -81,21 +81,29 @@ def convert_dense(src: str | os.PathLike, out: str | os.PathLike, config: PModCo
         raise ConversionError(f"The weights in {src} do not match its config: {problems}.")
     model = apply_pmod(model, config)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    def write(staging: Path) -> None:
         model.save_pretrained(staging)
         for item in src.iterdir():
             if item.is_file() and item.name not in _MODEL_FILES and not item.name.endswith(_WEIGHT_SUFFIXES):
                 shutil.copy2(item, staging / item.name)
+
+    _write_atomically(out, write)
+    logger.info("Converted %s -> %s (routed layers %s)", src, out, model.pmod.routed_layers)
+    return out
+
+
+def _write_atomically(out: Path, write) -> None:
+    """Run ``write(staging_dir)`` and move the result to ``out`` only if it completes."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write(staging)
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    logger.info("Converted %s -> %s (routed layers %s)", src, out, model.pmod.routed_layers)
-    return out
 
 
 def _check_output(out: Path, force: bool) -> None:
@@ -332,17 +340,11 @@ def convert_original(
     model.generation_config.suppress_tokens = [image_token_id]
     model.eval()
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    def write(staging: Path) -> None:
         model.save_pretrained(staging)
         _carry_processor(src, staging, model, cfg)
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    _write_atomically(out, write)
     logger.info("Converted original p-MoD checkpoint %s -> %s", src, out)
     return out
 
