@@ -7,6 +7,7 @@
     pmod convert original SRC OUT [--vision-tower DIR] [--force] released p-MoD checkpoint -> pmod
     pmod flops (--preset NAME | --model DIR) --vision-tokens N --text-tokens N [--json]
                                                                   analytic prefill FLOPs and KV cache
+    pmod train CONFIG.yaml [key=value ...]                        train with a recipe (configs/*.yaml)
     pmod demo [--out DIR]                                         end-to-end run on a tiny random model
 """
 
@@ -171,6 +172,22 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train with a recipe; the final model and its processor land in the recipe's output_dir."""
+    from .train import load_config, train
+
+    config = load_config(args.config, args.overrides)
+    logging.getLogger("pmod").setLevel(logging.INFO)  # progress of data preparation and resuming
+    result = train(config)
+    last = result.losses[-1] if result.losses else float("nan")
+    _emit(
+        f"trained {result.global_step} steps in {result.seconds:.0f} s, last loss {last:.4f}"
+        + (f", {result.skipped_records} records skipped" if result.skipped_records else "")
+    )
+    _emit(f"model saved to {result.output_dir} (load it with pmod.load_model)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Convert a tiny random LLaVA model, run a batched forward and generation, save and reload it."""
     import torch
@@ -280,6 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("train", help="train a p-MoD (or dense baseline) model with a recipe")
+    p.add_argument("config", help="a YAML recipe, e.g. configs/tiny-cpu.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. max_steps=100 pmod.average_ratio=0.3")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="end-to-end run on a tiny random-weight LLaVA model")
     p.add_argument("--out", default="demo-output")

@@ -1,0 +1,136 @@
+"""LLaVA-format conversations: validation, conversion to chat messages, prompt rendering.
+
+A LLaVA record is ``{"id", "image" (path | list of paths | absent), "conversations": [{"from": "human" | "gpt",
+"value": ...}, ...]}`` with ``<image>`` placeholders in the human turns. Training (`pmod.data`) and evaluation
+(`pmod.evaluate`) both go through this module so that a prompt is rendered the same way in both.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import PModInputError
+
+IMAGE_PLACEHOLDER = "<image>"
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+# The original LLaVA "vicuna_v1" conversation template (system prompt, "USER: ... ASSISTANT: ...</s>").
+VICUNA_V1_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+VICUNA_V1_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}" + VICUNA_V1_SYSTEM + " {% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{% for c in message['content'] %}{{ c['text'] }}{% endfor %} "
+    "{% elif message['role'] == 'user' %}USER: "
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %} "
+    "{% else %}ASSISTANT: {% for c in message['content'] %}{{ c['text'] }}{% endfor %}</s>{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def image_paths(record: dict[str, Any]) -> list[str]:
+    """The record's image paths, in placeholder order ([] for a text-only record)."""
+    image = record.get("image")
+    if image is None:
+        return []
+    if isinstance(image, str):
+        return [image]
+    if isinstance(image, list) and all(isinstance(p, str) for p in image):
+        return list(image)
+    raise PModInputError(f"record {record.get('id')!r}: 'image' must be a path or a list of paths, got {image!r}")
+
+
+def to_messages(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """Turn a LLaVA record into chat messages (`{"role", "content": [{"type": "image"} | {"type": "text"}]}`).
+
+    The number of ``<image>`` placeholders must equal the number of images. A record that has images but no
+    placeholder gets one at the start of its first human turn, as the original LLaVA data loader does.
+    """
+    rid = record.get("id")
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise PModInputError(f"record {rid!r}: 'conversations' must be a non-empty list of turns")
+    n_images = len(image_paths(record))
+    n_placeholders = sum(str(t.get("value", "")).count(IMAGE_PLACEHOLDER) for t in turns if isinstance(t, dict))
+    if n_placeholders == 0 and n_images:
+        first = next((i for i, t in enumerate(turns) if ROLES.get(t.get("from")) == "user"), None)
+        if first is None:
+            raise PModInputError(f"record {rid!r}: has an image but no human turn to attach it to")
+        turns = list(turns)
+        turns[first] = {**turns[first], "value": IMAGE_PLACEHOLDER + "\n" + turns[first]["value"]}
+        n_placeholders = 1
+    if n_placeholders != n_images:
+        raise PModInputError(
+            f"record {rid!r}: {n_placeholders} '<image>' placeholders but {n_images} images; "
+            "put one '<image>' in the human turns per image listed under 'image'"
+        )
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or turn.get("from") not in ROLES or not isinstance(turn.get("value"), str):
+            raise PModInputError(
+                f"record {rid!r}, turn {i}: expected {{'from': 'human' | 'gpt', 'value': str}}, got {turn!r}"
+            )
+        role = ROLES[turn["from"]]
+        content: list[dict[str, str]] = []
+        pieces = turn["value"].split(IMAGE_PLACEHOLDER)
+        if role != "user" and len(pieces) > 1:
+            raise PModInputError(f"record {rid!r}, turn {i}: '<image>' is only allowed in human turns")
+        for j, piece in enumerate(pieces):
+            if j > 0:
+                content.append({"type": "image"})
+            # LLaVA data writes "<image>\nquestion": the template adds its own separator after an image.
+            text = piece.strip("\n") if j > 0 or len(pieces) > 1 else piece
+            if text:
+                content.append({"type": "text", "text": text})
+        messages.append({"role": role, "content": content})
+    roles = [m["role"] for m in messages if m["role"] != "system"]
+    if not roles or roles[0] != "user" or any(a == b for a, b in zip(roles, roles[1:])):
+        raise PModInputError(f"record {rid!r}: turns must alternate human, gpt, human, ... starting with human")
+    return messages
+
+
+def render(processor: Any, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
+    """Render messages with the processor's (or tokenizer's) chat template, as text with ``<image>``-style tokens."""
+    owner = processor if getattr(processor, "chat_template", None) else getattr(processor, "tokenizer", processor)
+    if not getattr(owner, "chat_template", None):
+        raise PModInputError(
+            "the processor has no chat template; set one (e.g. pmod.conversation.VICUNA_V1_TEMPLATE for the original "
+            "LLaVA-1.5 models: processor.chat_template = VICUNA_V1_TEMPLATE) and save it with the processor"
+        )
+    return owner.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def assistant_spans(processor: Any, messages: list[dict[str, Any]]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of the assistant replies in it (end-of-turn text included).
+
+    Found by rendering growing prefixes of the conversation: the reply to turn i is what
+    ``render(messages[:i + 1])`` adds to ``render(messages[:i], add_generation_prompt=True)``.
+    """
+    full = render(processor, messages)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = render(processor, messages[:i], add_generation_prompt=True)
+        upto = render(processor, messages[: i + 1])
+        if not full.startswith(upto) or not upto.startswith(before):
+            raise PModInputError(
+                "the chat template does not render a conversation as a sequence of growing prefixes, so the assistant "
+                "replies cannot be located for label masking; use a template without turn-dependent text"
+            )
+        start = len(before)
+        while start < len(upto) and upto[start].isspace():  # the separator after "ASSISTANT:" is not a reply token
+            start += 1
+        spans.append((start, len(upto)))
+    return full, spans
+
+
+def prompt_and_answer(record: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
+    """For evaluation: the messages up to the last human turn, and the reference answer (the last gpt turn)."""
+    messages = to_messages(record)
+    if messages[-1]["role"] != "assistant":
+        raise PModInputError(f"record {record.get('id')!r}: the last turn must be the reference answer (from 'gpt')")
+    answer = "".join(c["text"] for c in messages[-1]["content"] if c["type"] == "text")
+    return messages[:-1], answer

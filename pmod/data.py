@@ -1,0 +1,253 @@
+"""LLaVA-format instruction data for training: lazy loading, label masking, truncation, batching.
+
+Each record becomes ``input_ids`` with the processor's expanded image tokens, ``labels`` that train only on
+the assistant replies (``-100`` elsewhere), and the images through the model's own HF image processor
+(LLaVA-1.5 "pad": pad to a square of the mean colour first; LLaVA-NeXT anyres: the processor's tiling).
+A record whose image is missing or unreadable, or that cannot be truncated without cutting an image, is
+skipped: the dataset returns a marker that `LlavaCollator` drops and counts, so a bad file never stops a run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .conversation import IMAGE_PLACEHOLDER, assistant_spans, image_paths, to_messages
+from .errors import PModInputError
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+SKIP_KEY = "pmod_skipped"
+
+
+def load_records(path: str | Path) -> list[dict[str, Any]]:
+    """Read a LLaVA JSON file (a list of records) or a JSONL file (one record per line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PModInputError(f"data file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".jsonl":
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            records = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PModInputError(f"{path} is not valid JSON ({exc}); expected a list of LLaVA records") from exc
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise PModInputError(f"{path}: expected a JSON list of records ({{'id', 'image', 'conversations'}})")
+    for i, r in enumerate(records):
+        r.setdefault("id", str(i))
+    return records
+
+
+def pad_to_square(image: Image.Image, mean: tuple[float, ...] | list[float]) -> Image.Image:
+    """LLaVA-1.5 "pad": centre the image on a square canvas filled with the processor's mean colour."""
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    colour = tuple(int(round(c * 255)) for c in mean)
+    canvas = Image.new(image.mode, (side, side), colour)
+    canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+def open_image(path: Path) -> Image.Image:
+    """Read an image fully (so a truncated file fails here, not inside the processor) as RGB."""
+    with Image.open(path) as img:
+        img.load()
+        return img.convert("RGB")
+
+
+@dataclass
+class Encoder:
+    """Turns one LLaVA record into model inputs with a processor.
+
+    Attributes:
+        processor: the model's HF processor (tokenizer + image processor + chat template).
+        image_folder: where relative image paths are resolved.
+        model_max_length: longest sequence kept (tokens, image tokens included).
+        pad_images: LLaVA-1.5 "pad" (square images of the mean colour before the processor).
+    """
+
+    processor: Any
+    image_folder: Path | None = None
+    model_max_length: int = 2048
+    pad_images: bool = False
+
+    def __post_init__(self) -> None:
+        self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+        image_processor = getattr(self.processor, "image_processor", None)
+        self.mean = getattr(image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
+
+    def images(self, record: dict[str, Any]) -> list[Image.Image]:
+        out = []
+        for p in image_paths(record):
+            path = Path(p) if self.image_folder is None else Path(self.image_folder) / p
+            image = open_image(path)
+            out.append(pad_to_square(image, self.mean) if self.pad_images else image)
+        return out
+
+    def encode(self, record: dict[str, Any], images: list[Image.Image] | None = None) -> dict[str, Any]:
+        """Model inputs for one record; raises `PModInputError` for a record that cannot be used."""
+        messages = to_messages(record)
+        images = self.images(record) if images is None else images
+        text, spans = assistant_spans(self.processor, messages)
+        if images:
+            enc = self.processor(text=text, images=images, return_tensors="pt")
+        else:
+            enc = self.tokenizer(text, return_tensors="pt")
+        ids = enc["input_ids"][0]
+        labels = self._labels(text, spans, ids)
+        if ids.shape[0] > self.model_max_length:
+            ids, labels = self._truncate(record, ids, labels)
+        if not (labels != IGNORE_INDEX).any():
+            raise PModInputError(f"record {record.get('id')!r}: no assistant tokens left to train on")
+        out: dict[str, Any] = {"input_ids": ids, "labels": labels}
+        for key in ("pixel_values", "image_sizes"):
+            if images and key in enc:
+                out[key] = enc[key]
+        return out
+
+    def _labels(self, text: str, spans: list[tuple[int, int]], ids: torch.Tensor) -> torch.Tensor:
+        """Labels for the processor's ids: reply tokens located by character offsets on the unexpanded text."""
+        plain = self.tokenizer(text, return_offsets_mapping=True)
+        trained = [any(s <= a and b <= e and b > a for s, e in spans) for a, b in plain["offset_mapping"]]
+        unexpanded = plain["input_ids"]
+        img = self.image_token_id
+        seq = ids.tolist()
+        labels, i, j = [], 0, 0
+        # Walk both sequences: each run of image tokens in the processor's ids is one run in the plain ids.
+        while i < len(seq):
+            if seq[i] == img:
+                while i < len(seq) and seq[i] == img:
+                    labels.append(IGNORE_INDEX)
+                    i += 1
+                if j >= len(unexpanded) or unexpanded[j] != img:
+                    break
+                while j < len(unexpanded) and unexpanded[j] == img:
+                    j += 1
+            else:
+                if j >= len(unexpanded) or unexpanded[j] != seq[i]:
+                    break
+                labels.append(seq[i] if trained[j] else IGNORE_INDEX)
+                i += 1
+                j += 1
+        if i != len(seq) or j != len(unexpanded):
+            raise PModInputError(
+                "the processor's token ids do not match the tokenizer's on the same text (apart from image "
+                "expansion), so labels cannot be aligned; check that the processor's tokenizer is the model's"
+            )
+        return torch.tensor(labels, dtype=torch.long)
+
+    def _truncate(self, record: dict[str, Any], ids: torch.Tensor, labels: torch.Tensor):
+        n = self.model_max_length
+        image_at = (ids == self.image_token_id).nonzero().flatten()
+        if image_at.numel() and int(image_at[-1]) >= n:
+            raise PModInputError(
+                f"record {record.get('id')!r}: {ids.shape[0]} tokens exceed model_max_length={n} and the cut would "
+                "fall inside or before an image's tokens"
+            )
+        return ids[:n], labels[:n]
+
+    def length(self, record: dict[str, Any], tokens_per_image: int) -> int:
+        """A cheap length estimate for length-grouped batching (words + image tokens), no image decoding."""
+        words = sum(len(str(t.get("value", "")).split()) for t in record.get("conversations", []))
+        return words + tokens_per_image * len(image_paths(record))
+
+
+class LlavaDataset(torch.utils.data.Dataset):
+    """LLaVA-format records encoded lazily (images are read when an item is asked for)."""
+
+    def __init__(
+        self,
+        records: list[dict[str, Any]] | str | Path,
+        processor: Any,
+        image_folder: str | Path | None = None,
+        model_max_length: int = 2048,
+        pad_images: bool = False,
+        tokens_per_image: int = 576,
+    ):
+        self.records = load_records(records) if isinstance(records, (str, Path)) else list(records)
+        self.encoder = Encoder(processor, Path(image_folder) if image_folder else None, model_max_length, pad_images)
+        self.tokens_per_image = tokens_per_image
+        for record in self.records:  # malformed conversations fail now, not hours into a run
+            to_messages(record)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [self.encoder.length(r, self.tokens_per_image) for r in self.records]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        # A bad record is replaced by the next usable one (as the original LLaVA loader does), so batches keep
+        # their size. Only the record at `index` counts as skipped here: a bad replacement candidate is counted
+        # when its own index comes up, so each bad record is counted once per epoch.
+        skipped = []
+        for attempt in range(min(len(self.records), 32)):
+            record = self.records[(index + attempt) % len(self.records)]
+            try:
+                item = self.encoder.encode(record)
+            except (OSError, PModInputError, SyntaxError, ValueError) as exc:  # PIL raises all of these on bad files
+                level = logging.WARNING if attempt == 0 else logging.DEBUG
+                logger.log(level, "skipping record %r: %s: %s", record.get("id"), type(exc).__name__, exc)
+                skipped.append(str(record.get("id")))
+                continue
+            if attempt > 0:
+                item[SKIP_KEY] = skipped[:1]
+            return item
+        raise PModInputError(
+            f"records {', '.join(skipped[:5])}... (32 in a row from index {index}) are all unusable; "
+            "see the warnings above, and check the image folder and the data file"
+        )
+
+
+@dataclass
+class LlavaCollator:
+    """Pads a list of encoded records into a batch (right padding for training) and counts skipped ones.
+
+    LLaVA-NeXT items carry ``pixel_values`` of shape (n_images, n_tiles, 3, H, W) with a per-image tile count;
+    tiles are zero-padded to the batch's largest count (the model reads the real count from ``image_sizes``).
+    """
+
+    pad_token_id: int
+    padding_side: str = "right"
+    count_in_batch: bool = False  # put the number of skipped records in the batch (read by `pmod.train`)
+    skipped: list[str] = field(default_factory=list)
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        skipped = [rid for item in items for rid in item.get(SKIP_KEY, [])]
+        self.skipped.extend(skipped)
+        width = max(item["input_ids"].shape[0] for item in items)
+        ids = torch.full((len(items), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(items), width), dtype=torch.long)
+        for row, item in enumerate(items):
+            n = item["input_ids"].shape[0]
+            cols = slice(0, n) if self.padding_side == "right" else slice(width - n, width)
+            ids[row, cols] = item["input_ids"]
+            labels[row, cols] = item["labels"]
+            mask[row, cols] = 1
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        pixels = [item["pixel_values"] for item in items if "pixel_values" in item]
+        if pixels:
+            if pixels[0].dim() == 5:  # (n_images, n_tiles, 3, H, W): pad the tile dimension
+                tiles = max(p.shape[1] for p in pixels)
+                pixels = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, tiles - p.shape[1])) for p in pixels]
+            batch["pixel_values"] = torch.cat(pixels)
+        sizes = [item["image_sizes"] for item in items if "image_sizes" in item]
+        if sizes:
+            batch["image_sizes"] = torch.cat(sizes)
+        if self.count_in_batch:
+            batch[SKIP_KEY] = torch.tensor(len(skipped))
+        return batch

@@ -1,0 +1,542 @@
+"""Training p-MoD models: a typed recipe, the transformers `Trainer` with p-MoD extras, and `pmod train`.
+
+The engine is the transformers `Trainer` (accelerate underneath; DeepSpeed ZeRO through ``deepspeed:`` and
+FSDP through ``fsdp:`` / an accelerate config). What this module adds:
+
+* `TrainConfig`: one dataclass for a recipe (``configs/*.yaml``), with ``key=value`` overrides.
+* stages: ``pretrain`` trains the projector only; ``finetune`` trains the language model, the projector and
+  the routers (vision tower frozen unless ``freeze_vision_tower: false``).
+* a separate router learning rate, length-grouped batches from cheap length estimates (no image decoding),
+  routing statistics (realised kept fraction and mean TanhNorm router weight per routed layer) in the logs,
+  the number of skipped (unreadable) records, and resume from the last checkpoint after a kill.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import logging
+import math
+import os
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_utils import get_last_checkpoint
+
+from .config import PModConfig
+from .data import SKIP_KEY, LlavaCollator, LlavaDataset, load_records
+from .errors import PModConfigError, PModInputError
+
+logger = logging.getLogger(__name__)
+
+Stage = Literal["pretrain", "finetune"]
+
+
+@dataclass
+class TrainConfig:
+    """A training recipe. Paths are relative to the working directory.
+
+    Attributes:
+        model_name_or_path: a saved model directory: dense (converted with ``pmod``) or already p-MoD.
+        tiny_model: instead of a checkpoint, build a tiny LLaVA from these `pmod.tiny.tiny_llava` arguments, with
+            a word-level tokenizer over the training data's words (CPU recipes and the demo).
+        pmod: `PModConfig` fields applied to a dense model; ``null`` trains the dense model (a baseline).
+        data_path: LLaVA-format JSON (or JSONL) training data.
+        image_folder: folder that the records' image paths are relative to.
+        chat_template: ``vicuna_v1`` (the original LLaVA conversation format, system prompt included), a Jinja
+            chat template, or null to keep the processor's own.
+        synthetic_data: `pmod.synthetic.SyntheticConfig` fields; the dataset is generated into
+            ``{output_dir}/data`` when ``data_path`` is not given (CPU recipes and the demo).
+        stage: ``pretrain`` (projector only) or ``finetune`` (language model + projector + routers).
+        freeze_vision_tower: keep the vision encoder frozen in ``finetune``.
+        router_learning_rate: learning rate of the routers (default: ``learning_rate``).
+        pad_images: LLaVA-1.5 "pad" image preprocessing (square, mean colour) before the image processor.
+        group_by_length: batches of similar length (fewer padded tokens).
+        resume: continue from the last ``checkpoint-*`` in ``output_dir`` if there is one.
+        log_routing_per_layer: log each routed layer's statistics, not only their mean.
+        training_args: any further `transformers.TrainingArguments` fields.
+    """
+
+    output_dir: str = "runs/pmod"
+    model_name_or_path: str | None = None
+    tiny_model: dict[str, Any] | None = None
+    pmod: dict[str, Any] | None = field(default_factory=dict)
+    attn_implementation: str | None = None
+    data_path: str | None = None
+    image_folder: str | None = None
+    chat_template: str | None = None
+    synthetic_data: dict[str, Any] | None = None
+    stage: Stage = "finetune"
+    freeze_vision_tower: bool = True
+    learning_rate: float = 2e-5
+    router_learning_rate: float | None = None
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    lr_scheduler_type: str = "cosine"
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    per_device_train_batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    model_max_length: int = 2048
+    pad_images: bool = False
+    group_by_length: bool = True
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    dataloader_num_workers: int = 0
+    logging_steps: int = 10
+    save_steps: int = 500
+    save_total_limit: int | None = 1
+    seed: int = 42
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard", "wandb"])
+    deepspeed: str | None = None
+    fsdp: str | None = None
+    fsdp_config: dict[str, Any] | None = None
+    resume: bool = True
+    log_routing_per_layer: bool = False
+    training_args: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.stage not in ("pretrain", "finetune"):
+            raise PModConfigError(f"stage must be 'pretrain' or 'finetune', got {self.stage!r}")
+        if (self.model_name_or_path is None) == (self.tiny_model is None):
+            raise PModConfigError("give exactly one of model_name_or_path (a saved model) and tiny_model (build one)")
+        if self.data_path is None and self.synthetic_data is None:
+            raise PModConfigError("give data_path (LLaVA-format JSON) or synthetic_data (generate a dataset)")
+        if self.pmod is not None:
+            PModConfig(**self.pmod)  # fail now on a bad schedule, not after loading the model
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = [k for k in values if k not in names]
+        if unknown:
+            hints = {k: difflib.get_close_matches(k, names, n=1) for k in unknown}
+            detail = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
+            raise PModConfigError(f"unknown training setting {detail}; known settings: {', '.join(sorted(names))}")
+        return cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()} if (hints := typing.get_type_hints(cls)) else values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """YAML reads ``1e-4`` (no dot) as a string: numbers in strings become numbers for numeric settings."""
+    args = typing.get_args(hint) or (hint,)
+    if not isinstance(value, str) or str in args:
+        return value
+    for kind in (int, float):
+        if kind in args:
+            try:
+                return kind(value) if kind is float else int(float(value)) if float(value).is_integer() else float(value)
+            except ValueError:
+                pass
+    if int in args or float in args:
+        raise PModConfigError(f"{name} must be a number, got {value!r}")
+    return value
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML recipe and apply ``key=value`` overrides (dotted keys reach into mappings, values are YAML)."""
+    import yaml
+
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise PModConfigError(f"training recipe {path} does not exist")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise PModConfigError(f"{path} must hold a mapping of training settings")
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise PModConfigError(f"override {item!r} is not of the form key=value (e.g. learning_rate=1e-5)")
+        value = yaml.safe_load(raw) if raw else None
+        *parents, leaf = key.split(".")
+        node = values
+        for name in parents:
+            if node.get(name) is None:
+                node[name] = {}
+            if not isinstance(node[name], dict):
+                raise PModConfigError(f"override {item!r}: {name!r} is not a mapping")
+            node = node[name]
+        node[leaf] = value
+    return TrainConfig.from_dict(values)
+
+
+# ---------------------------------------------------------------------------------------------- model and data
+def _words(records: list[dict[str, Any]]) -> list[str]:
+    from tokenizers import pre_tokenizers
+
+    split = pre_tokenizers.Whitespace()
+    words: dict[str, None] = {}
+    for record in records:
+        for turn in record.get("conversations", []):
+            for word, _ in split.pre_tokenize_str(str(turn.get("value", "")).replace("<image>", " ")):
+                words[word] = None
+    return list(words)
+
+
+def build_tiny(settings: dict[str, Any], records: list[dict[str, Any]], attn_implementation: str | None):
+    """A tiny random LLaVA and its processor, with a word-level vocabulary covering ``records``."""
+    from .tiny import tiny_llava, tiny_llava_processor
+
+    words = ["USER", "ASSISTANT", ":"] + _words(records)
+    settings = dict(settings)
+    vocab = settings.pop("vocab_size", None) or 8 * math.ceil((len(set(words)) + 6) / 8)
+    if attn_implementation:
+        settings["attn_implementation"] = attn_implementation
+    model = tiny_llava(vocab_size=vocab, **settings)
+    return model, tiny_llava_processor(model, words)
+
+
+def build_model(config: TrainConfig, records: list[dict[str, Any]]):
+    """The model to train (p-MoD unless ``pmod`` is null) and its processor (with the recipe's chat template)."""
+    model, processor = _model_and_processor(config, records)
+    if config.chat_template is not None:
+        from .conversation import VICUNA_V1_TEMPLATE
+
+        template = VICUNA_V1_TEMPLATE if config.chat_template == "vicuna_v1" else config.chat_template
+        if "{%" not in template and "{{" not in template:
+            raise PModConfigError(f"chat_template must be 'vicuna_v1' or a Jinja template, got {template!r}")
+        processor.chat_template = template
+    return model, processor
+
+
+def _model_and_processor(config: TrainConfig, records: list[dict[str, Any]]):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
+
+    from .models import apply_pmod, load_model
+
+    kwargs = {"attn_implementation": config.attn_implementation} if config.attn_implementation else {}
+    if config.tiny_model is not None:
+        model, processor = build_tiny(config.tiny_model, records, config.attn_implementation)
+        if config.pmod is not None:
+            model = apply_pmod(model, PModConfig(**config.pmod))
+        return model, processor
+    path = config.model_name_or_path
+    if not Path(path).is_dir():
+        raise PModConfigError(f"model_name_or_path {path!r} is not a directory (no model hub access is assumed)")
+    model_type = AutoConfig.from_pretrained(path).model_type
+    if model_type.startswith("pmod_"):
+        if config.pmod:
+            raise PModConfigError(f"{path} is already a p-MoD model; remove the 'pmod' settings from the recipe")
+        model = load_model(path, **kwargs)
+    elif config.pmod is not None:
+        model = load_model(path, PModConfig(**config.pmod), **kwargs)
+    else:
+        try:
+            model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+        except ValueError:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise PModInputError(f"{path} has no processor/tokenizer files to build training inputs with: {exc}") from exc
+    return model, processor
+
+
+def set_trainable(model: torch.nn.Module, stage: Stage, freeze_vision_tower: bool = True) -> dict[str, int]:
+    """Freeze parameters for a stage; returns trainable parameter counts by part."""
+    counts: dict[str, int] = {}
+    for name, param in model.named_parameters():
+        part = (
+            "projector" if "multi_modal_projector" in name
+            else "vision_tower" if "vision_tower" in name
+            else "router" if ".router." in name
+            else "image_newline" if "image_newline" in name
+            else "language_model"
+        )
+        if stage == "pretrain":
+            train = part in ("projector", "image_newline")
+        else:
+            train = part != "vision_tower" or not freeze_vision_tower
+        param.requires_grad_(train)
+        if train:
+            counts[part] = counts.get(part, 0) + param.numel()
+    if not counts:
+        raise PModConfigError(f"stage {stage!r} leaves nothing to train in {type(model).__name__}")
+    return counts
+
+
+def tokens_per_image(model: torch.nn.Module) -> int:
+    """Image tokens of one image for length estimates (LLaVA-NeXT: the base grid, a lower bound)."""
+    vision = getattr(model.config, "vision_config", None)
+    if vision is None:
+        return 0
+    return (vision.image_size // vision.patch_size) ** 2
+
+
+# ------------------------------------------------------------------------------------------------ the trainer
+class PModTrainer(Trainer):
+    """`Trainer` with a router learning rate, cheap length grouping, routing statistics and skip counts."""
+
+    def __init__(self, *args, router_learning_rate: float | None = None, group_lengths: list[int] | None = None,
+                 log_routing_per_layer: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.router_learning_rate = router_learning_rate
+        self.group_lengths = group_lengths
+        self.log_routing_per_layer = log_routing_per_layer
+        self.skipped_records = 0
+        self._routing_sums: dict[int, torch.Tensor] = {}  # layer -> [kept, targets, weight sum]
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.group_lengths is None:
+            return super()._get_train_sampler(train_dataset) if train_dataset is not None else super()._get_train_sampler()
+        return _EpochLengthGroupedSampler(
+            self.args.train_batch_size * self.args.gradient_accumulation_steps, self.group_lengths, self.args.seed
+        )
+
+    def create_optimizer(self, model=None):
+        if self.router_learning_rate is None or self.optimizer is not None:
+            return super().create_optimizer(model) if model is not None else super().create_optimizer()
+        opt_model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(opt_model))
+        groups: list[dict[str, Any]] = [
+            {"params": [], "weight_decay": self.args.weight_decay},
+            {"params": [], "weight_decay": 0.0},
+            {"params": [], "weight_decay": 0.0, "lr": self.router_learning_rate},
+        ]
+        for name, param in opt_model.named_parameters():
+            if param.requires_grad:
+                groups[2 if ".router." in name else 0 if name in decay else 1]["params"].append(param)
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        self.optimizer = optimizer_cls([g for g in groups if g["params"]], **optimizer_kwargs)
+        return self.optimizer
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        target = self.accelerator.unwrap_model(model if model is not None else self.model)
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled or not isinstance(target, PreTrainedModel):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        # save_pretrained writes multimodal models in the original key layout, and Trainer reloads checkpoints
+        # with a plain load_state_dict that does not rename them back (huggingface/transformers#43701), which
+        # would resume from random weights; from_pretrained renames correctly.
+        logger.info("loading model weights from %s", resume_from_checkpoint)
+        dtype = next(target.parameters()).dtype
+        saved = type(target).from_pretrained(resume_from_checkpoint, dtype=dtype)
+        try:
+            target.load_state_dict(saved.state_dict(), strict=True)
+        except RuntimeError as exc:
+            raise PModInputError(f"checkpoint {resume_from_checkpoint} does not match the model being trained: {exc}") from exc
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        skipped = inputs.pop(SKIP_KEY, None)
+        if skipped is not None:
+            self.skipped_records += int(skipped)
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if model.training:
+            self._accumulate_routing(model)
+        return result
+
+    @torch.no_grad()
+    def _accumulate_routing(self, model) -> None:
+        inner = self.accelerator.unwrap_model(model)
+        routed = inner.routed_layers() if hasattr(inner, "routed_layers") else {}
+        for idx, layer in routed.items():
+            r = getattr(layer, "last_routing", None)
+            if r is None:
+                continue
+            weight = layer.pmod_alpha * torch.tanh(r.router_logits[r.target]) + layer.pmod_beta
+            stats = torch.stack([r.selected.sum().float(), r.target.sum().float(), weight.sum().float()]).cpu()
+            self._routing_sums[idx] = self._routing_sums.get(idx, torch.zeros(3)) + stats
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if self._routing_sums and "loss" in logs:
+            kept, weights = [], []
+            for idx, (n_kept, n_target, w_sum) in sorted(self._routing_sums.items()):
+                if n_target > 0:
+                    kept.append(float(n_kept / n_target))
+                    weights.append(float(w_sum / n_target))
+                    if self.log_routing_per_layer:
+                        logs[f"routing/kept_fraction/layer_{idx}"] = round(kept[-1], 4)
+                        logs[f"routing/router_weight/layer_{idx}"] = round(weights[-1], 4)
+            if kept:
+                logs["routing/kept_fraction"] = round(sum(kept) / len(kept), 4)
+                logs["routing/router_weight"] = round(sum(weights) / len(weights), 4)
+            self._routing_sums = {}
+        if self.skipped_records and "loss" in logs:
+            logs["skipped_records"] = self.skipped_records
+        super().log(logs, *args, **kwargs)
+
+
+class _EpochLengthGroupedSampler(LengthGroupedSampler):
+    """Length-grouped order that is a function of (seed, epoch), so a resumed run sees the same batches
+    (accelerate calls ``set_epoch`` on the sampler at the start of every epoch)."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths)
+        self.seed = seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator = torch.Generator().manual_seed(self.seed + epoch)
+
+
+class _StopAfter(TrainerCallback):
+    """Stops training after a number of optimizer steps (tests of resuming after a kill)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+            control.should_save = True
+        return control
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced."""
+
+    output_dir: Path
+    global_step: int
+    losses: list[float]
+    skipped_records: int
+    seconds: float
+    resumed_from: str | None
+    trainable_parameters: dict[str, int]
+    log_history: list[dict[str, Any]] = field(repr=False, default_factory=list)
+
+
+def _report_to(wanted: list[str]) -> list[str]:
+    modules = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
+    active = [name for name in wanted if importlib.util.find_spec(modules.get(name, name)) is not None]
+    missing = sorted(set(wanted) - set(active))
+    if missing:
+        logger.info("not reporting to %s (not installed)", ", ".join(missing))
+    return active or ["none"]
+
+
+def prepare_data(config: TrainConfig) -> tuple[Path, Path | None]:
+    """The training data file and image folder, generating the synthetic dataset when the recipe asks for it."""
+    if config.data_path is not None:
+        return Path(config.data_path), Path(config.image_folder) if config.image_folder else None
+    from .synthetic import SyntheticConfig, write_dataset
+
+    out = Path(config.output_dir) / "data"
+    dataset = write_dataset(out, SyntheticConfig(**config.synthetic_data))
+    return Path(dataset.train), Path(dataset.image_folder)
+
+
+def train(config: TrainConfig, stop_after: int | None = None) -> TrainResult:
+    """Run a training recipe; saves checkpoints under ``output_dir`` and the final model (with its processor) there.
+
+    ``stop_after`` ends the run after that many optimizer steps with a checkpoint, as a kill would between two
+    saves (used by tests of resuming).
+    """
+    start = time.perf_counter()
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data_path, image_folder = prepare_data(config)
+    records = load_records(data_path)
+    model, processor = build_model(config, records)
+    trainable = set_trainable(model, config.stage, config.freeze_vision_tower)
+    logger.info("trainable parameters: %s", ", ".join(f"{k} {v:,}" for k, v in trainable.items()))
+    dataset = LlavaDataset(records, processor, image_folder, config.model_max_length, config.pad_images,
+                           tokens_per_image(model))
+    tokenizer = getattr(processor, "tokenizer", processor)
+    collator = LlavaCollator(pad_token_id=tokenizer.pad_token_id or 0, count_in_batch=True)
+
+    if config.gradient_checkpointing:
+        model.config.use_cache = False
+    args = _training_arguments(
+        output_dir=str(out),
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_ratio,  # a float below 1 is a fraction of the total steps
+        lr_scheduler_type=config.lr_scheduler_type,
+        num_train_epochs=config.num_train_epochs,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        bf16=config.bf16,
+        **_checkpointing_arguments(config.gradient_checkpointing),
+        dataloader_pin_memory=torch.cuda.is_available(),
+        dataloader_num_workers=config.dataloader_num_workers,
+        logging_steps=config.logging_steps,
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        seed=config.seed,
+        data_seed=config.seed,
+        report_to=_report_to(config.report_to),
+        deepspeed=config.deepspeed,
+        fsdp=config.fsdp,
+        fsdp_config=config.fsdp_config,
+        remove_unused_columns=False,
+        **config.training_args,
+    )
+    trainer = PModTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=collator,
+        processing_class=processor,
+        router_learning_rate=config.router_learning_rate,
+        group_lengths=dataset.lengths if config.group_by_length else None,
+        log_routing_per_layer=config.log_routing_per_layer,
+        callbacks=[_StopAfter(stop_after)] if stop_after else None,
+    )
+    resume = get_last_checkpoint(str(out)) if config.resume and any(out.glob("checkpoint-*")) else None
+    if resume:
+        logger.info("resuming from %s", resume)
+    _save_recipe(config, out)
+    trainer.train(resume_from_checkpoint=resume)
+    if stop_after is None:
+        trainer.save_model(str(out))
+        processor.save_pretrained(str(out))
+    if trainer.skipped_records:
+        logger.warning("%d records were skipped (unreadable images or unusable samples); see warnings above",
+                       trainer.skipped_records)
+    history = trainer.state.log_history
+    return TrainResult(
+        output_dir=out,
+        global_step=trainer.state.global_step,
+        losses=[h["loss"] for h in history if "loss" in h],
+        skipped_records=trainer.skipped_records,
+        seconds=time.perf_counter() - start,
+        resumed_from=resume,
+        trainable_parameters=trainable,
+        log_history=history,
+    )
+
+
+def _checkpointing_arguments(enabled: bool) -> dict[str, Any]:
+    """Activation checkpointing under this transformers version's name for it (renamed in 5.2x)."""
+    known = {f.name for f in dataclasses.fields(TrainingArguments)}
+    name = "activation_checkpointing" if "activation_checkpointing" in known else "gradient_checkpointing"
+    out: dict[str, Any] = {name: enabled}
+    if enabled:
+        out[f"{name}_kwargs"] = {"use_reentrant": False}
+    return out
+
+
+def _training_arguments(**kwargs: Any) -> TrainingArguments:
+    """`TrainingArguments` from the recipe; settings this transformers version lacks are refused clearly."""
+    known = {f.name for f in dataclasses.fields(TrainingArguments)}
+    unknown = sorted(k for k in kwargs if k not in known)
+    if unknown:
+        raise PModConfigError(
+            f"transformers {__import__('transformers').__version__} TrainingArguments has no {', '.join(unknown)}; "
+            "remove them from training_args"
+        )
+    for key in ("fsdp", "fsdp_config", "deepspeed", "gradient_checkpointing_kwargs"):
+        if kwargs.get(key) is None:
+            kwargs.pop(key, None)
+    return TrainingArguments(**kwargs)
+
+
+def _save_recipe(config: TrainConfig, out: Path) -> None:
+    """The resolved recipe beside the checkpoints (written atomically), so a run can be reproduced."""
+    import yaml
+
+    tmp = out / ".pmod_train.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    os.replace(tmp, out / "pmod_train.yaml")

@@ -1,0 +1,182 @@
+"""Training: losses fall, resuming is exact, routers learn, stages freeze the right parts, recipes parse."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from llava_data import colour_records, write_records
+
+import pmod
+from pmod.errors import PModConfigError
+from pmod.train import TrainConfig, load_config, train
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    records = colour_records(folder, n=48)
+    return write_records(folder, records), folder
+
+
+def _config(data, out, **overrides) -> TrainConfig:
+    path, folder = data
+    values = dict(
+        output_dir=str(out), tiny_model={"num_layers": 4, "hidden_size": 64}, pmod={}, data_path=str(path),
+        image_folder=str(folder), learning_rate=3e-3, per_device_train_batch_size=8, max_steps=8,
+        logging_steps=1, save_steps=4, warmup_ratio=0.0, report_to=[],
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def _params(model, part):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if part in n}
+
+
+def test_loss_falls_and_routers_learn_and_the_model_loads(data, tmp_path):
+    result = train(_config(data, tmp_path, max_steps=24, learning_rate=5e-3))
+    first, last = sum(result.losses[:3]) / 3, sum(result.losses[-3:]) / 3
+    assert last < 0.6 * first, result.losses
+    model = pmod.load_model(tmp_path)
+    assert model.config.model_type == "pmod_llava"
+    routers = _params(model, ".router.")
+    last = f"layers.{model.config.text_config.num_hidden_layers - 1}."
+    # they started at zero; the last layer's router gets no gradient: its image-token outputs only reach the
+    # logits at image positions, which have no labels
+    assert routers and all((w.abs().sum() > 0) == (last not in n) for n, w in routers.items())
+    logs = [h for h in result.log_history if "routing/kept_fraction" in h]
+    assert len(logs) == 24
+    # the realised kept fraction is the mean of the routed layers' ratios (every example has 16 image tokens)
+    ratios = model.config.pmod["layer_ratios"]
+    expected = sum(int(r * 16) / 16 for r in ratios if r < 1) / sum(r < 1 for r in ratios)
+    assert logs[0]["routing/kept_fraction"] == pytest.approx(expected, abs=1e-4)
+    assert logs[0]["routing/router_weight"] == pytest.approx(1.0)  # zero routers: g = beta
+    assert logs[-1]["routing/router_weight"] != pytest.approx(1.0, abs=1e-5)
+    assert (tmp_path / "pmod_train.yaml").is_file() and (tmp_path / "processor_config.json").is_file()
+
+
+def test_resume_reproduces_the_uninterrupted_run(data, tmp_path):
+    full = train(_config(data, tmp_path / "full", max_steps=10))
+    killed = train(_config(data, tmp_path / "resumed", max_steps=10), stop_after=6)
+    assert len(killed.losses) == 6 and (tmp_path / "resumed/checkpoint-6").is_dir()
+    resumed = train(_config(data, tmp_path / "resumed", max_steps=10))
+    assert resumed.resumed_from.endswith("checkpoint-6")
+    torch.testing.assert_close(torch.tensor(resumed.losses[6:]), torch.tensor(full.losses[6:]), rtol=1e-4, atol=1e-5)
+    a, b = pmod.load_model(tmp_path / "full"), pmod.load_model(tmp_path / "resumed")
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_router_learning_rate_and_pretrain_stage(data, tmp_path):
+    from pmod.train import build_model, set_trainable
+
+    frozen = train(_config(data, tmp_path / "a", max_steps=3, router_learning_rate=0.0))
+    model = pmod.load_model(frozen.output_dir)
+    assert all(w.abs().sum() == 0 for w in _params(model, ".router.").values())  # lr 0: still zero
+
+    config = _config(data, tmp_path / "b", max_steps=3, stage="pretrain")
+    before, _ = build_model(config, json.loads(Path(config.data_path).read_text()))
+    result = train(config)
+    after = pmod.load_model(result.output_dir)
+    assert set(result.trainable_parameters) == {"projector"}
+    changed = {n for n, p in after.named_parameters() if not torch.equal(p, dict(before.named_parameters())[n])}
+    assert changed and all("multi_modal_projector" in n for n in changed)
+    with pytest.raises(PModConfigError, match="nothing to train"):
+        set_trainable(pmod.tiny.tiny_causal_lm(), "pretrain")
+
+
+def test_finetune_keeps_the_vision_tower_frozen(data, tmp_path):
+    result = train(_config(data, tmp_path, max_steps=2))
+    assert "vision_tower" not in result.trainable_parameters
+    assert {"language_model", "projector", "router"} <= set(result.trainable_parameters)
+
+
+def test_dense_baseline(data, tmp_path):
+    result = train(_config(data, tmp_path, pmod=None, max_steps=2))
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(result.output_dir).model_type == "llava"
+    assert not any("routing/" in k for h in result.log_history for k in h)
+
+
+def test_bad_images_are_counted_not_fatal(tmp_path):
+    folder = tmp_path / "data"
+    records = colour_records(folder, n=16)
+    (folder / "img/3.png").write_bytes(b"broken")
+    records[5]["image"] = "img/gone.png"
+    path = write_records(folder, records)
+    result = train(_config((path, folder), tmp_path / "run", max_steps=2, num_train_epochs=1, group_by_length=False))
+    assert result.skipped_records == 2
+    assert result.log_history[-2]["skipped_records"] == 2
+
+
+def test_activation_checkpointing_gives_the_same_losses(data, tmp_path):
+    plain = train(_config(data, tmp_path / "a", max_steps=3))
+    ckpt = train(_config(data, tmp_path / "b", max_steps=3, gradient_checkpointing=True))
+    torch.testing.assert_close(torch.tensor(ckpt.losses), torch.tensor(plain.losses), rtol=1e-4, atol=1e-5)
+
+
+def test_tensorboard_events_are_written(data, tmp_path):
+    pytest.importorskip("tensorboard")
+    train(_config(data, tmp_path, max_steps=2, report_to=["tensorboard"]))
+    assert list(tmp_path.glob("runs/**/events.out.tfevents.*"))
+
+
+def test_load_config_overrides_and_errors(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"tiny_model": {"num_layers": 2}, "data_path": "x.json", "pmod": {}}))
+    config = load_config(recipe, ["learning_rate=1e-4", "pmod.average_ratio=0.3", "report_to=[]", "tiny_model.seed=3"])
+    assert config.learning_rate == 1e-4 and config.pmod == {"average_ratio": 0.3} and config.report_to == []
+    assert config.tiny_model == {"num_layers": 2, "seed": 3}
+    with pytest.raises(PModConfigError, match="did you mean 'learning_rate'"):
+        load_config(recipe, ["learning_rat=1"])
+    with pytest.raises(PModConfigError, match="key=value"):
+        load_config(recipe, ["learning_rate"])
+    with pytest.raises(PModConfigError, match="min_ratio"):
+        load_config(recipe, ["pmod.min_ratio=0.9", "pmod.max_ratio=0.5"])
+    with pytest.raises(PModConfigError, match="exactly one of"):
+        load_config(None, ["data_path=x.json"])
+    with pytest.raises(PModConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("name", ["pmod-llava-1.5-7b.yaml", "pmod-llava-next-7b.yaml", "tiny-cpu.yaml"])
+def test_recipes_parse(name):
+    config = load_config(CONFIGS / name)
+    if config.deepspeed:
+        ds = json.loads((CONFIGS.parent / config.deepspeed).read_text())
+        assert ds["zero_optimization"]["stage"] in (2, 3)
+    if name.startswith("pmod-llava"):
+        assert config.learning_rate == 2e-5 and config.lr_scheduler_type == "cosine" and config.bf16
+        assert config.per_device_train_batch_size * 8 == 128 and config.num_train_epochs == 1
+
+
+def test_deepspeed_and_fsdp_configs_name_real_classes():
+    for name in ("zero2.json", "zero3.json"):
+        assert json.loads((CONFIGS / "deepspeed" / name).read_text())["train_micro_batch_size_per_gpu"] == "auto"
+    fsdp = yaml.safe_load((CONFIGS / "accelerate/fsdp.yaml").read_text())
+    wrapped = set(fsdp["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"].split(","))
+    model = pmod.apply_pmod(pmod.tiny.tiny_llava(num_layers=4), pmod.PModConfig())
+    classes = {type(m).__name__ for m in model.modules()}
+    assert wrapped <= classes | {"LlamaDecoderLayer"}
+    layer_classes = {type(layer).__name__ for layer in model.model.language_model.layers}
+    assert layer_classes <= wrapped and "CLIPEncoderLayer" in classes
+
+
+def test_cli_train(data, tmp_path, capsys):
+    from pmod.cli import main
+
+    path, folder = data
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "tiny_model": {"num_layers": 2, "hidden_size": 32}, "pmod": {}, "data_path": str(path),
+        "image_folder": str(folder), "output_dir": str(tmp_path / "out"), "report_to": [],
+    }))
+    assert main(["train", str(recipe), "max_steps=2", "per_device_train_batch_size=4"]) == 0
+    assert "trained 2 steps" in capsys.readouterr().out
+    assert pmod.load_model(tmp_path / "out").config.model_type == "pmod_llava"
+    assert main(["train", str(recipe), "no_such_setting=1"]) == 2
