@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q "torch==$(TORCH_VERSION)"
 	$(PIP) install -q -e ".[dev]"
+	# lmms-eval's own requirements would replace torch with a CUDA build; what it needs is in the eval extra.
+	$(PIP) install -q --no-deps "lmms_eval==0.7.3"
 	touch $(STAMP)
 
 test: setup

@@ -8,7 +8,10 @@
     pmod flops (--preset NAME | --model DIR) --vision-tokens N --text-tokens N [--json]
                                                                   analytic prefill FLOPs and KV cache
     pmod train CONFIG.yaml [key=value ...]                        train with a recipe (configs/*.yaml)
-    pmod demo [--out DIR]                                         end-to-end run on a tiny random model
+    pmod eval MODEL_DIR --data FILE [--image-folder DIR] [--out DIR] [--batch-size N] [--resume]
+                                                                  answer and score LLaVA-format questions
+    pmod viz MODEL_DIR --image PATH --prompt TEXT [--out PNG]    which vision tokens each routed layer kept
+    pmod demo [--out DIR] [--quick] [ablation flags]             miniature p-MoD experiment (dense vs p-MoD)
 """
 
 from __future__ import annotations
@@ -189,62 +192,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Convert a tiny random LLaVA model, run a batched forward and generation, save and reload it."""
-    import torch
+    """The miniature p-MoD experiment: data, dense and p-MoD training, evaluation, costs, report."""
+    from .demo import DemoConfig, run_demo
 
-    from . import apply_pmod, load_model
-    from .tiny import randomize_routers, tiny_llava
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    model = tiny_llava(num_layers=args.layers, hidden_size=128, image_size=56, patch_size=7)
-    model = apply_pmod(model, PModConfig())
-    randomize_routers(model)
-    tokens_per_image = (56 // 7) ** 2
-    image_token = model.config.image_token_id
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(1, image_token - 1, (2, tokens_per_image + 12), generator=gen)
-    ids[:, 4 : 4 + tokens_per_image] = image_token
-    pixel_values = torch.randn(2, 3, 56, 56, generator=gen)
-    _emit(f"tiny LLaVA: {args.layers} layers, {tokens_per_image} vision tokens per image, batch 2")
-    with torch.no_grad():
-        mask = torch.ones_like(ids)
-        model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values)
-        routing = model.routing()
-        for i, r in routing.items():
-            kept = r.selected.sum(dim=1).tolist()
-            _emit(f"  layer {i:2d}: keep ratio {r.keep_ratio:.3f}, vision tokens kept per example {kept}")
-        new = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            pixel_values=pixel_values,
-            max_new_tokens=8,
-            do_sample=False,
-            suppress_tokens=[image_token],
-            pad_token_id=0,
-        )
-    _emit(f"generated token ids: {new[:, ids.shape[1]:].tolist()}")
-    model.save_pretrained(out / "model")
-    reloaded = load_model(out / "model")
-    with torch.no_grad():
-        same = torch.equal(
-            reloaded(input_ids=ids, pixel_values=pixel_values).logits, model(input_ids=ids, pixel_values=pixel_values).logits
-        )
-    n_layers = args.layers
-    processed = sum(r.processed[0].sum().item() for r in routing.values()) + ids.shape[1] * (n_layers - len(routing))
-    summary = {
-        "layers": n_layers,
-        "routed_layers": sorted(routing),
-        "processed_token_ratio": processed / (ids.shape[1] * n_layers),
-        "nominal_vision_kv_ratio": sum(model.pmod.layer_ratios) / n_layers,
-        "reload_exact": same,
-        "seconds": time.perf_counter() - start,
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    _emit(f"saved and reloaded from {out / 'model'}: logits identical = {same}")
-    _emit(f"decoder tokens processed vs dense: {summary['processed_token_ratio']:.3f}; summary in {out / 'summary.json'}")
-    return 0 if same else 1
+    logging.getLogger("pmod").setLevel(logging.INFO)  # the demo's stage-by-stage progress
+    demo = DemoConfig(out=args.out, quick=args.quick, schedule=args.schedule, tanh_norm=not args.no_tanh_norm,
+                      string=not args.no_string, seed=args.seed)
+    report = run_demo(demo)
+    name = demo.pmod_name()
+    acc, fl, lat = report["accuracy"], report["prefill_flops"], report["prefill_latency_s"]
+    _emit(f"test accuracy: dense {acc['dense']:.1%}, {name} {acc[name]:.1%} ({acc['gap_points']:+.1f} points)")
+    _emit(f"prefill FLOPs ratio {fl['ratio']:.3f} (realised {fl['realised_ratio']:.3f}), "
+          f"prefill latency ratio {lat['ratio']:.3f}, training time ratio {report['training_s']['ratio']:.3f}")
+    _emit(f"report: {Path(args.out) / 'report.md'} ({report['seconds']:.0f} s)")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -303,9 +264,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. max_steps=100 pmod.average_ratio=0.3")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("demo", help="end-to-end run on a tiny random-weight LLaVA model")
+    from .evaluate import add_eval_parser
+    from .viz import add_viz_parser
+
+    add_eval_parser(sub)
+    add_viz_parser(sub)
+
+    p = sub.add_parser("demo", help="a miniature p-MoD experiment on CPU: train dense and p-MoD, evaluate, report")
     p.add_argument("--out", default="demo-output")
-    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--quick", action="store_true", help="smoke-test size (about 2 minutes)")
+    p.add_argument("--schedule", choices=["shifted_cos", "constant"], default="shifted_cos",
+                   help="constant: the ratio-schedule ablation")
+    p.add_argument("--no-tanh-norm", action="store_true", help="ablation: unbounded router weight alpha * s + beta")
+    p.add_argument("--no-string", action="store_true", help="ablation: skipped tokens pass unchanged (no STRing)")
+    p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
     return parser
 

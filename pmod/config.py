@@ -34,6 +34,9 @@ class PModConfig:
         average_ratio, max_ratio, min_ratio: parameters of the decay schedules (method.md section 3).
         constant_start, constant_end: routed layer range of the ``"constant"`` schedule (slice semantics).
         alpha, beta: TanhNorm, router weight ``g = alpha * tanh(s) + beta``.
+        tanh_norm: ablation switch; ``False`` gives the unbounded weight ``g = alpha * s + beta``.
+        string: ablation switch for STRing; ``False`` lets skipped targets pass unchanged (``x' = x``, as in
+            the original Mixture-of-Depths), so routers learn from selected tokens only.
         router_bias: whether routers have a bias.
         router_zero_init: routers start at zero, so a converted model starts as the dense model with some
             tokens skipping layers (and equals it exactly at keep ratio 1).
@@ -50,6 +53,8 @@ class PModConfig:
     constant_end: int | None = -1
     alpha: float = 0.2
     beta: float = 1.0
+    tanh_norm: bool = True
+    string: bool = True
     router_bias: bool = True
     router_zero_init: bool = True
     targets: TargetKind = "vision"

@@ -76,10 +76,11 @@ class PModLayerMixin:
         pos = sel.positions  # (B, S)
         width = pos.shape[1]
         # STRing: targets carry g = alpha * tanh(s) + beta; text tokens are plain dense tokens (weight 1).
-        g = (self.pmod_alpha * torch.tanh(logits) + self.pmod_beta).to(x.dtype)  # (B, T)
+        g = (self.pmod_alpha * (torch.tanh(logits) if self.pmod_tanh_norm else logits) + self.pmod_beta).to(x.dtype)
         weight = torch.where(pmod_plan.target, g, torch.ones_like(g))  # (B, T)
+        skip_weight = weight if self.pmod_string else torch.ones_like(weight)  # (B, T)
         # Skipped targets become g * x, padding passes through; processed slots are overwritten below.
-        out = x * weight[..., None]
+        out = x * skip_weight[..., None]
         if width == 0:  # no example processes any token in this layer
             if isinstance(past_key_values, PModCache):
                 past_key_values.layers[self.pmod_layer_idx].advance(length, batch, x.device)
@@ -102,7 +103,7 @@ class PModLayerMixin:
         out_slots = h + slot_weight * mlp_out  # (B, S, D)
         if not uniform:
             # Empty slots point at distinct unprocessed positions: write back what `out` holds there.
-            out_slots = torch.where(sel.slot_valid[..., None], out_slots, xs * slot_weight)
+            out_slots = torch.where(sel.slot_valid[..., None], out_slots, xs * skip_weight.gather(1, pos)[..., None])
         out.scatter_(1, idx, out_slots)  # out is a fresh product; no saved tensor refers to it
         self._record(pmod_plan, sel, logits)
         return out
@@ -191,7 +192,10 @@ def _subset_mask(
     )
 
 
-def convert_decoder_layer(layer: nn.Module, layer_idx: int, ratio: float, alpha: float, beta: float, bias: bool, zero_init: bool) -> nn.Module:
+def convert_decoder_layer(
+    layer: nn.Module, layer_idx: int, ratio: float, alpha: float, beta: float, bias: bool, zero_init: bool,
+    tanh_norm: bool = True, string: bool = True,
+) -> nn.Module:
     """Make ``layer`` a routed p-MoD layer in place and return it."""
     missing = [name for name in _REQUIRED_CHILDREN if not hasattr(layer, name)]
     if missing:
@@ -213,6 +217,8 @@ def convert_decoder_layer(layer: nn.Module, layer_idx: int, ratio: float, alpha:
     layer.pmod_ratio = float(ratio)
     layer.pmod_alpha = float(alpha)
     layer.pmod_beta = float(beta)
+    layer.pmod_tanh_norm = bool(tanh_norm)
+    layer.pmod_string = bool(string)
     layer.pmod_layer_idx = layer_idx
     layer.last_routing = None
     return layer

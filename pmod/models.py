@@ -286,7 +286,9 @@ def _convert_layers(model: nn.Module, resolved: ResolvedPMod) -> None:
         )
     s = resolved.settings
     for i in resolved.routed_layers:
-        convert_decoder_layer(layers[i], i, resolved.layer_ratios[i], s.alpha, s.beta, s.router_bias, s.router_zero_init)
+        convert_decoder_layer(
+            layers[i], i, resolved.layer_ratios[i], s.alpha, s.beta, s.router_bias, s.router_zero_init, s.tanh_norm, s.string
+        )
 
 
 def _zero_missing_routers(model: nn.Module, missing_keys) -> None:

@@ -46,7 +46,7 @@ class TrainConfig:
     Attributes:
         model_name_or_path: a saved model directory: dense (converted with ``pmod``) or already p-MoD.
         tiny_model: instead of a checkpoint, build a tiny LLaVA from these `pmod.tiny.tiny_llava` arguments, with
-            a word-level tokenizer over the training data's words (CPU recipes and the demo).
+            a word-level tokenizer over the training data's words and ``words`` (CPU recipes and the demo).
         pmod: `PModConfig` fields applied to a dense model; ``null`` trains the dense model (a baseline).
         data_path: LLaVA-format JSON (or JSONL) training data.
         image_folder: folder that the records' image paths are relative to.
@@ -184,12 +184,13 @@ def _words(records: list[dict[str, Any]]) -> list[str]:
     return list(words)
 
 
-def build_tiny(settings: dict[str, Any], records: list[dict[str, Any]], attn_implementation: str | None):
-    """A tiny random LLaVA and its processor, with a word-level vocabulary covering ``records``."""
+def build_tiny(settings: dict[str, Any], records: list[dict[str, Any]], attn_implementation: str | None,
+               extra_words: list[str] | None = None):
+    """A tiny random LLaVA and its processor, with a word-level vocabulary covering ``records`` and ``extra_words``."""
     from .tiny import tiny_llava, tiny_llava_processor
 
-    words = ["USER", "ASSISTANT", ":"] + _words(records)
     settings = dict(settings)
+    words = ["USER", "ASSISTANT", ":"] + _words(records) + list(extra_words or []) + list(settings.pop("words", []))
     vocab = settings.pop("vocab_size", None) or 8 * math.ceil((len(set(words)) + 6) / 8)
     if attn_implementation:
         settings["attn_implementation"] = attn_implementation
@@ -197,9 +198,9 @@ def build_tiny(settings: dict[str, Any], records: list[dict[str, Any]], attn_imp
     return model, tiny_llava_processor(model, words)
 
 
-def build_model(config: TrainConfig, records: list[dict[str, Any]]):
+def build_model(config: TrainConfig, records: list[dict[str, Any]], extra_words: list[str] | None = None):
     """The model to train (p-MoD unless ``pmod`` is null) and its processor (with the recipe's chat template)."""
-    model, processor = _model_and_processor(config, records)
+    model, processor = _model_and_processor(config, records, extra_words)
     if config.chat_template is not None:
         from .conversation import VICUNA_V1_TEMPLATE
 
@@ -210,14 +211,14 @@ def build_model(config: TrainConfig, records: list[dict[str, Any]]):
     return model, processor
 
 
-def _model_and_processor(config: TrainConfig, records: list[dict[str, Any]]):
+def _model_and_processor(config: TrainConfig, records: list[dict[str, Any]], extra_words: list[str] | None):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
     from .models import apply_pmod, load_model
 
     kwargs = {"attn_implementation": config.attn_implementation} if config.attn_implementation else {}
     if config.tiny_model is not None:
-        model, processor = build_tiny(config.tiny_model, records, config.attn_implementation)
+        model, processor = build_tiny(config.tiny_model, records, config.attn_implementation, extra_words)
         if config.pmod is not None:
             model = apply_pmod(model, PModConfig(**config.pmod))
         return model, processor
@@ -415,15 +416,19 @@ def _report_to(wanted: list[str]) -> list[str]:
     return active or ["none"]
 
 
-def prepare_data(config: TrainConfig) -> tuple[Path, Path | None]:
-    """The training data file and image folder, generating the synthetic dataset when the recipe asks for it."""
+def prepare_data(config: TrainConfig) -> tuple[Path, Path | None, list[str]]:
+    """The training data file, its image folder, and extra vocabulary words (for tiny models), generating the
+    synthetic dataset when the recipe asks for it."""
     if config.data_path is not None:
-        return Path(config.data_path), Path(config.image_folder) if config.image_folder else None
+        return Path(config.data_path), Path(config.image_folder) if config.image_folder else None, []
     from .synthetic import SyntheticConfig, write_dataset
 
-    out = Path(config.output_dir) / "data"
-    dataset = write_dataset(out, SyntheticConfig(**config.synthetic_data))
-    return Path(dataset.train), Path(dataset.image_folder)
+    try:
+        settings = SyntheticConfig(**config.synthetic_data)
+    except (TypeError, ValueError) as exc:
+        raise PModConfigError(f"synthetic_data: {exc}") from exc
+    dataset = write_dataset(Path(config.output_dir) / "data", settings)
+    return dataset.train_json, dataset.image_dir, dataset.vocabulary()
 
 
 def train(config: TrainConfig, stop_after: int | None = None) -> TrainResult:
@@ -435,9 +440,9 @@ def train(config: TrainConfig, stop_after: int | None = None) -> TrainResult:
     start = time.perf_counter()
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data_path, image_folder = prepare_data(config)
+    data_path, image_folder, words = prepare_data(config)
     records = load_records(data_path)
-    model, processor = build_model(config, records)
+    model, processor = build_model(config, records, words)
     trainable = set_trainable(model, config.stage, config.freeze_vision_tower)
     logger.info("trainable parameters: %s", ", ".join(f"{k} {v:,}" for k, v in trainable.items()))
     dataset = LlavaDataset(records, processor, image_folder, config.model_max_length, config.pad_images,

@@ -63,10 +63,12 @@ def reference_language_model(model, x: torch.Tensor, positions: torch.Tensor, ta
         ranked = sorted(targets, key=lambda j: (-s[j], j))
         selected = set(ranked[:k])
         keep = [j for j in range(x.shape[1]) if (not target[j]) or j in selected]
-        g = (pmod.settings.alpha * torch.tanh(s_t) + pmod.settings.beta).to(x.dtype)  # (n,)
+        raw = torch.tanh(s_t) if pmod.settings.tanh_norm else s_t
+        g = (pmod.settings.alpha * raw + pmod.settings.beta).to(x.dtype)  # (n,)
+        skip = g if pmod.settings.string else torch.ones_like(g)
         out = []
         if not keep:  # nothing processed: every token is a skipped target
-            x = (g[:, None] * x[0])[None]
+            x = (skip[:, None] * x[0])[None]
             continue
         xs = x[:, keep]
         cos_sin = inner.rotary_emb(xs, positions[keep][None])
@@ -79,7 +81,7 @@ def reference_language_model(model, x: torch.Tensor, positions: torch.Tensor, ta
         m = layer.mlp(layer.post_attention_layernorm(h))
         kept_out = {j: (h[0, r] + (g[j] if target[j] else 1.0) * m[0, r]) for r, j in enumerate(keep)}
         for j in range(x.shape[1]):
-            out.append(kept_out[j] if j in kept_out else g[j] * x[0, j])
+            out.append(kept_out[j] if j in kept_out else skip[j] * x[0, j])
         x = torch.stack(out)[None]
     x = inner.norm(x)
     return model.lm_head(x)[0]

@@ -62,6 +62,23 @@ def test_random_routers_match_reference(attn, padding_side):
     assert kept == [int(16 * 0.15), int(32 * 0.15), 0, int(16 * 0.15)]
 
 
+@pytest.mark.parametrize("ablation", [{"tanh_norm": False}, {"string": False}])
+def test_ablations_match_reference(ablation):
+    """TanhNorm off (g = alpha * s + beta) and STRing off (skipped targets unchanged) against the reference."""
+    model = pmod.apply_pmod(tiny_llava(num_layers=6), pmod.PModConfig(**ablation))
+    randomize_routers(model, scale=2.0)
+    inputs, n_images = llava_inputs(model, padding_side="right")
+    with torch.no_grad():
+        got = valid_rows(model(**inputs).logits, inputs["attention_mask"])
+        ref = reference_logits(model, **inputs, images_per_row=n_images)
+        default = pmod.apply_pmod(tiny_llava(num_layers=6), pmod.PModConfig())
+        default.load_state_dict(model.state_dict())
+        other = valid_rows(default(**inputs).logits, inputs["attention_mask"])
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got[0], other[0], atol=1e-3)  # the switch changes the computation
+
+
 def test_first_layer_routed_and_targets_all_on_causal_lm():
     for family in ["llama", "qwen2", "mistral"]:
         model = pmod.apply_pmod(

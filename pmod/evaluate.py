@@ -1,0 +1,630 @@
+"""Local evaluation of LLaVA-format question answering data, and the `pmod eval` command.
+
+    result = evaluate(model, processor, records, image_folder, batch_size=8, predictions_path="preds.jsonl")
+    print(result.accuracy, result.vqa_accuracy, result.flops_ratio, result.kv_ratio)
+
+Each record is a LLaVA conversation (`pmod.conversation`); the prompt is every turn up to the last human turn,
+the reference answer is the last gpt turn, and an optional ``"answers": [...]`` list (e.g. the ten human answers
+of VQAv2 / OK-VQA / TextVQA) is scored with the VQA accuracy. Generation is batched, left-padded and greedy.
+For a p-MoD model the realised prefill FLOP ratio and vision KV ratio of every example are recorded
+(`pmod.efficiency.realized_cost`), and the KV-cache bytes held at the end of each batch against a dense cache
+(`pmod.efficiency.kv_cache_report`).
+
+Predictions go to a JSONL file one batch at a time, so a killed run continues with ``resume=True`` (ids already
+in the file are skipped and their stored predictions re-scored); metrics are written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .conversation import image_paths, prompt_and_answer, render
+from .errors import PModError, PModInputError
+
+logger = logging.getLogger(__name__)
+
+# ====================================================================== answer normalisation
+# The VQA evaluation's answer normalisation (Antol et al. 2015, the official evaluation script's rules):
+# lower case, punctuation removed or turned into spaces, periods not followed by a digit removed, number words
+# up to ten as digits, articles dropped, and apostrophe-less contractions ("dont") restored ("don't").
+_PUNCTUATION = ";/[]\"{}()=+\\_-><@`,?!"
+_DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
+_PERIOD = re.compile(r"\.(?!\d)")
+_NUMBER_WORDS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
+_NUMBER_WORDS["none"] = "0"
+_ARTICLES = {"a", "an", "the"}
+# Contractions whose apostrophe-less spellings are restored. Forms that would collide with ordinary words
+# (he'll/hell, we're/were, it's/its, let's/lets, i'd/id, she'll/shell, we'll/well, we'd/wed, she'd/shed) are left
+# out, as in the official list.
+_CONTRACTED = (
+    "ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't haven't he'd "
+    "he'd've he's how'd how'll how's isn't it'd it'd've it'll ma'am mightn't mightn't've might've mustn't "
+    "must've needn't not've o'clock oughtn't 'ow's'at shan't she'd've she's should've shouldn't shouldn't've "
+    "somebody'd somebody'd've somebody'll somebody's someone'd someone'd've someone'll someone's something'd "
+    "something'd've something'll that's there'd there'd've there're there's they'd they'd've they'll they're "
+    "they've 'twas wasn't we'd've we've weren't what'll what're what's what've when's where'd where's where've "
+    "who'd who'd've who'll who's who've why'll why're why's won't would've wouldn't wouldn't've y'all y'all'll "
+    "y'all'd've you'd you'd've you'll you're you've"
+).split()
+
+
+def _apostrophe_variants(word: str) -> set[str]:
+    """Every spelling of ``word`` with some (possibly all) of its apostrophes dropped, ``word`` excluded."""
+    spellings = {""}
+    for ch in word:
+        spellings = {s + ch for s in spellings} | ({s for s in spellings} if ch == "'" else set())
+    spellings.discard(word)
+    return spellings
+
+
+_CONTRACTIONS = {variant: word for word in _CONTRACTED for variant in _apostrophe_variants(word)}
+
+
+def _strip_punctuation(text: str) -> str:
+    # A mark next to a space (or any text with a digit,digit group such as "1,000") is deleted; a mark
+    # inside a word ("yes/no") becomes a space.
+    delete_all = _DIGIT_COMMA_DIGIT.search(text) is not None
+    out = text
+    for mark in _PUNCTUATION:
+        if mark not in out:
+            continue
+        delete = delete_all or (mark + " ") in text or (" " + mark) in text
+        out = out.replace(mark, "" if delete else " ")
+    return _PERIOD.sub("", out)
+
+
+def normalize_answer(text: str) -> str:
+    """VQA answer normalisation: ``"Two dogs."`` -> ``"2 dogs"``, ``"The cat"`` -> ``"cat"``, ``"isnt"`` -> ``"isn't"``.
+
+    Applied to predictions and references alike (the official script applies it to both when the human answers
+    disagree, and the answers in the released annotations are already in this form).
+    """
+    text = text.replace("\n", " ").replace("\t", " ").strip().lower()
+    words = []
+    for word in _strip_punctuation(text).split():
+        word = _NUMBER_WORDS.get(word, word)
+        if word in _ARTICLES:
+            continue
+        words.append(_CONTRACTIONS.get(word, word))
+    return " ".join(words)
+
+
+def _plain(text: str) -> str:
+    return re.sub(r"[^\w\s]", "", text.lower()).strip()
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+    """Equality after `normalize_answer`.
+
+    A reference that normalises to nothing (e.g. the option letter ``"A"``, an article) is compared in lower
+    case without punctuation instead, so that an empty prediction does not match it.
+    """
+    ref = normalize_answer(reference)
+    if not ref:
+        return bool(_plain(reference)) and _plain(prediction) == _plain(reference)
+    return normalize_answer(prediction) == ref
+
+
+def vqa_score(prediction: str, answers: Sequence[str]) -> float:
+    """VQA accuracy of one prediction against the human answers: min(#humans who gave it / 3, 1).
+
+    As in the official evaluation, the score is averaged over the leave-one-out subsets of the answers
+    (10 subsets of 9 for VQAv2), so 3 matching answers out of 10 score 0.9 and 4 or more score 1.0. With a
+    single answer it is the exact match.
+    """
+    if not answers:
+        raise PModInputError("vqa_score needs at least one reference answer")
+    pred = normalize_answer(prediction)
+    hits = [normalize_answer(a) == pred for a in answers]
+    if len(answers) == 1:
+        return float(hits[0])
+    total = sum(hits)
+    return sum(min(1.0, (total - hit) / 3.0) for hit in hits) / len(answers)
+
+
+# ====================================================================== batched generation
+@dataclass
+class BatchOutput:
+    """One batch of generated answers and what its prefill cost.
+
+    Attributes:
+        texts: decoded answers (special tokens removed, stripped).
+        new_tokens: generated tokens per row, up to and including the first end-of-sequence token.
+        flops_ratio, kv_ratio: per row, the prefill's decoder FLOPs and kept vision KV entries against the
+            dense model (`pmod.efficiency.realized_cost`); ``None`` for a dense model.
+        kv_cache_ratio: KV-cache bytes held at the end of generation against a dense cache (whole batch,
+            padding included; `pmod.efficiency.kv_cache_report`); ``None`` for a dense model.
+        seconds: wall time of the `generate` call.
+    """
+
+    texts: list[str]
+    new_tokens: list[int]
+    flops_ratio: list[float] | None
+    kv_ratio: list[float] | None
+    kv_cache_ratio: float | None
+    seconds: float
+
+
+def _tokenizer(processor: Any) -> Any:
+    return getattr(processor, "tokenizer", processor)
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    ids: list[int] = []
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (configured, getattr(tokenizer, "eos_token_id", None)):
+        for i in value if isinstance(value, (list, tuple)) else [value]:
+            if i is not None and int(i) not in ids:
+                ids.append(int(i))
+    return ids
+
+
+def _is_pmod(model: Any) -> bool:
+    from .models import PModModelMixin
+
+    return isinstance(model, PModModelMixin)
+
+
+def generate_batch(
+    model: Any,
+    processor: Any,
+    prompts: Sequence[str],
+    images: Sequence[Sequence[Any]],
+    max_new_tokens: int = 32,
+    **generate_kwargs: Any,
+) -> BatchOutput:
+    """Generate answers for rendered ``prompts`` (one image placeholder per image) in one left-padded batch.
+
+    ``images[i]`` are the PIL images of prompt i, in placeholder order ([] for a text-only prompt).
+    ``processor`` is the model's processor, or a tokenizer for a text-only model. Greedy unless
+    ``generate_kwargs`` say otherwise. The tokenizer's padding side is set to left for the call and restored.
+    """
+    if len(prompts) != len(images):
+        raise PModInputError(f"{len(prompts)} prompts but {len(images)} image lists")
+    tokenizer = _tokenizer(processor)
+    flat = [img for row in images for img in row]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation appends on the right: every row must end at the last column
+    try:
+        if flat:
+            inputs = processor(text=list(prompts), images=flat, return_tensors="pt", padding=True)
+        else:
+            inputs = processor(text=list(prompts), return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = side
+    inputs = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in dict(inputs).items()}
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+
+    eos = _eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+    kwargs: dict[str, Any] = {"do_sample": False, "pad_token_id": pad, **generate_kwargs}
+    if eos and "eos_token_id" not in generate_kwargs:
+        kwargs["eos_token_id"] = eos
+    image_token_id = getattr(model.config, "image_token_id", None)
+    suppress = list(kwargs.pop("suppress_tokens", None) or [])
+    if image_token_id is not None and image_token_id not in suppress:
+        suppress.append(image_token_id)  # an image token without image features would break the forward
+    if kwargs.get("do_sample") is False:
+        for unused in ("temperature", "top_p", "top_k"):
+            kwargs.pop(unused, None)  # transformers warns about sampling settings in greedy mode
+
+    pmod_model = _is_pmod(model)
+    prefill: dict[str, Any] = {}
+
+    def capture(module, args, output) -> None:
+        # The first forward of generate() is the prefill; later ones are single-token decoding steps.
+        if not prefill:
+            from .efficiency import realized_cost
+
+            prefill["cost"] = realized_cost(module)
+
+    hook = model.register_forward_hook(capture) if pmod_model else None
+    start = time.perf_counter()
+    try:
+        with torch.no_grad():
+            out = model.generate(
+                **inputs, max_new_tokens=max_new_tokens, suppress_tokens=suppress, return_dict_in_generate=True,
+                **kwargs,
+            )
+    finally:
+        if hook is not None:
+            hook.remove()
+    seconds = time.perf_counter() - start
+
+    new = out.sequences[:, inputs["input_ids"].shape[1] :]
+    texts = [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    counts = []
+    for row in new.tolist():
+        ends = [i for i, t in enumerate(row) if t in eos]
+        counts.append(ends[0] + 1 if ends else len(row))
+    flops = kv = None
+    kv_cache = None
+    if pmod_model:
+        from .cache import PModCache
+        from .efficiency import kv_cache_report
+
+        cost = prefill["cost"]
+        flops, kv = list(cost.flops_ratio), list(cost.kv_ratio)
+        cache = getattr(out, "past_key_values", None)
+        if isinstance(cache, PModCache):
+            report = kv_cache_report(cache)
+            kv_cache = report.ratio if report.dense_bytes else None
+    return BatchOutput(texts, counts, flops, kv, kv_cache, seconds)
+
+
+# ====================================================================== evaluation
+@dataclass
+class QuestionResult:
+    """One evaluated question (one line of the predictions JSONL)."""
+
+    id: Any
+    question: str
+    prediction: str
+    answer: str
+    correct: bool
+    answers: list[str] | None = None
+    vqa_score: float | None = None
+    flops_ratio: float | None = None
+    kv_ratio: float | None = None
+    kv_cache_ratio: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None or k in ("id", "correct")}
+
+
+@dataclass
+class EvalResult:
+    """Scores of one evaluation run.
+
+    Attributes:
+        n: questions scored (resumed ones included).
+        accuracy: exact match with the reference answer after `normalize_answer`.
+        vqa_accuracy: mean `vqa_score` over the ``n_vqa`` questions that have an ``answers`` list, else None.
+        flops_ratio, kv_ratio: mean realised prefill decoder-FLOP ratio and vision-KV ratio per question
+            (p-MoD over dense), None for a dense model.
+        kv_cache_ratio: mean over questions of their batch's KV-cache bytes against a dense cache.
+        seconds: wall time of this run (questions generated now, not the resumed ones).
+        resumed: questions whose predictions were read back from an earlier run.
+        records: the per-question results, in record order.
+    """
+
+    n: int
+    accuracy: float
+    vqa_accuracy: float | None
+    n_vqa: int
+    flops_ratio: float | None
+    kv_ratio: float | None
+    kv_cache_ratio: float | None
+    seconds: float
+    resumed: int = 0
+    records: list[QuestionResult] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The metrics, without the per-question records."""
+        return {k: v for k, v in asdict(self).items() if k != "records"}
+
+    def summary(self) -> str:
+        parts = [f"accuracy {self.accuracy:.2%} (n={self.n})"]
+        if self.vqa_accuracy is not None:
+            parts.append(f"VQA accuracy {self.vqa_accuracy:.2%} (n={self.n_vqa})")
+        if self.flops_ratio is not None:
+            parts.append(f"prefill FLOPs {self.flops_ratio:.1%} of dense")
+        if self.kv_ratio is not None:
+            parts.append(f"vision KV {self.kv_ratio:.1%} of dense")
+        parts.append(f"{self.seconds:.1f} s")
+        return " | ".join(parts)
+
+
+@dataclass
+class _Item:
+    id: Any
+    key: str
+    messages: list[dict[str, Any]]
+    answer: str
+    answers: list[str] | None
+    question: str
+    images: list[Path]
+
+
+def load_records(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Read LLaVA records from a JSON list or a JSONL file (one record per line)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise PModInputError(f"data file not found: {path}") from exc
+    try:
+        if path.suffix == ".jsonl":
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            records = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PModInputError(f"{path} is not valid JSON{' lines' if path.suffix == '.jsonl' else ''}: {exc}") from exc
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise PModInputError(f"{path} must hold a list of LLaVA records (objects with 'conversations')")
+    return records
+
+
+def _prepare(records: Sequence[dict[str, Any]], image_folder: Path | None) -> list[_Item]:
+    items, seen = [], set()
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise PModInputError(f"record {index} is a {type(record).__name__}, expected a LLaVA record (dict)")
+        rid = record.get("id", index)
+        key = str(rid)
+        if key in seen:
+            raise PModInputError(f"record id {rid!r} appears twice; ids must be unique (they key the predictions file)")
+        seen.add(key)
+        messages, answer = prompt_and_answer(record)
+        answers = record.get("answers")
+        if answers is not None and (
+            not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers)
+        ):
+            raise PModInputError(f"record {rid!r}: 'answers' must be a non-empty list of strings, got {answers!r}")
+        question = "".join(c["text"] for c in messages[-1]["content"] if c["type"] == "text")
+        paths = image_paths(record)
+        if paths and image_folder is None:
+            raise PModInputError(f"record {rid!r} has images; pass image_folder")
+        images = [image_folder / p for p in paths] if paths and image_folder is not None else []
+        items.append(_Item(rid, key, messages, answer, answers, question, images))
+    return items
+
+
+def _read_done(path: Path) -> dict[str, dict[str, Any]]:
+    """Rows of an earlier run by id; a truncated last line (a killed run) is dropped and the file rewritten."""
+    done: dict[str, dict[str, Any]] = {}
+    good_lines, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            done[str(row["id"])] = row
+            good_lines.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            dropped += 1
+    if dropped:
+        logger.warning("%s: dropped %d unreadable line(s) left by an interrupted run", path, dropped)
+        _write_text_atomic(path, "".join(line + "\n" for line in good_lines))
+    return done
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` through a temporary file and `os.replace`: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def _score(item: _Item, prediction: str, costs: dict[str, Any]) -> QuestionResult:
+    return QuestionResult(
+        id=item.id,
+        question=item.question,
+        prediction=prediction,
+        answer=item.answer,
+        correct=exact_match(prediction, item.answer),
+        answers=item.answers,
+        vqa_score=vqa_score(prediction, item.answers) if item.answers else None,
+        flops_ratio=costs.get("flops_ratio"),
+        kv_ratio=costs.get("kv_ratio"),
+        kv_cache_ratio=costs.get("kv_cache_ratio"),
+    )
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
+def evaluate(
+    model: Any,
+    processor: Any,
+    records: Sequence[dict[str, Any]],
+    image_folder: str | os.PathLike | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 32,
+    predictions_path: str | os.PathLike | None = None,
+    metrics_path: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    **generate_kwargs: Any,
+) -> EvalResult:
+    """Answer every record with ``model`` and score the answers.
+
+    Args:
+        model: a p-MoD (or dense) LLaVA / LLaVA-NeXT / causal LM, in eval mode.
+        processor: its processor (tokenizer + image processor, with a chat template), or a tokenizer for a
+            text-only model.
+        records: LLaVA records; image paths are relative to ``image_folder``.
+        batch_size: questions per `generate` call (left-padded).
+        max_new_tokens: answer length limit.
+        predictions_path: JSONL file written one batch at a time (id, question, prediction, answer, correct,
+            and scores / cost ratios).
+        metrics_path: JSON file for `EvalResult.to_dict`, written atomically at the end.
+        resume: keep the rows already in ``predictions_path`` and answer only the other records. Without it
+            an existing file is replaced.
+        progress: show a progress bar on stderr.
+        generate_kwargs: more `model.generate` arguments (greedy by default).
+    """
+    if batch_size < 1 or max_new_tokens < 1:
+        raise PModInputError(f"batch_size and max_new_tokens must be positive, got {batch_size} and {max_new_tokens}")
+    folder = Path(image_folder) if image_folder is not None else None
+    items = _prepare(records, folder)
+    preds_file = Path(predictions_path) if predictions_path is not None else None
+    done: dict[str, dict[str, Any]] = {}
+    if preds_file is not None and resume and preds_file.exists():
+        done = _read_done(preds_file)
+    pending = [it for it in items if it.key not in done]
+    missing = [(it.id, p) for it in pending for p in it.images if not p.is_file()]
+    if missing:
+        rid, path = missing[0]
+        more = f" (and {len(missing) - 1} more missing images)" if len(missing) > 1 else ""
+        raise PModInputError(f"record {rid!r}: image file not found: {path}{more}")
+
+    from tqdm.auto import tqdm
+
+    from .chat import load_image
+
+    results: dict[str, QuestionResult] = {}
+    for it in items:
+        if it.key in done:
+            row = done[it.key]
+            results[it.key] = _score(it, str(row.get("prediction", "")), row)
+    if done:
+        logger.info("resuming: %d of %d questions already answered in %s", len(results), len(items), preds_file)
+
+    handle = None
+    if preds_file is not None:
+        preds_file.parent.mkdir(parents=True, exist_ok=True)
+        handle = preds_file.open("a" if resume else "w", encoding="utf-8")
+    start = time.perf_counter()
+    bar = tqdm(total=len(items), initial=len(results), desc="pmod eval", unit="q", disable=not progress,
+               file=sys.stderr)
+    try:
+        for b in range(0, len(pending), batch_size):
+            batch = pending[b : b + batch_size]
+            prompts = [render(processor, it.messages, add_generation_prompt=True) for it in batch]
+            images = [[load_image(p) for p in it.images] for it in batch]
+            out = generate_batch(model, processor, prompts, images, max_new_tokens=max_new_tokens, **generate_kwargs)
+            lines = []
+            for j, it in enumerate(batch):
+                costs = {
+                    "flops_ratio": out.flops_ratio[j] if out.flops_ratio is not None else None,
+                    "kv_ratio": out.kv_ratio[j] if out.kv_ratio is not None else None,
+                    "kv_cache_ratio": out.kv_cache_ratio,
+                }
+                res = _score(it, out.texts[j], costs)
+                results[it.key] = res
+                lines.append(json.dumps(res.to_dict(), ensure_ascii=False) + "\n")
+            if handle is not None:
+                handle.write("".join(lines))
+                handle.flush()
+                os.fsync(handle.fileno())  # a killed run keeps every finished batch
+            bar.update(len(batch))
+            bar.set_postfix(acc=f"{sum(r.correct for r in results.values()) / len(results):.3f}")
+    finally:
+        bar.close()
+        if handle is not None:
+            handle.close()
+    seconds = time.perf_counter() - start
+
+    ordered = [results[it.key] for it in items]
+    vqa = [r.vqa_score for r in ordered if r.vqa_score is not None]
+    result = EvalResult(
+        n=len(ordered),
+        accuracy=sum(r.correct for r in ordered) / len(ordered) if ordered else 0.0,
+        vqa_accuracy=sum(vqa) / len(vqa) if vqa else None,
+        n_vqa=len(vqa),
+        flops_ratio=_mean(r.flops_ratio for r in ordered),
+        kv_ratio=_mean(r.kv_ratio for r in ordered),
+        kv_cache_ratio=_mean(r.kv_cache_ratio for r in ordered),
+        seconds=seconds,
+        resumed=len(items) - len(pending),
+        records=ordered,
+    )
+    logger.info("evaluation: %s", result.summary())
+    if metrics_path is not None:
+        write_json_atomic(metrics_path, result.to_dict())
+    return result
+
+
+# ====================================================================== `pmod eval`
+def cmd_eval(args: argparse.Namespace) -> int:
+    """`pmod eval`: evaluate a saved model on a LLaVA-format data file; writes predictions.jsonl and metrics.json."""
+    from transformers import AutoProcessor
+
+    from .conversation import VICUNA_V1_TEMPLATE
+    from .models import load_model
+
+    records = load_records(args.data)
+    if args.limit is not None:
+        records = records[: args.limit]
+    if not records:
+        raise PModInputError(f"{args.data} holds no records")
+    image_folder = Path(args.image_folder) if args.image_folder else Path(args.data).resolve().parent
+    kwargs: dict[str, Any] = {}
+    if args.dtype:
+        kwargs["dtype"] = getattr(torch, args.dtype)
+    model = load_model(args.model_dir, **kwargs).eval()
+    if args.device:
+        model.to(args.device)
+    try:
+        processor = AutoProcessor.from_pretrained(args.model_dir)
+    except (OSError, ValueError, TypeError) as exc:
+        raise PModError(
+            f"{args.model_dir} has no usable processor (tokenizer + image processor): {exc}. "
+            "Save one next to the model with processor.save_pretrained(MODEL_DIR)."
+        ) from exc
+    if not getattr(processor, "chat_template", None) and not getattr(_tokenizer(processor), "chat_template", None):
+        logger.warning("%s has no chat template: using the LLaVA-1.5 (Vicuna v1) conversation format", args.model_dir)
+        processor.chat_template = VICUNA_V1_TEMPLATE
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = evaluate(
+        model,
+        processor,
+        records,
+        image_folder,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        predictions_path=out / "predictions.jsonl",
+        resume=args.resume,
+        progress=not args.no_progress,
+    )
+    metrics = {
+        "model": str(args.model_dir),
+        "data": str(args.data),
+        "batch_size": args.batch_size,
+        "max_new_tokens": args.max_new_tokens,
+        **result.to_dict(),
+    }
+    write_json_atomic(out / "metrics.json", metrics)
+    sys.stdout.write(f"{result.summary()}\n")
+    sys.stdout.write(f"predictions: {out / 'predictions.jsonl'}  metrics: {out / 'metrics.json'}\n")
+    sys.stdout.flush()
+    return 0
+
+
+def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register the ``eval`` sub-command on ``subparsers`` (from ``parser.add_subparsers()``); returns its parser."""
+    p = subparsers.add_parser("eval", help="evaluate a model on LLaVA-format question answering data")
+    p.add_argument("model_dir", help="a saved p-MoD (or dense LLaVA) model with its processor")
+    p.add_argument("--data", required=True, help="LLaVA-format records, .json (a list) or .jsonl")
+    p.add_argument("--image-folder", default=None, help="folder the records' image paths are relative to "
+                   "(default: the data file's folder)")
+    p.add_argument("--out", default="outputs/eval", help="output folder for predictions.jsonl and metrics.json")
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=32)
+    p.add_argument("--limit", type=_positive_int, default=None, help="evaluate the first N records only")
+    p.add_argument("--resume", action="store_true", help="keep the answers already in OUT/predictions.jsonl")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: where the model loads)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(func=cmd_eval)
+    return p
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return number

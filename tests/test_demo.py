@@ -1,0 +1,49 @@
+"""The demo end to end at its smoke-test size (`pmod demo --quick`), reruns reuse finished stages."""
+
+import json
+import time
+
+import pytest
+from PIL import Image
+
+from pmod.cli import main
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    start = time.perf_counter()
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    return out, time.perf_counter() - start
+
+
+def test_quick_demo_writes_a_complete_report(demo_dir):
+    out, seconds = demo_dir
+    assert seconds < 240  # budget 2 minutes on 2 free cores; slack for a loaded CI machine
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["accuracy"]) == {"dense", "pmod", "gap_points"}
+    assert 0.0 <= report["accuracy"]["pmod"] <= 1.0
+    # nominal and realised FLOP ratios agree (every test image has the same number of vision tokens)
+    assert 0.45 < report["prefill_flops"]["ratio"] < 0.65
+    assert report["prefill_flops"]["realised_ratio"] == pytest.approx(report["prefill_flops"]["ratio"], abs=0.03)
+    assert report["kv_cache"]["vision_kv_ratio"] == pytest.approx(report["kv_cache"]["realised_kv_ratio"])
+    assert report["prefill_latency_s"]["ratio"] > 0 and report["training_s"]["ratio"] > 0
+    for name in ("training_curves.png", "routing.png"):
+        with Image.open(out / name) as img:
+            assert img.size[0] > 300 and img.size[1] > 200
+    md = (out / "report.md").read_text()
+    assert "| test accuracy |" in md and "routing.png" in md
+    assert (out / "pmod/test_predictions.jsonl").is_file() and (out / "data/train.json").is_file()
+
+
+def test_rerun_reuses_training_and_ablation_reuses_the_baseline(demo_dir, caplog):
+    out, _ = demo_dir
+    dense_summary = (out / "dense/train_summary.json").stat().st_mtime
+    with caplog.at_level("INFO", logger="pmod.demo"):
+        assert main(["demo", "--quick", "--out", str(out), "--no-string"]) == 0
+    assert "dense: reusing the finished training run" in caplog.text
+    assert (out / "dense/train_summary.json").stat().st_mtime == dense_summary
+    report = json.loads((out / "report.json").read_text())
+    assert "pmod-no-string" in report["accuracy"] and report["settings"]["pmod"]["string"] is False
+    config = json.loads((out / "pmod-no-string/config.json").read_text())
+    assert config["pmod"]["settings"]["string"] is False
