@@ -101,6 +101,7 @@ class Encoder:
         messages = to_messages(record)
         images = self.images(record) if images is None else images
         text, spans = assistant_spans(self.processor, messages)
+        text, spans = self._terminate_replies(text, spans)
         if images:
             enc = self.processor(text=text, images=images, return_tensors="pt")
         else:
@@ -117,10 +118,31 @@ class Encoder:
                 out[key] = enc[key]
         return out
 
+    def _terminate_replies(self, text: str, spans: list[tuple[int, int]]) -> tuple[str, list[tuple[int, int]]]:
+        """Append the end-of-sequence token to replies whose template ends them with plain text (the llava-hf
+        template does), so the model learns to stop, as the original LLaVA training does."""
+        eos = self.tokenizer.eos_token
+        if not eos:
+            return text, spans
+        specials = [t for t in self.tokenizer.all_special_tokens if t]
+        out: list[tuple[int, int]] = []
+        for s, e in reversed(spans):
+            reply = text[s:e].rstrip()
+            cut = s + len(reply)  # trailing template whitespace belongs to the next token ("▁USER")
+            if any(reply.endswith(t) for t in specials):
+                out.append((s, cut))
+                continue
+            text = text[:cut] + eos + text[cut:]
+            out = [(a + len(eos), b + len(eos)) for a, b in out]  # later replies move right
+            out.append((s, cut + len(eos)))
+        return text, out[::-1]
+
     def _labels(self, text: str, spans: list[tuple[int, int]], ids: torch.Tensor) -> torch.Tensor:
         """Labels for the processor's ids: reply tokens located by character offsets on the unexpanded text."""
         plain = self.tokenizer(text, return_offsets_mapping=True)
-        trained = [any(s <= a and b <= e and b > a for s, e in spans) for a, b in plain["offset_mapping"]]
+        # Overlap, not containment: SentencePiece / byte-level tokens carry their leading space ("▁Red", "ĠRed"),
+        # so the first reply token starts one character before the reply.
+        trained = [b > a and a < e and b > s for a, b in plain["offset_mapping"] for s, e in [_span_of(a, b, spans)]]
         unexpanded = plain["input_ids"]
         img = self.image_token_id
         seq = ids.tolist()
@@ -162,6 +184,14 @@ class Encoder:
         """A cheap length estimate for length-grouped batching (words + image tokens), no image decoding."""
         words = sum(len(str(t.get("value", "")).split()) for t in record.get("conversations", []))
         return words + tokens_per_image * len(image_paths(record))
+
+
+def _span_of(a: int, b: int, spans: list[tuple[int, int]]) -> tuple[int, int]:
+    """The reply span a token (a, b) overlaps, or an empty span."""
+    for s, e in spans:
+        if a < e and b > s:
+            return s, e
+    return 0, 0
 
 
 class LlavaDataset(torch.utils.data.Dataset):

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import statistics
 import time
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from .config import PModConfig, ResolvedPMod
 from .errors import PModConfigError
@@ -129,6 +131,12 @@ def _train_variant(name: str, pmod: dict[str, Any] | None, data, demo: DemoConfi
         if summary.get("recipe") == config.to_dict():
             logger.info("%s: reusing the finished training run in %s", name, out / name)
             return summary
+    recipe = out / name / "pmod_train.yaml"
+    if recipe.is_file() and yaml.safe_load(recipe.read_text()) != config.to_dict():
+        # A run of other settings (another seed or size) in this folder: the demo owns it, start it afresh
+        # (its checkpoints and test predictions would otherwise be resumed and re-scored).
+        logger.info("%s: settings changed, discarding the earlier run in %s", name, out / name)
+        shutil.rmtree(out / name)
     logger.info("training %s (%s)", name, "dense baseline" if pmod is None else f"p-MoD {pmod}")
     result = train(config)
     summary = {
@@ -148,11 +156,11 @@ def _evaluate_variant(name: str, data, out: Path, batch_size: int) -> dict[str, 
     from transformers import AutoProcessor
 
     from .evaluate import evaluate
-    from .models import load_model
+    from .models import load_pretrained
     from .synthetic import question_type
 
     metrics_path = out / name / "test_metrics.json"
-    model = load_model(out / name) if _is_pmod_dir(out / name) else _load_dense(out / name)
+    model = load_pretrained(out / name)
     processor = AutoProcessor.from_pretrained(out / name)
     records = data.load("test")
     result = evaluate(model.eval(), processor, records, data.image_dir, batch_size=batch_size, max_new_tokens=4,
@@ -165,25 +173,15 @@ def _evaluate_variant(name: str, data, out: Path, batch_size: int) -> dict[str, 
     return metrics
 
 
-def _is_pmod_dir(path: Path) -> bool:
-    return json.loads((path / "config.json").read_text())["model_type"].startswith("pmod_")
-
-
-def _load_dense(path: Path):
-    from transformers import AutoModelForImageTextToText
-
-    return AutoModelForImageTextToText.from_pretrained(path)
-
-
 def _prefill_latency(out: Path, names: list[str], data, reps: int) -> dict[str, float]:
     """Median prefill (one forward over a batch of test prompts) per model, the models interleaved."""
     from transformers import AutoProcessor
 
     from .conversation import prompt_and_answer, render
     from .data import Encoder
-    from .models import load_model
+    from .models import load_pretrained
 
-    models = {n: (load_model(out / n) if _is_pmod_dir(out / n) else _load_dense(out / n)).eval() for n in names}
+    models = {n: load_pretrained(out / n).eval() for n in names}
     processor = AutoProcessor.from_pretrained(out / names[0])
     records = data.load("test")[:16]
     encoder = Encoder(processor, data.image_dir)

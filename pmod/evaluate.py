@@ -553,7 +553,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from transformers import AutoProcessor
 
     from .conversation import VICUNA_V1_TEMPLATE
-    from .models import load_model
+    from .models import load_pretrained
 
     records = load_records(args.data)
     if args.limit is not None:
@@ -564,7 +564,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     kwargs: dict[str, Any] = {}
     if args.dtype:
         kwargs["dtype"] = getattr(torch, args.dtype)
-    model = load_model(args.model_dir, **kwargs).eval()
+    model = load_pretrained(args.model_dir, **kwargs).eval()  # a dense baseline stays dense
     if args.device:
         model.to(args.device)
     try:

@@ -25,7 +25,7 @@ class PModLayerMixin:
     """Routed forward for pre-norm decoder layers with `input_layernorm`, `self_attn`,
     `post_attention_layernorm` and `mlp` children."""
 
-    router: nn.Linear
+    router: Router
     pmod_ratio: float
     pmod_alpha: float
     pmod_beta: float
@@ -58,8 +58,7 @@ class PModLayerMixin:
         x = hidden_states
         batch, length, hidden = x.shape
         # Router on the raw layer input, in fp32 so ranking does not suffer bf16 ties.
-        bias = None if self.router.bias is None else self.router.bias.float()
-        logits = F.linear(x.float(), self.router.weight.float(), bias).squeeze(-1)  # (B, T)
+        logits = self.router(x).squeeze(-1)  # (B, T) fp32
         float_dtype = x.dtype if attn_impl == "eager" else None
         attend = dict(past_key_values=past_key_values, use_cache=use_cache, **kwargs)
 
@@ -70,6 +69,10 @@ class PModLayerMixin:
             mask = self._mask(attention_mask, sel, past_key_values, pmod_plan, length, True, float_dtype)
             h, mlp_out = self._attention_mlp(x, mask, position_ids, position_embeddings, attend)
             self._record(pmod_plan, sel, logits)
+            if torch.is_grad_enabled() and self.training:
+                # Keep the router in the graph (zero gradient): DDP without find_unused_parameters needs every
+                # parameter to take part in every step, text-only batches included.
+                return h + mlp_out + 0.0 * logits.sum().to(h.dtype)
             return h + mlp_out
 
         sel = select_tokens(logits, pmod_plan, self.pmod_layer_idx)
@@ -210,8 +213,10 @@ def convert_decoder_layer(
         layer.__class__ = _ROUTED_CLASSES[base]
     hidden = layer.input_layernorm.weight.shape[-1]
     ref = layer.input_layernorm.weight
+    if isinstance(getattr(layer, "router", None), nn.Linear) and not isinstance(layer.router, Router):
+        layer.router.__class__ = Router  # same parameters, fp32 forward
     if not hasattr(layer, "router") or not isinstance(layer.router, nn.Linear):
-        layer.router = nn.Linear(hidden, 1, bias=bias, device=ref.device, dtype=ref.dtype)
+        layer.router = Router(hidden, 1, bias=bias, device=ref.device, dtype=ref.dtype)
         if zero_init:
             zero_router(layer.router)
     layer.pmod_ratio = float(ratio)
@@ -222,6 +227,18 @@ def convert_decoder_layer(
     layer.pmod_layer_idx = layer_idx
     layer.last_routing = None
     return layer
+
+
+class Router(nn.Linear):
+    """The router ``s = w . x + b``, computed in fp32 (bf16 scores tie too often to rank by).
+
+    A module call rather than a read of ``weight``, so DeepSpeed ZeRO-3 gathers the partitioned parameters
+    before use. Parameter names are those of ``nn.Linear`` (``router.weight``, ``router.bias``).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(x.float(), self.weight.float(), bias)
 
 
 def zero_router(router: nn.Linear) -> None:

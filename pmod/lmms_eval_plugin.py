@@ -151,7 +151,9 @@ class PMod(lmms):
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self._rank = int(os.environ.get("RANK", "0"))
         self._world_size = world_size
-        if device is None:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if device is None or (world > 1 and str(device).startswith("cuda")):
+            # Under `accelerate launch` every process takes its own GPU, whatever `device` says.
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
         self._device = torch.device(device)
         if dtype is None:
@@ -446,9 +448,9 @@ def _resolve_template(value: str) -> str:
 
 
 def _load_dense(path: str, **kwargs: Any) -> Any:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from .models import load_pretrained
 
-    config = AutoConfig.from_pretrained(path)
-    if hasattr(config, "vision_config"):
-        return AutoModelForImageTextToText.from_pretrained(path, **kwargs)
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model = load_pretrained(path, **kwargs)
+    if type(model).__name__.startswith("PMod"):
+        raise PModConfigError(f"dense=True needs a dense checkpoint; {path} is a p-MoD model")
+    return model

@@ -375,6 +375,18 @@ def load_model(path: str | os.PathLike, pmod_config: PModConfig | None = None, *
     return apply_pmod(model, pmod_config)
 
 
+def load_pretrained(path: str | os.PathLike, **from_pretrained_kwargs) -> PreTrainedModel:
+    """Load a saved model as it is: a p-MoD checkpoint as p-MoD, a dense one as the dense transformers model
+    (for evaluating baselines; `load_model` would convert it)."""
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type.startswith("pmod_"):
+        return load_model(path, **from_pretrained_kwargs)
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
+    return auto.from_pretrained(path, **from_pretrained_kwargs)
+
+
 def get_routing(model: nn.Module) -> dict[int, LayerRouting]:
     """Routing decisions of the most recent forward pass of a p-MoD model, by routed layer index."""
     if not isinstance(model, PModModelMixin):

@@ -62,6 +62,8 @@ class SyntheticConfig:
         seed: base seed of every random choice.
         multi_turn: fraction of training samples with two question/answer pairs about the same image (0 = single
             turn); validation and test samples always have one.
+        train_questions: questions per training image (distinct types, one conversation turn each); more
+            supervision per image for the same vision compute. Overrides ``multi_turn`` when above 1.
     """
 
     image_size: int = 112
@@ -74,6 +76,7 @@ class SyntheticConfig:
     n_test: int = 200
     seed: int = 0
     multi_turn: float = 0.0
+    train_questions: int = 1
 
     def __post_init__(self) -> None:
         self.colours = tuple(self.colours)
@@ -91,6 +94,8 @@ class SyntheticConfig:
             )
         if len(set(self.colours)) != len(self.colours) or len(set(self.shapes)) != len(self.shapes):
             raise ValueError("colours and shapes must not repeat.")
+        if not 1 <= self.train_questions <= len(self.question_types):
+            raise ValueError(f"train_questions must be in 1..{len(self.question_types)}, got {self.train_questions}.")
         if min(self.n_train, self.n_val, self.n_test) < 0 or not 0.0 <= self.multi_turn <= 1.0:
             raise ValueError("split sizes must be >= 0 and multi_turn in [0, 1].")
 
@@ -383,7 +388,9 @@ def write_dataset(out_dir: str | Path, config: SyntheticConfig | None = None) ->
             # Round-robin over question types: every type equally often, so no answer class dominates.
             wanted = [types[i % len(types)]]
             # Evaluation splits stay single-question: a second turn would put an answer in the prompt.
-            if split == "train" and rng.random() < config.multi_turn:
+            if split == "train" and config.train_questions > 1:
+                wanted += rng.sample([t for t in types if t != wanted[0]], config.train_questions - 1)
+            elif split == "train" and rng.random() < config.multi_turn:
                 wanted.append(rng.choice([t for t in types if t != wanted[0]]))
             image, _, pairs = make_sample(rng, config, wanted)
             sample_id = f"{split}-{i:06d}"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import importlib.util
 import logging
 import math
@@ -28,7 +29,6 @@ from typing import Any, Literal
 import torch
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler
-from transformers.trainer_utils import get_last_checkpoint
 
 from .config import PModConfig
 from .data import SKIP_KEY, LlavaCollator, LlavaDataset, load_records
@@ -94,7 +94,7 @@ class TrainConfig:
     save_steps: int = 500
     save_total_limit: int | None = 1
     seed: int = 42
-    report_to: list[str] = field(default_factory=lambda: ["tensorboard", "wandb"])
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     deepspeed: str | None = None
     fsdp: str | None = None
     fsdp_config: dict[str, Any] | None = None
@@ -111,6 +111,8 @@ class TrainConfig:
             raise PModConfigError("give data_path (LLaVA-format JSON) or synthetic_data (generate a dataset)")
         if self.pmod is not None:
             PModConfig(**self.pmod)  # fail now on a bad schedule, not after loading the model
+        if isinstance(self.report_to, str):
+            self.report_to = [self.report_to]
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -340,13 +342,19 @@ class PModTrainer(Trainer):
     def _accumulate_routing(self, model) -> None:
         inner = self.accelerator.unwrap_model(model)
         routed = inner.routed_layers() if hasattr(inner, "routed_layers") else {}
+        rows, indices = [], []
         for idx, layer in routed.items():
             r = getattr(layer, "last_routing", None)
             if r is None:
                 continue
-            weight = layer.pmod_alpha * torch.tanh(r.router_logits[r.target]) + layer.pmod_beta
-            stats = torch.stack([r.selected.sum().float(), r.target.sum().float(), weight.sum().float()]).cpu()
-            self._routing_sums[idx] = self._routing_sums.get(idx, torch.zeros(3)) + stats
+            s = r.router_logits[r.target]
+            weight = layer.pmod_alpha * (torch.tanh(s) if layer.pmod_tanh_norm else s) + layer.pmod_beta
+            rows.append(torch.stack([r.selected.sum().float(), r.target.sum().float(), weight.sum().float()]))
+            indices.append(idx)
+        if rows:
+            stats = torch.stack(rows).cpu()  # (layers, 3), one device sync per step
+            for idx, row in zip(indices, stats):
+                self._routing_sums[idx] = self._routing_sums.get(idx, torch.zeros(3)) + row
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if self._routing_sums and "loss" in logs:
@@ -440,7 +448,40 @@ def train(config: TrainConfig, stop_after: int | None = None) -> TrainResult:
     start = time.perf_counter()
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data_path, image_folder, words = prepare_data(config)
+    resume = _checkpoint_to_resume(config, out)
+    # TrainingArguments first: it sets up the distributed state (and DeepSpeed ZeRO-3 partitioned loading)
+    # that building the model and preparing the data rely on.
+    args = _training_arguments(
+        dict(
+            output_dir=str(out),
+            learning_rate=config.learning_rate,
+            weight_decay=config.weight_decay,
+            warmup_steps=config.warmup_ratio,  # a float below 1 is a fraction of the total steps
+            lr_scheduler_type=config.lr_scheduler_type,
+            num_train_epochs=config.num_train_epochs,
+            max_steps=config.max_steps,
+            per_device_train_batch_size=config.per_device_train_batch_size,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            bf16=config.bf16,
+            **_checkpointing_arguments(config.gradient_checkpointing),
+            dataloader_pin_memory=torch.cuda.is_available(),
+            dataloader_num_workers=config.dataloader_num_workers,
+            logging_steps=config.logging_steps,
+            save_steps=config.save_steps,
+            save_total_limit=config.save_total_limit,
+            seed=config.seed,
+            data_seed=config.seed,
+            report_to=_report_to(config.report_to),
+            deepspeed=config.deepspeed,
+            fsdp=config.fsdp,
+            fsdp_config=config.fsdp_config,
+            remove_unused_columns=False,
+        ),
+        config.training_args,
+    )
+    _check_router_optimizer(config)
+    with args.main_process_first(desc="preparing data"):  # one process writes generated data, the others read
+        data_path, image_folder, words = prepare_data(config)
     records = load_records(data_path)
     model, processor = build_model(config, records, words)
     trainable = set_trainable(model, config.stage, config.freeze_vision_tower)
@@ -449,35 +490,8 @@ def train(config: TrainConfig, stop_after: int | None = None) -> TrainResult:
                            tokens_per_image(model))
     tokenizer = getattr(processor, "tokenizer", processor)
     collator = LlavaCollator(pad_token_id=tokenizer.pad_token_id or 0, count_in_batch=True)
-
     if config.gradient_checkpointing:
         model.config.use_cache = False
-    args = _training_arguments(
-        output_dir=str(out),
-        learning_rate=config.learning_rate,
-        weight_decay=config.weight_decay,
-        warmup_steps=config.warmup_ratio,  # a float below 1 is a fraction of the total steps
-        lr_scheduler_type=config.lr_scheduler_type,
-        num_train_epochs=config.num_train_epochs,
-        max_steps=config.max_steps,
-        per_device_train_batch_size=config.per_device_train_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        bf16=config.bf16,
-        **_checkpointing_arguments(config.gradient_checkpointing),
-        dataloader_pin_memory=torch.cuda.is_available(),
-        dataloader_num_workers=config.dataloader_num_workers,
-        logging_steps=config.logging_steps,
-        save_steps=config.save_steps,
-        save_total_limit=config.save_total_limit,
-        seed=config.seed,
-        data_seed=config.seed,
-        report_to=_report_to(config.report_to),
-        deepspeed=config.deepspeed,
-        fsdp=config.fsdp,
-        fsdp_config=config.fsdp_config,
-        remove_unused_columns=False,
-        **config.training_args,
-    )
     trainer = PModTrainer(
         model=model,
         args=args,
@@ -489,14 +503,13 @@ def train(config: TrainConfig, stop_after: int | None = None) -> TrainResult:
         log_routing_per_layer=config.log_routing_per_layer,
         callbacks=[_StopAfter(stop_after)] if stop_after else None,
     )
-    resume = get_last_checkpoint(str(out)) if config.resume and any(out.glob("checkpoint-*")) else None
     if resume:
         logger.info("resuming from %s", resume)
-    _save_recipe(config, out)
+    if trainer.is_world_process_zero():
+        _save_recipe(config, out)
     trainer.train(resume_from_checkpoint=resume)
     if stop_after is None:
-        trainer.save_model(str(out))
-        processor.save_pretrained(str(out))
+        trainer.save_model(str(out))  # writes the processor too (processing_class), on the main process only
     if trainer.skipped_records:
         logger.warning("%d records were skipped (unreadable images or unusable samples); see warnings above",
                        trainer.skipped_records)
@@ -513,6 +526,58 @@ def train(config: TrainConfig, stop_after: int | None = None) -> TrainResult:
     )
 
 
+# Settings that may change between a run and its resumption without changing what is trained.
+_RESUMABLE_CHANGES = {"resume", "logging_steps", "save_steps", "save_total_limit", "dataloader_num_workers",
+                      "report_to", "log_routing_per_layer"}
+
+
+def _checkpoint_to_resume(config: TrainConfig, out: Path) -> str | None:
+    """The newest complete checkpoint of this recipe in ``out`` (None to start afresh).
+
+    A checkpoint is complete when its trainer state and weights were written (Trainer writes the state last,
+    so a save cut by a kill is skipped). Checkpoints of a different recipe are refused, not silently resumed.
+    """
+    if not config.resume:
+        return None
+    complete = []
+    for path in out.glob("checkpoint-*"):
+        step = path.name.removeprefix("checkpoint-")
+        weights = any((path / name).is_file() for name in (
+            "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"))
+        deepspeed = any(p.is_dir() for p in path.glob("global_step*"))
+        if step.isdigit() and (path / "trainer_state.json").is_file() and (weights or deepspeed):
+            complete.append((int(step), path))
+        else:
+            logger.warning("ignoring incomplete checkpoint %s (interrupted while saving?)", path)
+    if not complete:
+        return None
+    previous = out / "pmod_train.yaml"
+    if previous.is_file():
+        import yaml
+
+        old = yaml.safe_load(previous.read_text()) or {}
+        new = config.to_dict()
+        changed = sorted(k for k in set(old) | set(new) if k not in _RESUMABLE_CHANGES and old.get(k) != new.get(k))
+        if changed:
+            raise PModConfigError(
+                f"{out} holds checkpoints of a different recipe (changed: {', '.join(changed)}); use another "
+                "output_dir, or resume=false to start over in this one"
+            )
+    return str(max(complete)[1])
+
+
+def _check_router_optimizer(config: TrainConfig) -> None:
+    """A DeepSpeed config with its own optimizer bypasses the Trainer's parameter groups (and the router rate)."""
+    if config.router_learning_rate is None or not config.deepspeed:
+        return
+    ds = json.loads(Path(config.deepspeed).read_text()) if isinstance(config.deepspeed, str) else config.deepspeed
+    if "optimizer" in ds:
+        raise PModConfigError(
+            f"router_learning_rate needs the Trainer's optimizer, but {config.deepspeed} defines one; remove its "
+            "'optimizer' section or the router_learning_rate setting"
+        )
+
+
 def _checkpointing_arguments(enabled: bool) -> dict[str, Any]:
     """Activation checkpointing under this transformers version's name for it (renamed in 5.2x)."""
     known = {f.name for f in dataclasses.fields(TrainingArguments)}
@@ -523,8 +588,13 @@ def _checkpointing_arguments(enabled: bool) -> dict[str, Any]:
     return out
 
 
-def _training_arguments(**kwargs: Any) -> TrainingArguments:
-    """`TrainingArguments` from the recipe; settings this transformers version lacks are refused clearly."""
+def _training_arguments(kwargs: dict[str, Any], extra: dict[str, Any]) -> TrainingArguments:
+    """`TrainingArguments` from the recipe plus ``training_args``; settings this transformers version lacks, or
+    that ``training_args`` repeats, are refused clearly."""
+    clash = sorted(set(kwargs) & set(extra))
+    if clash:
+        raise PModConfigError(f"training_args repeats recipe settings {clash}; set them at the top level of the recipe")
+    kwargs = {**kwargs, **extra}
     known = {f.name for f in dataclasses.fields(TrainingArguments)}
     unknown = sorted(k for k in kwargs if k not in known)
     if unknown:

@@ -205,3 +205,37 @@ def test_load_records_errors(tmp_path):
     assert load_records(path)[0]["id"] == "0"
     (tmp_path / "d.jsonl").write_text('{"id": "a", "conversations": []}\n{"id": "b", "conversations": []}\n')
     assert [r["id"] for r in load_records(tmp_path / "d.jsonl")] == ["a", "b"]
+
+
+def _metaspace_processor(model, template):
+    """A LlavaProcessor whose tokenizer, like Llama's, puts the leading space into tokens ("▁red")."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlavaProcessor, PreTrainedTokenizerFast
+
+    base = tiny_llava_processor(model, WORDS)
+    words = ["<pad>", "<unk>", "<s>", "</s>"] + ["▁" + w for w in WORDS] + ["▁"]
+    vocab = {w: i for i, w in enumerate(words)}
+    vocab["<image>"] = model.config.text_config.vocab_size - 1
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", additional_special_tokens=["<image>"])
+    return LlavaProcessor(image_processor=base.image_processor, tokenizer=fast, patch_size=7,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=template)
+
+
+def test_leading_space_tokens_and_templates_without_eos(model, tmp_path):
+    # the llava-hf template ends assistant turns with a space, not </s>: pmod appends </s> so the model learns to stop
+    template = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}USER : {% for c in m['content'] %}"
+        "{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }}{% endif %}{% endfor %} "
+        "{% else %}ASSISTANT : {% for c in m['content'] %}{{ c['text'] }}{% endfor %} {% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}ASSISTANT :{% endif %}"
+    )
+    proc = _metaspace_processor(model, template)
+    record = {"id": "m", "image": _image(tmp_path), "conversations": [
+        {"from": "human", "value": "<image>\nwhat is in the image ?"}, {"from": "gpt", "value": "red"},
+        {"from": "human", "value": "yes ?"}, {"from": "gpt", "value": "a circle"}]}
+    item = Encoder(proc, tmp_path).encode(record)
+    trained = [proc.tokenizer.convert_ids_to_tokens(int(t)) for t in item["labels"] if t != IGNORE_INDEX]
+    assert trained == ["▁red", "</s>", "▁a", "▁circle", "</s>"]

@@ -111,3 +111,16 @@ def test_load_model_rejects_wrong_inputs(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(pmod.PModConfigError, match="out of range"):
         pmod.load_model(tmp_path)
+
+
+def test_load_pretrained_keeps_dense_checkpoints_dense(tmp_path):
+    from pmod.models import load_pretrained
+    from pmod.tiny import tiny_llava
+
+    dense = tiny_llava(num_layers=4)
+    dense.save_pretrained(tmp_path / "dense")
+    loaded = load_pretrained(tmp_path / "dense")
+    assert type(loaded).__name__ == "LlavaForConditionalGeneration"
+    routed = pmod.apply_pmod(tiny_llava(num_layers=4), pmod.PModConfig())
+    routed.save_pretrained(tmp_path / "pmod")
+    assert load_pretrained(tmp_path / "pmod").config.model_type == "pmod_llava"

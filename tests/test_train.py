@@ -180,3 +180,29 @@ def test_cli_train(data, tmp_path, capsys):
     assert "trained 2 steps" in capsys.readouterr().out
     assert pmod.load_model(tmp_path / "out").config.model_type == "pmod_llava"
     assert main(["train", str(recipe), "no_such_setting=1"]) == 2
+
+
+def test_resume_skips_incomplete_checkpoints_and_refuses_other_recipes(data, tmp_path):
+    train(_config(data, tmp_path, max_steps=6, save_steps=2), stop_after=4)
+    # a kill while saving checkpoint-6: weights written, trainer state not yet
+    partial = tmp_path / "checkpoint-6"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"truncated")
+    resumed = train(_config(data, tmp_path, max_steps=6, save_steps=2))
+    assert resumed.resumed_from.endswith("checkpoint-4") and resumed.global_step == 6
+    with pytest.raises(PModConfigError, match="different recipe.*learning_rate"):
+        train(_config(data, tmp_path, max_steps=6, save_steps=2, learning_rate=1e-4))
+    # settings that do not change what is trained may differ
+    train(_config(data, tmp_path, max_steps=6, save_steps=3, logging_steps=2))
+
+
+def test_training_args_clash_and_router_lr_with_a_deepspeed_optimizer(data, tmp_path):
+    with pytest.raises(PModConfigError, match="repeats recipe settings"):
+        train(_config(data, tmp_path, training_args={"learning_rate": 1e-3}))
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 2}}))
+    from pmod.train import _check_router_optimizer
+
+    with pytest.raises(PModConfigError, match="router_learning_rate"):
+        _check_router_optimizer(_config(data, tmp_path, router_learning_rate=1e-3, deepspeed=str(ds)))
+    assert TrainConfig(**{**_config(data, tmp_path).to_dict(), "report_to": "tensorboard"}).report_to == ["tensorboard"]

@@ -89,3 +89,12 @@ def test_training_step_moves_routers():
     model(**inputs, labels=labels).loss.backward()
     opt.step()
     assert all(not torch.equal(before[i], l.router.weight) for i, l in model.routed_layers().items())
+
+
+def test_text_only_training_batch_keeps_routers_in_the_graph():
+    """DDP without find_unused_parameters needs every parameter to receive a gradient every step."""
+    model = _model()
+    ids = torch.randint(1, 100, (2, 9))
+    model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss.backward()
+    for layer in model.routed_layers().values():
+        assert layer.router.weight.grad is not None and not layer.router.weight.grad.any()
