@@ -31,7 +31,7 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
     """Read a LLaVA JSON file (a list of records) or a JSONL file (one record per line)."""
     path = Path(path)
     if not path.is_file():
-        raise PModInputError(f"data file {path} does not exist")
+        raise PModInputError(f"data file not found: {path}")
     text = path.read_text(encoding="utf-8")
     try:
         if path.suffix == ".jsonl":

@@ -31,7 +31,8 @@ from typing import Any
 import torch
 
 from .conversation import image_paths, prompt_and_answer, render
-from .errors import PModError, PModInputError
+from .data import load_records  # noqa: F401  (part of this module's API)
+from .errors import PModInputError
 
 logger = logging.getLogger(__name__)
 
@@ -339,25 +340,6 @@ class _Item:
     images: list[Path]
 
 
-def load_records(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Read LLaVA records from a JSON list or a JSONL file (one record per line)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise PModInputError(f"data file not found: {path}") from exc
-    try:
-        if path.suffix == ".jsonl":
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            records = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise PModInputError(f"{path} is not valid JSON{' lines' if path.suffix == '.jsonl' else ''}: {exc}") from exc
-    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-        raise PModInputError(f"{path} must hold a list of LLaVA records (objects with 'conversations')")
-    return records
-
-
 def _prepare(records: Sequence[dict[str, Any]], image_folder: Path | None) -> list[_Item]:
     items, seen = [], set()
     for index, record in enumerate(records):
@@ -550,10 +532,8 @@ def evaluate(
 # ====================================================================== `pmod eval`
 def cmd_eval(args: argparse.Namespace) -> int:
     """`pmod eval`: evaluate a saved model on a LLaVA-format data file; writes predictions.jsonl and metrics.json."""
-    from transformers import AutoProcessor
-
     from .conversation import VICUNA_V1_TEMPLATE
-    from .models import load_pretrained
+    from .models import load_pretrained, load_processor
 
     records = load_records(args.data)
     if args.limit is not None:
@@ -567,13 +547,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = load_pretrained(args.model_dir, **kwargs).eval()  # a dense baseline stays dense
     if args.device:
         model.to(args.device)
-    try:
-        processor = AutoProcessor.from_pretrained(args.model_dir)
-    except (OSError, ValueError, TypeError) as exc:
-        raise PModError(
-            f"{args.model_dir} has no usable processor (tokenizer + image processor): {exc}. "
-            "Save one next to the model with processor.save_pretrained(MODEL_DIR)."
-        ) from exc
+    processor = load_processor(args.model_dir, need_images=False)  # text-only models evaluate too
     if not getattr(processor, "chat_template", None) and not getattr(_tokenizer(processor), "chat_template", None):
         logger.warning("%s has no chat template: using the LLaVA-1.5 (Vicuna v1) conversation format", args.model_dir)
         processor.chat_template = VICUNA_V1_TEMPLATE

@@ -88,7 +88,7 @@ class PModModelMixin:
         return {i: layer.last_routing for i, layer in self.routed_layers().items() if layer.last_routing is not None}
 
     # ------------------------------------------------------------------ forward
-    def _pmod_prepare(self, arguments: dict[str, Any]) -> None:
+    def _pmod_prepare(self, arguments: dict[str, Any], named_use_cache: bool = True) -> None:
         """Create the cache and the routing plan for one forward call (mutates ``arguments``)."""
         extra = arguments.setdefault("kwargs", {})
         target_mask = extra.pop("target_mask", None)
@@ -102,9 +102,8 @@ class PModModelMixin:
         text_config = self.config.get_text_config(decoder=True)
         use_cache = arguments.get("use_cache", extra.get("use_cache"))
         if use_cache is None:
-            use_cache = bool(getattr(text_config, "use_cache", False))
-            if self.training and _checkpointing(self):
-                use_cache = False
+            # Training needs no cache: building one would only cost time (and breaks checkpointing).
+            use_cache = bool(getattr(text_config, "use_cache", False)) and not self.training
         cache = arguments.get("past_key_values")
         if cache is not None and not isinstance(cache, PModCache):
             if type(cache) is DynamicCache and cache.get_seq_length() == 0 and not getattr(cache, "offloading", False):
@@ -117,6 +116,8 @@ class PModModelMixin:
                 )
         if cache is None and use_cache:
             cache = PModCache(text_config.num_hidden_layers)
+        # Say it explicitly, or the inner model would create a DynamicCache from config.use_cache.
+        (arguments if named_use_cache else extra)["use_cache"] = bool(use_cache or cache is not None)
         if "past_key_values" in arguments or cache is not None:
             arguments["past_key_values"] = cache
         past_length = cache.get_seq_length() if cache is not None else 0
@@ -162,7 +163,7 @@ def _make_forward(base_forward):
     @functools.wraps(base_forward)  # keeps the parent's signature, which generate() inspects
     def forward(self, *args, **kwargs):
         bound = signature.bind(self, *args, **kwargs)
-        self._pmod_prepare(bound.arguments)
+        self._pmod_prepare(bound.arguments, "use_cache" in signature.parameters)
         try:
             return base_forward(*bound.args, **bound.kwargs)
         except ValueError as exc:
@@ -264,11 +265,6 @@ _register()
 
 
 # ---------------------------------------------------------------------- helpers
-def _checkpointing(model: nn.Module) -> bool:
-    # transformers >= 5.2x renamed gradient to activation checkpointing; 5.17 only has the old name.
-    return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
-
-
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     inner = getattr(model, "model", None)
     for owner in (getattr(inner, "language_model", None), inner):
@@ -385,6 +381,24 @@ def load_pretrained(path: str | os.PathLike, **from_pretrained_kwargs) -> PreTra
 
     auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
     return auto.from_pretrained(path, **from_pretrained_kwargs)
+
+
+def load_processor(model_dir: str | os.PathLike, need_images: bool = True):
+    """The processor saved next to a model, or a `PModInputError` that says how to save one."""
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(model_dir)
+    except (OSError, ValueError, TypeError) as exc:
+        raise PModInputError(
+            f"{model_dir} has no usable processor (tokenizer + image processor): {exc}. "
+            "Save one next to the model with processor.save_pretrained(MODEL_DIR)."
+        ) from exc
+    if need_images and not hasattr(processor, "image_processor"):  # e.g. only a tokenizer was saved
+        raise PModInputError(
+            f"{model_dir} has a {type(processor).__name__} but no image processor; save the model's processor there."
+        )
+    return processor
 
 
 def get_routing(model: nn.Module) -> dict[int, LayerRouting]:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .errors import PModInputError
-from .models import get_routing
+from .models import get_routing, load_processor
 from .routing import LayerRouting
 
 logger = logging.getLogger(__name__)
@@ -253,7 +253,7 @@ def plot_routing(
     if anyres and 1 + len(maps) <= columns:
         ncols = 1 + len(maps)  # the base-map group starts its own row, under the high-res maps
     nrows = math.ceil(len(panels) / ncols)
-    fig = Figure(figsize=(2.3 * ncols, 2.5 * nrows + (0.4 if title else 0)), dpi=100)
+    fig = Figure(figsize=(2.3 * ncols, 2.8 * nrows + (0.4 if title else 0)), dpi=100)  # room for two-line titles
     FigureCanvasAgg(fig)
     for k, (label, pic, grid) in enumerate(panels):
         ax = fig.add_subplot(nrows, ncols, k + 1)
@@ -332,24 +332,6 @@ def visualize(
     base_view = _model_view(pixels[0] if pixels.dim() == 4 else pixels, processor)  # NeXT: crop 0 is the base view
     plot_routing(image, maps, out_path, title=title if title is not None else prompt, base_image=base_view)
     return maps
-
-
-def load_processor(model_dir: str | os.PathLike) -> Any:
-    """The processor saved next to a model, or a `PModInputError` that says how to save one."""
-    from transformers import AutoProcessor
-
-    try:
-        processor = AutoProcessor.from_pretrained(model_dir)
-    except (OSError, ValueError, TypeError) as exc:
-        raise PModInputError(
-            f"{model_dir} has no usable processor (tokenizer + image processor): {exc}. "
-            "Save one next to the model with processor.save_pretrained(MODEL_DIR)."
-        ) from exc
-    if not hasattr(processor, "image_processor"):  # e.g. only a tokenizer was saved
-        raise PModInputError(
-            f"{model_dir} has a {type(processor).__name__} but no image processor; save the model's processor there."
-        )
-    return processor
 
 
 def cmd_viz(args: argparse.Namespace) -> int:

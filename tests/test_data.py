@@ -196,7 +196,7 @@ def test_llava_next_items_pad_tiles(tmp_path):
 
 
 def test_load_records_errors(tmp_path):
-    with pytest.raises(PModInputError, match="does not exist"):
+    with pytest.raises(PModInputError, match="data file not found"):
         load_records(tmp_path / "nope.json")
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(PModInputError, match="not valid JSON"):

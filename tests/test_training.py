@@ -98,3 +98,13 @@ def test_text_only_training_batch_keeps_routers_in_the_graph():
     model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss.backward()
     for layer in model.routed_layers().values():
         assert layer.router.weight.grad is not None and not layer.router.weight.grad.any()
+
+
+def test_training_forward_builds_no_cache():
+    model = _model()
+    inputs, _ = llava_inputs(model)
+    assert model.config.get_text_config(decoder=True).use_cache
+    assert model(**inputs).past_key_values is None  # train mode: nothing to cache
+    model.eval()
+    with torch.no_grad():
+        assert isinstance(model(**inputs).past_key_values, pmod.PModCache)
