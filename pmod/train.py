@@ -476,6 +476,8 @@ def train(config: TrainConfig, stop_after: int | None = None) -> TrainResult:
             fsdp=config.fsdp,
             fsdp_config=config.fsdp_config,
             remove_unused_columns=False,
+            # bf16 autocast on a machine without a GPU needs to be told it is on the CPU
+            **({"use_cpu": True} if config.bf16 and not torch.cuda.is_available() else {}),
         ),
         config.training_args,
     )

@@ -206,3 +206,23 @@ def test_training_args_clash_and_router_lr_with_a_deepspeed_optimizer(data, tmp_
     with pytest.raises(PModConfigError, match="router_learning_rate"):
         _check_router_optimizer(_config(data, tmp_path, router_learning_rate=1e-3, deepspeed=str(ds)))
     assert TrainConfig(**{**_config(data, tmp_path).to_dict(), "report_to": "tensorboard"}).report_to == ["tensorboard"]
+
+
+def test_bf16_autocast_training(data, tmp_path):
+    """bf16 mixed precision (on the CPU here): routers score in fp32 inside autocast, the loss falls."""
+    fp32 = train(_config(data, tmp_path / "a", max_steps=6))
+    bf16 = train(_config(data, tmp_path / "b", max_steps=6, bf16=True))
+    assert bf16.losses[-1] < bf16.losses[0]
+    torch.testing.assert_close(torch.tensor(bf16.losses[:2]), torch.tensor(fp32.losses[:2]), rtol=0.05, atol=0.05)
+
+
+def test_tiny_cpu_recipe_runs(tmp_path):
+    """configs/tiny-cpu.yaml end to end (generated data, tiny model), shortened."""
+    config = load_config(CONFIGS / "tiny-cpu.yaml", [
+        f"output_dir={tmp_path}", "max_steps=2", "synthetic_data.n_train=16", "synthetic_data.n_val=2",
+        "synthetic_data.n_test=2", "report_to=[]",
+    ])
+    result = train(config)
+    assert result.global_step == 2 and (tmp_path / "data/train.json").is_file()
+    model = pmod.load_model(tmp_path)
+    assert model.config.text_config.num_hidden_layers == 8 and model.config.model_type == "pmod_llava"
