@@ -2,7 +2,7 @@
 
 Each record becomes ``input_ids`` with the processor's expanded image tokens, ``labels`` that train only on
 the assistant replies (``-100`` elsewhere), and the images through the model's own HF image processor
-(LLaVA-1.5 "pad": pad to a square of the mean colour first; LLaVA-NeXT anyres: the processor's tiling).
+(LLaVA-1.5 "pad": `padding_image_processor`; LLaVA-NeXT anyres: the processor's tiling).
 A record whose image is missing or unreadable, or that cannot be truncated without cutting an image, is
 skipped: the dataset returns a marker that `LlavaCollator` drops and counts, so a bad file never stops a run.
 """
@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from .conversation import IMAGE_PLACEHOLDER, assistant_spans, image_paths, to_messages
-from .errors import PModInputError
+from .errors import PModConfigError, PModInputError
 
 logger = logging.getLogger(__name__)
 
@@ -47,16 +47,26 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def pad_to_square(image: Image.Image, mean: tuple[float, ...] | list[float]) -> Image.Image:
-    """LLaVA-1.5 "pad": centre the image on a square canvas filled with the processor's mean colour."""
-    w, h = image.size
-    if w == h:
-        return image
-    side = max(w, h)
-    colour = tuple(int(round(c * 255)) for c in mean)
-    canvas = Image.new(image.mode, (side, side), colour)
-    canvas.paste(image, ((side - w) // 2, (side - h) // 2))
-    return canvas
+def padding_image_processor(image_processor: Any) -> Any:
+    """LLaVA-1.5 "pad" as part of the processor: transformers' LLaVA image processor with ``do_pad`` (a square of
+    the mean colour before resizing), carrying over the given processor's settings. Saved with the model, so
+    evaluation, chat and lmms-eval pad exactly as training did."""
+    name = type(image_processor).__name__
+    if name.startswith("LlavaImageProcessor") and getattr(image_processor, "do_pad", False):
+        return image_processor
+    if hasattr(image_processor, "image_grid_pinpoints"):
+        raise PModConfigError("pad_images is LLaVA-1.5 preprocessing; LLaVA-NeXT models tile images (anyres) instead")
+    import transformers
+
+    pil = name.endswith("Pil") or not hasattr(transformers, "LlavaImageProcessor")
+    cls = getattr(transformers, "LlavaImageProcessorPil" if pil else "LlavaImageProcessor")
+    keys = ("size", "crop_size", "image_mean", "image_std", "resample", "do_resize", "do_center_crop", "do_rescale",
+            "rescale_factor", "do_normalize", "do_convert_rgb")
+    settings = {k: getattr(image_processor, k) for k in keys if getattr(image_processor, k, None) is not None}
+    for key in ("size", "crop_size"):  # SizeDict -> plain dict for the constructor
+        if key in settings and not isinstance(settings[key], dict):
+            settings[key] = {k: v for k, v in dict(settings[key]).items() if v is not None}
+    return cls(**settings, do_pad=True)
 
 
 def open_image(path: Path) -> Image.Image:
@@ -74,26 +84,21 @@ class Encoder:
         processor: the model's HF processor (tokenizer + image processor + chat template).
         image_folder: where relative image paths are resolved.
         model_max_length: longest sequence kept (tokens, image tokens included).
-        pad_images: LLaVA-1.5 "pad" (square images of the mean colour before the processor).
     """
 
     processor: Any
     image_folder: Path | None = None
     model_max_length: int = 2048
-    pad_images: bool = False
 
     def __post_init__(self) -> None:
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
-        image_processor = getattr(self.processor, "image_processor", None)
-        self.mean = getattr(image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
 
     def images(self, record: dict[str, Any]) -> list[Image.Image]:
         out = []
         for p in image_paths(record):
             path = Path(p) if self.image_folder is None else Path(self.image_folder) / p
-            image = open_image(path)
-            out.append(pad_to_square(image, self.mean) if self.pad_images else image)
+            out.append(open_image(path))
         return out
 
     def encode(self, record: dict[str, Any], images: list[Image.Image] | None = None) -> dict[str, Any]:
@@ -203,11 +208,10 @@ class LlavaDataset(torch.utils.data.Dataset):
         processor: Any,
         image_folder: str | Path | None = None,
         model_max_length: int = 2048,
-        pad_images: bool = False,
         tokens_per_image: int = 576,
     ):
         self.records = load_records(records) if isinstance(records, (str, Path)) else list(records)
-        self.encoder = Encoder(processor, Path(image_folder) if image_folder else None, model_max_length, pad_images)
+        self.encoder = Encoder(processor, Path(image_folder) if image_folder else None, model_max_length)
         self.tokens_per_image = tokens_per_image
         for record in self.records:  # malformed conversations fail now, not hours into a run
             to_messages(record)

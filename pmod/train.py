@@ -31,7 +31,7 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArgu
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from .config import PModConfig
-from .data import SKIP_KEY, LlavaCollator, LlavaDataset, load_records
+from .data import SKIP_KEY, LlavaCollator, LlavaDataset, load_records, padding_image_processor
 from .errors import PModConfigError, PModInputError
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,8 @@ class TrainConfig:
         stage: ``pretrain`` (projector only) or ``finetune`` (language model + projector + routers).
         freeze_vision_tower: keep the vision encoder frozen in ``finetune``.
         router_learning_rate: learning rate of the routers (default: ``learning_rate``).
-        pad_images: LLaVA-1.5 "pad" image preprocessing (square, mean colour) before the image processor.
+        pad_images: LLaVA-1.5 "pad" image preprocessing (square, mean colour, then resize): the processor is
+            switched to transformers' LLaVA image processor with ``do_pad`` and saved so, for evaluation too.
         group_by_length: batches of similar length (fewer padded tokens).
         resume: continue from the last ``checkpoint-*`` in ``output_dir`` if there is one.
         log_routing_per_layer: log each routed layer's statistics, not only their mean.
@@ -210,6 +211,8 @@ def build_model(config: TrainConfig, records: list[dict[str, Any]], extra_words:
         if "{%" not in template and "{{" not in template:
             raise PModConfigError(f"chat_template must be 'vicuna_v1' or a Jinja template, got {template!r}")
         processor.chat_template = template
+    if config.pad_images:
+        processor.image_processor = padding_image_processor(processor.image_processor)
     return model, processor
 
 
@@ -488,8 +491,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> TrainResult:
     model, processor = build_model(config, records, words)
     trainable = set_trainable(model, config.stage, config.freeze_vision_tower)
     logger.info("trainable parameters: %s", ", ".join(f"{k} {v:,}" for k, v in trainable.items()))
-    dataset = LlavaDataset(records, processor, image_folder, config.model_max_length, config.pad_images,
-                           tokens_per_image(model))
+    dataset = LlavaDataset(records, processor, image_folder, config.model_max_length, tokens_per_image(model))
     tokenizer = getattr(processor, "tokenizer", processor)
     collator = LlavaCollator(pad_token_id=tokenizer.pad_token_id or 0, count_in_batch=True)
     if config.gradient_checkpointing:

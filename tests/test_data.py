@@ -9,7 +9,7 @@ from PIL import Image
 
 import pmod
 from pmod.conversation import VICUNA_V1_TEMPLATE, to_messages
-from pmod.data import IGNORE_INDEX, SKIP_KEY, Encoder, LlavaCollator, LlavaDataset, load_records, pad_to_square
+from pmod.data import IGNORE_INDEX, SKIP_KEY, Encoder, LlavaCollator, LlavaDataset, load_records, padding_image_processor
 from pmod.errors import PModInputError
 from pmod.tiny import randomize_routers, tiny_llava, tiny_llava_next, tiny_llava_processor
 
@@ -108,12 +108,27 @@ def test_placeholder_count_must_match_images(processor, tmp_path):
         to_messages({"id": "8", "conversations": [{"from": "gpt", "value": "a"}]})
 
 
-def test_pad_to_square_uses_the_mean_colour():
-    image = Image.new("RGB", (40, 20), (255, 0, 0))
-    square = pad_to_square(image, (0.5, 0.25, 0.0))
-    assert square.size == (40, 40)
-    assert square.getpixel((0, 0)) == (128, 64, 0) and square.getpixel((20, 20)) == (255, 0, 0)
-    assert square.getpixel((20, 9)) == (128, 64, 0) and square.getpixel((20, 10)) == (255, 0, 0)
+def _reference_pad(image, mean):
+    """LLaVA's expand2square: centre the image on a square of the mean colour."""
+    w, h = image.size
+    side = max(w, h)
+    canvas = Image.new("RGB", (side, side), tuple(int(c * 255) for c in mean))
+    canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+@pytest.mark.parametrize("size", [(60, 28), (28, 60), (28, 28)])
+def test_padding_image_processor_equals_llava_expand2square(processor, size):
+    image = Image.new("RGB", size, (250, 10, 10))
+    image.paste((10, 200, 10), (0, 0, size[0] // 3, size[1] // 3))
+    padded = padding_image_processor(processor.image_processor)
+    assert padded.do_pad and padded.crop_size == processor.image_processor.crop_size
+    got = padded(images=image, return_tensors="pt")["pixel_values"]
+    want = processor.image_processor(images=_reference_pad(image, processor.image_processor.image_mean),
+                                     return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=0)  # rounding of the pad colour to 8 bits
+    with pytest.raises(pmod.PModConfigError, match="LLaVA-NeXT"):
+        padding_image_processor(type("NextLike", (), {"image_grid_pinpoints": [[28, 56]]})())
 
 
 def test_truncation_keeps_images_whole(processor, tmp_path):

@@ -95,6 +95,14 @@ def test_finetune_keeps_the_vision_tower_frozen(data, tmp_path):
     assert {"language_model", "projector", "router"} <= set(result.trainable_parameters)
 
 
+def test_pad_images_is_saved_with_the_processor(data, tmp_path):
+    from transformers import AutoProcessor
+
+    result = train(_config(data, tmp_path, max_steps=1, pad_images=True))
+    saved = AutoProcessor.from_pretrained(result.output_dir).image_processor
+    assert type(saved).__name__.startswith("LlavaImageProcessor") and saved.do_pad  # evaluation pads like training
+
+
 def test_dense_baseline(data, tmp_path):
     result = train(_config(data, tmp_path, pmod=None, max_steps=2))
     from transformers import AutoConfig
