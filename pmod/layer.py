@@ -82,8 +82,9 @@ class PModLayerMixin:
         g = (self.pmod_alpha * (torch.tanh(logits) if self.pmod_tanh_norm else logits) + self.pmod_beta).to(x.dtype)
         weight = torch.where(pmod_plan.target, g, torch.ones_like(g))  # (B, T)
         skip_weight = weight if self.pmod_string else torch.ones_like(weight)  # (B, T)
-        # Skipped targets become g * x, padding passes through; processed slots are overwritten below.
-        out = x * skip_weight[..., None]
+        # Skipped targets become g * x, padding passes through; processed slots are overwritten below (through a
+        # flat view, so the product must be contiguous even when the caller's hidden states are not).
+        out = (x * skip_weight[..., None]).contiguous()
         if width == 0:  # no example processes any token in this layer
             if isinstance(past_key_values, PModCache):
                 past_key_values.layers[self.pmod_layer_idx].advance(length, batch, x.device)

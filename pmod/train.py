@@ -480,7 +480,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> TrainResult:
             fsdp_config=config.fsdp_config,
             remove_unused_columns=False,
             # bf16 autocast on a machine without a GPU needs to be told it is on the CPU
-            **({"use_cpu": True} if config.bf16 and not torch.cuda.is_available() else {}),
+            **({"use_cpu": True} if _bf16_needs_cpu_flag(config) else {}),
         ),
         config.training_args,
     )
@@ -568,6 +568,15 @@ def _checkpoint_to_resume(config: TrainConfig, out: Path) -> str | None:
                 "output_dir, or resume=false to start over in this one"
             )
     return str(max(complete)[1])
+
+
+def _bf16_needs_cpu_flag(config: TrainConfig) -> bool:
+    """bf16 on a machine with no bf16 accelerator is autocast on the CPU, which TrainingArguments wants said."""
+    if not config.bf16 or "use_cpu" in config.training_args:
+        return False
+    from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+    return not (is_torch_bf16_gpu_available() or is_torch_xla_available())
 
 
 def _check_router_optimizer(config: TrainConfig) -> None:

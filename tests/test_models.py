@@ -186,3 +186,13 @@ def test_routing_records_are_inspectable():
     assert torch.equal(layer.processed & ~is_image, inputs["attention_mask"].bool() & ~is_image)
     frac = layer.kept_fraction()
     assert frac[2] == 1.0 and abs(frac[1].item() - int(32 * layer.keep_ratio) / 32) < 1e-6
+
+
+def test_non_contiguous_hidden_states():
+    model = pmod.apply_pmod(tiny_causal_lm(num_layers=3), pmod.PModConfig(schedule=[1.0, 0.5, 0.5], targets="all"))
+    randomize_routers(model)
+    embeds = model.get_input_embeddings()(torch.randint(1, 100, (2, 7)))
+    strided = embeds.transpose(0, 1).contiguous().transpose(0, 1)  # same values, non-contiguous
+    assert not strided.is_contiguous()
+    with torch.no_grad():
+        torch.testing.assert_close(model(inputs_embeds=strided).logits, model(inputs_embeds=embeds).logits)
