@@ -178,7 +178,10 @@ def shape_from_config(config, name: str = "model") -> ModelShape:
     vc = getattr(config, "vision_config", None)
     if vc is not None:
         vision = VisionShape(vc.num_hidden_layers, vc.hidden_size, vc.intermediate_size, vc.image_size, vc.patch_size)
-    crops = 5 if getattr(config, "image_grid_pinpoints", None) else 1
+    pinpoints = getattr(config, "image_grid_pinpoints", None)
+    size = config.vision_config.image_size if getattr(config, "vision_config", None) is not None else 1
+    # anyres: the largest tiling plus the base image (LLaVA-NeXT: 4 + 1); an upper bound per image
+    crops = 1 + max((h // size) * (w // size) for h, w in pinpoints) if pinpoints else 1
     return ModelShape(name, decoder, vision, crops)
 
 

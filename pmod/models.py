@@ -28,6 +28,8 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
     MistralConfig,
     MistralForCausalLM,
     PreTrainedModel,
@@ -46,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 SUPPORTED_TEXT_FAMILIES = ("llama", "qwen2", "mistral")
 _IMAGE_INPUTS = ("pixel_values", "mm_encoder_outputs")
+_VIDEO_INPUTS = ("pixel_values_videos",)
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,10 @@ class _Family:
 _FAMILIES = [
     _Family(LlavaForConditionalGeneration, LlavaConfig, "pmod_llava", AutoModelForImageTextToText, True),
     _Family(LlavaNextForConditionalGeneration, LlavaNextConfig, "pmod_llava_next", AutoModelForImageTextToText, True),
+    _Family(
+        LlavaOnevisionForConditionalGeneration, LlavaOnevisionConfig, "pmod_llava_onevision", AutoModelForImageTextToText,
+        True,
+    ),
     _Family(LlamaForCausalLM, LlamaConfig, "pmod_llama", AutoModelForCausalLM, False),
     _Family(Qwen2ForCausalLM, Qwen2Config, "pmod_qwen2", AutoModelForCausalLM, False),
     _Family(MistralForCausalLM, MistralConfig, "pmod_mistral", AutoModelForCausalLM, False),
@@ -135,12 +142,14 @@ class PModModelMixin:
 
         settings = self.pmod
         has_images = any(arguments.get(k) is not None for k in _IMAGE_INPUTS)
+        has_videos = any(arguments.get(k) is not None for k in _VIDEO_INPUTS)
         image_token_id = getattr(self.config, "image_token_id", None)
+        video_token_id = getattr(self.config, "video_token_id", None)
         if target_mask is not None:
             if tuple(target_mask.shape) != (batch, length):
                 raise PModInputError(f"target_mask must have shape {(batch, length)}, got {tuple(target_mask.shape)}.")
             target = target_mask.to(device=device, dtype=torch.bool)
-        elif past_length > 0 and not has_images:
+        elif past_length > 0 and not (has_images or has_videos):
             # A decoding step: generated tokens are never targets (even one that equals the image token id).
             target = torch.zeros_like(valid)
         elif settings.settings.targets == "all":
@@ -151,8 +160,10 @@ class PModModelMixin:
                 "config.image_token_id), or target_mask=(batch, length) bool, or use PModConfig(targets='all')."
             )
         else:
-            # Image tokens are targets only where image features are spliced in.
+            # Image (video) tokens are targets only where image (video) features are spliced in.
             target = input_ids == image_token_id if has_images else torch.zeros_like(valid)
+            if has_videos and video_token_id is not None:
+                target = target | (input_ids == video_token_id)
         ratios = {i: settings.layer_ratios[i] for i in settings.routed_layers}
         extra["pmod_plan"] = RoutingPlan.build(target, valid, ratios, past_length=past_length)
 
@@ -312,7 +323,8 @@ def _family_of(model: nn.Module) -> _Family:
 
 # ---------------------------------------------------------------------- public API
 def apply_pmod(model: PreTrainedModel, config: PModConfig | None = None) -> PreTrainedModel:
-    """Convert a transformers LLaVA / LLaVA-NeXT / Llama / Qwen2 / Mistral model into a p-MoD model in place.
+    """Convert a transformers LLaVA / LLaVA-NeXT / LLaVA-OneVision / Llama / Qwen2 / Mistral model into a p-MoD
+    model in place.
 
     Routed decoder layers keep their parameter names and gain ``router`` (``nn.Linear(hidden, 1)``, zero
     at start by default). The settings and per-layer ratios are stored in ``model.config.pmod``.

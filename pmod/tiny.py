@@ -102,6 +102,38 @@ def tiny_llava_next(
     return model
 
 
+def tiny_llava_onevision(
+    num_layers: int = 4,
+    hidden_size: int = 64,
+    vocab_size: int = 128,
+    image_size: int = 28,
+    patch_size: int = 7,
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+) -> PreTrainedModel:
+    """A LLaVA-OneVision-shaped model: tiny SigLIP, Qwen2 decoder, anyres grid pinpoints up to 2x2 x image_size;
+    image token = vocab_size - 1, video token = vocab_size - 2."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, SiglipVisionConfig
+
+    torch.manual_seed(seed)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                image_size=image_size, patch_size=patch_size)
+    pinpoints = [[a * image_size, b * image_size] for a, b in [[1, 1], [1, 2], [2, 1], [2, 2]]]
+    cfg = LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=text_config("qwen2", vocab_size, hidden_size, num_layers, attn_implementation=attn_implementation),
+        image_token_id=vocab_size - 1,
+        video_token_id=vocab_size - 2,
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-1,
+    )
+    cfg._attn_implementation = attn_implementation
+    model = LlavaOnevisionForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # image_newline is created uninitialised
+        model.model.image_newline.normal_(0, 0.5)
+    return model
+
+
 def tiny_causal_lm(family: str = "llama", num_layers: int = 4, attn_implementation: str = "sdpa", seed: int = 0, **kwargs) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 

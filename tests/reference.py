@@ -15,7 +15,7 @@ class _Stop(Exception):
     pass
 
 
-def merged_embeddings(model, input_ids, pixel_values=None, image_sizes=None):
+def merged_embeddings(model, input_ids, pixel_values=None, image_sizes=None, **extra):
     """(1, T, D) input embeddings of one example with its image features spliced in, via the model's own code."""
     captured = {}
 
@@ -25,6 +25,7 @@ def merged_embeddings(model, input_ids, pixel_values=None, image_sizes=None):
 
     handle = model.model.language_model.register_forward_pre_hook(capture_and_stop, with_kwargs=True)
     kwargs = {"image_sizes": image_sizes} if image_sizes is not None else {}
+    kwargs.update({k: v for k, v in extra.items() if v is not None})
     try:
         with torch.no_grad():
             model.model(input_ids=input_ids, pixel_values=pixel_values, **kwargs)
@@ -88,7 +89,7 @@ def reference_language_model(model, x: torch.Tensor, positions: torch.Tensor, ta
 
 
 def reference_logits(model, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, position_ids=None,
-                     images_per_row=None, targets="vision"):
+                     images_per_row=None, targets="vision", pixel_values_videos=None, videos_per_row=None):
     """Per-example reference logits for a batch: a list of (n_b, vocab) tensors over each row's non-padding positions.
 
     ``images_per_row[b]`` says how many entries of ``pixel_values`` (in order) belong to row b.
@@ -98,8 +99,9 @@ def reference_logits(model, input_ids, attention_mask=None, pixel_values=None, i
     if position_ids is None:
         position_ids = torch.arange(length).expand(batch, length)
     images_per_row = images_per_row or [0] * batch
+    videos_per_row = videos_per_row or [0] * batch
     outs = []
-    cursor = 0
+    cursor = video_cursor = 0
     for b in range(batch):
         valid = mask[b].bool()
         ids = input_ids[b][valid][None]
@@ -108,11 +110,16 @@ def reference_logits(model, input_ids, attention_mask=None, pixel_values=None, i
             px = pixel_values[cursor : cursor + n] if n else None
             sizes = image_sizes[cursor : cursor + n] if (n and image_sizes is not None) else None
             cursor += n
-            x = merged_embeddings(model, ids, px, sizes)[0]
+            nv = videos_per_row[b]
+            videos = pixel_values_videos[video_cursor : video_cursor + nv] if nv else None
+            video_cursor += nv
+            x = merged_embeddings(model, ids, px, sizes, pixel_values_videos=videos)[0]
         else:
             x = model.get_input_embeddings()(ids)[0]
         if targets == "vision":
             target = ids[0] == model.config.image_token_id
+            if videos_per_row[b] and getattr(model.config, "video_token_id", None) is not None:
+                target = target | (ids[0] == model.config.video_token_id)
         else:
             target = torch.ones(ids.shape[1], dtype=torch.bool)
         outs.append(reference_language_model(model, x, position_ids[b][valid], target))
