@@ -33,8 +33,12 @@ from transformers import (
     MistralConfig,
     MistralForCausalLM,
     PreTrainedModel,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
 )
 from transformers.cache_utils import Cache, DynamicCache
 
@@ -46,9 +50,7 @@ from .routing import LayerRouting, RoutingPlan
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_TEXT_FAMILIES = ("llama", "qwen2", "mistral")
-_IMAGE_INPUTS = ("pixel_values", "mm_encoder_outputs")
-_VIDEO_INPUTS = ("pixel_values_videos",)
+SUPPORTED_TEXT_FAMILIES = ("llama", "qwen2", "mistral", "qwen2_vl_text", "qwen2_5_vl_text")
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,10 @@ _FAMILIES = [
         LlavaOnevisionForConditionalGeneration, LlavaOnevisionConfig, "pmod_llava_onevision", AutoModelForImageTextToText,
         True,
     ),
+    # Qwen2-VL / Qwen2.5-VL: M-RoPE. The rotary tables reaching the decoder layers are already per token (B, T, d),
+    # so kept tokens keep their 3-D positions by the same row gather as 1-D RoPE.
+    _Family(Qwen2VLForConditionalGeneration, Qwen2VLConfig, "pmod_qwen2_vl", AutoModelForImageTextToText, True),
+    _Family(Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLConfig, "pmod_qwen2_5_vl", AutoModelForImageTextToText, True),
     _Family(LlamaForCausalLM, LlamaConfig, "pmod_llama", AutoModelForCausalLM, False),
     _Family(Qwen2ForCausalLM, Qwen2Config, "pmod_qwen2", AutoModelForCausalLM, False),
     _Family(MistralForCausalLM, MistralConfig, "pmod_mistral", AutoModelForCausalLM, False),
@@ -141,8 +147,11 @@ class PModModelMixin:
             valid = attention_mask[:, -length:].to(device=device, dtype=torch.bool)
 
         settings = self.pmod
-        has_images = any(arguments.get(k) is not None for k in _IMAGE_INPUTS)
-        has_videos = any(arguments.get(k) is not None for k in _VIDEO_INPUTS)
+        # generate() hands the vision encoder's outputs as {"image": ..., "video": ...} instead of pixels.
+        encoded = arguments.get("mm_encoder_outputs", extra.get("mm_encoder_outputs"))
+        encoded = encoded if isinstance(encoded, dict) else ({"image": encoded} if encoded is not None else {})
+        has_images = arguments.get("pixel_values") is not None or encoded.get("image") is not None
+        has_videos = arguments.get("pixel_values_videos") is not None or encoded.get("video") is not None
         image_token_id = getattr(self.config, "image_token_id", None)
         video_token_id = getattr(self.config, "video_token_id", None)
         if target_mask is not None:

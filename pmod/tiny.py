@@ -134,6 +134,42 @@ def tiny_llava_onevision(
     return model
 
 
+def tiny_qwen2_vl(
+    num_layers: int = 4,
+    hidden_size: int = 64,
+    vocab_size: int = 128,
+    version: str = "2",
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+) -> PreTrainedModel:
+    """A Qwen2-VL (``version="2"``) or Qwen2.5-VL (``"2.5"``) shaped model: patch 2, temporal patch 2, 2x2 merge
+    (one token per 4 patches of a frame pair), M-RoPE sections [2, 3, 3]; image / video / vision-start /
+    vision-end tokens are vocab_size - 1 .. vocab_size - 4."""
+    import transformers
+
+    torch.manual_seed(seed)
+    vision = dict(depth=2, num_heads=4, patch_size=2, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    if version == "2":
+        vision.update(embed_dim=32, hidden_size=hidden_size, mlp_ratio=2)
+        config_cls, model_cls = transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration
+    elif version == "2.5":
+        vision.update(hidden_size=32, intermediate_size=64, out_hidden_size=hidden_size, window_size=8,
+                      fullatt_block_indexes=[1])
+        config_cls, model_cls = transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration
+    else:
+        raise ValueError(f"version must be '2' or '2.5', got {version!r}")
+    text = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=4,
+                num_key_value_heads=2, intermediate_size=2 * hidden_size,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0})
+    cfg = config_cls(
+        vision_config=vision, text_config=text, image_token_id=vocab_size - 1, video_token_id=vocab_size - 2,
+        vision_start_token_id=vocab_size - 3, vision_end_token_id=vocab_size - 4,
+    )
+    cfg._attn_implementation = attn_implementation
+    cfg.get_text_config()._attn_implementation = attn_implementation
+    return model_cls(cfg).eval()
+
+
 def tiny_causal_lm(family: str = "llama", num_layers: int = 4, attn_implementation: str = "sdpa", seed: int = 0, **kwargs) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 

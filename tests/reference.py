@@ -21,6 +21,7 @@ def merged_embeddings(model, input_ids, pixel_values=None, image_sizes=None, **e
 
     def capture_and_stop(module, args, kwargs):
         captured["x"] = kwargs["inputs_embeds"]
+        captured["positions"] = kwargs.get("position_ids")
         raise _Stop  # the decoder stack is what the reference reimplements
 
     handle = model.model.language_model.register_forward_pre_hook(capture_and_stop, with_kwargs=True)
@@ -33,7 +34,7 @@ def merged_embeddings(model, input_ids, pixel_values=None, image_sizes=None, **e
         pass
     finally:
         handle.remove()
-    return captured["x"]
+    return captured["x"], captured.get("positions")
 
 
 def causal_mask(n: int, dtype) -> torch.Tensor:
@@ -44,16 +45,22 @@ def causal_mask(n: int, dtype) -> torch.Tensor:
 def reference_language_model(model, x: torch.Tensor, positions: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Run the decoder stack of a p-MoD model on one example.
 
-    x: (n, D) input embeddings of the non-padding tokens; positions: (n,) their position ids;
-    target: (n,) bool routed positions. Returns (n, vocab) logits.
+    x: (n, D) input embeddings of the non-padding tokens; positions: (n,) their position ids, or (3, n)
+    multimodal (M-RoPE) position ids; target: (n,) bool routed positions. Returns (n, vocab) logits.
     """
+    mrope = positions.dim() == 2
+
+    def batched(p):  # position ids with a batch axis: (1, n) or (3, 1, n)
+        return p[:, None] if mrope else p[None]
+
     inner = model.model.language_model if hasattr(model.model, "language_model") else model.model
     pmod = model.pmod
     x = x[None]  # (1, n, D)
     for i, layer in enumerate(inner.layers):
         if i not in pmod.routed_layers:
-            cos_sin = inner.rotary_emb(x, positions[None])
-            x = layer(x, attention_mask=causal_mask(x.shape[1], x.dtype), position_embeddings=cos_sin, position_ids=positions[None])
+            cos_sin = inner.rotary_emb(x, batched(positions))
+            x = layer(x, attention_mask=causal_mask(x.shape[1], x.dtype), position_embeddings=cos_sin,
+                      position_ids=None if mrope else positions[None])
             continue
         ratio = pmod.layer_ratios[i]
         bias = layer.router.bias.float() if layer.router.bias is not None else 0.0
@@ -72,7 +79,7 @@ def reference_language_model(model, x: torch.Tensor, positions: torch.Tensor, ta
             x = (skip[:, None] * x[0])[None]
             continue
         xs = x[:, keep]
-        cos_sin = inner.rotary_emb(xs, positions[keep][None])
+        cos_sin = inner.rotary_emb(xs, batched(positions[..., keep]))
         attn, _ = layer.self_attn(
             hidden_states=layer.input_layernorm(xs),
             attention_mask=causal_mask(len(keep), x.dtype),
@@ -89,10 +96,12 @@ def reference_language_model(model, x: torch.Tensor, positions: torch.Tensor, ta
 
 
 def reference_logits(model, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, position_ids=None,
-                     images_per_row=None, targets="vision", pixel_values_videos=None, videos_per_row=None):
+                     images_per_row=None, targets="vision", pixel_values_videos=None, videos_per_row=None,
+                     row_inputs=None):
     """Per-example reference logits for a batch: a list of (n_b, vocab) tensors over each row's non-padding positions.
 
-    ``images_per_row[b]`` says how many entries of ``pixel_values`` (in order) belong to row b.
+    ``images_per_row[b]`` says how many entries of ``pixel_values`` (in order) belong to row b;
+    ``row_inputs(b)`` may give row b's model inputs directly (e.g. Qwen2-VL's flat patches and grids).
     """
     batch, length = input_ids.shape
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
@@ -112,15 +121,24 @@ def reference_logits(model, input_ids, attention_mask=None, pixel_values=None, i
             cursor += n
             nv = videos_per_row[b]
             videos = pixel_values_videos[video_cursor : video_cursor + nv] if nv else None
+            has_video = False
             video_cursor += nv
-            x = merged_embeddings(model, ids, px, sizes, pixel_values_videos=videos)[0]
+            kwargs = {"pixel_values": px, "image_sizes": sizes, "pixel_values_videos": videos}
+            kwargs.update(row_inputs(b) if row_inputs else {})
+            x, model_positions = merged_embeddings(model, ids, **kwargs)
+            x = x[0]
+            has_video = kwargs.get("pixel_values_videos") is not None
         else:
-            x = model.get_input_embeddings()(ids)[0]
+            x, model_positions, has_video = model.get_input_embeddings()(ids)[0], None, False
         if targets == "vision":
             target = ids[0] == model.config.image_token_id
-            if videos_per_row[b] and getattr(model.config, "video_token_id", None) is not None:
+            if has_video and getattr(model.config, "video_token_id", None) is not None:
                 target = target | (ids[0] == model.config.video_token_id)
         else:
             target = torch.ones(ids.shape[1], dtype=torch.bool)
-        outs.append(reference_language_model(model, x, position_ids[b][valid], target))
+        if model_positions is not None and model_positions.dim() == 3:  # M-RoPE ids the model computed: (3, 1, n)
+            positions = model_positions[-3:, 0]
+        else:
+            positions = position_ids[b][valid]
+        outs.append(reference_language_model(model, x, positions, target))
     return outs

@@ -1,0 +1,116 @@
+"""Qwen2-VL and Qwen2.5-VL (M-RoPE, flat patches, images and video): the core guarantees hold."""
+
+import pytest
+import torch
+from batches import valid_rows
+from reference import reference_logits
+from test_models import all_routed
+
+import pmod
+from pmod.tiny import randomize_routers, tiny_qwen2_vl
+
+# per row: ("image", t, h, w) | ("video", t, h, w) | None, and (text before, text after); grids in patches
+ROWS = [(("image", 1, 4, 6), (2, 3)), (("video", 2, 4, 4), (3, 1)), (None, (5, 2)), (("image", 1, 6, 4), (1, 1))]
+
+
+def qwen_inputs(model, rows=ROWS, seed=0):
+    """A left-padded batch, and each row's own inputs (for the per-example reference and one-by-one runs)."""
+    gen = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    vision = cfg.vision_config
+    patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    merge = vision.spatial_merge_size**2
+    seqs, types, singles = [], [], []
+    pixels = {"image": [], "video": []}
+    grids = {"image": [], "video": []}
+    for vis, (before, after) in rows:
+        text = lambda n: torch.randint(1, cfg.text_config.vocab_size - 4, (n,), generator=gen)  # noqa: E731
+        parts, kinds, single = [text(before)], [torch.zeros(before, dtype=torch.long)], {}
+        if vis is not None:
+            kind, t, h, w = vis
+            token = cfg.image_token_id if kind == "image" else cfg.video_token_id
+            n = t * h * w // merge
+            parts += [torch.tensor([cfg.vision_start_token_id]), torch.full((n,), token), torch.tensor([cfg.vision_end_token_id])]
+            kinds += [torch.zeros(1, dtype=torch.long), torch.full((n,), 1 if kind == "image" else 2), torch.zeros(1, dtype=torch.long)]
+            px = torch.randn(t * h * w, patch_dim, generator=gen)
+            pixels[kind].append(px)
+            grids[kind].append([t, h, w])
+            key = "pixel_values" if kind == "image" else "pixel_values_videos"
+            single = {key: px, f"{kind}_grid_thw": torch.tensor([[t, h, w]])}
+        parts.append(text(after))
+        kinds.append(torch.zeros(after, dtype=torch.long))
+        seqs.append(torch.cat(parts))
+        types.append(torch.cat(kinds))
+        singles.append(single)
+    length = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), length, dtype=torch.long)
+    tt = torch.zeros_like(ids)
+    mask = torch.zeros_like(ids)
+    for b, (s, k) in enumerate(zip(seqs, types)):
+        ids[b, length - len(s):], tt[b, length - len(s):], mask[b, length - len(s):] = s, k, 1
+        singles[b].update(input_ids=s[None], mm_token_type_ids=k[None])
+    inputs = dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=tt)
+    for kind, key in (("image", "pixel_values"), ("video", "pixel_values_videos")):
+        if pixels[kind]:
+            inputs[key] = torch.cat(pixels[kind])
+            inputs[f"{kind}_grid_thw"] = torch.tensor(grids[kind])
+    return inputs, singles
+
+
+@pytest.mark.parametrize("version", ["2", "2.5"])
+def test_keep_ratio_one_equals_dense(version):
+    dense = tiny_qwen2_vl(version=version)
+    inputs, _ = qwen_inputs(dense)
+    with torch.no_grad():
+        want = valid_rows(dense(**inputs).logits, inputs["attention_mask"])
+        routed = pmod.apply_pmod(dense, all_routed(4))
+        got = valid_rows(routed(**inputs).logits, inputs["attention_mask"])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("version", ["2", "2.5"])
+def test_random_routers_match_reference(version):
+    model = pmod.apply_pmod(tiny_qwen2_vl(version=version), pmod.PModConfig(schedule=[0.5, 1.0, 0.3, 0.6]))
+    randomize_routers(model)
+    inputs, singles = qwen_inputs(model)
+    with torch.no_grad():
+        got = valid_rows(model(**inputs).logits, inputs["attention_mask"])
+        ref = reference_logits(
+            model, inputs["input_ids"], inputs["attention_mask"],
+            row_inputs=lambda b: {k: v for k, v in singles[b].items() if k != "input_ids"},
+        )
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    r = model.routing()[2]
+    n_video = int((inputs["input_ids"][1] == model.config.video_token_id).sum())
+    assert int(r.target[1].sum()) == n_video and int(r.selected[1].sum()) == int(n_video * 0.3)
+    assert int(r.target[0].sum()) == 6 and not r.target[2].any()
+
+
+def test_batched_generation_equals_rows_alone_and_kv_shrinks(tmp_path):
+    model = pmod.apply_pmod(tiny_qwen2_vl(), pmod.PModConfig(schedule=[0.5, 1.0, 0.3, 0.6]))
+    randomize_routers(model)
+    inputs, singles = qwen_inputs(model)
+    cfg = model.config
+    suppress = [cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id]
+    kw = dict(max_new_tokens=5, do_sample=False, suppress_tokens=suppress, return_dict_in_generate=True)
+    with torch.no_grad():
+        out = model.generate(**inputs, **kw)
+        batched = out.sequences[:, inputs["input_ids"].shape[1]:]
+        for b, single in enumerate(singles):
+            alone = model.generate(**single, **kw).sequences[0, single["input_ids"].shape[1]:]
+            assert torch.equal(batched[b], alone), b
+    from pmod.efficiency import kv_cache_report
+
+    report = kv_cache_report(out.past_key_values)
+    # routed layers hold fewer entries (the text-only row keeps every slot of this small batch allocated)
+    assert sum(layer.entries for layer in report.layers) < sum(layer.dense_entries for layer in report.layers)
+    with torch.no_grad():
+        alone = model.generate(**singles[1], **kw)  # the video row: its cache shrinks in bytes too
+    assert kv_cache_report(alone.past_key_values).ratio < 1.0
+    model.save_pretrained(tmp_path)
+    loaded = pmod.load_model(tmp_path)
+    assert loaded.config.model_type == "pmod_qwen2_vl"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits)
