@@ -25,6 +25,10 @@ from pathlib import Path
 from .config import PModConfig
 from .errors import PModError
 
+# Kept in step with pmod.efficiency.PRESETS by a test; listed here so `pmod --help` does not import torch.
+PRESET_NAMES = ("llava-1.5-7b", "llava-1.5-13b", "llava-next-7b", "llava-next-13b", "llava-onevision-7b", "qwen2-vl-7b",
+                "qwen2.5-vl-7b")
+
 logger = logging.getLogger("pmod.cli")
 
 
@@ -232,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("flops", help="analytic prefill FLOPs and KV cache, dense vs p-MoD")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--preset", choices=["llava-1.5-7b", "llava-1.5-13b", "llava-next-7b", "llava-next-13b"])
+    source.add_argument("--preset", choices=sorted(PRESET_NAMES))
     source.add_argument("--model", help="a checkpoint directory (only config.json is read)")
     p.add_argument("--vision-tokens", type=int, required=True)
     p.add_argument("--text-tokens", type=int, required=True)

@@ -154,17 +154,25 @@ class ModelShape:
 _VICUNA_7B = DecoderShape(32, 4096, 11008, 32, 32, 32000)
 _VICUNA_13B = DecoderShape(40, 5120, 13824, 40, 40, 32000)
 _CLIP_L_336 = VisionShape(24, 1024, 4096, 336, 14)
+_QWEN2_7B = DecoderShape(28, 3584, 18944, 28, 4, 152064)  # Qwen2-7B and Qwen2.5-7B language models
+_SIGLIP_SO400M_384 = VisionShape(27, 1152, 4304, 384, 14)
 PRESETS: dict[str, ModelShape] = {
     "llava-1.5-7b": ModelShape("llava-1.5-7b", _VICUNA_7B, _CLIP_L_336, crops=1),
     "llava-1.5-13b": ModelShape("llava-1.5-13b", _VICUNA_13B, _CLIP_L_336, crops=1),
     # anyres with a 2x2 grid: the base image and four sub-images go through the vision tower
     "llava-next-7b": ModelShape("llava-next-7b", _VICUNA_7B, _CLIP_L_336, crops=5),
     "llava-next-13b": ModelShape("llava-next-13b", _VICUNA_13B, _CLIP_L_336, crops=5),
+    # anyres_max_9: up to nine sub-images plus the base image
+    "llava-onevision-7b": ModelShape("llava-onevision-7b", _QWEN2_7B, _SIGLIP_SO400M_384, crops=10),
+    # dynamic-resolution vision encoders: only the decoder (and LM head) is counted
+    "qwen2-vl-7b": ModelShape("qwen2-vl-7b", _QWEN2_7B, None),
+    "qwen2.5-vl-7b": ModelShape("qwen2.5-vl-7b", _QWEN2_7B, None),
 }
 
 
 def shape_from_config(config, name: str = "model") -> ModelShape:
-    """The cost-model shape of a transformers config (LLaVA, LLaVA-NeXT or a plain decoder; dense or p-MoD)."""
+    """The cost-model shape of a transformers config (LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL or a
+    plain decoder; dense or p-MoD)."""
     text = config.get_text_config(decoder=True)
     decoder = DecoderShape(
         text.num_hidden_layers,
@@ -176,10 +184,11 @@ def shape_from_config(config, name: str = "model") -> ModelShape:
     )
     vision = None
     vc = getattr(config, "vision_config", None)
-    if vc is not None:
+    fixed_size = vc is not None and all(hasattr(vc, k) for k in ("image_size", "intermediate_size", "num_hidden_layers"))
+    if fixed_size:  # a ViT on fixed-size crops; Qwen2-VL's dynamic-resolution encoder is not counted
         vision = VisionShape(vc.num_hidden_layers, vc.hidden_size, vc.intermediate_size, vc.image_size, vc.patch_size)
     pinpoints = getattr(config, "image_grid_pinpoints", None)
-    size = config.vision_config.image_size if getattr(config, "vision_config", None) is not None else 1
+    size = vc.image_size if fixed_size else 1
     # anyres: the largest tiling plus the base image (LLaVA-NeXT: 4 + 1); an upper bound per image
     crops = 1 + max((h // size) * (w // size) for h, w in pinpoints) if pinpoints else 1
     return ModelShape(name, decoder, vision, crops)

@@ -138,3 +138,18 @@ def test_flops_cli(tmp_path, capsys):
     assert main(["flops", "--model", str(tmp_path), "--vision-tokens", "16", "--text-tokens", "8", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert [layer["routed"] for layer in out["layers"]] == [True, False, True, True]
+
+
+def test_newer_architecture_presets_and_configs():
+    from pmod.cli import PRESET_NAMES
+    from pmod.efficiency import PRESETS, prefill_cost, shape_from_config
+    from pmod.tiny import tiny_llava_onevision, tiny_qwen2_vl
+
+    assert set(PRESET_NAMES) == set(PRESETS)
+    for name in ("qwen2-vl-7b", "qwen2.5-vl-7b", "llava-onevision-7b"):
+        cost = prefill_cost(PRESETS[name], 1024, 64, pmod.PModConfig())
+        assert 0.45 < cost.flops_ratio < 0.65 and cost.kv_ratio == pytest.approx(0.5375, abs=0.01)
+    qwen = shape_from_config(pmod.apply_pmod(tiny_qwen2_vl(), pmod.PModConfig()).config)
+    assert qwen.vision is None and qwen.decoder.num_layers == 4 and qwen.decoder.num_kv_heads == 2
+    onevision = shape_from_config(tiny_llava_onevision().config)
+    assert onevision.vision.hidden == 32 and onevision.crops == 5
