@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 SKIP_KEY = "pmod_skipped"
+TOKEN_LEVEL_INPUTS = ("mm_token_type_ids",)  # processor outputs with one value per token
 
 
 def load_records(path: str | Path) -> list[dict[str, Any]]:
@@ -92,7 +93,10 @@ class Encoder:
 
     def __post_init__(self) -> None:
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
-        self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+        # the processor's own placeholder ("<image>" for LLaVA, "<|image_pad|>" for Qwen2-VL)
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(getattr(self.processor, "image_token", IMAGE_PLACEHOLDER))
+        video = getattr(self.processor, "video_token", None)
+        self.placeholder_ids = {self.image_token_id} | ({self.tokenizer.convert_tokens_to_ids(video)} if video else set())
 
     def images(self, record: dict[str, Any]) -> list[Image.Image]:
         out = []
@@ -118,9 +122,10 @@ class Encoder:
         if not (labels != IGNORE_INDEX).any():
             raise PModInputError(f"record {record.get('id')!r}: no assistant tokens left to train on")
         out: dict[str, Any] = {"input_ids": ids, "labels": labels}
-        for key in ("pixel_values", "image_sizes"):
-            if images and key in enc:
-                out[key] = enc[key]
+        for key, value in enc.items():  # vision inputs (pixels, sizes, grids) and per-token inputs, as given
+            if key in ("input_ids", "attention_mask") or not isinstance(value, torch.Tensor):
+                continue
+            out[key] = value[0][: ids.shape[0]] if key in TOKEN_LEVEL_INPUTS else value
         return out
 
     def _terminate_replies(self, text: str, spans: list[tuple[int, int]]) -> tuple[str, list[tuple[int, int]]]:
@@ -149,18 +154,19 @@ class Encoder:
         # so the first reply token starts one character before the reply.
         trained = [b > a and a < e and b > s for a, b in plain["offset_mapping"] for s, e in [_span_of(a, b, spans)]]
         unexpanded = plain["input_ids"]
-        img = self.image_token_id
+        expandable = self.placeholder_ids
         seq = ids.tolist()
         labels, i, j = [], 0, 0
-        # Walk both sequences: each run of image tokens in the processor's ids is one run in the plain ids.
+        # Walk both sequences: each run of image (video) tokens in the processor's ids is one run in the plain ids.
         while i < len(seq):
-            if seq[i] == img:
-                while i < len(seq) and seq[i] == img:
+            if seq[i] in expandable:
+                token = seq[i]
+                while i < len(seq) and seq[i] == token:
                     labels.append(IGNORE_INDEX)
                     i += 1
-                if j >= len(unexpanded) or unexpanded[j] != img:
+                if j >= len(unexpanded) or unexpanded[j] != token:
                     break
-                while j < len(unexpanded) and unexpanded[j] == img:
+                while j < len(unexpanded) and unexpanded[j] == token:
                     j += 1
             else:
                 if j >= len(unexpanded) or unexpanded[j] != seq[i]:
@@ -273,15 +279,21 @@ class LlavaCollator:
             labels[row, cols] = item["labels"]
             mask[row, cols] = 1
         batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-        pixels = [item["pixel_values"] for item in items if "pixel_values" in item]
-        if pixels:
-            if pixels[0].dim() == 5:  # (n_images, n_tiles, 3, H, W): pad the tile dimension
-                tiles = max(p.shape[1] for p in pixels)
-                pixels = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, tiles - p.shape[1])) for p in pixels]
-            batch["pixel_values"] = torch.cat(pixels)
-        sizes = [item["image_sizes"] for item in items if "image_sizes" in item]
-        if sizes:
-            batch["image_sizes"] = torch.cat(sizes)
+        for key in TOKEN_LEVEL_INPUTS:  # per-token inputs (Qwen2-VL's modality types) pad like the ids, with 0
+            if any(key in item for item in items):
+                values = torch.zeros((len(items), width), dtype=torch.long)
+                for row, item in enumerate(items):
+                    n = item["input_ids"].shape[0]
+                    cols = slice(0, n) if self.padding_side == "right" else slice(width - n, width)
+                    values[row, cols] = item.get(key, torch.zeros(n, dtype=torch.long))
+                batch[key] = values
+        for key in sorted({k for item in items for k in item} - set(batch) - {"labels", SKIP_KEY, *TOKEN_LEVEL_INPUTS}):
+            # vision inputs of every image in the batch, in row order: pixels, patches, sizes, grids
+            parts = [item[key] for item in items if key in item]
+            if key == "pixel_values" and parts[0].dim() == 5:  # (n_images, n_tiles, 3, H, W): pad the tiles
+                tiles = max(p.shape[1] for p in parts)
+                parts = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, tiles - p.shape[1])) for p in parts]
+            batch[key] = torch.cat(parts)
         if self.count_in_batch:
             batch[SKIP_KEY] = torch.tensor(len(skipped))
         return batch

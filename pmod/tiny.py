@@ -159,7 +159,7 @@ def tiny_qwen2_vl(
     else:
         raise ValueError(f"version must be '2' or '2.5', got {version!r}")
     text = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=4,
-                num_key_value_heads=2, intermediate_size=2 * hidden_size,
+                num_key_value_heads=2, intermediate_size=2 * hidden_size, bos_token_id=2, eos_token_id=3, pad_token_id=0,
                 rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0})
     cfg = config_cls(
         vision_config=vision, text_config=text, image_token_id=vocab_size - 1, video_token_id=vocab_size - 2,

@@ -114,3 +114,27 @@ def test_batched_generation_equals_rows_alone_and_kv_shrinks(tmp_path):
     assert loaded.config.model_type == "pmod_qwen2_vl"
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits)
+
+
+def test_training_batches_equal_one_by_one_losses():
+    """The training collator on Qwen2-VL items (flat patches, grids, modality types): batch loss == per-item."""
+    from pmod.data import IGNORE_INDEX, LlavaCollator
+
+    model = pmod.apply_pmod(tiny_qwen2_vl(), pmod.PModConfig(schedule=[0.5, 1.0, 0.3, 0.6]))
+    randomize_routers(model)
+    _, singles = qwen_inputs(model)
+    items = []
+    for single in singles:
+        item = {k: v for k, v in single.items()}
+        item["input_ids"] = single["input_ids"][0]
+        item["mm_token_type_ids"] = single["mm_token_type_ids"][0]
+        item["labels"] = torch.full_like(item["input_ids"], IGNORE_INDEX)
+        item["labels"][-3:] = item["input_ids"][-3:]  # train on the last three tokens
+        items.append(item)
+    collator = LlavaCollator(pad_token_id=0)
+    batch = collator(items)
+    assert batch["mm_token_type_ids"].shape == batch["input_ids"].shape and batch["image_grid_thw"].shape == (2, 3)
+    with torch.no_grad():
+        batch_loss = model(**batch).loss
+        per_item = [model(**collator([item])).loss for item in items]
+    torch.testing.assert_close(batch_loss, sum(per_item) / len(per_item), rtol=1e-5, atol=1e-5)
