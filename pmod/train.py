@@ -273,10 +273,13 @@ def set_trainable(model: torch.nn.Module, stage: Stage, freeze_vision_tower: boo
 
 
 def tokens_per_image(model: torch.nn.Module) -> int:
-    """Image tokens of one image for length estimates (LLaVA-NeXT: the base grid, a lower bound)."""
+    """Image tokens of one image for length estimates (LLaVA-NeXT: the base grid, a lower bound; Qwen2-VL: a
+    448 x 448 image)."""
     vision = getattr(model.config, "vision_config", None)
     if vision is None:
         return 0
+    if not hasattr(vision, "image_size"):  # dynamic resolution (Qwen2-VL): a typical 448 x 448 image
+        return (448 // (vision.patch_size * getattr(vision, "spatial_merge_size", 1))) ** 2
     return (vision.image_size // vision.patch_size) ** 2
 
 

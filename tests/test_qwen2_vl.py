@@ -138,3 +138,29 @@ def test_training_batches_equal_one_by_one_losses():
         batch_loss = model(**batch).loss
         per_item = [model(**collator([item])).loss for item in items]
     torch.testing.assert_close(batch_loss, sum(per_item) / len(per_item), rtol=1e-5, atol=1e-5)
+
+
+def test_cached_decoding_equals_recomputation():
+    """Each generated step's logits (cache, rope_deltas kept by the model) equal a full recomputation."""
+    model = pmod.apply_pmod(tiny_qwen2_vl(), pmod.PModConfig(schedule=[0.5, 1.0, 0.3, 0.6]))
+    randomize_routers(model)
+    inputs, _ = qwen_inputs(model)
+    cfg = model.config
+    suppress = [cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id]
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, suppress_tokens=suppress,
+                             return_dict_in_generate=True, output_logits=True)
+        n = inputs["input_ids"].shape[1]
+        for step, logits in enumerate(out.logits):
+            ids = out.sequences[:, : n + step]
+            extra = ids.shape[1] - n
+            full = dict(inputs, input_ids=ids,
+                        attention_mask=torch.cat([inputs["attention_mask"], torch.ones(ids.shape[0], extra, dtype=torch.long)], 1),
+                        mm_token_type_ids=torch.cat([inputs["mm_token_type_ids"], torch.zeros(ids.shape[0], extra, dtype=torch.long)], 1))
+            torch.testing.assert_close(logits, model(**full).logits[:, -1], rtol=1e-4, atol=1e-4)
+
+
+def test_tokens_per_image_estimate_for_dynamic_resolution():
+    from pmod.train import tokens_per_image
+
+    assert tokens_per_image(tiny_qwen2_vl()) == (448 // 4) ** 2
