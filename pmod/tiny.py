@@ -96,8 +96,11 @@ def tiny_llava_next(
         image_grid_pinpoints=pinpoints,
     )
     cfg._attn_implementation = attn_implementation
-    model = LlavaNextForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # image_newline is created uninitialised
+    return _init_newline(LlavaNextForConditionalGeneration(cfg).eval())
+
+
+def _init_newline(model: PreTrainedModel) -> PreTrainedModel:
+    with torch.no_grad():  # anyres models create image_newline uninitialised
         model.model.image_newline.normal_(0, 0.5)
     return model
 
@@ -128,10 +131,7 @@ def tiny_llava_onevision(
         vision_feature_layer=-1,
     )
     cfg._attn_implementation = attn_implementation
-    model = LlavaOnevisionForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # image_newline is created uninitialised
-        model.model.image_newline.normal_(0, 0.5)
-    return model
+    return _init_newline(LlavaOnevisionForConditionalGeneration(cfg).eval())
 
 
 def tiny_qwen2_vl(

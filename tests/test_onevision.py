@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-from batches import build_batch, valid_rows
+from batches import assert_keep_ratio_one_equals_dense, build_batch, valid_rows
 from reference import reference_logits
-from test_models import all_routed
 
 import pmod
 from pmod.tiny import randomize_routers, tiny_llava_onevision
@@ -48,13 +47,7 @@ def onevision_inputs(model, rows=ROWS, padding_side="left", seed=0):
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_keep_ratio_one_equals_dense(attn):
     dense = tiny_llava_onevision(attn_implementation=attn)
-    inputs, _ = onevision_inputs(dense)
-    with torch.no_grad():
-        want = valid_rows(dense(**inputs).logits, inputs["attention_mask"])
-        routed = pmod.apply_pmod(dense, all_routed(4))
-        got = valid_rows(routed(**inputs).logits, inputs["attention_mask"])
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert_keep_ratio_one_equals_dense(dense, onevision_inputs(dense)[0])
 
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])

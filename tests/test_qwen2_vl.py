@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-from batches import valid_rows
+from batches import assert_keep_ratio_one_equals_dense, valid_rows
 from reference import reference_logits
-from test_models import all_routed
 
 import pmod
 from pmod.tiny import randomize_routers, tiny_qwen2_vl
@@ -60,13 +59,7 @@ def qwen_inputs(model, rows=ROWS, seed=0):
 @pytest.mark.parametrize("version", ["2", "2.5"])
 def test_keep_ratio_one_equals_dense(version):
     dense = tiny_qwen2_vl(version=version)
-    inputs, _ = qwen_inputs(dense)
-    with torch.no_grad():
-        want = valid_rows(dense(**inputs).logits, inputs["attention_mask"])
-        routed = pmod.apply_pmod(dense, all_routed(4))
-        got = valid_rows(routed(**inputs).logits, inputs["attention_mask"])
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert_keep_ratio_one_equals_dense(dense, qwen_inputs(dense)[0])
 
 
 @pytest.mark.parametrize("version", ["2", "2.5"])
