@@ -7,9 +7,10 @@ A LLaVA record is ``{"id", "image" (path | list of paths | absent), "conversatio
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from .errors import PModInputError
+from .errors import PModConfigError, PModInputError
 
 IMAGE_PLACEHOLDER = "<image>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -28,6 +29,17 @@ VICUNA_V1_TEMPLATE = (
     "{% else %}ASSISTANT: {% for c in message['content'] %}{{ c['text'] }}{% endfor %}</s>{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
+
+
+def resolve_chat_template(value: str) -> str:
+    """A chat template from a setting: ``vicuna_v1`` (the original LLaVA format), a file holding one, or Jinja text."""
+    if value == "vicuna_v1":
+        return VICUNA_V1_TEMPLATE
+    if "{%" not in value and Path(value).is_file():
+        return Path(value).read_text(encoding="utf-8")
+    if "{%" not in value and "{{" not in value:
+        raise PModConfigError(f"chat_template {value!r} is neither vicuna_v1, a file, nor a Jinja template")
+    return value
 
 
 def image_paths(record: dict[str, Any]) -> list[str]:

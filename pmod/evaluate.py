@@ -32,6 +32,7 @@ import torch
 
 from .conversation import image_paths, prompt_and_answer, render
 from .data import load_records  # noqa: F401  (part of this module's API)
+from .files import write_json_atomic, write_text_atomic
 from .errors import PModInputError
 
 logger = logging.getLogger(__name__)
@@ -380,21 +381,8 @@ def _read_done(path: Path) -> dict[str, dict[str, Any]]:
             dropped += 1
     if dropped:
         logger.warning("%s: dropped %d unreadable line(s) left by an interrupted run", path, dropped)
-        _write_text_atomic(path, "".join(line + "\n" for line in good_lines))
+        write_text_atomic(path, "".join(line + "\n" for line in good_lines))
     return done
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` through a temporary file and `os.replace`: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _score(item: _Item, prediction: str, costs: dict[str, Any]) -> QuestionResult:

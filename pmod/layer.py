@@ -79,7 +79,7 @@ class PModLayerMixin:
         pos = sel.positions  # (B, S)
         width = pos.shape[1]
         # STRing: targets carry g = alpha * tanh(s) + beta; text tokens are plain dense tokens (weight 1).
-        g = (self.pmod_alpha * (torch.tanh(logits) if self.pmod_tanh_norm else logits) + self.pmod_beta).to(x.dtype)
+        g = self.router_weight(logits).to(x.dtype)  # (B, T)
         weight = torch.where(pmod_plan.target, g, torch.ones_like(g))  # (B, T)
         skip_weight = weight if self.pmod_string else torch.ones_like(weight)  # (B, T)
         # Skipped targets become g * x, padding passes through; processed slots are overwritten below (through a
@@ -113,6 +113,10 @@ class PModLayerMixin:
         out.view(batch * length, hidden).index_copy_(0, flat, out_slots.reshape(batch * width, hidden))
         self._record(pmod_plan, sel, logits)
         return out
+
+    def router_weight(self, logits: torch.Tensor) -> torch.Tensor:
+        """TanhNorm: g = alpha * tanh(s) + beta (``alpha * s + beta`` with the ``tanh_norm=False`` ablation)."""
+        return self.pmod_alpha * (torch.tanh(logits) if self.pmod_tanh_norm else logits) + self.pmod_beta
 
     def _attention_mlp(self, xs, mask, position_ids, position_embeddings, attend: dict):
         """Pre-norm attention and MLP of the processed tokens: (h = x + Attn, MLP(norm2(h)))."""

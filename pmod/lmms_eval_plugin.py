@@ -31,7 +31,6 @@ import json
 import logging
 import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,7 +38,7 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 
 from .config import PModConfig
-from .conversation import IMAGE_PLACEHOLDER, VICUNA_V1_TEMPLATE, render, to_messages
+from .conversation import IMAGE_PLACEHOLDER, VICUNA_V1_TEMPLATE, render, resolve_chat_template, to_messages
 from .errors import PModConfigError, PModInputError
 from .evaluate import BatchOutput, generate_batch
 
@@ -181,7 +180,7 @@ class PMod(lmms):
         self.processor = AutoProcessor.from_pretrained(self.pretrained)
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
         if chat_template is not None:
-            self.processor.chat_template = _resolve_template(chat_template)
+            self.processor.chat_template = resolve_chat_template(chat_template)
         elif not getattr(self.processor, "chat_template", None) and not getattr(tokenizer, "chat_template", None):
             _eval_logger().warning(f"{self.pretrained} has no chat template: using the LLaVA-1.5 (Vicuna v1) format")
             self.processor.chat_template = VICUNA_V1_TEMPLATE
@@ -435,16 +434,6 @@ def _as_images(visuals: Any) -> list[Any]:
             )
         images.append(v.convert("RGB"))
     return images
-
-
-def _resolve_template(value: str) -> str:
-    if value == "vicuna_v1":
-        return VICUNA_V1_TEMPLATE
-    if "{%" not in value and Path(value).is_file():
-        return Path(value).read_text(encoding="utf-8")
-    if "{%" not in value and "{{" not in value:
-        raise PModConfigError(f"chat_template {value!r} is neither vicuna_v1, a file, nor a Jinja template")
-    return value
 
 
 def _load_dense(path: str, **kwargs: Any) -> Any:

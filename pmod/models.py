@@ -398,8 +398,6 @@ def load_pretrained(path: str | os.PathLike, **from_pretrained_kwargs) -> PreTra
     config = AutoConfig.from_pretrained(path)
     if config.model_type.startswith("pmod_"):
         return load_model(path, **from_pretrained_kwargs)
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-
     auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
     return auto.from_pretrained(path, **from_pretrained_kwargs)
 

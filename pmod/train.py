@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import importlib.util
 import logging
@@ -33,6 +34,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from .config import PModConfig
 from .data import SKIP_KEY, LlavaCollator, LlavaDataset, load_records, padding_image_processor
 from .errors import PModConfigError, PModInputError
+from .files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -205,21 +207,18 @@ def build_model(config: TrainConfig, records: list[dict[str, Any]], extra_words:
     """The model to train (p-MoD unless ``pmod`` is null) and its processor (with the recipe's chat template)."""
     model, processor = _model_and_processor(config, records, extra_words)
     if config.chat_template is not None:
-        from .conversation import VICUNA_V1_TEMPLATE
+        from .conversation import resolve_chat_template
 
-        template = VICUNA_V1_TEMPLATE if config.chat_template == "vicuna_v1" else config.chat_template
-        if "{%" not in template and "{{" not in template:
-            raise PModConfigError(f"chat_template must be 'vicuna_v1' or a Jinja template, got {template!r}")
-        processor.chat_template = template
+        processor.chat_template = resolve_chat_template(config.chat_template)
     if config.pad_images:
         processor.image_processor = padding_image_processor(processor.image_processor)
     return model, processor
 
 
 def _model_and_processor(config: TrainConfig, records: list[dict[str, Any]], extra_words: list[str] | None):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig
 
-    from .models import apply_pmod, load_model
+    from .models import apply_pmod, load_model, load_pretrained, load_processor
 
     kwargs = {"attn_implementation": config.attn_implementation} if config.attn_implementation else {}
     if config.tiny_model is not None:
@@ -230,23 +229,15 @@ def _model_and_processor(config: TrainConfig, records: list[dict[str, Any]], ext
     path = config.model_name_or_path
     if not Path(path).is_dir():
         raise PModConfigError(f"model_name_or_path {path!r} is not a directory (no model hub access is assumed)")
-    model_type = AutoConfig.from_pretrained(path).model_type
-    if model_type.startswith("pmod_"):
+    if AutoConfig.from_pretrained(path).model_type.startswith("pmod_"):
         if config.pmod:
             raise PModConfigError(f"{path} is already a p-MoD model; remove the 'pmod' settings from the recipe")
-        model = load_model(path, **kwargs)
+        model = load_pretrained(path, **kwargs)
     elif config.pmod is not None:
         model = load_model(path, PModConfig(**config.pmod), **kwargs)
     else:
-        try:
-            model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
-        except ValueError:
-            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    try:
-        processor = AutoProcessor.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise PModInputError(f"{path} has no processor/tokenizer files to build training inputs with: {exc}") from exc
-    return model, processor
+        model = load_pretrained(path, **kwargs)  # the dense baseline, as it is
+    return model, load_processor(path, need_images=False)  # text-only models train too
 
 
 def set_trainable(model: torch.nn.Module, stage: Stage, freeze_vision_tower: bool = True) -> dict[str, int]:
@@ -353,8 +344,7 @@ class PModTrainer(Trainer):
             r = getattr(layer, "last_routing", None)
             if r is None:
                 continue
-            s = r.router_logits[r.target]
-            weight = layer.pmod_alpha * (torch.tanh(s) if layer.pmod_tanh_norm else s) + layer.pmod_beta
+            weight = layer.router_weight(r.router_logits[r.target])
             rows.append(torch.stack([r.selected.sum().float(), r.target.sum().float(), weight.sum().float()]))
             indices.append(idx)
         if rows:
@@ -594,9 +584,15 @@ def _check_router_optimizer(config: TrainConfig) -> None:
         )
 
 
+@functools.cache
+def _training_argument_names() -> frozenset[str]:
+    """The settings this transformers version's TrainingArguments has."""
+    return frozenset(f.name for f in dataclasses.fields(TrainingArguments))
+
+
 def _checkpointing_arguments(enabled: bool) -> dict[str, Any]:
     """Activation checkpointing under this transformers version's name for it (renamed in 5.2x)."""
-    known = {f.name for f in dataclasses.fields(TrainingArguments)}
+    known = _training_argument_names()
     name = "activation_checkpointing" if "activation_checkpointing" in known else "gradient_checkpointing"
     out: dict[str, Any] = {name: enabled}
     if enabled:
@@ -611,7 +607,7 @@ def _training_arguments(kwargs: dict[str, Any], extra: dict[str, Any]) -> Traini
     if clash:
         raise PModConfigError(f"training_args repeats recipe settings {clash}; set them at the top level of the recipe")
     kwargs = {**kwargs, **extra}
-    known = {f.name for f in dataclasses.fields(TrainingArguments)}
+    known = _training_argument_names()
     unknown = sorted(k for k in kwargs if k not in known)
     if unknown:
         raise PModConfigError(
@@ -628,6 +624,4 @@ def _save_recipe(config: TrainConfig, out: Path) -> None:
     """The resolved recipe beside the checkpoints (written atomically), so a run can be reproduced."""
     import yaml
 
-    tmp = out / ".pmod_train.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    os.replace(tmp, out / "pmod_train.yaml")
+    write_text_atomic(out / "pmod_train.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))

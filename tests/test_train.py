@@ -234,3 +234,23 @@ def test_tiny_cpu_recipe_runs(tmp_path):
     assert result.global_step == 2 and (tmp_path / "data/train.json").is_file()
     model = pmod.load_model(tmp_path)
     assert model.config.text_config.num_hidden_layers == 8 and model.config.model_type == "pmod_llava"
+
+
+def test_training_from_saved_directories(data, tmp_path):
+    """model_name_or_path: a dense checkpoint converted by the recipe, trained as dense, or an existing p-MoD one."""
+    from pmod.tiny import tiny_llava, tiny_llava_processor
+    from transformers import AutoConfig
+
+    words = json.loads(Path(data[0]).read_text())[0]["conversations"][0]["value"].replace("<image>", "").split()
+    dense = tiny_llava(num_layers=4)
+    dense.save_pretrained(tmp_path / "dense")
+    tiny_llava_processor(dense, words + ["red", "green", "blue", "colour", "circle"]).save_pretrained(tmp_path / "dense")
+    common = {"tiny_model": None, "model_name_or_path": str(tmp_path / "dense"), "max_steps": 1}
+    routed = train(_config(data, tmp_path / "routed", **common))
+    assert AutoConfig.from_pretrained(routed.output_dir).model_type == "pmod_llava"
+    baseline = train(_config(data, tmp_path / "baseline", pmod=None, **common))
+    assert AutoConfig.from_pretrained(baseline.output_dir).model_type == "llava"
+    again = train(_config(data, tmp_path / "again", **{**common, "model_name_or_path": str(routed.output_dir)}))
+    assert again.trainable_parameters["router"] > 0
+    with pytest.raises(PModConfigError, match="already a p-MoD model"):
+        train(_config(data, tmp_path / "x", pmod={"average_ratio": 0.3}, **{**common, "model_name_or_path": str(routed.output_dir)}))
