@@ -23,8 +23,8 @@ from typing import Any
 import torch
 import yaml
 
-from .config import ResolvedPMod
 from .errors import PModConfigError
+from .files import write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -100,12 +100,6 @@ class DemoConfig:
 IMAGE_SIZE, PATCH = 112, 14  # 8 x 8 = 64 vision tokens per image
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
 def _train_variant(name: str, pmod: dict[str, Any] | None, data, demo: DemoConfig, out: Path) -> dict[str, Any]:
     """Train one model (or reuse a finished run with the same recipe); returns its training summary."""
     from .train import TrainConfig, train
@@ -152,20 +146,15 @@ def _train_variant(name: str, pmod: dict[str, Any] | None, data, demo: DemoConfi
         "log_history": result.log_history,
         "resumed_from": result.resumed_from,
     }
-    _write_json(summary_path, summary)
+    write_json_atomic(summary_path, summary)
     return summary
 
 
-def _evaluate_variant(name: str, data, out: Path, batch_size: int) -> dict[str, Any]:
-    from transformers import AutoProcessor
-
+def _evaluate_variant(name: str, model, processor, data, out: Path, batch_size: int) -> dict[str, Any]:
     from .evaluate import evaluate
-    from .models import load_pretrained
     from .synthetic import question_type
 
     metrics_path = out / name / "test_metrics.json"
-    model = load_pretrained(out / name)
-    processor = AutoProcessor.from_pretrained(out / name)
     records = data.load("test")
     result = evaluate(model.eval(), processor, records, data.image_dir, batch_size=batch_size, max_new_tokens=4,
                       predictions_path=out / name / "test_predictions.jsonl", metrics_path=metrics_path, resume=True)
@@ -177,16 +166,12 @@ def _evaluate_variant(name: str, data, out: Path, batch_size: int) -> dict[str, 
     return metrics
 
 
-def _prefill_latency(out: Path, names: list[str], data, reps: int) -> dict[str, float]:
+def _prefill_latency(models: dict[str, Any], processor, data, reps: int) -> dict[str, float]:
     """Median prefill (one forward over a batch of test prompts) per model, the models interleaved."""
-    from transformers import AutoProcessor
-
     from .conversation import prompt_and_answer, render
     from .data import Encoder
-    from .models import load_pretrained
 
-    models = {n: load_pretrained(out / n).eval() for n in names}
-    processor = AutoProcessor.from_pretrained(out / names[0])
+    names = list(models)
     records = data.load("test")[:16]
     encoder = Encoder(processor, data.image_dir)
     texts = [render(processor, prompt_and_answer(r)[0], add_generation_prompt=True) for r in records]
@@ -196,6 +181,7 @@ def _prefill_latency(out: Path, names: list[str], data, reps: int) -> dict[str, 
     times: dict[str, list[float]] = {n: [] for n in names}
     with torch.inference_mode():
         for n in names:  # warm-up
+            models[n].eval()
             models[n](**inputs)
         for _ in range(reps):
             for n in names:
@@ -205,18 +191,16 @@ def _prefill_latency(out: Path, names: list[str], data, reps: int) -> dict[str, 
     return {n: statistics.median(t) for n, t in times.items()}
 
 
-def _train_step_latency(out: Path, names: list[str], data, reps: int) -> dict[str, float]:
+def _train_step_latency(models: dict[str, Any], processor, data, reps: int) -> dict[str, float]:
     """Median forward + backward time per model on one training batch, the models interleaved."""
-    from transformers import AutoProcessor
-
     from .data import LlavaCollator, LlavaDataset
-    from .models import load_pretrained
 
-    models = {n: load_pretrained(out / n).train() for n in names}
-    processor = AutoProcessor.from_pretrained(out / names[0])
+    names = list(models)
     dataset = LlavaDataset(data.load("train")[:16], processor, data.image_dir)
     batch = LlavaCollator(pad_token_id=processor.tokenizer.pad_token_id or 0)([dataset[i] for i in range(len(dataset))])
     times: dict[str, list[float]] = {n: [] for n in names}
+    for model in models.values():
+        model.train()
     for rep in range(reps + 1):
         for n in names:
             start = time.perf_counter()
@@ -224,6 +208,8 @@ def _train_step_latency(out: Path, names: list[str], data, reps: int) -> dict[st
             if rep:  # the first round warms up
                 times[n].append(time.perf_counter() - start)
             models[n].zero_grad(set_to_none=True)
+    for model in models.values():
+        model.eval()
     return {n: statistics.median(t) for n, t in times.items()}
 
 
@@ -253,7 +239,11 @@ def _plot_curves(summaries: dict[str, dict[str, Any]], path: Path) -> None:
 
 def run_demo(demo: DemoConfig) -> dict[str, Any]:
     """Run the demo; returns the report (also written to ``report.json`` and ``report.md`` in ``demo.out``)."""
+    from PIL import Image
+
+    from .conversation import prompt_and_answer
     from .efficiency import prefill_cost, shape_from_config
+    from .models import load_pretrained, load_processor
     from .synthetic import SyntheticConfig, write_dataset
     from .viz import visualize
 
@@ -274,41 +264,35 @@ def run_demo(demo: DemoConfig) -> dict[str, Any]:
     logger.info("[3/6] training %s", pmod_name)
     summaries[pmod_name] = _train_variant(pmod_name, demo.pmod_settings(), data, demo, out)
 
+    # Both variants share the tokenizer and image processor (built from the same data); each model is loaded once.
+    models = {n: load_pretrained(out / n).eval() for n in summaries}
+    processor = load_processor(out / pmod_name)
     logger.info("[4/6] evaluating on %d test questions", size["n_test"])
-    metrics = {n: _evaluate_variant(n, data, out, batch_size=32) for n in summaries}
+    metrics = {n: _evaluate_variant(n, m, processor, data, out, batch_size=32) for n, m in models.items()}
 
     logger.info("[5/6] measuring prefill latency and counting FLOPs")
-    latency = _prefill_latency(out, list(summaries), data, size["reps"])
-    step = _train_step_latency(out, list(summaries), data, size["reps"])
-    from transformers import AutoConfig
-
-    config = json.loads((out / pmod_name / "config.json").read_text())
-    pmod_config = AutoConfig.from_pretrained(out / pmod_name)
+    latency = _prefill_latency(models, processor, data, size["reps"])
+    step = _train_step_latency(models, processor, data, size["reps"])
+    routed_model = models[pmod_name]
     vision_tokens = (IMAGE_SIZE // PATCH) ** 2
-    text_tokens = _mean_text_tokens(out / pmod_name, data)
-    cost = prefill_cost(shape_from_config(pmod_config, "demo"), vision_tokens, round(text_tokens),
-                        resolved=ResolvedPMod.from_dict(config["pmod"]), causal=True)
+    text_tokens = _mean_text_tokens(processor, data)
+    cost = prefill_cost(shape_from_config(routed_model.config, "demo"), vision_tokens, round(text_tokens),
+                        resolved=routed_model.pmod, causal=True)
 
     logger.info("[6/6] drawing training curves and kept-token maps")
     _plot_curves(summaries, out / "training_curves.png")
     record = data.load("test")[0]
-    from PIL import Image
-    from transformers import AutoProcessor
-
-    from .conversation import prompt_and_answer
-    from .models import load_model
-
     question = prompt_and_answer(record)[0][0]["content"][-1]["text"]
-    visualize(load_model(out / pmod_name), AutoProcessor.from_pretrained(out / pmod_name),
-              Image.open(data.image_dir / record["image"]).convert("RGB"), question, out / "routing.png",
-              title=f"{pmod_name}: kept vision tokens per routed layer")
+    with Image.open(data.image_dir / record["image"]) as image:
+        visualize(routed_model, processor, image.convert("RGB"), question, out / "routing.png",
+                  title=f"{pmod_name}: kept vision tokens per routed layer")
 
     dense, routed = metrics["dense"], metrics[pmod_name]
     accuracy_gap = routed["accuracy"] - dense["accuracy"]
     report = {
         "settings": {**{k: v for k, v in dataclasses.asdict(demo).items() if k != "size"}, "out": str(out), **size, "vision_tokens": vision_tokens,
                      "mean_text_tokens": text_tokens, "pmod": demo.pmod_settings(),
-                     "layer_ratios": config["pmod"]["layer_ratios"], "torch_threads": torch.get_num_threads()},
+                     "layer_ratios": routed_model.pmod.layer_ratios, "torch_threads": torch.get_num_threads()},
         "dataset": {"majority_answer_accuracy": data.stats["test"]["per_type_majority_baseline"]},
         "accuracy": {"dense": dense["accuracy"], pmod_name: routed["accuracy"], "gap_points": 100 * accuracy_gap},
         "accuracy_by_type": {"dense": dense["accuracy_by_type"], pmod_name: routed["accuracy_by_type"]},
@@ -329,8 +313,8 @@ def run_demo(demo: DemoConfig) -> dict[str, Any]:
         "reused_training": [n for n, s in summaries.items() if s.get("reused")],
         "machine": _machine(),
     }
-    _write_json(out / "report.json", report)
-    (out / "report.md").write_text(_markdown(report, pmod_name))
+    write_json_atomic(out / "report.json", report)
+    write_text_atomic(out / "report.md", _markdown(report, pmod_name))
     return report
 
 
@@ -352,13 +336,10 @@ def _machine() -> dict[str, Any]:
             "transformers": transformers.__version__, "python": platform.python_version()}
 
 
-def _mean_text_tokens(model_dir: Path, data) -> float:
+def _mean_text_tokens(processor, data) -> float:
     """Mean number of non-image prompt tokens of the test questions (what the decoder sees besides the image)."""
-    from transformers import AutoProcessor
-
     from .conversation import prompt_and_answer, render
 
-    processor = AutoProcessor.from_pretrained(model_dir)
     records = data.load("test")
     counts = []
     for r in records:
