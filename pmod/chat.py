@@ -6,13 +6,13 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TextStreamer
 
 from .efficiency import KVCacheReport, kv_cache_report
+from .data import load_image  # noqa: F401  (part of this module's API: pmod.chat.load_image)
 from .errors import PModInputError
 
 logger = logging.getLogger(__name__)
@@ -128,18 +128,6 @@ class ChatSession:
         answer = self.processor.tokenizer.decode(new[0], skip_special_tokens=True).strip()
         self.messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
         return answer, stats
-
-
-def load_image(path: str | Path):
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except FileNotFoundError as exc:
-        raise PModInputError(f"Image not found: {path}") from exc
-    except UnidentifiedImageError as exc:
-        raise PModInputError(f"Not a readable image file: {path}") from exc
 
 
 def chat_loop(session: ChatSession, lines: Iterable[str], write: Callable[[str], None], prompt_marker: Callable[[], None]) -> int:

@@ -70,11 +70,18 @@ def padding_image_processor(image_processor: Any) -> Any:
     return cls(**settings, do_pad=True)
 
 
-def open_image(path: Path) -> Image.Image:
-    """Read an image fully (so a truncated file fails here, not inside the processor) as RGB."""
-    with Image.open(path) as img:
-        img.load()
-        return img.convert("RGB")
+def load_image(path: str | Path) -> Image.Image:
+    """Read an image fully as RGB (a truncated file fails here, not inside the processor); a missing or unreadable
+    file is a `PModInputError` naming it."""
+    from PIL import UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except FileNotFoundError as exc:
+        raise PModInputError(f"Image not found: {path}") from exc
+    except UnidentifiedImageError as exc:
+        raise PModInputError(f"Not a readable image file: {path}") from exc
 
 
 @dataclass
@@ -102,7 +109,7 @@ class Encoder:
         out = []
         for p in image_paths(record):
             path = Path(p) if self.image_folder is None else Path(self.image_folder) / p
-            out.append(open_image(path))
+            out.append(load_image(path))
         return out
 
     def encode(self, record: dict[str, Any], images: list[Image.Image] | None = None) -> dict[str, Any]:
@@ -183,7 +190,8 @@ class Encoder:
 
     def _truncate(self, record: dict[str, Any], ids: torch.Tensor, labels: torch.Tensor):
         n = self.model_max_length
-        image_at = (ids == self.image_token_id).nonzero().flatten()
+        placeholders = torch.tensor(sorted(self.placeholder_ids), device=ids.device)
+        image_at = torch.isin(ids, placeholders).nonzero().flatten()  # image and video tokens
         if image_at.numel() and int(image_at[-1]) >= n:
             raise PModInputError(
                 f"record {record.get('id')!r}: {ids.shape[0]} tokens exceed model_max_length={n} and the cut would "

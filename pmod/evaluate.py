@@ -452,7 +452,7 @@ def evaluate(
 
     from tqdm.auto import tqdm
 
-    from .chat import load_image
+    from .data import load_image
 
     results: dict[str, QuestionResult] = {}
     for it in items:

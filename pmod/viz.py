@@ -304,7 +304,7 @@ def visualize(
     model's processor, or None to load it from that directory. ``image`` is a PIL image or a path.
     Returns the token maps.
     """
-    from .chat import load_image
+    from .data import load_image
     from .models import load_model
 
     if isinstance(model_dir_or_model, (str, os.PathLike)):
