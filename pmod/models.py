@@ -406,8 +406,11 @@ def load_processor(model_dir: str | os.PathLike, need_images: bool = True):
     """The processor saved next to a model, or a `PModInputError` that says how to save one."""
     from transformers import AutoProcessor
 
+    from .processors import load_qwen_processor
+
     try:
-        processor = AutoProcessor.from_pretrained(model_dir)
+        # Qwen2-VL processors need torchvision in transformers; without it, pmod's frame video processor stands in
+        processor = load_qwen_processor(model_dir) or AutoProcessor.from_pretrained(model_dir)
     except (OSError, ValueError, TypeError) as exc:
         raise PModInputError(
             f"{model_dir} has no usable processor (tokenizer + image processor): {exc}. "
@@ -418,6 +421,16 @@ def load_processor(model_dir: str | os.PathLike, need_images: bool = True):
             f"{model_dir} has a {type(processor).__name__} but no image processor; save the model's processor there."
         )
     return processor
+
+
+PLACEHOLDER_TOKENS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+
+
+def placeholder_token_ids(config: Any) -> list[int]:
+    """Ids a model must not generate: image / video placeholders (their features come only from pixels) and
+    Qwen2-VL's vision start / end markers."""
+    ids = [getattr(config, name, None) for name in PLACEHOLDER_TOKENS]
+    return [i for i in ids if isinstance(i, int)]
 
 
 def get_routing(model: nn.Module) -> dict[int, LayerRouting]:

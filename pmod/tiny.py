@@ -141,19 +141,20 @@ def tiny_qwen2_vl(
     version: str = "2",
     attn_implementation: str = "sdpa",
     seed: int = 0,
+    patch_size: int = 2,
 ) -> PreTrainedModel:
-    """A Qwen2-VL (``version="2"``) or Qwen2.5-VL (``"2.5"``) shaped model: patch 2, temporal patch 2, 2x2 merge
-    (one token per 4 patches of a frame pair), M-RoPE sections [2, 3, 3]; image / video / vision-start /
+    """A Qwen2-VL (``version="2"``) or Qwen2.5-VL (``"2.5"``) shaped model: patch ``patch_size``, temporal patch 2, 2x2 merge
+    (one token per 4 patches of a frame pair), M-RoPE sections [2, 3, 3], Qwen2.5-VL windows of 2 x 2 merged cells; image / video / vision-start /
     vision-end tokens are vocab_size - 1 .. vocab_size - 4."""
     import transformers
 
     torch.manual_seed(seed)
-    vision = dict(depth=2, num_heads=4, patch_size=2, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    vision = dict(depth=2, num_heads=4, patch_size=patch_size, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
     if version == "2":
         vision.update(embed_dim=32, hidden_size=hidden_size, mlp_ratio=2)
         config_cls, model_cls = transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration
     elif version == "2.5":
-        vision.update(hidden_size=32, intermediate_size=64, out_hidden_size=hidden_size, window_size=8,
+        vision.update(hidden_size=32, intermediate_size=64, out_hidden_size=hidden_size, window_size=4 * patch_size,
                       fullatt_block_indexes=[1])
         config_cls, model_cls = transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration
     else:
@@ -198,21 +199,24 @@ VICUNA_CHAT_TEMPLATE = (
 )
 
 
-def word_tokenizer(words: list[str], vocab_size: int):
-    """A word-level fast tokenizer: ids 0-3 are <pad> <unk> <s> </s>, then ``words``; ``<image>`` is vocab_size - 1."""
+def word_tokenizer(words: list[str], vocab_size: int, placeholders: dict[str, int] | None = None,
+                   specials: tuple[str, ...] = ("<pad>", "<unk>", "<s>", "</s>"), eos: str = "</s>"):
+    """A word-level fast tokenizer: ``specials`` first (pad, unk, bos, eos by default), then ``words``;
+    ``placeholders`` (default ``{"<image>": vocab_size - 1}``) are special tokens at fixed ids."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<pad>", "<unk>", "<s>", "</s>"]
-    vocab = {w: i for i, w in enumerate(specials + [w for w in dict.fromkeys(words) if w not in specials])}
-    if len(vocab) >= vocab_size:
-        raise ValueError(f"{len(vocab)} words do not fit a vocabulary of {vocab_size} (the last id is <image>).")
-    vocab["<image>"] = vocab_size - 1
+    placeholders = {"<image>": vocab_size - 1} if placeholders is None else placeholders
+    vocab = {w: i for i, w in enumerate(dict.fromkeys([*specials, *(w for w in words if w not in placeholders)]))}
+    if len(vocab) > min(placeholders.values(), default=vocab_size):
+        raise ValueError(f"{len(vocab)} words do not fit a vocabulary of {vocab_size} (the top ids are placeholders).")
+    vocab.update(placeholders)
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    extra = [t for t in specials if t not in ("<pad>", "<unk>", "<s>", eos)]
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        additional_special_tokens=["<image>"], padding_side="left",
+        tokenizer_object=tok, bos_token="<s>" if "<s>" in specials else None, eos_token=eos, unk_token="<unk>",
+        pad_token="<pad>", additional_special_tokens=[*extra, *placeholders], padding_side="left",
     )
     return fast
 
@@ -239,3 +243,40 @@ def tiny_llava_processor(model: LlavaForConditionalGeneration, words: list[str] 
         num_additional_image_tokens=1,
         chat_template=VICUNA_CHAT_TEMPLATE,
     )
+
+
+# Qwen2-VL's ChatML template, for content lists of {"type": "image" | "video" | "text"}.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_qwen2_vl_processor(model: PreTrainedModel, words: list[str] | None = None, image_size: int | None = None):
+    """A Qwen2-VL / Qwen2.5-VL processor matching a `tiny_qwen2_vl` model: word tokenizer with the model's
+    placeholder ids, the PIL image processor (every image resized to ``image_size`` squared pixels when given),
+    pmod's frame video processor where torchvision is missing, and a ChatML template."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from .processors import build_processor
+
+    cfg = model.config
+    vision = cfg.vision_config
+    placeholders = {"<|image_pad|>": cfg.image_token_id, "<|video_pad|>": cfg.video_token_id,
+                    "<|vision_start|>": cfg.vision_start_token_id, "<|vision_end|>": cfg.vision_end_token_id}
+    words = words or "user assistant system what is in the image ? a red blue green circle square yes no".split()
+    tokenizer = word_tokenizer(words, cfg.get_text_config().vocab_size, placeholders,
+                               specials=("<pad>", "<unk>", "<s>", "<|im_end|>", "<|im_start|>"), eos="<|im_end|>")
+    factor = vision.patch_size * vision.spatial_merge_size
+    pixels = {} if image_size is None else {"min_pixels": image_size**2, "max_pixels": image_size**2}
+    if image_size is not None and image_size % factor:
+        raise ValueError(f"image_size must be a multiple of patch_size * spatial_merge_size = {factor}")
+    image_processor = Qwen2VLImageProcessorPil(patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
+                                               temporal_patch_size=vision.temporal_patch_size, **pixels)
+    version = "2.5" if cfg.model_type.endswith("2_5_vl") else "2"
+    return build_processor(version, image_processor, tokenizer, chat_template=CHATML_TEMPLATE)

@@ -1,0 +1,255 @@
+"""Qwen2-VL / Qwen2.5-VL processors on machines without torchvision.
+
+transformers (5.x) builds `Qwen2VLProcessor` / `Qwen2_5_VLProcessor` only when torchvision is installed: their
+video processors are torchvision code, and the processor's type check looks the video-processor base class up by
+a name transformers exports only with torchvision. pmod does not depend on torchvision (CPU machines, CI), so this
+module supplies the two missing pieces and keeps everything else transformers' own (placeholder expansion,
+``mm_token_type_ids``, chat templates, saving):
+
+- `FrameVideoProcessor`: Qwen2-VL video preprocessing of already-decoded frames, with the PIL image processor
+  per frame; the patch layout is the torchvision video processor's (time-major groups of ``temporal_patch_size``
+  frames, the last frame repeated to fill a group).
+- `processor_class` / `build_processor` / `load_qwen_processor`: the installed processor class, subclassed only to
+  accept that video processor, used when torchvision is missing (with torchvision, transformers' classes as they
+  are).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.video_processing_utils import VideoProcessorMixin
+
+from .errors import PModInputError
+
+logger = logging.getLogger(__name__)
+
+QWEN_PROCESSORS = ("Qwen2VLProcessor", "Qwen2_5_VLProcessor")
+VIDEO_CONFIG = "video_preprocessor_config.json"
+
+
+def has_torchvision() -> bool:
+    return importlib.util.find_spec("torchvision") is not None
+
+
+class FrameVideoProcessor(VideoProcessorMixin):
+    """Qwen2-VL video preprocessing of decoded frames (a video = a list of PIL images or HWC arrays, already
+    sampled at ``fps`` frames per second), numpy and PIL only.
+
+    Each frame goes through `Qwen2VLImageProcessorPil` (smart resize to a multiple of ``patch_size *
+    merge_size`` within [min_pixels, max_pixels], rescale, normalise); frames are then grouped in time, as the
+    vision tower's 3-D patch embedding expects. Outputs ``pixel_values_videos`` (sum of t*h*w, C*tp*p*p),
+    ``video_grid_thw`` and ``video_metadata`` (Qwen2.5-VL derives its temporal rotary step from the fps).
+    """
+
+    model_input_names = ["pixel_values_videos", "video_grid_thw"]
+
+    def __init__(
+        self,
+        patch_size: int = 14,
+        temporal_patch_size: int = 2,
+        merge_size: int = 2,
+        min_pixels: int = 128 * 28 * 28,
+        max_pixels: int = 768 * 28 * 28,
+        image_mean: list[float] | None = None,
+        image_std: list[float] | None = None,
+        fps: float = 2.0,
+        **kwargs: Any,
+    ) -> None:
+        from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+        kwargs.pop("video_processor_type", None)
+        super().__init__(**kwargs)
+        self.patch_size, self.temporal_patch_size, self.merge_size = patch_size, temporal_patch_size, merge_size
+        self.min_pixels, self.max_pixels, self.fps = min_pixels, max_pixels, fps
+        self.image_mean = list(image_mean if image_mean is not None else OPENAI_CLIP_MEAN)
+        self.image_std = list(image_std if image_std is not None else OPENAI_CLIP_STD)
+
+    def _frame_processor(self):
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        return Qwen2VLImageProcessorPil(
+            patch_size=self.patch_size, temporal_patch_size=self.temporal_patch_size, merge_size=self.merge_size,
+            min_pixels=self.min_pixels, max_pixels=self.max_pixels, image_mean=self.image_mean, image_std=self.image_std,
+        )
+
+    def __call__(self, videos: Any, return_tensors: str | None = None, **kwargs: Any) -> BatchFeature:
+        return self.preprocess(videos, return_tensors=return_tensors, **kwargs)
+
+    def preprocess(self, videos: Any, return_tensors: str | None = None, **kwargs: Any) -> BatchFeature:
+        from transformers.video_utils import VideoMetadata
+
+        videos = _as_video_list(videos)
+        frames = self._frame_processor()
+        tp, p = self.temporal_patch_size, self.patch_size
+        all_patches, grids, metadata = [], [], []
+        for v, video in enumerate(videos):
+            out = frames.preprocess(video, return_tensors=None)
+            sizes = {tuple(g) for g in out["image_grid_thw"].tolist()}
+            if len(sizes) != 1:
+                raise PModInputError(f"video {v}: its frames have different sizes; every frame of a video must match")
+            _, gh, gw = sizes.pop()
+            n = gh * gw
+            # the image processor repeats each frame over the temporal axis: keep one copy per frame
+            per_frame = np.asarray(out["pixel_values"]).reshape(len(video), n, -1, tp, p, p)[:, :, :, 0]  # (T, n, C, p, p)
+            if pad := -len(video) % tp:  # fill the last group by repeating the last frame, as transformers does
+                per_frame = np.concatenate([per_frame, np.repeat(per_frame[-1:], pad, axis=0)])
+            groups = per_frame.shape[0] // tp
+            grouped = per_frame.reshape(groups, tp, n, -1, p, p).transpose(0, 2, 3, 1, 4, 5)  # (t, n, C, tp, p, p)
+            all_patches.append(grouped.reshape(groups * n, -1))  # (t*h*w, C*tp*p*p)
+            grids.append([groups, gh, gw])
+            metadata.append(VideoMetadata(total_num_frames=len(video), fps=self.fps, frames_indices=list(range(len(video)))))
+        data = {"pixel_values_videos": np.concatenate(all_patches), "video_grid_thw": np.array(grids, dtype=np.int64)}
+        feature = BatchFeature(data=data, tensor_type=return_tensors)
+        feature["video_metadata"] = metadata
+        return feature
+
+    def get_num_of_video_patches(self, num_frames: int, height: int, width: int, videos_kwargs: dict | None = None) -> int:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        factor = self.patch_size * self.merge_size
+        h, w = smart_resize(height, width, factor, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+        groups = -(-num_frames // self.temporal_patch_size)
+        return groups * (h // self.patch_size) * (w // self.patch_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        keys = ("patch_size", "temporal_patch_size", "merge_size", "min_pixels", "max_pixels", "image_mean",
+                "image_std", "fps")
+        return {"video_processor_type": type(self).__name__, **{k: getattr(self, k) for k in keys}}
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> list[str]:
+        path = Path(save_directory) / VIDEO_CONFIG
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return [str(path)]
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any], **kwargs: Any) -> FrameVideoProcessor:
+        """From `to_dict` output, or from the settings of transformers' own Qwen2-VL video processor."""
+        saved = dict(saved)
+        if isinstance(saved.get("size"), dict):
+            saved.setdefault("min_pixels", saved["size"].get("shortest_edge"))
+            saved.setdefault("max_pixels", saved["size"].get("longest_edge"))
+        keys = ("patch_size", "temporal_patch_size", "merge_size", "min_pixels", "max_pixels", "image_mean",
+                "image_std", "fps")
+        return cls(**{k: saved[k] for k in keys if saved.get(k) is not None}, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, **kwargs: Any) -> FrameVideoProcessor:
+        """From a saved processor folder: the ``video_processor`` entry of processor_config.json (how processors
+        save their parts) or a standalone video_preprocessor_config.json."""
+        for name, key in (("processor_config.json", "video_processor"), (VIDEO_CONFIG, None)):
+            path = Path(directory) / name
+            if path.is_file():
+                saved = json.loads(path.read_text())
+                saved = saved.get(key) if key else saved
+                if isinstance(saved, dict):
+                    return cls.from_dict(saved, **kwargs)
+        raise PModInputError(f"{directory} has no video processor settings ({VIDEO_CONFIG} or processor_config.json)")
+
+
+def _as_video_list(videos: Any) -> list[list[Any]]:
+    """One video (a list of frames or a (T, H, W, C) array) or a list of them -> a list of frame lists."""
+    from PIL import Image
+
+    if isinstance(videos, np.ndarray) and videos.ndim == 4:
+        return [list(videos)]
+    if isinstance(videos, (list, tuple)) and videos and isinstance(videos[0], (Image.Image, np.ndarray)) and not (
+        isinstance(videos[0], np.ndarray) and videos[0].ndim == 4
+    ):
+        return [list(videos)]
+    if isinstance(videos, (list, tuple)) and all(isinstance(v, (list, tuple, np.ndarray)) for v in videos):
+        return [list(v) for v in videos]
+    raise PModInputError(
+        "videos must be decoded frames: a list of PIL images (one video), a list of such lists, or (T, H, W, C) "
+        f"arrays; got {type(videos).__name__}. Decode video files first (e.g. with torchcodec or PyAV)."
+    )
+
+
+_CLASSES: dict[str, type] = {}
+
+
+def processor_class(name: str) -> type:
+    """The installed ``Qwen2VLProcessor`` / ``Qwen2_5_VLProcessor``; without torchvision, a subclass that accepts a
+    `FrameVideoProcessor` (nothing else differs)."""
+    import transformers
+
+    if name not in QWEN_PROCESSORS:
+        raise ValueError(f"not a Qwen2-VL processor: {name}")
+    base = getattr(transformers, name)
+    if has_torchvision():
+        return base
+    if name not in _CLASSES:
+
+        def check_argument_for_proper_class(self, argument_name: str, argument: Any):
+            if argument_name == "video_processor":  # transformers looks this base class up by an unexported name
+                if not isinstance(argument, VideoProcessorMixin):
+                    raise TypeError(f"video_processor must be a video processor, got {type(argument).__name__}")
+                return type(argument)
+            return base.check_argument_for_proper_class(self, argument_name, argument)
+
+        @classmethod
+        def _get_arguments_from_pretrained(cls, path, processor_dict=None, **kwargs):
+            from transformers import AutoImageProcessor, AutoTokenizer
+
+            kwargs.pop("subfolder", None)
+            video = (processor_dict or {}).get("video_processor")
+            return [AutoImageProcessor.from_pretrained(path, **kwargs), AutoTokenizer.from_pretrained(path, **kwargs),
+                    FrameVideoProcessor.from_dict(video) if isinstance(video, dict) else FrameVideoProcessor.from_pretrained(path)]
+
+        _CLASSES[name] = type(name, (base,), {
+            "__module__": __name__,
+            "__doc__": f"transformers' {name} with a `FrameVideoProcessor` (no torchvision here).",
+            "check_argument_for_proper_class": check_argument_for_proper_class,
+            "_get_arguments_from_pretrained": _get_arguments_from_pretrained,
+        })
+    return _CLASSES[name]
+
+
+def build_processor(version: str, image_processor: Any, tokenizer: Any, video_processor: Any | None = None,
+                    chat_template: str | None = None) -> Any:
+    """A Qwen2-VL (``version="2"``) or Qwen2.5-VL (``"2.5"``) processor from its parts; the video processor
+    defaults to a `FrameVideoProcessor` with the image processor's patch settings."""
+    name = {"2": "Qwen2VLProcessor", "2.5": "Qwen2_5_VLProcessor"}.get(version)
+    if name is None:
+        raise ValueError(f"version must be '2' or '2.5', got {version!r}")
+    if video_processor is None:
+        video_processor = FrameVideoProcessor(
+            patch_size=image_processor.patch_size, temporal_patch_size=image_processor.temporal_patch_size,
+            merge_size=image_processor.merge_size, min_pixels=image_processor.size["shortest_edge"],
+            max_pixels=image_processor.size["longest_edge"], image_mean=list(image_processor.image_mean),
+            image_std=list(image_processor.image_std),
+        )
+    return processor_class(name)(image_processor=image_processor, tokenizer=tokenizer,
+                                 video_processor=video_processor, chat_template=chat_template)
+
+
+def saved_processor_class(model_dir: str | os.PathLike) -> str | None:
+    """The processor class named in a saved model folder, if any."""
+    for name in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
+        path = Path(model_dir) / name
+        if path.is_file():
+            try:
+                found = json.loads(path.read_text()).get("processor_class")
+            except (json.JSONDecodeError, AttributeError):
+                continue
+            if found:
+                return found
+    return None
+
+
+def load_qwen_processor(model_dir: str | os.PathLike) -> Any | None:
+    """A saved Qwen2-VL / Qwen2.5-VL processor through `processor_class` when torchvision is missing (None when
+    the folder holds another processor, or when transformers' own loading can be used)."""
+    name = saved_processor_class(model_dir)
+    if name not in QWEN_PROCESSORS or has_torchvision():
+        return None
+    logger.info("torchvision is not installed: loading %s with pmod's frame video processor", name)
+    return processor_class(name).from_pretrained(model_dir)

@@ -1,0 +1,106 @@
+"""pmod.processors: Qwen2-VL processors without torchvision (frame video processor, save / load)."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import pmod
+from pmod.errors import PModInputError
+from pmod.models import load_processor
+from pmod.processors import FrameVideoProcessor, has_torchvision
+from pmod.tiny import tiny_qwen2_vl, tiny_qwen2_vl_processor
+
+MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+
+
+def frames(n, height=28, width=56, seed=0):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def reference_patches(video, p, tp, m):
+    """The documented Qwen2-VL video layout, element by element: groups of tp frames in time; in each group the
+    patches by merged cell (row, col) then by position inside the cell; each patch row = (C, tp, p, p)."""
+    x = [(np.asarray(f, dtype=np.float64) / 255 - MEAN) / STD for f in video]  # (H, W, C) each, normalised
+    x += [x[-1]] * (-len(x) % tp)  # the last frame repeated to fill the last group
+    height, width = x[0].shape[:2]
+    gh, gw = height // p, width // p
+    rows = []
+    for g in range(len(x) // tp):
+        for bh in range(gh // m):
+            for bw in range(gw // m):
+                for mh in range(m):
+                    for mw in range(m):
+                        y, xx = (bh * m + mh) * p, (bw * m + mw) * p
+                        row = [x[g * tp + t][y + py, xx + px, c] for c in range(3) for t in range(tp)
+                               for py in range(p) for px in range(p)]
+                        rows.append(row)
+    return np.array(rows), [len(x) // tp, gh, gw]
+
+
+@pytest.mark.parametrize("n_frames", [4, 3, 1])
+def test_frame_video_processor_matches_the_reference_layout(n_frames):
+    proc = FrameVideoProcessor(patch_size=7, temporal_patch_size=2, merge_size=2, min_pixels=28 * 56,
+                               max_pixels=28 * 56, image_mean=MEAN, image_std=STD)
+    videos = [frames(n_frames, seed=1), frames(2, seed=2)]
+    out = proc(videos, return_tensors="pt")
+    expected = [reference_patches(v, 7, 2, 2) for v in videos]
+    np.testing.assert_allclose(out["pixel_values_videos"].numpy(), np.concatenate([e[0] for e in expected]),
+                               rtol=1e-5, atol=1e-5)
+    assert out["video_grid_thw"].tolist() == [e[1] for e in expected]
+    assert [m.total_num_frames for m in out["video_metadata"]] == [n_frames, 2]
+    patches = proc.get_num_of_video_patches(n_frames, 28, 56)
+    assert patches == int(out["video_grid_thw"][0].prod())
+
+
+def test_a_still_video_equals_the_image():
+    """Two identical frames give exactly the image processor's patches (it repeats an image over time)."""
+    model = tiny_qwen2_vl(patch_size=7)
+    processor = tiny_qwen2_vl_processor(model, image_size=28)
+    image = frames(1, 28, 28)[0]
+    as_video = processor.video_processor([[image, image]], return_tensors="pt")
+    as_image = processor.image_processor([image], return_tensors="pt")
+    torch.testing.assert_close(as_video["pixel_values_videos"], as_image["pixel_values"])
+    assert as_video["video_grid_thw"].tolist() == as_image["image_grid_thw"].tolist()
+
+
+def test_bad_videos_are_explained():
+    proc = FrameVideoProcessor(patch_size=7, min_pixels=28 * 28, max_pixels=28 * 56)
+    with pytest.raises(PModInputError, match="different sizes"):
+        proc([frames(1, 28, 28) + frames(1, 28, 56)])
+    with pytest.raises(PModInputError, match="decoded frames"):
+        proc("clip.mp4")
+
+
+@pytest.mark.parametrize("version", ["2", "2.5"])
+def test_processor_expands_placeholders_and_round_trips(tmp_path, version):
+    model = pmod.apply_pmod(tiny_qwen2_vl(version=version, patch_size=7), pmod.PModConfig(schedule=[1.0, 1.0, 0.5, 0.5]))
+    processor = tiny_qwen2_vl_processor(model, image_size=28)
+    if not has_torchvision():
+        assert type(processor).__module__ == "pmod.processors"
+    image = frames(1, 28, 28)[0]
+    text = ["what is <|vision_start|><|image_pad|><|vision_end|> ?", "<|vision_start|><|video_pad|><|vision_end|> what"]
+    out = processor(text=text, images=[image], videos=[frames(3, 28, 28)], return_tensors="pt", padding=True)
+    ids, types = out["input_ids"], out["mm_token_type_ids"]
+    assert int((ids[0] == model.config.image_token_id).sum()) == 4  # 4 x 4 patches, 2 x 2 merge
+    assert int((ids[1] == model.config.video_token_id).sum()) == 8  # 3 frames -> 2 time steps x 4
+    assert torch.equal(types == 1, ids == model.config.image_token_id)
+    assert torch.equal(types == 2, ids == model.config.video_token_id)
+    if version == "2.5":
+        assert out["second_per_grid_ts"].tolist() == [1.0]  # 2 frames per time step at 2 fps
+
+    processor.save_pretrained(tmp_path)
+    loaded = load_processor(tmp_path)
+    assert type(loaded).__name__ == type(processor).__name__
+    again = loaded(text=text, images=[image], videos=[frames(3, 28, 28)], return_tensors="pt", padding=True)
+    for key, value in out.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(again[key], value), key
+    assert loaded.chat_template == processor.chat_template
+    inputs = {k: v for k, v in out.items() if k != "video_metadata"}
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert logits.shape[:2] == ids.shape and torch.isfinite(logits).all()
+    r = model.routing()[2]
+    assert int(r.target.sum()) == 12 and int(r.selected[1].sum()) == 4
