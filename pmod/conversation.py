@@ -1,18 +1,23 @@
 """LLaVA-format conversations: validation, conversion to chat messages, prompt rendering.
 
 A LLaVA record is ``{"id", "image" (path | list of paths | absent), "conversations": [{"from": "human" | "gpt",
-"value": ...}, ...]}`` with ``<image>`` placeholders in the human turns. Training (`pmod.data`) and evaluation
+"value": ...}, ...]}`` with ``<image>`` placeholders in the human turns. Video records (LLaVA-Video style) name
+``"video"``: a folder of frames, a list of frame paths, or a list of such videos, with ``<video>`` placeholders. Training (`pmod.data`) and evaluation
 (`pmod.evaluate`) both go through this module so that a prompt is rendered the same way in both.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 from .errors import PModConfigError, PModInputError
 
 IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
+PLACEHOLDERS = {IMAGE_PLACEHOLDER: "image", VIDEO_PLACEHOLDER: "video"}
+_SPLIT = re.compile("(" + "|".join(map(re.escape, PLACEHOLDERS)) + ")")
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 # The original LLaVA "vicuna_v1" conversation template (system prompt, "USER: ... ASSISTANT: ...</s>").
@@ -54,30 +59,50 @@ def image_paths(record: dict[str, Any]) -> list[str]:
     raise PModInputError(f"record {record.get('id')!r}: 'image' must be a path or a list of paths, got {image!r}")
 
 
-def to_messages(record: dict[str, Any]) -> list[dict[str, Any]]:
-    """Turn a LLaVA record into chat messages (`{"role", "content": [{"type": "image"} | {"type": "text"}]}`).
+def video_sources(record: dict[str, Any]) -> list[str | list[str]]:
+    """The record's videos, in placeholder order: each a frame folder or a list of frame paths ([] for none)."""
+    video = record.get("video")
+    if video is None:
+        return []
+    if isinstance(video, str):
+        return [video]
+    if isinstance(video, list) and video and all(isinstance(p, str) for p in video):
+        return [list(video)]  # the frames of one video
+    if isinstance(video, list) and all(isinstance(v, str) or (isinstance(v, list) and v and all(
+            isinstance(p, str) for p in v)) for v in video):
+        return list(video)
+    raise PModInputError(
+        f"record {record.get('id')!r}: 'video' must be a frame folder, a list of frame paths, or a list of those; "
+        f"got {video!r}"
+    )
 
-    The number of ``<image>`` placeholders must equal the number of images. A record that has images but no
-    placeholder gets one at the start of its first human turn, as the original LLaVA data loader does.
+
+def to_messages(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """Turn a LLaVA record into chat messages (`{"role", "content": [{"type": "image" | "video" | "text"}]}`).
+
+    The number of ``<image>`` (``<video>``) placeholders must equal the number of images (videos). A record that
+    has images but no placeholder gets one at the start of its first human turn, as the original LLaVA data
+    loader does; likewise for videos.
     """
     rid = record.get("id")
     turns = record.get("conversations")
     if not isinstance(turns, list) or not turns:
         raise PModInputError(f"record {rid!r}: 'conversations' must be a non-empty list of turns")
-    n_images = len(image_paths(record))
-    n_placeholders = sum(str(t.get("value", "")).count(IMAGE_PLACEHOLDER) for t in turns if isinstance(t, dict))
-    if n_placeholders == 0 and n_images:
-        first = next((i for i, t in enumerate(turns) if ROLES.get(t.get("from")) == "user"), None)
-        if first is None:
-            raise PModInputError(f"record {rid!r}: has an image but no human turn to attach it to")
-        turns = list(turns)
-        turns[first] = {**turns[first], "value": IMAGE_PLACEHOLDER + "\n" + turns[first]["value"]}
-        n_placeholders = 1
-    if n_placeholders != n_images:
-        raise PModInputError(
-            f"record {rid!r}: {n_placeholders} '<image>' placeholders but {n_images} images; "
-            "put one '<image>' in the human turns per image listed under 'image'"
-        )
+    for placeholder, count, key in ((IMAGE_PLACEHOLDER, len(image_paths(record)), "image"),
+                                    (VIDEO_PLACEHOLDER, len(video_sources(record)), "video")):
+        n_placeholders = sum(str(t.get("value", "")).count(placeholder) for t in turns if isinstance(t, dict))
+        if n_placeholders == 0 and count:
+            first = next((i for i, t in enumerate(turns) if ROLES.get(t.get("from")) == "user"), None)
+            if first is None:
+                raise PModInputError(f"record {rid!r}: has an {key} but no human turn to attach it to")
+            turns = list(turns)
+            turns[first] = {**turns[first], "value": placeholder + "\n" + turns[first]["value"]}
+            n_placeholders = 1
+        if n_placeholders != count:
+            raise PModInputError(
+                f"record {rid!r}: {n_placeholders} '{placeholder}' placeholders but {count} {key}s; "
+                f"put one '{placeholder}' in the human turns per {key} listed under '{key}'"
+            )
     messages = []
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict) or turn.get("from") not in ROLES or not isinstance(turn.get("value"), str):
@@ -86,14 +111,15 @@ def to_messages(record: dict[str, Any]) -> list[dict[str, Any]]:
             )
         role = ROLES[turn["from"]]
         content: list[dict[str, str]] = []
-        pieces = turn["value"].split(IMAGE_PLACEHOLDER)
+        pieces = _SPLIT.split(turn["value"])  # text, placeholder, text, ...
         if role != "user" and len(pieces) > 1:
-            raise PModInputError(f"record {rid!r}, turn {i}: '<image>' is only allowed in human turns")
+            raise PModInputError(f"record {rid!r}, turn {i}: '<image>' / '<video>' are only allowed in human turns")
         for j, piece in enumerate(pieces):
-            if j > 0:
-                content.append({"type": "image"})
+            if j % 2:
+                content.append({"type": PLACEHOLDERS[piece]})
+                continue
             # LLaVA data writes "<image>\nquestion": the template adds its own separator after an image.
-            text = piece.strip("\n") if j > 0 or len(pieces) > 1 else piece
+            text = piece.strip("\n") if len(pieces) > 1 else piece
             if text:
                 content.append({"type": "text", "text": text})
         messages.append({"role": role, "content": content})

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .conversation import IMAGE_PLACEHOLDER, assistant_spans, image_paths, to_messages
+from .conversation import IMAGE_PLACEHOLDER, assistant_spans, image_paths, to_messages, video_sources
 from .errors import PModConfigError, PModInputError
 
 logger = logging.getLogger(__name__)
@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 SKIP_KEY = "pmod_skipped"
 TOKEN_LEVEL_INPUTS = ("mm_token_type_ids",)  # processor outputs with one value per token
+FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def load_records(path: str | Path) -> list[dict[str, Any]]:
@@ -112,14 +113,39 @@ class Encoder:
             out.append(load_image(path))
         return out
 
+    def videos(self, record: dict[str, Any]) -> list[list[Image.Image]]:
+        """The record's videos as frame lists: a folder's image files in name order, or the listed frames."""
+        out = []
+        for source in video_sources(record):
+            if isinstance(source, str):
+                folder = Path(source) if self.image_folder is None else Path(self.image_folder) / source
+                if not folder.is_dir():
+                    raise PModInputError(
+                        f"record {record.get('id')!r}: video {folder} is not a folder of frames; pmod reads decoded "
+                        "frames (decode video files into a folder of images first, e.g. with ffmpeg or torchcodec)"
+                    )
+                paths = sorted(f for f in folder.iterdir() if f.suffix.lower() in FRAME_SUFFIXES)
+                if not paths:
+                    raise PModInputError(f"record {record.get('id')!r}: no frames ({', '.join(FRAME_SUFFIXES)}) in {folder}")
+            else:
+                paths = [Path(p) if self.image_folder is None else Path(self.image_folder) / p for p in source]
+            out.append([load_image(p) for p in paths])
+        return out
+
     def encode(self, record: dict[str, Any], images: list[Image.Image] | None = None) -> dict[str, Any]:
         """Model inputs for one record; raises `PModInputError` for a record that cannot be used."""
         messages = to_messages(record)
         images = self.images(record) if images is None else images
+        videos = self.videos(record)
+        if videos and getattr(self.processor, "video_processor", None) is None:
+            raise PModInputError(
+                f"record {record.get('id')!r} has a video, but {type(self.processor).__name__} has no video processor "
+                "(video needs a video model: LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL)"
+            )
         text, spans = assistant_spans(self.processor, messages)
         text, spans = self._terminate_replies(text, spans)
-        if images:
-            enc = self.processor(text=text, images=images, return_tensors="pt")
+        if images or videos:
+            enc = self.processor(text=text, images=images or None, videos=videos or None, return_tensors="pt")
         else:
             enc = self.tokenizer(text, return_tensors="pt")
         ids = enc["input_ids"][0]
@@ -200,9 +226,10 @@ class Encoder:
         return ids[:n], labels[:n]
 
     def length(self, record: dict[str, Any], tokens_per_image: int) -> int:
-        """A cheap length estimate for length-grouped batching (words + image tokens), no image decoding."""
+        """A cheap length estimate for length-grouped batching (words + image tokens; a video counts as 4 images),
+        no image decoding."""
         words = sum(len(str(t.get("value", "")).split()) for t in record.get("conversations", []))
-        return words + tokens_per_image * len(image_paths(record))
+        return words + tokens_per_image * (len(image_paths(record)) + 4 * len(video_sources(record)))
 
 
 def _span_of(a: int, b: int, spans: list[tuple[int, int]]) -> tuple[int, int]:

@@ -47,8 +47,9 @@ class TrainConfig:
 
     Attributes:
         model_name_or_path: a saved model directory: dense (converted with ``pmod``) or already p-MoD.
-        tiny_model: instead of a checkpoint, build a tiny LLaVA from these `pmod.tiny.tiny_llava` arguments, with
-            a word-level tokenizer over the training data's words and ``words`` (CPU recipes and the demo).
+        tiny_model: instead of a checkpoint, build a tiny model (`build_tiny`: ``arch`` llava, qwen2-vl or
+            qwen2.5-vl, and the `pmod.tiny` builder's arguments), with a word-level tokenizer over the training
+            data's words and ``words`` (CPU recipes and the demo).
         pmod: `PModConfig` fields applied to a dense model; ``null`` trains the dense model (a baseline).
         data_path: LLaVA-format JSON (or JSONL) training data.
         image_folder: folder that the records' image paths are relative to.
@@ -184,23 +185,37 @@ def _words(records: list[dict[str, Any]]) -> list[str]:
     words: dict[str, None] = {}
     for record in records:
         for turn in record.get("conversations", []):
-            for word, _ in split.pre_tokenize_str(str(turn.get("value", "")).replace("<image>", " ")):
+            for word, _ in split.pre_tokenize_str(str(turn.get("value", "")).replace("<image>", " ").replace("<video>", " ")):
                 words[word] = None
     return list(words)
 
 
+TINY_ARCHES = ("llava", "qwen2-vl", "qwen2.5-vl")
+
+
 def build_tiny(settings: dict[str, Any], records: list[dict[str, Any]], attn_implementation: str | None,
                extra_words: list[str] | None = None):
-    """A tiny random LLaVA and its processor, with a word-level vocabulary covering ``records`` and ``extra_words``."""
-    from .tiny import tiny_llava, tiny_llava_processor
+    """A tiny random model and its processor, with a word-level vocabulary covering ``records`` and
+    ``extra_words``. ``settings["arch"]``: ``llava`` (default; `pmod.tiny.tiny_llava` arguments), ``qwen2-vl`` or
+    ``qwen2.5-vl`` (`pmod.tiny.tiny_qwen2_vl` arguments, plus ``image_size``: every image resized to that square)."""
+    from .tiny import tiny_llava, tiny_llava_processor, tiny_qwen2_vl, tiny_qwen2_vl_processor
 
     settings = dict(settings)
-    words = ["USER", "ASSISTANT", ":"] + _words(records) + list(extra_words or []) + list(settings.pop("words", []))
-    vocab = settings.pop("vocab_size", None) or 8 * math.ceil((len(set(words)) + 6) / 8)
+    arch = settings.pop("arch", "llava")
+    if arch not in TINY_ARCHES:
+        raise PModConfigError(f"tiny_model.arch must be one of {', '.join(TINY_ARCHES)}, got {arch!r}")
+    roles = ["USER", "ASSISTANT", ":"] if arch == "llava" else ["user", "assistant", "system"]
+    words = roles + _words(records) + list(extra_words or []) + list(settings.pop("words", []))
+    reserved = 6 if arch == "llava" else 10  # special and placeholder tokens, and a spare id
+    vocab = settings.pop("vocab_size", None) or 8 * math.ceil((len(set(words)) + reserved) / 8)
     if attn_implementation:
         settings["attn_implementation"] = attn_implementation
-    model = tiny_llava(vocab_size=vocab, **settings)
-    return model, tiny_llava_processor(model, words)
+    if arch == "llava":
+        model = tiny_llava(vocab_size=vocab, **settings)
+        return model, tiny_llava_processor(model, words)
+    image_size = settings.pop("image_size", None)
+    model = tiny_qwen2_vl(vocab_size=vocab, version=arch[4:-3], **settings)
+    return model, tiny_qwen2_vl_processor(model, words, image_size=image_size)
 
 
 def build_model(config: TrainConfig, records: list[dict[str, Any]], extra_words: list[str] | None = None):
@@ -244,9 +259,9 @@ def set_trainable(model: torch.nn.Module, stage: Stage, freeze_vision_tower: boo
     """Freeze parameters for a stage; returns trainable parameter counts by part."""
     counts: dict[str, int] = {}
     for name, param in model.named_parameters():
-        part = (
-            "projector" if "multi_modal_projector" in name
-            else "vision_tower" if "vision_tower" in name
+        part = (  # LLaVA family: vision_tower, multi_modal_projector; Qwen2-VL: visual, with visual.merger projecting
+            "projector" if "multi_modal_projector" in name or ".visual.merger." in name
+            else "vision_tower" if "vision_tower" in name or ".visual." in name
             else "router" if ".router." in name
             else "image_newline" if "image_newline" in name
             else "language_model"

@@ -1,0 +1,185 @@
+"""Qwen2-VL / Qwen2.5-VL through the pipeline with their own processor and ChatML template: labels, video
+records, training, evaluation, kept-token maps."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from llava_data import colour_records, write_records
+from PIL import Image
+
+import pmod
+from pmod.data import IGNORE_INDEX, Encoder, LlavaCollator, LlavaDataset
+from pmod.errors import PModInputError
+from pmod.tiny import randomize_routers, tiny_qwen2_vl, tiny_qwen2_vl_processor
+
+WORDS = "user assistant what is in the image video ? a red blue green circle colour moves yes no".split()
+
+
+@pytest.fixture(scope="module", params=["2", "2.5"])
+def setup(request):
+    model = pmod.apply_pmod(tiny_qwen2_vl(version=request.param, patch_size=7),
+                            pmod.PModConfig(schedule=[1.0, 1.0, 0.5, 0.5]))
+    randomize_routers(model)
+    return model, tiny_qwen2_vl_processor(model, WORDS, image_size=28)
+
+
+def _tokens(processor, ids):
+    return processor.tokenizer.convert_ids_to_tokens([int(t) for t in ids])
+
+
+def _frames(folder, name, n, colour=(200, 20, 20)):
+    (folder / name).mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.new("RGB", (28, 28), tuple(max(0, c - 20 * i) for c in colour)).save(folder / name / f"{i:03d}.png")
+    return name
+
+
+def test_labels_cover_only_the_replies_with_the_chatml_template(setup, tmp_path):
+    model, processor = setup
+    Image.new("RGB", (28, 28), (200, 20, 20)).save(tmp_path / "a.png")
+    record = {"id": "1", "image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nwhat is in the image ?"}, {"from": "gpt", "value": "a red circle"},
+        {"from": "human", "value": "is it blue ?"}, {"from": "gpt", "value": "no"}]}
+    item = Encoder(processor, tmp_path).encode(record)
+    tokens = _tokens(processor, item["input_ids"])
+    start = tokens.index("<|vision_start|>")
+    assert tokens[start + 1 : start + 5] == ["<|image_pad|>"] * 4 and tokens[start + 5] == "<|vision_end|>"
+    trained = _tokens(processor, item["labels"][item["labels"] != IGNORE_INDEX])
+    assert trained == ["a", "red", "circle", "<|im_end|>", "no", "<|im_end|>"]  # the template's own end token
+    assert torch.equal(item["mm_token_type_ids"] == 1, item["input_ids"] == model.config.image_token_id)
+    assert item["pixel_values"].shape == (16, 3 * 2 * 7 * 7) and item["image_grid_thw"].tolist() == [[1, 4, 4]]
+
+
+def test_video_records_from_frame_folders_and_lists(setup, tmp_path):
+    model, processor = setup
+    records = [
+        {"id": "v1", "video": _frames(tmp_path, "clip", 4), "conversations": [
+            {"from": "human", "value": "<video>\nwhat colour is the circle ?"}, {"from": "gpt", "value": "red"}]},
+        {"id": "v2", "video": [f"clip/{i:03d}.png" for i in range(3)], "conversations": [  # no placeholder: added
+            {"from": "human", "value": "what colour is the circle ?"}, {"from": "gpt", "value": "red"}]},
+    ]
+    encoder = Encoder(processor, tmp_path)
+    a, b = encoder.encode(records[0]), encoder.encode(records[1])
+    for item, steps in ((a, 2), (b, 2)):  # 4 frames -> 2 time steps; 3 frames -> the last repeated -> 2
+        assert int((item["input_ids"] == model.config.video_token_id).sum()) == steps * 4
+        assert item["video_grid_thw"].tolist() == [[steps, 4, 4]]
+        assert _tokens(processor, item["labels"][item["labels"] != IGNORE_INDEX]) == ["red", "<|im_end|>"]
+    # the listed first three frames are the folder's first three: the same first time step
+    torch.testing.assert_close(a["pixel_values_videos"][:16], b["pixel_values_videos"][:16])
+    with pytest.raises(PModInputError, match="not a folder of frames"):
+        encoder.encode({**records[0], "video": "clip.mp4"})
+    with pytest.raises(PModInputError, match="placeholders but 1 videos"):
+        encoder.encode({**records[0], "conversations": [{"from": "human", "value": "<video><video> ?"},
+                                                        {"from": "gpt", "value": "red"}]})
+
+
+def test_mixed_batch_loss_equals_one_by_one(setup, tmp_path):
+    """Image, video and text-only records collated (right padding, modality types padded): loss == per item."""
+    model, processor = setup
+    Image.new("RGB", (28, 56), (20, 20, 200)).save(tmp_path / "wide.png")
+    records = [
+        {"id": "i", "image": "wide.png", "conversations": [
+            {"from": "human", "value": "<image>\nwhat colour is the circle ?"}, {"from": "gpt", "value": "blue"}]},
+        {"id": "v", "video": _frames(tmp_path, "clip", 3), "conversations": [
+            {"from": "human", "value": "<video>\nwhat colour is the circle ?"}, {"from": "gpt", "value": "red circle"}]},
+        {"id": "t", "conversations": [{"from": "human", "value": "what is a circle ?"}, {"from": "gpt", "value": "a colour"}]},
+    ]
+    dataset = LlavaDataset(records, processor, tmp_path)
+    items = [dataset[i] for i in range(3)]
+    collator = LlavaCollator(pad_token_id=processor.tokenizer.pad_token_id)
+    batch = collator(items)
+    with torch.no_grad():
+        loss = model(**batch).loss
+        per_item = [model(**collator([item])) for item in items]
+    counts = [int((item["labels"][1:] != IGNORE_INDEX).sum()) for item in items]
+    expected = sum(o.loss * c for o, c in zip(per_item, counts)) / sum(counts)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("qdata")
+    return write_records(folder, colour_records(folder, n=48)), folder
+
+
+def _config(data, out, version="2", **overrides):
+    from pmod.train import TrainConfig
+
+    path, folder = data
+    values = dict(
+        output_dir=str(out), tiny_model={"arch": f"qwen{version}-vl", "num_layers": 4, "hidden_size": 64,
+                                         "patch_size": 7, "image_size": 28},
+        pmod={}, data_path=str(path), image_folder=str(folder), learning_rate=5e-3, per_device_train_batch_size=8,
+        max_steps=24, logging_steps=1, save_steps=100, warmup_ratio=0.0, report_to=[], freeze_vision_tower=False,
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+@pytest.mark.parametrize("version", ["2", "2.5"])
+def test_training_learns_saves_and_evaluates(data, tmp_path, version):
+    from pmod.evaluate import evaluate
+    from pmod.models import load_pretrained, load_processor
+    from pmod.train import train
+
+    result = train(_config(data, tmp_path, version))
+    first, last = sum(result.losses[:3]) / 3, sum(result.losses[-3:]) / 3
+    assert last < 0.6 * first, result.losses
+    assert {"language_model", "vision_tower", "projector", "router"} <= set(result.trainable_parameters)
+    model = load_pretrained(tmp_path)
+    assert model.config.model_type == ("pmod_qwen2_vl" if version == "2" else "pmod_qwen2_5_vl")
+    processor = load_processor(tmp_path)
+    records = json.loads(data[0].read_text())[:12]
+    batched = evaluate(model, processor, records, data[1], batch_size=5, max_new_tokens=3)
+    alone = evaluate(model, processor, records, data[1], batch_size=1, max_new_tokens=3)
+    assert [q.prediction for q in batched.records] == [q.prediction for q in alone.records]
+    assert batched.accuracy == alone.accuracy and batched.flops_ratio < 1.0
+
+
+def test_stages_freeze_qwen_parts(data, tmp_path):
+    from pmod.train import build_model, set_trainable
+
+    model, _ = build_model(_config(data, tmp_path), json.loads(data[0].read_text()))
+    assert set(set_trainable(model, "pretrain")) == {"projector"}
+    assert all(p.requires_grad == (".visual.merger." in n) for n, p in model.named_parameters())
+    counts = set_trainable(model, "finetune", freeze_vision_tower=True)
+    assert "vision_tower" not in counts and {"language_model", "projector", "router"} <= set(counts)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".visual.blocks." in n)
+
+
+def test_kept_token_maps_follow_the_merged_grid(setup):
+    """The layout claim behind the maps: the processor orders an image's patches by merged cell in raster order.
+    Decoded from an image whose pixels encode their own row and column."""
+    from pmod.viz import kept_token_maps, vision_layout
+
+    model, processor = setup
+    h, w = 28, 56
+    rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    picture = np.stack([rows * 4, cols * 4, np.zeros_like(rows)], -1).astype(np.uint8)
+    image = Image.fromarray(picture)
+    processor.image_processor.size = {"shortest_edge": h * w, "longest_edge": h * w}  # keep 28 x 56
+    try:
+        text = "<|vision_start|><|image_pad|><|vision_end|> what is in the image ?"
+        inputs = processor(text=[text], images=[image], return_tensors="pt")
+    finally:
+        processor.image_processor.size = {"shortest_edge": 28 * 28, "longest_edge": 28 * 28}
+    layout = vision_layout(model.config, grid_thw=inputs["image_grid_thw"][0])
+    assert layout.base == (2, 4) and layout.num_tokens == 8
+    ip = processor.image_processor
+    mean, std = np.array(ip.image_mean), np.array(ip.image_std)
+    patches = inputs["pixel_values"].numpy().reshape(8, 4, 3, 2, 7, 7)  # (token, 2x2 cell, C, t, p, p)
+    red = (patches[:, :, 0] * std[0] + mean[0]) * 255 / 4  # back to pixel rows
+    green = (patches[:, :, 1] * std[1] + mean[1]) * 255 / 4
+    for token in range(8):  # token k covers rows 14 * (k // 4) ..., columns 14 * (k % 4) ...
+        assert 14 * (token // 4) <= red[token].mean() < 14 * (token // 4 + 1)
+        assert 14 * (token % 4) <= green[token].mean() < 14 * (token % 4 + 1)
+    with torch.no_grad():
+        model(**inputs)
+    maps = kept_token_maps(model, input_ids=inputs["input_ids"], image_grid_thw=inputs["image_grid_thw"])
+    selected = model.routing()[2].selected[0][inputs["input_ids"][0] == model.config.image_token_id]
+    assert maps[2].base.shape == (2, 4) and np.array_equal(maps[2].base.ravel(), selected.numpy())
+    assert maps[2].kept == 4
+    with pytest.raises(PModInputError, match="image_grid_thw"):
+        kept_token_maps(model, input_ids=inputs["input_ids"])
