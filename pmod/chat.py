@@ -14,6 +14,7 @@ from transformers import TextStreamer
 from .efficiency import KVCacheReport, kv_cache_report
 from .data import load_image  # noqa: F401  (part of this module's API: pmod.chat.load_image)
 from .errors import PModInputError
+from .models import placeholder_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -77,10 +78,8 @@ def generate_with_stats(
     streamer = _TimedStreamer(tokenizer, write if tokenizer is not None else None)
     if write is not None and inputs["input_ids"].shape[0] != 1:
         raise PModInputError("Streaming text needs a batch of one; pass write=None for batched generation.")
-    image_token_id = getattr(model.config, "image_token_id", None)
     suppress = list(generate_kwargs.pop("suppress_tokens", None) or [])
-    if image_token_id is not None and image_token_id not in suppress:
-        suppress.append(image_token_id)  # an image token without an image is meaningless
+    suppress += [i for i in placeholder_token_ids(model.config) if i not in suppress]  # placeholders need pixels
     start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(

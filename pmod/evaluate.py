@@ -34,6 +34,7 @@ from .conversation import image_paths, prompt_and_answer, render
 from .data import load_records  # noqa: F401  (part of this module's API)
 from .files import write_json_atomic, write_text_atomic
 from .errors import PModInputError
+from .models import placeholder_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -215,10 +216,9 @@ def generate_batch(
     kwargs: dict[str, Any] = {"do_sample": False, "pad_token_id": pad, **generate_kwargs}
     if eos and "eos_token_id" not in generate_kwargs:
         kwargs["eos_token_id"] = eos
-    image_token_id = getattr(model.config, "image_token_id", None)
     suppress = list(kwargs.pop("suppress_tokens", None) or [])
-    if image_token_id is not None and image_token_id not in suppress:
-        suppress.append(image_token_id)  # an image token without image features would break the forward
+    # an image / video token without its features would break the forward
+    suppress += [i for i in placeholder_token_ids(model.config) if i not in suppress]
     if kwargs.get("do_sample") is False:
         for unused in ("temperature", "top_p", "top_k"):
             kwargs.pop(unused, None)  # transformers warns about sampling settings in greedy mode

@@ -3,7 +3,9 @@
 After a forward pass, `kept_token_maps` turns every routed layer's `LayerRouting.selected` into grids over
 the image: for LLaVA-1.5 one (g, g) grid in raster order (g = vision image_size // patch_size); for
 LLaVA-NeXT (anyres) the (g, g) grid of the base image plus the unpadded high-resolution grid, whose rows in
-the sequence each end with an image-newline token (dropped from the grid, kept apart). `plot_routing`
+the sequence each end with an image-newline token (dropped from the grid, kept apart); for Qwen2-VL /
+Qwen2.5-VL (dynamic resolution) the merged (h / merge, w / merge) grid of the image's ``image_grid_thw``, in
+raster order (the processor orders patches by merged cell, and the vision tower keeps that order). `plot_routing`
 draws them: kept tokens clear, skipped tokens darkened. `visualize` does both from a model and processor,
 and `add_viz_parser` gives the `pmod viz` command:
 
@@ -83,13 +85,23 @@ class KeptTokenMap:
         return int(self.tokens.size)
 
 
-def vision_layout(config: Any, image_size: Sequence[int] | None = None) -> VisionLayout:
-    """The token layout of one image for a LLaVA (``image_size`` unused) or LLaVA-NeXT config.
+def vision_layout(config: Any, image_size: Sequence[int] | None = None,
+                  grid_thw: Sequence[int] | None = None) -> VisionLayout:
+    """The token layout of one image for a LLaVA, LLaVA-NeXT or Qwen2-VL config.
 
     ``image_size`` is the original image's (height, width), as the processor returns it in ``image_sizes``;
     LLaVA-NeXT needs it, because the high-resolution grid is cropped back to the image's aspect ratio.
+    ``grid_thw`` is the image's (t, h, w) patch grid from the processor's ``image_grid_thw``; Qwen2-VL needs it.
     """
     vision = config.vision_config
+    merge = getattr(vision, "spatial_merge_size", None)
+    if merge is not None:  # Qwen2-VL / Qwen2.5-VL: one token per merge x merge patches
+        if grid_thw is None:
+            raise PModInputError("Qwen2-VL token maps need the image's patch grid: pass image_grid_thw from the processor.")
+        t, h, w = (int(v) for v in grid_thw)
+        if t != 1:
+            raise PModInputError(f"token maps are drawn for images; this grid has {t} time steps (a video).")
+        return VisionLayout(base=(h // merge, w // merge))
     g = vision.image_size // vision.patch_size
     strategy = getattr(config, "vision_feature_select_strategy", "default")
     pinpoints = getattr(config, "image_grid_pinpoints", None)
@@ -114,18 +126,20 @@ def vision_layout(config: Any, image_size: Sequence[int] | None = None) -> Visio
     return VisionLayout(base=(g, g), highres=(unpadded.shape[1], unpadded.shape[2]))
 
 
-def _example_image_size(image_sizes: Any, example: int, batch: int) -> tuple[int, int] | None:
-    if image_sizes is None:
+def _example_rows(values: Any, example: int, batch: int, width: int, name: str) -> tuple[int, ...] | None:
+    """One example's row of a per-image input (``image_sizes``, ``image_grid_thw``) of a one-image-per-row batch."""
+    if values is None:
         return None
-    sizes = torch.as_tensor(image_sizes).reshape(-1, 2)  # a single (H, W) or an (n_images, 2) batch
-    if sizes.shape[0] == 1:
-        return tuple(sizes[0].tolist())
-    if sizes.shape[0] == batch:  # one image per example
-        return tuple(sizes[example].tolist())
-    raise PModInputError(
-        f"image_sizes has {sizes.shape[0]} rows for a batch of {batch}; "
-        f"pass the (height, width) of example {example}'s image."
-    )
+    rows = torch.as_tensor(values).reshape(-1, width)  # a single row or an (n_images, width) batch
+    if rows.shape[0] == 1:
+        return tuple(rows[0].tolist())
+    if rows.shape[0] == batch:  # one image per example
+        return tuple(rows[example].tolist())
+    raise PModInputError(f"{name} has {rows.shape[0]} rows for a batch of {batch}; pass the row of example {example}'s image.")
+
+
+def _example_image_size(image_sizes: Any, example: int, batch: int) -> tuple[int, int] | None:
+    return _example_rows(image_sizes, example, batch, 2, "image_sizes")
 
 
 def kept_token_maps(
@@ -135,6 +149,7 @@ def kept_token_maps(
     example: int = 0,
     image_sizes: Any = None,
     vision_mask: torch.Tensor | None = None,
+    image_grid_thw: Any = None,
 ) -> dict[int, KeptTokenMap]:
     """Per routed layer, the vision tokens of one example's image that the layer kept, as grids.
 
@@ -144,6 +159,8 @@ def kept_token_maps(
         input_ids: (B, T) ids of that forward; vision tokens are ``input_ids == config.image_token_id``.
         example: row of the batch.
         image_sizes: LLaVA-NeXT only: the processor's ``image_sizes`` or the example's image (height, width).
+        image_grid_thw: Qwen2-VL only: the processor's ``image_grid_thw`` (one image per example) or the
+            example's image (t, h, w).
         vision_mask: (B, T) bool vision-token mask, instead of ``input_ids``. Without either, the routing's
             target mask is used (the vision tokens, unless the model routes every token).
 
@@ -173,7 +190,7 @@ def kept_token_maps(
             f"Example {example} has no vision tokens in the last forward (a decoding step, or a text-only row)."
         )
     size = _example_image_size(image_sizes, example, batch)
-    layout = vision_layout(model.config, size)
+    layout = vision_layout(model.config, size, _example_rows(image_grid_thw, example, batch, 3, "image_grid_thw"))
     if positions.numel() != layout.num_tokens:
         where = f" for an image of (height, width) {size}" if layout.highres is not None else ""
         raise PModInputError(
@@ -327,9 +344,14 @@ def visualize(
     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     with torch.no_grad():
         model(**inputs, use_cache=False)
-    maps = kept_token_maps(model, get_routing(model), inputs["input_ids"], 0, inputs.get("image_sizes"))
-    pixels = inputs["pixel_values"][0]
-    base_view = _model_view(pixels[0] if pixels.dim() == 4 else pixels, processor)  # NeXT: crop 0 is the base view
+    maps = kept_token_maps(model, get_routing(model), inputs["input_ids"], 0, inputs.get("image_sizes"),
+                           image_grid_thw=inputs.get("image_grid_thw"))
+    pixels = inputs["pixel_values"]
+    if pixels.dim() == 2:  # Qwen2-VL flat patches: the grid covers the (aspect-preserving) resized image
+        base_view = None
+    else:
+        pixels = pixels[0]
+        base_view = _model_view(pixels[0] if pixels.dim() == 4 else pixels, processor)  # NeXT: crop 0 is the base view
     plot_routing(image, maps, out_path, title=title if title is not None else prompt, base_image=base_view)
     return maps
 
