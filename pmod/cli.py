@@ -11,7 +11,7 @@
     pmod eval MODEL_DIR --data FILE [--image-folder DIR] [--out DIR] [--batch-size N] [--resume]
                                                                   answer and score LLaVA-format questions
     pmod viz MODEL_DIR --image PATH --prompt TEXT [--out PNG]    which vision tokens each routed layer kept
-    pmod demo [--out DIR] [--quick] [ablation flags]             miniature p-MoD experiment (dense vs p-MoD)
+    pmod demo [--out DIR] [--quick] [--arch A] [ablation flags]             miniature p-MoD experiment (dense vs p-MoD)
 """
 
 from __future__ import annotations
@@ -193,14 +193,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     logging.getLogger("pmod").setLevel(logging.INFO)  # the demo's stage-by-stage progress
     demo = DemoConfig(out=args.out, quick=args.quick, schedule=args.schedule, tanh_norm=not args.no_tanh_norm,
-                      string=not args.no_string, seed=args.seed)
+                      string=not args.no_string, seed=args.seed, arch=args.arch)
     report = run_demo(demo)
     name = demo.pmod_name()
     acc, fl, lat = report["accuracy"], report["prefill_flops"], report["prefill_latency_s"]
     _emit(f"test accuracy: dense {acc['dense']:.1%}, {name} {acc[name]:.1%} ({acc['gap_points']:+.1f} points)")
     _emit(f"prefill FLOPs ratio {fl['ratio']:.3f} (realised {fl['realised_ratio']:.3f}), "
           f"prefill latency ratio {lat['ratio']:.3f}, training step time ratio {report['train_step_s']['ratio']:.3f}")
-    _emit(f"report: {Path(args.out) / 'report.md'} ({report['seconds']:.0f} s)")
+    _emit(f"report: {Path(args.out) / demo.file('report.md')} ({report['seconds']:.0f} s)")
     return 0
 
 
@@ -274,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tanh-norm", action="store_true", help="ablation: unbounded router weight alpha * s + beta")
     p.add_argument("--no-string", action="store_true", help="ablation: skipped tokens pass unchanged (no STRing)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--arch", choices=["llava", "qwen2-vl", "qwen2.5-vl"], default="llava",
+                   help="the tiny model's architecture (qwen2-vl: dynamic-resolution patches, M-RoPE)")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -65,6 +65,9 @@ class DemoConfig:
         tanh_norm, string: ablation switches (see `pmod.PModConfig`).
         seed: seed of the data, the initial weights and the batch order (both models share it).
         size: explicit sizes instead of the quick or full preset.
+        arch: ``llava`` (tiny CLIP + Llama, LLaVA-1.5 layout) or ``qwen2-vl`` / ``qwen2.5-vl`` (tiny Qwen2-VL-style
+            model: dynamic-resolution patches, M-RoPE, ChatML). Other architectures keep their models and
+            reports apart (``qwen2-vl-dense/``, ``report-qwen2-vl.md``), so they can share the output folder.
     """
 
     out: str | os.PathLike = "demo-output"
@@ -74,6 +77,30 @@ class DemoConfig:
     string: bool = True
     seed: int = 0
     size: DemoSize | None = None
+    arch: str = "llava"
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHES:
+            raise PModConfigError(f"demo arch must be one of {', '.join(ARCHES)}, got {self.arch!r}")
+
+    def folder(self, name: str) -> str:
+        """The output subfolder of a trained variant."""
+        return name if self.arch == "llava" else f"{self.arch}-{name}"
+
+    def file(self, name: str) -> str:
+        """The name of a report file (``report.md`` -> ``report-qwen2-vl.md`` for other architectures)."""
+        if self.arch == "llava":
+            return name
+        stem, dot, ext = name.rpartition(".")
+        return f"{stem}-{self.arch}{dot}{ext}"
+
+    def tiny_model(self, size: dict[str, Any], words: list[str]) -> dict[str, Any]:
+        """`pmod.train.build_tiny` settings: 64 vision tokens per image for every architecture."""
+        common = {"num_layers": size["layers"], "hidden_size": size["hidden"], "seed": self.seed, "words": words}
+        if self.arch == "llava":
+            return {**common, "image_size": IMAGE_SIZE, "patch_size": PATCH}
+        # 7-pixel patches merged 2 x 2: (112 / 14)^2 = 64 tokens, as LLaVA's 14-pixel patches give
+        return {**common, "arch": self.arch, "image_size": IMAGE_SIZE, "patch_size": PATCH // 2}
 
     def sizes(self) -> dict[str, Any]:
         return dataclasses.asdict(self.size or (QUICK if self.quick else FULL))
@@ -98,6 +125,8 @@ class DemoConfig:
 
 
 IMAGE_SIZE, PATCH = 112, 14  # 8 x 8 = 64 vision tokens per image
+ARCHES = ("llava", "qwen2-vl", "qwen2.5-vl")
+MODEL_NAMES = {"llava": "tiny LLaVA", "qwen2-vl": "tiny Qwen2-VL-style model", "qwen2.5-vl": "tiny Qwen2.5-VL-style model"}
 
 
 def _train_variant(name: str, pmod: dict[str, Any] | None, data, demo: DemoConfig, out: Path) -> dict[str, Any]:
@@ -105,10 +134,10 @@ def _train_variant(name: str, pmod: dict[str, Any] | None, data, demo: DemoConfi
     from .train import TrainConfig, train
 
     size = demo.sizes()
+    folder = out / demo.folder(name)
     config = TrainConfig(
-        output_dir=str(out / name),
-        tiny_model={"num_layers": size["layers"], "hidden_size": size["hidden"], "image_size": IMAGE_SIZE,
-                    "patch_size": PATCH, "seed": demo.seed, "words": data.vocabulary()},
+        output_dir=str(folder),
+        tiny_model=demo.tiny_model(size, data.vocabulary()),
         pmod=pmod,
         data_path=str(data.train_json),
         image_folder=str(data.image_dir),
@@ -123,18 +152,18 @@ def _train_variant(name: str, pmod: dict[str, Any] | None, data, demo: DemoConfi
         seed=demo.seed,
         report_to=["tensorboard"],
     )
-    summary_path = out / name / "train_summary.json"
+    summary_path = folder / "train_summary.json"
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())
         if summary.get("recipe") == config.to_dict():
-            logger.info("%s: reusing the finished training run in %s", name, out / name)
+            logger.info("%s: reusing the finished training run in %s", name, folder)
             return {**summary, "reused": True}
-    recipe = out / name / "pmod_train.yaml"
+    recipe = folder / "pmod_train.yaml"
     if recipe.is_file() and yaml.safe_load(recipe.read_text()) != config.to_dict():
         # A run of other settings (another seed or size) in this folder: the demo owns it, start it afresh
         # (its checkpoints and test predictions would otherwise be resumed and re-scored).
-        logger.info("%s: settings changed, discarding the earlier run in %s", name, out / name)
-        shutil.rmtree(out / name)
+        logger.info("%s: settings changed, discarding the earlier run in %s", name, folder)
+        shutil.rmtree(folder)
     logger.info("training %s (%s)", name, "dense baseline" if pmod is None else f"p-MoD {pmod}")
     result = train(config)
     summary = {
@@ -150,14 +179,14 @@ def _train_variant(name: str, pmod: dict[str, Any] | None, data, demo: DemoConfi
     return summary
 
 
-def _evaluate_variant(name: str, model, processor, data, out: Path, batch_size: int) -> dict[str, Any]:
+def _evaluate_variant(model, processor, data, folder: Path, batch_size: int) -> dict[str, Any]:
     from .evaluate import evaluate
     from .synthetic import question_type
 
-    metrics_path = out / name / "test_metrics.json"
     records = data.load("test")
     result = evaluate(model.eval(), processor, records, data.image_dir, batch_size=batch_size, max_new_tokens=4,
-                      predictions_path=out / name / "test_predictions.jsonl", metrics_path=metrics_path, resume=True)
+                      predictions_path=folder / "test_predictions.jsonl", metrics_path=folder / "test_metrics.json",
+                      resume=True)
     by_type: dict[str, list[bool]] = {}
     for q in result.records:
         by_type.setdefault(question_type(q.question), []).append(q.correct)
@@ -265,10 +294,10 @@ def run_demo(demo: DemoConfig) -> dict[str, Any]:
     summaries[pmod_name] = _train_variant(pmod_name, demo.pmod_settings(), data, demo, out)
 
     # Both variants share the tokenizer and image processor (built from the same data); each model is loaded once.
-    models = {n: load_pretrained(out / n).eval() for n in summaries}
-    processor = load_processor(out / pmod_name)
+    models = {n: load_pretrained(out / demo.folder(n)).eval() for n in summaries}
+    processor = load_processor(out / demo.folder(pmod_name))
     logger.info("[4/6] evaluating on %d test questions", size["n_test"])
-    metrics = {n: _evaluate_variant(n, m, processor, data, out, batch_size=32) for n, m in models.items()}
+    metrics = {n: _evaluate_variant(m, processor, data, out / demo.folder(n), batch_size=32) for n, m in models.items()}
 
     logger.info("[5/6] measuring prefill latency and counting FLOPs")
     latency = _prefill_latency(models, processor, data, size["reps"])
@@ -280,11 +309,11 @@ def run_demo(demo: DemoConfig) -> dict[str, Any]:
                         resolved=routed_model.pmod, causal=True)
 
     logger.info("[6/6] drawing training curves and kept-token maps")
-    _plot_curves(summaries, out / "training_curves.png")
+    _plot_curves(summaries, out / demo.file("training_curves.png"))
     record = data.load("test")[0]
     question = prompt_and_answer(record)[0][0]["content"][-1]["text"]
     with Image.open(data.image_dir / record["image"]) as image:
-        visualize(routed_model, processor, image.convert("RGB"), question, out / "routing.png",
+        visualize(routed_model, processor, image.convert("RGB"), question, out / demo.file("routing.png"),
                   title=f"{pmod_name}: kept vision tokens per routed layer")
 
     dense, routed = metrics["dense"], metrics[pmod_name]
@@ -313,8 +342,8 @@ def run_demo(demo: DemoConfig) -> dict[str, Any]:
         "reused_training": [n for n, s in summaries.items() if s.get("reused")],
         "machine": _machine(),
     }
-    write_json_atomic(out / "report.json", report)
-    write_text_atomic(out / "report.md", _markdown(report, pmod_name))
+    write_json_atomic(out / demo.file("report.json"), report)
+    write_text_atomic(out / demo.file("report.md"), _markdown(report, pmod_name, demo))
     return report
 
 
@@ -348,7 +377,7 @@ def _mean_text_tokens(processor, data) -> float:
     return sum(counts) / len(counts)
 
 
-def _markdown(r: dict[str, Any], name: str) -> str:
+def _markdown(r: dict[str, Any], name: str, demo: DemoConfig) -> str:
     s, acc, fl, lat, tr, kv = r["settings"], r["accuracy"], r["prefill_flops"], r["prefill_latency_s"], r["training_s"], r["kv_cache"]
     st = r["train_step_s"]
     ok = {True: "met", False: "**not met**"}
@@ -356,7 +385,7 @@ def _markdown(r: dict[str, Any], name: str) -> str:
     lines = [
         "# p-MoD demo report",
         "",
-        f"A {s['layers']}-layer tiny LLaVA (hidden size {s['hidden']}, {s['vision_tokens']} vision tokens per image) trained "
+        f"A {s['layers']}-layer {MODEL_NAMES[demo.arch]} (hidden size {s['hidden']}, {s['vision_tokens']} vision tokens per image) trained "
         f"from scratch on {s['n_train']} synthetic shapes images ({s['train_questions']} questions each) for {s['epochs']} "
         f"epoch(s), dense and p-MoD with the "
         f"same seed, data and steps; tested on {s['n_test']} questions. p-MoD settings: {s['pmod']}. "
@@ -386,9 +415,9 @@ def _markdown(r: dict[str, Any], name: str) -> str:
         "Always answering each question type's most common answer scores "
         f"{r['dataset']['majority_answer_accuracy'] or float('nan'):.1%}.",
         "",
-        "![training curves](training_curves.png)",
+        f"![training curves]({demo.file('training_curves.png')})",
         "",
-        "![kept vision tokens](routing.png)",
+        f"![kept vision tokens]({demo.file('routing.png')})",
         "",
         f"Wall time of this run: {r['seconds']:.0f} s"
         + (f" (training reused from an earlier run: {', '.join(r['reused_training'])})" if r["reused_training"] else "")
