@@ -325,6 +325,11 @@ class LlavaCollator:
         for key in sorted({k for item in items for k in item} - set(batch) - {"labels", SKIP_KEY, *TOKEN_LEVEL_INPUTS}):
             # vision inputs of every image in the batch, in row order: pixels, patches, sizes, grids
             parts = [item[key] for item in items if key in item]
+            if key == "pixel_values_videos" and len({p.shape[1:] for p in parts}) > 1:
+                raise PModInputError(
+                    f"videos of one batch have different shapes {sorted({tuple(p.shape[1:]) for p in parts})}: this "
+                    "model stacks them; sample the same number of frames per video (or use batch size 1)"
+                )
             if key == "pixel_values" and parts[0].dim() == 5:  # (n_images, n_tiles, 3, H, W): pad the tiles
                 tiles = max(p.shape[1] for p in parts)
                 parts = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, tiles - p.shape[1])) for p in parts]

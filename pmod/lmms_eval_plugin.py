@@ -129,7 +129,7 @@ class PMod(lmms):
         **options: Any,
     ) -> None:
         super().__init__()
-        from transformers import AutoProcessor
+        from .models import load_processor
 
         unknown = sorted(set(options) - _PMOD_OPTIONS)
         if unknown:
@@ -177,7 +177,7 @@ class PMod(lmms):
             self._model = load_model(self.pretrained, PModConfig(**settings) if settings else None, **load_kwargs)
         self._model.to(self._device).eval()
 
-        self.processor = AutoProcessor.from_pretrained(self.pretrained)
+        self.processor = load_processor(self.pretrained, need_images=False)  # video models without torchvision too
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
         if chat_template is not None:
             self.processor.chat_template = resolve_chat_template(chat_template)

@@ -406,11 +406,11 @@ def load_processor(model_dir: str | os.PathLike, need_images: bool = True):
     """The processor saved next to a model, or a `PModInputError` that says how to save one."""
     from transformers import AutoProcessor
 
-    from .processors import load_qwen_processor
+    from .processors import load_video_model_processor
 
     try:
-        # Qwen2-VL processors need torchvision in transformers; without it, pmod's frame video processor stands in
-        processor = load_qwen_processor(model_dir) or AutoProcessor.from_pretrained(model_dir)
+        # video-model processors need torchvision in transformers; without it, pmod's frame video processors stand in
+        processor = load_video_model_processor(model_dir) or AutoProcessor.from_pretrained(model_dir)
     except (OSError, ValueError, TypeError) as exc:
         raise PModInputError(
             f"{model_dir} has no usable processor (tokenizer + image processor): {exc}. "

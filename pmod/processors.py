@@ -1,17 +1,20 @@
-"""Qwen2-VL / Qwen2.5-VL processors on machines without torchvision.
+"""Video-model processors (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision) on machines without torchvision.
 
-transformers (5.x) builds `Qwen2VLProcessor` / `Qwen2_5_VLProcessor` only when torchvision is installed: their
-video processors are torchvision code, and the processor's type check looks the video-processor base class up by
-a name transformers exports only with torchvision. pmod does not depend on torchvision (CPU machines, CI), so this
-module supplies the two missing pieces and keeps everything else transformers' own (placeholder expansion,
-``mm_token_type_ids``, chat templates, saving):
+transformers (5.x) builds `Qwen2VLProcessor`, `Qwen2_5_VLProcessor` and `LlavaOnevisionProcessor` only when
+torchvision is installed: their video processors are torchvision code, and the processor's type check looks the
+video-processor base class up by a name transformers exports only with torchvision. pmod does not depend on
+torchvision (CPU machines, CI), so this module supplies the two missing pieces and keeps everything else
+transformers' own (placeholder expansion, ``mm_token_type_ids``, chat templates, saving):
 
-- `FrameVideoProcessor`: Qwen2-VL video preprocessing of already-decoded frames, with the PIL image processor
-  per frame; the patch layout is the torchvision video processor's (time-major groups of ``temporal_patch_size``
-  frames, the last frame repeated to fill a group).
-- `processor_class` / `build_processor` / `load_qwen_processor`: the installed processor class, subclassed only to
-  accept that video processor, used when torchvision is missing (with torchvision, transformers' classes as they
-  are).
+- frame video processors: the model's video preprocessing of already-decoded frames, with the model's PIL image
+  processor per frame. `Qwen2VLFrameVideoProcessor` lays patches out as transformers' torchvision processor
+  does (time-major groups of ``temporal_patch_size`` frames, the last frame repeated to fill a group);
+  `LlavaOnevisionFrameVideoProcessor` resizes every frame to one square. Both save their settings in the
+  format of the transformers processor they stand in for, so a folder saved here loads with transformers'
+  own classes where torchvision is installed, and the other way round.
+- `processor_class` / `build_processor` / `load_video_model_processor`: the installed processor class,
+  subclassed only to accept such a video processor, used when torchvision is missing (with torchvision,
+  transformers' classes as they are).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from transformers.feature_extraction_utils import BatchFeature
@@ -31,7 +34,6 @@ from .errors import PModInputError
 
 logger = logging.getLogger(__name__)
 
-QWEN_PROCESSORS = ("Qwen2VLProcessor", "Qwen2_5_VLProcessor")
 VIDEO_CONFIG = "video_preprocessor_config.json"
 
 
@@ -39,49 +41,99 @@ def has_torchvision() -> bool:
     return importlib.util.find_spec("torchvision") is not None
 
 
-class FrameVideoProcessor(VideoProcessorMixin):
-    """Qwen2-VL video preprocessing of decoded frames (a video = a list of PIL images or HWC arrays, already
-    sampled at ``fps`` frames per second), numpy and PIL only.
+class _FrameVideoProcessor(VideoProcessorMixin):
+    """Shared plumbing: settings, calling, saving and loading in the stood-in transformers class's format."""
+
+    stands_in_for: ClassVar[str] = ""
+    settings: ClassVar[tuple[str, ...]] = ()  # saved, in the stood-in class's names
+    also_read: ClassVar[tuple[str, ...]] = ()  # older names read when loading
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.pop("video_processor_type", None)
+        super().__init__(**kwargs)
+
+    def __call__(self, videos: Any, return_tensors: str | None = None, **kwargs: Any) -> BatchFeature:
+        return self.preprocess(videos, return_tensors=return_tensors, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"video_processor_type": self.stands_in_for, **{k: getattr(self, k) for k in self.settings}}
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> list[str]:
+        path = Path(save_directory) / VIDEO_CONFIG
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return [str(path)]
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any], **kwargs: Any) -> _FrameVideoProcessor:
+        """From `to_dict` output, or from the settings transformers' own video processor saved."""
+        return cls(**{k: saved[k] for k in cls.settings + cls.also_read if saved.get(k) is not None}, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, **kwargs: Any) -> _FrameVideoProcessor:
+        """From a saved processor folder: the ``video_processor`` entry of processor_config.json (how processors
+        save their parts) or a standalone video_preprocessor_config.json."""
+        for name, key in (("processor_config.json", "video_processor"), (VIDEO_CONFIG, None)):
+            path = Path(directory) / name
+            if path.is_file():
+                saved = json.loads(path.read_text())
+                saved = saved.get(key) if key else saved
+                if isinstance(saved, dict):
+                    return cls.from_dict(saved, **kwargs)
+        raise PModInputError(f"{directory} has no video processor settings ({VIDEO_CONFIG} or processor_config.json)")
+
+
+class Qwen2VLFrameVideoProcessor(_FrameVideoProcessor):
+    """Qwen2-VL / Qwen2.5-VL video preprocessing of decoded frames (a video = a list of PIL images or HWC arrays,
+    already sampled at ``fps`` frames per second), numpy and PIL only.
 
     Each frame goes through `Qwen2VLImageProcessorPil` (smart resize to a multiple of ``patch_size *
-    merge_size`` within [min_pixels, max_pixels], rescale, normalise); frames are then grouped in time, as the
-    vision tower's 3-D patch embedding expects. Outputs ``pixel_values_videos`` (sum of t*h*w, C*tp*p*p),
-    ``video_grid_thw`` and ``video_metadata`` (Qwen2.5-VL derives its temporal rotary step from the fps).
+    merge_size`` within ``size`` = {shortest_edge: min pixels, longest_edge: max pixels}, rescale, normalise);
+    frames are then grouped in time, as the vision tower's 3-D patch embedding expects. Outputs
+    ``pixel_values_videos`` (sum of t*h*w, C*tp*p*p), ``video_grid_thw`` and ``video_metadata`` (Qwen2.5-VL
+    derives its temporal rotary step from the fps).
     """
 
-    model_input_names = ["pixel_values_videos", "video_grid_thw"]
+    stands_in_for = "Qwen2VLVideoProcessor"
+    settings = ("size", "patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std", "fps",
+                "do_sample_frames")
+    also_read = ("min_pixels", "max_pixels")
+    model_input_names: ClassVar[list[str]] = ["pixel_values_videos", "video_grid_thw"]
 
     def __init__(
         self,
+        size: dict[str, int] | None = None,
         patch_size: int = 14,
         temporal_patch_size: int = 2,
         merge_size: int = 2,
-        min_pixels: int = 128 * 28 * 28,
-        max_pixels: int = 768 * 28 * 28,
         image_mean: list[float] | None = None,
         image_std: list[float] | None = None,
         fps: float = 2.0,
+        do_sample_frames: bool = False,
         **kwargs: Any,
     ) -> None:
         from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-        kwargs.pop("video_processor_type", None)
+        for unused in ("min_pixels", "max_pixels"):  # older configs: folded into size below
+            value = kwargs.pop(unused, None)
+            if value is not None:
+                size = {**(size or {}), ("shortest_edge" if unused == "min_pixels" else "longest_edge"): value}
         super().__init__(**kwargs)
+        size = dict(size or {})
+        self.size = {"shortest_edge": size.get("shortest_edge", 128 * 28 * 28),
+                     "longest_edge": size.get("longest_edge", 768 * 28 * 28)}
         self.patch_size, self.temporal_patch_size, self.merge_size = patch_size, temporal_patch_size, merge_size
-        self.min_pixels, self.max_pixels, self.fps = min_pixels, max_pixels, fps
         self.image_mean = list(image_mean if image_mean is not None else OPENAI_CLIP_MEAN)
         self.image_std = list(image_std if image_std is not None else OPENAI_CLIP_STD)
+        self.fps, self.do_sample_frames = fps, do_sample_frames  # frames come sampled: do_sample_frames stays off
 
     def _frame_processor(self):
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         return Qwen2VLImageProcessorPil(
-            patch_size=self.patch_size, temporal_patch_size=self.temporal_patch_size, merge_size=self.merge_size,
-            min_pixels=self.min_pixels, max_pixels=self.max_pixels, image_mean=self.image_mean, image_std=self.image_std,
+            size=dict(self.size), patch_size=self.patch_size, temporal_patch_size=self.temporal_patch_size,
+            merge_size=self.merge_size, image_mean=self.image_mean, image_std=self.image_std,
         )
-
-    def __call__(self, videos: Any, return_tensors: str | None = None, **kwargs: Any) -> BatchFeature:
-        return self.preprocess(videos, return_tensors=return_tensors, **kwargs)
 
     def preprocess(self, videos: Any, return_tensors: str | None = None, **kwargs: Any) -> BatchFeature:
         from transformers.video_utils import VideoMetadata
@@ -92,7 +144,7 @@ class FrameVideoProcessor(VideoProcessorMixin):
         all_patches, grids, metadata = [], [], []
         for v, video in enumerate(videos):
             out = frames.preprocess(video, return_tensors=None)
-            sizes = {tuple(g) for g in out["image_grid_thw"].tolist()}
+            sizes = {tuple(g) for g in np.asarray(out["image_grid_thw"]).tolist()}
             if len(sizes) != 1:
                 raise PModInputError(f"video {v}: its frames have different sizes; every frame of a video must match")
             _, gh, gw = sizes.pop()
@@ -115,44 +167,51 @@ class FrameVideoProcessor(VideoProcessorMixin):
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
         factor = self.patch_size * self.merge_size
-        h, w = smart_resize(height, width, factor, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+        h, w = smart_resize(height, width, factor, min_pixels=self.size["shortest_edge"],
+                            max_pixels=self.size["longest_edge"])
         groups = -(-num_frames // self.temporal_patch_size)
         return groups * (h // self.patch_size) * (w // self.patch_size)
 
-    def to_dict(self) -> dict[str, Any]:
-        keys = ("patch_size", "temporal_patch_size", "merge_size", "min_pixels", "max_pixels", "image_mean",
-                "image_std", "fps")
-        return {"video_processor_type": type(self).__name__, **{k: getattr(self, k) for k in keys}}
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> list[str]:
-        path = Path(save_directory) / VIDEO_CONFIG
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return [str(path)]
+class LlavaOnevisionFrameVideoProcessor(_FrameVideoProcessor):
+    """LLaVA-OneVision video preprocessing of decoded frames: every frame resized (bicubic) to ``size`` =
+    {height, width}, rescaled and normalised. Outputs ``pixel_values_videos`` (n_videos, T, 3, H, W); the videos
+    of one call must have the same number of frames (they are stacked)."""
 
-    @classmethod
-    def from_dict(cls, saved: dict[str, Any], **kwargs: Any) -> FrameVideoProcessor:
-        """From `to_dict` output, or from the settings of transformers' own Qwen2-VL video processor."""
-        saved = dict(saved)
-        if isinstance(saved.get("size"), dict):
-            saved.setdefault("min_pixels", saved["size"].get("shortest_edge"))
-            saved.setdefault("max_pixels", saved["size"].get("longest_edge"))
-        keys = ("patch_size", "temporal_patch_size", "merge_size", "min_pixels", "max_pixels", "image_mean",
-                "image_std", "fps")
-        return cls(**{k: saved[k] for k in keys if saved.get(k) is not None}, **kwargs)
+    stands_in_for = "LlavaOnevisionVideoProcessor"
+    settings = ("size", "image_mean", "image_std", "do_sample_frames")
+    model_input_names: ClassVar[list[str]] = ["pixel_values_videos"]
 
-    @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, **kwargs: Any) -> FrameVideoProcessor:
-        """From a saved processor folder: the ``video_processor`` entry of processor_config.json (how processors
-        save their parts) or a standalone video_preprocessor_config.json."""
-        for name, key in (("processor_config.json", "video_processor"), (VIDEO_CONFIG, None)):
-            path = Path(directory) / name
-            if path.is_file():
-                saved = json.loads(path.read_text())
-                saved = saved.get(key) if key else saved
-                if isinstance(saved, dict):
-                    return cls.from_dict(saved, **kwargs)
-        raise PModInputError(f"{directory} has no video processor settings ({VIDEO_CONFIG} or processor_config.json)")
+    def __init__(self, size: dict[str, int] | None = None, image_mean: list[float] | None = None,
+                 image_std: list[float] | None = None, do_sample_frames: bool = False, **kwargs: Any) -> None:
+        from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+        super().__init__(**kwargs)
+        self.size = {"height": 384, "width": 384} if size is None else {"height": size["height"], "width": size["width"]}
+        self.image_mean = list(image_mean if image_mean is not None else OPENAI_CLIP_MEAN)
+        self.image_std = list(image_std if image_std is not None else OPENAI_CLIP_STD)
+        self.do_sample_frames = do_sample_frames
+
+    def preprocess(self, videos: Any, return_tensors: str | None = None, **kwargs: Any) -> BatchFeature:
+        from PIL import Image
+
+        videos = _as_video_list(videos)
+        if len({len(v) for v in videos}) > 1:
+            raise PModInputError(
+                f"LLaVA-OneVision stacks the videos of one call: got {sorted({len(v) for v in videos})} frames; "
+                "sample the same number of frames from each video"
+            )
+        height, width = self.size["height"], self.size["width"]
+        mean, std = np.array(self.image_mean).reshape(3, 1, 1), np.array(self.image_std).reshape(3, 1, 1)
+        out = []
+        for video in videos:
+            frames = []
+            for frame in video:
+                image = frame if isinstance(frame, Image.Image) else Image.fromarray(np.asarray(frame, dtype=np.uint8))
+                x = np.asarray(image.convert("RGB").resize((width, height), Image.Resampling.BICUBIC), dtype=np.float32)
+                frames.append((x.transpose(2, 0, 1) / 255.0 - mean) / std)  # (3, H, W)
+            out.append(np.stack(frames).astype(np.float32))  # (T, 3, H, W)
+        return BatchFeature(data={"pixel_values_videos": np.stack(out)}, tensor_type=return_tensors)
 
 
 def _as_video_list(videos: Any) -> list[list[Any]]:
@@ -173,20 +232,27 @@ def _as_video_list(videos: Any) -> list[list[Any]]:
     )
 
 
+# processor class name -> the frame video processor that stands in for its torchvision one
+FRAME_VIDEO_PROCESSORS: dict[str, type[_FrameVideoProcessor]] = {
+    "Qwen2VLProcessor": Qwen2VLFrameVideoProcessor,
+    "Qwen2_5_VLProcessor": Qwen2VLFrameVideoProcessor,
+    "LlavaOnevisionProcessor": LlavaOnevisionFrameVideoProcessor,
+}
 _CLASSES: dict[str, type] = {}
 
 
 def processor_class(name: str) -> type:
-    """The installed ``Qwen2VLProcessor`` / ``Qwen2_5_VLProcessor``; without torchvision, a subclass that accepts a
-    `FrameVideoProcessor` (nothing else differs)."""
+    """The installed processor class ``name`` (a key of `FRAME_VIDEO_PROCESSORS`); without torchvision, a
+    subclass that accepts the frame video processor (nothing else differs)."""
     import transformers
 
-    if name not in QWEN_PROCESSORS:
-        raise ValueError(f"not a Qwen2-VL processor: {name}")
+    if name not in FRAME_VIDEO_PROCESSORS:
+        raise ValueError(f"no frame video processor for {name}; known: {', '.join(FRAME_VIDEO_PROCESSORS)}")
     base = getattr(transformers, name)
     if has_torchvision():
         return base
     if name not in _CLASSES:
+        video_cls = FRAME_VIDEO_PROCESSORS[name]
 
         def check_argument_for_proper_class(self, argument_name: str, argument: Any):
             if argument_name == "video_processor":  # transformers looks this base class up by an unexported name
@@ -202,33 +268,34 @@ def processor_class(name: str) -> type:
             kwargs.pop("subfolder", None)
             video = (processor_dict or {}).get("video_processor")
             return [AutoImageProcessor.from_pretrained(path, **kwargs), AutoTokenizer.from_pretrained(path, **kwargs),
-                    FrameVideoProcessor.from_dict(video) if isinstance(video, dict) else FrameVideoProcessor.from_pretrained(path)]
+                    video_cls.from_dict(video) if isinstance(video, dict) else video_cls.from_pretrained(path)]
 
         _CLASSES[name] = type(name, (base,), {
             "__module__": __name__,
-            "__doc__": f"transformers' {name} with a `FrameVideoProcessor` (no torchvision here).",
+            "__doc__": f"transformers' {name} with a `{video_cls.__name__}` (no torchvision here).",
             "check_argument_for_proper_class": check_argument_for_proper_class,
             "_get_arguments_from_pretrained": _get_arguments_from_pretrained,
         })
     return _CLASSES[name]
 
 
-def build_processor(version: str, image_processor: Any, tokenizer: Any, video_processor: Any | None = None,
-                    chat_template: str | None = None) -> Any:
-    """A Qwen2-VL (``version="2"``) or Qwen2.5-VL (``"2.5"``) processor from its parts; the video processor
-    defaults to a `FrameVideoProcessor` with the image processor's patch settings."""
-    name = {"2": "Qwen2VLProcessor", "2.5": "Qwen2_5_VLProcessor"}.get(version)
-    if name is None:
-        raise ValueError(f"version must be '2' or '2.5', got {version!r}")
+def build_processor(name: str, image_processor: Any, tokenizer: Any, video_processor: Any | None = None,
+                    **kwargs: Any) -> Any:
+    """Processor ``name`` (``Qwen2VLProcessor``, ``Qwen2_5_VLProcessor``, ``LlavaOnevisionProcessor``) from its
+    parts; the video processor defaults to the frame video processor with the image processor's settings.
+    ``kwargs`` go to the processor (``chat_template``, OneVision's ``num_image_tokens``, ...)."""
     if video_processor is None:
-        video_processor = FrameVideoProcessor(
-            patch_size=image_processor.patch_size, temporal_patch_size=image_processor.temporal_patch_size,
-            merge_size=image_processor.merge_size, min_pixels=image_processor.size["shortest_edge"],
-            max_pixels=image_processor.size["longest_edge"], image_mean=list(image_processor.image_mean),
-            image_std=list(image_processor.image_std),
-        )
+        ip = image_processor
+        if FRAME_VIDEO_PROCESSORS.get(name) is Qwen2VLFrameVideoProcessor:
+            video_processor = Qwen2VLFrameVideoProcessor(
+                size=dict(ip.size), patch_size=ip.patch_size, temporal_patch_size=ip.temporal_patch_size,
+                merge_size=ip.merge_size, image_mean=list(ip.image_mean), image_std=list(ip.image_std))
+        else:
+            video_processor = LlavaOnevisionFrameVideoProcessor(
+                size={"height": ip.size["height"], "width": ip.size["width"]}, image_mean=list(ip.image_mean),
+                image_std=list(ip.image_std))
     return processor_class(name)(image_processor=image_processor, tokenizer=tokenizer,
-                                 video_processor=video_processor, chat_template=chat_template)
+                                 video_processor=video_processor, **kwargs)
 
 
 def saved_processor_class(model_dir: str | os.PathLike) -> str | None:
@@ -245,11 +312,11 @@ def saved_processor_class(model_dir: str | os.PathLike) -> str | None:
     return None
 
 
-def load_qwen_processor(model_dir: str | os.PathLike) -> Any | None:
-    """A saved Qwen2-VL / Qwen2.5-VL processor through `processor_class` when torchvision is missing (None when
-    the folder holds another processor, or when transformers' own loading can be used)."""
+def load_video_model_processor(model_dir: str | os.PathLike) -> Any | None:
+    """A saved Qwen2-VL / Qwen2.5-VL / LLaVA-OneVision processor through `processor_class` when torchvision is
+    missing (None when the folder holds another processor, or when transformers' own loading can be used)."""
     name = saved_processor_class(model_dir)
-    if name not in QWEN_PROCESSORS or has_torchvision():
+    if name not in FRAME_VIDEO_PROCESSORS or has_torchvision():
         return None
     logger.info("torchvision is not installed: loading %s with pmod's frame video processor", name)
     return processor_class(name).from_pretrained(model_dir)

@@ -134,6 +134,14 @@ def tiny_llava_onevision(
     return _init_newline(LlavaOnevisionForConditionalGeneration(cfg).eval())
 
 
+def mrope_sections(head_dim: int) -> list[int]:
+    """Temporal, height and width rotary sections in Qwen2-VL's proportions (1/4, 3/8, 3/8 of the rotary
+    half-dimension: [16, 24, 24] at head_dim 128, [2, 3, 3] at 16)."""
+    half = head_dim // 2
+    t = half // 4
+    return [t, (half - t) // 2, half - t - (half - t) // 2]
+
+
 def tiny_qwen2_vl(
     num_layers: int = 4,
     hidden_size: int = 64,
@@ -144,7 +152,7 @@ def tiny_qwen2_vl(
     patch_size: int = 2,
 ) -> PreTrainedModel:
     """A Qwen2-VL (``version="2"``) or Qwen2.5-VL (``"2.5"``) shaped model: patch ``patch_size``, temporal patch 2, 2x2 merge
-    (one token per 4 patches of a frame pair), M-RoPE sections [2, 3, 3], Qwen2.5-VL windows of 2 x 2 merged cells; image / video / vision-start /
+    (one token per 4 patches of a frame pair), M-RoPE sections as Qwen's (`mrope_sections`), Qwen2.5-VL windows of 2 x 2 merged cells; image / video / vision-start /
     vision-end tokens are vocab_size - 1 .. vocab_size - 4."""
     import transformers
 
@@ -161,7 +169,8 @@ def tiny_qwen2_vl(
         raise ValueError(f"version must be '2' or '2.5', got {version!r}")
     text = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=4,
                 num_key_value_heads=2, intermediate_size=2 * hidden_size, bos_token_id=2, eos_token_id=3, pad_token_id=0,
-                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0})
+                rope_parameters={"rope_type": "default", "mrope_section": mrope_sections(hidden_size // 4),
+                                 "rope_theta": 10000.0})
     cfg = config_cls(
         vision_config=vision, text_config=text, image_token_id=vocab_size - 1, video_token_id=vocab_size - 2,
         vision_start_token_id=vocab_size - 3, vision_end_token_id=vocab_size - 4,
@@ -245,16 +254,21 @@ def tiny_llava_processor(model: LlavaForConditionalGeneration, words: list[str] 
     )
 
 
-# Qwen2-VL's ChatML template, for content lists of {"type": "image" | "video" | "text"}.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for c in message['content'] %}"
-    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+def chatml_template(image: str, video: str) -> str:
+    """A ChatML chat template (Qwen2-VL, LLaVA-OneVision) for content lists of {"type": "image" | "video" |
+    "text"}, with the given text for an image and a video."""
+    return (
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+        "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+        "{% for c in message['content'] %}"
+        "{% if c['type'] == 'image' %}" + image + "{% elif c['type'] == 'video' %}" + video +
+        "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+
+CHATML_TEMPLATE = chatml_template("<|vision_start|><|image_pad|><|vision_end|>", "<|vision_start|><|video_pad|><|vision_end|>")
+CHATML_SPECIALS = ("<pad>", "<unk>", "<s>", "<|im_end|>", "<|im_start|>")
 
 
 def tiny_qwen2_vl_processor(model: PreTrainedModel, words: list[str] | None = None, image_size: int | None = None):
@@ -271,12 +285,36 @@ def tiny_qwen2_vl_processor(model: PreTrainedModel, words: list[str] | None = No
                     "<|vision_start|>": cfg.vision_start_token_id, "<|vision_end|>": cfg.vision_end_token_id}
     words = words or "user assistant system what is in the image ? a red blue green circle square yes no".split()
     tokenizer = word_tokenizer(words, cfg.get_text_config().vocab_size, placeholders,
-                               specials=("<pad>", "<unk>", "<s>", "<|im_end|>", "<|im_start|>"), eos="<|im_end|>")
+                               specials=CHATML_SPECIALS, eos="<|im_end|>")
     factor = vision.patch_size * vision.spatial_merge_size
     pixels = {} if image_size is None else {"min_pixels": image_size**2, "max_pixels": image_size**2}
     if image_size is not None and image_size % factor:
         raise ValueError(f"image_size must be a multiple of patch_size * spatial_merge_size = {factor}")
     image_processor = Qwen2VLImageProcessorPil(patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
                                                temporal_patch_size=vision.temporal_patch_size, **pixels)
-    version = "2.5" if cfg.model_type.endswith("2_5_vl") else "2"
-    return build_processor(version, image_processor, tokenizer, chat_template=CHATML_TEMPLATE)
+    name = "Qwen2_5_VLProcessor" if cfg.model_type.endswith("2_5_vl") else "Qwen2VLProcessor"
+    return build_processor(name, image_processor, tokenizer, chat_template=CHATML_TEMPLATE)
+
+
+def tiny_llava_onevision_processor(model: PreTrainedModel, words: list[str] | None = None):
+    """A LLaVA-OneVision processor matching a `tiny_llava_onevision` model: word tokenizer (``<image>`` and
+    ``<video>`` at the model's ids), the PIL anyres image processor with the model's grid pinpoints, pmod's
+    frame video processor where torchvision is missing, and a ChatML template."""
+    from transformers import LlavaOnevisionImageProcessorPil
+
+    from .processors import build_processor
+
+    cfg = model.config
+    vision = cfg.vision_config
+    placeholders = {"<image>": cfg.image_token_id, "<video>": cfg.video_token_id}
+    words = words or "user assistant system what is in the image ? a red blue green circle square yes no".split()
+    tokenizer = word_tokenizer(words, cfg.get_text_config().vocab_size, placeholders, specials=CHATML_SPECIALS,
+                               eos="<|im_end|>")
+    size = vision.image_size
+    image_processor = LlavaOnevisionImageProcessorPil(size={"height": size, "width": size},
+                                                      image_grid_pinpoints=cfg.image_grid_pinpoints)
+    return build_processor(
+        "LlavaOnevisionProcessor", image_processor, tokenizer, chat_template=chatml_template("<image>", "<video>"),
+        num_image_tokens=(size // vision.patch_size) ** 2,
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy, vision_aspect_ratio="anyres_max_9",
+    )

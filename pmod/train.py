@@ -190,15 +190,23 @@ def _words(records: list[dict[str, Any]]) -> list[str]:
     return list(words)
 
 
-TINY_ARCHES = ("llava", "qwen2-vl", "qwen2.5-vl")
+TINY_ARCHES = ("llava", "llava-onevision", "qwen2-vl", "qwen2.5-vl")
 
 
 def build_tiny(settings: dict[str, Any], records: list[dict[str, Any]], attn_implementation: str | None,
                extra_words: list[str] | None = None):
     """A tiny random model and its processor, with a word-level vocabulary covering ``records`` and
-    ``extra_words``. ``settings["arch"]``: ``llava`` (default; `pmod.tiny.tiny_llava` arguments), ``qwen2-vl`` or
-    ``qwen2.5-vl`` (`pmod.tiny.tiny_qwen2_vl` arguments, plus ``image_size``: every image resized to that square)."""
-    from .tiny import tiny_llava, tiny_llava_processor, tiny_qwen2_vl, tiny_qwen2_vl_processor
+    ``extra_words``. ``settings["arch"]``: ``llava`` (default; `pmod.tiny.tiny_llava` arguments),
+    ``llava-onevision`` (`pmod.tiny.tiny_llava_onevision`), ``qwen2-vl`` or ``qwen2.5-vl``
+    (`pmod.tiny.tiny_qwen2_vl` arguments, plus ``image_size``: every image resized to that square)."""
+    from .tiny import (
+        tiny_llava,
+        tiny_llava_onevision,
+        tiny_llava_onevision_processor,
+        tiny_llava_processor,
+        tiny_qwen2_vl,
+        tiny_qwen2_vl_processor,
+    )
 
     settings = dict(settings)
     arch = settings.pop("arch", "llava")
@@ -213,6 +221,9 @@ def build_tiny(settings: dict[str, Any], records: list[dict[str, Any]], attn_imp
     if arch == "llava":
         model = tiny_llava(vocab_size=vocab, **settings)
         return model, tiny_llava_processor(model, words)
+    if arch == "llava-onevision":
+        model = tiny_llava_onevision(vocab_size=vocab, **settings)
+        return model, tiny_llava_onevision_processor(model, words)
     image_size = settings.pop("image_size", None)
     model = tiny_qwen2_vl(vocab_size=vocab, version=arch[4:-3], **settings)
     return model, tiny_qwen2_vl_processor(model, words, image_size=image_size)

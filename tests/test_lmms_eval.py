@@ -223,3 +223,23 @@ def test_lmms_eval_command_line(model_dir, tmp_path):
     assert [s["filtered_resps"] for s in samples] == predictions
     expected = [float(exact_match(p, d["answer"])) for p, d in zip(predictions, docs)]
     assert [s["exact_match"] for s in samples] == expected
+
+
+def test_qwen2_vl_through_the_plugin_equals_evaluate(tmp_path):
+    """A Qwen2-VL model with its own processor and ChatML template (loaded without torchvision)."""
+    from pmod.tiny import tiny_qwen2_vl, tiny_qwen2_vl_processor
+
+    model = pmod.apply_pmod(tiny_qwen2_vl(patch_size=7), pmod.PModConfig(schedule=SCHEDULE))
+    randomize_routers(model)
+    words = "user assistant what is in the image ? a red blue green circle square yes no".split()
+    words += [f"w{i}" for i in range(128 - 4 - 5 - len(words))]  # every id decodes to a word
+    model.save_pretrained(tmp_path)
+    tiny_qwen2_vl_processor(model, words, image_size=28).save_pretrained(tmp_path)
+    lm = PMod(pretrained=str(tmp_path), device="cpu", batch_size=3)
+    lm.task_dict = {"tiny": {"test": _docs()}}
+    suppress = [0, 1, 2, 3, 4]  # <pad> <unk> <s> <|im_end|> <|im_start|>
+    answers = lm.generate_until(_generate_requests({"max_new_tokens": 3, "suppress_tokens": suppress}))
+    expected = evaluate(pmod.load_model(tmp_path).eval(), lm.processor, _records(_docs()), TASK_DIR, batch_size=2,
+                        max_new_tokens=3, suppress_tokens=suppress, progress=False)
+    assert answers == [r.prediction for r in expected.records] and all(len(a.split()) == 3 for a in answers)
+    assert lm.efficiency["flops_ratio"] == pytest.approx(expected.flops_ratio) and expected.flops_ratio < 1.0

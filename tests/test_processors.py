@@ -8,7 +8,7 @@ from PIL import Image
 import pmod
 from pmod.errors import PModInputError
 from pmod.models import load_processor
-from pmod.processors import FrameVideoProcessor, has_torchvision
+from pmod.processors import Qwen2VLFrameVideoProcessor, has_torchvision
 from pmod.tiny import tiny_qwen2_vl, tiny_qwen2_vl_processor
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
@@ -41,8 +41,8 @@ def reference_patches(video, p, tp, m):
 
 @pytest.mark.parametrize("n_frames", [4, 3, 1])
 def test_frame_video_processor_matches_the_reference_layout(n_frames):
-    proc = FrameVideoProcessor(patch_size=7, temporal_patch_size=2, merge_size=2, min_pixels=28 * 56,
-                               max_pixels=28 * 56, image_mean=MEAN, image_std=STD)
+    proc = Qwen2VLFrameVideoProcessor(patch_size=7, temporal_patch_size=2, merge_size=2, image_mean=MEAN, image_std=STD,
+                                      size={"shortest_edge": 28 * 56, "longest_edge": 28 * 56})
     videos = [frames(n_frames, seed=1), frames(2, seed=2)]
     out = proc(videos, return_tensors="pt")
     expected = [reference_patches(v, 7, 2, 2) for v in videos]
@@ -66,7 +66,7 @@ def test_a_still_video_equals_the_image():
 
 
 def test_bad_videos_are_explained():
-    proc = FrameVideoProcessor(patch_size=7, min_pixels=28 * 28, max_pixels=28 * 56)
+    proc = Qwen2VLFrameVideoProcessor(patch_size=7, size={"shortest_edge": 28 * 28, "longest_edge": 28 * 56})
     with pytest.raises(PModInputError, match="different sizes"):
         proc([frames(1, 28, 28) + frames(1, 28, 56)])
     with pytest.raises(PModInputError, match="decoded frames"):
@@ -104,3 +104,29 @@ def test_processor_expands_placeholders_and_round_trips(tmp_path, version):
     assert logits.shape[:2] == ids.shape and torch.isfinite(logits).all()
     r = model.routing()[2]
     assert int(r.target.sum()) == 12 and int(r.selected[1].sum()) == 4
+
+
+def test_settings_are_saved_and_read_in_transformers_format(tmp_path):
+    import json
+
+    from pmod.processors import LlavaOnevisionFrameVideoProcessor
+
+    processor = tiny_qwen2_vl_processor(tiny_qwen2_vl(patch_size=7), image_size=28)
+    processor.save_pretrained(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved/processor_config.json").read_text())["video_processor"]
+    assert saved["video_processor_type"] == "Qwen2VLVideoProcessor"  # transformers' class, not ours
+    assert saved["size"] == {"shortest_edge": 28 * 28, "longest_edge": 28 * 28} and saved["patch_size"] == 7
+    # a hub folder written by transformers' own (torchvision) video processor
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    (hub / "video_preprocessor_config.json").write_text(json.dumps({
+        "video_processor_type": "Qwen2VLVideoProcessor", "size": {"shortest_edge": 3136, "longest_edge": 12845056},
+        "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2, "min_frames": 4, "max_frames": 768,
+        "image_mean": MEAN, "image_std": STD, "do_sample_frames": False, "resample": 3}))
+    video = Qwen2VLFrameVideoProcessor.from_pretrained(hub)
+    assert video.size == {"shortest_edge": 3136, "longest_edge": 12845056} and video.image_mean == MEAN
+    onevision = LlavaOnevisionFrameVideoProcessor.from_dict(
+        {"video_processor_type": "LlavaOnevisionVideoProcessor", "size": {"height": 384, "width": 384}, "resample": 3})
+    assert onevision.to_dict()["size"] == {"height": 384, "width": 384}
+    with pytest.raises(PModInputError, match="no video processor settings"):
+        Qwen2VLFrameVideoProcessor.from_pretrained(tmp_path)

@@ -81,8 +81,9 @@ def test_random_routers_match_reference(version):
     assert int(r.target[0].sum()) == 6 and not r.target[2].any()
 
 
-def test_batched_generation_equals_rows_alone_and_kv_shrinks(tmp_path):
-    model = pmod.apply_pmod(tiny_qwen2_vl(), pmod.PModConfig(schedule=[0.5, 1.0, 0.3, 0.6]))
+@pytest.mark.parametrize("version", ["2", "2.5"])
+def test_batched_generation_equals_rows_alone_and_kv_shrinks(tmp_path, version):
+    model = pmod.apply_pmod(tiny_qwen2_vl(version=version), pmod.PModConfig(schedule=[0.5, 1.0, 0.3, 0.6]))
     randomize_routers(model)
     inputs, singles = qwen_inputs(model)
     cfg = model.config
@@ -104,7 +105,7 @@ def test_batched_generation_equals_rows_alone_and_kv_shrinks(tmp_path):
     assert kv_cache_report(alone.past_key_values).ratio < 1.0
     model.save_pretrained(tmp_path)
     loaded = pmod.load_model(tmp_path)
-    assert loaded.config.model_type == "pmod_qwen2_vl"
+    assert loaded.config.model_type == ("pmod_qwen2_vl" if version == "2" else "pmod_qwen2_5_vl")
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits)
 
@@ -133,9 +134,10 @@ def test_training_batches_equal_one_by_one_losses():
     torch.testing.assert_close(batch_loss, sum(per_item) / len(per_item), rtol=1e-5, atol=1e-5)
 
 
-def test_cached_decoding_equals_recomputation():
+@pytest.mark.parametrize("version", ["2", "2.5"])
+def test_cached_decoding_equals_recomputation(version):
     """Each generated step's logits (cache, rope_deltas kept by the model) equal a full recomputation."""
-    model = pmod.apply_pmod(tiny_qwen2_vl(), pmod.PModConfig(schedule=[0.5, 1.0, 0.3, 0.6]))
+    model = pmod.apply_pmod(tiny_qwen2_vl(version=version), pmod.PModConfig(schedule=[0.5, 1.0, 0.3, 0.6]))
     randomize_routers(model)
     inputs, _ = qwen_inputs(model)
     cfg = model.config
@@ -157,3 +159,14 @@ def test_tokens_per_image_estimate_for_dynamic_resolution():
     from pmod.train import tokens_per_image
 
     assert tokens_per_image(tiny_qwen2_vl()) == (448 // 4) ** 2
+
+
+@pytest.mark.parametrize("hidden_size", [64, 128])
+def test_tiny_builder_scales_the_rotary_sections(hidden_size):
+    """The M-RoPE sections follow the head size (the demo's full size uses hidden 128)."""
+    model = tiny_qwen2_vl(hidden_size=hidden_size)
+    section = model.config.get_text_config().rope_parameters["mrope_section"]
+    assert sum(section) == hidden_size // 4 // 2
+    inputs, _ = qwen_inputs(model, rows=ROWS[:2])
+    with torch.no_grad():
+        assert torch.isfinite(model(**inputs).logits).all()
