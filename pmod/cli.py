@@ -266,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     add_viz_parser(sub)
 
+    from .demo import ARCHES as DEMO_ARCHES
+
     p = sub.add_parser("demo", help="a miniature p-MoD experiment on CPU: train dense and p-MoD, evaluate, report")
     p.add_argument("--out", default="demo-output")
     p.add_argument("--quick", action="store_true", help="smoke-test size (about 2 minutes)")
@@ -274,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tanh-norm", action="store_true", help="ablation: unbounded router weight alpha * s + beta")
     p.add_argument("--no-string", action="store_true", help="ablation: skipped tokens pass unchanged (no STRing)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--arch", choices=["llava", "qwen2-vl", "qwen2.5-vl"], default="llava",
+    p.add_argument("--arch", choices=DEMO_ARCHES, default="llava",
                    help="the tiny model's architecture (qwen2-vl: dynamic-resolution patches, M-RoPE)")
     p.set_defaults(func=cmd_demo)
     return parser

@@ -17,7 +17,9 @@ from .errors import PModConfigError, PModInputError
 IMAGE_PLACEHOLDER = "<image>"
 VIDEO_PLACEHOLDER = "<video>"
 PLACEHOLDERS = {IMAGE_PLACEHOLDER: "image", VIDEO_PLACEHOLDER: "video"}
-_SPLIT = re.compile("(" + "|".join(map(re.escape, PLACEHOLDERS)) + ")")
+FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# "<video>" is a placeholder only in records with videos (elsewhere it may be text, e.g. about HTML)
+_SPLIT = {True: re.compile("(<image>|<video>)"), False: re.compile("(<image>)")}
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 # The original LLaVA "vicuna_v1" conversation template (system prompt, "USER: ... ASSISTANT: ...</s>").
@@ -60,20 +62,28 @@ def image_paths(record: dict[str, Any]) -> list[str]:
 
 
 def video_sources(record: dict[str, Any]) -> list[str | list[str]]:
-    """The record's videos, in placeholder order: each a frame folder or a list of frame paths ([] for none)."""
+    """The record's videos, in placeholder order: each a frame folder or a list of frame paths ([] for none).
+
+    ``"video"`` is a folder (one video), a list of image files (the frames of one video), a list of folders
+    (several videos), or a list whose items are folders or lists of image files.
+    """
     video = record.get("video")
     if video is None:
         return []
     if isinstance(video, str):
         return [video]
     if isinstance(video, list) and video and all(isinstance(p, str) for p in video):
-        return [list(video)]  # the frames of one video
-    if isinstance(video, list) and all(isinstance(v, str) or (isinstance(v, list) and v and all(
+        frames = [p.lower().endswith(FRAME_SUFFIXES) for p in video]
+        if all(frames):
+            return [list(video)]  # the frames of one video
+        if not any(frames):
+            return list(video)  # frame folders, one per video
+    elif isinstance(video, list) and video and all(isinstance(v, str) or (isinstance(v, list) and v and all(
             isinstance(p, str) for p in v)) for v in video):
         return list(video)
     raise PModInputError(
-        f"record {record.get('id')!r}: 'video' must be a frame folder, a list of frame paths, or a list of those; "
-        f"got {video!r}"
+        f"record {record.get('id')!r}: 'video' must be a frame folder, a list of frame files "
+        f"({', '.join(FRAME_SUFFIXES)}), a list of folders, or a list of those; got {video!r}"
     )
 
 
@@ -88,8 +98,9 @@ def to_messages(record: dict[str, Any]) -> list[dict[str, Any]]:
     turns = record.get("conversations")
     if not isinstance(turns, list) or not turns:
         raise PModInputError(f"record {rid!r}: 'conversations' must be a non-empty list of turns")
-    for placeholder, count, key in ((IMAGE_PLACEHOLDER, len(image_paths(record)), "image"),
-                                    (VIDEO_PLACEHOLDER, len(video_sources(record)), "video")):
+    videos = len(video_sources(record))
+    kinds = [(IMAGE_PLACEHOLDER, len(image_paths(record)), "image")] + ([(VIDEO_PLACEHOLDER, videos, "video")] if videos else [])
+    for placeholder, count, key in kinds:
         n_placeholders = sum(str(t.get("value", "")).count(placeholder) for t in turns if isinstance(t, dict))
         if n_placeholders == 0 and count:
             first = next((i for i, t in enumerate(turns) if ROLES.get(t.get("from")) == "user"), None)
@@ -111,7 +122,7 @@ def to_messages(record: dict[str, Any]) -> list[dict[str, Any]]:
             )
         role = ROLES[turn["from"]]
         content: list[dict[str, str]] = []
-        pieces = _SPLIT.split(turn["value"])  # text, placeholder, text, ...
+        pieces = _SPLIT[bool(videos)].split(turn["value"])  # text, placeholder, text, ...
         if role != "user" and len(pieces) > 1:
             raise PModInputError(f"record {rid!r}, turn {i}: '<image>' / '<video>' are only allowed in human turns")
         for j, piece in enumerate(pieces):

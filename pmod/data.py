@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .conversation import IMAGE_PLACEHOLDER, assistant_spans, image_paths, to_messages, video_sources
+from .conversation import FRAME_SUFFIXES, IMAGE_PLACEHOLDER, assistant_spans, image_paths, to_messages, video_sources
 from .errors import PModConfigError, PModInputError
 
 logger = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 SKIP_KEY = "pmod_skipped"
 TOKEN_LEVEL_INPUTS = ("mm_token_type_ids",)  # processor outputs with one value per token
-FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+DEFAULT_VIDEO_FPS = 2.0  # frames per second of a record's frames when it does not say ("fps"): Qwen2-VL's rate
 
 
 def load_records(path: str | Path) -> list[dict[str, Any]]:
@@ -124,7 +125,7 @@ class Encoder:
                         f"record {record.get('id')!r}: video {folder} is not a folder of frames; pmod reads decoded "
                         "frames (decode video files into a folder of images first, e.g. with ffmpeg or torchcodec)"
                     )
-                paths = sorted(f for f in folder.iterdir() if f.suffix.lower() in FRAME_SUFFIXES)
+                paths = sorted((f for f in folder.iterdir() if f.suffix.lower() in FRAME_SUFFIXES), key=_natural)
                 if not paths:
                     raise PModInputError(f"record {record.get('id')!r}: no frames ({', '.join(FRAME_SUFFIXES)}) in {folder}")
             else:
@@ -144,8 +145,15 @@ class Encoder:
             )
         text, spans = assistant_spans(self.processor, messages)
         text, spans = self._terminate_replies(text, spans)
-        if images or videos:
-            enc = self.processor(text=text, images=images or None, videos=videos or None, return_tensors="pt")
+        if videos:
+            # the frames' rate, explicit for every processor, so that Qwen2.5-VL's temporal positions are the same
+            # with transformers' video processors and pmod's
+            fps = float(record.get("fps", DEFAULT_VIDEO_FPS))
+            metadata = [{"fps": fps, "total_num_frames": len(v), "frames_indices": list(range(len(v)))} for v in videos]
+            enc = self.processor(text=text, images=images or None, videos=videos, video_metadata=metadata,
+                                 return_tensors="pt")
+        elif images:
+            enc = self.processor(text=text, images=images, return_tensors="pt")
         else:
             enc = self.tokenizer(text, return_tensors="pt")
         ids = enc["input_ids"][0]
@@ -226,10 +234,16 @@ class Encoder:
         return ids[:n], labels[:n]
 
     def length(self, record: dict[str, Any], tokens_per_image: int) -> int:
-        """A cheap length estimate for length-grouped batching (words + image tokens; a video counts as 4 images),
-        no image decoding."""
+        """A cheap length estimate for length-grouped batching, no image decoding: words + image tokens, a video
+        as one image per two listed frames (a frame folder, not listed here, as four images)."""
         words = sum(len(str(t.get("value", "")).split()) for t in record.get("conversations", []))
-        return words + tokens_per_image * (len(image_paths(record)) + 4 * len(video_sources(record)))
+        videos = sum(max(1, len(v) // 2) if isinstance(v, list) else 4 for v in video_sources(record))
+        return words + tokens_per_image * (len(image_paths(record)) + videos)
+
+
+def _natural(path: Path) -> list[Any]:
+    """Sort key: numbers in names compare as numbers (ffmpeg's %d.png: 1, 2, ..., 10)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
 
 
 def _span_of(a: int, b: int, spans: list[tuple[int, int]]) -> tuple[int, int]:

@@ -351,6 +351,8 @@ def _prepare(records: Sequence[dict[str, Any]], image_folder: Path | None) -> li
         if key in seen:
             raise PModInputError(f"record id {rid!r} appears twice; ids must be unique (they key the predictions file)")
         seen.add(key)
+        if record.get("video") is not None:
+            raise PModInputError(f"record {rid!r} has a video: pmod eval answers image and text questions only")
         messages, answer = prompt_and_answer(record)
         answers = record.get("answers")
         if answers is not None and (

@@ -177,7 +177,7 @@ class PMod(lmms):
             self._model = load_model(self.pretrained, PModConfig(**settings) if settings else None, **load_kwargs)
         self._model.to(self._device).eval()
 
-        self.processor = load_processor(self.pretrained, need_images=False)  # video models without torchvision too
+        self.processor = load_processor(self.pretrained, need_images=False)  # local video-model folders load without torchvision too
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
         if chat_template is not None:
             self.processor.chat_template = resolve_chat_template(chat_template)

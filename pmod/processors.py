@@ -55,6 +55,23 @@ class _FrameVideoProcessor(VideoProcessorMixin):
     def __call__(self, videos: Any, return_tensors: str | None = None, **kwargs: Any) -> BatchFeature:
         return self.preprocess(videos, return_tensors=return_tensors, **kwargs)
 
+    def _call_settings(self, kwargs: dict[str, Any]) -> tuple[dict[str, int], list[Any] | None]:
+        """The call's ``size`` (or the saved one) and ``video_metadata``; any other setting that would change
+        the output is refused, rather than ignored (frames come decoded and sampled)."""
+        size = kwargs.pop("size", None) or self.size
+        metadata = kwargs.pop("video_metadata", None)
+        kwargs.pop("return_metadata", None)  # the processor drops the metadata from its output itself
+        if kwargs.pop("do_sample_frames", None):
+            raise PModInputError("pmod's frame video processors take frames already sampled: do_sample_frames=True, "
+                                 "num_frames and fps sampling need transformers' own video processor (torchvision)")
+        unsupported = sorted(k for k, v in kwargs.items() if v is not None)
+        if unsupported:
+            raise PModInputError(
+                f"{type(self).__name__} does not implement the video settings {unsupported}; pass decoded, sampled "
+                "frames, or install torchvision to use transformers' own video processor"
+            )
+        return dict(size), metadata
+
     def to_dict(self) -> dict[str, Any]:
         return {"video_processor_type": self.stands_in_for, **{k: getattr(self, k) for k in self.settings}}
 
@@ -73,7 +90,10 @@ class _FrameVideoProcessor(VideoProcessorMixin):
     def from_pretrained(cls, directory: str | os.PathLike, **kwargs: Any) -> _FrameVideoProcessor:
         """From a saved processor folder: the ``video_processor`` entry of processor_config.json (how processors
         save their parts) or a standalone video_preprocessor_config.json."""
-        for name, key in (("processor_config.json", "video_processor"), (VIDEO_CONFIG, None)):
+        # where transformers looks too: the processor's entry, the video config, then the image processor's
+        # settings (hub folders written before video processors existed)
+        for name, key in (("processor_config.json", "video_processor"), (VIDEO_CONFIG, None),
+                          ("preprocessor_config.json", None)):
             path = Path(directory) / name
             if path.is_file():
                 saved = json.loads(path.read_text())
@@ -91,11 +111,12 @@ class Qwen2VLFrameVideoProcessor(_FrameVideoProcessor):
     merge_size`` within ``size`` = {shortest_edge: min pixels, longest_edge: max pixels}, rescale, normalise);
     frames are then grouped in time, as the vision tower's 3-D patch embedding expects. Outputs
     ``pixel_values_videos`` (sum of t*h*w, C*tp*p*p), ``video_grid_thw`` and ``video_metadata`` (Qwen2.5-VL
-    derives its temporal rotary step from the fps).
+    derives its temporal rotary step from the frames' rate: ``video_metadata`` fps when the call gives it, else
+    ``fps``, which is not saved: transformers' processors read a saved fps as a sampling rate).
     """
 
     stands_in_for = "Qwen2VLVideoProcessor"
-    settings = ("size", "patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std", "fps",
+    settings = ("size", "patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std",
                 "do_sample_frames")
     also_read = ("min_pixels", "max_pixels")
     model_input_names: ClassVar[list[str]] = ["pixel_values_videos", "video_grid_thw"]
@@ -127,27 +148,27 @@ class Qwen2VLFrameVideoProcessor(_FrameVideoProcessor):
         self.image_std = list(image_std if image_std is not None else OPENAI_CLIP_STD)
         self.fps, self.do_sample_frames = fps, do_sample_frames  # frames come sampled: do_sample_frames stays off
 
-    def _frame_processor(self):
+    def _frame_processor(self, size: dict[str, int]):
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         return Qwen2VLImageProcessorPil(
-            size=dict(self.size), patch_size=self.patch_size, temporal_patch_size=self.temporal_patch_size,
+            size=size, patch_size=self.patch_size, temporal_patch_size=self.temporal_patch_size,
             merge_size=self.merge_size, image_mean=self.image_mean, image_std=self.image_std,
         )
 
     def preprocess(self, videos: Any, return_tensors: str | None = None, **kwargs: Any) -> BatchFeature:
         from transformers.video_utils import VideoMetadata
 
+        size, given_metadata = self._call_settings(kwargs)
         videos = _as_video_list(videos)
-        frames = self._frame_processor()
+        if given_metadata is not None and len(given_metadata) != len(videos):
+            raise PModInputError(f"video_metadata has {len(given_metadata)} entries for {len(videos)} videos")
+        frames = self._frame_processor(size)
         tp, p = self.temporal_patch_size, self.patch_size
         all_patches, grids, metadata = [], [], []
         for v, video in enumerate(videos):
-            out = frames.preprocess(video, return_tensors=None)
-            sizes = {tuple(g) for g in np.asarray(out["image_grid_thw"]).tolist()}
-            if len(sizes) != 1:
-                raise PModInputError(f"video {v}: its frames have different sizes; every frame of a video must match")
-            _, gh, gw = sizes.pop()
+            out = frames.preprocess(list(video), return_tensors=None)  # frames share one size: one grid
+            _, gh, gw = (int(g) for g in np.asarray(out["image_grid_thw"])[0])
             n = gh * gw
             # the image processor repeats each frame over the temporal axis: keep one copy per frame
             per_frame = np.asarray(out["pixel_values"]).reshape(len(video), n, -1, tp, p, p)[:, :, :, 0]  # (T, n, C, p, p)
@@ -157,7 +178,10 @@ class Qwen2VLFrameVideoProcessor(_FrameVideoProcessor):
             grouped = per_frame.reshape(groups, tp, n, -1, p, p).transpose(0, 2, 3, 1, 4, 5)  # (t, n, C, tp, p, p)
             all_patches.append(grouped.reshape(groups * n, -1))  # (t*h*w, C*tp*p*p)
             grids.append([groups, gh, gw])
-            metadata.append(VideoMetadata(total_num_frames=len(video), fps=self.fps, frames_indices=list(range(len(video)))))
+            meta = {"total_num_frames": len(video), "fps": self.fps, "frames_indices": list(range(len(video)))}
+            if given_metadata is not None:  # the frames' own rate, e.g. from the data record
+                meta.update({key: value for key, value in dict(given_metadata[v]).items() if value is not None})
+            metadata.append(VideoMetadata(**meta))
         data = {"pixel_values_videos": np.concatenate(all_patches), "video_grid_thw": np.array(grids, dtype=np.int64)}
         feature = BatchFeature(data=data, tensor_type=return_tensors)
         feature["video_metadata"] = metadata
@@ -195,41 +219,53 @@ class LlavaOnevisionFrameVideoProcessor(_FrameVideoProcessor):
     def preprocess(self, videos: Any, return_tensors: str | None = None, **kwargs: Any) -> BatchFeature:
         from PIL import Image
 
+        size, _ = self._call_settings(kwargs)  # OneVision does not use the frames' timing
         videos = _as_video_list(videos)
         if len({len(v) for v in videos}) > 1:
             raise PModInputError(
                 f"LLaVA-OneVision stacks the videos of one call: got {sorted({len(v) for v in videos})} frames; "
                 "sample the same number of frames from each video"
             )
-        height, width = self.size["height"], self.size["width"]
+        height, width = size["height"], size["width"]
         mean, std = np.array(self.image_mean).reshape(3, 1, 1), np.array(self.image_std).reshape(3, 1, 1)
         out = []
         for video in videos:
             frames = []
-            for frame in video:
-                image = frame if isinstance(frame, Image.Image) else Image.fromarray(np.asarray(frame, dtype=np.uint8))
+            for frame in video:  # (H, W, 3) uint8, checked by _as_video_list
+                # PIL bicubic, as transformers' PIL image processors; torchvision's antialiased resize differs by a
+                # few 1/255 steps on frames that are not already at the target size
+                image = Image.fromarray(frame)
                 x = np.asarray(image.convert("RGB").resize((width, height), Image.Resampling.BICUBIC), dtype=np.float32)
                 frames.append((x.transpose(2, 0, 1) / 255.0 - mean) / std)  # (3, H, W)
             out.append(np.stack(frames).astype(np.float32))  # (T, 3, H, W)
         return BatchFeature(data={"pixel_values_videos": np.stack(out)}, tensor_type=return_tensors)
 
 
-def _as_video_list(videos: Any) -> list[list[Any]]:
-    """One video (a list of frames or a (T, H, W, C) array) or a list of them -> a list of frame lists."""
-    from PIL import Image
+def _as_video_list(videos: Any) -> list[np.ndarray]:
+    """Videos as transformers batches them (`make_batched_videos`: one video as a list of frames or a (T, H, W,
+    C) array, a list of videos, or a list of such lists per sample) -> (T, H, W, 3) uint8 arrays."""
+    from transformers.video_utils import make_batched_videos
 
-    if isinstance(videos, np.ndarray) and videos.ndim == 4:
-        return [list(videos)]
-    if isinstance(videos, (list, tuple)) and videos and isinstance(videos[0], (Image.Image, np.ndarray)) and not (
-        isinstance(videos[0], np.ndarray) and videos[0].ndim == 4
-    ):
-        return [list(videos)]
-    if isinstance(videos, (list, tuple)) and all(isinstance(v, (list, tuple, np.ndarray)) for v in videos):
-        return [list(v) for v in videos]
-    raise PModInputError(
-        "videos must be decoded frames: a list of PIL images (one video), a list of such lists, or (T, H, W, C) "
-        f"arrays; got {type(videos).__name__}. Decode video files first (e.g. with torchcodec or PyAV)."
-    )
+    if isinstance(videos, (str, os.PathLike)) or (
+            isinstance(videos, (list, tuple)) and any(isinstance(v, (str, os.PathLike)) for v in videos)):
+        raise PModInputError(
+            "videos must be decoded frames (PIL images or (T, H, W, 3) uint8 arrays), not paths: decode video files "
+            "first (e.g. with torchcodec or PyAV), or install torchvision to use transformers' own video processor"
+        )
+    try:
+        batched = make_batched_videos(videos)
+    except (ValueError, TypeError) as exc:
+        raise PModInputError(f"videos could not be read as frames ({exc}); every frame of a video must have one size") from exc
+    out = []
+    for i, video in enumerate(batched):
+        array = np.asarray(video)
+        if array.ndim != 4 or array.shape[-1] != 3 or array.dtype != np.uint8:
+            raise PModInputError(
+                f"video {i}: expected RGB frames as (T, H, W, 3) uint8 (or PIL images), got shape {array.shape} "
+                f"{array.dtype}; convert float or channel-first frames first"
+            )
+        out.append(array)
+    return out
 
 
 # processor class name -> the frame video processor that stands in for its torchvision one
@@ -270,13 +306,26 @@ def processor_class(name: str) -> type:
             return [AutoImageProcessor.from_pretrained(path, **kwargs), AutoTokenizer.from_pretrained(path, **kwargs),
                     video_cls.from_dict(video) if isinstance(video, dict) else video_cls.from_pretrained(path)]
 
+        # __name__ stays transformers' (saved as processor_class, so transformers loads the folder); the
+        # qualified name is this module's attribute, so that the processor pickles (dataloader workers)
         _CLASSES[name] = type(name, (base,), {
             "__module__": __name__,
+            "__qualname__": FRAME_PREFIX + name,
             "__doc__": f"transformers' {name} with a `{video_cls.__name__}` (no torchvision here).",
             "check_argument_for_proper_class": check_argument_for_proper_class,
             "_get_arguments_from_pretrained": _get_arguments_from_pretrained,
         })
     return _CLASSES[name]
+
+
+FRAME_PREFIX = "Frame"
+
+
+def __getattr__(attribute: str) -> type:
+    """``FrameQwen2VLProcessor`` etc.: the subclasses `processor_class` makes, for unpickling."""
+    if attribute.startswith(FRAME_PREFIX) and attribute[len(FRAME_PREFIX):] in FRAME_VIDEO_PROCESSORS:
+        return processor_class(attribute[len(FRAME_PREFIX):])
+    raise AttributeError(f"module {__name__!r} has no attribute {attribute!r}")
 
 
 def build_processor(name: str, image_processor: Any, tokenizer: Any, video_processor: Any | None = None,

@@ -137,6 +137,8 @@ def tiny_llava_onevision(
 def mrope_sections(head_dim: int) -> list[int]:
     """Temporal, height and width rotary sections in Qwen2-VL's proportions (1/4, 3/8, 3/8 of the rotary
     half-dimension: [16, 24, 24] at head_dim 128, [2, 3, 3] at 16)."""
+    if head_dim % 2:
+        raise ValueError(f"rotary embeddings need an even head size, got {head_dim}")
     half = head_dim // 2
     t = half // 4
     return [t, (half - t) // 2, half - t - (half - t) // 2]

@@ -198,7 +198,8 @@ def build_tiny(settings: dict[str, Any], records: list[dict[str, Any]], attn_imp
     """A tiny random model and its processor, with a word-level vocabulary covering ``records`` and
     ``extra_words``. ``settings["arch"]``: ``llava`` (default; `pmod.tiny.tiny_llava` arguments),
     ``llava-onevision`` (`pmod.tiny.tiny_llava_onevision`), ``qwen2-vl`` or ``qwen2.5-vl``
-    (`pmod.tiny.tiny_qwen2_vl` arguments, plus ``image_size``: every image resized to that square)."""
+    (`pmod.tiny.tiny_qwen2_vl` arguments, plus ``image_size``: images resized to about ``image_size**2`` pixels,
+    keeping their aspect ratio; square images become ``image_size`` squares)."""
     from .tiny import (
         tiny_llava,
         tiny_llava_onevision,
@@ -270,9 +271,10 @@ def set_trainable(model: torch.nn.Module, stage: Stage, freeze_vision_tower: boo
     """Freeze parameters for a stage; returns trainable parameter counts by part."""
     counts: dict[str, int] = {}
     for name, param in model.named_parameters():
+        dotted = "." + name  # Qwen2-VL's parts sit at model.visual (ForConditionalGeneration) or visual (Model)
         part = (  # LLaVA family: vision_tower, multi_modal_projector; Qwen2-VL: visual, with visual.merger projecting
-            "projector" if "multi_modal_projector" in name or ".visual.merger." in name
-            else "vision_tower" if "vision_tower" in name or ".visual." in name
+            "projector" if "multi_modal_projector" in name or ".visual.merger." in dotted
+            else "vision_tower" if "vision_tower" in name or ".visual." in dotted
             else "router" if ".router." in name
             else "image_newline" if "image_newline" in name
             else "language_model"

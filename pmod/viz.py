@@ -195,7 +195,8 @@ def kept_token_maps(
         where = f" for an image of (height, width) {size}" if layout.highres is not None else ""
         raise PModInputError(
             f"Example {example} has {positions.numel()} vision tokens, but one image needs {layout.num_tokens}{where}. "
-            "Token maps need exactly one image per example (and, for LLaVA-NeXT, that image's size)."
+            "Token maps need exactly one image per example (and, for LLaVA-NeXT, that image's size; for Qwen2-VL, "
+            "its image_grid_thw)."
         )
     maps = {}
     for index, r in sorted(routing.items()):
@@ -347,8 +348,10 @@ def visualize(
     maps = kept_token_maps(model, get_routing(model), inputs["input_ids"], 0, inputs.get("image_sizes"),
                            image_grid_thw=inputs.get("image_grid_thw"))
     pixels = inputs["pixel_values"]
-    if pixels.dim() == 2:  # Qwen2-VL flat patches: the grid covers the (aspect-preserving) resized image
-        base_view = None
+    if pixels.dim() == 2:  # Qwen2-VL flat patches: the model saw the image resized to (h, w) patches
+        _, h, w = (int(v) for v in inputs["image_grid_thw"][0])
+        patch = model.config.vision_config.patch_size
+        base_view = np.asarray(image.resize((w * patch, h * patch)))
     else:
         pixels = pixels[0]
         base_view = _model_view(pixels[0] if pixels.dim() == 4 else pixels, processor)  # NeXT: crop 0 is the base view

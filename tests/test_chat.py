@@ -59,3 +59,31 @@ def test_chat_one_shot_and_interactive(chat_dir, capsys, monkeypatch):
 def test_chat_errors(chat_dir, capsys):
     assert main(["chat", str(chat_dir / "model"), "--image", str(chat_dir / "missing.png"), "--prompt", "x"]) == 2
     assert "Image not found" in capsys.readouterr().err
+
+
+def test_chat_with_a_qwen2_vl_model(tmp_path, capsys):
+    """`pmod chat` on a saved Qwen2-VL model: its ChatML processor loads without torchvision, vision and
+    placeholder tokens are never generated, the cache shrinks."""
+    from pmod.tiny import tiny_qwen2_vl, tiny_qwen2_vl_processor
+
+    model = pmod.apply_pmod(tiny_qwen2_vl(patch_size=7), pmod.PModConfig(schedule=[1.0, 1.0, 0.3, 0.3]))
+    randomize_routers(model)
+    model.save_pretrained(tmp_path)
+    tiny_qwen2_vl_processor(model, image_size=28).save_pretrained(tmp_path)
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "red.png")
+    assert main(["chat", str(tmp_path), "--image", str(tmp_path / "red.png"), "--max-new-tokens", "5",
+                 "--prompt", "what is in the image ?"]) == 0
+    assert "vs dense" in capsys.readouterr().out
+    session = ChatSession(pmod.load_model(tmp_path).eval(), tiny_qwen2_vl_processor(model, image_size=28),
+                          Image.open(tmp_path / "red.png").convert("RGB"), max_new_tokens=5)
+    seen = {}
+    generate = session.model.generate
+
+    def spy(**kwargs):
+        seen.update(kwargs)
+        return generate(**kwargs)
+
+    session.model.generate = spy
+    _, stats = session.ask("what is in the image ?")
+    assert {124, 125, 126, 127} <= set(seen["suppress_tokens"])  # vision end / start, video, image ids
+    assert 0 < stats.kv.ratio < 1

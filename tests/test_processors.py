@@ -1,5 +1,8 @@
 """pmod.processors: Qwen2-VL processors without torchvision (frame video processor, save / load)."""
 
+import json
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -54,6 +57,27 @@ def test_frame_video_processor_matches_the_reference_layout(n_frames):
     assert patches == int(out["video_grid_thw"][0].prod())
 
 
+def test_frames_are_resized_as_qwen2_vl_resizes_them():
+    """Frames off the patch grid: smart resize to multiples of patch * merge within the pixel bounds (30 x 61 ->
+    28 x 56 here), PIL bicubic, then the same layout; nested per-sample lists read as transformers reads them."""
+    proc = Qwen2VLFrameVideoProcessor(patch_size=7, temporal_patch_size=2, merge_size=2, image_mean=MEAN, image_std=STD,
+                                      size={"shortest_edge": 14 * 14, "longest_edge": 28 * 56})
+    video = frames(3, height=30, width=61, seed=3)
+    out = proc([video], return_tensors="pt")
+    resized = [f.resize((56, 28), Image.Resampling.BICUBIC) for f in video]
+    expected, grid = reference_patches(resized, 7, 2, 2)
+    np.testing.assert_allclose(out["pixel_values_videos"].numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert out["video_grid_thw"].tolist() == [grid] == [[2, 4, 8]]
+    assert proc.get_num_of_video_patches(3, 30, 61) == 2 * 4 * 8
+    nested = proc([[np.stack([np.asarray(f) for f in video])]], return_tensors="pt")  # one sample, one video
+    torch.testing.assert_close(nested["pixel_values_videos"], out["pixel_values_videos"])
+    bigger = proc([video], return_tensors="pt", size={"shortest_edge": 56 * 112, "longest_edge": 56 * 112})
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    h, w = smart_resize(30, 61, 14, min_pixels=56 * 112, max_pixels=56 * 112)  # a call's size is honoured
+    assert bigger["video_grid_thw"].tolist() == [[2, h // 7, w // 7]] and (h, w) != (28, 56)
+
+
 def test_a_still_video_equals_the_image():
     """Two identical frames give exactly the image processor's patches (it repeats an image over time)."""
     model = tiny_qwen2_vl(patch_size=7)
@@ -65,12 +89,18 @@ def test_a_still_video_equals_the_image():
     assert as_video["video_grid_thw"].tolist() == as_image["image_grid_thw"].tolist()
 
 
-def test_bad_videos_are_explained():
+def test_bad_videos_and_unsupported_settings_are_explained():
     proc = Qwen2VLFrameVideoProcessor(patch_size=7, size={"shortest_edge": 28 * 28, "longest_edge": 28 * 56})
-    with pytest.raises(PModInputError, match="different sizes"):
+    with pytest.raises(PModInputError, match="one size"):
         proc([frames(1, 28, 28) + frames(1, 28, 56)])
-    with pytest.raises(PModInputError, match="decoded frames"):
+    with pytest.raises(PModInputError, match="not paths"):
         proc("clip.mp4")
+    with pytest.raises(PModInputError, match="uint8"):
+        proc([np.zeros((2, 28, 28, 3), dtype=np.float32)])
+    with pytest.raises(PModInputError, match="already sampled"):
+        proc([frames(2)], do_sample_frames=True, num_frames=2)
+    with pytest.raises(PModInputError, match="do_normalize"):
+        proc([frames(2)], do_normalize=False)
 
 
 @pytest.mark.parametrize("version", ["2", "2.5"])
@@ -88,11 +118,17 @@ def test_processor_expands_placeholders_and_round_trips(tmp_path, version):
     assert torch.equal(types == 1, ids == model.config.image_token_id)
     assert torch.equal(types == 2, ids == model.config.video_token_id)
     if version == "2.5":
-        assert out["second_per_grid_ts"].tolist() == [1.0]  # 2 frames per time step at 2 fps
+        assert out["second_per_grid_ts"].tolist() == [1.0]  # 2 frames per time step at the default 2 fps
+        slow = processor(text=text, images=[image], videos=[frames(3, 28, 28)], return_tensors="pt", padding=True,
+                         video_metadata=[{"fps": 0.5}])
+        assert slow["second_per_grid_ts"].tolist() == [4.0]  # the frames' own rate, when given
 
     processor.save_pretrained(tmp_path)
     loaded = load_processor(tmp_path)
     assert type(loaded).__name__ == type(processor).__name__
+    assert type(loaded.video_processor) is type(processor.video_processor)
+    assert loaded.video_processor.to_dict() == processor.video_processor.to_dict()
+    assert pickle.loads(pickle.dumps(loaded)).video_processor.to_dict() == processor.video_processor.to_dict()
     again = loaded(text=text, images=[image], videos=[frames(3, 28, 28)], return_tensors="pt", padding=True)
     for key, value in out.items():
         if isinstance(value, torch.Tensor):
@@ -107,8 +143,6 @@ def test_processor_expands_placeholders_and_round_trips(tmp_path, version):
 
 
 def test_settings_are_saved_and_read_in_transformers_format(tmp_path):
-    import json
-
     from pmod.processors import LlavaOnevisionFrameVideoProcessor
 
     processor = tiny_qwen2_vl_processor(tiny_qwen2_vl(patch_size=7), image_size=28)
@@ -116,6 +150,7 @@ def test_settings_are_saved_and_read_in_transformers_format(tmp_path):
     saved = json.loads((tmp_path / "saved/processor_config.json").read_text())["video_processor"]
     assert saved["video_processor_type"] == "Qwen2VLVideoProcessor"  # transformers' class, not ours
     assert saved["size"] == {"shortest_edge": 28 * 28, "longest_edge": 28 * 28} and saved["patch_size"] == 7
+    assert "fps" not in saved  # transformers would read it as a sampling rate and refuse num_frames with it
     # a hub folder written by transformers' own (torchvision) video processor
     hub = tmp_path / "hub"
     hub.mkdir()
@@ -130,3 +165,34 @@ def test_settings_are_saved_and_read_in_transformers_format(tmp_path):
     assert onevision.to_dict()["size"] == {"height": 384, "width": 384}
     with pytest.raises(PModInputError, match="no video processor settings"):
         Qwen2VLFrameVideoProcessor.from_pretrained(tmp_path)
+
+
+def test_a_hub_folder_without_a_video_config_loads(tmp_path):
+    """Qwen2-VL folders written before video processors existed hold only preprocessor_config.json."""
+    processor = tiny_qwen2_vl_processor(tiny_qwen2_vl(patch_size=7), image_size=28)
+    processor.tokenizer.save_pretrained(tmp_path)
+    (tmp_path / "chat_template.jinja").write_text(processor.chat_template)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({
+        "processor_class": "Qwen2VLProcessor", "image_processor_type": "Qwen2VLImageProcessor",
+        "min_pixels": 28 * 28, "max_pixels": 28 * 28, "patch_size": 7, "temporal_patch_size": 2, "merge_size": 2,
+        "image_mean": MEAN, "image_std": STD}))
+    loaded = load_processor(tmp_path)
+    assert loaded.video_processor.size == {"shortest_edge": 28 * 28, "longest_edge": 28 * 28}
+    assert loaded.video_processor.patch_size == 7 and loaded.video_processor.image_mean == MEAN
+    out = loaded(text=["<|vision_start|><|video_pad|><|vision_end|> what"], videos=[frames(2, 28, 28)], return_tensors="pt")
+    assert out["video_grid_thw"].tolist() == [[1, 4, 4]]
+
+
+def test_onevision_frames_are_resized_and_normalised():
+    from pmod.processors import LlavaOnevisionFrameVideoProcessor
+
+    proc = LlavaOnevisionFrameVideoProcessor(size={"height": 14, "width": 21}, image_mean=MEAN, image_std=STD)
+    video = frames(3, height=14, width=21, seed=4)  # already at the size: no resampling in the comparison
+    out = proc([video], return_tensors="pt")["pixel_values_videos"]
+    assert out.shape == (1, 3, 3, 14, 21)
+    expected = np.stack([((np.asarray(f, dtype=np.float64) / 255 - MEAN) / STD).transpose(2, 0, 1) for f in video])
+    np.testing.assert_allclose(out[0].numpy(), expected, rtol=1e-5, atol=1e-5)
+    resized = proc([frames(2, height=30, width=40)], return_tensors="pt")["pixel_values_videos"]
+    assert resized.shape == (1, 2, 3, 14, 21)
+    with pytest.raises(PModInputError, match="same number of frames"):
+        proc([frames(2, 14, 21), frames(3, 14, 21)])

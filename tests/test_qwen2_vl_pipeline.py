@@ -183,3 +183,48 @@ def test_kept_token_maps_follow_the_merged_grid(setup):
     assert maps[2].kept == 4
     with pytest.raises(PModInputError, match="image_grid_thw"):
         kept_token_maps(model, input_ids=inputs["input_ids"])
+
+
+def test_video_record_forms_frame_order_and_literal_video_text(setup, tmp_path):
+    from pmod.conversation import to_messages, video_sources
+
+    model, processor = setup
+    (tmp_path / "ff").mkdir()
+    for i, shade in ((1, 10), (2, 120), (10, 250)):  # ffmpeg's %d.png names: 10 must come last
+        Image.new("RGB", (28, 28), (shade, shade, shade)).save(tmp_path / "ff" / f"{i}.png")
+    encoder = Encoder(processor, tmp_path)
+    frames = encoder.videos({"id": "n", "video": "ff"})[0]
+    assert [f.getpixel((0, 0))[0] for f in frames] == [10, 120, 250]
+    _frames(tmp_path, "clip", 2)
+    two = {"id": "2", "video": ["ff", "clip"], "conversations": [
+        {"from": "human", "value": "<video> and <video> ?"}, {"from": "gpt", "value": "yes"}]}
+    assert video_sources(two) == ["ff", "clip"]  # folders, one per video
+    item = encoder.encode(two)
+    assert item["video_grid_thw"].tolist() == [[2, 4, 4], [1, 4, 4]]
+    assert video_sources({"video": ["ff/1.png", "ff/2.png"]}) == [["ff/1.png", "ff/2.png"]]  # frames of one video
+    with pytest.raises(PModInputError, match="list of frame files"):
+        video_sources({"id": "m", "video": ["ff", "ff/1.png"]})
+    # in a record without videos "<video>" is text (e.g. about HTML), not a placeholder
+    text = {"id": "t", "conversations": [{"from": "human", "value": "what is <video> ?"}, {"from": "gpt", "value": "a tag"}]}
+    assert to_messages(text)[0]["content"] == [{"type": "text", "text": "what is <video> ?"}]
+
+
+def test_qwen2_5_vl_temporal_step_follows_the_record_fps(tmp_path):
+    """The record's frame rate reaches Qwen2.5-VL's temporal positions (second_per_grid_ts), default 2 fps."""
+    model = tiny_qwen2_vl(version="2.5", patch_size=7)
+    processor = tiny_qwen2_vl_processor(model, WORDS, image_size=28)
+    record = {"id": "v", "video": _frames(tmp_path, "clip", 4), "conversations": [
+        {"from": "human", "value": "<video>\nwhat colour is the circle ?"}, {"from": "gpt", "value": "red"}]}
+    encoder = Encoder(processor, tmp_path)
+    assert encoder.encode(record)["second_per_grid_ts"].tolist() == [1.0]
+    assert encoder.encode({**record, "fps": 0.5})["second_per_grid_ts"].tolist() == [4.0]
+
+
+def test_evaluation_refuses_video_records(setup, tmp_path):
+    from pmod.evaluate import evaluate
+
+    model, processor = setup
+    record = {"id": "v", "video": _frames(tmp_path, "clip", 2), "conversations": [
+        {"from": "human", "value": "<video>\nwhat colour ?"}, {"from": "gpt", "value": "red"}]}
+    with pytest.raises(PModInputError, match="has a video"):
+        evaluate(model, processor, [record], tmp_path)
