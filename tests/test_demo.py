@@ -65,3 +65,17 @@ def test_qwen2_vl_demo_shares_the_folder_without_touching_the_llava_run(demo_dir
     assert "tiny Qwen2-VL-style model" in (out / "report-qwen2-vl.md").read_text()
     assert (out / "report.md").read_text() == llava_report
     assert (out / "dense/train_summary.json").stat().st_mtime == dense_summary
+
+
+def test_report_calls_a_comparison_with_an_unlearned_baseline_inconclusive():
+    from pathlib import Path
+
+    from pmod.demo import DemoConfig, _markdown
+
+    report = json.loads((Path(__file__).parent.parent / "docs/demo/report-qwen2-vl.json").read_text())
+    assert report["targets"]["dense_baseline_learned"]
+    assert "accuracy within 2 points of dense: **not met**" in _markdown(report, "pmod", DemoConfig(arch="qwen2-vl"))
+    report["accuracy"].update(dense=0.49, pmod=0.60, gap_points=11.0)
+    report["targets"].update(dense_baseline_learned=False, accuracy_within_2_points=True)
+    text = _markdown(report, "pmod", DemoConfig(arch="qwen2-vl"))
+    assert "**inconclusive**" in text and "standard error of 3.1 points" in text
