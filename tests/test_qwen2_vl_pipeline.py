@@ -228,3 +228,22 @@ def test_evaluation_refuses_video_records(setup, tmp_path):
         {"from": "human", "value": "<video>\nwhat colour ?"}, {"from": "gpt", "value": "red"}]}
     with pytest.raises(PModInputError, match="has a video"):
         evaluate(model, processor, [record], tmp_path)
+
+
+def test_training_from_a_saved_dense_qwen2_vl_folder(data, tmp_path):
+    """What configs/pmod-qwen2-vl-7b.yaml does: a dense checkpoint with its own processor and template, converted
+    to p-MoD on load, trained, saved as p-MoD."""
+    from pmod.models import load_pretrained
+    from pmod.train import TrainConfig, train
+
+    dense = tiny_qwen2_vl(patch_size=7)
+    dense.save_pretrained(tmp_path / "dense")
+    tiny_qwen2_vl_processor(dense, WORDS, image_size=28).save_pretrained(tmp_path / "dense")
+    path, folder = data
+    result = train(TrainConfig(
+        model_name_or_path=str(tmp_path / "dense"), pmod={"average_ratio": 0.5}, chat_template=None,
+        data_path=str(path), image_folder=str(folder), output_dir=str(tmp_path / "out"), max_steps=2,
+        per_device_train_batch_size=4, logging_steps=1, save_steps=100, report_to=[],
+    ))
+    assert result.global_step == 2 and "router" in result.trainable_parameters
+    assert load_pretrained(tmp_path / "out").config.model_type == "pmod_qwen2_vl"

@@ -152,7 +152,8 @@ def test_load_config_overrides_and_errors(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
-@pytest.mark.parametrize("name", ["pmod-llava-1.5-7b.yaml", "pmod-llava-next-7b.yaml", "tiny-cpu.yaml"])
+@pytest.mark.parametrize("name", ["pmod-llava-1.5-7b.yaml", "pmod-llava-next-7b.yaml", "pmod-qwen2-vl-7b.yaml",
+                                  "tiny-cpu.yaml"])
 def test_recipes_parse(name):
     config = load_config(CONFIGS / name)
     if config.deepspeed:
@@ -161,6 +162,9 @@ def test_recipes_parse(name):
     if name.startswith("pmod-llava"):
         assert config.learning_rate == 2e-5 and config.lr_scheduler_type == "cosine" and config.bf16
         assert config.per_device_train_batch_size * 8 == 128 and config.num_train_epochs == 1
+    if name.startswith("pmod-qwen"):
+        assert config.chat_template is None and not config.pad_images and config.bf16  # the processor's own
+        assert config.per_device_train_batch_size * config.gradient_accumulation_steps * 8 == 128
 
 
 def test_deepspeed_and_fsdp_configs_name_real_classes():
