@@ -48,9 +48,13 @@ class _FrameVideoProcessor(VideoProcessorMixin):
     settings: ClassVar[tuple[str, ...]] = ()  # saved, in the stood-in class's names
     also_read: ClassVar[tuple[str, ...]] = ()  # older names read when loading
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, do_sample_frames: bool = False, **kwargs: Any) -> None:
         kwargs.pop("video_processor_type", None)
         super().__init__(**kwargs)
+        self.do_sample_frames = do_sample_frames  # saved as it was read; frames are always taken as given
+        if do_sample_frames:
+            logger.warning("%s takes frames as given (already sampled); the saved do_sample_frames=True only applies "
+                           "to transformers' own video processor", type(self).__name__)
 
     def __call__(self, videos: Any, return_tensors: str | None = None, **kwargs: Any) -> BatchFeature:
         return self.preprocess(videos, return_tensors=return_tensors, **kwargs)
@@ -100,7 +104,10 @@ class _FrameVideoProcessor(VideoProcessorMixin):
                 saved = saved.get(key) if key else saved
                 if isinstance(saved, dict):
                     return cls.from_dict(saved, **kwargs)
-        raise PModInputError(f"{directory} has no video processor settings ({VIDEO_CONFIG} or processor_config.json)")
+        raise PModInputError(
+            f"{directory} has no video processor settings (processor_config.json, {VIDEO_CONFIG} or "
+            "preprocessor_config.json)"
+        )
 
 
 class Qwen2VLFrameVideoProcessor(_FrameVideoProcessor):
@@ -139,14 +146,14 @@ class Qwen2VLFrameVideoProcessor(_FrameVideoProcessor):
             value = kwargs.pop(unused, None)
             if value is not None:
                 size = {**(size or {}), ("shortest_edge" if unused == "min_pixels" else "longest_edge"): value}
-        super().__init__(**kwargs)
+        super().__init__(do_sample_frames=do_sample_frames, **kwargs)
         size = dict(size or {})
         self.size = {"shortest_edge": size.get("shortest_edge", 128 * 28 * 28),
                      "longest_edge": size.get("longest_edge", 768 * 28 * 28)}
         self.patch_size, self.temporal_patch_size, self.merge_size = patch_size, temporal_patch_size, merge_size
         self.image_mean = list(image_mean if image_mean is not None else OPENAI_CLIP_MEAN)
         self.image_std = list(image_std if image_std is not None else OPENAI_CLIP_STD)
-        self.fps, self.do_sample_frames = fps, do_sample_frames  # frames come sampled: do_sample_frames stays off
+        self.fps = fps
 
     def _frame_processor(self, size: dict[str, int]):
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -210,11 +217,10 @@ class LlavaOnevisionFrameVideoProcessor(_FrameVideoProcessor):
                  image_std: list[float] | None = None, do_sample_frames: bool = False, **kwargs: Any) -> None:
         from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-        super().__init__(**kwargs)
+        super().__init__(do_sample_frames=do_sample_frames, **kwargs)
         self.size = {"height": 384, "width": 384} if size is None else {"height": size["height"], "width": size["width"]}
         self.image_mean = list(image_mean if image_mean is not None else OPENAI_CLIP_MEAN)
         self.image_std = list(image_std if image_std is not None else OPENAI_CLIP_STD)
-        self.do_sample_frames = do_sample_frames
 
     def preprocess(self, videos: Any, return_tensors: str | None = None, **kwargs: Any) -> BatchFeature:
         from PIL import Image
