@@ -116,22 +116,7 @@ class Encoder:
 
     def videos(self, record: dict[str, Any]) -> list[list[Image.Image]]:
         """The record's videos as frame lists: a folder's image files in name order, or the listed frames."""
-        out = []
-        for source in video_sources(record):
-            if isinstance(source, str):
-                folder = Path(source) if self.image_folder is None else Path(self.image_folder) / source
-                if not folder.is_dir():
-                    raise PModInputError(
-                        f"record {record.get('id')!r}: video {folder} is not a folder of frames; pmod reads decoded "
-                        "frames (decode video files into a folder of images first, e.g. with ffmpeg or torchcodec)"
-                    )
-                paths = sorted((f for f in folder.iterdir() if f.suffix.lower() in FRAME_SUFFIXES), key=_natural)
-                if not paths:
-                    raise PModInputError(f"record {record.get('id')!r}: no frames ({', '.join(FRAME_SUFFIXES)}) in {folder}")
-            else:
-                paths = [Path(p) if self.image_folder is None else Path(self.image_folder) / p for p in source]
-            out.append([load_image(p) for p in paths])
-        return out
+        return [[load_image(p) for p in paths] for paths in video_frame_paths(record, self.image_folder)]
 
     def encode(self, record: dict[str, Any], images: list[Image.Image] | None = None) -> dict[str, Any]:
         """Model inputs for one record; raises `PModInputError` for a record that cannot be used."""
@@ -146,12 +131,8 @@ class Encoder:
         text, spans = assistant_spans(self.processor, messages)
         text, spans = self._terminate_replies(text, spans)
         if videos:
-            # the frames' rate, explicit for every processor, so that Qwen2.5-VL's temporal positions are the same
-            # with transformers' video processors and pmod's
-            fps = float(record.get("fps", DEFAULT_VIDEO_FPS))
-            metadata = [{"fps": fps, "total_num_frames": len(v), "frames_indices": list(range(len(v)))} for v in videos]
-            enc = self.processor(text=text, images=images or None, videos=videos, video_metadata=metadata,
-                                 return_tensors="pt")
+            enc = self.processor(text=text, images=images or None, videos=videos,
+                                 video_metadata=video_metadata(videos, record_fps(record)), return_tensors="pt")
         elif images:
             enc = self.processor(text=text, images=images, return_tensors="pt")
         else:
@@ -239,6 +220,42 @@ class Encoder:
         words = sum(len(str(t.get("value", "")).split()) for t in record.get("conversations", []))
         videos = sum(max(1, len(v) // 2) if isinstance(v, list) else 4 for v in video_sources(record))
         return words + tokens_per_image * (len(image_paths(record)) + videos)
+
+
+def video_frame_paths(record: dict[str, Any], folder: Path | None = None) -> list[list[Path]]:
+    """The frame files of each of the record's videos (a frame folder's image files in natural name order, or
+    the listed frames), relative paths resolved against ``folder``; a missing folder is a `PModInputError`."""
+    out = []
+    for source in video_sources(record):
+        if isinstance(source, str):
+            where = Path(source) if folder is None else Path(folder) / source
+            if not where.is_dir():
+                raise PModInputError(
+                    f"record {record.get('id')!r}: video {where} is not a folder of frames; pmod reads decoded "
+                    "frames (decode video files into a folder of images first, e.g. with ffmpeg or torchcodec)"
+                )
+            paths = sorted((f for f in where.iterdir() if f.suffix.lower() in FRAME_SUFFIXES), key=_natural)
+            if not paths:
+                raise PModInputError(f"record {record.get('id')!r}: no frames ({', '.join(FRAME_SUFFIXES)}) in {where}")
+        else:
+            paths = [Path(p) if folder is None else Path(folder) / p for p in source]
+        out.append(paths)
+    return out
+
+
+def record_fps(record: dict[str, Any]) -> float:
+    """Frames per second of a record's video frames: its ``"fps"``, else `DEFAULT_VIDEO_FPS`."""
+    fps = record.get("fps", DEFAULT_VIDEO_FPS)
+    if not isinstance(fps, (int, float)) or isinstance(fps, bool) or fps <= 0:
+        raise PModInputError(f"record {record.get('id')!r}: 'fps' must be a positive number, got {fps!r}")
+    return float(fps)
+
+
+def video_metadata(videos: list[list[Any]], fps: float | list[float]) -> list[dict[str, Any]]:
+    """The ``video_metadata`` a processor gets with decoded frames: their rate, explicit for every processor, so
+    that Qwen2.5-VL's temporal positions are the same with transformers' video processors and pmod's."""
+    rates = fps if isinstance(fps, list) else [fps] * len(videos)
+    return [{"fps": r, "total_num_frames": len(v), "frames_indices": list(range(len(v)))} for v, r in zip(videos, rates)]
 
 
 def _natural(path: Path) -> list[Any]:

@@ -30,8 +30,9 @@ from typing import Any
 
 import torch
 
-from .conversation import image_paths, prompt_and_answer, render
+from .conversation import image_paths, prompt_and_answer, render, video_sources
 from .data import load_records  # noqa: F401  (part of this module's API)
+from .data import record_fps, video_frame_paths
 from .files import write_json_atomic, write_text_atomic
 from .errors import PModInputError
 from .models import placeholder_token_ids
@@ -186,30 +187,40 @@ def generate_batch(
     prompts: Sequence[str],
     images: Sequence[Sequence[Any]],
     max_new_tokens: int = 32,
+    videos: Sequence[Sequence[Sequence[Any]]] | None = None,
+    video_fps: Sequence[float] | None = None,
     **generate_kwargs: Any,
 ) -> BatchOutput:
-    """Generate answers for rendered ``prompts`` (one image placeholder per image) in one left-padded batch.
+    """Generate answers for rendered ``prompts`` (one placeholder per image or video) in one left-padded batch.
 
-    ``images[i]`` are the PIL images of prompt i, in placeholder order ([] for a text-only prompt).
-    ``processor`` is the model's processor, or a tokenizer for a text-only model. Greedy unless
-    ``generate_kwargs`` say otherwise. The tokenizer's padding side is set to left for the call and restored.
+    ``images[i]`` are the PIL images of prompt i, in placeholder order ([] for a text-only prompt); ``videos[i]``
+    its videos, each a list of PIL frames, and ``video_fps[i]`` their frame rate (default 2). ``processor`` is the
+    model's processor, or a tokenizer for a text-only model. Greedy unless ``generate_kwargs`` say otherwise.
+    The tokenizer's padding side is set to left for the call and restored.
     """
-    if len(prompts) != len(images):
-        raise PModInputError(f"{len(prompts)} prompts but {len(images)} image lists")
+    if len(prompts) != len(images) or (videos is not None and len(videos) != len(prompts)):
+        raise PModInputError(f"{len(prompts)} prompts but {len(images)} image lists"
+                             + (f" and {len(videos)} video lists" if videos is not None else ""))
     tokenizer = _tokenizer(processor)
     flat = [img for row in images for img in row]
+    media: dict[str, Any] = {"images": flat} if flat else {}
+    if videos is not None and any(videos):
+        from .data import video_metadata
+
+        rates = list(video_fps) if video_fps is not None else [2.0] * len(videos)
+        flat_videos = [v for row in videos for v in row]
+        media.update(videos=flat_videos, video_metadata=video_metadata(
+            flat_videos, [rate for row, rate in zip(videos, rates) for _ in row]))
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation appends on the right: every row must end at the last column
     try:
-        if flat:
-            inputs = processor(text=list(prompts), images=flat, return_tensors="pt", padding=True)
-        else:
-            inputs = processor(text=list(prompts), return_tensors="pt", padding=True)
+        inputs = processor(text=list(prompts), return_tensors="pt", padding=True, **media)
     finally:
         tokenizer.padding_side = side
     inputs = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in dict(inputs).items()}
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    for key in ("pixel_values", "pixel_values_videos"):
+        if key in inputs:
+            inputs[key] = inputs[key].to(model.dtype)
 
     eos = _eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
@@ -339,6 +350,8 @@ class _Item:
     answers: list[str] | None
     question: str
     images: list[Path]
+    videos: list[list[Path]] = field(default_factory=list)  # frame files per video
+    fps: float = 2.0
 
 
 def _prepare(records: Sequence[dict[str, Any]], image_folder: Path | None) -> list[_Item]:
@@ -351,8 +364,6 @@ def _prepare(records: Sequence[dict[str, Any]], image_folder: Path | None) -> li
         if key in seen:
             raise PModInputError(f"record id {rid!r} appears twice; ids must be unique (they key the predictions file)")
         seen.add(key)
-        if record.get("video") is not None:
-            raise PModInputError(f"record {rid!r} has a video: pmod eval answers image and text questions only")
         messages, answer = prompt_and_answer(record)
         answers = record.get("answers")
         if answers is not None and (
@@ -364,7 +375,10 @@ def _prepare(records: Sequence[dict[str, Any]], image_folder: Path | None) -> li
         if paths and image_folder is None:
             raise PModInputError(f"record {rid!r} has images; pass image_folder")
         images = [image_folder / p for p in paths] if paths and image_folder is not None else []
-        items.append(_Item(rid, key, messages, answer, answers, question, images))
+        if video_sources(record) and image_folder is None:
+            raise PModInputError(f"record {rid!r} has videos; pass image_folder (where their frames are)")
+        videos = video_frame_paths(record, image_folder) if video_sources(record) else []
+        items.append(_Item(rid, key, messages, answer, answers, question, images, videos, record_fps(record)))
     return items
 
 
@@ -446,7 +460,7 @@ def evaluate(
     if preds_file is not None and resume and preds_file.exists():
         done = _read_done(preds_file)
     pending = [it for it in items if it.key not in done]
-    missing = [(it.id, p) for it in pending for p in it.images if not p.is_file()]
+    missing = [(it.id, p) for it in pending for p in it.images + [f for v in it.videos for f in v] if not p.is_file()]
     if missing:
         rid, path = missing[0]
         more = f" (and {len(missing) - 1} more missing images)" if len(missing) > 1 else ""
@@ -476,7 +490,10 @@ def evaluate(
             batch = pending[b : b + batch_size]
             prompts = [render(processor, it.messages, add_generation_prompt=True) for it in batch]
             images = [[load_image(p) for p in it.images] for it in batch]
-            out = generate_batch(model, processor, prompts, images, max_new_tokens=max_new_tokens, **generate_kwargs)
+            videos = [[[load_image(f) for f in v] for v in it.videos] for it in batch]
+            fps = [it.fps for it in batch]
+            out = generate_batch(model, processor, prompts, images, max_new_tokens=max_new_tokens,
+                                 videos=videos if any(videos) else None, video_fps=fps, **generate_kwargs)
             lines = []
             for j, it in enumerate(batch):
                 costs = {

@@ -97,7 +97,11 @@ def test_training_learns_and_the_saved_model_evaluates(tmp_path):
     model = load_pretrained(tmp_path / "out")
     assert model.config.model_type == "pmod_llava_onevision"
     records = json.loads(path.read_text())[:8]
+    _frames(folder, "clip", 4)  # a video question next to the image ones (frames of one length per batch)
+    records.append({"id": "v", "video": "clip", "conversations": [
+        {"from": "human", "value": "<video>\nwhat colour is the circle ?"}, {"from": "gpt", "value": "red"}]})
     processor = load_processor(tmp_path / "out")
     batched = evaluate(model, processor, records, folder, batch_size=4, max_new_tokens=3)
     alone = evaluate(model, processor, records, folder, batch_size=1, max_new_tokens=3)
     assert [q.prediction for q in batched.records] == [q.prediction for q in alone.records]
+    assert batched.records[-1].flops_ratio < 1.0  # the video question's tokens were routed

@@ -220,14 +220,28 @@ def test_qwen2_5_vl_temporal_step_follows_the_record_fps(tmp_path):
     assert encoder.encode({**record, "fps": 0.5})["second_per_grid_ts"].tolist() == [4.0]
 
 
-def test_evaluation_refuses_video_records(setup, tmp_path):
+def test_evaluation_of_video_image_and_text_records_batched_equals_one_by_one(setup, tmp_path):
     from pmod.evaluate import evaluate
 
     model, processor = setup
-    record = {"id": "v", "video": _frames(tmp_path, "clip", 2), "conversations": [
-        {"from": "human", "value": "<video>\nwhat colour ?"}, {"from": "gpt", "value": "red"}]}
-    with pytest.raises(PModInputError, match="has a video"):
-        evaluate(model, processor, [record], tmp_path)
+    Image.new("RGB", (28, 28), (20, 200, 20)).save(tmp_path / "g.png")
+    records = [
+        {"id": "v", "video": _frames(tmp_path, "clip", 4), "fps": 1.0, "conversations": [
+            {"from": "human", "value": "<video>\nwhat colour is the circle ?"}, {"from": "gpt", "value": "red"}]},
+        {"id": "i", "image": "g.png", "conversations": [
+            {"from": "human", "value": "<image>\nwhat colour is the circle ?"}, {"from": "gpt", "value": "green"}]},
+        {"id": "w", "video": [f"clip/{i:03d}.png" for i in range(3)], "conversations": [
+            {"from": "human", "value": "what is in the video ?"}, {"from": "gpt", "value": "a circle"}]},
+        {"id": "t", "conversations": [{"from": "human", "value": "what is a circle ?"}, {"from": "gpt", "value": "a colour"}]},
+    ]
+    batched = evaluate(model, processor, records, tmp_path, batch_size=4, max_new_tokens=3, progress=False)
+    alone = evaluate(model, processor, records, tmp_path, batch_size=1, max_new_tokens=3, progress=False)
+    assert [q.prediction for q in batched.records] == [q.prediction for q in alone.records]
+    assert [q.flops_ratio for q in batched.records] == pytest.approx([q.flops_ratio for q in alone.records])
+    # the video row skips tokens; the text-only row skips none (the router's own FLOPs put it a hair above 1)
+    assert batched.records[0].flops_ratio < 0.95 and batched.records[3].flops_ratio == pytest.approx(1.0, abs=0.01)
+    with pytest.raises(PModInputError, match="not a folder of frames"):
+        evaluate(model, processor, [{**records[0], "video": "missing"}], tmp_path)
 
 
 def test_training_from_a_saved_dense_qwen2_vl_folder(data, tmp_path):
