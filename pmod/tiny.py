@@ -318,5 +318,5 @@ def tiny_llava_onevision_processor(model: PreTrainedModel, words: list[str] | No
     return build_processor(
         "LlavaOnevisionProcessor", image_processor, tokenizer, chat_template=chatml_template("<image>", "<video>"),
         num_image_tokens=(size // vision.patch_size) ** 2,
-        vision_feature_select_strategy=cfg.vision_feature_select_strategy, vision_aspect_ratio="anyres_max_9",
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy, vision_aspect_ratio=cfg.vision_aspect_ratio,
     )

@@ -3,7 +3,8 @@
 After a forward pass, `kept_token_maps` turns every routed layer's `LayerRouting.selected` into grids over
 the image: for LLaVA-1.5 one (g, g) grid in raster order (g = vision image_size // patch_size); for
 LLaVA-NeXT (anyres) the (g, g) grid of the base image plus the unpadded high-resolution grid, whose rows in
-the sequence each end with an image-newline token (dropped from the grid, kept apart); for Qwen2-VL /
+the sequence each end with an image-newline token (dropped from the grid, kept apart; LLaVA-OneVision
+interpolates a large high-resolution grid down first, "anyres_max_N"); for Qwen2-VL /
 Qwen2.5-VL (dynamic resolution) the merged (h / merge, w / merge) grid of the image's ``image_grid_thw``, in
 raster order (the processor orders patches by merged cell, and the vision tower keeps that order). `plot_routing`
 draws them: kept tokens clear, skipped tokens darkened. `visualize` does both from a model and processor,
@@ -87,11 +88,11 @@ class KeptTokenMap:
 
 def vision_layout(config: Any, image_size: Sequence[int] | None = None,
                   grid_thw: Sequence[int] | None = None) -> VisionLayout:
-    """The token layout of one image for a LLaVA, LLaVA-NeXT or Qwen2-VL config.
+    """The token layout of one image for a LLaVA, LLaVA-NeXT, LLaVA-OneVision or Qwen2-VL config.
 
     ``image_size`` is the original image's (height, width), as the processor returns it in ``image_sizes``;
-    LLaVA-NeXT needs it, because the high-resolution grid is cropped back to the image's aspect ratio.
-    ``grid_thw`` is the image's (t, h, w) patch grid from the processor's ``image_grid_thw``; Qwen2-VL needs it.
+    LLaVA-NeXT and LLaVA-OneVision need it, because the high-resolution grid is cropped back to the image's aspect
+    ratio. ``grid_thw`` is the image's (t, h, w) patch grid from the processor's ``image_grid_thw``; Qwen2-VL needs it.
     """
     vision = config.vision_config
     merge = getattr(vision, "spatial_merge_size", None)
@@ -105,10 +106,11 @@ def vision_layout(config: Any, image_size: Sequence[int] | None = None,
     g = vision.image_size // vision.patch_size
     strategy = getattr(config, "vision_feature_select_strategy", "default")
     pinpoints = getattr(config, "image_grid_pinpoints", None)
+    aspect = getattr(config, "vision_aspect_ratio", None)  # LLaVA-OneVision: "anyres_max_N"
     if pinpoints is None:
         # LLaVA-1.5: one crop; "full" keeps the CLS feature in front of the patch features.
         return VisionLayout(base=(g, g), prefix=int(strategy == "full"))
-    if strategy != "default":
+    if aspect is None and strategy != "default":
         raise PModInputError(
             f"LLaVA-NeXT token layout is only defined for vision_feature_select_strategy='default', not {strategy!r}."
         )
@@ -123,7 +125,14 @@ def vision_layout(config: Any, image_size: Sequence[int] | None = None,
     # (g * crops_h, g * crops_w) cut back to the image's aspect ratio. A 1-channel dummy gives the exact shape.
     crops_h, crops_w = get_anyres_image_grid_shape((height, width), pinpoints, vision.image_size)
     unpadded = unpad_image(torch.empty(1, g * crops_h, g * crops_w), (height, width))
-    return VisionLayout(base=(g, g), highres=(unpadded.shape[1], unpadded.shape[2]))
+    rows, cols = unpadded.shape[1], unpadded.shape[2]
+    if aspect is not None:
+        # LLaVA-OneVision (SigLIP, no CLS feature): a high-res grid larger than N base grids is interpolated down
+        # by the same ratio as in LlavaOnevisionModel.pack_image_features
+        ratio = math.sqrt(rows * cols / (int(aspect.removeprefix("anyres_max_")) * g * g))
+        if ratio > 1.1:
+            rows, cols = int(rows // ratio), int(cols // ratio)
+    return VisionLayout(base=(g, g), highres=(rows, cols))
 
 
 def _example_rows(values: Any, example: int, batch: int, width: int, name: str) -> tuple[int, ...] | None:

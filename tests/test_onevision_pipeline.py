@@ -105,3 +105,31 @@ def test_training_learns_and_the_saved_model_evaluates(tmp_path):
     alone = evaluate(model, processor, records, folder, batch_size=1, max_new_tokens=3)
     assert [q.prediction for q in batched.records] == [q.prediction for q in alone.records]
     assert batched.records[-1].flops_ratio < 1.0  # the video question's tokens were routed
+
+
+@pytest.mark.parametrize("aspect", ["anyres_max_9", "anyres_max_1"])
+def test_kept_token_maps_match_the_processor_and_the_model(aspect, tmp_path):
+    """The layout's token count equals the processor's and the model's for several image sizes, including a
+    high-res grid interpolated down (anyres_max_1 caps it at one base grid)."""
+    from pmod.viz import kept_token_maps, visualize, vision_layout
+
+    dense = tiny_llava_onevision()
+    dense.config.vision_aspect_ratio = aspect
+    model = pmod.apply_pmod(dense, pmod.PModConfig(schedule=[1.0, 1.0, 0.5, 0.5]))
+    randomize_routers(model)
+    processor = tiny_llava_onevision_processor(model, WORDS)
+    interpolated = False
+    for size in ((28, 28), (56, 28), (50, 61), (56, 56)):  # (width, height)
+        image = Image.new("RGB", size, (10, 200, 10))
+        inputs = processor(text=["<|im_start|>user\n<image>\nwhat is in the image ?<|im_end|>\n"], images=[image],
+                           return_tensors="pt")
+        with torch.no_grad():
+            model(**{k: v for k, v in inputs.items() if k != "batch_num_images"})
+        maps = kept_token_maps(model, input_ids=inputs["input_ids"], image_sizes=inputs["image_sizes"])
+        layout = vision_layout(model.config, (size[1], size[0]))
+        assert maps[2].total == layout.num_tokens == int((inputs["input_ids"] == model.config.image_token_id).sum())
+        assert maps[2].highres.shape == layout.highres and maps[2].kept == layout.num_tokens // 2
+        interpolated |= layout.highres[0] * layout.highres[1] < (size[1] // 7) * (size[0] // 7) // 2
+    assert interpolated == (aspect == "anyres_max_1")
+    visualize(model, processor, Image.new("RGB", (50, 61), (200, 10, 10)), "what is in the image ?", tmp_path / "r.png")
+    assert (tmp_path / "r.png").stat().st_size > 1000
