@@ -198,11 +198,19 @@ def generate_batch(
     model's processor, or a tokenizer for a text-only model. Greedy unless ``generate_kwargs`` say otherwise.
     The tokenizer's padding side is set to left for the call and restored.
     """
-    if len(prompts) != len(images) or (videos is not None and len(videos) != len(prompts)):
-        raise PModInputError(f"{len(prompts)} prompts but {len(images)} image lists"
-                             + (f" and {len(videos)} video lists" if videos is not None else ""))
+    if len(prompts) != len(images) or (videos is not None and len(videos) != len(prompts)) or (
+            video_fps is not None and len(video_fps) != len(prompts)):
+        raise PModInputError(
+            f"{len(prompts)} prompts but {len(images)} image lists"
+            + (f", {len(videos)} video lists" if videos is not None else "")
+            + (f", {len(video_fps)} frame rates" if video_fps is not None else "")
+        )
     tokenizer = _tokenizer(processor)
     flat = [img for row in images for img in row]
+    if flat and getattr(processor, "image_processor", None) is None:
+        raise PModInputError(f"{type(processor).__name__} has no image processor: pass the model's processor")
+    if videos is not None and any(videos) and getattr(processor, "video_processor", None) is None:
+        raise PModInputError(f"{type(processor).__name__} has no video processor: video needs a video model's processor")
     media: dict[str, Any] = {"images": flat} if flat else {}
     if videos is not None and any(videos):
         from .data import video_metadata
@@ -350,7 +358,8 @@ class _Item:
     answers: list[str] | None
     question: str
     images: list[Path]
-    videos: list[list[Path]] = field(default_factory=list)  # frame files per video
+    record: dict[str, Any] = field(default_factory=dict, repr=False)
+    videos: list[list[Path]] = field(default_factory=list)  # frame files per video, resolved for pending items
     fps: float = 2.0
 
 
@@ -377,9 +386,48 @@ def _prepare(records: Sequence[dict[str, Any]], image_folder: Path | None) -> li
         images = [image_folder / p for p in paths] if paths and image_folder is not None else []
         if video_sources(record) and image_folder is None:
             raise PModInputError(f"record {rid!r} has videos; pass image_folder (where their frames are)")
-        videos = video_frame_paths(record, image_folder) if video_sources(record) else []
-        items.append(_Item(rid, key, messages, answer, answers, question, images, videos, record_fps(record)))
+        items.append(_Item(rid, key, messages, answer, answers, question, images, record))
     return items
+
+
+def _check_media(pending: list[_Item], processor: Any, folder: Path | None, batch_size: int) -> None:
+    """Before any generation: the processor takes the records' images and videos, and the videos' frames are
+    found and usable (one size per video; LLaVA-OneVision: one frame count per batch, as it stacks them)."""
+    from PIL import Image
+
+    for it in pending:
+        if it.images and getattr(processor, "image_processor", None) is None:
+            raise PModInputError(f"record {it.id!r} has images, but {type(processor).__name__} has no image processor")
+        if video_sources(it.record):
+            if getattr(processor, "video_processor", None) is None:
+                raise PModInputError(
+                    f"record {it.id!r} has a video, but {type(processor).__name__} has no video processor (video needs "
+                    "a video model: LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL)"
+                )
+            it.videos, it.fps = video_frame_paths(it.record, folder), record_fps(it.record)
+    for it in pending:
+        for frames in it.videos:
+            sizes = set()
+            for f in frames:
+                try:
+                    with Image.open(f) as img:
+                        sizes.add(img.size)
+                except FileNotFoundError:
+                    continue  # reported with the other missing files
+                except OSError as exc:
+                    raise PModInputError(f"record {it.id!r}: not a readable image file: {f}") from exc
+            if len(sizes) > 1:
+                raise PModInputError(f"record {it.id!r}: the frames of a video differ in size {sorted(sizes)}")
+    video_processor = getattr(processor, "video_processor", None)
+    if "LlavaOnevision" in type(video_processor).__name__:  # stacks the videos of one call
+        for b in range(0, len(pending), batch_size):
+            counts = {len(v) for it in pending[b : b + batch_size] for v in it.videos}
+            if len(counts) > 1:
+                raise PModInputError(
+                    f"LLaVA-OneVision stacks the videos of a batch, and the batch starting at record "
+                    f"{pending[b].id!r} has videos of {sorted(counts)} frames: give every video the same number "
+                    "of frames, or use batch size 1"
+                )
 
 
 def _read_done(path: Path) -> dict[str, dict[str, Any]]:
@@ -460,6 +508,7 @@ def evaluate(
     if preds_file is not None and resume and preds_file.exists():
         done = _read_done(preds_file)
     pending = [it for it in items if it.key not in done]
+    _check_media(pending, processor, folder, batch_size)
     missing = [(it.id, p) for it in pending for p in it.images + [f for v in it.videos for f in v] if not p.is_file()]
     if missing:
         rid, path = missing[0]

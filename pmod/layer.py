@@ -225,8 +225,9 @@ def convert_decoder_layer(
         if base not in _ROUTED_CLASSES:
             _ROUTED_CLASSES[base] = type(f"PMod{base.__name__}", (PModLayerMixin, base), {"__module__": __name__})
         layer.__class__ = _ROUTED_CLASSES[base]
-    hidden = layer.input_layernorm.weight.shape[-1]
     ref = layer.input_layernorm.weight
+    # under DeepSpeed ZeRO-3 the weight is a partitioned, empty placeholder: its full shape is ds_shape
+    hidden = tuple(getattr(ref, "ds_shape", ref.shape))[-1]
     if isinstance(getattr(layer, "router", None), nn.Linear) and not isinstance(layer.router, Router):
         layer.router.__class__ = Router  # same parameters, fp32 forward
     if not hasattr(layer, "router") or not isinstance(layer.router, nn.Linear):

@@ -96,15 +96,22 @@ def test_training_learns_and_the_saved_model_evaluates(tmp_path):
     assert last < 0.6 * first, result.losses
     model = load_pretrained(tmp_path / "out")
     assert model.config.model_type == "pmod_llava_onevision"
-    records = json.loads(path.read_text())[:8]
-    _frames(folder, "clip", 4)  # a video question next to the image ones (frames of one length per batch)
-    records.append({"id": "v", "video": "clip", "conversations": [
-        {"from": "human", "value": "<video>\nwhat colour is the circle ?"}, {"from": "gpt", "value": "red"}]})
+    records = json.loads(path.read_text())[:6]
+    _frames(folder, "clip", 4)  # video questions batched with image and text ones (one frame count per batch)
+    video = {"video": "clip", "conversations": [
+        {"from": "human", "value": "<video>\nwhat colour is the circle ?"}, {"from": "gpt", "value": "red"}]}
+    text = {"id": "t", "conversations": [{"from": "human", "value": "what is a circle ?"}, {"from": "gpt", "value": "red"}]}
+    records[1:1] = [{**video, "id": "v1"}, text]
+    records.append({**video, "id": "v2"})
     processor = load_processor(tmp_path / "out")
-    batched = evaluate(model, processor, records, folder, batch_size=4, max_new_tokens=3)
-    alone = evaluate(model, processor, records, folder, batch_size=1, max_new_tokens=3)
+    batched = evaluate(model, processor, records, folder, batch_size=4, max_new_tokens=3, suppress_tokens=[0, 1, 2, 3, 4])
+    alone = evaluate(model, processor, records, folder, batch_size=1, max_new_tokens=3, suppress_tokens=[0, 1, 2, 3, 4])
     assert [q.prediction for q in batched.records] == [q.prediction for q in alone.records]
-    assert batched.records[-1].flops_ratio < 1.0  # the video question's tokens were routed
+    assert all(len(q.prediction.split()) == 3 for q in batched.records)
+    assert batched.records[1].flops_ratio < 1.0 and batched.records[-1].flops_ratio < 1.0
+    short = {**video, "id": "v3", "video": [f"clip/{i:03d}.png" for i in range(3)]}
+    with pytest.raises(PModInputError, match="same number of frames, or use batch size 1"):
+        evaluate(model, processor, [records[1], short], folder, batch_size=2)
 
 
 @pytest.mark.parametrize("aspect", ["anyres_max_9", "anyres_max_1"])

@@ -15,6 +15,7 @@ from pmod.errors import PModInputError
 from pmod.tiny import randomize_routers, tiny_qwen2_vl, tiny_qwen2_vl_processor
 
 WORDS = "user assistant what is in the image video ? a red blue green circle colour moves yes no".split()
+WORDS += [f"w{i}" for i in range(128 - 4 - 5 - len(WORDS))]  # every id decodes to a word (4 placeholders, 5 specials)
 
 
 @pytest.fixture(scope="module", params=["2", "2.5"])
@@ -225,39 +226,80 @@ def test_evaluation_of_video_image_and_text_records_batched_equals_one_by_one(se
 
     model, processor = setup
     Image.new("RGB", (28, 28), (20, 200, 20)).save(tmp_path / "g.png")
+    _frames(tmp_path, "clip", 4)
     records = [
-        {"id": "v", "video": _frames(tmp_path, "clip", 4), "fps": 1.0, "conversations": [
+        {"id": "v", "video": "clip", "fps": 1.0, "conversations": [
             {"from": "human", "value": "<video>\nwhat colour is the circle ?"}, {"from": "gpt", "value": "red"}]},
         {"id": "i", "image": "g.png", "conversations": [
             {"from": "human", "value": "<image>\nwhat colour is the circle ?"}, {"from": "gpt", "value": "green"}]},
-        {"id": "w", "video": [f"clip/{i:03d}.png" for i in range(3)], "conversations": [
+        {"id": "w", "video": [f"clip/{i:03d}.png" for i in (3, 2)], "fps": 4.0, "conversations": [  # 2 frames
             {"from": "human", "value": "what is in the video ?"}, {"from": "gpt", "value": "a circle"}]},
         {"id": "t", "conversations": [{"from": "human", "value": "what is a circle ?"}, {"from": "gpt", "value": "a colour"}]},
     ]
-    batched = evaluate(model, processor, records, tmp_path, batch_size=4, max_new_tokens=3, progress=False)
-    alone = evaluate(model, processor, records, tmp_path, batch_size=1, max_new_tokens=3, progress=False)
+    suppress = list(range(5))  # <pad> <unk> <s> <|im_end|> <|im_start|>: every answer has its full length
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("second_per_grid_ts")), with_kwargs=True)
+    try:
+        batched = evaluate(model, processor, records, tmp_path, batch_size=4, max_new_tokens=3, progress=False,
+                           suppress_tokens=suppress)
+    finally:
+        hook.remove()
+    alone = evaluate(model, processor, records, tmp_path, batch_size=1, max_new_tokens=3, progress=False,
+                     suppress_tokens=suppress)
+    assert all(len(q.prediction.split()) == 3 for q in batched.records)
     assert [q.prediction for q in batched.records] == [q.prediction for q in alone.records]
     assert [q.flops_ratio for q in batched.records] == pytest.approx([q.flops_ratio for q in alone.records])
     # the video row skips tokens; the text-only row skips none (the router's own FLOPs put it a hair above 1)
     assert batched.records[0].flops_ratio < 0.95 and batched.records[3].flops_ratio == pytest.approx(1.0, abs=0.01)
+    if model.config.model_type.endswith("2_5_vl"):  # each video's own rate, in row order: 2 frames / fps
+        assert seen[0].tolist() == [2.0, 0.5]
     with pytest.raises(PModInputError, match="not a folder of frames"):
         evaluate(model, processor, [{**records[0], "video": "missing"}], tmp_path)
+    Image.new("RGB", (30, 28)).save(tmp_path / "clip" / "004.png")
+    with pytest.raises(PModInputError, match="differ in size"):
+        evaluate(model, processor, records[:1], tmp_path)
 
 
-def test_training_from_a_saved_dense_qwen2_vl_folder(data, tmp_path):
-    """What configs/pmod-qwen2-vl-7b.yaml does: a dense checkpoint with its own processor and template, converted
-    to p-MoD on load, trained, saved as p-MoD."""
+def test_evaluation_refuses_media_the_processor_cannot_take(tmp_path):
+    from pmod.evaluate import evaluate
+    from pmod.tiny import tiny_llava, tiny_llava_processor
+
+    llava = tiny_llava()
+    video = {"id": "v", "video": _frames(tmp_path, "clip", 2), "conversations": [
+        {"from": "human", "value": "<video>\nwhat colour ?"}, {"from": "gpt", "value": "red"}]}
+    with pytest.raises(PModInputError, match="no video processor"):
+        evaluate(llava, tiny_llava_processor(llava), [video], tmp_path)
+    Image.new("RGB", (28, 28)).save(tmp_path / "a.png")
+    image = {"id": "i", "image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nwhat colour ?"}, {"from": "gpt", "value": "red"}]}
+    with pytest.raises(PModInputError, match="no image processor"):
+        evaluate(llava, tiny_llava_processor(llava).tokenizer, [image], tmp_path)
+
+
+def test_the_qwen2_vl_recipe_trains_a_saved_dense_folder(data, tmp_path):
+    """configs/pmod-qwen2-vl-7b.yaml on a tiny dense Qwen2-VL folder (paths, steps and precision overridden):
+    converted to p-MoD on load, its own processor and template, merger and routers trained, vision blocks frozen."""
+    from pathlib import Path
+
     from pmod.models import load_pretrained
-    from pmod.train import TrainConfig, train
+    from pmod.train import load_config, train
 
     dense = tiny_qwen2_vl(patch_size=7)
     dense.save_pretrained(tmp_path / "dense")
     tiny_qwen2_vl_processor(dense, WORDS, image_size=28).save_pretrained(tmp_path / "dense")
     path, folder = data
-    result = train(TrainConfig(
-        model_name_or_path=str(tmp_path / "dense"), pmod={"average_ratio": 0.5}, chat_template=None,
-        data_path=str(path), image_folder=str(folder), output_dir=str(tmp_path / "out"), max_steps=2,
-        per_device_train_batch_size=4, logging_steps=1, save_steps=100, report_to=[],
-    ))
-    assert result.global_step == 2 and "router" in result.trainable_parameters
-    assert load_pretrained(tmp_path / "out").config.model_type == "pmod_qwen2_vl"
+    recipe = Path(__file__).resolve().parent.parent / "configs/pmod-qwen2-vl-7b.yaml"
+    config = load_config(recipe, [
+        f"model_name_or_path={tmp_path / 'dense'}", f"data_path={path}", f"image_folder={folder}",
+        f"output_dir={tmp_path / 'out'}", "max_steps=2", "per_device_train_batch_size=4", "gradient_accumulation_steps=1",
+        "bf16=false", "deepspeed=null", "dataloader_num_workers=0", "report_to=[]", "learning_rate=1e-3",
+    ])
+    assert config.chat_template is None and config.gradient_checkpointing and config.freeze_vision_tower
+    result = train(config)
+    assert result.global_step == 2 and {"projector", "router", "language_model"} <= set(result.trainable_parameters)
+    assert "vision_tower" not in result.trainable_parameters
+    trained = load_pretrained(tmp_path / "out")
+    assert trained.config.model_type == "pmod_qwen2_vl"
+    before = dict(dense.named_parameters())
+    changed = {n for n, q in trained.named_parameters() if n in before and not torch.equal(q, before[n])}
+    assert any(".visual.merger." in n for n in changed) and not any(".visual.blocks." in n for n in changed)

@@ -108,3 +108,14 @@ def test_training_forward_builds_no_cache():
     model.eval()
     with torch.no_grad():
         assert isinstance(model(**inputs).past_key_values, pmod.PModCache)
+
+
+def test_routers_get_the_full_hidden_size_under_zero3_partitioning():
+    """DeepSpeed ZeRO-3 loads weights as empty placeholders (full shape in ds_shape): routers must not be 0-wide."""
+    model = tiny_llava(num_layers=4)
+    for layer in model.model.language_model.layers:
+        weight = layer.input_layernorm.weight
+        weight.ds_shape = weight.shape
+        weight.data = torch.empty(0)
+    model = pmod.apply_pmod(model, pmod.PModConfig(schedule=[1.0, 0.5, 0.5, 0.5]))
+    assert {tuple(layer.router.weight.shape) for layer in model.routed_layers().values()} == {(1, 64)}
