@@ -11,7 +11,7 @@
     pmod eval MODEL_DIR --data FILE [--image-folder DIR] [--out DIR] [--batch-size N] [--resume]
                                                                   answer and score LLaVA-format questions
     pmod viz MODEL_DIR --image PATH --prompt TEXT [--out PNG]    which vision tokens each routed layer kept
-    pmod demo [--out DIR] [--quick] [--arch A] [ablation flags]             miniature p-MoD experiment (dense vs p-MoD)
+    pmod demo [--out DIR] [--quick] [--arch A] [ablation flags]  miniature p-MoD experiment (dense vs p-MoD)
 """
 
 from __future__ import annotations

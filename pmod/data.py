@@ -123,11 +123,7 @@ class Encoder:
         messages = to_messages(record)
         images = self.images(record) if images is None else images
         videos = self.videos(record)
-        if videos and getattr(self.processor, "video_processor", None) is None:
-            raise PModInputError(
-                f"record {record.get('id')!r} has a video, but {type(self.processor).__name__} has no video processor "
-                "(video needs a video model: LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL)"
-            )
+        check_processor_takes(self.processor, f"record {record.get('id')!r}", videos=bool(videos))
         text, spans = assistant_spans(self.processor, messages)
         text, spans = self._terminate_replies(text, spans)
         if videos:
@@ -220,6 +216,19 @@ class Encoder:
         words = sum(len(str(t.get("value", "")).split()) for t in record.get("conversations", []))
         videos = sum(max(1, len(v) // 2) if isinstance(v, list) else 4 for v in video_sources(record))
         return words + tokens_per_image * (len(image_paths(record)) + videos)
+
+
+def check_processor_takes(processor: Any, what: str, images: bool = False, videos: bool = False) -> None:
+    """A `PModInputError` when ``processor`` cannot take the images or videos that ``what`` (a record, a batch)
+    has: a bare tokenizer has no image processor, a LLaVA / LLaVA-NeXT processor no video processor."""
+    if images and getattr(processor, "image_processor", None) is None:
+        raise PModInputError(f"{what} has images, but {type(processor).__name__} has no image processor: pass the "
+                             "model's processor")
+    if videos and getattr(processor, "video_processor", None) is None:
+        raise PModInputError(
+            f"{what} has a video, but {type(processor).__name__} has no video processor (video needs a video model: "
+            "LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL)"
+        )
 
 
 def video_frame_paths(record: dict[str, Any], folder: Path | None = None) -> list[list[Path]]:

@@ -32,7 +32,7 @@ import torch
 
 from .conversation import image_paths, prompt_and_answer, render, video_sources
 from .data import load_records  # noqa: F401  (part of this module's API)
-from .data import record_fps, video_frame_paths
+from .data import DEFAULT_VIDEO_FPS, check_processor_takes, record_fps, video_frame_paths
 from .files import write_json_atomic, write_text_atomic
 from .errors import PModInputError
 from .models import placeholder_token_ids
@@ -207,15 +207,13 @@ def generate_batch(
         )
     tokenizer = _tokenizer(processor)
     flat = [img for row in images for img in row]
-    if flat and getattr(processor, "image_processor", None) is None:
-        raise PModInputError(f"{type(processor).__name__} has no image processor: pass the model's processor")
-    if videos is not None and any(videos) and getattr(processor, "video_processor", None) is None:
-        raise PModInputError(f"{type(processor).__name__} has no video processor: video needs a video model's processor")
+    has_videos = videos is not None and any(videos)
+    check_processor_takes(processor, "the batch", images=bool(flat), videos=has_videos)
     media: dict[str, Any] = {"images": flat} if flat else {}
-    if videos is not None and any(videos):
+    if has_videos:
         from .data import video_metadata
 
-        rates = list(video_fps) if video_fps is not None else [2.0] * len(videos)
+        rates = list(video_fps) if video_fps is not None else [DEFAULT_VIDEO_FPS] * len(videos)
         flat_videos = [v for row in videos for v in row]
         media.update(videos=flat_videos, video_metadata=video_metadata(
             flat_videos, [rate for row, rate in zip(videos, rates) for _ in row]))
@@ -360,7 +358,7 @@ class _Item:
     images: list[Path]
     record: dict[str, Any] = field(default_factory=dict, repr=False)
     videos: list[list[Path]] = field(default_factory=list)  # frame files per video, resolved for pending items
-    fps: float = 2.0
+    fps: float = DEFAULT_VIDEO_FPS
 
 
 def _prepare(records: Sequence[dict[str, Any]], image_folder: Path | None) -> list[_Item]:
@@ -390,20 +388,16 @@ def _prepare(records: Sequence[dict[str, Any]], image_folder: Path | None) -> li
     return items
 
 
-def _check_media(pending: list[_Item], processor: Any, folder: Path | None, batch_size: int) -> None:
-    """Before any generation: the processor takes the records' images and videos, and the videos' frames are
-    found and usable (one size per video; LLaVA-OneVision: one frame count per batch, as it stacks them)."""
+def _resolve_media(pending: list[_Item], processor: Any, folder: Path | None, batch_size: int) -> None:
+    """Before any generation: check that the processor takes the pending records' images and videos, resolve
+    their videos' frame files and rates into the items, and check the frames are usable (one size per video;
+    LLaVA-OneVision: one frame count per batch, as it stacks them)."""
     from PIL import Image
 
     for it in pending:
-        if it.images and getattr(processor, "image_processor", None) is None:
-            raise PModInputError(f"record {it.id!r} has images, but {type(processor).__name__} has no image processor")
-        if video_sources(it.record):
-            if getattr(processor, "video_processor", None) is None:
-                raise PModInputError(
-                    f"record {it.id!r} has a video, but {type(processor).__name__} has no video processor (video needs "
-                    "a video model: LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL)"
-                )
+        has_videos = bool(video_sources(it.record))
+        check_processor_takes(processor, f"record {it.id!r}", images=bool(it.images), videos=has_videos)
+        if has_videos:
             it.videos, it.fps = video_frame_paths(it.record, folder), record_fps(it.record)
     for it in pending:
         for frames in it.videos:
@@ -508,7 +502,7 @@ def evaluate(
     if preds_file is not None and resume and preds_file.exists():
         done = _read_done(preds_file)
     pending = [it for it in items if it.key not in done]
-    _check_media(pending, processor, folder, batch_size)
+    _resolve_media(pending, processor, folder, batch_size)
     missing = [(it.id, p) for it in pending for p in it.images + [f for v in it.videos for f in v] if not p.is_file()]
     if missing:
         rid, path = missing[0]

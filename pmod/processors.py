@@ -86,6 +86,11 @@ class _FrameVideoProcessor(VideoProcessorMixin):
         return [str(path)]
 
     @classmethod
+    def from_image_processor(cls, image_processor: Any) -> _FrameVideoProcessor:
+        """The video processor with the model's image processor's settings (frames are processed like images)."""
+        return cls.from_dict(image_processor.to_dict())
+
+    @classmethod
     def from_dict(cls, saved: dict[str, Any], **kwargs: Any) -> _FrameVideoProcessor:
         """From `to_dict` output, or from the settings transformers' own video processor saved."""
         return cls(**{k: saved[k] for k in cls.settings + cls.also_read if saved.get(k) is not None}, **kwargs)
@@ -339,18 +344,10 @@ def build_processor(name: str, image_processor: Any, tokenizer: Any, video_proce
     """Processor ``name`` (``Qwen2VLProcessor``, ``Qwen2_5_VLProcessor``, ``LlavaOnevisionProcessor``) from its
     parts; the video processor defaults to the frame video processor with the image processor's settings.
     ``kwargs`` go to the processor (``chat_template``, OneVision's ``num_image_tokens``, ...)."""
+    cls = processor_class(name)  # refuses unknown names
     if video_processor is None:
-        ip = image_processor
-        if FRAME_VIDEO_PROCESSORS.get(name) is Qwen2VLFrameVideoProcessor:
-            video_processor = Qwen2VLFrameVideoProcessor(
-                size=dict(ip.size), patch_size=ip.patch_size, temporal_patch_size=ip.temporal_patch_size,
-                merge_size=ip.merge_size, image_mean=list(ip.image_mean), image_std=list(ip.image_std))
-        else:
-            video_processor = LlavaOnevisionFrameVideoProcessor(
-                size={"height": ip.size["height"], "width": ip.size["width"]}, image_mean=list(ip.image_mean),
-                image_std=list(ip.image_std))
-    return processor_class(name)(image_processor=image_processor, tokenizer=tokenizer,
-                                 video_processor=video_processor, **kwargs)
+        video_processor = FRAME_VIDEO_PROCESSORS[name].from_image_processor(image_processor)
+    return cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor, **kwargs)
 
 
 def saved_processor_class(model_dir: str | os.PathLike) -> str | None:

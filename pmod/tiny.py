@@ -271,6 +271,7 @@ def chatml_template(image: str, video: str) -> str:
 
 CHATML_TEMPLATE = chatml_template("<|vision_start|><|image_pad|><|vision_end|>", "<|vision_start|><|video_pad|><|vision_end|>")
 CHATML_SPECIALS = ("<pad>", "<unk>", "<s>", "<|im_end|>", "<|im_start|>")
+CHATML_WORDS = "user assistant system what is in the image ? a red blue green circle square yes no".split()
 
 
 def tiny_qwen2_vl_processor(model: PreTrainedModel, words: list[str] | None = None, image_size: int | None = None):
@@ -285,8 +286,7 @@ def tiny_qwen2_vl_processor(model: PreTrainedModel, words: list[str] | None = No
     vision = cfg.vision_config
     placeholders = {"<|image_pad|>": cfg.image_token_id, "<|video_pad|>": cfg.video_token_id,
                     "<|vision_start|>": cfg.vision_start_token_id, "<|vision_end|>": cfg.vision_end_token_id}
-    words = words or "user assistant system what is in the image ? a red blue green circle square yes no".split()
-    tokenizer = word_tokenizer(words, cfg.get_text_config().vocab_size, placeholders,
+    tokenizer = word_tokenizer(words or CHATML_WORDS, cfg.get_text_config().vocab_size, placeholders,
                                specials=CHATML_SPECIALS, eos="<|im_end|>")
     factor = vision.patch_size * vision.spatial_merge_size
     pixels = {} if image_size is None else {"min_pixels": image_size**2, "max_pixels": image_size**2}
@@ -309,9 +309,8 @@ def tiny_llava_onevision_processor(model: PreTrainedModel, words: list[str] | No
     cfg = model.config
     vision = cfg.vision_config
     placeholders = {"<image>": cfg.image_token_id, "<video>": cfg.video_token_id}
-    words = words or "user assistant system what is in the image ? a red blue green circle square yes no".split()
-    tokenizer = word_tokenizer(words, cfg.get_text_config().vocab_size, placeholders, specials=CHATML_SPECIALS,
-                               eos="<|im_end|>")
+    tokenizer = word_tokenizer(words or CHATML_WORDS, cfg.get_text_config().vocab_size, placeholders,
+                               specials=CHATML_SPECIALS, eos="<|im_end|>")
     size = vision.image_size
     image_processor = LlavaOnevisionImageProcessorPil(size={"height": size, "width": size},
                                                       image_grid_pinpoints=cfg.image_grid_pinpoints)

@@ -32,6 +32,7 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArgu
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from .config import PModConfig
+from .conversation import PLACEHOLDERS
 from .data import SKIP_KEY, LlavaCollator, LlavaDataset, load_records, padding_image_processor
 from .errors import PModConfigError, PModInputError
 from .files import write_text_atomic
@@ -47,8 +48,8 @@ class TrainConfig:
 
     Attributes:
         model_name_or_path: a saved model directory: dense (converted with ``pmod``) or already p-MoD.
-        tiny_model: instead of a checkpoint, build a tiny model (`build_tiny`: ``arch`` llava, qwen2-vl or
-            qwen2.5-vl, and the `pmod.tiny` builder's arguments), with a word-level tokenizer over the training
+        tiny_model: instead of a checkpoint, build a tiny model (`build_tiny`: ``arch`` llava, llava-onevision,
+            qwen2-vl or qwen2.5-vl, and the `pmod.tiny` builder's arguments), with a word-level tokenizer over the training
             data's words and ``words`` (CPU recipes and the demo).
         pmod: `PModConfig` fields applied to a dense model; ``null`` trains the dense model (a baseline).
         data_path: LLaVA-format JSON (or JSONL) training data.
@@ -185,7 +186,10 @@ def _words(records: list[dict[str, Any]]) -> list[str]:
     words: dict[str, None] = {}
     for record in records:
         for turn in record.get("conversations", []):
-            for word, _ in split.pre_tokenize_str(str(turn.get("value", "")).replace("<image>", " ").replace("<video>", " ")):
+            text = str(turn.get("value", ""))
+            for placeholder in PLACEHOLDERS:
+                text = text.replace(placeholder, " ")
+            for word, _ in split.pre_tokenize_str(text):
                 words[word] = None
     return list(words)
 

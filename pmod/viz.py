@@ -147,10 +147,6 @@ def _example_rows(values: Any, example: int, batch: int, width: int, name: str) 
     raise PModInputError(f"{name} has {rows.shape[0]} rows for a batch of {batch}; pass the row of example {example}'s image.")
 
 
-def _example_image_size(image_sizes: Any, example: int, batch: int) -> tuple[int, int] | None:
-    return _example_rows(image_sizes, example, batch, 2, "image_sizes")
-
-
 def kept_token_maps(
     model: Any,
     routing: Mapping[int, LayerRouting] | None = None,
@@ -198,7 +194,7 @@ def kept_token_maps(
         raise PModInputError(
             f"Example {example} has no vision tokens in the last forward (a decoding step, or a text-only row)."
         )
-    size = _example_image_size(image_sizes, example, batch)
+    size = _example_rows(image_sizes, example, batch, 2, "image_sizes")
     layout = vision_layout(model.config, size, _example_rows(image_grid_thw, example, batch, 3, "image_grid_thw"))
     if positions.numel() != layout.num_tokens:
         where = f" for an image of (height, width) {size}" if layout.highres is not None else ""
