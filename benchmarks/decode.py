@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from common import RESULTS, add_model_args, clock, dense_and_pmod, machine, prompt, shape
 
+from pmod.compat import cache_kwargs, output_cache
 from pmod.efficiency import kv_cache_report
 
 
@@ -36,11 +37,11 @@ def decode(model, ids: torch.Tensor, target: torch.Tensor | None, steps: int, de
     extra = {} if target is None else {"target_mask": target}
     with torch.no_grad():
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **extra)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        cache, token = output_cache(out), out.logits[:, -1:].argmax(-1)
         times = []
         for _ in range(steps):
             start = clock(device)
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            out = model(input_ids=token, use_cache=True, **cache_kwargs(cache))
             token = out.logits[:, -1:].argmax(-1)
             times.append(clock(device) - start)
     return times, cache

@@ -23,6 +23,7 @@ import torch
 from common import RESULTS, add_model_args, clock, dense_and_pmod, dense_model, machine, prompt, shape
 
 import pmod
+from pmod.compat import output_cache
 from pmod.efficiency import kv_cache_report, prefill_cost, shape_from_config
 
 
@@ -114,8 +115,8 @@ def main() -> None:
             r_tr.append(train_time(routed, routed_in, args.device))
         dense.eval(), routed.eval()
         with torch.no_grad():
-            cache = routed(**routed_in, use_cache=True, logits_to_keep=1).past_key_values
-            dense_cache = dense(**dense_in, use_cache=True, logits_to_keep=1).past_key_values
+            cache = output_cache(routed(**routed_in, use_cache=True, logits_to_keep=1))
+            dense_cache = output_cache(dense(**dense_in, use_cache=True, logits_to_keep=1))
         kv = kv_cache_report(cache)
         dense_kv = sum(layer.keys.nbytes + layer.values.nbytes for layer in dense_cache.layers)
         cost = prefill_cost(shape_from_config(routed.config), n_vision, args.text_tokens, resolved=routed.pmod)

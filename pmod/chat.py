@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from transformers import TextStreamer
 
+from .compat import output_cache
 from .efficiency import KVCacheReport, kv_cache_report
 from .data import load_image  # noqa: F401  (part of this module's API: pmod.chat.load_image)
 from .errors import PModInputError
@@ -95,7 +96,7 @@ def generate_with_stats(
         new_tokens=n_new,
         prefill_seconds=times[0] - start,
         decode_tokens_per_second=(n_new - 1) / decode_time if n_new > 1 and decode_time > 0 else float("nan"),
-        kv=kv_cache_report(out.past_key_values),
+        kv=kv_cache_report(output_cache(out)),
     )
     return new, stats
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from .compat import output_cache
 from .conversation import image_paths, prompt_and_answer, render, video_sources
 from .data import load_records  # noqa: F401  (part of this module's API)
 from .data import DEFAULT_VIDEO_FPS, check_processor_takes, record_fps, video_frame_paths
@@ -277,7 +278,7 @@ def generate_batch(
 
         cost = prefill["cost"]
         flops, kv = list(cost.flops_ratio), list(cost.kv_ratio)
-        cache = getattr(out, "past_key_values", None)
+        cache = output_cache(out)
         if isinstance(cache, PModCache):
             report = kv_cache_report(cache)
             kv_cache = report.ratio if report.dense_bytes else None

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import PModCache, PModCacheLayer
+from .compat import CACHE_KWARG, pop_cache
 from .errors import PModInputError, UnsupportedModelError
 from .routing import LayerRouting, RoutingPlan, Selection, select_tokens
 
@@ -37,18 +38,21 @@ class PModLayerMixin:
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         pmod_plan: RoutingPlan | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        # the cache arrives as `cache` or `past_key_values`, whichever the installed transformers uses
+        cache = pop_cache(kwargs)
         if pmod_plan is None:
             raise PModInputError(
                 f"p-MoD layer {self.pmod_layer_idx} was called without a routing plan. Call the top-level model "
                 "returned by pmod.apply_pmod / pmod.load_model (it plans routing from input_ids), not its inner "
                 "language model."
             )
+        if cache is not None:
+            _check_cache(cache)  # any other cache would hold every token: loud, never a silently different answer
         attn_impl = self.self_attn.config._attn_implementation
         if attn_impl not in SUPPORTED_ATTENTION:
             raise UnsupportedModelError(
@@ -60,13 +64,13 @@ class PModLayerMixin:
         # Router on the raw layer input, in fp32 so ranking does not suffer bf16 ties.
         logits = self.router(x).squeeze(-1)  # (B, T) fp32
         float_dtype = x.dtype if attn_impl == "eager" else None
-        attend = dict(past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+        attend = {CACHE_KWARG: cache, "use_cache": use_cache, **kwargs}
 
         if pmod_plan.dense_step:
             # Nothing to route (a decoding step, a text-only batch): the plain dense layer, on every token.
             positions = torch.arange(length, device=x.device).expand(batch, length)
             sel = Selection(positions, torch.ones_like(pmod_plan.valid), pmod_plan.valid, torch.zeros_like(pmod_plan.valid))
-            mask = self._mask(attention_mask, sel, past_key_values, pmod_plan, length, True, float_dtype)
+            mask = self._mask(attention_mask, sel, cache, pmod_plan, length, True, float_dtype)
             h, mlp_out = self._attention_mlp(x, mask, position_ids, position_embeddings, attend)
             self._record(pmod_plan, sel, logits)
             if torch.is_grad_enabled() and self.training:
@@ -86,8 +90,8 @@ class PModLayerMixin:
         # flat view, so the product must be contiguous even when the caller's hidden states are not).
         out = (x * skip_weight[..., None]).contiguous()
         if width == 0:  # no example processes any token in this layer
-            if isinstance(past_key_values, PModCache):
-                past_key_values.layers[self.pmod_layer_idx].advance(length, batch, x.device)
+            if cache is not None:
+                cache.layers[self.pmod_layer_idx].advance(length, batch, x.device)
             self._record(pmod_plan, sel, logits)
             return out
 
@@ -101,7 +105,7 @@ class PModLayerMixin:
         if position_ids is not None:
             position_ids = position_ids.expand(batch, -1).gather(1, pos)
         uniform = pmod_plan.uniform[self.pmod_layer_idx]
-        mask = self._mask(attention_mask, sel, past_key_values, pmod_plan, length, uniform, float_dtype)
+        mask = self._mask(attention_mask, sel, cache, pmod_plan, length, uniform, float_dtype)
         h, mlp_out = self._attention_mlp(xs, mask, position_ids, (cos, sin), attend)
 
         slot_weight = weight.gather(1, pos)[..., None]  # (B, S, 1)
@@ -135,11 +139,6 @@ class PModLayerMixin:
         columns = torch.where(sel.slot_valid, sel.positions + plan.past_length, -1)  # (B, S)
         held_empty = False
         if cache is not None:
-            if not isinstance(cache, PModCache):
-                raise PModInputError(
-                    f"p-MoD models need a pmod.PModCache, got {type(cache).__name__}. Pass past_key_values=None "
-                    "(the model creates one) or pmod.PModCache(num_layers)."
-                )
             layer: PModCacheLayer = cache.layers[self.pmod_layer_idx]
             held_empty = layer.has_empty_slots
             columns = layer.stage(columns, length, full=uniform)
@@ -157,6 +156,16 @@ class PModLayerMixin:
             router_logits=logits.detach(),
             keep_ratio=self.pmod_ratio,
         )
+
+
+def _check_cache(cache) -> PModCache:
+    if not isinstance(cache, PModCache):
+        raise PModInputError(
+            f"p-MoD layers need a pmod.PModCache, got a {type(cache).__name__}: a routed layer caches only the tokens "
+            "it processed. Call the top-level p-MoD model without a cache (it creates one) or pass "
+            "pmod.PModCache(num_layers)."
+        )
+    return cache
 
 
 def _rows(t: torch.Tensor, pos: torch.Tensor, flat: torch.Tensor, length: int) -> torch.Tensor:

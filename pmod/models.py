@@ -43,6 +43,7 @@ from transformers import (
 from transformers.cache_utils import Cache, DynamicCache
 
 from .cache import PModCache
+from .compat import CACHE_KWARG, CACHE_NAMES, pop_cache
 from .config import PModConfig, ResolvedPMod
 from .errors import PModConfigError, PModInputError, UnsupportedModelError
 from .layer import SUPPORTED_ATTENTION, PModLayerMixin, convert_decoder_layer, zero_router
@@ -101,8 +102,11 @@ class PModModelMixin:
         return {i: layer.last_routing for i, layer in self.routed_layers().items() if layer.last_routing is not None}
 
     # ------------------------------------------------------------------ forward
-    def _pmod_prepare(self, arguments: dict[str, Any], named_use_cache: bool = True) -> None:
-        """Create the cache and the routing plan for one forward call (mutates ``arguments``)."""
+    def _pmod_prepare(self, arguments: dict[str, Any], named_use_cache: bool, cache_parameter: str | None) -> None:
+        """Create the cache and the routing plan for one forward call (mutates ``arguments``).
+
+        ``cache_parameter``: the forward's own name for the cache (None: it takes the cache through ``**kwargs``).
+        """
         extra = arguments.setdefault("kwargs", {})
         target_mask = extra.pop("target_mask", None)
         input_ids = arguments.get("input_ids")
@@ -117,7 +121,9 @@ class PModModelMixin:
         if use_cache is None:
             # Training needs no cache: building one would only cost time (and breaks checkpointing).
             use_cache = bool(getattr(text_config, "use_cache", False)) and not self.training
-        cache = arguments.get("past_key_values")
+        # callers may name the cache `cache` or `past_key_values`; it is passed on under the forward's own name
+        passed = {name: source.pop(name) for source in (arguments, extra) for name in CACHE_NAMES if name in source}
+        cache = pop_cache(passed)
         if cache is not None and not isinstance(cache, PModCache):
             if type(cache) is DynamicCache and cache.get_seq_length() == 0 and not getattr(cache, "offloading", False):
                 cache = None  # generate() hands an empty DynamicCache: replace it with ours
@@ -131,8 +137,8 @@ class PModModelMixin:
             cache = PModCache(text_config.num_hidden_layers)
         # Say it explicitly, or the inner model would create a DynamicCache from config.use_cache.
         (arguments if named_use_cache else extra)["use_cache"] = bool(use_cache or cache is not None)
-        if "past_key_values" in arguments or cache is not None:
-            arguments["past_key_values"] = cache
+        if cache is not None:
+            (arguments if cache_parameter is not None else extra)[cache_parameter or CACHE_KWARG] = cache
         past_length = cache.get_seq_length() if cache is not None else 0
 
         attention_mask = arguments.get("attention_mask")
@@ -179,11 +185,12 @@ class PModModelMixin:
 
 def _make_forward(base_forward):
     signature = inspect.signature(base_forward)
+    cache_parameter = next((name for name in CACHE_NAMES if name in signature.parameters), None)
 
     @functools.wraps(base_forward)  # keeps the parent's signature, which generate() inspects
     def forward(self, *args, **kwargs):
         bound = signature.bind(self, *args, **kwargs)
-        self._pmod_prepare(bound.arguments, "use_cache" in signature.parameters)
+        self._pmod_prepare(bound.arguments, "use_cache" in signature.parameters, cache_parameter)
         try:
             return base_forward(*bound.args, **bound.kwargs)
         except ValueError as exc:

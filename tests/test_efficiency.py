@@ -4,6 +4,7 @@ import torch
 from test_models import llava_inputs
 
 import pmod
+from pmod.compat import output_cache
 from pmod.efficiency import kv_cache_report
 from pmod.tiny import randomize_routers, tiny_llava
 
@@ -19,7 +20,7 @@ def _model():
 def _prefill_and_decode(model, inputs, steps=3):
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        cache = model(**inputs, use_cache=True).past_key_values
+        cache = output_cache(model(**inputs, use_cache=True))
         mask = inputs.get("attention_mask")
         for _ in range(steps):
             new = torch.randint(1, 120, (inputs["input_ids"].shape[0], 1), generator=gen)

@@ -5,6 +5,7 @@ import torch
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, StaticCache
 
 import pmod
+from pmod.compat import output_cache
 from pmod.tiny import tiny_causal_lm, tiny_llava
 
 
@@ -81,7 +82,7 @@ def test_cache_crop_is_refused():
     model = _model()
     out = model(input_ids=torch.randint(1, 100, (1, 8)), use_cache=True)
     with pytest.raises(NotImplementedError, match="Cropping a p-MoD KV cache"):
-        out.past_key_values.crop(4)
+        output_cache(out).crop(4)
 
 
 def test_static_and_offloaded_caches_in_generate_are_refused():

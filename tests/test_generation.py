@@ -6,6 +6,7 @@ from batches import rows_alone
 from test_models import all_routed, llava_inputs, next_inputs
 
 import pmod
+from pmod.compat import output_cache
 from pmod.tiny import randomize_routers, tiny_llava, tiny_llava_next
 
 
@@ -23,7 +24,7 @@ def test_cached_decoding_equals_recomputation(attn):
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
         out = model(**inputs, use_cache=True)
-        cache = out.past_key_values
+        cache = output_cache(out)
         assert isinstance(cache, pmod.PModCache)
         for step in range(4):
             new = torch.randint(1, 120, (ids.shape[0], 1), generator=gen)
@@ -102,7 +103,7 @@ def test_routed_layers_cache_only_processed_tokens():
     model = _routed_model()
     inputs, _ = llava_inputs(model)
     with torch.no_grad():
-        cache = model(**inputs, use_cache=True).past_key_values
+        cache = output_cache(model(**inputs, use_cache=True))
     routing = model.routing()
     length = inputs["input_ids"].shape[1]
     for i, layer in enumerate(cache.layers):
@@ -121,7 +122,7 @@ def test_generated_image_token_is_text():
     model = _routed_model()
     inputs, _ = llava_inputs(model, [(3, 1, 4)])
     with torch.no_grad():
-        cache = model(**inputs, use_cache=True).past_key_values
+        cache = output_cache(model(**inputs, use_cache=True))
         step = torch.full((1, 1), model.config.image_token_id)
         mask = torch.cat([inputs["attention_mask"], torch.ones_like(step)], 1)
         model(input_ids=step, attention_mask=mask, past_key_values=cache)
@@ -139,7 +140,7 @@ def test_mistral_sliding_window_generation_is_exact():
     randomize_routers(model)
     ids = torch.randint(1, 120, (1, 14))
     with torch.no_grad():
-        cache = model(input_ids=ids, use_cache=True).past_key_values
+        cache = output_cache(model(input_ids=ids, use_cache=True))
         nxt = torch.randint(1, 120, (1, 1))
         step = model(input_ids=nxt, past_key_values=cache).logits[:, -1]
         # A generated token is never a target: recompute with every prompt token targeted, the new one not.
@@ -170,7 +171,7 @@ def test_multi_token_continuation_with_cache_equals_recomputation(attn, padded):
     mask = torch.cat([mask, torch.ones_like(extra)], 1) if mask is not None else None
     pos = inputs["position_ids"][:, -1:] + torch.arange(1, 4)
     with torch.no_grad():
-        cache = model(**inputs, use_cache=True).past_key_values
+        cache = output_cache(model(**inputs, use_cache=True))
         step = model(input_ids=extra, attention_mask=mask, position_ids=pos, past_key_values=cache).logits
         full = model(input_ids=torch.cat([inputs["input_ids"], extra], 1), attention_mask=mask,
                      position_ids=torch.cat([inputs["position_ids"], pos], 1), pixel_values=inputs["pixel_values"],

@@ -6,6 +6,7 @@ from batches import assert_keep_ratio_one_equals_dense, valid_rows
 from reference import reference_logits
 
 import pmod
+from pmod.compat import output_cache
 from pmod.tiny import randomize_routers, tiny_qwen2_vl
 
 # per row: ("image", t, h, w) | ("video", t, h, w) | None, and (text before, text after); grids in patches
@@ -97,12 +98,12 @@ def test_batched_generation_equals_rows_alone_and_kv_shrinks(tmp_path, version):
             assert torch.equal(batched[b], alone), b
     from pmod.efficiency import kv_cache_report
 
-    report = kv_cache_report(out.past_key_values)
+    report = kv_cache_report(output_cache(out))
     # routed layers hold fewer entries (the text-only row keeps every slot of this small batch allocated)
     assert sum(layer.entries for layer in report.layers) < sum(layer.dense_entries for layer in report.layers)
     with torch.no_grad():
         alone = model.generate(**singles[1], **kw)  # the video row: its cache shrinks in bytes too
-    assert kv_cache_report(alone.past_key_values).ratio < 1.0
+    assert kv_cache_report(output_cache(alone)).ratio < 1.0
     model.save_pretrained(tmp_path)
     loaded = pmod.load_model(tmp_path)
     assert loaded.config.model_type == ("pmod_qwen2_vl" if version == "2" else "pmod_qwen2_5_vl")

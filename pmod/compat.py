@@ -1,0 +1,76 @@
+"""What differs between the transformers versions pmod supports (pyproject.toml declares the range).
+
+Everything version-dependent is decided here, once, from the installed transformers' own signatures and
+modules, never from version strings: a rename that pmod does not know about fails at import with a clear error
+instead of silently bypassing the p-MoD cache.
+
+- The KV cache keyword: ``past_key_values`` up to transformers 5.23, ``cache`` from 5.24 on (with
+  ``past_key_values`` a deprecated alias). Decoder layers, attention modules and model forwards all use one
+  name; model outputs carry the cache under the same name.
+- The video-processor base class: ``VideoProcessorMixin`` from 5.2x on; before it, video processors derive
+  from the image-processor base directly.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import MutableMapping
+from typing import Any
+
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+from .errors import PModInputError, UnsupportedModelError
+
+CACHE_NAMES = ("cache", "past_key_values")
+
+
+def _cache_keyword() -> str:
+    parameters = inspect.signature(LlamaDecoderLayer.forward).parameters
+    for name in CACHE_NAMES:
+        if name in parameters:
+            return name
+    import transformers
+
+    raise UnsupportedModelError(
+        f"transformers {transformers.__version__} passes the KV cache to decoder layers under a name pmod does not "
+        f"know (none of {CACHE_NAMES} in LlamaDecoderLayer.forward{inspect.signature(LlamaDecoderLayer.forward)}); "
+        "install a transformers version in the range pmod declares."
+    )
+
+
+CACHE_KWARG: str = _cache_keyword()
+"""The keyword under which the installed transformers passes the KV cache (``cache`` or ``past_key_values``)."""
+
+
+def pop_cache(arguments: MutableMapping[str, Any]) -> Any:
+    """Remove the cache from ``arguments`` under either name and return it (None if absent).
+
+    Both names set to different objects is an error: one of them would otherwise be silently ignored.
+    """
+    found = [(name, arguments.pop(name)) for name in CACHE_NAMES if name in arguments]
+    given = [(name, value) for name, value in found if value is not None]
+    if len(given) > 1 and given[0][1] is not given[1][1]:
+        raise PModInputError(
+            f"Both `cache` and `past_key_values` were given; pass the KV cache once (`{CACHE_KWARG}` with this "
+            "transformers)."
+        )
+    return given[0][1] if given else None
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache a model output carries (``output.cache`` or ``output.past_key_values``), without the
+    deprecation notice that the old attribute name logs on newer transformers."""
+    return getattr(output, CACHE_KWARG, None)
+
+
+def cache_kwargs(cache: Any) -> dict[str, Any]:
+    """``{name: cache}`` under the installed keyword, for calling transformers modules directly."""
+    return {CACHE_KWARG: cache}
+
+
+try:  # transformers >= 5.2x
+    from transformers.video_processing_utils import VideoProcessorMixin as VideoProcessorBase
+except ImportError:  # older 5.x: video processors are image processors with a video preprocess
+    from transformers.image_processing_utils import BaseImageProcessor as VideoProcessorBase
+
+__all__ = ["CACHE_KWARG", "CACHE_NAMES", "VideoProcessorBase", "cache_kwargs", "output_cache", "pop_cache"]
