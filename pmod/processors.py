@@ -28,8 +28,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.video_processing_utils import VideoProcessorMixin
 
+from .compat import VideoProcessorBase
 from .errors import PModInputError
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def has_torchvision() -> bool:
     return importlib.util.find_spec("torchvision") is not None
 
 
-class _FrameVideoProcessor(VideoProcessorMixin):
+class _FrameVideoProcessor(VideoProcessorBase):
     """Shared plumbing: settings, calling, saving and loading in the stood-in transformers class's format."""
 
     stands_in_for: ClassVar[str] = ""
@@ -303,14 +303,18 @@ def processor_class(name: str) -> type:
 
         def check_argument_for_proper_class(self, argument_name: str, argument: Any):
             if argument_name == "video_processor":  # transformers looks this base class up by an unexported name
-                if not isinstance(argument, VideoProcessorMixin):
+                if not isinstance(argument, _FrameVideoProcessor):
                     raise TypeError(f"video_processor must be a video processor, got {type(argument).__name__}")
                 return type(argument)
             return base.check_argument_for_proper_class(self, argument_name, argument)
 
         @classmethod
         def _get_arguments_from_pretrained(cls, path, processor_dict=None, **kwargs):
-            from transformers import AutoImageProcessor, AutoTokenizer
+            from transformers import AutoTokenizer
+
+            # not `from transformers import AutoImageProcessor`: without torchvision, transformers 5.17 exports a
+            # placeholder there that demands torchvision, while the class in its own module works
+            from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
             kwargs.pop("subfolder", None)
             video = (processor_dict or {}).get("video_processor")

@@ -37,6 +37,11 @@ def merged_embeddings(model, input_ids, pixel_values=None, image_sizes=None, **e
     return captured["x"], captured.get("positions")
 
 
+def _inner(model):
+    """The decoder stack (layers, norm, rotary embedding) of a multimodal or text-only model."""
+    return model.model.language_model if hasattr(model.model, "language_model") else model.model
+
+
 def causal_mask(n: int, dtype) -> torch.Tensor:
     m = torch.full((n, n), torch.finfo(dtype).min, dtype=dtype).triu(1)
     return m[None, None]
@@ -53,7 +58,7 @@ def reference_language_model(model, x: torch.Tensor, positions: torch.Tensor, ta
     def batched(p):  # position ids with a batch axis: (1, n) or (3, 1, n)
         return p[:, None] if mrope else p[None]
 
-    inner = model.model.language_model if hasattr(model.model, "language_model") else model.model
+    inner = _inner(model)
     pmod = model.pmod
     x = x[None]  # (1, n, D)
     for i, layer in enumerate(inner.layers):
@@ -140,5 +145,7 @@ def reference_logits(model, input_ids, attention_mask=None, pixel_values=None, i
             positions = model_positions[-3:, 0]
         else:
             positions = position_ids[b][valid]
+            if hasattr(_inner(model).rotary_emb, "mrope_section"):  # M-RoPE: text positions on all three axes
+                positions = positions.expand(3, -1)
         outs.append(reference_language_model(model, x, positions, target))
     return outs
