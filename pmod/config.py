@@ -17,9 +17,9 @@ from . import schedules
 from .errors import PModConfigError
 
 ScheduleKind = Literal["shifted_cos", "shifted_linear", "constant", "interleave"]
-TargetKind = Literal["vision", "all"]
+TargetKind = Literal["vision", "vision_hr", "all"]
 _SCHEDULES = ("shifted_cos", "shifted_linear", "constant", "interleave")
-_TARGETS = ("vision", "all")
+_TARGETS = ("vision", "vision_hr", "all")
 
 
 @dataclass
@@ -40,7 +40,10 @@ class PModConfig:
         router_bias: whether routers have a bias.
         router_zero_init: routers start at zero, so a converted model starts as the dense model with some
             tokens skipping layers (and equals it exactly at keep ratio 1).
-        targets: ``"vision"`` routes image-token positions only; ``"all"`` routes every non-padding token.
+        targets: ``"vision"`` routes every vision token (images and videos: for anyres images the base image, the
+            high-resolution part and its newline tokens; the original's ``vision_all``); ``"vision_hr"`` routes only
+            the high-resolution part of anyres images (LLaVA-NeXT, LLaVA-OneVision), the base-image tokens being
+            processed in every layer; ``"all"`` routes every non-padding token.
         routed_layers: explicit indices of layers to route. By default a layer is routed iff its ratio is
             below 1; list a layer here to route it even at ratio 1 (e.g. to test the routed path).
     """

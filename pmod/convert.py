@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -117,12 +118,13 @@ def _check_output(out: Path, force: bool) -> None:
 # ====================================================================== original p-MoD (LLaVA layout)
 # The original research code stores settings as strings; this is the one place they are parsed.
 _ORIGINAL_SPAN = 31  # the original hard-codes L - 1 = 31 in its schedules, whatever the depth
+# mod_target_token_type -> PModConfig.targets. vision_all (both released checkpoints): every vision token, for anyres
+# the base image, the high-resolution part and the newlines; vision_hr: only the high-resolution part
+_ORIGINAL_TARGETS = {"vision_all": "vision", "vision_hr": "vision_hr", "all": "all"}
 
 
 def parse_original_settings(cfg: dict, num_layers: int) -> PModConfig:
     """`PModConfig` reproducing the original's ``mod_*`` settings exactly (explicit per-layer ratios)."""
-    import math
-
     schedule = str(cfg.get("mod_target_layers", ""))
     parts = schedule.split("_")
     if len(parts) == 4 and parts[1] == "decay" and parts[0] in ("shiftedcos", "shiftedlinear"):
@@ -130,8 +132,9 @@ def parse_original_settings(cfg: dict, num_layers: int) -> PModConfig:
             maximum, minimum = float(parts[2]), float(parts[3])
         except ValueError as exc:
             raise ConversionError(f"mod_target_layers {schedule!r}: bad numbers ({exc}).") from exc
+        shift = _number(cfg, "mod_router_factor", 0.5)  # the average keep ratio, a in method.md section 3
         raws = [
-            0.5 * math.cos(math.pi * i / _ORIGINAL_SPAN) + 0.5 if parts[0] == "shiftedcos" else 1.0 - i / _ORIGINAL_SPAN
+            0.5 * math.cos(math.pi * i / _ORIGINAL_SPAN) + shift if parts[0] == "shiftedcos" else 0.5 - i / _ORIGINAL_SPAN + shift
             for i in range(num_layers)
         ]
         routed = [i for i, raw in enumerate(raws) if raw <= maximum]
@@ -145,10 +148,16 @@ def parse_original_settings(cfg: dict, num_layers: int) -> PModConfig:
     if len(norm) != 3 or norm[0] != "tanh":
         raise ConversionError(f"Unknown mod_weight_norm {cfg.get('mod_weight_norm')!r}: supported is 'tanh_ALPHA_BETA'.")
     alpha, beta = float(norm[1]), float(norm[2])
-    targets = str(cfg.get("mod_target_token_type", "vision"))
-    if targets not in ("vision", "all"):
+    original_targets = str(cfg.get("mod_target_token_type", "vision_all"))
+    if original_targets not in _ORIGINAL_TARGETS:
         raise ConversionError(
-            f"mod_target_token_type {targets!r} is not supported (supported: 'vision', 'all'; 'vision_hr' is not yet)."
+            f"Unknown mod_target_token_type {original_targets!r}: the original's values are {sorted(_ORIGINAL_TARGETS)}."
+        )
+    targets = _ORIGINAL_TARGETS[original_targets]
+    if targets == "vision_hr" and cfg.get("image_aspect_ratio") != "anyres":
+        raise ConversionError(
+            "mod_target_token_type 'vision_hr' routes the high-resolution part of anyres images, but this checkpoint "
+            f"has image_aspect_ratio {cfg.get('image_aspect_ratio')!r} (no high-resolution part)."
         )
     return PModConfig(
         schedule=ratios,
@@ -158,6 +167,13 @@ def parse_original_settings(cfg: dict, num_layers: int) -> PModConfig:
         router_bias=bool(cfg.get("mod_bias_enabled", True)),
         targets=targets,
     )
+
+
+def _number(cfg: dict, key: str, default: float) -> float:
+    value = cfg.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 < value <= 1:
+        raise ConversionError(f"{key} must be a number in (0, 1], got {value!r}.")
+    return float(value)
 
 
 def read_state_dict(src: Path) -> dict:

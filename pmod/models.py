@@ -47,6 +47,7 @@ from .compat import CACHE_KWARG, CACHE_NAMES, pop_cache
 from .config import PModConfig, ResolvedPMod
 from .errors import PModConfigError, PModInputError, UnsupportedModelError
 from .layer import SUPPORTED_ATTENTION, PModLayerMixin, convert_decoder_layer, zero_router
+from .layout import high_resolution_targets
 from .routing import LayerRouting, RoutingPlan
 
 logger = logging.getLogger(__name__)
@@ -177,6 +178,11 @@ class PModModelMixin:
         else:
             # Image (video) tokens are targets only where image (video) features are spliced in.
             target = input_ids == image_token_id if has_images else torch.zeros_like(valid)
+            if has_images and settings.settings.targets == "vision_hr":
+                target = high_resolution_targets(self.config, target, arguments.get("image_sizes"))
+            if has_videos and settings.settings.targets == "vision_hr":
+                raise PModInputError("targets='vision_hr' routes the high-resolution part of images; videos have none. "
+                                     "Use a model converted with targets='vision' for videos.")
             if has_videos and video_token_id is not None:
                 target = target | (input_ids == video_token_id)
         ratios = {i: settings.layer_ratios[i] for i in settings.routed_layers}
@@ -358,6 +364,11 @@ def apply_pmod(model: PreTrainedModel, config: PModConfig | None = None) -> PreT
         raise UnsupportedModelError(
             f"Attention backend {attn!r} is not supported by p-MoD; load the model with "
             f"attn_implementation='sdpa' or 'eager', or call model.set_attn_implementation('sdpa')."
+        )
+    if config.targets == "vision_hr" and getattr(model.config, "image_grid_pinpoints", None) is None:
+        raise UnsupportedModelError(
+            f"targets='vision_hr' routes the high-resolution part of anyres images; {type(model).__name__} has none. "
+            "Use targets='vision' (every vision token)."
         )
     resolved = ResolvedPMod.resolve(config, text_config.num_hidden_layers)
     config_cls, model_cls = _CLASSES[family.base_model]

@@ -20,7 +20,7 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,32 +29,11 @@ import numpy as np
 import torch
 
 from .errors import PModInputError
+from .layout import VisionLayout, vision_layout  # noqa: F401  (part of this module's API)
 from .models import get_routing, load_processor
 from .routing import LayerRouting
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class VisionLayout:
-    """How one image's vision tokens are ordered in the sequence.
-
-    Attributes:
-        base: (rows, cols) of the base-image grid, in raster order.
-        highres: (rows, cols) of the unpadded high-resolution grid (LLaVA-NeXT), or None.
-        prefix: tokens before the base grid (the CLS feature with ``vision_feature_select_strategy="full"``).
-    """
-
-    base: tuple[int, int]
-    highres: tuple[int, int] | None = None
-    prefix: int = 0
-
-    @property
-    def num_tokens(self) -> int:
-        n = self.prefix + self.base[0] * self.base[1]
-        if self.highres is not None:
-            n += self.highres[0] * (self.highres[1] + 1)  # one image-newline token ends each high-res row
-        return n
 
 
 @dataclass(frozen=True)
@@ -84,55 +63,6 @@ class KeptTokenMap:
     @property
     def total(self) -> int:
         return int(self.tokens.size)
-
-
-def vision_layout(config: Any, image_size: Sequence[int] | None = None,
-                  grid_thw: Sequence[int] | None = None) -> VisionLayout:
-    """The token layout of one image for a LLaVA, LLaVA-NeXT, LLaVA-OneVision or Qwen2-VL config.
-
-    ``image_size`` is the original image's (height, width), as the processor returns it in ``image_sizes``;
-    LLaVA-NeXT and LLaVA-OneVision need it, because the high-resolution grid is cropped back to the image's aspect
-    ratio. ``grid_thw`` is the image's (t, h, w) patch grid from the processor's ``image_grid_thw``; Qwen2-VL needs it.
-    """
-    vision = config.vision_config
-    merge = getattr(vision, "spatial_merge_size", None)
-    if merge is not None:  # Qwen2-VL / Qwen2.5-VL: one token per merge x merge patches
-        if grid_thw is None:
-            raise PModInputError("Qwen2-VL token maps need the image's patch grid: pass image_grid_thw from the processor.")
-        t, h, w = (int(v) for v in grid_thw)
-        if t != 1:
-            raise PModInputError(f"token maps are drawn for images; this grid has {t} time steps (a video).")
-        return VisionLayout(base=(h // merge, w // merge))
-    g = vision.image_size // vision.patch_size
-    strategy = getattr(config, "vision_feature_select_strategy", "default")
-    pinpoints = getattr(config, "image_grid_pinpoints", None)
-    aspect = getattr(config, "vision_aspect_ratio", None)  # LLaVA-OneVision: "anyres_max_N"
-    if pinpoints is None:
-        # LLaVA-1.5: one crop; "full" keeps the CLS feature in front of the patch features.
-        return VisionLayout(base=(g, g), prefix=int(strategy == "full"))
-    if aspect is None and strategy != "default":
-        raise PModInputError(
-            f"LLaVA-NeXT token layout is only defined for vision_feature_select_strategy='default', not {strategy!r}."
-        )
-    if image_size is None:
-        raise PModInputError(
-            "LLaVA-NeXT token maps need the image's (height, width): pass image_sizes from the processor."
-        )
-    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
-
-    height, width = (int(v) for v in image_size)
-    # The same calls as LlavaNextModel.pack_image_features: crops per side, then the crop-grid feature map
-    # (g * crops_h, g * crops_w) cut back to the image's aspect ratio. A 1-channel dummy gives the exact shape.
-    crops_h, crops_w = get_anyres_image_grid_shape((height, width), pinpoints, vision.image_size)
-    unpadded = unpad_image(torch.empty(1, g * crops_h, g * crops_w), (height, width))
-    rows, cols = unpadded.shape[1], unpadded.shape[2]
-    if aspect is not None:
-        # LLaVA-OneVision (SigLIP, no CLS feature): a high-res grid larger than N base grids is interpolated down
-        # by the same ratio as in LlavaOnevisionModel.pack_image_features
-        ratio = math.sqrt(rows * cols / (int(aspect.removeprefix("anyres_max_")) * g * g))
-        if ratio > 1.1:
-            rows, cols = int(rows // ratio), int(cols // ratio)
-    return VisionLayout(base=(g, g), highres=(rows, cols))
 
 
 def _example_rows(values: Any, example: int, batch: int, width: int, name: str) -> tuple[int, ...] | None:

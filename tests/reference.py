@@ -117,6 +117,7 @@ def reference_logits(model, input_ids, attention_mask=None, pixel_values=None, i
     outs = []
     cursor = video_cursor = 0
     for b in range(batch):
+        px = sizes = None
         valid = mask[b].bool()
         ids = input_ids[b][valid][None]
         if hasattr(model.model, "language_model"):
@@ -135,8 +136,18 @@ def reference_logits(model, input_ids, attention_mask=None, pixel_values=None, i
             has_video = kwargs.get("pixel_values_videos") is not None
         else:
             x, model_positions, has_video = model.get_input_embeddings()(ids)[0], None, False
-        if targets == "vision":
+        if targets in ("vision", "vision_hr"):
             target = ids[0] == model.config.image_token_id
+            if targets == "vision_hr" and px is not None:  # LLaVA-NeXT: each image's base tokens come first
+                vision = model.config.vision_config
+                base = (vision.image_size // vision.patch_size) ** 2
+                with torch.no_grad():
+                    counts = [f.shape[0] for f in model.model.get_image_features(px, sizes).pooler_output]
+                positions = target.nonzero().squeeze(1).tolist()
+                start = 0
+                for count in counts:
+                    target[positions[start : start + base]] = False
+                    start += count
             if has_video and getattr(model.config, "video_token_id", None) is not None:
                 target = target | (ids[0] == model.config.video_token_id)
         else:

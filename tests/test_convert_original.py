@@ -63,8 +63,10 @@ def _original_config():
         "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
         "mm_vision_tower": "openai/clip-vit-large-patch14-336", "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": 32,
         "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch", "image_aspect_ratio": "pad",
-        "mm_patch_merge_type": "flat", "mod_target_layers": "shiftedcos_decay_0.85_0.15", "mod_router_factor": 1,
-        "mod_weight_norm": "tanh_0.2_1", "mod_target_token_type": "vision", "mod_bias_enabled": True,
+        "mm_patch_merge_type": "flat",
+        # exactly the released checkpoints' settings (their training scripts)
+        "mod_target_layers": "shiftedcos_decay_0.85_0.15", "mod_target_token_type": "vision_all",
+        "mod_router_factor": 0.5, "mod_weight_norm": "tanh_0.2_1", "mod_bias_enabled": True, "mod_special_init": True,
     }
 
 
@@ -108,10 +110,11 @@ def _mlp(state, p, x):
     return (F.silu(x @ state[p + "mlp.gate_proj.weight"].T) * (x @ state[p + "mlp.up_proj.weight"].T)) @ state[p + "mlp.down_proj.weight"].T
 
 
-def original_logits(state, vision, settings, ids, pixel_values, feats=None):
+def original_logits(state, vision, settings, ids, pixel_values, feats=None, base_tokens=0):
     """Logits of the original code for one prompt with -200 placeholders (one image per placeholder).
 
-    ``feats`` (a list of (n_i, D) image features) replaces the LLaVA-1.5 vision path.
+    ``feats`` (a list of (n_i, D) image features) replaces the LLaVA-1.5 vision path. ``base_tokens``: the first
+    features of each image that are not routed (``vision_hr``: the base image of an anyres image).
     """
     if feats is None:
         feats = vision(pixel_values, output_hidden_states=True).hidden_states[-2][:, 1:]  # (images, 16, 32)
@@ -121,7 +124,7 @@ def original_logits(state, vision, settings, ids, pixel_values, feats=None):
     for t in ids:
         if t == PLACEHOLDER:
             rows += list(feats[image])
-            target += [True] * len(feats[image])
+            target += [False] * base_tokens + [True] * (len(feats[image]) - base_tokens)
             image += 1
         else:
             rows.append(state["model.embed_tokens.weight"][t])
@@ -180,9 +183,27 @@ def test_original_schedule_strings():
     assert parse_original_settings({"mod_target_layers": "shiftedcos_decay_0.85_0.15"}, 16).schedule[-1] > 0.5
     for bad in ({"mod_target_layers": "cosine_0.5"}, {"mod_target_layers": "shiftedcos_decay_a_b"},
                 {"mod_target_layers": "shiftedcos_decay_0.85_0.15", "mod_weight_norm": "sigmoid"},
-                {"mod_target_layers": "shiftedcos_decay_0.85_0.15", "mod_target_token_type": "text"}):
+                {"mod_target_layers": "shiftedcos_decay_0.85_0.15", "mod_target_token_type": "text"},
+                {"mod_target_layers": "shiftedcos_decay_0.85_0.15", "mod_target_token_type": "vision_hr"},  # no anyres
+                {"mod_target_layers": "shiftedcos_decay_0.85_0.15", "mod_router_factor": float("nan")}):
         with pytest.raises(ConversionError):
             parse_original_settings(bad, 32)
+
+
+def test_released_settings():
+    """The released checkpoints' settings: PRD over layers 8-31, every vision token routed, TanhNorm 0.2 / 1, bias."""
+    s = parse_original_settings(_original_config(), 32)
+    assert s.routed_layers == list(range(8, 32)) and s.targets == "vision"
+    assert (s.alpha, s.beta, s.router_bias, s.tanh_norm, s.string) == (0.2, 1.0, True, True, True)
+    assert round(sum(s.layer_ratios(32)) / 32, 4) == 0.5375  # the paper's 53.8% KV cache
+    assert parse_original_settings({**_original_config(), "mod_target_token_type": "all"}, 32).targets == "all"
+    anyres = {**_original_config(), "image_aspect_ratio": "anyres", "mod_target_token_type": "vision_hr"}
+    assert parse_original_settings(anyres, 32).targets == "vision_hr"
+    # mod_router_factor is the schedule's shift (average ratio): raw(l) = 0.5 cos(pi l / 31) + factor
+    shifted = parse_original_settings({**_original_config(), "mod_router_factor": 0.4}, 32)
+    assert shifted.routed_layers == list(range(5, 32))  # 0.5 cos(5 pi / 31) + 0.4 = 0.837 <= 0.85
+    assert shifted.schedule[16] == pytest.approx(0.5 * math.cos(math.pi * 16 / 31) + 0.4)
+    assert shifted.schedule[31] == 0.15
 
 
 @pytest.fixture(scope="module")
@@ -303,6 +324,34 @@ def test_llava_next_original_conversion(tmp_path, converted):
         got = model(input_ids=expand(ids, V, feats[0].shape[0]), pixel_values=px, image_sizes=sizes).logits[0, :, :V]
     assert feats[0].shape[0] > 16  # base image + high-resolution grid + newlines
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_llava_next_vision_hr_conversion(tmp_path, converted):
+    """mod_target_token_type 'vision_hr': the base-image tokens of an anyres image are processed in every layer, only
+    the high-resolution part (with its newlines) is routed, as in the original computation."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    state, vision, _ = _original_state()
+    state["model.image_newline"] = torch.randn(D, generator=torch.Generator().manual_seed(7))
+    config = {**_original_config(), "image_aspect_ratio": "anyres", "mm_patch_merge_type": "spatial_unpad",
+              "image_grid_pinpoints": PINPOINTS, "mod_target_token_type": "vision_hr"}
+    settings = parse_original_settings(config, L)
+    write_original(tmp_path / "src", state, config)
+    convert_original(tmp_path / "src", tmp_path / "out", vision_tower=converted[4] / "clip")
+    model = pmod.load_model(tmp_path / "out").eval()
+    assert model.pmod.settings.targets == "vision_hr"
+    sizes = torch.tensor([[56, 28]])
+    px = torch.randn(1, image_size_to_num_patches([56, 28], PINPOINTS, 28), 3, 28, 28,
+                     generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        feats = list(model.model.get_image_features(px, sizes).pooler_output)
+        ids = [1, 5, PLACEHOLDER, 11, 12]
+        expected = original_logits(state, vision, settings, ids, None, feats=feats, base_tokens=16)
+        got = model(input_ids=expand(ids, V, feats[0].shape[0]), pixel_values=px, image_sizes=sizes).logits[0, :, :V]
+        every = original_logits(state, vision, settings, ids, None, feats=feats)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(got, every, rtol=1e-4, atol=1e-4)  # routing the base image too would differ
+    assert int(model.routing()[8].target.sum()) == feats[0].shape[0] - 16
 
 
 def test_original_bin_checkpoint(tmp_path, converted):

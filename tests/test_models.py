@@ -6,6 +6,7 @@ from batches import build_batch, llava_tokens_per_image, rows_alone, valid_rows
 from reference import reference_logits
 
 import pmod
+from pmod.compat import output_cache
 from pmod.tiny import randomize_routers, tiny_causal_lm, tiny_llava, tiny_llava_next
 
 ROWS = [(3, 1, 4), (2, 2, 1), (5, 0, 3), (1, 1, 0)]  # different vision-token counts, one row without image
@@ -116,14 +117,16 @@ def test_layer_that_processes_nothing():
     assert not model.routing()[1].processed.any()
     for a, b in zip(got.logits, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    assert got.past_key_values.get_seq_length() == 1
-    assert got.past_key_values.layers[0].physical_length() == 0
+    assert output_cache(got).get_seq_length() == 1
+    assert output_cache(got).layers[0].physical_length() == 0
 
 
 def next_inputs(model, sizes, texts, seed=0):
-    """A LLaVA-NeXT batch: one image of the given (h, w) per row (None: no image), left padded."""
+    """A LLaVA-NeXT batch, left padded: per row one image of the given (h, w), a list of such sizes (several images),
+    or None (no image)."""
     gen = torch.Generator().manual_seed(seed)
-    image_sizes = torch.tensor([s for s in sizes if s is not None])
+    per_row = [[] if s is None else list(s) if isinstance(s, list) else [s] for s in sizes]
+    image_sizes = torch.tensor([s for row in per_row for s in row])
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
     base = model.config.vision_config.image_size
@@ -134,10 +137,10 @@ def next_inputs(model, sizes, texts, seed=0):
     with torch.no_grad():
         feats = model.model.get_image_features(pixel_values, image_sizes).pooler_output
     counts = iter([f.shape[0] for f in feats])
-    rows = [(t[0], [next(counts)] if s is not None else [], t[1]) for s, t in zip(sizes, texts)]
+    rows = [(t[0], [next(counts) for _ in row], t[1]) for row, t in zip(per_row, texts)]
     ids, mask, pos = build_batch(rows, model.config.image_token_id, 0, 128, "left", seed)
     inputs = dict(input_ids=ids, attention_mask=mask, position_ids=pos, pixel_values=pixel_values, image_sizes=image_sizes)
-    return inputs, [int(s is not None) for s in sizes]
+    return inputs, [len(row) for row in per_row]
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -152,6 +155,42 @@ def test_llava_next_anyres_matches_reference(attn):
         ref = reference_logits(model, **inputs, images_per_row=n_images)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_llava_next_high_resolution_targets_match_reference(attn):
+    """targets='vision_hr': each image's base-image tokens are processed in every layer like text; only the
+    high-resolution part (its newline tokens included) is routed. Rows with two images, one, or none."""
+    model = pmod.apply_pmod(tiny_llava_next(num_layers=4, attn_implementation=attn),
+                            pmod.PModConfig(schedule=[0.4, 1.0, 0.5, 0.2], targets="vision_hr"))
+    randomize_routers(model)
+    sizes = [[(28, 56), (56, 56)], None, (84, 28), (56, 28)]
+    inputs, n_images = next_inputs(model, sizes, [(2, 3), (6, 2), (3, 0), (1, 1)])
+    with torch.no_grad():
+        got = valid_rows(model(**inputs).logits, inputs["attention_mask"])
+        ref = reference_logits(model, **inputs, images_per_row=n_images, targets="vision_hr")
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    base = llava_tokens_per_image(model)
+    image = inputs["input_ids"] == model.config.image_token_id
+    routing = model.routing()[0]
+    assert routing.target.sum(1).tolist() == [int(n) - base * k for n, k in zip(image.sum(1), n_images)]
+    assert not (routing.target & ~image).any()
+    assert (routing.target & ~routing.processed).any()  # some high-resolution tokens are skipped
+    assert (routing.processed[image & ~routing.target]).all()  # every base-image token is processed
+
+
+def test_high_resolution_targets_need_a_high_resolution_part():
+    with pytest.raises(pmod.UnsupportedModelError, match="vision_hr.*LlavaForConditionalGeneration has none"):
+        pmod.apply_pmod(tiny_llava(num_layers=2), pmod.PModConfig(schedule=[0.5, 1.0], targets="vision_hr"))
+    model = pmod.apply_pmod(tiny_llava_next(num_layers=2), pmod.PModConfig(schedule=[0.5, 1.0], targets="vision_hr"))
+    inputs, _ = next_inputs(model, [(28, 56)], [(2, 3)])
+    with pytest.raises(pmod.PModInputError, match="needs image_sizes"):
+        model(**{**inputs, "image_sizes": None})
+    wrong = inputs["input_ids"].clone()
+    wrong[0, -1] = model.config.image_token_id  # one image token too many
+    with pytest.raises(pmod.PModInputError, match="image tokens"):
+        model(**{**inputs, "input_ids": wrong})
 
 
 def test_batch_equals_rows_alone():
