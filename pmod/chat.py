@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -39,9 +40,11 @@ class GenerationStats:
     kv: KVCacheReport
 
     def summary(self) -> str:
+        # a one-token answer has no decoding steps to time
+        speed = "no decoding steps" if math.isnan(self.decode_tokens_per_second) else f"{self.decode_tokens_per_second:.1f} tokens/s"
         return (
             f"prefill {self.prefill_seconds * 1e3:.0f} ms ({self.prompt_tokens} prompt tokens) | "
-            f"{self.decode_tokens_per_second:.1f} tokens/s ({self.new_tokens} new) | KV cache "
+            f"{speed} ({self.new_tokens} new) | KV cache "
             f"{self.kv.bytes / 2**20:.2f} MiB vs dense {self.kv.dense_bytes / 2**20:.2f} MiB ({self.kv.ratio:.1%})"
         )
 

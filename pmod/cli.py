@@ -22,6 +22,7 @@ import logging
 import sys
 from pathlib import Path
 
+from .argtypes import nonnegative_float, nonnegative_int, positive_int, ratio
 from .config import PModConfig
 from .errors import PModError
 
@@ -39,9 +40,9 @@ def _emit(text: str = "") -> None:
 
 def _schedule_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", default="shifted_cos", choices=["shifted_cos", "shifted_linear", "constant", "interleave"])
-    p.add_argument("--average-ratio", type=float, default=0.5)
-    p.add_argument("--max-ratio", type=float, default=0.85)
-    p.add_argument("--min-ratio", type=float, default=0.15)
+    p.add_argument("--average-ratio", type=ratio, default=0.5)
+    p.add_argument("--max-ratio", type=ratio, default=0.85)
+    p.add_argument("--min-ratio", type=ratio, default=0.15)
 
 
 def _config_from(args: argparse.Namespace) -> PModConfig:
@@ -207,10 +208,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pmod", description="p-MoD for Hugging Face multimodal LLMs")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("schedule", help="print the per-layer keep ratios of a schedule")
-    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--layers", type=positive_int, default=32)
     p.add_argument("--json", action="store_true")
     _schedule_args(p)
     p.set_defaults(func=cmd_schedule)
@@ -238,9 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--preset", choices=sorted(PRESET_NAMES))
     source.add_argument("--model", help="a checkpoint directory (only config.json is read)")
-    p.add_argument("--vision-tokens", type=int, required=True)
-    p.add_argument("--text-tokens", type=int, required=True)
-    p.add_argument("--crops", type=int, default=None, help="images through the vision tower per input image")
+    p.add_argument("--vision-tokens", type=nonnegative_int, required=True)
+    p.add_argument("--text-tokens", type=nonnegative_int, required=True)
+    p.add_argument("--crops", type=positive_int, default=None, help="images through the vision tower per input image")
     p.add_argument("--causal", action="store_true", help="count causal attention (half matrix), as sdpa/flash compute it")
     p.add_argument("--json", action="store_true")
     _schedule_args(p)
@@ -250,8 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir")
     p.add_argument("--image", required=True)
     p.add_argument("--prompt", help="one-shot question; without it, read questions from standard input")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--max-new-tokens", type=positive_int, default=128)
+    p.add_argument("--temperature", type=nonnegative_float, default=0.0, help="0 = greedy")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.set_defaults(func=cmd_chat)
 
@@ -283,13 +285,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Expected failures (bad settings, inputs or files) print one line on stderr and return 2;
+    anything else prints one line naming the exception and returns 1. ``--debug`` shows the traceback instead."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (PModError, OSError) as exc:
-        sys.stderr.write(f"pmod {args.command}: error: {exc}\n")
-        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write(f"pmod {args.command}: interrupted\n")
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        expected = isinstance(exc, (PModError, OSError, UnicodeDecodeError, json.JSONDecodeError))
+        what = "error" if expected else f"unexpected {type(exc).__name__}"
+        hint = "" if expected else " (rerun with --debug for the traceback, and please report it)"
+        sys.stderr.write(f"pmod {args.command}: {what}: {_one_line(exc)}{hint}\n")
+        return 2 if expected else 1
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())  # messages from deep inside libraries may span lines
+    return text if len(text) <= 2000 else text[:2000] + " ..."
 
 
 if __name__ == "__main__":

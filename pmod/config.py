@@ -64,27 +64,35 @@ class PModConfig:
     routed_layers: list[int] | None = field(default=None)
 
     def __post_init__(self) -> None:
+        # Validated where the settings are made (code, recipes, CLI flags, config.json): a NaN, a ratio above 1 or
+        # the string "false" in a boolean field would otherwise give a silently wrong model.
         if isinstance(self.schedule, Sequence) and not isinstance(self.schedule, str):
-            self.schedule = [float(r) for r in self.schedule]
+            self.schedule = [_number(r, f"schedule[{i}]") for i, r in enumerate(self.schedule)]
             for i, r in enumerate(self.schedule):
                 _check_ratio(r, f"schedule[{i}]")
         elif self.schedule not in _SCHEDULES:
             raise PModConfigError(
                 f"Unknown schedule {self.schedule!r}: use one of {', '.join(_SCHEDULES)} or a list of per-layer ratios."
             )
+        # every schedule parameter is a keep ratio (the shifted schedules clip to [min_ratio, max_ratio])
         for name in ("average_ratio", "max_ratio", "min_ratio"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise PModConfigError(f"{name} must be a finite number, got {value!r}.")
-        _check_ratio(self.min_ratio, "min_ratio")
+            _check_ratio(_number(getattr(self, name), name), name)
         if self.min_ratio > self.max_ratio:
             raise PModConfigError(f"min_ratio ({self.min_ratio}) is larger than max_ratio ({self.max_ratio}).")
-        if self.schedule in ("constant", "interleave"):
-            _check_ratio(self.average_ratio, "average_ratio")
+        _number(self.alpha, "alpha")
+        _number(self.beta, "beta")
+        for name in ("tanh_norm", "string", "router_bias", "router_zero_init"):
+            if not isinstance(getattr(self, name), bool):
+                raise PModConfigError(f"{name} must be true or false, got {getattr(self, name)!r}.")
+        _integer(self.constant_start, "constant_start")
+        if self.constant_end is not None:
+            _integer(self.constant_end, "constant_end")
         if self.targets not in _TARGETS:
             raise PModConfigError(f"targets must be one of {_TARGETS}, got {self.targets!r}.")
         if self.routed_layers is not None:
-            self.routed_layers = sorted({int(i) for i in self.routed_layers})
+            if isinstance(self.routed_layers, (str, bytes)) or not isinstance(self.routed_layers, Sequence):
+                raise PModConfigError(f"routed_layers must be a list of layer indices, got {self.routed_layers!r}.")
+            self.routed_layers = sorted({_integer(i, "routed_layers") for i in self.routed_layers})
 
     # ------------------------------------------------------------------ per-layer values
     def layer_ratios(self, num_layers: int) -> list[float]:
@@ -138,8 +146,21 @@ class PModConfig:
 
 
 def _check_ratio(value: float, name: str) -> None:
-    if not isinstance(value, (int, float)) or not (0.0 < value <= 1.0):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < value <= 1.0):
         raise PModConfigError(f"{name} must be a keep ratio in (0, 1], got {value!r}.")
+
+
+def _number(value: Any, name: str) -> float:
+    """``value`` as a float if it is a finite real number (not a bool, not a string)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise PModConfigError(f"{name} must be a finite number, got {value!r}.")
+    return float(value)
+
+
+def _integer(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PModConfigError(f"{name} must be an integer, got {value!r}.")
+    return value
 
 
 @dataclass
@@ -152,7 +173,10 @@ class ResolvedPMod:
 
     @classmethod
     def resolve(cls, settings: PModConfig, num_layers: int) -> ResolvedPMod:
-        return cls(settings, settings.layer_ratios(num_layers), settings.resolve_routed_layers(num_layers))
+        ratios = settings.layer_ratios(num_layers)
+        for i, r in enumerate(ratios):  # after the derivation too, not only the inputs
+            _check_ratio(r, f"the derived keep ratio of layer {i}")
+        return cls(settings, ratios, settings.resolve_routed_layers(num_layers))
 
     def to_dict(self) -> dict[str, Any]:
         return {"settings": self.settings.to_dict(), "layer_ratios": self.layer_ratios, "routed_layers": self.routed_layers}
@@ -161,9 +185,11 @@ class ResolvedPMod:
     def from_dict(cls, data: dict[str, Any]) -> ResolvedPMod:
         try:
             settings = PModConfig.from_dict(dict(data["settings"]))
-            ratios = [float(r) for r in data["layer_ratios"]]
-            routed = [int(i) for i in data["routed_layers"]]
-        except (KeyError, TypeError) as exc:
+            ratios = [_number(r, f"layer_ratios[{i}]") for i, r in enumerate(data["layer_ratios"])]
+            routed = [_integer(i, "routed_layers") for i in data["routed_layers"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, PModConfigError):
+                raise PModConfigError(f"config.pmod: {exc}") from exc
             raise PModConfigError(f"config.pmod is malformed ({exc!r}); expected settings, layer_ratios, routed_layers.") from exc
         for i, r in enumerate(ratios):
             _check_ratio(r, f"layer_ratios[{i}]")

@@ -84,6 +84,8 @@ def load_image(path: str | Path) -> Image.Image:
         raise PModInputError(f"Image not found: {path}") from exc
     except UnidentifiedImageError as exc:
         raise PModInputError(f"Not a readable image file: {path}") from exc
+    except OSError as exc:  # e.g. "image file is truncated", raised while decoding
+        raise PModInputError(f"Cannot read image {path}: {exc}") from exc
 
 
 @dataclass

@@ -298,6 +298,11 @@ def prefill_cost(
     (default `PModConfig()`), resolved for the decoder's depth. ``causal`` counts attention as causal
     kernels compute it (half the matrix) instead of the paper's full n x n.
     """
+    for name, count in (("vision_tokens", vision_tokens), ("text_tokens", text_tokens)):
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise PModInputError(f"{name} must be a whole number of tokens >= 0, got {count!r}.")
+    if vision_tokens + text_tokens == 0:
+        raise PModInputError("An example with no tokens has no prefill cost; give vision_tokens or text_tokens.")
     dec = shape.decoder
     if resolved is None:
         resolved = ResolvedPMod.resolve(pmod_config or PModConfig(), dec.num_layers)

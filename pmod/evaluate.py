@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from .argtypes import positive_int
 from .compat import output_cache
 from .conversation import image_paths, prompt_and_answer, render, video_sources
 from .data import load_records  # noqa: F401  (part of this module's API)
@@ -426,20 +427,37 @@ def _resolve_media(pending: list[_Item], processor: Any, folder: Path | None, ba
 
 
 def _read_done(path: Path) -> dict[str, dict[str, Any]]:
-    """Rows of an earlier run by id; a truncated last line (a killed run) is dropped and the file rewritten."""
+    """Rows of an earlier run by id. A truncated last line (a killed run) is dropped and the file rewritten; rows
+    without a text prediction are answered again. Anything else unreadable means the file is not pmod's
+    predictions: refused, and left as it is."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise PModInputError(f"{path} is not a pmod eval predictions file (not UTF-8 text: {exc.reason} at byte "
+                             f"{exc.start}); move it away or choose another --out folder.") from exc
+    numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
     done: dict[str, dict[str, Any]] = {}
-    good_lines, dropped = [], 0
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
+    good_lines, dropped, unanswered = [], 0, 0
+    for index, (number, line) in enumerate(numbered):
         try:
             row = json.loads(line)
-            done[str(row["id"])] = row
-            good_lines.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
+            key = str(row["id"])
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            if index < len(numbered) - 1:  # only the last line can be cut off by a killed run
+                raise PModInputError(f"{path}, line {number}: not a pmod eval predictions row ({exc!r}); move the file "
+                                     "away or choose another --out folder.") from exc
             dropped += 1
+            continue
+        good_lines.append(line)
+        if isinstance(row.get("prediction"), str):
+            done[key] = row
+        else:
+            unanswered += 1
+            done.pop(key, None)
+    if unanswered:
+        logger.warning("%s: %d row(s) without a text prediction; those questions are answered again", path, unanswered)
     if dropped:
-        logger.warning("%s: dropped %d unreadable line(s) left by an interrupted run", path, dropped)
+        logger.warning("%s: dropped an unreadable last line left by an interrupted run", path)
         write_text_atomic(path, "".join(line + "\n" for line in good_lines))
     return done
 
@@ -518,7 +536,7 @@ def evaluate(
     for it in items:
         if it.key in done:
             row = done[it.key]
-            results[it.key] = _score(it, str(row.get("prediction", "")), row)
+            results[it.key] = _score(it, row["prediction"], row)
     if done:
         logger.info("resuming: %d of %d questions already answered in %s", len(results), len(items), preds_file)
 
@@ -637,19 +655,12 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--image-folder", default=None, help="folder the records' image paths are relative to "
                    "(default: the data file's folder)")
     p.add_argument("--out", default="outputs/eval", help="output folder for predictions.jsonl and metrics.json")
-    p.add_argument("--batch-size", type=_positive_int, default=8)
-    p.add_argument("--max-new-tokens", type=_positive_int, default=32)
-    p.add_argument("--limit", type=_positive_int, default=None, help="evaluate the first N records only")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--max-new-tokens", type=positive_int, default=32)
+    p.add_argument("--limit", type=positive_int, default=None, help="evaluate the first N records only")
     p.add_argument("--resume", action="store_true", help="keep the answers already in OUT/predictions.jsonl")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: where the model loads)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=cmd_eval)
     return p
-
-
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return number

@@ -59,6 +59,17 @@ def test_chat_one_shot_and_interactive(chat_dir, capsys, monkeypatch):
 def test_chat_errors(chat_dir, capsys):
     assert main(["chat", str(chat_dir / "model"), "--image", str(chat_dir / "missing.png"), "--prompt", "x"]) == 2
     assert "Image not found" in capsys.readouterr().err
+    for flag, value in (("--max-new-tokens", "0"), ("--temperature", "-1"), ("--temperature", "nan")):
+        with pytest.raises(SystemExit) as stop:  # argparse refuses it before the model loads
+            main(["chat", str(chat_dir / "model"), "--image", str(chat_dir / "red.png"), "--prompt", "x", flag, value])
+        assert stop.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_a_one_token_answer_has_no_decoding_speed(chat_dir, capsys):
+    args = ["chat", str(chat_dir / "model"), "--image", str(chat_dir / "red.png"), "--max-new-tokens", "1"]
+    assert main(args + ["--prompt", "what is in the image ?"]) == 0
+    out = capsys.readouterr().out
+    assert "no decoding steps (1 new)" in out and "nan" not in out
 
 
 def test_chat_with_a_qwen2_vl_model(tmp_path, capsys):

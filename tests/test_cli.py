@@ -1,5 +1,6 @@
 import json
 
+import pytest
 
 import pmod
 from pmod.cli import main
@@ -30,3 +31,40 @@ def test_info(tmp_path, capsys):
 def test_info_on_missing_dir(tmp_path, capsys):
     assert main(["info", str(tmp_path / "nope")]) == 2
     assert "pmod info: error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["schedule", "--layers", "0"], "--layers"),
+    (["schedule", "--average-ratio", "nan"], "--average-ratio"),
+    (["schedule", "--max-ratio", "1.5"], "--max-ratio"),
+    (["flops", "--preset", "llava-1.5-7b", "--vision-tokens", "-5", "--text-tokens", "10"], "--vision-tokens"),
+    (["flops", "--preset", "llava-1.5-7b", "--vision-tokens", "576", "--text-tokens", "x"], "--text-tokens"),
+    (["flops", "--preset", "llava-1.5-7b", "--vision-tokens", "576", "--text-tokens", "10", "--crops", "0"], "--crops"),
+])
+def test_bad_flags_are_refused_with_the_flag_named(argv, flag, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_prefill_cost_refuses_negative_token_counts():
+    from pmod.efficiency import PRESETS, prefill_cost
+
+    with pytest.raises(pmod.PModInputError, match="vision_tokens must be a whole number"):
+        prefill_cost(PRESETS["llava-1.5-7b"], -5, 10)
+    with pytest.raises(pmod.PModInputError, match="no tokens"):
+        prefill_cost(PRESETS["llava-1.5-7b"], 0, 0)
+
+
+def test_unexpected_errors_are_one_line_and_debug_shows_the_traceback(monkeypatch, capsys):
+    import pmod.cli as cli
+
+    def broken(args):
+        raise RuntimeError("something deep\ninside torch")
+
+    monkeypatch.setattr(cli, "cmd_schedule", broken)
+    assert main(["schedule"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unexpected RuntimeError: something deep inside torch" in err and "--debug" in err
+    with pytest.raises(RuntimeError, match="something deep"):
+        main(["--debug", "schedule"])

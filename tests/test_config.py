@@ -50,6 +50,21 @@ def test_explicit_schedule_and_routed_layers():
         (dict(schedule="constant", average_ratio=1.2), "average_ratio"),
         (dict(targets="text"), "targets"),
         (dict(average_ratio=math.nan), "finite"),
+        # found by a probe: each of these used to give a silently wrong model
+        (dict(alpha=math.nan), "alpha must be a finite number"),
+        (dict(beta=math.inf), "beta must be a finite number"),
+        (dict(alpha="0.2"), "alpha must be a finite number"),
+        (dict(average_ratio=-0.5), "average_ratio must be a keep ratio"),  # kept 0.15 in every layer, layer 0 too
+        (dict(average_ratio=0.9, max_ratio=1.5), "max_ratio must be a keep ratio"),  # derived ratios up to 1.4
+        (dict(schedule=[0.5, math.nan]), "schedule\\[1\\]"),
+        (dict(schedule=[0.5, True]), "schedule\\[1\\]"),
+        (dict(tanh_norm="false"), "tanh_norm must be true or false"),  # a truthy string
+        (dict(string=0), "string must be true or false"),
+        (dict(router_bias="no"), "router_bias must be true or false"),
+        (dict(router_zero_init=None), "router_zero_init must be true or false"),
+        (dict(constant_start=1.5), "constant_start must be an integer"),
+        (dict(routed_layers="8"), "routed_layers must be a list"),
+        (dict(routed_layers=[8.5]), "routed_layers must be an integer"),
     ],
 )
 def test_invalid_settings_are_rejected(kwargs, message):
@@ -76,3 +91,13 @@ def test_resolved_round_trips_through_json():
         PModConfig.from_dict({"schedul": "shifted_cos"})
     with pytest.raises(PModConfigError, match="malformed"):
         ResolvedPMod.from_dict({"settings": {}})
+    # a config.json edited or corrupted on disk: NaN (json writes it as NaN), ratios out of range, wrong types
+    saved = json.loads(json.dumps(resolved.to_dict()))
+    for path, value, message in [(("settings", "alpha"), math.nan, "config.pmod: alpha must be a finite number"),
+                                 (("layer_ratios", 3), 1.4, "layer_ratios\\[3\\] must be a keep ratio"),
+                                 (("layer_ratios", 2), "0.5", "layer_ratios\\[2\\] must be a finite number"),
+                                 (("routed_layers", 0), "8", "routed_layers must be an integer")]:
+        bad = json.loads(json.dumps(saved))
+        bad[path[0]][path[1]] = value
+        with pytest.raises(PModConfigError, match=message):
+            ResolvedPMod.from_dict(json.loads(json.dumps(bad)))

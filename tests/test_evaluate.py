@@ -229,3 +229,44 @@ def test_eval_command(tiny, tmp_path, capsys):
     assert [r["prediction"] for r in rows] == [r.prediction for r in expected.records]
     with pytest.raises(SystemExit):
         parser.parse_args(["eval", str(tmp_path / "model"), "--data", str(data), "--batch-size", "0"])
+
+
+def test_resume_answers_rows_without_a_prediction_again_and_refuses_foreign_files(tiny, tmp_path, monkeypatch):
+    """Rows whose prediction is missing or not text are not answered; a file that is not pmod's predictions (not
+    UTF-8, or garbage before its last line) is refused and left as it was."""
+    model, processor, records, folder = tiny
+    path = tmp_path / "preds.jsonl"
+    full = _run(tiny, records=records[:3], batch_size=3, predictions_path=path)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows[0].pop("prediction")  # missing: used to be scored as ""
+    rows[1]["prediction"] = None  # null: used to be scored as "None"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    asked = []
+    real = ev.generate_batch
+
+    def counting(model, processor, prompts, *args, **kwargs):
+        asked.extend(prompts)
+        return real(model, processor, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(ev, "generate_batch", counting)
+    resumed = _run(tiny, records=records[:3], batch_size=3, predictions_path=path, resume=True)
+    assert len(asked) == 2 and resumed.resumed == 1
+    assert [r.prediction for r in resumed.records] == [r.prediction for r in full.records]
+    again = _run(tiny, records=records[:3], batch_size=3, predictions_path=path, resume=True)
+    assert again.resumed == 3 and len(asked) == 2  # the re-answered rows now count
+
+    foreign = tmp_path / "foreign.jsonl"
+    for content in (b"\xff\xfe caf\xe9\n", b"id,prediction\nr1,red\n" + json.dumps({"id": "t1", "prediction": "x"}).encode()):
+        foreign.write_bytes(content)
+        with pytest.raises(pmod.PModInputError, match="not a pmod eval predictions"):
+            _run(tiny, records=records[:3], predictions_path=foreign, resume=True)
+        assert foreign.read_bytes() == content
+
+
+def test_a_truncated_image_is_named(tiny, tmp_path):
+    model, processor, records, folder = tiny
+    whole = (folder / "red.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(whole[: len(whole) // 2])
+    record = _record("cut", "what ?", "red", "cut.png")
+    with pytest.raises(pmod.PModInputError, match=r"Cannot read image .*cut\.png"):
+        evaluate(model, processor, [record], tmp_path, max_new_tokens=2, progress=False)

@@ -1,0 +1,43 @@
+"""argparse value types shared by the `pmod` commands: a bad flag is refused by argparse itself, with the flag
+named and exit code 2, before anything is loaded."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+
+def positive_int(value: str) -> int:
+    number = _parse(int, value, "an integer")
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return number
+
+
+def nonnegative_int(value: str) -> int:
+    number = _parse(int, value, "an integer")
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return number
+
+
+def nonnegative_float(value: str) -> float:
+    number = _parse(float, value, "a number")
+    if not math.isfinite(number) or number < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
+    return number
+
+
+def ratio(value: str) -> float:
+    """A keep ratio, in (0, 1]."""
+    number = _parse(float, value, "a number")
+    if not 0 < number <= 1:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"must be a keep ratio in (0, 1], got {value}")
+    return number
+
+
+def _parse(kind: type, value: str, what: str):
+    try:
+        return kind(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {value!r}") from None
