@@ -35,19 +35,46 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise PModInputError(f"data file not found: {path}")
-    text = path.read_text(encoding="utf-8")
     try:
-        if path.suffix == ".jsonl":
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise PModInputError(f"{path} is not UTF-8 text ({exc}); expected LLaVA-format JSON or JSONL") from exc
+    if path.suffix == ".jsonl":
+        records = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise PModInputError(f"{path}, line {number} is not valid JSON ({exc}); expected one LLaVA record "
+                                     "per line") from exc
+    else:
+        try:
             records = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise PModInputError(f"{path} is not valid JSON ({exc}); expected a list of LLaVA records") from exc
+        except json.JSONDecodeError as exc:
+            raise PModInputError(f"{path} is not valid JSON ({exc}); expected a list of LLaVA records") from exc
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         raise PModInputError(f"{path}: expected a JSON list of records ({{'id', 'image', 'conversations'}})")
     for i, r in enumerate(records):
         r.setdefault("id", str(i))
     return records
+
+
+def check_records(records: list[dict[str, Any]], source: str | Path = "the data") -> None:
+    """A `PModInputError` naming ``source`` when there are no records or a record's conversation is malformed
+    (not a list of human / gpt turns, placeholders that do not match its images), before any model is loaded."""
+    if not records:
+        raise PModInputError(f"{source} holds no records; expected a list of LLaVA records "
+                             "({'id', 'image', 'conversations'})")
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise PModInputError(f"{source}: record {i} is a {type(record).__name__}, not a mapping "
+                                 "({'id', 'image', 'conversations'})")
+        try:
+            to_messages(record)
+        except PModInputError as exc:
+            raise PModInputError(f"{source}: {exc} (the record at index {i})") from exc
 
 
 def padding_image_processor(image_processor: Any) -> Any:
@@ -292,12 +319,15 @@ class LlavaDataset(torch.utils.data.Dataset):
         image_folder: str | Path | None = None,
         model_max_length: int = 2048,
         tokens_per_image: int = 576,
+        check: bool = True,
     ):
+        """``check``: validate every record now (`check_records`); off when the caller already has."""
+        source = records if isinstance(records, (str, Path)) else "the dataset"
         self.records = load_records(records) if isinstance(records, (str, Path)) else list(records)
         self.encoder = Encoder(processor, Path(image_folder) if image_folder else None, model_max_length)
         self.tokens_per_image = tokens_per_image
-        for record in self.records:  # malformed conversations fail now, not hours into a run
-            to_messages(record)
+        if check:  # no records, or malformed conversations, fail now, not hours into a run
+            check_records(self.records, source)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -311,7 +341,8 @@ class LlavaDataset(torch.utils.data.Dataset):
         # their size. Only the record at `index` counts as skipped here: a bad replacement candidate is counted
         # when its own index comes up, so each bad record is counted once per epoch.
         skipped = []
-        for attempt in range(min(len(self.records), 32)):
+        attempts = min(len(self.records), 32)
+        for attempt in range(attempts):
             record = self.records[(index + attempt) % len(self.records)]
             try:
                 item = self.encoder.encode(record)
@@ -324,7 +355,8 @@ class LlavaDataset(torch.utils.data.Dataset):
                 item[SKIP_KEY] = skipped[:1]
             return item
         raise PModInputError(
-            f"records {', '.join(skipped[:5])}... (32 in a row from index {index}) are all unusable; "
+            f"records {', '.join(skipped[:5])}{'...' if len(skipped) > 5 else ''} ({attempts} in a row from index "
+            f"{index}) are all unusable; "
             "see the warnings above, and check the image folder and the data file"
         )
 

@@ -15,3 +15,12 @@ class PModInputError(PModError):
 
 class UnsupportedModelError(PModError):
     """The model family or attention backend is not supported by p-MoD."""
+
+
+class PModTrainingError(PModError):
+    """Training went wrong in a way that would give a broken model (a non-finite loss, gradient or weights)."""
+
+
+class CheckpointError(PModError):
+    """A checkpoint cannot be used as it is: a missing or unreadable file, a malformed config.json, or weights that
+    do not match the model (missing, unexpected or wrongly shaped tensors)."""

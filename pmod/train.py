@@ -16,13 +16,15 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-import json
 import importlib.util
+import json
 import logging
 import math
 import os
 import time
+import types
 import typing
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -33,8 +35,8 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from .config import PModConfig
 from .conversation import PLACEHOLDERS
-from .data import SKIP_KEY, LlavaCollator, LlavaDataset, load_records, padding_image_processor
-from .errors import PModConfigError, PModInputError
+from .data import SKIP_KEY, LlavaCollator, LlavaDataset, check_records, load_records, padding_image_processor
+from .errors import PModConfigError, PModInputError, PModTrainingError
 from .files import write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -66,7 +68,18 @@ class TrainConfig:
         group_by_length: batches of similar length (fewer padded tokens).
         resume: continue from the last ``checkpoint-*`` in ``output_dir`` if there is one.
         log_routing_per_layer: log each routed layer's statistics, not only their mean.
+        deepspeed, fsdp, fsdp_config: DeepSpeed (a JSON file or its contents) and FSDP settings, as
+            `transformers.TrainingArguments` takes them.
         training_args: any further `transformers.TrainingArguments` fields.
+
+    Every setting is checked against its type when the recipe is made, in YAML recipes, ``key=value`` overrides
+    and Python alike, and a wrong one is a `PModConfigError` naming it. Booleans are ``true`` / ``false``; the
+    words true, false, yes, no, on, off, 1 and 0 (any case, quoted or not) and the numbers 1 and 0 are read as
+    booleans too, so ``freeze_vision_tower: "false"`` means false. Numbers must be finite; a number written as a
+    string (YAML reads ``1e-4`` as one) is read as the number; whole-number settings take whole numbers only.
+    Counts (batch size, accumulation, logging and save steps, ``model_max_length``) are at least 1, learning
+    rates and ``weight_decay`` at least 0, ``warmup_ratio`` in [0, 1]; ``max_steps`` is -1 (train
+    ``num_train_epochs``) or at least 1.
     """
 
     output_dir: str = "runs/pmod"
@@ -100,53 +113,185 @@ class TrainConfig:
     save_total_limit: int | None = 1
     seed: int = 42
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
-    deepspeed: str | None = None
+    deepspeed: str | dict[str, Any] | None = None
     fsdp: str | None = None
-    fsdp_config: dict[str, Any] | None = None
+    fsdp_config: dict[str, Any] | str | None = None
     resume: bool = True
     log_routing_per_layer: bool = False
     training_args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.stage not in ("pretrain", "finetune"):
-            raise PModConfigError(f"stage must be 'pretrain' or 'finetune', got {self.stage!r}")
+        if isinstance(self.report_to, str):
+            self.report_to = [self.report_to]
+        for name, hint in _setting_types().items():
+            setattr(self, name, _coerce(name, getattr(self, name), hint))
+        self._check_ranges()
         if (self.model_name_or_path is None) == (self.tiny_model is None):
             raise PModConfigError("give exactly one of model_name_or_path (a saved model) and tiny_model (build one)")
         if self.data_path is None and self.synthetic_data is None:
             raise PModConfigError("give data_path (LLaVA-format JSON) or synthetic_data (generate a dataset)")
+        # fail now on a bad schedule, a typo or a wrong tiny model setting, not after loading the model
         if self.pmod is not None:
-            PModConfig(**self.pmod)  # fail now on a bad schedule, not after loading the model
-        if isinstance(self.report_to, str):
-            self.report_to = [self.report_to]
+            _pmod_config(self.pmod)
+        if self.tiny_model is not None:
+            self.tiny_model = _tiny_builder(self.tiny_model)[2]
+        if self.synthetic_data is not None:
+            _synthetic_config(self.synthetic_data)
+
+    def _check_ranges(self) -> None:
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps",
+                     "model_max_length"):
+            if getattr(self, name) < 1:
+                raise PModConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("learning_rate", "router_learning_rate", "weight_decay", "dataloader_num_workers",
+                     "save_total_limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise PModConfigError(f"{name} must not be negative, got {getattr(self, name)}")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise PModConfigError(f"warmup_ratio is the fraction of steps spent warming up, in [0, 1]; got "
+                                  f"{self.warmup_ratio}")
+        if self.max_steps != -1 and self.max_steps < 1:
+            raise PModConfigError(f"max_steps must be at least 1, or -1 to train num_train_epochs; got {self.max_steps}")
+        if self.num_train_epochs <= 0:
+            raise PModConfigError(f"num_train_epochs must be above 0, got {self.num_train_epochs}")
+        if not 0 <= self.seed < 2**32:
+            raise PModConfigError(f"seed must be in [0, 2**32), got {self.seed}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = [k for k in values if k not in names]
         if unknown:
-            hints = {k: difflib.get_close_matches(k, names, n=1) for k in unknown}
-            detail = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
-            raise PModConfigError(f"unknown training setting {detail}; known settings: {', '.join(sorted(names))}")
-        return cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()} if (hints := typing.get_type_hints(cls)) else values)
+            raise PModConfigError(f"unknown training setting {_did_you_mean(unknown, names)}; known settings: "
+                                  f"{', '.join(sorted(names))}")
+        return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
+def _did_you_mean(unknown: list[str], known: typing.Iterable[str]) -> str:
+    """``'a' (did you mean 'b'?), 'c'`` for unknown setting names."""
+    hints = {k: difflib.get_close_matches(k, list(known), n=1) for k in unknown}
+    return ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
+
+
+@functools.cache
+def _setting_types() -> dict[str, Any]:
+    """TrainConfig's fields and their types (resolved once)."""
+    return typing.get_type_hints(TrainConfig)
+
+
+_BOOLEAN_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+_NOT_GIVEN = object()
+
+
 def _coerce(name: str, value: Any, hint: Any) -> Any:
-    """YAML reads ``1e-4`` (no dot) as a string: numbers in strings become numbers for numeric settings."""
-    args = typing.get_args(hint) or (hint,)
-    if not isinstance(value, str) or str in args:
-        return value
-    for kind in (int, float):
-        if kind in args:
+    """``value`` of setting ``name`` as its type ``hint`` (see `TrainConfig` for what converts), or a
+    `PModConfigError` saying what the setting takes."""
+    options = _options(hint)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise PModConfigError(f"{name} must be {_describe(hint)}, got null")
+    for option in options:
+        if option is not type(None) and (converted := _convert(name, value, option)) is not _NOT_GIVEN:
+            return converted
+    raise PModConfigError(f"{name} must be {_describe(hint)}, got {value!r} ({type(value).__name__})")
+
+
+def _options(hint: Any) -> tuple[Any, ...]:
+    """The members of a union type (``int | None``: int, NoneType); a plain type alone."""
+    return typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+
+
+def _convert(name: str, value: Any, kind: Any) -> Any:
+    """``value`` as ``kind`` (one member of a setting's type), or `_NOT_GIVEN` when it is not one."""
+    origin = typing.get_origin(kind)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _BOOLEAN_WORDS:
+            return _BOOLEAN_WORDS[value.strip().lower()]
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        return _NOT_GIVEN
+    if kind in (int, float):
+        number = value
+        if isinstance(value, str):
             try:
-                return kind(value) if kind is float else int(float(value)) if float(value).is_integer() else float(value)
+                number = float(value)
             except ValueError:
-                pass
-    if int in args or float in args:
-        raise PModConfigError(f"{name} must be a number, got {value!r}")
-    return value
+                return _NOT_GIVEN
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            return _NOT_GIVEN
+        if not math.isfinite(number):
+            raise PModConfigError(f"{name} must be a finite number, got {value!r}")
+        if kind is float:
+            return float(number)
+        return int(number) if float(number).is_integer() else _NOT_GIVEN
+    if kind is str:
+        return os.fspath(value) if isinstance(value, (str, os.PathLike)) else _NOT_GIVEN
+    if origin is Literal:
+        return value if value in typing.get_args(kind) else _NOT_GIVEN
+    if origin is dict or kind is dict:
+        return value if isinstance(value, dict) else _NOT_GIVEN
+    if origin is list:
+        (item,) = typing.get_args(kind)
+        if not isinstance(value, (list, tuple)):
+            return _NOT_GIVEN
+        items = [_convert(name, v, item) for v in value]
+        return _NOT_GIVEN if any(v is _NOT_GIVEN for v in items) else items
+    raise TypeError(f"setting {name}: no check for type {kind!r}")  # a new TrainConfig field needs one
+
+
+def _describe(hint: Any) -> str:
+    """Words for a setting's type: ``a whole number or null``."""
+    words = []
+    for kind in _options(hint):
+        origin = typing.get_origin(kind)
+        words.append(
+            "null" if kind is type(None)
+            else "true or false" if kind is bool
+            else "a whole number" if kind is int
+            else "a finite number" if kind is float
+            else "a string" if kind is str
+            else "one of " + ", ".join(repr(v) for v in typing.get_args(kind)) if origin is Literal
+            else "a mapping" if origin is dict or kind is dict
+            else f"a list of {_describe(typing.get_args(kind)[0]).removeprefix('a ')}s" if origin is list
+            else repr(kind)
+        )
+    return " or ".join(words)
+
+
+def _pmod_config(settings: dict[str, Any]) -> PModConfig:
+    """The recipe's ``pmod`` settings as a `PModConfig`; an unknown key is refused with the known ones."""
+    known = {f.name for f in dataclasses.fields(PModConfig)}
+    unknown = [k for k in settings if k not in known]
+    if unknown:
+        raise PModConfigError(f"unknown p-MoD setting {_did_you_mean(unknown, known)} under pmod; known pmod "
+                              f"settings: {', '.join(sorted(known))}")
+    try:
+        return PModConfig(**settings)
+    except PModConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise PModConfigError(f"pmod settings: {exc}") from exc
+
+
+def _synthetic_config(settings: dict[str, Any]) -> Any:
+    """The recipe's ``synthetic_data`` as a `pmod.synthetic.SyntheticConfig`."""
+    from .synthetic import SyntheticConfig
+
+    known = {f.name for f in dataclasses.fields(SyntheticConfig)}
+    unknown = [k for k in settings if k not in known]
+    if unknown:
+        raise PModConfigError(f"unknown synthetic_data setting {_did_you_mean(unknown, known)}; known: "
+                              f"{', '.join(sorted(known))}")
+    try:
+        return SyntheticConfig(**settings)
+    except (TypeError, ValueError) as exc:
+        raise PModConfigError(f"synthetic_data: {exc}") from exc
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> TrainConfig:
@@ -158,14 +303,21 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise PModConfigError(f"training recipe {path} does not exist")
-        values = yaml.safe_load(path.read_text()) or {}
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise PModConfigError(f"training recipe {path} is not valid YAML: {exc}") from exc
         if not isinstance(values, dict):
             raise PModConfigError(f"{path} must hold a mapping of training settings")
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise PModConfigError(f"override {item!r} is not of the form key=value (e.g. learning_rate=1e-5)")
-        value = yaml.safe_load(raw) if raw else None
+        try:
+            value = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError as exc:
+            raise PModConfigError(f"override {item!r}: the value is not valid YAML ({exc}); quote it, or write "
+                                  "lists as [a, b]") from exc
         *parents, leaf = key.split(".")
         node = values
         for name in parents:
@@ -185,8 +337,9 @@ def _words(records: list[dict[str, Any]]) -> list[str]:
     split = pre_tokenizers.Whitespace()
     words: dict[str, None] = {}
     for record in records:
-        for turn in record.get("conversations", []):
-            text = str(turn.get("value", ""))
+        turns = record.get("conversations")
+        for turn in turns if isinstance(turns, list) else []:  # malformed records are refused by check_records
+            text = str(turn.get("value", "")) if isinstance(turn, dict) else ""
             for placeholder in PLACEHOLDERS:
                 text = text.replace(placeholder, " ")
             for word, _ in split.pre_tokenize_str(text):
@@ -197,6 +350,30 @@ def _words(records: list[dict[str, Any]]) -> list[str]:
 TINY_ARCHES = ("llava", "llava-onevision", "qwen2-vl", "qwen2.5-vl")
 
 
+def _tiny_builder(settings: dict[str, Any]) -> tuple[str, Any, dict[str, Any]]:
+    """The ``tiny_model`` settings' architecture, its `pmod.tiny` builder and the settings checked against the
+    builder's argument types (sizes at least 1); an unknown architecture or setting is refused with the known ones."""
+    from . import tiny
+
+    arch = settings.get("arch", "llava")
+    if arch not in TINY_ARCHES:
+        raise PModConfigError(f"tiny_model.arch must be one of {', '.join(TINY_ARCHES)}, got {arch!r}")
+    builder = {"llava": tiny.tiny_llava, "llava-onevision": tiny.tiny_llava_onevision}.get(arch, tiny.tiny_qwen2_vl)
+    types_ = {k: v for k, v in typing.get_type_hints(builder).items() if k not in ("return", "version")}
+    types_ |= {"arch": str, "words": list[str], "vocab_size": int | None}  # vocab_size null: fitted to the words
+    if builder is tiny.tiny_qwen2_vl:
+        types_["image_size"] = int | None
+    unknown = [k for k in settings if k not in types_]
+    if unknown:
+        raise PModConfigError(f"unknown tiny_model setting {_did_you_mean(unknown, types_)} for arch {arch!r}; "
+                              f"known: {', '.join(sorted(types_))}")
+    checked = {k: _coerce(f"tiny_model.{k}", v, types_[k]) for k, v in settings.items()}
+    for key in ("num_layers", "hidden_size", "vocab_size", "image_size", "patch_size"):
+        if checked.get(key) is not None and checked[key] < 1:
+            raise PModConfigError(f"tiny_model.{key} must be at least 1, got {checked[key]}")
+    return arch, builder, checked
+
+
 def build_tiny(settings: dict[str, Any], records: list[dict[str, Any]], attn_implementation: str | None,
                extra_words: list[str] | None = None):
     """A tiny random model and its processor, with a word-level vocabulary covering ``records`` and
@@ -204,33 +381,25 @@ def build_tiny(settings: dict[str, Any], records: list[dict[str, Any]], attn_imp
     ``llava-onevision`` (`pmod.tiny.tiny_llava_onevision`), ``qwen2-vl`` or ``qwen2.5-vl``
     (`pmod.tiny.tiny_qwen2_vl` arguments, plus ``image_size``: images resized to about ``image_size**2`` pixels,
     keeping their aspect ratio; square images become ``image_size`` squares)."""
-    from .tiny import (
-        tiny_llava,
-        tiny_llava_onevision,
-        tiny_llava_onevision_processor,
-        tiny_llava_processor,
-        tiny_qwen2_vl,
-        tiny_qwen2_vl_processor,
-    )
+    from .tiny import tiny_llava_onevision_processor, tiny_llava_processor, tiny_qwen2_vl_processor
 
-    settings = dict(settings)
-    arch = settings.pop("arch", "llava")
-    if arch not in TINY_ARCHES:
-        raise PModConfigError(f"tiny_model.arch must be one of {', '.join(TINY_ARCHES)}, got {arch!r}")
+    arch, builder, settings = _tiny_builder(settings)
+    settings.pop("arch", None)
     roles = ["USER", "ASSISTANT", ":"] if arch == "llava" else ["user", "assistant", "system"]
-    words = roles + _words(records) + list(extra_words or []) + list(settings.pop("words", []))
+    words = roles + _words(records) + list(extra_words or []) + settings.pop("words", [])
     reserved = 6 if arch == "llava" else 10  # special and placeholder tokens, and a spare id
     vocab = settings.pop("vocab_size", None) or 8 * math.ceil((len(set(words)) + reserved) / 8)
     if attn_implementation:
         settings["attn_implementation"] = attn_implementation
+    image_size = settings.pop("image_size", None) if arch.startswith("qwen") else None
+    try:
+        model = builder(vocab_size=vocab, **settings, **({"version": arch[4:-3]} if arch.startswith("qwen") else {}))
+    except (TypeError, ValueError, ArithmeticError) as exc:
+        raise PModConfigError(f"tiny_model settings {settings}: {exc}") from exc
     if arch == "llava":
-        model = tiny_llava(vocab_size=vocab, **settings)
         return model, tiny_llava_processor(model, words)
     if arch == "llava-onevision":
-        model = tiny_llava_onevision(vocab_size=vocab, **settings)
         return model, tiny_llava_onevision_processor(model, words)
-    image_size = settings.pop("image_size", None)
-    model = tiny_qwen2_vl(vocab_size=vocab, version=arch[4:-3], **settings)
     return model, tiny_qwen2_vl_processor(model, words, image_size=image_size)
 
 
@@ -352,11 +521,42 @@ class PModTrainer(Trainer):
         # would resume from random weights; from_pretrained renames correctly.
         logger.info("loading model weights from %s", resume_from_checkpoint)
         dtype = next(target.parameters()).dtype
-        saved = type(target).from_pretrained(resume_from_checkpoint, dtype=dtype)
+        advice = "delete that folder to resume from an earlier checkpoint, or set resume: false to start over"
+        try:
+            saved, info = type(target).from_pretrained(resume_from_checkpoint, dtype=dtype, output_loading_info=True)
+        except Exception as exc:  # OSError, RuntimeError (size mismatch), safetensors' own error, ...
+            raise PModInputError(f"cannot load the weights of checkpoint {resume_from_checkpoint} "
+                                 f"({type(exc).__name__}: {exc}); {advice}") from exc
+        missing = list(info.get("missing_keys") or []) + [str(k) for k in info.get("mismatched_keys") or []]
+        if missing:  # from_pretrained would fill them with random weights
+            raise PModInputError(f"checkpoint {resume_from_checkpoint} lacks weights of the model being trained "
+                                 f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); {advice}")
         try:
             target.load_state_dict(saved.state_dict(), strict=True)
         except RuntimeError as exc:
             raise PModInputError(f"checkpoint {resume_from_checkpoint} does not match the model being trained: {exc}") from exc
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # One device sync per micro-batch (Trainer makes the same for its NaN filter): a non-finite loss stops the
+        # run before its gradients reach the weights, instead of being logged as the previous average.
+        if not torch.isfinite(loss).all():
+            raise PModTrainingError(
+                f"training stopped at step {self.state.global_step + 1}: the loss is {loss.float().mean().item()}. "
+                f"{_DIVERGED_ADVICE}"
+            )
+        return loss
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the model (and processor), refusing weights that are not finite (checkpoints and the final model)."""
+        where = output_dir or self.args.output_dir
+        bad = _non_finite_parameters(self.model)
+        if bad:
+            raise PModTrainingError(
+                f"refusing to save a model with non-finite weights ({', '.join(bad[:3])}"
+                f"{', ...' if len(bad) > 3 else ''}) to {where} at step {self.state.global_step}. {_DIVERGED_ADVICE}"
+            )
+        super().save_model(output_dir, _internal_call=_internal_call)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         skipped = inputs.pop(SKIP_KEY, None)
@@ -416,6 +616,45 @@ class _EpochLengthGroupedSampler(LengthGroupedSampler):
         self.generator = torch.Generator().manual_seed(self.seed + epoch)
 
 
+_DIVERGED_ADVICE = (
+    "Try a lower learning_rate (and router_learning_rate) or a larger warmup_ratio, and check the data and the "
+    "settings (pmod, model_name_or_path); nothing from this step was saved. Start again with resume=false or "
+    "another output_dir"
+)
+
+
+def _non_finite_parameters(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters holding NaN or infinity (one device sync for the whole model)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.numel()]  # ZeRO-3 partitions are empty here
+    if not named:
+        return []
+    device = named[0][1].device
+    finite = torch.stack([torch.isfinite(p.detach()).all().to(device) for _, p in named]).tolist()
+    return [n for (n, _), ok in zip(named, finite) if not ok]
+
+
+class _FiniteGradients(TrainerCallback):
+    """Stops training before an optimizer step whose gradients hold NaN or infinity (the loss can be finite
+    while its gradient is not); checked on the gradients themselves, so it holds whatever max_grad_norm is.
+    Not used with DeepSpeed and FSDP, whose gradients are kept in their own (sharded) buffers."""
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if args.fp16:  # fp16 loss scaling overflows now and then by design, and skips those steps itself
+            return control
+        grads = [p.grad for p in model.parameters() if p.grad is not None] if model is not None else []
+        if not grads:
+            return control
+        device = grads[0].device
+        norms = torch.stack([torch.linalg.vector_norm(g.detach(), dtype=torch.float32).to(device) for g in grads])
+        norm = float(torch.linalg.vector_norm(norms))  # one device sync
+        if not math.isfinite(norm):
+            raise PModTrainingError(
+                f"training stopped at step {state.global_step + 1}: the gradient norm is {norm} (a gradient holds "
+                f"NaN or infinity). {_DIVERGED_ADVICE}"
+            )
+        return control
+
+
 class _StopAfter(TrainerCallback):
     """Stops training after a number of optimizer steps (tests of resuming after a kill)."""
 
@@ -456,14 +695,14 @@ def prepare_data(config: TrainConfig) -> tuple[Path, Path | None, list[str]]:
     """The training data file, its image folder, and extra vocabulary words (for tiny models), generating the
     synthetic dataset when the recipe asks for it."""
     if config.data_path is not None:
-        return Path(config.data_path), Path(config.image_folder) if config.image_folder else None, []
-    from .synthetic import SyntheticConfig, write_dataset
+        folder = Path(config.image_folder) if config.image_folder else None
+        if folder is not None and not folder.is_dir():
+            raise PModConfigError(f"image_folder {folder} is not a folder; set it to the folder that the records' "
+                                  "image paths are relative to")
+        return Path(config.data_path), folder, []
+    from .synthetic import write_dataset
 
-    try:
-        settings = SyntheticConfig(**config.synthetic_data)
-    except (TypeError, ValueError) as exc:
-        raise PModConfigError(f"synthetic_data: {exc}") from exc
-    dataset = write_dataset(Path(config.output_dir) / "data", settings)
+    dataset = write_dataset(Path(config.output_dir) / "data", _synthetic_config(config.synthetic_data))
     return dataset.train_json, dataset.image_dir, dataset.vocabulary()
 
 
@@ -484,7 +723,8 @@ def train(config: TrainConfig, stop_after: int | None = None) -> TrainResult:
             output_dir=str(out),
             learning_rate=config.learning_rate,
             weight_decay=config.weight_decay,
-            warmup_steps=config.warmup_ratio,  # a float below 1 is a fraction of the total steps
+            # a float below 1 is a fraction of the total steps, 1.0 would be one step: all steps is just below 1
+            warmup_steps=min(config.warmup_ratio, math.nextafter(1.0, 0.0)),
             lr_scheduler_type=config.lr_scheduler_type,
             num_train_epochs=config.num_train_epochs,
             max_steps=config.max_steps,
@@ -513,10 +753,12 @@ def train(config: TrainConfig, stop_after: int | None = None) -> TrainResult:
     with args.main_process_first(desc="preparing data"):  # one process writes generated data, the others read
         data_path, image_folder, words = prepare_data(config)
     records = load_records(data_path)
+    check_records(records, data_path)  # before the model is loaded
     model, processor = build_model(config, records, words)
     trainable = set_trainable(model, config.stage, config.freeze_vision_tower)
     logger.info("trainable parameters: %s", ", ".join(f"{k} {v:,}" for k, v in trainable.items()))
-    dataset = LlavaDataset(records, processor, image_folder, config.model_max_length, tokens_per_image(model))
+    dataset = LlavaDataset(records, processor, image_folder, config.model_max_length, tokens_per_image(model),
+                           check=False)
     tokenizer = getattr(processor, "tokenizer", processor)
     collator = LlavaCollator(pad_token_id=tokenizer.pad_token_id or 0, count_in_batch=True)
     if config.gradient_checkpointing:
@@ -532,6 +774,8 @@ def train(config: TrainConfig, stop_after: int | None = None) -> TrainResult:
         log_routing_per_layer=config.log_routing_per_layer,
         callbacks=[_StopAfter(stop_after)] if stop_after else None,
     )
+    if not (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled):
+        trainer.add_callback(_FiniteGradients())
     if resume:
         logger.info("resuming from %s", resume)
     if trainer.is_world_process_zero():
@@ -580,11 +824,18 @@ def _checkpoint_to_resume(config: TrainConfig, out: Path) -> str | None:
             logger.warning("ignoring incomplete checkpoint %s (interrupted while saving?)", path)
     if not complete:
         return None
+    newest = max(complete)[1]
     previous = out / "pmod_train.yaml"
     if previous.is_file():
         import yaml
 
-        old = yaml.safe_load(previous.read_text()) or {}
+        try:
+            old = yaml.safe_load(previous.read_text(encoding="utf-8")) or {}
+            if not isinstance(old, dict):
+                raise yaml.YAMLError("not a mapping of settings")
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise PModInputError(f"{previous} (the recipe of the checkpoints in {out}) is unreadable ({exc}); use "
+                                 "another output_dir, or resume=false to start over in this one") from exc
         new = config.to_dict()
         changed = sorted(k for k in set(old) | set(new) if k not in _RESUMABLE_CHANGES and old.get(k) != new.get(k))
         if changed:
@@ -592,7 +843,56 @@ def _checkpoint_to_resume(config: TrainConfig, out: Path) -> str | None:
                 f"{out} holds checkpoints of a different recipe (changed: {', '.join(changed)}); use another "
                 "output_dir, or resume=false to start over in this one"
             )
-    return str(max(complete)[1])
+    _check_checkpoint(newest)
+    return str(newest)
+
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _check_checkpoint(path: Path) -> None:
+    """A `PModInputError` naming checkpoint ``path`` when a file the resumption reads is unreadable (truncated by a
+    full disk, a copy cut short): cheap checks of the trainer state, the weights' headers and the torch files."""
+    def broken(name: str, why: str) -> PModInputError:
+        return PModInputError(
+            f"checkpoint {path} is damaged ({name}: {why}); delete that folder to resume from an earlier "
+            "checkpoint, or set resume: false (override resume=false) to start over"
+        )
+
+    shards: set[str] = set()
+    for name in ("trainer_state.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if not (path / name).is_file():
+            continue
+        try:
+            content = json.loads((path / name).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise broken(name, f"not valid JSON ({exc})") from exc
+        key = "global_step" if name == "trainer_state.json" else "weight_map"
+        if not isinstance(content, dict) or key not in content:
+            raise broken(name, f"no {key}")
+        if key == "weight_map":
+            if not isinstance(content[key], dict) or not all(isinstance(v, str) for v in content[key].values()):
+                raise broken(name, "the weight_map does not map weights to files")
+            shards |= set(content[key].values())
+    for name in sorted(shards | {n for n in _WEIGHT_FILES if not n.endswith(".json")}):
+        file = path / name
+        if not file.is_file():
+            if name in shards:
+                raise broken(name, "missing, but listed in the index")
+            continue
+        if name.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            try:
+                with safe_open(str(file), framework="pt"):  # reads the header, checks it covers the file
+                    pass
+            except Exception as exc:  # safetensors raises its own SafetensorError
+                raise broken(name, str(exc)) from exc
+        elif not zipfile.is_zipfile(file):
+            raise broken(name, "not a complete torch file")
+    for file in sorted(path.glob("*.pt")) + sorted(path.glob("*.pth")):  # optimizer, scheduler, RNG states
+        if not zipfile.is_zipfile(file):
+            raise broken(file.name, "not a complete torch file")
 
 
 def _bf16_needs_cpu_flag(config: TrainConfig) -> bool:
@@ -608,7 +908,7 @@ def _check_router_optimizer(config: TrainConfig) -> None:
     """A DeepSpeed config with its own optimizer bypasses the Trainer's parameter groups (and the router rate)."""
     if config.router_learning_rate is None or not config.deepspeed:
         return
-    ds = json.loads(Path(config.deepspeed).read_text()) if isinstance(config.deepspeed, str) else config.deepspeed
+    ds = _deepspeed_config(config.deepspeed)
     if "optimizer" in ds:
         raise PModConfigError(
             f"router_learning_rate needs the Trainer's optimizer, but {config.deepspeed} defines one; remove its "
@@ -616,10 +916,34 @@ def _check_router_optimizer(config: TrainConfig) -> None:
         )
 
 
+def _deepspeed_config(value: str | dict[str, Any]) -> dict[str, Any]:
+    """The recipe's ``deepspeed`` setting as a mapping (a JSON file is read)."""
+    if isinstance(value, dict):
+        return value
+    try:
+        ds = json.loads(Path(value).read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise PModConfigError(f"deepspeed config {value} does not exist (see configs/deepspeed/)") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PModConfigError(f"deepspeed config {value} is not valid JSON: {exc}") from exc
+    if not isinstance(ds, dict):
+        raise PModConfigError(f"deepspeed config {value} must hold a JSON object")
+    return ds
+
+
 @functools.cache
 def _training_argument_names() -> frozenset[str]:
     """The settings this transformers version's TrainingArguments has."""
     return frozenset(f.name for f in dataclasses.fields(TrainingArguments))
+
+
+@functools.cache
+def _training_argument_types() -> dict[str, Any]:
+    """The types of this transformers version's TrainingArguments (empty if they cannot be resolved)."""
+    try:
+        return typing.get_type_hints(TrainingArguments)
+    except (NameError, TypeError, AttributeError):  # an unresolvable annotation: training_args go unchecked
+        return {}
 
 
 def _checkpointing_arguments(enabled: bool) -> dict[str, Any]:
@@ -646,10 +970,19 @@ def _training_arguments(kwargs: dict[str, Any], extra: dict[str, Any]) -> Traini
             f"transformers {__import__('transformers').__version__} TrainingArguments has no {', '.join(unknown)}; "
             "remove them from training_args"
         )
+    hints = _training_argument_types()
+    for key, value in extra.items():  # plain-typed ones (booleans, numbers, strings) checked like the recipe's
+        if key in hints and all(kind in (bool, int, float, str, type(None)) for kind in _options(hints[key])):
+            kwargs[key] = _coerce(f"training_args.{key}", value, hints[key])
     for key in ("fsdp", "fsdp_config", "deepspeed", "gradient_checkpointing_kwargs"):
         if kwargs.get(key) is None:
             kwargs.pop(key, None)
-    return TrainingArguments(**kwargs)
+    if isinstance(kwargs.get("deepspeed"), str):
+        _deepspeed_config(kwargs["deepspeed"])  # a missing or broken file named as such
+    try:
+        return TrainingArguments(**kwargs)
+    except (TypeError, ValueError) as exc:  # e.g. an unknown lr_scheduler_type, bf16 without support
+        raise PModConfigError(f"invalid training settings: {exc}") from exc
 
 
 def _save_recipe(config: TrainConfig, out: Path) -> None:

@@ -254,3 +254,30 @@ def test_leading_space_tokens_and_templates_without_eos(model, tmp_path):
     item = Encoder(proc, tmp_path).encode(record)
     trained = [proc.tokenizer.convert_ids_to_tokens(int(t)) for t in item["labels"] if t != IGNORE_INDEX]
     assert trained == ["▁red", "</s>", "▁a", "▁circle", "</s>"]
+
+
+def test_bad_data_files_and_records_are_named(processor, tmp_path):
+    from pmod.data import check_records
+
+    latin1 = tmp_path / "latin1.json"
+    latin1.write_bytes('[{"conversations": "caf\xe9"}]'.encode("latin-1"))
+    with pytest.raises(PModInputError, match="latin1.json is not UTF-8 text"):
+        load_records(latin1)
+    lines = tmp_path / "d.jsonl"
+    lines.write_text('{"id": "a"}\n\n{"id": \n')
+    with pytest.raises(PModInputError, match=r"d.jsonl, line 3 is not valid JSON"):
+        load_records(lines)
+    with pytest.raises(PModInputError, match="train.json holds no records"):
+        check_records([], "train.json")
+    with pytest.raises(PModInputError, match=r"x.json: record 'q': 'conversations' must be .*\(the record at index 1\)"):
+        check_records([{"id": "p", "conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]},
+                       {"id": "q", "conversations": "what ?"}], "x.json")
+    with pytest.raises(PModInputError, match="the dataset holds no records"):
+        LlavaDataset([], processor, tmp_path)
+
+
+def test_all_unusable_records_are_counted_as_they_are(processor, tmp_path):
+    records = [{"id": str(i), "image": "gone.png", "conversations": [
+        {"from": "human", "value": "<image>\nwhat ?"}, {"from": "gpt", "value": "a"}]} for i in range(2)]
+    with pytest.raises(PModInputError, match=r"records 0, 1 \(2 in a row from index 0\) are all unusable"):
+        LlavaDataset(records, processor, tmp_path)[0]
