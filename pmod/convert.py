@@ -1,9 +1,10 @@
 """Checkpoint conversion: a dense transformers LLaVA / LLaVA-NeXT (or Llama/Qwen2/Mistral) checkpoint into an
 untrained p-MoD checkpoint (routers at zero), the starting point for training.
 
-Everything read is checked first (config, weight files and shards, key names and shapes) and the output is
-written to a temporary folder next to OUT and moved into place only when complete, so a failed conversion
-never leaves a half-written OUT and an existing OUT is replaced only with ``force=True``.
+Checkpoints are untrusted input. Everything read is checked before anything is written (config, weight files and
+shards, tensor names, shapes and dtypes, the resulting settings); the output is built in a hidden folder next to
+OUT and moved into place only when complete (`pmod.files.write_dir_atomic`), so a failed or killed conversion
+never leaves a half-written OUT, and an existing OUT is replaced (rename, then delete) only with ``force=True``.
 """
 
 from __future__ import annotations
@@ -13,56 +14,152 @@ import logging
 import math
 import os
 import shutil
-import tempfile
+import zipfile
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
-from .config import PModConfig
-from .errors import PModError, UnsupportedModelError
+from .config import PModConfig, ResolvedPMod
+from .errors import CheckpointError, PModError, UnsupportedModelError
+from .files import recover_dir, write_dir_atomic
 
 logger = logging.getLogger(__name__)
 
 # Files save_pretrained writes itself; everything else in SRC (tokenizer, processor, chat template) is carried over.
 _MODEL_FILES = ("config.json", "generation_config.json")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
+_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
-class ConversionError(PModError):
+class ConversionError(CheckpointError):
     """A checkpoint could not be converted (missing files, mismatched weights, existing output)."""
 
 
-def check_weight_files(src: Path) -> list[str]:
-    """Names of the weight files of a checkpoint directory; raises if none, or if an index names a missing shard."""
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (some libraries' messages span several), for one-line errors."""
+    return " ".join(str(exc).split())
+
+
+def describe_names(names: Iterable[str], limit: int = 5) -> str:
+    """The first ``limit`` names and how many more: error messages stay one readable line."""
+    names = sorted(names)
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "") + f" ({len(names)} in all)"
+
+
+def check_weight_files(src: Path, error: type[CheckpointError] = ConversionError) -> list[str]:
+    """Names of the weight files of a checkpoint directory, each checked to be readable (the header of a
+    .safetensors file, the container of a .bin file); raises ``error`` naming the file and the problem."""
+    return list(inspect_weight_files(src, error))
+
+
+def inspect_weight_files(src: Path, error: type[CheckpointError] = ConversionError) -> dict[str, dict[str, str]]:
+    """Weight file name -> {tensor name: safetensors dtype} (empty for .bin files, whose dtypes need a full read).
+
+    Checks the shard index (a JSON object whose ``weight_map`` maps tensor names to file names in ``src``), that
+    every listed shard exists, that each .safetensors header is complete (a truncated file is caught here) and
+    names no tensor twice, and that each .bin file is a PyTorch checkpoint.
+    """
+    src = Path(src)
+    names = _weight_file_names(src, error)
+    files: dict[str, dict[str, str]] = {}
+    seen: dict[str, str] = {}
+    for name in names:
+        path = src / name
+        dtypes = _safetensors_dtypes(path, error) if name.endswith(".safetensors") else _check_torch_file(path, error)
+        twice = sorted(k for k in dtypes if k in seen)
+        if twice:
+            raise error(f"{path}: tensors also stored in {seen[twice[0]]}: {describe_names(twice)}.")
+        seen.update(dict.fromkeys(dtypes, name))
+        files[name] = dtypes
+    return files
+
+
+def _weight_file_names(src: Path, error: type[CheckpointError]) -> list[str]:
+    for index_name in _INDEXES:
         index = src / index_name
-        if index.exists():
-            try:
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError) as exc:
-                raise ConversionError(f"{index} is not a valid shard index ({exc!r}).") from exc
-            missing = [s for s in shards if not (src / s).exists()]
-            if missing:
-                raise ConversionError(f"{src} is missing weight shards listed in {index_name}: {missing}.")
-            return shards
+        if not index.exists():
+            continue
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # unreadable, not JSON (or not UTF-8), no weight_map
+            raise error(f"{index} is not a valid shard index ({type(exc).__name__}: {one_line(exc)}); expected "
+                        '{"weight_map": {"tensor name": "shard file name", ...}}.') from exc
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise error(f"{index}: weight_map must be a non-empty mapping of tensor names to shard file names, "
+                        f"got {_preview(weight_map)}.")
+        bad = sorted({_preview(v) for v in weight_map.values() if not _plain_file_name(v, index_name)})
+        if bad:
+            raise error(f"{index}: weight_map names invalid shard files: {', '.join(bad[:5])} (expected names of files "
+                        f"in {src} ending in {'.safetensors' if index_name.startswith('model') else '.bin'}).")
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not (src / s).is_file()]
+        if missing:
+            raise error(f"{src} is missing weight shards listed in {index_name}: {missing}.")
+        return shards
     for name in ("model.safetensors", "pytorch_model.bin"):
-        if (src / name).exists():
+        if (src / name).is_file():
             return [name]
-    raise ConversionError(f"No weights in {src}: expected model.safetensors (or a sharded index).")
+    raise error(f"No weights in {src}: expected model.safetensors (or a sharded index).")
+
+
+def _plain_file_name(value: Any, index_name: str) -> bool:
+    suffix = ".safetensors" if index_name.startswith("model") else ".bin"
+    return (
+        isinstance(value, str) and value.endswith(suffix) and "/" not in value and "\\" not in value
+        and value not in (".", "..") and not value.startswith(".")
+    )
+
+
+def _preview(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _safetensors_dtypes(path: Path, error: type[CheckpointError]) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {key: f.get_slice(key).get_dtype() for key in f.keys()}  # noqa: SIM118 (not iterable)
+    except Exception as exc:  # SafetensorError (truncated, corrupt header), OSError: many types
+        raise error(f"Cannot read weights from {path}: not a valid .safetensors file ({one_line(exc)}); it may be truncated "
+                    "or corrupt: download or save it again.") from exc
+
+
+def _check_torch_file(path: Path, error: type[CheckpointError]) -> dict[str, str]:
+    """A .bin file must be a torch.save zip archive (or the legacy pickle format); its tensors are not read here."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(4)
+        if head.startswith(b"PK"):
+            zipfile.ZipFile(path).close()  # reads the central directory at the end: catches truncation
+        elif not head.startswith(b"\x80"):
+            raise ValueError("neither a zip archive nor a pickle")
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise error(f"Cannot read weights from {path}: not a PyTorch checkpoint ({one_line(exc)}); it may be truncated or "
+                    "corrupt: download or save it again.") from exc
+    return {}
+
+
+def non_floating_tensors(files: dict[str, dict[str, str]]) -> list[str]:
+    """Tensors of `inspect_weight_files` whose dtype is not floating point (F64, F32, F16, BF16, F8_*)."""
+    return sorted(k for dtypes in files.values() for k, d in dtypes.items() if not d.startswith(("F", "BF")))
 
 
 def convert_dense(src: str | os.PathLike, out: str | os.PathLike, config: PModConfig | None = None, force: bool = False) -> Path:
     """Convert the dense checkpoint in ``src`` into an untrained p-MoD checkpoint in ``out``; returns ``out``."""
     from transformers import AutoConfig
 
-    from .models import SUPPORTED_TEXT_FAMILIES, _FAMILIES, apply_pmod
+    from .models import SUPPORTED_TEXT_FAMILIES, _FAMILIES, apply_pmod, check_loaded_weights
 
     src, out = Path(src), Path(out)
-    if not (src / "config.json").exists():
-        raise ConversionError(f"{src} has no config.json; is it a transformers checkpoint directory?")
+    _check_source(src)
     _check_output(out, force)
     try:
         hf_config = AutoConfig.from_pretrained(src)
-    except (ValueError, KeyError, OSError) as exc:
-        raise ConversionError(f"Cannot read {src / 'config.json'}: {exc}") from exc
+    except Exception as exc:  # not JSON, no model_type, fields of the wrong type: many exception types
+        raise ConversionError(f"Cannot read {src / 'config.json'}: {one_line(exc)}") from exc
     if hf_config.model_type.startswith("pmod_"):
         raise ConversionError(f"{src} is already a p-MoD checkpoint ({hf_config.model_type}).")
     family = next((f for f in _FAMILIES if f.base_config.model_type == hf_config.model_type), None)
@@ -71,16 +168,20 @@ def convert_dense(src: str | os.PathLike, out: str | os.PathLike, config: PModCo
             f"{src} holds a {hf_config.model_type!r} model; supported: "
             f"{', '.join(f.base_config.model_type for f in _FAMILIES)} (language models: {SUPPORTED_TEXT_FAMILIES})."
         )
-    check_weight_files(src)
+    try:  # the settings against the model's depth, before the (large) weights are read
+        layers = hf_config.get_text_config(decoder=True).num_hidden_layers
+    except AttributeError as exc:
+        raise ConversionError(f"{src / 'config.json'} gives no num_hidden_layers for the language model.") from exc
+    ResolvedPMod.resolve(config if config is not None else PModConfig(), layers)
+    files = inspect_weight_files(src)
     try:
         # mismatched sizes are collected (and reported below) instead of aborting with a generic message
         model, info = family.base_model.from_pretrained(src, output_loading_info=True, ignore_mismatched_sizes=True)
-    except (RuntimeError, ValueError, OSError) as exc:  # shape mismatches, unreadable files
-        raise ConversionError(f"Cannot load the weights of {src}: {exc}") from exc
-    problems = {k: sorted(v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
-    if problems:
-        raise ConversionError(f"The weights in {src} do not match its config: {problems}.")
+    except Exception as exc:  # unreadable tensors, configs the model cannot be built from
+        raise ConversionError(f"Cannot load the weights of {src}: {one_line(exc)}") from exc
+    check_loaded_weights(model, info, src, files, error=ConversionError)
     model = apply_pmod(model, config)
+    _check_settings_round_trip(model)
 
     def write(staging: Path) -> None:
         model.save_pretrained(staging)
@@ -88,26 +189,30 @@ def convert_dense(src: str | os.PathLike, out: str | os.PathLike, config: PModCo
             if item.is_file() and item.name not in _MODEL_FILES and not item.name.endswith(_WEIGHT_SUFFIXES):
                 shutil.copy2(item, staging / item.name)
 
-    _write_atomically(out, write)
+    write_dir_atomic(out, write)
     logger.info("Converted %s -> %s (routed layers %s)", src, out, model.pmod.routed_layers)
     return out
 
 
-def _write_atomically(out: Path, write) -> None:
-    """Run ``write(staging_dir)`` and move the result to ``out`` only if it completes."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+def _check_settings_round_trip(model) -> None:
+    """The settings written to config.json must load back (standard JSON, valid for `ResolvedPMod.from_dict`)."""
     try:
-        write(staging)
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        json.dumps(model.config.pmod, allow_nan=False)
+    except ValueError as exc:
+        raise ConversionError(f"The p-MoD settings contain a NaN or infinite number: {model.config.pmod['settings']}.") from exc
+    ResolvedPMod.from_dict(model.config.pmod)  # raises PModConfigError, as loading the output would
+
+
+def _check_source(src: Path) -> None:
+    if not src.is_dir():
+        raise ConversionError(f"{src} {'is not a directory' if src.exists() else 'does not exist'}: "
+                              "pass the checkpoint directory to convert.")
+    if not (src / "config.json").is_file():
+        raise ConversionError(f"{src} has no config.json; is it a transformers checkpoint directory?")
 
 
 def _check_output(out: Path, force: bool) -> None:
+    recover_dir(out)  # a conversion killed while replacing OUT: put the old OUT back (or finish the replacement)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not force:
             raise ConversionError(f"{out} already exists and is not empty; pass --force to replace it.")
@@ -128,10 +233,9 @@ def parse_original_settings(cfg: dict, num_layers: int) -> PModConfig:
     schedule = str(cfg.get("mod_target_layers", ""))
     parts = schedule.split("_")
     if len(parts) == 4 and parts[1] == "decay" and parts[0] in ("shiftedcos", "shiftedlinear"):
-        try:
-            maximum, minimum = float(parts[2]), float(parts[3])
-        except ValueError as exc:
-            raise ConversionError(f"mod_target_layers {schedule!r}: bad numbers ({exc}).") from exc
+        maximum, minimum = _ratio_text(parts[2], "mod_target_layers", schedule), _ratio_text(parts[3], "mod_target_layers", schedule)
+        if minimum > maximum:
+            raise ConversionError(f"mod_target_layers {schedule!r}: the minimum {minimum} is above the maximum {maximum}.")
         shift = _number(cfg, "mod_router_factor", 0.5)  # the average keep ratio, a in method.md section 3
         raws = [
             0.5 * math.cos(math.pi * i / _ORIGINAL_SPAN) + shift if parts[0] == "shiftedcos" else 0.5 - i / _ORIGINAL_SPAN + shift
@@ -147,7 +251,7 @@ def parse_original_settings(cfg: dict, num_layers: int) -> PModConfig:
     norm = str(cfg.get("mod_weight_norm", "tanh_0.2_1")).split("_")
     if len(norm) != 3 or norm[0] != "tanh":
         raise ConversionError(f"Unknown mod_weight_norm {cfg.get('mod_weight_norm')!r}: supported is 'tanh_ALPHA_BETA'.")
-    alpha, beta = float(norm[1]), float(norm[2])
+    alpha, beta = (_finite_text(text, "mod_weight_norm", cfg.get("mod_weight_norm")) for text in norm[1:])
     original_targets = str(cfg.get("mod_target_token_type", "vision_all"))
     if original_targets not in _ORIGINAL_TARGETS:
         raise ConversionError(
@@ -164,7 +268,7 @@ def parse_original_settings(cfg: dict, num_layers: int) -> PModConfig:
         routed_layers=routed,
         alpha=alpha,
         beta=beta,
-        router_bias=bool(cfg.get("mod_bias_enabled", True)),
+        router_bias=_flag(cfg, "mod_bias_enabled", True),
         targets=targets,
     )
 
@@ -176,6 +280,30 @@ def _number(cfg: dict, key: str, default: float) -> float:
     return float(value)
 
 
+def _finite_text(text: str, key: str, whole: Any) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise ConversionError(f"{key} {whole!r}: {text!r} is not a finite number.")
+    return value
+
+
+def _ratio_text(text: str, key: str, whole: Any) -> float:
+    value = _finite_text(text, key, whole)
+    if not 0 < value <= 1:
+        raise ConversionError(f"{key} {whole!r}: {text!r} is not a keep ratio in (0, 1].")
+    return value
+
+
+def _flag(cfg: dict, key: str, default: bool) -> bool:
+    value = cfg.get(key, default)
+    if not isinstance(value, bool):
+        raise ConversionError(f"{key} must be true or false, got {value!r}.")
+    return value
+
+
 def read_state_dict(src: Path) -> dict:
     """All tensors of a checkpoint directory (safetensors or .bin, sharded or not), read safely."""
     import torch
@@ -185,12 +313,16 @@ def read_state_dict(src: Path) -> dict:
     for name in check_weight_files(src):
         path = src / name
         try:
-            if name.endswith(".safetensors"):
-                state.update(load_file(path))
-            else:
-                state.update(torch.load(path, map_location="cpu", weights_only=True))
+            part = load_file(path) if name.endswith(".safetensors") else torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # corrupt or truncated files surface as many exception types
-            raise ConversionError(f"Cannot read weights from {path}: {exc}") from exc
+            raise ConversionError(f"Cannot read weights from {path}: {one_line(exc)}") from exc
+        if not isinstance(part, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in part.items()):
+            raise ConversionError(f"Cannot read weights from {path}: expected a mapping of tensor names to tensors, "
+                                  f"got {type(part).__name__}{' with other values' if isinstance(part, dict) else ''}.")
+        twice = sorted(set(part) & set(state))
+        if twice:
+            raise ConversionError(f"{path}: tensors stored in another weight file too: {describe_names(twice)}.")
+        state.update(part)
     return state
 
 
@@ -205,7 +337,13 @@ def _vision_config(state: dict, cfg: dict, vision_tower: Path | None):
         fc1 = state[prefix + "encoder.layers.0.mlp.fc1.weight"]  # (intermediate, hidden)
     except KeyError as exc:
         raise ConversionError(f"The checkpoint has no vision tower weights ({exc.args[0]} missing).") from exc
-    layers = 1 + max(int(k[len(prefix) :].split(".")[2]) for k in state if k.startswith(prefix + "encoder.layers."))
+    for name, tensor, rank in (("patch_embedding", patch, 4), ("position_embedding", positions, 2), ("fc1", fc1, 2)):
+        if tensor.dim() != rank:
+            raise ConversionError(f"The vision tower's {name} weight has shape {tuple(tensor.shape)}; expected {rank} dimensions.")
+    indices = {k[len(prefix + "encoder.layers.") :].split(".", 1)[0] for k in state if k.startswith(prefix + "encoder.layers.")}
+    if not all(i.isdigit() for i in indices):
+        raise ConversionError(f"Vision tower layer names with a non-numeric index: {describe_names(i for i in indices if not i.isdigit())}.")
+    layers = 1 + max(int(i) for i in indices)
     hidden, patch_size = patch.shape[0], patch.shape[-1]
     image_size = int(round((positions.shape[0] - 1) ** 0.5)) * patch_size
     extra = {"num_attention_heads": hidden // 64, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
@@ -214,7 +352,7 @@ def _vision_config(state: dict, cfg: dict, vision_tower: Path | None):
         try:
             vc = AutoConfig.from_pretrained(source)
         except (OSError, ValueError) as exc:
-            raise ConversionError(f"Cannot read the vision tower config in {source}: {exc}") from exc
+            raise ConversionError(f"Cannot read the vision tower config in {source}: {one_line(exc)}") from exc
         vc = getattr(vc, "vision_config", vc)
         extra = {k: getattr(vc, k) for k in extra}
     elif hidden % 64:
@@ -240,17 +378,74 @@ def _vision_config(state: dict, cfg: dict, vision_tower: Path | None):
     )
 
 
-_TEXT_FIELDS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "rms_norm_eps", "rope_theta", "max_position_embeddings", "hidden_act",
-    "bos_token_id", "eos_token_id", "pad_token_id", "attention_bias",
-)
+# config.json fields of the language model -> what they must be (the first five are required)
+_TEXT_FIELDS: dict[str, str] = {
+    "vocab_size": "count", "hidden_size": "count", "intermediate_size": "count", "num_hidden_layers": "count",
+    "num_attention_heads": "count", "num_key_value_heads": "count", "max_position_embeddings": "count",
+    "rms_norm_eps": "positive", "rope_theta": "positive", "hidden_act": "name", "bos_token_id": "token",
+    "eos_token_id": "tokens", "pad_token_id": "token", "attention_bias": "flag",
+}
+_REQUIRED_TEXT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+_FIELD_KINDS = {
+    "count": "a positive integer",
+    "positive": "a positive finite number",
+    "name": "a string",
+    "token": "a token id (an integer) or null",
+    "tokens": "a token id, a list of token ids or null",
+    "flag": "true or false",
+}
+
+
+def _valid_field(value: Any, kind: str) -> bool:
+    def integer(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if kind == "count":
+        return integer(value) and value > 0
+    if kind == "positive":
+        return (integer(value) or isinstance(value, float)) and math.isfinite(value) and value > 0
+    if kind == "name":
+        return isinstance(value, str)
+    if kind == "token":  # some Llama configs say -1 for "no padding token"
+        return value is None or integer(value)
+    if kind == "tokens":
+        return value is None or integer(value) or isinstance(value, list) and all(integer(v) for v in value)
+    return isinstance(value, bool)
+
+
+def _read_original_config(src: Path) -> tuple[dict, Path]:
+    """The original config.json, with every field the conversion reads checked; errors name the file."""
+    path = src / "config.json"
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # unreadable, not UTF-8, not JSON
+        raise ConversionError(f"Cannot read {path}: it is not a JSON file ({one_line(exc)}).") from exc
+    if not isinstance(cfg, dict):
+        raise ConversionError(f"{path} must hold a JSON object (the model's settings), got a {type(cfg).__name__}.")
+    if cfg.get("model_type") != "pmod_llava_llama":
+        raise ConversionError(f"{src} is a {cfg.get('model_type')!r} checkpoint; expected the original 'pmod_llava_llama'.")
+    absent = [k for k in _REQUIRED_TEXT_FIELDS if k not in cfg]
+    if absent:
+        raise ConversionError(f"{path} has no {', '.join(absent)}: the language model's shape cannot be known.")
+    for key, kind in _TEXT_FIELDS.items():
+        if key in cfg and not _valid_field(cfg[key], kind):
+            raise ConversionError(f"{path}: {key} must be {_FIELD_KINDS[kind]}, got {_preview(cfg[key])}.")
+    for key in ("image_aspect_ratio", "mm_patch_merge_type", "mm_projector_type", "mm_vision_select_feature",
+                "mod_target_layers", "mod_weight_norm", "mod_target_token_type"):
+        if key in cfg and not isinstance(cfg[key], str):
+            raise ConversionError(f"{path}: {key} must be a string, got {_preview(cfg[key])}.")
+    layer = cfg.get("mm_vision_select_layer", -2)
+    if not isinstance(layer, int) or isinstance(layer, bool):
+        raise ConversionError(f"{path}: mm_vision_select_layer must be an integer, got {_preview(layer)}.")
+    return cfg, path
 
 
 def _rename_original(key: str) -> str | None:
     """Original LLaVA-layout key -> parameter name of the transformers p-MoD model (None: not a parameter)."""
     if key.startswith("model.vision_tower.vision_tower.vision_model."):  # CLIPVisionModel of transformers 4.x
         return "model.vision_tower." + key[len("model.vision_tower.vision_tower.vision_model.") :]
+    if key.startswith(("model.mm_projector.", "model.layers.")) and key.count(".") < 3:
+        return "?" + key  # no parameter name after the index
     if key.startswith("model.mm_projector."):
         index, rest = key[len("model.mm_projector.") :].split(".", 1)
         return {"0": "model.multi_modal_projector.linear_1.", "2": "model.multi_modal_projector.linear_2."}.get(index, "?") + rest
@@ -281,50 +476,62 @@ def convert_original(
     from .models import apply_pmod
 
     src, out = Path(src), Path(out)
+    _check_source(src)
     _check_output(out, force)
-    try:
-        cfg = json.loads((src / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConversionError(f"Cannot read {src / 'config.json'}: {exc}") from exc
-    if cfg.get("model_type") != "pmod_llava_llama":
-        raise ConversionError(f"{src} is a {cfg.get('model_type')!r} checkpoint; expected the original 'pmod_llava_llama'.")
+    cfg, config_file = _read_original_config(src)
     if cfg.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
-        raise ConversionError(f"mm_projector_type {cfg['mm_projector_type']!r} is not supported (only 'mlp2x_gelu').")
+        raise ConversionError(
+            f"{config_file}: mm_projector_type {cfg['mm_projector_type']!r} is not supported (only 'mlp2x_gelu')."
+        )
     anyres = cfg.get("image_aspect_ratio") == "anyres"
     merge = cfg.get("mm_patch_merge_type", "flat")
     if anyres and not merge.startswith("spatial_unpad") or (not anyres and merge != "flat"):
         raise ConversionError(
-            f"image_aspect_ratio {cfg.get('image_aspect_ratio')!r} with mm_patch_merge_type {merge!r} is not supported: "
+            f"{config_file}: image_aspect_ratio {cfg.get('image_aspect_ratio')!r} with mm_patch_merge_type {merge!r} is not supported: "
             "use 'pad'/'square' with 'flat' (LLaVA-1.5) or 'anyres' with 'spatial_unpad' (LLaVA-NeXT)."
         )
+    pinpoints = cfg.get("image_grid_pinpoints")
+    if anyres and not (
+        isinstance(pinpoints, list) and pinpoints
+        and all(isinstance(p, list) and len(p) == 2 and all(_valid_field(n, "count") for n in p) for p in pinpoints)
+    ):
+        raise ConversionError(f"{config_file}: image_grid_pinpoints must be a list of [height, width] pairs of positive "
+                              f"integers, got {_preview(pinpoints)}.")
+    try:
+        settings = parse_original_settings(cfg, cfg["num_hidden_layers"])
+    except PModError as exc:
+        raise ConversionError(f"{config_file}: {exc}") from exc
     state = read_state_dict(src)
     vision = _vision_config(state, cfg, Path(vision_tower) if vision_tower else None)
 
     # One image token per vision feature, appended after the original vocabulary (the original used -200).
-    vocab = int(cfg["vocab_size"])
+    vocab = cfg["vocab_size"]
     image_token_id = vocab
-    text = LlamaConfig(**{k: cfg[k] for k in _TEXT_FIELDS if k in cfg})
-    text.vocab_size = vocab + 1
-    common = dict(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=image_token_id,
-        vision_feature_layer=int(cfg.get("mm_vision_select_layer", -2)),
-        vision_feature_select_strategy="default" if cfg.get("mm_vision_select_feature", "patch") == "patch" else "full",
-        projector_hidden_act="gelu",
-        tie_word_embeddings=False,
-    )
-    if anyres:
-        pinpoints = cfg.get("image_grid_pinpoints")
-        if not isinstance(pinpoints, list):
-            raise ConversionError(f"image_grid_pinpoints must be a list of [height, width], got {pinpoints!r}.")
-        config, cls = LlavaNextConfig(image_grid_pinpoints=pinpoints, **common), LlavaNextForConditionalGeneration
-    else:
-        config, cls = LlavaConfig(image_seq_length=(vision.image_size // vision.patch_size) ** 2, **common), LlavaForConditionalGeneration
-    settings = parse_original_settings(cfg, text.num_hidden_layers)
-    with torch.device("meta"):
-        skeleton = cls(config)
-    model = apply_pmod(skeleton, settings)
+    try:
+        text = LlamaConfig(**{k: cfg[k] for k in _TEXT_FIELDS if k in cfg})
+        text.vocab_size = vocab + 1
+        common = dict(
+            vision_config=vision,
+            text_config=text,
+            image_token_id=image_token_id,
+            vision_feature_layer=cfg.get("mm_vision_select_layer", -2),
+            vision_feature_select_strategy="default" if cfg.get("mm_vision_select_feature", "patch") == "patch" else "full",
+            projector_hidden_act="gelu",
+            tie_word_embeddings=False,
+        )
+        if anyres:
+            config, cls = LlavaNextConfig(image_grid_pinpoints=pinpoints, **common), LlavaNextForConditionalGeneration
+        else:
+            config = LlavaConfig(image_seq_length=(vision.image_size // vision.patch_size) ** 2, **common)
+            cls = LlavaForConditionalGeneration
+        with torch.device("meta"):
+            skeleton = cls(config)
+    except Exception as exc:  # inconsistent sizes (heads that do not divide the hidden size, ...): many types
+        raise ConversionError(f"{config_file} describes a model that cannot be built: {one_line(exc)}") from exc
+    try:
+        model = apply_pmod(skeleton, settings)
+    except PModError as exc:
+        raise ConversionError(f"{config_file}: {exc}") from exc
 
     renamed = {}
     unknown = []
@@ -338,31 +545,46 @@ def convert_original(
             renamed[name] = tensor
     # The image token gets a zero embedding and a zero LM-head row (its input embedding is always replaced).
     for name in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
-        if name in renamed:
+        if name in renamed and renamed[name].dim() == 2:  # other shapes are reported below
             w = renamed[name]
             renamed[name] = torch.cat([w, torch.zeros(1, w.shape[1], dtype=w.dtype)])
     expected = dict(model.state_dict())
-    missing = sorted(set(expected) - set(renamed))
-    unexpected = sorted(unknown + [k for k in renamed if k not in expected])
-    wrong = sorted(k for k in renamed if k in expected and tuple(renamed[k].shape) != tuple(expected[k].shape))
-    if missing or unexpected or wrong:
-        raise ConversionError(
-            f"The weights in {src} do not match the original p-MoD layout: missing {missing[:8]}"
-            f"{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}, wrong shapes "
-            f"{[(k, tuple(renamed[k].shape), tuple(expected[k].shape)) for k in wrong[:8]]}."
-        )
+    _check_original_tensors(src, renamed, unknown, expected)
     model.load_state_dict(renamed, assign=True)
     _rebuild_buffers(model)
     model.generation_config.suppress_tokens = [image_token_id]
     model.eval()
+    _check_settings_round_trip(model)
+    processor = _build_processor(src, model, cfg)
 
     def write(staging: Path) -> None:
         model.save_pretrained(staging)
-        _carry_processor(src, staging, model, cfg)
+        if processor is not None:
+            processor.save_pretrained(staging)
 
-    _write_atomically(out, write)
+    write_dir_atomic(out, write)
     logger.info("Converted original p-MoD checkpoint %s -> %s", src, out)
     return out
+
+
+def _check_original_tensors(src: Path, renamed: dict, unknown: list[str], expected: dict) -> None:
+    """Every parameter of the model once, with its shape and a floating-point dtype; nothing else."""
+    missing = sorted(set(expected) - set(renamed))
+    unexpected = sorted(unknown + [k for k in renamed if k not in expected])
+    wrong = sorted(k for k in renamed if k in expected and tuple(renamed[k].shape) != tuple(expected[k].shape))
+    dtype = sorted(k for k in renamed if k in expected and renamed[k].is_floating_point() != expected[k].is_floating_point())
+    problems = []
+    if missing:
+        problems.append(f"missing {describe_names(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {describe_names(unexpected)}")
+    if wrong:
+        shapes = [f"{k} {tuple(renamed[k].shape)} instead of {tuple(expected[k].shape)}" for k in wrong[:5]]
+        problems.append(f"wrong shapes {', '.join(shapes)}{f' and {len(wrong) - 5} more' if len(wrong) > 5 else ''}")
+    if dtype:
+        problems.append(f"not floating point {describe_names(f'{k} ({renamed[k].dtype})' for k in dtype)}")
+    if problems:
+        raise ConversionError(f"The weights in {src} do not match the original p-MoD layout: {'; '.join(problems)}.")
 
 
 def _rebuild_buffers(model) -> None:
@@ -381,17 +603,22 @@ def _rebuild_buffers(model) -> None:
         raise ConversionError(f"Tensors not set by the checkpoint: {left[:8]}")
 
 
-def _carry_processor(src: Path, out: Path, model, cfg: dict) -> None:
-    """Save SRC's tokenizer with the image token added, and a matching processor, next to the model."""
+def _build_processor(src: Path, model, cfg: dict):
+    """SRC's tokenizer with the image token added, in a processor matching the model (None without a tokenizer).
+
+    Built before anything is written, so that a broken tokenizer or preprocessor config stops the conversion."""
     from transformers import AutoTokenizer, LlavaNextProcessor, LlavaProcessor
 
     from .tiny import VICUNA_CHAT_TEMPLATE
 
     if not any((src / name).exists() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
         logger.warning("%s has no tokenizer; the converted model is saved without tokenizer and processor.", src)
-        return
-    tokenizer = AutoTokenizer.from_pretrained(src)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+        return None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src)
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    except Exception as exc:  # tokenizer files come in many formats, each with its own errors
+        raise ConversionError(f"Cannot read the tokenizer in {src}: {one_line(exc)}") from exc
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     if image_id != model.config.image_token_id:
         raise ConversionError(
@@ -400,9 +627,7 @@ def _carry_processor(src: Path, out: Path, model, cfg: dict) -> None:
         )
     vision = model.config.vision_config
     size = vision.image_size
-    pre = {}
-    if (src / "preprocessor_config.json").exists():
-        pre = json.loads((src / "preprocessor_config.json").read_text())
+    pre = _read_preprocessor_config(src / "preprocessor_config.json")
     common = dict(
         size={"shortest_edge": size},
         crop_size={"height": size, "width": size},
@@ -419,14 +644,30 @@ def _carry_processor(src: Path, out: Path, model, cfg: dict) -> None:
     if getattr(model.config, "image_grid_pinpoints", None):
         from transformers import LlavaNextImageProcessorPil
 
-        processor = LlavaNextProcessor(
+        return LlavaNextProcessor(
             image_processor=LlavaNextImageProcessorPil(image_grid_pinpoints=model.config.image_grid_pinpoints, **common),
             **kwargs,
         )
-    else:
-        from transformers import LlavaImageProcessorPil
+    from transformers import LlavaImageProcessorPil
 
-        # "pad": pad to a square with the mean colour before resizing, as the original preprocessing does
-        pad = cfg.get("image_aspect_ratio") == "pad"
-        processor = LlavaProcessor(image_processor=LlavaImageProcessorPil(do_pad=pad, **common), **kwargs)
-    processor.save_pretrained(out)
+    # "pad": pad to a square with the mean colour before resizing, as the original preprocessing does
+    pad = cfg.get("image_aspect_ratio") == "pad"
+    return LlavaProcessor(image_processor=LlavaImageProcessorPil(do_pad=pad, **common), **kwargs)
+
+
+def _read_preprocessor_config(path: Path) -> dict:
+    """image_mean / image_std of the original preprocessor_config.json ({} without one), checked."""
+    if not path.exists():
+        return {}
+    try:
+        pre = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConversionError(f"Cannot read {path}: it is not a JSON file ({one_line(exc)}).") from exc
+    if not isinstance(pre, dict):
+        raise ConversionError(f"{path} must hold a JSON object, got a {type(pre).__name__}.")
+    for key, least in (("image_mean", "non-negative"), ("image_std", "positive")):
+        value = pre.get(key, [0.5, 0.5, 0.5])
+        if not (isinstance(value, list) and len(value) == 3
+                and all(_valid_field(v, "positive") or least == "non-negative" and type(v) in (int, float) and v == 0 for v in value)):
+            raise ConversionError(f"{path}: {key} must be a list of 3 {least} numbers (one per colour), got {_preview(value)}.")
+    return pre

@@ -1,11 +1,25 @@
-"""Files written whole or not at all: a killed run never leaves half a JSON or YAML file for the next one to read."""
+"""Files written whole or not at all: a killed run never leaves half a JSON or YAML file for the next one to read,
+and a directory replaced by `write_dir_atomic` is either the old one or the complete new one."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import secrets
+import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
+
+# Hidden siblings of a directory being written: ".{name}{mark}{pid}-{random}". The marks are recognisable, so that
+# what a killed run left behind is found, and cleaned up or restored, by the next write into the same directory.
+_STAGING = ".pmod-staging-"
+_REPLACED = ".pmod-replaced-"
+_STALE_AFTER_S = 24 * 3600  # where process ids cannot be checked (not POSIX), leftovers older than this are stale
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -20,3 +34,144 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``path``, atomically."""
     write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_dir_atomic(out: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Build a directory with ``write(staging)`` in a hidden sibling of ``out`` and move it to ``out`` when complete.
+
+    An existing ``out`` is replaced by rename-then-delete: it is moved aside, the new directory renamed into place,
+    and only then the old one deleted; if anything fails it is put back. The staging directory is removed on
+    failure, and one left by a killed earlier run is removed here (see `recover_dir`). The new directory gets the
+    permissions of a plain ``mkdir`` under the process's umask. Parent directories are created as needed (and
+    removed again if the write fails). Checking whether ``out`` may be replaced is the caller's job.
+    """
+    out = Path(out)
+    created = _make_parents(out.parent)
+    try:
+        recover_dir(out)
+        staging = _new_sibling(out, _STAGING)
+        try:
+            write(staging)
+            _move_into_place(staging, out)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    except BaseException:
+        for folder in reversed(created):
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+    return out
+
+
+def recover_dir(out: str | os.PathLike) -> None:
+    """Tidy up after a `write_dir_atomic` into ``out`` that was killed (no process of that id runs any more).
+
+    A staging directory is removed. A directory moved aside to be replaced is put back if ``out`` is missing (the
+    run died between the two renames), and deleted if ``out`` is there (the new directory was already in place).
+    """
+    out = Path(out)
+    try:
+        siblings = [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.pmod-")]
+    except (FileNotFoundError, NotADirectoryError):
+        return  # nothing was written there
+    staging = [p for p in siblings if _leftover(p, out, _STAGING)]
+    replaced = sorted((p for p in siblings if _leftover(p, out, _REPLACED)), key=_mtime, reverse=True)
+    for path in staging:
+        logger.warning("Removing %s, left by an interrupted write of %s.", path, out)
+        _remove(path)
+    for path in replaced:
+        if not os.path.lexists(out):
+            logger.warning("Restoring %s from %s: an earlier write was interrupted while replacing it.", out, path)
+            os.rename(path, out)
+        else:
+            logger.warning("Removing %s, the previous %s replaced by an interrupted write.", path, out)
+            _remove(path)
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    if not os.path.lexists(out):
+        os.rename(staging, out)
+        return
+    aside = _sibling_name(out, _REPLACED)
+    os.rename(out, aside)
+    try:
+        os.rename(staging, out)
+    except BaseException:
+        if not os.path.lexists(out):  # (an interrupt may arrive just after the rename succeeded)
+            os.rename(aside, out)
+        raise
+    _remove(aside)
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, link or directory tree; a failure is logged (the next `recover_dir` retries), not raised."""
+    try:
+        if path.is_symlink() or not path.is_dir():
+            path.unlink()
+        else:
+            shutil.rmtree(path)
+    except OSError as exc:
+        logger.warning("Could not remove %s (%s); delete it by hand.", path, exc)
+
+
+def _sibling_name(out: Path, mark: str) -> Path:
+    return out.with_name(f".{out.name}{mark}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _new_sibling(out: Path, mark: str) -> Path:
+    """A new empty directory next to ``out``, created like ``mkdir`` (mode 0o777 less the umask, not 0o700)."""
+    while True:
+        path = _sibling_name(out, mark)
+        try:
+            path.mkdir(mode=0o777)
+            return path
+        except FileExistsError:
+            continue
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; returns the ones created, outermost first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    created = []
+    for path in reversed(missing):
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        created.append(path)
+    return created
+
+
+def _leftover(path: Path, out: Path, mark: str) -> bool:
+    """Whether ``path`` is a ``mark`` sibling of ``out`` whose process is gone."""
+    prefix = f".{out.name}{mark}"
+    if not path.name.startswith(prefix):
+        return False
+    pid_text = path.name[len(prefix) :].split("-", 1)[0]
+    if not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if os.name != "posix":
+        return time.time() - _mtime(path) > _STALE_AFTER_S
+    if pid == os.getpid():
+        return True  # this process is not writing it now: it is left from an earlier, interrupted call
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        return False  # the process runs (as another user)
+    except (ProcessLookupError, OverflowError, ValueError):
+        return True
+    return False
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.lstat().st_mtime
+    except OSError:
+        return 0.0

@@ -2,7 +2,8 @@
 
 Each supported top-level class (LLaVA, LLaVA-NeXT, and Llama/Qwen2/Mistral causal LMs) gets a p-MoD
 subclass whose only differences are: routed decoder layers (built from ``config.pmod``), a forward that
-plans routing once per call and uses a `PModCache`, and loading that zeroes routers a checkpoint lacks.
+plans routing once per call and uses a `PModCache`, and loading that refuses a checkpoint with missing, unexpected
+or wrongly shaped tensors.
 The configs get a subclass with a ``pmod`` field and their own ``model_type`` so that `save_pretrained`
 and ``AutoModel*.from_pretrained`` round-trip after ``import pmod``.
 """
@@ -14,6 +15,7 @@ import inspect
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,8 +47,8 @@ from transformers.cache_utils import Cache, DynamicCache
 from .cache import PModCache
 from .compat import CACHE_KWARG, CACHE_NAMES, pop_cache
 from .config import PModConfig, ResolvedPMod
-from .errors import PModConfigError, PModInputError, UnsupportedModelError
-from .layer import SUPPORTED_ATTENTION, PModLayerMixin, convert_decoder_layer, zero_router
+from .errors import CheckpointError, PModConfigError, PModInputError, UnsupportedModelError
+from .layer import SUPPORTED_ATTENTION, PModLayerMixin, convert_decoder_layer
 from .layout import high_resolution_targets
 from .routing import LayerRouting, RoutingPlan
 
@@ -227,11 +229,17 @@ def _image_mismatch_message(model, arguments: dict[str, Any]) -> str:
 
 def _make_from_pretrained(base_from_pretrained):
     @functools.wraps(base_from_pretrained)
-    def from_pretrained(cls, *args, **kwargs):
-        want_info = kwargs.pop("output_loading_info", False)
-        model, info = base_from_pretrained.__func__(cls, *args, output_loading_info=True, **kwargs)
-        _zero_missing_routers(model, info.get("missing_keys", ()))
-        return (model, info) if want_info else model
+    def from_pretrained(cls, pretrained_model_name_or_path=None, *args, **kwargs):
+        # A p-MoD checkpoint is loaded whole or not at all: missing, unexpected or wrongly shaped tensors are refused
+        # (transformers would start them from random values). Routers may be absent only from a dense checkpoint,
+        # which load_model converts with apply_pmod.
+        source = _local_path(pretrained_model_name_or_path)
+        return _load_checked(
+            lambda path, **kw: base_from_pretrained.__func__(cls, path, *args, **kw),
+            pretrained_model_name_or_path if source is None else source,
+            source,
+            kwargs,
+        )
 
     return classmethod(from_pretrained)
 
@@ -320,19 +328,6 @@ def _convert_layers(model: nn.Module, resolved: ResolvedPMod) -> None:
         )
 
 
-def _zero_missing_routers(model: nn.Module, missing_keys) -> None:
-    names = {k for k in missing_keys if ".router." in k}
-    if not names:
-        return
-    zeroed = 0
-    for i, layer in model.routed_layers().items():
-        prefixes = [n for n in names if f"layers.{i}.router." in n]
-        if prefixes:
-            zero_router(layer.router)
-            zeroed += 1
-    logger.info("Checkpoint has no router weights for %d routed layers: they start at zero.", zeroed)
-
-
 def _family_of(model: nn.Module) -> _Family:
     for family in _FAMILIES:
         if type(model) is family.base_model:
@@ -390,34 +385,178 @@ def load_model(path: str | os.PathLike, pmod_config: PModConfig | None = None, *
 
     A dense transformers checkpoint (LLaVA, LLaVA-NeXT, Llama, Qwen2, Mistral) is loaded and converted with
     ``pmod_config`` (default `PModConfig()`), routers starting at zero. ``from_pretrained_kwargs`` go to
-    ``from_pretrained`` (``torch_dtype``, ``attn_implementation``, ``device_map``...).
+    ``from_pretrained`` (``torch_dtype``, ``attn_implementation``, ``device_map``...). A checkpoint whose tensors
+    do not match its config (missing, unexpected, wrongly shaped) raises `CheckpointError`, as does a local path
+    that is not a checkpoint directory; other strings are hub model ids.
     """
-    config = AutoConfig.from_pretrained(path)
+    source = _local_path(path)
+    config = _read_config(path, source)
+    where = source / "config.json" if source is not None else path
     if config.model_type.startswith("pmod_"):
         if pmod_config is not None:
             raise PModConfigError(f"{path} is already a p-MoD checkpoint; do not pass pmod_config.")
         family = next((f for f in _FAMILIES if f.model_type == config.model_type), None)
         if family is None:
             raise UnsupportedModelError(f"Unknown p-MoD model type {config.model_type!r} in {path}.")
-        return family.auto_class.from_pretrained(path, **from_pretrained_kwargs)
+        _check_pmod_entry(config, where)
+        return family.auto_class.from_pretrained(path if source is None else source, **from_pretrained_kwargs)
     family = next((f for f in _FAMILIES if f.base_config.model_type == config.model_type), None)
     if family is None:
         raise UnsupportedModelError(
             f"{path} holds a {config.model_type!r} model; p-MoD supports "
             f"{', '.join(f.base_config.model_type for f in _FAMILIES)}."
         )
-    model = family.base_model.from_pretrained(path, **from_pretrained_kwargs)
-    return apply_pmod(model, pmod_config)
+    loaded = _load_checked(
+        family.base_model.from_pretrained, path if source is None else source, source, from_pretrained_kwargs
+    )
+    if isinstance(loaded, tuple):  # output_loading_info=True
+        return apply_pmod(loaded[0], pmod_config), loaded[1]
+    return apply_pmod(loaded, pmod_config)
 
 
 def load_pretrained(path: str | os.PathLike, **from_pretrained_kwargs) -> PreTrainedModel:
     """Load a saved model as it is: a p-MoD checkpoint as p-MoD, a dense one as the dense transformers model
     (for evaluating baselines; `load_model` would convert it)."""
-    config = AutoConfig.from_pretrained(path)
+    source = _local_path(path)
+    config = _read_config(path, source)
     if config.model_type.startswith("pmod_"):
         return load_model(path, **from_pretrained_kwargs)
     auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
-    return auto.from_pretrained(path, **from_pretrained_kwargs)
+    return auto.from_pretrained(path if source is None else source, **from_pretrained_kwargs)
+
+
+# ---------------------------------------------------------------------- loading checks (checkpoints are untrusted)
+def _register_class_conversions() -> None:
+    """Register transformers' key renaming of a base class (Qwen2-VL, Qwen2.5-VL: keyed by class name, not model_type)
+    for its p-MoD class too. A model loaded from a dense checkpoint is saved in the legacy key layout; without the
+    renaming, loading that p-MoD checkpoint would find every language-model tensor missing."""
+    try:
+        from transformers.conversion_mapping import (
+            get_checkpoint_conversion_mapping,
+            register_checkpoint_conversion_mapping,
+        )
+    except ImportError:  # older transformers 5.x: no class-keyed conversions either
+        return
+    for family in _FAMILIES:
+        mapping = get_checkpoint_conversion_mapping(family.base_model.__name__)
+        if mapping is not None:
+            register_checkpoint_conversion_mapping(_CLASSES[family.base_model][1].__name__, mapping, overwrite=True)
+
+
+_register_class_conversions()
+
+
+# from_pretrained arguments that load other files than the directory's own weights: the file checks are skipped
+_OTHER_WEIGHTS = ("subfolder", "variant", "gguf_file", "state_dict")
+
+
+def _local_path(path: Any) -> Path | None:
+    """``path`` as a local checkpoint directory, or None for a hub model id (a string that is not an existing path
+    and does not look like one). A missing local path or a file raises `CheckpointError`."""
+    if not isinstance(path, (str, os.PathLike)):
+        return None  # from_pretrained(None, config=..., state_dict=...)
+    text = os.fspath(path)
+    local = Path(os.path.expanduser(text))
+    if local.is_dir():
+        return local
+    if local.exists():
+        raise CheckpointError(f"{text} is a file; pass the checkpoint directory that holds config.json and the weights.")
+    looks_local = isinstance(path, os.PathLike) or os.path.isabs(text) or text in (".", "..")
+    if looks_local or text.startswith(("./", "../", "~", ".\\", "..\\")):
+        raise CheckpointError(f"No such directory: {text}. Pass a local checkpoint directory (pmod reads local folders; "
+                              "a hub model id has the form 'owner/name').")
+    return None
+
+
+def _read_config(path: str | os.PathLike, source: Path | None):
+    """The transformers config of a checkpoint; for a local directory, a missing or unreadable config.json raises
+    `CheckpointError` naming the file."""
+    if source is None:
+        return AutoConfig.from_pretrained(path)
+    config_file = source / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{source} has no config.json; is it a checkpoint saved with save_pretrained?")
+    try:
+        return AutoConfig.from_pretrained(source)
+    except Exception as exc:  # not JSON, no or unknown model_type, fields of the wrong type: many exception types
+        from .convert import one_line
+
+        raise CheckpointError(f"Cannot read {config_file}: {one_line(exc)}") from exc
+
+
+def _check_pmod_entry(config: Any, where: Any) -> None:
+    """The ``pmod`` entry of a p-MoD config.json: settings, per-layer ratios and routed layers that fit the model."""
+    if not isinstance(config.pmod, dict):
+        raise CheckpointError(
+            f"{where}: model_type {config.model_type!r} needs a 'pmod' object (settings, layer_ratios, routed_layers), "
+            f"got {type(config.pmod).__name__}; save the model again with save_pretrained after pmod.apply_pmod."
+        )
+    try:
+        resolved = ResolvedPMod.from_dict(config.pmod)
+    except PModConfigError as exc:
+        raise PModConfigError(f"{where}: {exc}") from exc
+    layers = config.get_text_config(decoder=True).num_hidden_layers
+    if len(resolved.layer_ratios) != layers:
+        raise PModConfigError(
+            f"{where}: pmod.layer_ratios has {len(resolved.layer_ratios)} entries for a model with {layers} decoder layers."
+        )
+
+
+def _load_checked(load, path: Any, source: Path | None, kwargs: dict[str, Any]):
+    """``load(path, **kwargs)`` (a ``from_pretrained``) whose weight files and loaded tensors are checked."""
+    kwargs = dict(kwargs)
+    want_info = kwargs.pop("output_loading_info", False)
+    allow_mismatched = bool(kwargs.get("ignore_mismatched_sizes", False))
+    kwargs["ignore_mismatched_sizes"] = True  # wrong shapes are listed below, not a generic RuntimeError
+    files = None
+    if source is not None and not any(kwargs.get(k) for k in _OTHER_WEIGHTS) and kwargs.get("use_safetensors") is not False:
+        from .convert import inspect_weight_files
+
+        files = inspect_weight_files(source, error=CheckpointError)
+    model, info = load(path, output_loading_info=True, **kwargs)
+    check_loaded_weights(model, info, path, files, allow_mismatched=allow_mismatched)
+    return (model, info) if want_info else model
+
+
+def check_loaded_weights(
+    model: nn.Module,
+    info: dict[str, Any],
+    source: Any,
+    files: dict[str, dict[str, str]] | None = None,
+    error: type[CheckpointError] = CheckpointError,
+    allow_mismatched: bool = False,
+) -> None:
+    """Raise ``error`` if ``from_pretrained``'s loading info reports missing, unexpected or wrongly shaped tensors,
+    or if the weight files (`pmod.convert.inspect_weight_files`) hold integer tensors for a model of floats.
+    Tied weights (an LM head tied to the embeddings) and non-persistent buffers are not missing."""
+    from .convert import describe_names, non_floating_tensors
+
+    problems = []
+    if info.get("missing_keys"):
+        problems.append(f"missing {describe_names(info['missing_keys'])}")
+    if info.get("unexpected_keys"):
+        problems.append(f"unexpected {describe_names(info['unexpected_keys'])}")
+    mismatched = list(info.get("mismatched_keys") or ())
+    if mismatched and not allow_mismatched:
+        shapes = [
+            f"{m[0]} {tuple(m[1])} instead of {tuple(m[2])}" if isinstance(m, tuple) and len(m) == 3 else str(m)
+            for m in sorted(mismatched, key=str)
+        ]
+        problems.append(f"wrong shapes {', '.join(shapes[:5])}{f' and {len(shapes) - 5} more' if len(shapes) > 5 else ''}")
+    if info.get("error_msgs"):
+        problems.append(f"errors {'; '.join(map(str, info['error_msgs']))[:500]}")
+    if files and all(t.is_floating_point() for t in model.state_dict().values()):
+        integers = non_floating_tensors(files)
+        if integers:
+            problems.append(f"tensors that are not floating point {describe_names(integers)}")
+    if problems:
+        routers = any(".router." in k for k in info.get("missing_keys") or ())
+        raise error(
+            f"The weights in {source} do not match its config ({type(model).__name__}): {'; '.join(problems)}. The "
+            "checkpoint is incomplete, damaged or from another model: save or download it again"
+            + (" (routers start at zero only when a dense checkpoint is converted: pmod.load_model(DENSE_DIR, "
+               "PModConfig(...)) or pmod convert dense)." if routers else ".")
+        )
 
 
 def load_processor(model_dir: str | os.PathLike, need_images: bool = True):

@@ -62,7 +62,7 @@ def test_convert_dense_rejects_broken_checkpoints(dense_dir, tmp_path):
         convert_dense(src, tmp_path / "out")
     # a missing tensor
     save_file({k: v for k, v in state.items() if not k.endswith("layers.1.mlp.up_proj.weight")}, weights, metadata={"format": "pt"})
-    with pytest.raises(ConversionError, match="missing_keys"):
+    with pytest.raises(ConversionError, match="missing .*layers.1.mlp.up_proj.weight"):
         convert_dense(src, tmp_path / "out")
     # a missing shard
     weights.unlink()

@@ -85,7 +85,8 @@ def _without_routers(model, like):
     return clone
 
 
-def test_missing_routers_in_pmod_checkpoint_start_at_zero(tmp_path):
+def test_missing_routers_in_pmod_checkpoint_are_refused(tmp_path):
+    """Routers start at zero only when a dense checkpoint is converted; a p-MoD checkpoint without them is damaged."""
     model = pmod.apply_pmod(tiny_llava(num_layers=4), pmod.PModConfig(schedule=[0.5, 0.5, 0.5, 0.5]))
     randomize_routers(model)
     model.save_pretrained(tmp_path)
@@ -94,11 +95,10 @@ def test_missing_routers_in_pmod_checkpoint_start_at_zero(tmp_path):
     dropped = [k for k in state if "layers.1.router" in k]
     assert dropped
     save_file({k: v for k, v in state.items() if k not in dropped}, weights, metadata={"format": "pt"})
-    loaded, info = AutoModelForImageTextToText.from_pretrained(tmp_path, output_loading_info=True)
-    assert any("layers.1.router" in k for k in info["missing_keys"])
-    routers = loaded.routed_layers()
-    assert torch.count_nonzero(routers[1].router.weight) == 0 and torch.count_nonzero(routers[1].router.bias) == 0
-    assert torch.equal(routers[0].router.weight, model.routed_layers()[0].router.weight)
+    for load in (pmod.load_model, AutoModelForImageTextToText.from_pretrained):
+        with pytest.raises(pmod.PModError, match=r"missing model\.language_model\.layers\.1\.router\.bias, "
+                                                 r"model\.language_model\.layers\.1\.router\.weight \(2 in all\).*load_model\(DENSE_DIR"):
+            load(tmp_path)
 
 
 def test_load_model_rejects_wrong_inputs(tmp_path):
