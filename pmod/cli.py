@@ -179,9 +179,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     logging.getLogger("pmod").setLevel(logging.INFO)  # progress of data preparation and resuming
     result = train(config)
-    last = result.losses[-1] if result.losses else float("nan")
+    # no loss is logged when the run is shorter than logging_steps
+    last = f", last logged loss {result.losses[-1]:.4f}" if result.losses else ""
     _emit(
-        f"trained {result.global_step} steps in {result.seconds:.0f} s, last loss {last:.4f}"
+        f"trained {result.global_step} steps in {result.seconds:.0f} s{last}"
         + (f", {result.skipped_records} records skipped" if result.skipped_records else "")
     )
     _emit(f"model saved to {result.output_dir} (load it with pmod.load_model)")
