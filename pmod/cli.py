@@ -67,12 +67,10 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from transformers import AutoConfig
-
-    from . import models  # noqa: F401  (registers the p-MoD model types)
     from .config import ResolvedPMod
+    from .models import read_checkpoint_config
 
-    config = AutoConfig.from_pretrained(args.model_dir)
+    config = read_checkpoint_config(args.model_dir)
     if not config.model_type.startswith("pmod_"):
         _emit(f"{args.model_dir}: dense {config.model_type!r} checkpoint (no p-MoD settings)")
         return 1

@@ -422,7 +422,14 @@ def load_pretrained(path: str | os.PathLike, **from_pretrained_kwargs) -> PreTra
     if config.model_type.startswith("pmod_"):
         return load_model(path, **from_pretrained_kwargs)
     auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
-    return auto.from_pretrained(path if source is None else source, **from_pretrained_kwargs)
+    # a dense baseline is checked like any checkpoint: a missing tensor would silently start from random values
+    return _load_checked(auto.from_pretrained, path if source is None else source, source, from_pretrained_kwargs)
+
+
+def read_checkpoint_config(path: str | os.PathLike):
+    """The transformers config of a checkpoint (a local directory or a hub id), p-MoD model types registered; a local
+    path that is missing or has no readable config.json raises `CheckpointError` naming it."""
+    return _read_config(path, _local_path(path))
 
 
 # ---------------------------------------------------------------------- loading checks (checkpoints are untrusted)

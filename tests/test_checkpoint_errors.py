@@ -196,6 +196,10 @@ def test_dense_checkpoint_with_missing_tensor_is_refused_on_conversion(dense_dir
               metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"missing .*layers\.1\.mlp\.up_proj\.weight"):
         pmod.load_model(dense_dir, pmod.PModConfig(schedule=[0.5, 0.5]))
+    from pmod.models import load_pretrained
+
+    with pytest.raises(CheckpointError, match=r"missing .*layers\.1\.mlp\.up_proj\.weight"):
+        load_pretrained(dense_dir)  # the dense baseline of an evaluation
 
 
 def test_wrong_shape_or_dtype_in_pmod_checkpoint_is_refused(pmod_dir):

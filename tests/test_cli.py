@@ -30,7 +30,7 @@ def test_info(tmp_path, capsys):
 
 def test_info_on_missing_dir(tmp_path, capsys):
     assert main(["info", str(tmp_path / "nope")]) == 2
-    assert "pmod info: error" in capsys.readouterr().err
+    assert "pmod info: error: No such directory" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, flag", [
