@@ -264,34 +264,31 @@ def _describe(hint: Any) -> str:
     return " or ".join(words)
 
 
-def _pmod_config(settings: dict[str, Any]) -> PModConfig:
-    """The recipe's ``pmod`` settings as a `PModConfig`; an unknown key is refused with the known ones."""
-    known = {f.name for f in dataclasses.fields(PModConfig)}
+def _settings(cls: type, settings: dict[str, Any], section: str) -> Any:
+    """A recipe section (``pmod``, ``synthetic_data``) as its settings dataclass ``cls``; an unknown key is refused
+    with the known ones, and a bad value names the section."""
+    known = {f.name for f in dataclasses.fields(cls)}
     unknown = [k for k in settings if k not in known]
     if unknown:
-        raise PModConfigError(f"unknown p-MoD setting {_did_you_mean(unknown, known)} under pmod; known pmod "
-                              f"settings: {', '.join(sorted(known))}")
+        what = "p-MoD" if section == "pmod" else section
+        raise PModConfigError(f"unknown {what} setting {_did_you_mean(unknown, known)} under {section}; known "
+                              f"{section} settings: {', '.join(sorted(known))}")
     try:
-        return PModConfig(**settings)
+        return cls(**settings)
     except PModConfigError:
         raise
     except (TypeError, ValueError) as exc:
-        raise PModConfigError(f"pmod settings: {exc}") from exc
+        raise PModConfigError(f"{section}: {exc}") from exc
+
+
+def _pmod_config(settings: dict[str, Any]) -> PModConfig:
+    return _settings(PModConfig, settings, "pmod")
 
 
 def _synthetic_config(settings: dict[str, Any]) -> Any:
-    """The recipe's ``synthetic_data`` as a `pmod.synthetic.SyntheticConfig`."""
     from .synthetic import SyntheticConfig
 
-    known = {f.name for f in dataclasses.fields(SyntheticConfig)}
-    unknown = [k for k in settings if k not in known]
-    if unknown:
-        raise PModConfigError(f"unknown synthetic_data setting {_did_you_mean(unknown, known)}; known: "
-                              f"{', '.join(sorted(known))}")
-    try:
-        return SyntheticConfig(**settings)
-    except (TypeError, ValueError) as exc:
-        raise PModConfigError(f"synthetic_data: {exc}") from exc
+    return _settings(SyntheticConfig, settings, "synthetic_data")
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> TrainConfig:

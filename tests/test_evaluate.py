@@ -150,14 +150,8 @@ def test_text_only_records_and_dense_model(tiny):
     assert routed.kv_ratio == 1.0
 
 
-def test_resume_skips_done_ids(tiny, tmp_path, monkeypatch):
-    path = tmp_path / "preds.jsonl"
-    full = _run(tiny, batch_size=1, predictions_path=path)
-    lines = path.read_text().splitlines()
-    assert [json.loads(line)["id"] for line in lines] == ["r1", "t1", "r2", "r3", "t2", "r4"]
-    assert set(json.loads(lines[0])) >= {"id", "question", "prediction", "answer", "correct", "flops_ratio", "kv_ratio"}
-    # A run killed while writing its third line.
-    path.write_text("\n".join(lines[:2]) + "\n" + lines[2][:17])
+def _count_prompts(monkeypatch) -> list[str]:
+    """The prompts evaluate() generates answers for, from now on."""
     asked = []
     real = ev.generate_batch
 
@@ -166,6 +160,18 @@ def test_resume_skips_done_ids(tiny, tmp_path, monkeypatch):
         return real(model, processor, prompts, *args, **kwargs)
 
     monkeypatch.setattr(ev, "generate_batch", counting)
+    return asked
+
+
+def test_resume_skips_done_ids(tiny, tmp_path, monkeypatch):
+    path = tmp_path / "preds.jsonl"
+    full = _run(tiny, batch_size=1, predictions_path=path)
+    lines = path.read_text().splitlines()
+    assert [json.loads(line)["id"] for line in lines] == ["r1", "t1", "r2", "r3", "t2", "r4"]
+    assert set(json.loads(lines[0])) >= {"id", "question", "prediction", "answer", "correct", "flops_ratio", "kv_ratio"}
+    # A run killed while writing its third line.
+    path.write_text("\n".join(lines[:2]) + "\n" + lines[2][:17])
+    asked = _count_prompts(monkeypatch)
     resumed = _run(tiny, batch_size=1, predictions_path=path, resume=True)
     assert len(asked) == 4 and resumed.resumed == 2
     assert [r.prediction for r in resumed.records] == [r.prediction for r in full.records]
@@ -241,14 +247,7 @@ def test_resume_answers_rows_without_a_prediction_again_and_refuses_foreign_file
     rows[0].pop("prediction")  # missing: used to be scored as ""
     rows[1]["prediction"] = None  # null: used to be scored as "None"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    asked = []
-    real = ev.generate_batch
-
-    def counting(model, processor, prompts, *args, **kwargs):
-        asked.extend(prompts)
-        return real(model, processor, prompts, *args, **kwargs)
-
-    monkeypatch.setattr(ev, "generate_batch", counting)
+    asked = _count_prompts(monkeypatch)
     resumed = _run(tiny, records=records[:3], batch_size=3, predictions_path=path, resume=True)
     assert len(asked) == 2 and resumed.resumed == 1
     assert [r.prediction for r in resumed.records] == [r.prediction for r in full.records]
