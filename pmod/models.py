@@ -326,6 +326,10 @@ def _convert_layers(model: nn.Module, resolved: ResolvedPMod) -> None:
         convert_decoder_layer(
             layers[i], i, resolved.layer_ratios[i], s.alpha, s.beta, s.router_bias, s.router_zero_init, s.tanh_norm, s.string
         )
+    # device_map="auto" (accelerate) keeps the listed classes whole, matching class names exactly: a routed layer's
+    # router, attention and MLP must run on one device
+    routed_names = {type(layers[i]).__name__ for i in resolved.routed_layers}
+    model._no_split_modules = set(getattr(model, "_no_split_modules", None) or ()) | routed_names
 
 
 def _family_of(model: nn.Module) -> _Family:
