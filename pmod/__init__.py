@@ -1,14 +1,27 @@
-"""pmod: p-MoD (Mixture-of-Depths with TanhNorm, STRing and progressive ratio decay) for transformers models."""
+"""pmod: p-MoD (Mixture-of-Depths with TanhNorm, STRing and progressive ratio decay) for transformers models.
 
+``import pmod`` registers the p-MoD model types with transformers' Auto classes, so that saved p-MoD folders load
+with ``AutoModelForImageTextToText.from_pretrained`` too. The `pmod` command skips that (it would import torch and
+transformers before ``pmod --help`` could answer); its commands import what they need when they run.
+"""
+
+import importlib
 import logging
+import os
+import sys
+from typing import Any
 
-from .cache import PModCache
 from .config import PModConfig
 from .errors import CheckpointError, PModConfigError, PModError, PModInputError, PModTrainingError, UnsupportedModelError
-from .models import apply_pmod, get_routing, load_model
-from .routing import LayerRouting
 
 __version__ = "0.1.0"
+_LAZY = {
+    "PModCache": "cache",
+    "LayerRouting": "routing",
+    "apply_pmod": "models",
+    "get_routing": "models",
+    "load_model": "models",
+}
 __all__ = [
     "CheckpointError",
     "LayerRouting",
@@ -25,3 +38,22 @@ __all__ = [
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _is_the_pmod_command() -> bool:
+    return bool(sys.argv) and os.path.basename(sys.argv[0]) in ("pmod", "pmod.exe")
+
+
+if not _is_the_pmod_command():
+    from . import models  # noqa: E402,F401  (registers the p-MoD model types with transformers)
+    from .cache import PModCache  # noqa: E402
+    from .models import apply_pmod, get_routing, load_model  # noqa: E402
+    from .routing import LayerRouting  # noqa: E402

@@ -17,16 +17,22 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+from . import __version__
 from .argtypes import nonnegative_float, nonnegative_int, positive_int, ratio
 from .config import PModConfig
 from .errors import PModError
 
-# Kept in step with pmod.efficiency.PRESETS by a test; listed here so `pmod --help` does not import torch.
+# Kept in step with pmod.efficiency.PRESETS and pmod.demo.ARCHES by a test; listed here so that `pmod --help` does
+# not import torch.
+DEMO_ARCHES = ("llava", "qwen2-vl", "qwen2.5-vl")
+DTYPES = ("float32", "bfloat16", "float16")
 PRESET_NAMES = ("llava-1.5-7b", "llava-1.5-13b", "llava-next-7b", "llava-next-13b", "llava-onevision-7b", "qwen2-vl-7b",
                 "qwen2.5-vl-7b")
 
@@ -142,6 +148,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     image = load_image(args.image)
     kwargs = {"dtype": getattr(torch, args.dtype)} if args.dtype else {}
     model = load_model(args.model_dir, **kwargs).eval()
+    if args.device:
+        model.to(args.device)  # inputs follow the model (ChatSession moves them to model.device)
     processor = load_processor(args.model_dir)
     if getattr(processor, "chat_template", None) is None:
         from .tiny import VICUNA_CHAT_TEMPLATE
@@ -204,8 +212,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lazy(module: str, name: str) -> Callable[[argparse.Namespace], int]:
+    """The command ``pmod.<module>.<name>``, imported when it runs: building the parser (``pmod --help``) must not
+    import torch and transformers."""
+
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(f".{module}", __package__), name)(args)
+
+    run.__name__ = name
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The `pmod` command's parser. It imports nothing heavy: commands import what they need when they run."""
     parser = argparse.ArgumentParser(prog="pmod", description="p-MoD for Hugging Face multimodal LLMs")
+    parser.add_argument("--version", action="version", version=f"pmod {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -253,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="one-shot question; without it, read questions from standard input")
     p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--temperature", type=nonnegative_float, default=0.0, help="0 = greedy")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--dtype", choices=DTYPES, default=None)
+    p.add_argument("--device", default=None, help="e.g. cuda, cuda:1, mps, cpu (default: where the model loads)")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("train", help="train a p-MoD (or dense baseline) model with a recipe")
@@ -261,13 +283,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. max_steps=100 pmod.average_ratio=0.3")
     p.set_defaults(func=cmd_train)
 
-    from .evaluate import add_eval_parser
-    from .viz import add_viz_parser
+    p = sub.add_parser("eval", help="evaluate a model on LLaVA-format question answering data")
+    p.add_argument("model_dir", help="a saved p-MoD (or dense LLaVA) model with its processor")
+    p.add_argument("--data", required=True, help="LLaVA-format records, .json (a list) or .jsonl")
+    p.add_argument("--image-folder", default=None, help="folder the records' image paths are relative to "
+                   "(default: the data file's folder)")
+    p.add_argument("--out", default="outputs/eval", help="output folder for predictions.jsonl and metrics.json")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--max-new-tokens", type=positive_int, default=32)
+    p.add_argument("--limit", type=positive_int, default=None, help="evaluate the first N records only")
+    p.add_argument("--resume", action="store_true", help="keep the answers already in OUT/predictions.jsonl")
+    p.add_argument("--dtype", choices=DTYPES, default=None)
+    p.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: where the model loads)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(func=_lazy("evaluate", "cmd_eval"))
 
-    add_eval_parser(sub)
-    add_viz_parser(sub)
-
-    from .demo import ARCHES as DEMO_ARCHES
+    p = sub.add_parser("viz", help="draw which vision tokens each routed layer kept")
+    p.add_argument("model_dir")
+    p.add_argument("--image", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--out", default="routing.png")
+    p.set_defaults(func=_lazy("viz", "cmd_viz"))
 
     p = sub.add_parser("demo", help="a miniature p-MoD experiment on CPU: train dense and p-MoD, evaluate, report")
     p.add_argument("--out", default="demo-output")

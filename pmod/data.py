@@ -100,8 +100,9 @@ def padding_image_processor(image_processor: Any) -> Any:
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """Read an image fully as RGB (a truncated file fails here, not inside the processor); a missing or unreadable
-    file is a `PModInputError` naming it."""
+    """Read an image fully as RGB (a truncated file fails here, not inside the processor, unless PIL's
+    ``ImageFile.LOAD_TRUNCATED_IMAGES`` is on: importing lmms-eval turns it on); a missing or unreadable file is a
+    `PModInputError` naming it."""
     from PIL import UnidentifiedImageError
 
     try:

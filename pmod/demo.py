@@ -11,6 +11,7 @@ they are already there, so an interrupted demo continues where it stopped and ab
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import math
@@ -287,6 +288,10 @@ def run_demo(demo: DemoConfig) -> dict[str, Any]:
     from .viz import visualize
 
     start = time.perf_counter()
+    # plots are the one thing that needs matplotlib (the bench and dev extras): without it, the report has none
+    plots = importlib.util.find_spec("matplotlib") is not None
+    if not plots:
+        logger.warning("matplotlib is not installed: the report will have no plots (pip install 'pmod[bench]')")
     out = Path(demo.out)
     out.mkdir(parents=True, exist_ok=True)
     size = demo.sizes()
@@ -318,13 +323,14 @@ def run_demo(demo: DemoConfig) -> dict[str, Any]:
     cost = prefill_cost(shape_from_config(routed_model.config, "demo"), vision_tokens, round(text_tokens),
                         resolved=routed_model.pmod, causal=True)
 
-    logger.info("[6/6] drawing training curves and kept-token maps")
-    _plot_curves(summaries, out / demo.file("training_curves.png"))
-    record = data.load("test")[0]
-    question = prompt_and_answer(record)[0][0]["content"][-1]["text"]
-    with Image.open(data.image_dir / record["image"]) as image:
-        visualize(routed_model, processor, image.convert("RGB"), question, out / demo.file("routing.png"),
-                  title=f"{pmod_name}: kept vision tokens per routed layer")
+    if plots:
+        logger.info("[6/6] drawing training curves and kept-token maps")
+        _plot_curves(summaries, out / demo.file("training_curves.png"))
+        record = data.load("test")[0]
+        question = prompt_and_answer(record)[0][0]["content"][-1]["text"]
+        with Image.open(data.image_dir / record["image"]) as image:
+            visualize(routed_model, processor, image.convert("RGB"), question, out / demo.file("routing.png"),
+                      title=f"{pmod_name}: kept vision tokens per routed layer")
 
     dense, routed = metrics["dense"], metrics[pmod_name]
     majority = data.stats["test"]["per_type_majority_baseline"]
@@ -351,6 +357,7 @@ def run_demo(demo: DemoConfig) -> dict[str, Any]:
             "accuracy_within_2_points": abs(accuracy_gap) <= 0.02 or accuracy_gap > 0,
             "flops_at_most_65_percent": cost.flops_ratio <= 0.65,
         },
+        "plots": plots,
         "seconds": time.perf_counter() - start,
         "reused_training": [n for n, s in summaries.items() if s.get("reused")],
         "machine": _machine(),
@@ -436,10 +443,9 @@ def _markdown(r: dict[str, Any], name: str, demo: DemoConfig) -> str:
         "Always answering each question type's most common answer scores "
         f"{r['dataset']['majority_answer_accuracy'] or float('nan'):.1%}.",
         "",
-        f"![training curves]({demo.file('training_curves.png')})",
-        "",
-        f"![kept vision tokens]({demo.file('routing.png')})",
-        "",
+        *([f"![training curves]({demo.file('training_curves.png')})", "",
+           f"![kept vision tokens]({demo.file('routing.png')})", ""] if r.get("plots", True)
+          else ["(No plots: matplotlib was not installed; `pip install 'pmod[bench]'` adds it.)", ""]),
         f"Wall time of this run: {r['seconds']:.0f} s"
         + (f" (training reused from an earlier run: {', '.join(r['reused_training'])})" if r["reused_training"] else "")
         + f" on {r['machine']['cpu']} ({r['machine']['cores']} cores, "

@@ -30,7 +30,6 @@ from typing import Any
 
 import torch
 
-from .argtypes import positive_int
 from .compat import output_cache
 from .conversation import image_paths, prompt_and_answer, render, video_sources
 from .data import load_records  # noqa: F401  (part of this module's API)
@@ -42,11 +41,15 @@ from .models import placeholder_token_ids
 logger = logging.getLogger(__name__)
 
 # ====================================================================== answer normalisation
-# The VQA evaluation's answer normalisation (Antol et al. 2015, the official evaluation script's rules):
-# lower case, punctuation removed or turned into spaces, periods not followed by a digit removed, number words
-# up to ten as digits, articles dropped, and apostrophe-less contractions ("dont") restored ("don't").
+# The VQA evaluation's answer normalisation as lmms-eval applies it (its EvalAIAnswerProcessor, which the VQAv2,
+# TextVQA, OK-VQA and VizWiz tasks use), so that pmod's scores compare with lmms-eval's: lower case; commas and
+# question marks deleted and "'s" split off as a word ("it's" -> "it 's"); other punctuation removed or turned into
+# spaces; periods not followed by a digit removed; number words up to ten as digits; articles dropped; and
+# apostrophe-less contractions ("dont") restored ("don't"). The one difference: lmms-eval's contraction table has a
+# few entries that can never match or that drop an apostrophe ("somebody'd" -> "somebodyd"), and lacks some
+# apostrophe-less spellings ("shes", "couldntve"); pmod restores every apostrophe-less spelling of the same
+# contractions instead (tests/test_evaluate.py lists both the agreement and these differences).
 _PUNCTUATION = ";/[]\"{}()=+\\_-><@`,?!"
-_DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
 _PERIOD = re.compile(r"\.(?!\d)")
 _NUMBER_WORDS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
 _NUMBER_WORDS["none"] = "0"
@@ -79,25 +82,26 @@ _CONTRACTIONS = {variant: word for word in _CONTRACTED for variant in _apostroph
 
 
 def _strip_punctuation(text: str) -> str:
-    # A mark next to a space (or any text with a digit,digit group such as "1,000") is deleted; a mark
-    # inside a word ("yes/no") becomes a space.
-    delete_all = _DIGIT_COMMA_DIGIT.search(text) is not None
+    # A mark next to a space is deleted; a mark inside a word ("yes/no") becomes a space.
     out = text
     for mark in _PUNCTUATION:
         if mark not in out:
             continue
-        delete = delete_all or (mark + " ") in text or (" " + mark) in text
+        delete = (mark + " ") in text or (" " + mark) in text
         out = out.replace(mark, "" if delete else " ")
     return _PERIOD.sub("", out)
 
 
 def normalize_answer(text: str) -> str:
-    """VQA answer normalisation: ``"Two dogs."`` -> ``"2 dogs"``, ``"The cat"`` -> ``"cat"``, ``"isnt"`` -> ``"isn't"``.
+    """VQA answer normalisation: ``"Two dogs."`` -> ``"2 dogs"``, ``"The cat"`` -> ``"cat"``, ``"isnt"`` -> ``"isn't"``,
+    ``"It's red!"`` -> ``"it 's red"``.
 
     Applied to predictions and references alike (the official script applies it to both when the human answers
     disagree, and the answers in the released annotations are already in this form).
     """
-    text = text.replace("\n", " ").replace("\t", " ").strip().lower()
+    # commas go before anything else, so "1,000" is "1000" and "hi,there" is "hithere"
+    text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's")
+    text = text.replace("\n", " ").replace("\t", " ").strip()
     words = []
     for word in _strip_punctuation(text).split():
         word = _NUMBER_WORDS.get(word, word)
@@ -645,22 +649,3 @@ def cmd_eval(args: argparse.Namespace) -> int:
     sys.stdout.write(f"predictions: {out / 'predictions.jsonl'}  metrics: {out / 'metrics.json'}\n")
     sys.stdout.flush()
     return 0
-
-
-def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register the ``eval`` sub-command on ``subparsers`` (from ``parser.add_subparsers()``); returns its parser."""
-    p = subparsers.add_parser("eval", help="evaluate a model on LLaVA-format question answering data")
-    p.add_argument("model_dir", help="a saved p-MoD (or dense LLaVA) model with its processor")
-    p.add_argument("--data", required=True, help="LLaVA-format records, .json (a list) or .jsonl")
-    p.add_argument("--image-folder", default=None, help="folder the records' image paths are relative to "
-                   "(default: the data file's folder)")
-    p.add_argument("--out", default="outputs/eval", help="output folder for predictions.jsonl and metrics.json")
-    p.add_argument("--batch-size", type=positive_int, default=8)
-    p.add_argument("--max-new-tokens", type=positive_int, default=32)
-    p.add_argument("--limit", type=positive_int, default=None, help="evaluate the first N records only")
-    p.add_argument("--resume", action="store_true", help="keep the answers already in OUT/predictions.jsonl")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    p.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: where the model loads)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    p.set_defaults(func=cmd_eval)
-    return p

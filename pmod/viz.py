@@ -8,7 +8,7 @@ interpolates a large high-resolution grid down first, "anyres_max_N"); for Qwen2
 Qwen2.5-VL (dynamic resolution) the merged (h / merge, w / merge) grid of the image's ``image_grid_thw``, in
 raster order (the processor orders patches by merged cell, and the vision tower keeps that order). `plot_routing`
 draws them: kept tokens clear, skipped tokens darkened. `visualize` does both from a model and processor,
-and `add_viz_parser` gives the `pmod viz` command:
+and `cmd_viz` is the `pmod viz` command:
 
     pmod viz MODEL_DIR --image photo.png --prompt "what colour is the circle ?" --out routing.png
 """
@@ -301,14 +301,3 @@ def cmd_viz(args: argparse.Namespace) -> int:
         sys.stdout.write(f"layer {index:3d}: keep ratio {m.keep_ratio:.3f}, kept {m.kept}/{m.total} vision tokens\n")
     sys.stdout.write(f"wrote {args.out}\n")
     return 0
-
-
-def add_viz_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register the ``viz`` sub-command on the `pmod` command's sub-parsers; returns its parser."""
-    p = subparsers.add_parser("viz", help="draw which vision tokens each routed layer kept")
-    p.add_argument("model_dir")
-    p.add_argument("--image", required=True)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--out", default="routing.png")
-    p.set_defaults(func=cmd_viz)
-    return p

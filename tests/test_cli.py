@@ -68,3 +68,28 @@ def test_unexpected_errors_are_one_line_and_debug_shows_the_traceback(monkeypatc
     assert err.count("\n") == 1 and "unexpected RuntimeError: something deep inside torch" in err and "--debug" in err
     with pytest.raises(RuntimeError, match="something deep"):
         main(["--debug", "schedule"])
+
+
+def test_help_and_version_answer_without_importing_torch():
+    """`pmod --help` builds every sub-command's parser without importing torch or transformers (seconds saved on each
+    call); the installed console script is what users run."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).parent / "pmod"
+    env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}
+    for argv, expected in ((["--help"], "usage: pmod"), (["eval", "--help"], "--resume"), (["--version"], "pmod 0.1.0")):
+        run = subprocess.run([str(script), *argv], capture_output=True, text=True, env=env, timeout=60, check=True)
+        assert expected in run.stdout
+        imported = {line.rsplit("|", 1)[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time")}
+        assert not imported & {"torch", "transformers", "numpy"}, sorted(imported & {"torch", "transformers", "numpy"})
+    assert pmod.__version__ == "0.1.0"
+
+
+def test_lists_kept_out_of_the_heavy_modules_match_them():
+    from pmod.cli import DEMO_ARCHES
+    from pmod.demo import ARCHES
+
+    assert DEMO_ARCHES == ARCHES

@@ -79,3 +79,20 @@ def test_report_calls_a_comparison_with_an_unlearned_baseline_inconclusive():
     report["targets"].update(dense_baseline_learned=False, accuracy_within_2_points=True)
     text = _markdown(report, "pmod", DemoConfig(arch="qwen2-vl"))
     assert "**inconclusive**" in text and "standard error of 3.1 points" in text
+
+
+def test_without_matplotlib_the_report_has_no_plots(demo_dir, monkeypatch, caplog):
+    """matplotlib comes only with the bench / dev extras: `pmod demo` still runs, and says what is missing."""
+    import importlib.util
+
+    out, _ = demo_dir
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else find_spec(name, *a))
+    (out / "routing.png").unlink()
+    with caplog.at_level("WARNING", logger="pmod.demo"):
+        assert main(["demo", "--quick", "--out", str(out)]) == 0
+    assert "matplotlib is not installed" in caplog.text
+    report = json.loads((out / "report.json").read_text())
+    assert report["plots"] is False and not (out / "routing.png").exists()
+    md = (out / "report.md").read_text()
+    assert "No plots" in md and "routing.png" not in md

@@ -1,14 +1,14 @@
 """pmod.evaluate: answer normalisation and scores, batched evaluation, resuming, and the `pmod eval` command."""
 
-import argparse
 import json
 
 import pytest
 from PIL import Image
 
 import pmod
+from pmod.cli import build_parser
 import pmod.evaluate as ev
-from pmod.evaluate import add_eval_parser, evaluate, exact_match, load_records, normalize_answer, vqa_score
+from pmod.evaluate import evaluate, exact_match, load_records, normalize_answer, vqa_score
 from pmod.tiny import randomize_routers, tiny_llava, tiny_llava_processor
 
 SPECIALS = [0, 1, 2, 3]  # the tiny tokenizer's <pad> <unk> <s> </s>: suppressed so every answer has its full length
@@ -42,6 +42,29 @@ WORDS += [f"w{i}" for i in range(128 - 1 - len(SPECIALS) - len(WORDS))]
 )
 def test_normalize_answer(raw, normalized):
     assert normalize_answer(raw) == normalized
+
+
+# Answers as models and annotators write them, with every rule of the normalisation exercised.
+ANSWERS = [
+    "It's red!", "Two dogs.", "The cat", "isnt", "yes/no", "1,000", "3.5", "Dr. Who?", "a, b, c", "what's up",
+    "He's", "dogs'", "it's 5 o'clock", "None", "ten.", "can't", "cant", "Its", "there's a man's hat", "y'all",
+    "0.5 kg", "hi,there", "don't-stop", "(a) yes", "A", "", "Yes.", "no", "The man's dog is brown.", "left side",
+    "2:30", "$5.00", "50%", "#1", "e-mail", "U.S.A.", "Mt. Fuji", "3 people", "three people", "an apple a day",
+    "wouldnt", "youre", "hes", "theyre", "whats", "wont", "doesnt", "Yes, it is", "red-and-white bus!",
+    "  Tab\tand\nnewline ", "(hello)", "couldnt've", "well", "we're", "were", "i'm", "Im", "I am", "it is 10:00",
+]
+
+
+def test_normalize_answer_agrees_with_lmms_eval():
+    """The same answers get the same normal form as lmms-eval's EvalAIAnswerProcessor gives them (its VQA tasks),
+    but for the documented contraction-table differences."""
+    processor = pytest.importorskip("lmms_eval.tasks._task_utils.vqa_eval_metric").EvalAIAnswerProcessor()
+    for answer in ANSWERS:
+        assert normalize_answer(answer) == processor(answer), answer
+    # where the tables differ: pmod restores every apostrophe-less spelling; lmms-eval maps "somebody'd" to
+    # "somebodyd" and lacks "shes"
+    assert (normalize_answer("shes"), processor("shes")) == ("she's", "shes")
+    assert (normalize_answer("somebody'd"), processor("somebody'd")) == ("somebody'd", "somebodyd")
 
 
 def test_exact_match():
@@ -215,8 +238,7 @@ def test_eval_command(tiny, tmp_path, capsys):
     processor.save_pretrained(tmp_path / "model")
     data = folder / "data.json"
     data.write_text(json.dumps(records))
-    parser = argparse.ArgumentParser(prog="pmod")
-    add_eval_parser(parser.add_subparsers(dest="command", required=True))
+    parser = build_parser()
     out = tmp_path / "out"
     args = parser.parse_args(
         ["eval", str(tmp_path / "model"), "--data", str(data), "--out", str(out), "--batch-size", "4", "--limit", "5",
@@ -262,7 +284,11 @@ def test_resume_answers_rows_without_a_prediction_again_and_refuses_foreign_file
         assert foreign.read_bytes() == content
 
 
-def test_a_truncated_image_is_named(tiny, tmp_path):
+def test_a_truncated_image_is_named(tiny, tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    # importing lmms_eval (another test here does) turns on PIL's loading of truncated images, process-wide
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", False)
     model, processor, records, folder = tiny
     whole = (folder / "red.png").read_bytes()
     (tmp_path / "cut.png").write_bytes(whole[: len(whole) // 2])

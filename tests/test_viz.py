@@ -1,4 +1,3 @@
-import argparse
 import dataclasses
 import random
 
@@ -8,11 +7,12 @@ import torch
 from PIL import Image
 
 import pmod
+from pmod.cli import build_parser
 from pmod.errors import PModInputError
 from pmod.routing import LayerRouting
 from pmod.synthetic import SyntheticConfig, make_sample
 from pmod.tiny import randomize_routers, tiny_llava, tiny_llava_next, tiny_llava_processor
-from pmod.viz import add_viz_parser, kept_token_maps, plot_routing, vision_layout, visualize
+from pmod.viz import kept_token_maps, plot_routing, vision_layout, visualize
 
 G = 8  # 56 px images, 7 px patches: an 8 x 8 token grid
 
@@ -260,8 +260,7 @@ def test_visualize_end_to_end_and_cli(llava, shapes_image, tmp_path):
         processor.chat_template = template
     assert all(m.total == G * G for m in plain.values())
 
-    parser = argparse.ArgumentParser(prog="pmod")
-    add_viz_parser(parser.add_subparsers(dest="command", required=True))
+    parser = build_parser()
     args = parser.parse_args(["viz", str(model_dir), "--image", str(image_path), "--prompt", "what ?", "--out",
                               str(tmp_path / "cli.png")])
     assert args.func(args) == 0 and (tmp_path / "cli.png").is_file()
