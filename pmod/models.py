@@ -104,6 +104,15 @@ class PModModelMixin:
         """Routing decisions of the most recent forward pass: routed layer index -> `LayerRouting`."""
         return {i: layer.last_routing for i, layer in self.routed_layers().items() if layer.last_routing is not None}
 
+    # ------------------------------------------------------------------ saving
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """transformers' ``save_pretrained``, plus a model card (README.md, unless the folder has one) saying how to
+        load the folder: its model type is pmod's, which transformers knows only after ``import pmod``."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        card = Path(save_directory) / "README.md"
+        if kwargs.get("is_main_process", True) and not card.exists():
+            card.write_text(_MODEL_CARD.format(model_type=self.config.model_type, base=next(c for c in type(self).__mro__ if c in _CLASSES).__name__))
+
     # ------------------------------------------------------------------ forward
     def _pmod_prepare(self, arguments: dict[str, Any], named_use_cache: bool, cache_parameter: str | None) -> None:
         """Create the cache and the routing plan for one forward call (mutates ``arguments``).
@@ -189,6 +198,25 @@ class PModModelMixin:
                 target = target | (input_ids == video_token_id)
         ratios = {i: settings.layer_ratios[i] for i in settings.routed_layers}
         extra["pmod_plan"] = RoutingPlan.build(target, valid, ratios, past_length=past_length)
+
+
+_MODEL_CARD = """---
+library_name: pmod
+tags: [p-mod, mixture-of-depths]
+---
+# A p-MoD model ({model_type})
+
+A {base} whose deep decoder layers process only the vision tokens their routers select (p-MoD, arXiv 2412.04449),
+saved with the pmod library. transformers knows the model type `{model_type}` only after
+`import pmod` (no remote code is needed or used):
+
+```python
+import pmod  # registers the p-MoD model types with transformers
+model = pmod.load_model("path/to/this/folder")  # or AutoModelForImageTextToText.from_pretrained after import pmod
+```
+
+Without `import pmod`, transformers says it "does not recognize this architecture".
+"""
 
 
 def _make_forward(base_forward):

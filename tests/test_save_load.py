@@ -124,3 +124,15 @@ def test_load_pretrained_keeps_dense_checkpoints_dense(tmp_path):
     routed = pmod.apply_pmod(tiny_llava(num_layers=4), pmod.PModConfig())
     routed.save_pretrained(tmp_path / "pmod")
     assert load_pretrained(tmp_path / "pmod").config.model_type == "pmod_llava"
+
+
+def test_saved_folder_says_how_to_load_it(tmp_path):
+    """A p-MoD folder opens only after `import pmod`: its model card says so, and a user's own README is kept."""
+    model = pmod.apply_pmod(tiny_llava(num_layers=2), pmod.PModConfig(schedule=[0.5, 1.0]))
+    model.save_pretrained(tmp_path / "a")
+    card = (tmp_path / "a" / "README.md").read_text()
+    assert "import pmod" in card and "pmod_llava" in card and "LlavaForConditionalGeneration" in card
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "README.md").write_text("mine")
+    model.save_pretrained(tmp_path / "b")
+    assert (tmp_path / "b" / "README.md").read_text() == "mine"
