@@ -3,7 +3,10 @@
     lmms-eval eval --model pmod --model_args pretrained=DIR --tasks gqa,textvqa_val --batch_size 8
 
 lmms-eval finds the model through the ``lmms_eval.models`` entry point that pmod's package metadata declares
-(`manifest`). ``model_args``:
+(`manifest`). Like lmms-eval's own models it has two classes: `PModChat` (the default), which answers a task's
+``doc_to_messages`` chat messages (lmms-eval builds them from ``doc_to_visual`` / ``doc_to_text`` for tasks
+without), and `PMod` (``--force_simple``), which answers ``doc_to_visual`` / ``doc_to_text`` requests and also
+scores ``loglikelihood`` ones. ``model_args``:
 
     pretrained           a saved p-MoD model, or a dense LLaVA / LLaVA-NeXT / Llama / Qwen2 / Mistral checkpoint
     schedule, average_ratio, max_ratio, min_ratio, constant_start, constant_end, alpha, beta, targets,
@@ -15,6 +18,16 @@ lmms-eval finds the model through the ``lmms_eval.models`` entry point that pmod
     attn_implementation  sdpa (default) or eager
     chat_template        vicuna_v1, a template string or a file; default: the processor's own template, else vicuna_v1
     max_new_tokens       used when a task does not set it (default 128)
+    max_frames           videos are sampled uniformly down to this many frames (default 32; a task's
+                         ``metadata: sample_frames`` overrides it)
+    video_fps            the frame rate of videos given as frames (a folder of images, a list; default 2)
+    video_backend        the transformers video decoder for video files (pyav, decord, torchcodec, opencv,
+                         torchvision); default: the first one installed
+
+Video models (LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL) answer video documents: a video file (decoded with
+``transformers.video_utils``), a folder of frames (natural name order), or a list of frames (PIL images or image
+files); a task whose ``metadata`` says ``task_type: video`` gives a video as a flat list of PIL frames. Other models
+refuse a video document, naming the task. Audio is refused.
 
 Generation is batched (``--batch_size``, left padding, the p-MoD KV cache); a task's ``until`` strings cut the
 answers. After each batch of requests the realised prefill FLOP ratio and vision KV ratio (p-MoD over dense,
@@ -30,17 +43,29 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
+from PIL import Image
 
 from .config import PModConfig
-from .conversation import IMAGE_PLACEHOLDER, VICUNA_V1_TEMPLATE, render, resolve_chat_template, to_messages
+from .conversation import (
+    FRAME_SUFFIXES,
+    IMAGE_PLACEHOLDER,
+    VICUNA_V1_TEMPLATE,
+    VIDEO_PLACEHOLDER,
+    render,
+    resolve_chat_template,
+    to_messages,
+)
+from .data import DEFAULT_VIDEO_FPS, check_processor_takes, load_image, video_frame_paths, video_metadata
 from .errors import PModConfigError, PModInputError
-from .evaluate import BatchOutput, generate_batch
+from .evaluate import generate_batch
 
 logger = logging.getLogger(__name__)
 
@@ -54,12 +79,15 @@ _GENERATE_KEYS = {
 
 
 def manifest() -> Any:
-    """The ``lmms_eval.models`` entry point: registers model name ``pmod`` -> `PMod` (an lmms-eval ModelManifest)."""
+    """The ``lmms_eval.models`` entry point: registers model name ``pmod`` (an lmms-eval ModelManifest): `PModChat`,
+    or `PMod` under ``--force_simple``."""
     # Imported here, not at the top: lmms_eval.models loads the entry points while it is being imported, so a
     # top-level import would make importing this module first a circular import that drops the registration.
     from lmms_eval.models.registry_v2 import ModelManifest
 
-    return ModelManifest(model_id=MODEL_NAME, simple_class_path=f"{__name__}.PMod")
+    return ModelManifest(
+        model_id=MODEL_NAME, simple_class_path=f"{__name__}.PMod", chat_class_path=f"{__name__}.PModChat"
+    )
 
 
 def _eval_logger():
@@ -78,6 +106,98 @@ def _parse_option(name: str, value: Any) -> Any:
         except json.JSONDecodeError as exc:
             raise PModConfigError(f"model_args {name}={value!r} is not a JSON list: {exc}") from exc
     return value
+
+
+# transformers.video_utils decoders, in the order tried when model_args do not name one
+_VIDEO_BACKENDS = ("pyav", "decord", "torchcodec", "opencv", "torchvision")
+
+
+@dataclasses.dataclass
+class _Media:
+    """One image or video of a document, not yet read."""
+
+    kind: str  # "image" or "video"
+    source: Any  # an image: a PIL image or a file; a video: a file, a frame folder, or a list of frames
+    start: float | None = None  # a video's window, in seconds
+    end: float | None = None
+
+
+@dataclasses.dataclass
+class _Prompt:
+    """One rendered prompt and its media, in placeholder order: what `generate_batch` takes for a row."""
+
+    text: str
+    images: list[Image.Image]
+    videos: list[list[Image.Image]]
+    fps: float  # the frame rate of its videos
+
+
+def _what(task: str, doc_id: Any) -> str:
+    return f"task {task!r} document {doc_id}"
+
+
+def _media_of(value: Any, what: str, kind: str | None = None, start: float | None = None,
+              end: float | None = None) -> _Media:
+    """A visual of a task as an image or a video: a PIL image or an image file is an image (``kind``, a chat
+    content type, is overruled: lmms-eval labels every path a video in some places); a frame folder, a list of
+    frames or another file is a video; a dict is a video with its window (lmms-eval's ``video_start`` /
+    ``video_end``) unless it holds audio."""
+    if isinstance(value, Image.Image):
+        return _Media("image", value)
+    if isinstance(value, dict):
+        if "array" in value or "sampling_rate" in value:
+            raise PModInputError(f"{what} has audio: the {MODEL_NAME!r} model does not take audio")
+        source = next((value[k] for k in ("path", "url", "video") if value.get(k) is not None), None)
+        return _media_of(source, what, "video", value.get("video_start", start), value.get("video_end", end))
+    if isinstance(value, (str, os.PathLike)):
+        path = Path(value)
+        if kind == "image" or path.suffix.lower() in FRAME_SUFFIXES:
+            return _Media("image", path)
+        return _Media("video", path, start, end)
+    if isinstance(value, (list, tuple)) and value and all(isinstance(f, (Image.Image, str, os.PathLike)) for f in value):
+        return _Media("video", list(value), start, end)
+    raise PModInputError(
+        f"{what}: cannot use a {type(value).__name__} visual; the {MODEL_NAME!r} model takes PIL images, image files, "
+        "and videos as files, frame folders or lists of frames"
+    )
+
+
+def _media_of_visuals(visuals: Any, what: str, frames_are_video: bool = False) -> list[_Media]:
+    """A ``doc_to_visual`` result as media. With ``frames_are_video`` (a task's ``metadata: task_type: video``)
+    a list of PIL images is the frames of one video, as lmms-eval's LLaVA-OneVision reads it."""
+    if visuals is None:
+        return []
+    if not isinstance(visuals, (list, tuple)):
+        visuals = [visuals]
+    visuals = [v for v in visuals if v is not None]
+    if frames_are_video and visuals and all(isinstance(v, Image.Image) for v in visuals):
+        return [_Media("video", list(visuals))]
+    return [_media_of(v, what) for v in visuals]
+
+
+def _sample(total: int, fps: float, max_frames: int, start: float | None, end: float | None) -> tuple[list[int], float]:
+    """At most ``max_frames`` frame indices spread uniformly over the frames between ``start`` and ``end`` seconds
+    (a video of ``total`` frames at ``fps``), and the frame rate of the sampled frames."""
+    if total < 1:
+        raise ValueError("the video has no frames")
+    first = 0 if start is None else min(total - 1, max(0, int(start * fps)))
+    last = total - 1 if end is None else max(first, min(total - 1, int(end * fps)))
+    count = last - first + 1
+    if count <= max_frames:
+        return list(range(first, last + 1)), fps
+    return np.linspace(first, last, max_frames, dtype=int).tolist(), fps * max_frames / count
+
+
+def _video_backend() -> str | None:
+    """The first installed transformers video decoder, or None."""
+    from transformers import video_utils
+
+    available = {
+        "pyav": video_utils.is_av_available, "decord": video_utils.is_decord_available,
+        "torchcodec": video_utils.is_torchcodec_available, "opencv": video_utils.is_cv2_available,
+        "torchvision": video_utils.is_torchvision_available,
+    }
+    return next((name for name in _VIDEO_BACKENDS if available[name]()), None)
 
 
 class _CostLog:
@@ -126,6 +246,9 @@ class PMod(lmms):
         chat_template: str | None = None,
         max_new_tokens: int = 128,
         dense: bool = False,
+        max_frames: int = 32,
+        video_fps: float = DEFAULT_VIDEO_FPS,
+        video_backend: str | None = None,
         **options: Any,
     ) -> None:
         super().__init__()
@@ -135,7 +258,8 @@ class PMod(lmms):
         if unknown:
             raise PModConfigError(
                 f"unknown model_args {unknown} for model {MODEL_NAME!r}; accepted: pretrained, device, dtype, "
-                f"batch_size, attn_implementation, chat_template, max_new_tokens, dense, and the p-MoD settings "
+                f"batch_size, attn_implementation, chat_template, max_new_tokens, dense, max_frames, video_fps, "
+                f"video_backend, and the p-MoD settings "
                 f"{sorted(_PMOD_OPTIONS)}"
             )
         try:
@@ -145,6 +269,12 @@ class PMod(lmms):
         if self.batch_size_per_gpu < 1:
             raise PModConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.max_new_tokens = int(max_new_tokens)
+        self.max_frames, self.video_fps = int(max_frames), float(video_fps)
+        if self.max_frames < 1 or self.video_fps <= 0:
+            raise PModConfigError(f"max_frames and video_fps must be positive, got {max_frames!r} and {video_fps!r}")
+        if video_backend is not None and video_backend not in _VIDEO_BACKENDS:
+            raise PModConfigError(f"video_backend must be one of {list(_VIDEO_BACKENDS)}, got {video_backend!r}")
+        self.video_backend = video_backend
 
         # Data parallel under `accelerate launch` / torchrun: lmms-eval shards the requests by rank.
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -220,20 +350,98 @@ class PMod(lmms):
         except (KeyError, IndexError) as exc:
             raise PModInputError(f"no document {doc_id} in task {task!r} split {split!r}") from exc
 
-    def _visuals(self, doc_to_visual: Callable | None, doc: Any) -> list[Any]:
-        return _as_images(doc_to_visual(doc) if doc_to_visual is not None else None)
+    def _load(self, media: list[_Media], what: str, metadata: dict[str, Any] | None = None) -> _Prompt:
+        """Read a document's media (after checking that the processor takes them): a prompt without its text."""
+        check_processor_takes(self.processor, what, images=any(m.kind == "image" for m in media),
+                              videos=any(m.kind == "video" for m in media))
+        max_frames = int((metadata or {}).get("sample_frames") or self.max_frames)
+        images, videos, rates = [], [], []
+        try:
+            for m in media:
+                if m.kind == "image":
+                    images.append(m.source.convert("RGB") if isinstance(m.source, Image.Image) else load_image(m.source))
+                else:
+                    frames, fps = self._video(m, what, max_frames)
+                    videos.append(frames)
+                    rates.append(fps)
+        except PModInputError as exc:  # name the document where the message does not
+            if str(exc).startswith(what):
+                raise
+            raise PModInputError(f"{what}: {exc}") from exc
+        if len(set(rates)) > 1:  # generate_batch takes one rate per prompt
+            logger.warning("%s: videos at %s frames per second; all are given %s", what, rates, rates[0])
+        return _Prompt("", images, videos, rates[0] if rates else self.video_fps)
 
-    def _prompt(self, context: str, n_images: int, doc_id: Any) -> str:
-        """The rendered prompt for a task's context: one image placeholder per image, then the chat template."""
+    def _video(self, media: _Media, what: str, max_frames: int) -> tuple[list[Image.Image], float]:
+        """A video's frames, uniformly sampled down to ``max_frames``, and their frame rate."""
+        source = media.source
+        if isinstance(source, Path) and source.is_dir():
+            if not any(f.suffix.lower() in FRAME_SUFFIXES for f in source.iterdir()):
+                raise PModInputError(f"{what}: no frames ({', '.join(FRAME_SUFFIXES)}) in the video folder {source}")
+            (source,) = video_frame_paths({"id": what, "video": str(source)})  # its frame files, in name order
+        if isinstance(source, list):
+            indices, fps = _sample(len(source), self.video_fps, max_frames, media.start, media.end)
+            frames = [source[i] for i in indices]
+            return [f.convert("RGB") if isinstance(f, Image.Image) else load_image(f) for f in frames], fps
+        return self._decode(source, media, what, max_frames)
+
+    def _decode(self, path: Path, media: _Media, what: str, max_frames: int) -> tuple[list[Image.Image], float]:
+        """Frames of a video file, read with a transformers video decoder."""
+        from transformers import video_utils
+
+        if not path.is_file():
+            raise PModInputError(f"{what}: video not found: {path} (a video file or a folder of frames)")
+        backend = self.video_backend or _video_backend()
+        if backend is None:
+            raise PModInputError(
+                f"{what}: cannot read the video file {path}: no video decoder is installed (pip install av, or "
+                "decord, torchcodec, opencv-python); or give the task's videos as folders of frames"
+            )
+        rate: dict[str, float] = {}
+
+        def indices(metadata: Any, **_: Any) -> np.ndarray:
+            fps = float(metadata.fps or self.video_fps)
+            chosen, rate["fps"] = _sample(int(metadata.total_num_frames), fps, max_frames, media.start, media.end)
+            return np.asarray(chosen)
+
+        try:
+            frames, _ = video_utils.load_video(str(path), backend=backend, sample_indices_fn=indices)
+        except Exception as exc:  # the decoders raise their own error types
+            raise PModInputError(f"{what}: cannot decode the video {path} with {backend}: {exc}") from exc
+        return [Image.fromarray(np.asarray(frame)).convert("RGB") for frame in frames], rate["fps"]
+
+    def _visual_prompt(self, context: str, visuals: Any, metadata: dict[str, Any], task: str, doc_id: Any) -> _Prompt:
+        """A ``doc_to_visual`` / ``doc_to_text`` request's prompt: one placeholder per image or video in front of
+        the context (as LLaVA's own evaluation does), rendered with the chat template."""
+        what = _what(task, doc_id)
+        media = _media_of_visuals(visuals, what, frames_are_video=metadata.get("task_type") == "video")
+        prompt = self._load(media, what, metadata)
+        prompt.text = self._prompt(context, [m.kind for m in media], doc_id)
+        return prompt
+
+    def _prompt(self, context: str, kinds: Sequence[str], doc_id: Any) -> str:
+        """The rendered prompt for a task's context with images and videos of ``kinds``, in that order."""
+        marks = {"image": IMAGE_PLACEHOLDER, "video": VIDEO_PLACEHOLDER}
         text = context
-        if n_images and IMAGE_PLACEHOLDER not in text:
-            text = "\n".join([IMAGE_PLACEHOLDER] * n_images) + "\n" + text  # as LLaVA's own evaluation does
+        if kinds and not any(mark in text for mark in marks.values()):
+            text = "\n".join(marks[k] for k in kinds) + "\n" + text
+        n_images, n_videos = kinds.count("image"), kinds.count("video")
         record = {
             "id": doc_id,
             "image": [f"visual-{i}" for i in range(n_images)] or None,
+            "video": [f"video-{i}" for i in range(n_videos)] or None,
             "conversations": [{"from": "human", "value": text}],
         }
         return render(self.processor, to_messages(record), add_generation_prompt=True)
+
+    def _request_prompt(self, req: Instance) -> _Prompt:
+        context, _, doc_to_visual, doc_id, task, split = req.args
+        visuals = doc_to_visual(self._doc(task, split, doc_id)) if doc_to_visual is not None else None
+        return self._visual_prompt(context, visuals, req.metadata, task, doc_id)
+
+    @staticmethod
+    def _request_gen_kwargs(req: Instance) -> Any:
+        return req.args[1]
 
     def _generate_kwargs(self, gen_kwargs: dict[str, Any] | None) -> tuple[dict[str, Any], list[str]]:
         gen = dict(gen_kwargs or {})  # requests share one dict: never change it
@@ -266,15 +474,36 @@ class PMod(lmms):
                 text = text[:at]
         return text.strip()
 
-    def _run(self, task: str, prompts: list[str], images: list[list[Any]], kwargs: dict[str, Any]) -> BatchOutput:
+    def _run(self, task: str, prompts: list[_Prompt], kwargs: dict[str, Any]) -> list[str]:
+        """Answers to ``prompts``, generated together (LLaVA-OneVision: in groups whose videos have one frame
+        count, as it stacks the videos of a call)."""
         kwargs = dict(kwargs)
         max_new_tokens = kwargs.pop("max_new_tokens")
-        out = generate_batch(self._model, self.processor, prompts, images, max_new_tokens=max_new_tokens, **kwargs)
-        for log in (self._costs, self._unreported):
-            log.add(task, out.flops_ratio, out.kv_ratio, out.kv_cache_ratio, len(prompts))
-            log.new_tokens += sum(out.new_tokens)
-            log.seconds += out.seconds
-        return out
+        texts = [""] * len(prompts)
+        for rows in self._sub_batches(prompts):
+            batch = [prompts[i] for i in rows]
+            videos = [p.videos for p in batch]
+            out = generate_batch(
+                self._model, self.processor, [p.text for p in batch], [p.images for p in batch],
+                max_new_tokens=max_new_tokens, videos=videos if any(videos) else None,
+                video_fps=[p.fps for p in batch], **kwargs,
+            )
+            for log in (self._costs, self._unreported):
+                log.add(task, out.flops_ratio, out.kv_ratio, out.kv_cache_ratio, len(batch))
+                log.new_tokens += sum(out.new_tokens)
+                log.seconds += out.seconds
+            for i, text in zip(rows, out.texts):
+                texts[i] = text
+        return texts
+
+    def _sub_batches(self, prompts: list[_Prompt]) -> list[list[int]]:
+        """Rows of ``prompts`` that go into one generate call: all, or for LLaVA-OneVision, by frame count."""
+        if "LlavaOnevision" not in type(getattr(self.processor, "video_processor", None)).__name__:
+            return [list(range(len(prompts)))]
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, p in enumerate(prompts):
+            groups.setdefault(tuple(sorted({len(v) for v in p.videos})), []).append(i)
+        return list(groups.values())
 
     # ------------------------------------------------------------------ lmms API
     def generate_until(self, requests: list[Instance]) -> list[str]:
@@ -283,23 +512,17 @@ class PMod(lmms):
 
         groups: dict[tuple[str, str, str], list[int]] = {}
         for i, req in enumerate(requests):
-            context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
-            key = (task, split, json.dumps(gen_kwargs, sort_keys=True, default=str))
+            task, split = req.args[4:6]
+            key = (task, split, json.dumps(self._request_gen_kwargs(req), sort_keys=True, default=str))
             groups.setdefault(key, []).append(i)
         results: list[str | None] = [None] * len(requests)
         bar = tqdm(total=len(requests), desc="pmod generating", disable=self.rank != 0)
         for (task, split, _), indices in groups.items():
-            kwargs, until = self._generate_kwargs(requests[indices[0]].args[1])
+            kwargs, until = self._generate_kwargs(self._request_gen_kwargs(requests[indices[0]]))
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start : start + self.batch_size]
-                prompts, images = [], []
-                for i in chunk:
-                    context, _, doc_to_visual, doc_id, _, _ = requests[i].args
-                    visuals = self._visuals(doc_to_visual, self._doc(task, split, doc_id))
-                    prompts.append(self._prompt(context, len(visuals), doc_id))
-                    images.append(visuals)
-                out = self._run(task, prompts, images, kwargs)
-                for i, text in zip(chunk, out.texts):
+                texts = self._run(task, [self._request_prompt(requests[i]) for i in chunk], kwargs)
+                for i, text in zip(chunk, texts):
                     results[i] = self._cut(text, until)
                 bar.update(len(chunk))
         bar.close()
@@ -316,7 +539,7 @@ class PMod(lmms):
             context, gen_kwargs, doc_to_visual, doc_to_text, doc_id, task, split = req.args
             kwargs, until = self._generate_kwargs(gen_kwargs)
             doc = self._doc(task, split, doc_id)
-            visuals = self._visuals(doc_to_visual, doc)
+            visuals = doc_to_visual(doc) if doc_to_visual is not None else None
             outputs: list[str] = []
             info = None
             round_idx = 0
@@ -328,9 +551,8 @@ class PMod(lmms):
                     outputs = list(previous) if previous is not None else outputs
                     if terminal:
                         break
-                    visuals = _as_images(visuals)
-                out = self._run(task, [self._prompt(context, len(visuals), doc_id)], [visuals], kwargs)
-                outputs.append(self._cut(out.texts[0], until))
+                prompt = self._visual_prompt(context, visuals, req.metadata, task, doc_id)
+                outputs.append(self._cut(self._run(task, [prompt], kwargs)[0], until))
                 round_idx += 1
             results.append(outputs)
         if requests:
@@ -352,12 +574,12 @@ class PMod(lmms):
             context, target, doc_to_visual, doc_id, task, split = req.args
             doc = self._doc(task, split, doc_id)
             continuation = target if isinstance(target, str) else target(doc)
-            visuals = self._visuals(doc_to_visual, doc)
-            prompt = self._prompt(context, len(visuals), doc_id)
-            if visuals:
-                enc = self.processor(text=[prompt], images=visuals, return_tensors="pt")
-            else:
-                enc = self.processor(text=[prompt], return_tensors="pt")
+            visuals = doc_to_visual(doc) if doc_to_visual is not None else None
+            prompt = self._visual_prompt(context, visuals, req.metadata, task, doc_id)
+            media: dict[str, Any] = {"images": prompt.images} if prompt.images else {}
+            if prompt.videos:
+                media.update(videos=prompt.videos, video_metadata=video_metadata(prompt.videos, prompt.fps))
+            enc = self.processor(text=[prompt.text], return_tensors="pt", **media)
             cont_ids = tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"]
             if cont_ids.shape[1] == 0:
                 results.append((0.0, True))
@@ -367,8 +589,9 @@ class PMod(lmms):
             inputs["input_ids"] = torch.cat([enc["input_ids"], cont_ids], dim=1)
             inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
             inputs = {k: v.to(self._device) for k, v in inputs.items()}
-            if "pixel_values" in inputs:
-                inputs["pixel_values"] = inputs["pixel_values"].to(self._model.dtype)
+            for key in ("pixel_values", "pixel_values_videos"):
+                if key in inputs:
+                    inputs[key] = inputs[key].to(self._model.dtype)
             with torch.no_grad():
                 logits = self._model(**inputs, use_cache=False).logits[0]
             # Position t predicts token t + 1: the continuation is scored by the logits before each of its tokens.
@@ -415,25 +638,90 @@ class PMod(lmms):
             )
 
 
-def _as_images(visuals: Any) -> list[Any]:
-    """A task's visuals as RGB PIL images ([] for a text-only document)."""
-    from PIL import Image
+class PModChat(PMod):
+    """The lmms-eval chat model ``pmod`` (the default; `PMod` under ``--force_simple``): answers a task's
+    ``doc_to_messages`` chat messages, rendered with the chat template, images and videos in message order.
+    lmms-eval builds such messages from ``doc_to_visual`` / ``doc_to_text`` for tasks that have none; it sends a
+    chat model no ``loglikelihood`` requests (run those tasks with ``--force_simple``)."""
 
-    if visuals is None:
-        return []
-    if not isinstance(visuals, (list, tuple)):
-        visuals = [visuals]
-    images = []
-    for v in visuals:
-        if v is None:
-            continue
-        if not isinstance(v, Image.Image):
-            raise PModInputError(
-                f"the {MODEL_NAME!r} model handles image and text tasks; got a {type(v).__name__} visual "
-                "(video and audio tasks are not supported)"
-            )
-        images.append(v.convert("RGB"))
-    return images
+    is_simple = False
+
+    @staticmethod
+    def _request_gen_kwargs(req: Instance) -> Any:
+        return req.args[2]
+
+    def _request_prompt(self, req: Instance) -> _Prompt:
+        _, doc_to_messages, _, doc_id, task, split = req.args
+        return self._messages_prompt(doc_to_messages(self._doc(task, split, doc_id)), req.metadata, task, doc_id)
+
+    def _messages_prompt(self, raw: Any, metadata: dict[str, Any], task: str, doc_id: Any) -> _Prompt:
+        what = _what(task, doc_id)
+        messages, media = _chat_messages(raw, what)
+        prompt = self._load(media, what, metadata)
+        prompt.text = render(self.processor, messages, add_generation_prompt=True)
+        return prompt
+
+    def generate_until_multi_round(self, requests: list[Instance]) -> list[list[str]]:
+        """Multi-round generation: round 0 answers ``doc_to_messages(doc)``; each later round
+        ``doc_to_messages(doc, round_idx=..., previous_output=..., previous_round_info=...)``, which gives
+        ``(messages, terminal, previous_output, round_info)``, until it signals the end or gives no such tuple."""
+        results = []
+        for req in requests:
+            _, doc_to_messages, gen_kwargs, doc_id, task, split = req.args
+            kwargs, until = self._generate_kwargs(gen_kwargs)
+            doc = self._doc(task, split, doc_id)
+            raw, outputs, info, round_idx = doc_to_messages(doc), [], None, 0
+            while True:
+                prompt = self._messages_prompt(raw, req.metadata, task, doc_id)
+                outputs.append(self._cut(self._run(task, [prompt], kwargs)[0], until))
+                round_idx += 1
+                step = doc_to_messages(doc, round_idx=round_idx, previous_output=list(outputs),
+                                       previous_round_info=info)
+                if not (isinstance(step, tuple) and len(step) == 4):
+                    break
+                raw, terminal, previous, info = step
+                outputs = list(previous) if previous is not None else outputs
+                if terminal:
+                    break
+            results.append(outputs)
+        if requests:
+            self._report()
+        return results
+
+
+def _chat_messages(raw: Any, what: str) -> tuple[list[dict[str, Any]], list[_Media]]:
+    """lmms-eval chat messages (``[{"role", "content": [{"type": "text" | "image" | "video", "text" | "url"}]}]``,
+    or its ``ChatMessages``) as pmod's chat messages for `render`, and their images and videos in order."""
+    if hasattr(raw, "model_dump"):  # lmms_eval.protocol.ChatMessages
+        raw = raw.model_dump()
+    if isinstance(raw, dict) and "messages" in raw:
+        raw = raw["messages"]
+    if not isinstance(raw, (list, tuple)) or not raw:
+        raise PModInputError(f"{what}: doc_to_messages gave {type(raw).__name__}, expected a list of chat messages")
+    messages, media = [], []
+    for message in raw:
+        message = message.model_dump() if hasattr(message, "model_dump") else message
+        role = message.get("role") if isinstance(message, dict) else None
+        if role not in ("system", "user", "assistant"):
+            raise PModInputError(f"{what}: a chat message needs a role system, user or assistant; got {message!r}")
+        content = message.get("content")
+        content = [{"type": "text", "text": content}] if isinstance(content, str) else content or []
+        items: list[dict[str, Any]] = []
+        for c in content:
+            kind = c.get("type") if isinstance(c, dict) else None
+            if kind == "text":
+                items.append({"type": "text", "text": str(c.get("text", ""))})
+            elif kind in ("image", "video"):
+                value = next((c[k] for k in ("url", kind, "path") if c.get(k) is not None), None)
+                item = _media_of(value, what, kind, c.get("start_time"), c.get("end_time"))
+                media.append(item)
+                items.append({"type": item.kind})
+            elif kind == "audio":
+                raise PModInputError(f"{what} has audio: the {MODEL_NAME!r} model does not take audio")
+            else:
+                raise PModInputError(f"{what}: unknown chat content {c!r} (text, image and video are supported)")
+        messages.append({"role": role, "content": items})
+    return messages, media
 
 
 def _load_dense(path: str, **kwargs: Any) -> Any:
