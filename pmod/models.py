@@ -631,6 +631,7 @@ def placeholder_token_ids(config: Any) -> list[int]:
 
 def get_routing(model: nn.Module) -> dict[int, LayerRouting]:
     """Routing decisions of the most recent forward pass of a p-MoD model, by routed layer index."""
+    model = getattr(model, "get_base_model", lambda: model)()  # a PEFT-wrapped (LoRA) p-MoD model
     if not isinstance(model, PModModelMixin):
         raise PModInputError(f"{type(model).__name__} is not a p-MoD model; convert it with pmod.apply_pmod.")
     return model.routing()

@@ -5,7 +5,8 @@ FSDP through ``fsdp:`` / an accelerate config). What this module adds:
 
 * `TrainConfig`: one dataclass for a recipe (``configs/*.yaml``), with ``key=value`` overrides.
 * stages: ``pretrain`` trains the projector only; ``finetune`` trains the language model, the projector and
-  the routers (vision tower frozen unless ``freeze_vision_tower: false``).
+  the routers (vision tower frozen unless ``freeze_vision_tower: false``), in full or, with a ``lora:`` section,
+  with LoRA adapters on the language model (`pmod.lora`).
 * a separate router learning rate, length-grouped batches from cheap length estimates (no image decoding),
   routing statistics (realised kept fraction and mean TanhNorm router weight per routed layer) in the logs,
   the number of skipped (unreadable) records, and resume from the last checkpoint after a kill.
@@ -63,6 +64,13 @@ class TrainConfig:
         stage: ``pretrain`` (projector only) or ``finetune`` (language model + projector + routers).
         freeze_vision_tower: keep the vision encoder frozen in ``finetune``.
         router_learning_rate: learning rate of the routers (default: ``learning_rate``).
+        projector_learning_rate: learning rate of the multimodal projector (default: ``learning_rate``).
+        lora: `pmod.lora.LoraSettings` fields (``{}``: the defaults) to fine-tune with LoRA adapters on the language
+            model, the routers and projector trained in full; null (the default) fine-tunes in full. Needs ``stage:
+            finetune`` and a frozen vision tower. The run writes the adapter (PEFT's files, routers and projector
+            included) to ``{output_dir}/adapter`` and the merged p-MoD model to ``output_dir`` (`pmod.load_model`);
+            a ``tiny_model`` base is saved to ``{output_dir}/base``, which the adapter applies to
+            (`pmod.lora.load_adapter`); otherwise the base is ``model_name_or_path``.
         pad_images: LLaVA-1.5 "pad" image preprocessing (square, mean colour, then resize): the processor is
             switched to transformers' LLaVA image processor with ``do_pad`` and saved so, for evaluation too.
         group_by_length: batches of similar length (fewer padded tokens).
@@ -95,6 +103,8 @@ class TrainConfig:
     freeze_vision_tower: bool = True
     learning_rate: float = 2e-5
     router_learning_rate: float | None = None
+    projector_learning_rate: float | None = None
+    lora: dict[str, Any] | None = None
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
     lr_scheduler_type: str = "cosine"
@@ -137,14 +147,23 @@ class TrainConfig:
             self.tiny_model = _tiny_builder(self.tiny_model)[2]
         if self.synthetic_data is not None:
             _synthetic_config(self.synthetic_data)
+        if self.lora is not None:
+            settings = _lora_settings(self.lora)
+            self.lora = {k: getattr(settings, k) for k in self.lora}  # as read: "16" is 16
+            if self.stage != "finetune":
+                raise PModConfigError("lora adapts the language model in the finetune stage; stage: pretrain trains "
+                                      "the projector in full (set lora: null)")
+            if not self.freeze_vision_tower:
+                raise PModConfigError("lora keeps the vision tower frozen (its weights are not in the adapter); set "
+                                      "freeze_vision_tower: true or lora: null")
 
     def _check_ranges(self) -> None:
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps",
                      "model_max_length"):
             if getattr(self, name) < 1:
                 raise PModConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("learning_rate", "router_learning_rate", "weight_decay", "dataloader_num_workers",
-                     "save_total_limit"):
+        for name in ("learning_rate", "router_learning_rate", "projector_learning_rate", "weight_decay",
+                     "dataloader_num_workers", "save_total_limit"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise PModConfigError(f"{name} must not be negative, got {getattr(self, name)}")
         if not 0.0 <= self.warmup_ratio <= 1.0:
@@ -289,6 +308,14 @@ def _synthetic_config(settings: dict[str, Any]) -> Any:
     from .synthetic import SyntheticConfig
 
     return _settings(SyntheticConfig, settings, "synthetic_data")
+
+
+def _lora_settings(settings: dict[str, Any]) -> Any:
+    from .lora import LoraSettings
+
+    hints = typing.get_type_hints(LoraSettings)  # YAML strings and numbers converted as elsewhere in the recipe
+    checked = {k: _coerce(f"lora.{k}", v, hints[k]) if k in hints else v for k, v in settings.items()}
+    return _settings(LoraSettings, checked, "lora")
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> TrainConfig:
@@ -461,6 +488,11 @@ def set_trainable(model: torch.nn.Module, stage: Stage, freeze_vision_tower: boo
     return counts
 
 
+def _is_projector(name: str) -> bool:
+    """A parameter of the multimodal projector: LLaVA family, Qwen2-VL's merger (also under PEFT's wrappers)."""
+    return "multi_modal_projector" in name or ".visual.merger." in "." + name
+
+
 def tokens_per_image(model: torch.nn.Module) -> int:
     """Image tokens of one image for length estimates (LLaVA-NeXT: the base grid, a lower bound; Qwen2-VL: a
     448 x 448 image)."""
@@ -476,10 +508,11 @@ def tokens_per_image(model: torch.nn.Module) -> int:
 class PModTrainer(Trainer):
     """`Trainer` with a router learning rate, cheap length grouping, routing statistics and skip counts."""
 
-    def __init__(self, *args, router_learning_rate: float | None = None, group_lengths: list[int] | None = None,
-                 log_routing_per_layer: bool = False, **kwargs):
+    def __init__(self, *args, router_learning_rate: float | None = None, projector_learning_rate: float | None = None,
+                 group_lengths: list[int] | None = None, log_routing_per_layer: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.router_learning_rate = router_learning_rate
+        self.projector_learning_rate = projector_learning_rate
         self.group_lengths = group_lengths
         self.log_routing_per_layer = log_routing_per_layer
         self.skipped_records = 0
@@ -493,18 +526,27 @@ class PModTrainer(Trainer):
         )
 
     def create_optimizer(self, model=None):
-        if self.router_learning_rate is None or self.optimizer is not None:
+        special = (self.router_learning_rate, self.projector_learning_rate)
+        if all(lr is None for lr in special) or self.optimizer is not None:
             return super().create_optimizer(model) if model is not None else super().create_optimizer()
         opt_model = self.model if model is None else model
         decay = set(self.get_decay_parameter_names(opt_model))
-        groups: list[dict[str, Any]] = [
-            {"params": [], "weight_decay": self.args.weight_decay},
-            {"params": [], "weight_decay": 0.0},
-            {"params": [], "weight_decay": 0.0, "lr": self.router_learning_rate},
-        ]
+
+        def group(weight_decay: float, lr: float | None) -> dict[str, Any]:
+            return {"params": [], "weight_decay": weight_decay, **({} if lr is None else {"lr": lr})}
+
+        # a fixed order (the optimizer state of a checkpoint is matched to the groups by position)
+        groups = [group(self.args.weight_decay, None), group(0.0, None), group(0.0, self.router_learning_rate),
+                  group(self.args.weight_decay, self.projector_learning_rate), group(0.0, self.projector_learning_rate)]
         for name, param in opt_model.named_parameters():
             if param.requires_grad:
-                groups[2 if ".router." in name else 0 if name in decay else 1]["params"].append(param)
+                if self.router_learning_rate is not None and ".router." in name:
+                    index = 2
+                else:
+                    index = 0 if name in decay else 1
+                    if self.projector_learning_rate is not None and _is_projector(name):
+                        index += 3
+                groups[index]["params"].append(param)
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
         self.optimizer = optimizer_cls([g for g in groups if g["params"]], **optimizer_kwargs)
         return self.optimizer
@@ -677,6 +719,7 @@ class TrainResult:
     resumed_from: str | None
     trainable_parameters: dict[str, int]
     log_history: list[dict[str, Any]] = field(repr=False, default_factory=list)
+    adapter_dir: Path | None = None  # a LoRA run's adapter (the merged model is in output_dir)
 
 
 def _report_to(wanted: list[str]) -> list[str]:
@@ -752,7 +795,14 @@ def train(config: TrainConfig, stop_after: int | None = None) -> TrainResult:
     records = load_records(data_path)
     check_records(records, data_path)  # before the model is loaded
     model, processor = build_model(config, records, words)
-    trainable = set_trainable(model, config.stage, config.freeze_vision_tower)
+    lora_base = None
+    if config.lora is not None:
+        model, lora_base = _wrap_lora(config, model, processor, out, resume, args)
+        from .lora import trainable_parameters
+
+        trainable = trainable_parameters(model)
+    else:
+        trainable = set_trainable(model, config.stage, config.freeze_vision_tower)
     logger.info("trainable parameters: %s", ", ".join(f"{k} {v:,}" for k, v in trainable.items()))
     dataset = LlavaDataset(records, processor, image_folder, config.model_max_length, tokens_per_image(model),
                            check=False)
@@ -767,6 +817,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> TrainResult:
         data_collator=collator,
         processing_class=processor,
         router_learning_rate=config.router_learning_rate,
+        projector_learning_rate=config.projector_learning_rate,
         group_lengths=dataset.lengths if config.group_by_length else None,
         log_routing_per_layer=config.log_routing_per_layer,
         callbacks=[_StopAfter(stop_after)] if stop_after else None,
@@ -778,7 +829,9 @@ def train(config: TrainConfig, stop_after: int | None = None) -> TrainResult:
     if trainer.is_world_process_zero():
         _save_recipe(config, out)
     trainer.train(resume_from_checkpoint=resume)
-    if stop_after is None:
+    if stop_after is None and lora_base is not None:
+        _save_lora(trainer, out, lora_base)
+    elif stop_after is None:
         trainer.save_model(str(out))  # writes the processor too (processing_class), on the main process only
     if trainer.skipped_records:
         logger.warning("%d records were skipped (unreadable images or unusable samples); see warnings above",
@@ -793,7 +846,62 @@ def train(config: TrainConfig, stop_after: int | None = None) -> TrainResult:
         resumed_from=resume,
         trainable_parameters=trainable,
         log_history=history,
+        adapter_dir=out / ADAPTER_DIR if lora_base is not None and stop_after is None else None,
     )
+
+
+ADAPTER_DIR = "adapter"  # a LoRA run's adapter, under output_dir (the merged model is output_dir itself)
+
+
+def _wrap_lora(config: TrainConfig, model: PreTrainedModel, processor: Any, out: Path, resume: str | None,
+               args: TrainingArguments) -> tuple[torch.nn.Module, Path]:
+    """The model wrapped for LoRA training, and the folder of the base model its adapter applies to."""
+    from .lora import apply_lora
+
+    if config.tiny_model is None:
+        base = Path(config.model_name_or_path)
+    else:
+        # a tiny model is random: its adapter is only usable with these very weights, which are saved beside it
+        base = out / "base"
+        if resume:
+            if not (base / "config.json").is_file():
+                raise PModInputError(f"{base} (the base model of the adapters in {resume}) is missing; set resume: "
+                                     "false to start over")
+            from .models import load_pretrained
+
+            kwargs = {"attn_implementation": config.attn_implementation} if config.attn_implementation else {}
+            model = load_pretrained(base, **kwargs)
+        elif args.should_save:
+            model.save_pretrained(base)
+            processor.save_pretrained(base)
+    from transformers import set_seed
+
+    set_seed(config.seed)  # LoRA's A matrices start random: from the recipe's seed, so that a run can be repeated
+    return apply_lora(model, _lora_settings(config.lora), base_model_name_or_path=base), base
+
+
+def _save_lora(trainer: PModTrainer, out: Path, base: Path) -> None:
+    """A LoRA run's results: the adapter (with pmod_adapter.json) in ``out/adapter``, the merged model in ``out``."""
+    from .lora import load_adapter, write_adapter_info
+
+    adapter_dir = out / ADAPTER_DIR
+    trainer.save_model(str(adapter_dir))  # on every process (ZeRO-3 gathers); writes the processor there too
+    if not trainer.is_world_process_zero():
+        return
+    wrapped = trainer.accelerator.unwrap_model(trainer.model)
+    write_adapter_info(wrapped, adapter_dir)
+    if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+        # the weights may be sharded across processes: merge into a fresh copy of the base instead
+        merged = load_adapter(base, adapter_dir, merge=True)
+    else:
+        merged = wrapped.merge_and_unload()
+    bad = _non_finite_parameters(merged)
+    if bad:  # finite weights can merge into infinite ones in half precision
+        raise PModTrainingError(f"refusing to save a merged model with non-finite weights ({', '.join(bad[:3])}) to "
+                                f"{out}; the adapter is in {adapter_dir}")
+    merged.save_pretrained(out)
+    trainer.processing_class.save_pretrained(out)
+    logger.info("saved the adapter to %s and the merged model to %s", adapter_dir, out)
 
 
 # Settings that may change between a run and its resumption without changing what is trained.
@@ -812,8 +920,7 @@ def _checkpoint_to_resume(config: TrainConfig, out: Path) -> str | None:
     complete = []
     for path in out.glob("checkpoint-*"):
         step = path.name.removeprefix("checkpoint-")
-        weights = any((path / name).is_file() for name in (
-            "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"))
+        weights = any((path / name).is_file() for name in _WEIGHT_FILES)
         deepspeed = any(p.is_dir() for p in path.glob("global_step*"))
         if step.isdigit() and (path / "trainer_state.json").is_file() and (weights or deepspeed):
             complete.append((int(step), path))
@@ -844,7 +951,8 @@ def _checkpoint_to_resume(config: TrainConfig, out: Path) -> str | None:
     return str(newest)
 
 
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+                 "adapter_model.safetensors", "adapter_model.bin")  # the last two: LoRA runs
 
 
 def _check_checkpoint(path: Path) -> None:
@@ -902,14 +1010,16 @@ def _bf16_needs_cpu_flag(config: TrainConfig) -> bool:
 
 
 def _check_router_optimizer(config: TrainConfig) -> None:
-    """A DeepSpeed config with its own optimizer bypasses the Trainer's parameter groups (and the router rate)."""
-    if config.router_learning_rate is None or not config.deepspeed:
+    """A DeepSpeed config with its own optimizer bypasses the Trainer's parameter groups (and the router and
+    projector rates)."""
+    rates = [n for n in ("router_learning_rate", "projector_learning_rate") if getattr(config, n) is not None]
+    if not rates or not config.deepspeed:
         return
     ds = _deepspeed_config(config.deepspeed)
     if "optimizer" in ds:
         raise PModConfigError(
-            f"router_learning_rate needs the Trainer's optimizer, but {config.deepspeed} defines one; remove its "
-            "'optimizer' section or the router_learning_rate setting"
+            f"{' and '.join(rates)} need{'s' if len(rates) == 1 else ''} the Trainer's optimizer, but "
+            f"{config.deepspeed} defines one; remove its 'optimizer' section or the {' and '.join(rates)} setting"
         )
 
 
