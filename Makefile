@@ -12,11 +12,19 @@ FLOOR := constraints/floor.txt
 STAMP := $(VENV)/.installed
 FLOOR_VENV := .venv-floor
 FLOOR_STAMP := $(FLOOR_VENV)/.installed
-# The floor run: the whole suite on the lowest declared versions (about 2 minutes), except the lmms-eval plugin tests:
-# lmms-eval is installed without its requirements, at one pinned version, so it has no floor of its own.
-FLOOR_TESTS := tests --ignore tests/test_lmms_eval.py
+# The second and third venvs run the whole suite (about 2 minutes each) but the lmms-eval plugin tests: lmms-eval is
+# installed without its requirements, at one pinned version, in the main venv only.
+OTHER_VENV_TESTS := tests --ignore tests/test_lmms_eval.py
 
-.PHONY: setup test test-floor lock demo bench clean
+# The path GPU users take: torchvision installed, so transformers' own video processors (and torchvision image
+# backends) replace pmod's frame stand-ins. This machine has torch 2.14.1 + torchvision 0.29.1 wheels on disk
+# (CUDA builds, about 6 GB installed; they run on the CPU).
+TV_VENV := .venv-tv
+TV_STAMP := $(TV_VENV)/.installed
+TV_TORCH := 2.14.1
+TV_TORCHVISION := 0.29.1
+
+.PHONY: setup test test-floor test-torchvision lock demo bench clean
 
 setup: $(STAMP)
 
@@ -36,12 +44,22 @@ test: setup
 $(FLOOR_STAMP): pyproject.toml $(FLOOR)
 	test -x $(FLOOR_VENV)/bin/python || $(PYTHON) -m venv $(FLOOR_VENV)
 	$(FLOOR_VENV)/bin/python -m pip --disable-pip-version-check install -q "torch==$(TORCH_VERSION)"
-	$(FLOOR_VENV)/bin/python -m pip --disable-pip-version-check install -q -c $(FLOOR) -e ".[train,bench]" \
+	$(FLOOR_VENV)/bin/python -m pip --disable-pip-version-check install -q -c $(FLOOR) -e ".[train,bench,lora]" \
 		"pytest>=8" "pytest-timeout>=2.3"
 	touch $(FLOOR_STAMP)
 
 test-floor: $(FLOOR_STAMP)
-	$(FLOOR_VENV)/bin/python -m pytest -q $(FLOOR_TESTS)
+	$(FLOOR_VENV)/bin/python -m pytest -q $(OTHER_VENV_TESTS)
+
+$(TV_STAMP): pyproject.toml $(PINNED)
+	test -x $(TV_VENV)/bin/python || $(PYTHON) -m venv $(TV_VENV)
+	$(TV_VENV)/bin/python -m pip --disable-pip-version-check install -q "torch==$(TV_TORCH)" "torchvision==$(TV_TORCHVISION)"
+	$(TV_VENV)/bin/python -m pip --disable-pip-version-check install -q -c $(PINNED) -e ".[train,bench,lora]" \
+		"pytest>=8" "pytest-timeout>=2.3"
+	touch $(TV_STAMP)
+
+test-torchvision: $(TV_STAMP)
+	$(TV_VENV)/bin/python -m pytest -q $(OTHER_VENV_TESTS)
 
 # Re-resolve the newest versions the declared ranges allow, in a scratch venv, and pin them.
 lock:
@@ -63,4 +81,4 @@ bench: setup
 	$(PY) benchmarks/report.py
 
 clean:
-	rm -rf $(VENV) $(FLOOR_VENV) demo-output .pytest_cache
+	rm -rf $(VENV) $(FLOOR_VENV) $(TV_VENV) demo-output .pytest_cache

@@ -124,7 +124,8 @@ class Qwen2VLFrameVideoProcessor(_FrameVideoProcessor):
     frames are then grouped in time, as the vision tower's 3-D patch embedding expects. Outputs
     ``pixel_values_videos`` (sum of t*h*w, C*tp*p*p), ``video_grid_thw`` and ``video_metadata`` (Qwen2.5-VL
     derives its temporal rotary step from the frames' rate: ``video_metadata`` fps when the call gives it, else
-    ``fps``, which is not saved: transformers' processors read a saved fps as a sampling rate).
+    ``fps``, which is not saved: transformers' processors read a saved fps as a sampling rate; without either,
+    transformers' own default for frames without metadata, 24 frames per second, so that both processors agree).
     """
 
     stands_in_for = "Qwen2VLVideoProcessor"
@@ -141,7 +142,7 @@ class Qwen2VLFrameVideoProcessor(_FrameVideoProcessor):
         merge_size: int = 2,
         image_mean: list[float] | None = None,
         image_std: list[float] | None = None,
-        fps: float = 2.0,
+        fps: float | None = None,
         do_sample_frames: bool = False,
         **kwargs: Any,
     ) -> None:
@@ -346,12 +347,24 @@ def __getattr__(attribute: str) -> type:
 def build_processor(name: str, image_processor: Any, tokenizer: Any, video_processor: Any | None = None,
                     **kwargs: Any) -> Any:
     """Processor ``name`` (``Qwen2VLProcessor``, ``Qwen2_5_VLProcessor``, ``LlavaOnevisionProcessor``) from its
-    parts; the video processor defaults to the frame video processor with the image processor's settings.
+    parts; the video processor defaults to `default_video_processor`.
     ``kwargs`` go to the processor (``chat_template``, OneVision's ``num_image_tokens``, ...)."""
     cls = processor_class(name)  # refuses unknown names
     if video_processor is None:
-        video_processor = FRAME_VIDEO_PROCESSORS[name].from_image_processor(image_processor)
+        video_processor = default_video_processor(name, image_processor)
     return cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor, **kwargs)
+
+
+def default_video_processor(name: str, image_processor: Any) -> Any:
+    """The video processor of processor ``name`` with ``image_processor``'s settings: transformers' own (torchvision
+    code) where torchvision is installed, pmod's frame video processor elsewhere."""
+    frame = FRAME_VIDEO_PROCESSORS[name].from_image_processor(image_processor)
+    if not has_torchvision():
+        return frame
+    import transformers
+
+    own = getattr(transformers, frame.stands_in_for)  # the class the frame processor saves itself as
+    return own(**{k: v for k, v in frame.to_dict().items() if k != "video_processor_type"})
 
 
 def saved_processor_class(model_dir: str | os.PathLike) -> str | None:

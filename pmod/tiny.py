@@ -274,13 +274,24 @@ CHATML_SPECIALS = ("<pad>", "<unk>", "<s>", "<|im_end|>", "<|im_start|>")
 CHATML_WORDS = "user assistant system what is in the image ? a red blue green circle square yes no".split()
 
 
+def _image_processor_class(name: str) -> type:
+    """transformers' image processor ``name`` as ``AutoImageProcessor`` loads it here: the torchvision backend where
+    torchvision is installed, else the PIL one (``{name}Pil``), so a saved and reloaded processor is the same."""
+    import transformers
+
+    from .processors import has_torchvision
+
+    return getattr(transformers, name if has_torchvision() else f"{name}Pil")
+
+
 def tiny_qwen2_vl_processor(model: PreTrainedModel, words: list[str] | None = None, image_size: int | None = None):
     """A Qwen2-VL / Qwen2.5-VL processor matching a `tiny_qwen2_vl` model: word tokenizer with the model's
-    placeholder ids, the PIL image processor (every image resized to ``image_size`` squared pixels when given),
-    pmod's frame video processor where torchvision is missing, and a ChatML template."""
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
+    placeholder ids, transformers' image processor (every image resized to ``image_size`` squared pixels when
+    given) and video processor (`pmod.processors.default_video_processor`: pmod's frame video processor where
+    torchvision is missing), and a ChatML template."""
     from .processors import build_processor
+
+    image_processor_class = _image_processor_class("Qwen2VLImageProcessor")
 
     cfg = model.config
     vision = cfg.vision_config
@@ -292,19 +303,19 @@ def tiny_qwen2_vl_processor(model: PreTrainedModel, words: list[str] | None = No
     pixels = {} if image_size is None else {"min_pixels": image_size**2, "max_pixels": image_size**2}
     if image_size is not None and image_size % factor:
         raise ValueError(f"image_size must be a multiple of patch_size * spatial_merge_size = {factor}")
-    image_processor = Qwen2VLImageProcessorPil(patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
-                                               temporal_patch_size=vision.temporal_patch_size, **pixels)
+    image_processor = image_processor_class(patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
+                                            temporal_patch_size=vision.temporal_patch_size, **pixels)
     name = "Qwen2_5_VLProcessor" if cfg.model_type.endswith("2_5_vl") else "Qwen2VLProcessor"
     return build_processor(name, image_processor, tokenizer, chat_template=CHATML_TEMPLATE)
 
 
 def tiny_llava_onevision_processor(model: PreTrainedModel, words: list[str] | None = None):
     """A LLaVA-OneVision processor matching a `tiny_llava_onevision` model: word tokenizer (``<image>`` and
-    ``<video>`` at the model's ids), the PIL anyres image processor with the model's grid pinpoints, pmod's
-    frame video processor where torchvision is missing, and a ChatML template."""
-    from transformers import LlavaOnevisionImageProcessorPil
-
+    ``<video>`` at the model's ids), transformers' anyres image processor with the model's grid pinpoints, its
+    video processor (pmod's frame video processor where torchvision is missing), and a ChatML template."""
     from .processors import build_processor
+
+    image_processor_class = _image_processor_class("LlavaOnevisionImageProcessor")
 
     cfg = model.config
     vision = cfg.vision_config
@@ -312,8 +323,8 @@ def tiny_llava_onevision_processor(model: PreTrainedModel, words: list[str] | No
     tokenizer = word_tokenizer(words or CHATML_WORDS, cfg.get_text_config().vocab_size, placeholders,
                                specials=CHATML_SPECIALS, eos="<|im_end|>")
     size = vision.image_size
-    image_processor = LlavaOnevisionImageProcessorPil(size={"height": size, "width": size},
-                                                      image_grid_pinpoints=cfg.image_grid_pinpoints)
+    image_processor = image_processor_class(size={"height": size, "width": size},
+                                            image_grid_pinpoints=cfg.image_grid_pinpoints)
     return build_processor(
         "LlavaOnevisionProcessor", image_processor, tokenizer, chat_template=chatml_template("<image>", "<video>"),
         num_image_tokens=(size // vision.patch_size) ** 2,

@@ -90,5 +90,9 @@ def test_static_and_offloaded_caches_in_generate_are_refused():
     ids = torch.randint(1, 100, (1, 8))
     with pytest.raises(pmod.PModInputError, match="StaticCache"):
         model.generate(input_ids=ids, max_new_tokens=2, cache_implementation="static")
+    try:
+        offloaded = DynamicCache(offloading=True)
+    except RuntimeError as exc:  # a CUDA build of torch on a machine without a GPU driver cannot make its stream
+        pytest.skip(f"no offloaded cache on this machine: {exc}")
     with pytest.raises(pmod.PModInputError, match="DynamicCache"):
-        model(input_ids=ids, past_key_values=DynamicCache(offloading=True))
+        model(input_ids=ids, past_key_values=offloaded)

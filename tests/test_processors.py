@@ -118,10 +118,12 @@ def test_processor_expands_placeholders_and_round_trips(tmp_path, version):
     assert torch.equal(types == 1, ids == model.config.image_token_id)
     assert torch.equal(types == 2, ids == model.config.video_token_id)
     if version == "2.5":
-        assert out["second_per_grid_ts"].tolist() == [1.0]  # 2 frames per time step at the default 2 fps
-        slow = processor(text=text, images=[image], videos=[frames(3, 28, 28)], return_tensors="pt", padding=True,
-                         video_metadata=[{"fps": 0.5}])
-        assert slow["second_per_grid_ts"].tolist() == [4.0]  # the frames' own rate, when given
+        # frames without a rate: transformers' own default, 24 per second (2 frames per time step: 1/12 s)
+        assert out["second_per_grid_ts"].tolist() == [pytest.approx(2 / 24)]
+        for fps, seconds in ((2.0, 1.0), (0.5, 4.0)):  # the frames' own rate, when given
+            timed = processor(text=text, images=[image], videos=[frames(3, 28, 28)], return_tensors="pt", padding=True,
+                              video_metadata=[{"fps": fps, "total_num_frames": 3}])
+            assert timed["second_per_grid_ts"].tolist() == [seconds]
 
     processor.save_pretrained(tmp_path)
     loaded = load_processor(tmp_path)
@@ -178,7 +180,7 @@ def test_a_hub_folder_without_a_video_config_loads(tmp_path):
         "image_mean": MEAN, "image_std": STD}))
     loaded = load_processor(tmp_path)
     assert loaded.video_processor.size == {"shortest_edge": 28 * 28, "longest_edge": 28 * 28}
-    assert loaded.video_processor.patch_size == 7 and loaded.video_processor.image_mean == MEAN
+    assert loaded.video_processor.patch_size == 7 and list(loaded.video_processor.image_mean) == MEAN
     out = loaded(text=["<|vision_start|><|video_pad|><|vision_end|> what"], videos=[frames(2, 28, 28)], return_tensors="pt")
     assert out["video_grid_thw"].tolist() == [[1, 4, 4]]
 
@@ -196,3 +198,33 @@ def test_onevision_frames_are_resized_and_normalised():
     assert resized.shape == (1, 2, 3, 14, 21)
     with pytest.raises(PModInputError, match="same number of frames"):
         proc([frames(2, 14, 21), frames(3, 14, 21)])
+
+
+@pytest.mark.skipif(not has_torchvision(), reason="compares with transformers' video processors (torchvision code)")
+@pytest.mark.parametrize("height, width", [(28, 56), (30, 40)])
+def test_frame_video_processors_equal_transformers_own(height, width):
+    """Where torchvision is installed transformers' own video processors are used; pmod's frame video processors,
+    which stand in for them elsewhere, give the same grids and the same pixels for frames that need no resizing,
+    and pixels within PIL-vs-torchvision resampling differences for frames that do."""
+    import transformers
+
+    from pmod.processors import LlavaOnevisionFrameVideoProcessor
+
+    videos = [frames(3, height, width, seed=1), frames(4, height, width, seed=2)]
+    exact = (height, width) == (28, 56)
+    qwen = Qwen2VLFrameVideoProcessor(size={"shortest_edge": 28 * 56, "longest_edge": 28 * 56}, patch_size=7,
+                                      temporal_patch_size=2, merge_size=2, image_mean=MEAN, image_std=STD)
+    onevision = LlavaOnevisionFrameVideoProcessor(size={"height": 28, "width": 28}, image_mean=MEAN, image_std=STD)
+    for frame, videos_in in ((qwen, videos), (onevision, [videos[0], videos[1][:3]])):
+        own = getattr(transformers, frame.stands_in_for)(
+            **{k: v for k, v in frame.to_dict().items() if k != "video_processor_type"})
+        meta = [{"fps": 2.0, "total_num_frames": len(v)} for v in videos_in]
+        ours, theirs = frame(videos_in, return_tensors="pt", video_metadata=meta), own(videos_in, return_tensors="pt",
+                                                                                        video_metadata=meta)
+        assert ours.keys() >= {"pixel_values_videos"} and theirs["pixel_values_videos"].shape == ours["pixel_values_videos"].shape
+        if "video_grid_thw" in theirs:
+            assert torch.equal(ours["video_grid_thw"], theirs["video_grid_thw"])
+        gap = (ours["pixel_values_videos"] - theirs["pixel_values_videos"]).abs().max().item()
+        # resized frames: PIL and torchvision round some resampled values to neighbouring 8-bit steps, so at most one
+        # 1/255 step, divided by the smallest std (measured: exactly that, 0.0196)
+        assert gap < (1e-5 if exact and frame is qwen else 1 / 255 / min(STD) + 1e-5), (frame.stands_in_for, gap)
