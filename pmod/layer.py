@@ -8,9 +8,12 @@ checkpointing and hooks keep working) and gains `router`, an `nn.Linear(hidden_s
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .cache import PModCache, PModCacheLayer
 from .compat import CACHE_KWARG, pop_cache
@@ -124,13 +127,14 @@ class PModLayerMixin:
 
     def _attention_mlp(self, xs, mask, position_ids, position_embeddings, attend: dict):
         """Pre-norm attention and MLP of the processed tokens: (h = x + Attn, MLP(norm2(h)))."""
-        attn_out, _ = self.self_attn(
-            hidden_states=self.input_layernorm(xs),
-            attention_mask=mask,
-            position_ids=position_ids,
-            position_embeddings=position_embeddings,
-            **attend,
-        )
+        with attention_backends(xs.device):
+            attn_out, _ = self.self_attn(
+                hidden_states=self.input_layernorm(xs),
+                attention_mask=mask,
+                position_ids=position_ids,
+                position_embeddings=position_embeddings,
+                **attend,
+            )
         h = xs + attn_out
         return h, self.mlp(self.post_attention_layernorm(h))
 
@@ -156,6 +160,19 @@ class PModLayerMixin:
             router_logits=logits.detach(),
             keep_ratio=self.pmod_ratio,
         )
+
+
+# On CUDA, sdpa's cuDNN backend builds a new execution plan for every new shape / mask (about 6 ms of host time
+# each), and every routed layer has its own key length, new at every decoding step, so the plans never repeat
+# (measured on an H200: a p-MoD decoding step 11x the dense one, 1.4x without cuDNN). Routed layers use the other
+# backends; the rest of the model is left to PyTorch's choice.
+_SDPA_BACKENDS = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+
+
+def attention_backends(device: torch.device) -> contextlib.AbstractContextManager:
+    """The scaled-dot-product-attention backends a routed layer may use on ``device``: every one but cuDNN on CUDA,
+    PyTorch's own choice elsewhere."""
+    return sdpa_kernel(list(_SDPA_BACKENDS)) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _check_cache(cache) -> PModCache:

@@ -39,3 +39,16 @@ def test_efficiency_benchmark(tmp_path):
     assert all(r["peak_memory_dense_bytes"] > 0 and 0 < r["analytic_flops_ratio"] < 1 for r in rows)
     assert out.with_suffix(".md").read_text().count("\n| ") >= 3
     assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_gpu_benchmark_script_at_a_small_shape(tmp_path):
+    """benchmarks/gpu.py (issue 15's cases) runs end to end on CPU at a tiny shape: GPU time is too scarce to debug it
+    there."""
+    out = tmp_path / "gpu.json"
+    run("gpu.py", "--small", "--device", "cpu", "--reps", "1", "--decode-steps", "1", "--only", "prefill", "decode",
+        "--out", str(out))
+    result = json.loads(out.read_text())
+    assert [(r["case"], r["batch"]) for r in result["rows"]] == [
+        ("prefill", 1), ("prefill", 8), ("prefill", 1), ("prefill", 4), ("decode", 1), ("decode", 32), ("decode", 8)]
+    assert all(r["dense_s"] > 0 and r["pmod_s"] > 0 and 0.5 < r["flops_ratio"] < 0.75 for r in result["rows"])
+    assert result["machine"]["torch"] and out.with_suffix(".md").read_text().count("\n| ") == 8

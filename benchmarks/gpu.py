@@ -1,0 +1,191 @@
+"""Dense vs p-MoD on a GPU at the 7B shape, the cases of issue 15, in one command (a few minutes on an H200).
+
+    python benchmarks/gpu.py                      # cuda, bf16, Vicuna-7B decoder shape, writes results/gpu_<name>.json
+    python benchmarks/gpu.py --small --device cpu # the same cases at a tiny shape (a smoke test of the script)
+
+Both models are built directly on the device (random weights, seeded; the p-MoD one is a copy with the paper's
+schedule and random routers, so routing is not trivially the first tokens). Every case times the two models
+interleaved, rep by rep, and reports medians and their ratio; absolute times drift between runs, ratios measured
+side by side do not. Cases: prefill (batch 1 and 8 at 576 vision + 64 text tokens, batch 1 and 4 at 2880 + 200),
+one training step (forward and backward, batch 4, 576 + 64), and decoding steps after a prompt (batch 1 and 32
+after 576 + 64, batch 8 after 2880 + 200).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from common import RESULTS, clock, machine
+
+import pmod
+from pmod.compat import cache_kwargs, output_cache
+from pmod.efficiency import prefill_cost, shape_from_config
+from pmod.tiny import randomize_routers
+
+SHAPES = {  # layers, hidden, MLP width, heads
+    "7b": (32, 4096, 11008, 32),
+    "small": (32, 64, 176, 4),
+}
+PREFILL = [(1, 576, 64), (8, 576, 64), (1, 2880, 200), (4, 2880, 200)]  # batch, vision tokens, text tokens
+TRAIN = [(4, 576, 64)]
+DECODE = [(1, 576, 64), (32, 576, 64), (8, 2880, 200)]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"], help="default: bf16 on cuda, fp32 else")
+    p.add_argument("--small", action="store_true", help="a tiny shape and short sequences (test the script on CPU)")
+    p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
+    p.add_argument("--reps", type=int, default=7, help="timed repetitions per model and case (after one warm-up)")
+    p.add_argument("--decode-steps", type=int, default=16)
+    p.add_argument("--only", nargs="*", choices=["prefill", "train", "decode"], default=None)
+    p.add_argument("--out", type=Path, default=None)
+    return p.parse_args(argv)
+
+
+def build(args: argparse.Namespace, dtype: torch.dtype):
+    """Dense and p-MoD Llama decoders of the shape, created on the device in ``dtype`` (seconds, not minutes)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    layers, hidden, mlp, heads = SHAPES["small" if args.small else "7b"]
+    config = LlamaConfig(num_hidden_layers=layers, hidden_size=hidden, intermediate_size=mlp, num_attention_heads=heads,
+                         num_key_value_heads=heads, vocab_size=32000 if not args.small else 1024,
+                         max_position_embeddings=4096, attn_implementation=args.attn)
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(args.device):
+            dense = LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    routed = pmod.apply_pmod(copy.deepcopy(dense), pmod.PModConfig()).eval()
+    randomize_routers(routed)
+    return dense, routed
+
+
+def inputs(args: argparse.Namespace, batch: int, vision: int, text: int, vocab: int) -> dict[str, torch.Tensor]:
+    """input_ids and the vision-token mask: half the text, the image, the other half (the mask is the routing
+    target of the p-MoD model; the dense model ignores it)."""
+    gen = torch.Generator().manual_seed(batch * 7 + vision)
+    ids = torch.randint(0, vocab, (batch, vision + text), generator=gen).to(args.device)
+    target = torch.zeros(batch, vision + text, dtype=torch.bool, device=args.device)
+    target[:, text // 2 : text // 2 + vision] = True
+    return {"input_ids": ids, "target_mask": target}
+
+
+def scaled(case: tuple[int, int, int], small: bool) -> tuple[int, int, int]:
+    batch, vision, text = case
+    return (batch, vision // 18, text // 4) if small else case  # 576 -> 32, 2880 -> 160 tokens
+
+
+def timed_pair(run_dense, run_pmod, reps: int, device: str) -> dict[str, float]:
+    """Median seconds of each model, interleaved rep by rep after one warm-up each."""
+    run_dense(), run_pmod()
+    times: dict[str, list[float]] = {"dense": [], "pmod": []}
+    for _ in range(reps):
+        for name, run in (("dense", run_dense), ("pmod", run_pmod)):
+            start = clock(device)
+            run()
+            times[name].append(clock(device) - start)
+    dense, routed = statistics.median(times["dense"]), statistics.median(times["pmod"])
+    return {"dense_s": dense, "pmod_s": routed, "ratio": routed / dense}
+
+
+def prefill_case(dense, routed, args, case) -> dict:
+    x = inputs(args, *case, dense.config.vocab_size)
+    with torch.no_grad():
+        return timed_pair(lambda: dense(input_ids=x["input_ids"], use_cache=False, logits_to_keep=1),
+                          lambda: routed(**x, use_cache=False, logits_to_keep=1), args.reps, args.device)
+
+
+def train_case(dense, routed, args, case) -> dict:
+    x = inputs(args, *case, dense.config.vocab_size)
+
+    def step(model, **kw):
+        def run():
+            model.zero_grad(set_to_none=True)
+            model(input_ids=x["input_ids"], labels=x["input_ids"], use_cache=False, **kw).loss.backward()
+        return run
+
+    dense.train(), routed.train()
+    try:
+        result = timed_pair(step(dense), step(routed, target_mask=x["target_mask"]), max(3, args.reps // 2), args.device)
+    finally:
+        for model in (dense, routed):
+            model.zero_grad(set_to_none=True)
+            model.eval()
+    return result
+
+
+def decode_case(dense, routed, args, case) -> dict:
+    """Seconds per decoding step after the case's prompt: each rep decodes ``--decode-steps`` tokens from a fresh copy
+    of the prompt's cache (the copy is not timed); medians over the reps, interleaved."""
+    x = inputs(args, *case, dense.config.vocab_size)
+
+    def prepared(model, **kw):
+        with torch.no_grad():
+            out = model(input_ids=x["input_ids"], use_cache=True, logits_to_keep=1, **kw)
+        return output_cache(out), out.logits[:, -1:].argmax(-1)
+
+    prompts = {"dense": prepared(dense), "pmod": prepared(routed, target_mask=x["target_mask"])}
+    models = {"dense": dense, "pmod": routed}
+    times: dict[str, list[float]] = {"dense": [], "pmod": []}
+    for rep in range(max(3, args.reps // 2) + 1):  # the first rep warms up
+        for name, model in models.items():
+            cache, token = copy.deepcopy(prompts[name][0]), prompts[name][1]
+            start = clock(args.device)
+            with torch.no_grad():
+                for _ in range(args.decode_steps):
+                    token = model(input_ids=token, use_cache=True, **cache_kwargs(cache)).logits[:, -1:].argmax(-1)
+            if rep:
+                times[name].append((clock(args.device) - start) / args.decode_steps)
+            del cache
+    dense_s, pmod_s = statistics.median(times["dense"]), statistics.median(times["pmod"])
+    return {"dense_s": dense_s, "pmod_s": pmod_s, "ratio": pmod_s / dense_s,
+            "batch_tokens_per_s": {"dense": case[0] / dense_s, "pmod": case[0] / pmod_s}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+    dense, routed = build(args, dtype)
+    kinds = args.only or ["prefill", "train", "decode"]
+    rows = []
+    for kind, cases, run in (("prefill", PREFILL, prefill_case), ("train", TRAIN, train_case), ("decode", DECODE, decode_case)):
+        if kind not in kinds:
+            continue
+        for case in cases:
+            batch, vision, text = scaled(case, args.small)
+            row = {"case": kind, "batch": batch, "vision_tokens": vision, "text_tokens": text,
+                   **run(dense, routed, args, (batch, vision, text))}
+            cost = prefill_cost(shape_from_config(routed.config, "bench"), vision, text, resolved=routed.pmod, causal=True)
+            row["flops_ratio"] = cost.flops_ratio
+            rows.append(row)
+            print(f"{kind:8s} batch {batch:3d} {vision:5d}+{text:<4d} dense {row['dense_s'] * 1e3:9.2f} ms  "
+                  f"p-MoD {row['pmod_s'] * 1e3:9.2f} ms  ratio {row['ratio']:.3f}  (FLOPs {row['flops_ratio']:.3f})",
+                  file=sys.stderr)
+    layers, hidden, mlp, heads = SHAPES["small" if args.small else "7b"]
+    result = {"machine": machine(args.device), "dtype": str(dtype).removeprefix("torch."), "attn": args.attn,
+              "shape": {"layers": layers, "hidden": hidden, "intermediate": mlp, "heads": heads}, "reps": args.reps,
+              "decode_steps": args.decode_steps, "rows": rows}
+    name = machine(args.device).get("gpu", args.device).split()[-1].lower() if args.device.startswith("cuda") else "cpu"
+    out = args.out or RESULTS / f"gpu_{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    lines = ["| case | batch | tokens | dense ms | p-MoD ms | p-MoD / dense | FLOP ratio |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['case']} | {r['batch']} | {r['vision_tokens']} + {r['text_tokens']} | {r['dense_s'] * 1e3:.2f} | "
+              f"{r['pmod_s'] * 1e3:.2f} | {r['ratio']:.3f} | {r['flops_ratio']:.3f} |" for r in rows]
+    out.with_suffix(".md").write_text(f"{result['machine']}\n\n" + "\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
