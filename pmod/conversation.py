@@ -2,8 +2,9 @@
 
 A LLaVA record is ``{"id", "image" (path | list of paths | absent), "conversations": [{"from": "human" | "gpt",
 "value": ...}, ...]}`` with ``<image>`` placeholders in the human turns. Video records (LLaVA-Video style) name
-``"video"``: a folder of frames, a list of frame paths, or a list of such videos, with ``<video>`` placeholders. Training (`pmod.data`) and evaluation
-(`pmod.evaluate`) both go through this module so that a prompt is rendered the same way in both.
+``"video"``: a video file, a folder of frames, a list of frame paths, or a list of such videos, with ``<video>``
+placeholders. Training (`pmod.data`) and evaluation (`pmod.evaluate`) both go through this module so that a
+prompt is rendered the same way in both.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ IMAGE_PLACEHOLDER = "<image>"
 VIDEO_PLACEHOLDER = "<video>"
 PLACEHOLDERS = {IMAGE_PLACEHOLDER: "image", VIDEO_PLACEHOLDER: "video"}
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# video files that records name (any other existing file is offered to the decoder too)
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".ts", ".wmv", ".flv", ".3gp",
+                  ".ogv")
 # "<video>" is a placeholder only in records with videos (elsewhere it may be text, e.g. about HTML)
 _SPLIT = {True: re.compile("(<image>|<video>)"), False: re.compile("(<image>)")}
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -62,10 +66,11 @@ def image_paths(record: dict[str, Any]) -> list[str]:
 
 
 def video_sources(record: dict[str, Any]) -> list[str | list[str]]:
-    """The record's videos, in placeholder order: each a frame folder or a list of frame paths ([] for none).
+    """The record's videos, in placeholder order: each a video file or frame folder, or a list of frame paths
+    ([] for none).
 
-    ``"video"`` is a folder (one video), a list of image files (the frames of one video), a list of folders
-    (several videos), or a list whose items are folders or lists of image files.
+    ``"video"`` is a video file or a folder (one video), a list of image files (the frames of one video), a list
+    of video files or folders (several videos), or a list whose items are those or lists of image files.
     """
     video = record.get("video")
     if video is None:
@@ -77,13 +82,14 @@ def video_sources(record: dict[str, Any]) -> list[str | list[str]]:
         if all(frames):
             return [list(video)]  # the frames of one video
         if not any(frames):
-            return list(video)  # frame folders, one per video
+            return list(video)  # video files or frame folders, one per video
     elif isinstance(video, list) and video and all(isinstance(v, str) or (isinstance(v, list) and v and all(
             isinstance(p, str) for p in v)) for v in video):
         return list(video)
     raise PModInputError(
-        f"record {record.get('id')!r}: 'video' must be a frame folder, a list of frame files "
-        f"({', '.join(FRAME_SUFFIXES)}), a list of folders, or a list of those; got {video!r}"
+        f"record {record.get('id')!r}: 'video' must be a video file ({', '.join(VIDEO_SUFFIXES[:6])}, ...), a frame "
+        f"folder, a list of frame files ({', '.join(FRAME_SUFFIXES)}), a list of video files or folders, or a list "
+        f"of those; got {video!r}"
     )
 
 

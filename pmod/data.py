@@ -16,10 +16,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
-from .conversation import FRAME_SUFFIXES, IMAGE_PLACEHOLDER, assistant_spans, image_paths, to_messages, video_sources
+from .conversation import (
+    FRAME_SUFFIXES,
+    IMAGE_PLACEHOLDER,
+    VIDEO_SUFFIXES,
+    assistant_spans,
+    image_paths,
+    to_messages,
+    video_sources,
+)
 from .errors import PModConfigError, PModInputError
 
 logger = logging.getLogger(__name__)
@@ -28,6 +37,8 @@ IGNORE_INDEX = -100
 SKIP_KEY = "pmod_skipped"
 TOKEN_LEVEL_INPUTS = ("mm_token_type_ids",)  # processor outputs with one value per token
 DEFAULT_VIDEO_FPS = 2.0  # frames per second of a record's frames when it does not say ("fps"): Qwen2-VL's rate
+# transformers.video_utils decoders, in the order tried (PyAV is transformers' default)
+VIDEO_BACKENDS = ("pyav", "decord", "torchcodec", "opencv", "torchvision")
 
 
 def load_records(path: str | Path) -> list[dict[str, Any]]:
@@ -62,8 +73,9 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
 
 
 def check_records(records: list[dict[str, Any]], source: str | Path = "the data") -> None:
-    """A `PModInputError` naming ``source`` when there are no records or a record's conversation is malformed
-    (not a list of human / gpt turns, placeholders that do not match its images), before any model is loaded."""
+    """A `PModInputError` naming ``source`` when there are no records, a record's conversation is malformed
+    (not a list of human / gpt turns, placeholders that do not match its images), or a record names a video file
+    and no video decoder is installed, before any model is loaded."""
     if not records:
         raise PModInputError(f"{source} holds no records; expected a list of LLaVA records "
                              "({'id', 'image', 'conversations'})")
@@ -75,6 +87,10 @@ def check_records(records: list[dict[str, Any]], source: str | Path = "the data"
             to_messages(record)
         except PModInputError as exc:
             raise PModInputError(f"{source}: {exc} (the record at index {i})") from exc
+    named = next(((r, s) for r in records for s in video_sources(r)
+                  if isinstance(s, str) and s.lower().endswith(VIDEO_SUFFIXES)), None)
+    if named is not None:
+        require_video_backend(named[1], f"{source}: record {named[0].get('id')!r}")
 
 
 def padding_image_processor(image_processor: Any) -> Any:
@@ -145,20 +161,26 @@ class Encoder:
         return out
 
     def videos(self, record: dict[str, Any]) -> list[list[Image.Image]]:
-        """The record's videos as frame lists: a folder's image files in name order, or the listed frames."""
-        return [[load_image(p) for p in paths] for paths in video_frame_paths(record, self.image_folder)]
+        """The record's videos as frame lists (`video_frames`)."""
+        return self.video_frames(record)[0]
+
+    def video_frames(self, record: dict[str, Any]) -> tuple[list[list[Image.Image]], list[float]]:
+        """The record's videos as frame lists, and each one's frame rate: a video file decoded at the record's
+        ``"fps"``, a folder's image files in name order, or the listed frames; at most ``"max_frames"`` each."""
+        return load_videos(video_paths(record, self.image_folder), record_fps(record), record_max_frames(record),
+                           f"record {record.get('id')!r}")
 
     def encode(self, record: dict[str, Any], images: list[Image.Image] | None = None) -> dict[str, Any]:
         """Model inputs for one record; raises `PModInputError` for a record that cannot be used."""
         messages = to_messages(record)
         images = self.images(record) if images is None else images
-        videos = self.videos(record)
-        check_processor_takes(self.processor, f"record {record.get('id')!r}", videos=bool(videos))
+        check_processor_takes(self.processor, f"record {record.get('id')!r}", videos=bool(video_sources(record)))
+        videos, rates = self.video_frames(record)
         text, spans = assistant_spans(self.processor, messages)
         text, spans = self._terminate_replies(text, spans)
         if videos:
             enc = self.processor(text=text, images=images or None, videos=videos,
-                                 video_metadata=video_metadata(videos, record_fps(record)), return_tensors="pt")
+                                 video_metadata=video_metadata(videos, rates), return_tensors="pt")
         elif images:
             enc = self.processor(text=text, images=images, return_tensors="pt")
         else:
@@ -242,7 +264,7 @@ class Encoder:
 
     def length(self, record: dict[str, Any], tokens_per_image: int) -> int:
         """A cheap length estimate for length-grouped batching, no image decoding: words + image tokens, a video
-        as one image per two listed frames (a frame folder, not listed here, as four images)."""
+        as one image per two listed frames (a frame folder or video file, not read here, as four images)."""
         words = sum(len(str(t.get("value", "")).split()) for t in record.get("conversations", []))
         videos = sum(max(1, len(v) // 2) if isinstance(v, list) else 4 for v in video_sources(record))
         return words + tokens_per_image * (len(image_paths(record)) + videos)
@@ -261,33 +283,154 @@ def check_processor_takes(processor: Any, what: str, images: bool = False, video
         )
 
 
-def video_frame_paths(record: dict[str, Any], folder: Path | None = None) -> list[list[Path]]:
-    """The frame files of each of the record's videos (a frame folder's image files in natural name order, or
-    the listed frames), relative paths resolved against ``folder``; a missing folder is a `PModInputError`."""
-    out = []
+def video_paths(record: dict[str, Any], folder: Path | None = None) -> list[list[Path] | Path]:
+    """Each of the record's videos: a video file (a `Path`) or its frame files (a folder's image files in natural
+    name order, or the listed frames), relative paths resolved against ``folder``. A missing video, an empty
+    folder or a single image is a `PModInputError` naming it."""
+    rid = record.get("id")
+    out: list[list[Path] | Path] = []
     for source in video_sources(record):
-        if isinstance(source, str):
-            where = Path(source) if folder is None else Path(folder) / source
-            if not where.is_dir():
-                raise PModInputError(
-                    f"record {record.get('id')!r}: video {where} is not a folder of frames; pmod reads decoded "
-                    "frames (decode video files into a folder of images first, e.g. with ffmpeg or torchcodec)"
-                )
+        if not isinstance(source, str):
+            out.append([Path(p) if folder is None else Path(folder) / p for p in source])
+            continue
+        where = Path(source) if folder is None else Path(folder) / source
+        if where.is_dir():
             paths = sorted((f for f in where.iterdir() if f.suffix.lower() in FRAME_SUFFIXES), key=_natural)
             if not paths:
-                raise PModInputError(f"record {record.get('id')!r}: no frames ({', '.join(FRAME_SUFFIXES)}) in {where}")
+                raise PModInputError(f"record {rid!r}: no frames ({', '.join(FRAME_SUFFIXES)}) in {where}")
+            out.append(paths)
+        elif not where.is_file():
+            raise PModInputError(f"record {rid!r}: video not found: {where} (a video file or a folder of frames)")
+        elif where.suffix.lower() in FRAME_SUFFIXES:
+            raise PModInputError(f"record {rid!r}: video {where} is one image; give a video file, a folder of "
+                                 "frames or a list of frame files")
         else:
-            paths = [Path(p) if folder is None else Path(folder) / p for p in source]
-        out.append(paths)
+            out.append(where)
     return out
 
 
+def video_frame_paths(record: dict[str, Any], folder: Path | None = None) -> list[list[Path]]:
+    """The frame files of each of the record's videos (`video_paths`); a video file is a `PModInputError`
+    (`load_videos` decodes those)."""
+    out = video_paths(record, folder)
+    files = [source for source in out if isinstance(source, Path)]
+    if files:
+        raise PModInputError(f"record {record.get('id')!r}: video {files[0]} is a video file, not frames")
+    return [source for source in out if isinstance(source, list)]
+
+
 def record_fps(record: dict[str, Any]) -> float:
-    """Frames per second of a record's video frames: its ``"fps"``, else `DEFAULT_VIDEO_FPS`."""
+    """Frames per second of a record's video frames: its ``"fps"``, else `DEFAULT_VIDEO_FPS`. Frame folders and
+    lists are taken at this rate; video files are sampled at it."""
     fps = record.get("fps", DEFAULT_VIDEO_FPS)
     if not isinstance(fps, (int, float)) or isinstance(fps, bool) or fps <= 0:
         raise PModInputError(f"record {record.get('id')!r}: 'fps' must be a positive number, got {fps!r}")
     return float(fps)
+
+
+def record_max_frames(record: dict[str, Any]) -> int | None:
+    """The most frames taken from each of a record's videos: its ``"max_frames"``, else None (no limit)."""
+    value = record.get("max_frames")
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise PModInputError(f"record {record.get('id')!r}: 'max_frames' must be a positive integer, got {value!r}")
+    return value
+
+
+def sample_frame_indices(total: int, fps: float, rate: float | None = None,
+                         max_frames: int | None = None) -> tuple[list[int], float]:
+    """Which of a video's ``total`` frames (``rate`` frames per second; ``fps`` when None) to take when sampling
+    it at ``fps`` over its whole length, at most ``max_frames``, and the rate of the frames taken. Spread as
+    transformers' `default_sample_indices_fn` spreads them (frame ``i * total // count``); a video no faster
+    than ``fps`` gives all its frames."""
+    if total < 1:
+        raise ValueError("the video has no frames")
+    rate = fps if rate is None else rate
+    count = total if fps >= rate else max(1, int(total / rate * fps))
+    if max_frames is not None:
+        count = min(count, max_frames)
+    return [i * total // count for i in range(count)], rate * count / total
+
+
+def video_backend() -> str | None:
+    """The first installed `transformers.video_utils` decoder of `VIDEO_BACKENDS`, or None."""
+    from transformers import video_utils
+
+    available = {
+        "pyav": video_utils.is_av_available, "decord": video_utils.is_decord_available,
+        "torchcodec": video_utils.is_torchcodec_available, "opencv": video_utils.is_cv2_available,
+        # torchvision 0.26 removed its video decoding
+        "torchvision": getattr(video_utils, "is_torchvision_video_decoding_available", lambda: False),
+    }
+    return next((name for name in VIDEO_BACKENDS if available[name]()), None)
+
+
+def require_video_backend(path: str | Path, what: str = "the record") -> str:
+    """The decoder to read the video file ``path`` (of ``what``) with (`video_backend`); a `PModInputError` naming
+    the file and what to install when there is none."""
+    backend = video_backend()
+    if backend is None:
+        raise PModInputError(
+            f"{what}: cannot read the video file {path}: no video decoder is installed; pip install av (or decord, "
+            "torchcodec, opencv-python), or give the video as a folder of frames"
+        )
+    return backend
+
+
+def load_video_file(path: Path, fps: float, max_frames: int | None = None,
+                    what: str = "the record") -> tuple[list[Image.Image], float]:
+    """A video file's frames, sampled at ``fps`` over the whole video (at most ``max_frames``, spread uniformly:
+    `sample_frame_indices`) and decoded with `transformers.video_utils.load_video` and the first installed
+    decoder, and the rate of the frames taken. A missing decoder or an unreadable file is a `PModInputError`."""
+    from transformers import video_utils
+
+    backend = require_video_backend(path, what)
+    taken: dict[str, Any] = {}
+
+    def indices(metadata: Any, **_: Any) -> np.ndarray:
+        total = int(metadata.total_num_frames or 0) or _count_frames(path, backend)
+        rate = float(metadata.fps or 0) or None  # unknown: every frame, at the record's rate
+        taken["indices"], taken["fps"] = sample_frame_indices(total, fps, rate, max_frames)
+        return np.asarray(taken["indices"])
+
+    try:
+        video, _ = video_utils.load_video(str(path), backend=backend, sample_indices_fn=indices)
+    except Exception as exc:  # the decoders raise their own error types
+        raise PModInputError(f"{what}: cannot decode the video {path} with {backend}: {exc}") from exc
+    frames = np.asarray(video)
+    if frames.ndim == 4 and frames.shape[-1] not in (1, 3, 4) and frames.shape[1] in (1, 3, 4):  # (T, C, H, W)
+        frames = frames.transpose(0, 2, 3, 1)
+    if len(frames) != len(taken["indices"]):  # the header promised more frames than the stream holds
+        logger.warning("%s: %s gave %d of the %d frames sampled", what, path, len(frames), len(taken["indices"]))
+    logger.debug("%s: %d frames of %s at %.3g fps (%s)", what, len(frames), path, taken["fps"], backend)
+    return [Image.fromarray(frame).convert("RGB") for frame in frames], taken["fps"]
+
+
+def _count_frames(path: Path, backend: str) -> int:
+    """The frame count of a video whose header lacks one (Matroska, WebM): its video packets, counted without
+    decoding (PyAV only; 0 otherwise)."""
+    if backend != "pyav":
+        return 0
+    import av
+
+    with av.open(str(path)) as container:
+        return sum(1 for packet in container.demux(video=0) if packet.size)
+
+
+def load_videos(sources: list[list[Path] | Path], fps: float, max_frames: int | None = None,
+                what: str = "the record") -> tuple[list[list[Image.Image]], list[float]]:
+    """The frames of each video of `video_paths` and their rate: a video file decoded at ``fps``
+    (`load_video_file`), frame files read as they are, at ``fps``; at most ``max_frames`` of each, spread
+    uniformly (the rate scaled down to match)."""
+    videos, rates = [], []
+    for source in sources:
+        if isinstance(source, Path):
+            frames, rate = load_video_file(source, fps, max_frames, what)
+        else:
+            chosen, rate = sample_frame_indices(len(source), fps, max_frames=max_frames)
+            frames = [load_image(source[i]) for i in chosen]
+        videos.append(frames)
+        rates.append(rate)
+    return videos, rates
 
 
 def video_metadata(videos: list[list[Any]], fps: float | list[float]) -> list[dict[str, Any]]:

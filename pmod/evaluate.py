@@ -33,7 +33,16 @@ import torch
 from .compat import output_cache
 from .conversation import image_paths, prompt_and_answer, render, video_sources
 from .data import load_records  # noqa: F401  (part of this module's API)
-from .data import DEFAULT_VIDEO_FPS, check_processor_takes, record_fps, video_frame_paths
+from .data import (
+    DEFAULT_VIDEO_FPS,
+    check_processor_takes,
+    load_image,
+    load_videos,
+    record_fps,
+    record_max_frames,
+    require_video_backend,
+    video_paths,
+)
 from .files import write_json_atomic, write_text_atomic
 from .errors import PModInputError
 from .models import placeholder_token_ids
@@ -194,15 +203,16 @@ def generate_batch(
     images: Sequence[Sequence[Any]],
     max_new_tokens: int = 32,
     videos: Sequence[Sequence[Sequence[Any]]] | None = None,
-    video_fps: Sequence[float] | None = None,
+    video_fps: Sequence[float | Sequence[float]] | None = None,
     **generate_kwargs: Any,
 ) -> BatchOutput:
     """Generate answers for rendered ``prompts`` (one placeholder per image or video) in one left-padded batch.
 
     ``images[i]`` are the PIL images of prompt i, in placeholder order ([] for a text-only prompt); ``videos[i]``
-    its videos, each a list of PIL frames, and ``video_fps[i]`` their frame rate (default 2). ``processor`` is the
-    model's processor, or a tokenizer for a text-only model. Greedy unless ``generate_kwargs`` say otherwise.
-    The tokenizer's padding side is set to left for the call and restored.
+    its videos, each a list of PIL frames, and ``video_fps[i]`` their frame rate (default 2), or a list of one
+    rate per video of prompt i. ``processor`` is the model's processor, or a tokenizer for a text-only model.
+    Greedy unless ``generate_kwargs`` say otherwise. The tokenizer's padding side is set to left for the call and
+    restored.
     """
     if len(prompts) != len(images) or (videos is not None and len(videos) != len(prompts)) or (
             video_fps is not None and len(video_fps) != len(prompts)):
@@ -220,9 +230,12 @@ def generate_batch(
         from .data import video_metadata
 
         rates = list(video_fps) if video_fps is not None else [DEFAULT_VIDEO_FPS] * len(videos)
+        per_video = [list(r) if isinstance(r, Sequence) else [r] * len(row) for row, r in zip(videos, rates)]
+        if any(len(r) != len(row) for r, row in zip(per_video, videos)):
+            raise PModInputError("video_fps: give each prompt one frame rate, or one per video")
         flat_videos = [v for row in videos for v in row]
-        media.update(videos=flat_videos, video_metadata=video_metadata(
-            flat_videos, [rate for row, rate in zip(videos, rates) for _ in row]))
+        media.update(videos=flat_videos,
+                     video_metadata=video_metadata(flat_videos, [r for row in per_video for r in row]))
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation appends on the right: every row must end at the last column
     try:
@@ -363,8 +376,9 @@ class _Item:
     question: str
     images: list[Path]
     record: dict[str, Any] = field(default_factory=dict, repr=False)
-    videos: list[list[Path]] = field(default_factory=list)  # frame files per video, resolved for pending items
+    videos: list[list[Path] | Path] = field(default_factory=list)  # frame files or video file per video (pending)
     fps: float = DEFAULT_VIDEO_FPS
+    max_frames: int | None = None
 
 
 def _prepare(records: Sequence[dict[str, Any]], image_folder: Path | None) -> list[_Item]:
@@ -389,24 +403,29 @@ def _prepare(records: Sequence[dict[str, Any]], image_folder: Path | None) -> li
             raise PModInputError(f"record {rid!r} has images; pass image_folder")
         images = [image_folder / p for p in paths] if paths and image_folder is not None else []
         if video_sources(record) and image_folder is None:
-            raise PModInputError(f"record {rid!r} has videos; pass image_folder (where their frames are)")
+            raise PModInputError(f"record {rid!r} has videos; pass image_folder (where they are)")
         items.append(_Item(rid, key, messages, answer, answers, question, images, record))
     return items
 
 
 def _resolve_media(pending: list[_Item], processor: Any, folder: Path | None, batch_size: int) -> None:
     """Before any generation: check that the processor takes the pending records' images and videos, resolve
-    their videos' frame files and rates into the items, and check the frames are usable (one size per video;
-    LLaVA-OneVision: one frame count per batch, as it stacks them)."""
+    their videos (video files, frame files), rates and frame limits into the items, and check the videos are
+    usable (a decoder for video files; frames of one size per video; LLaVA-OneVision: one frame count per batch
+    of frame videos, as it stacks them)."""
     from PIL import Image
 
     for it in pending:
         has_videos = bool(video_sources(it.record))
         check_processor_takes(processor, f"record {it.id!r}", images=bool(it.images), videos=has_videos)
         if has_videos:
-            it.videos, it.fps = video_frame_paths(it.record, folder), record_fps(it.record)
+            it.videos = video_paths(it.record, folder)  # a missing video file is named here
+            it.fps, it.max_frames = record_fps(it.record), record_max_frames(it.record)
+    files = [(it.id, v) for it in pending for v in it.videos if isinstance(v, Path)]
+    if files:
+        require_video_backend(files[0][1], f"record {files[0][0]!r}")
     for it in pending:
-        for frames in it.videos:
+        for frames in (v for v in it.videos if isinstance(v, list)):
             sizes = set()
             for f in frames:
                 try:
@@ -421,13 +440,30 @@ def _resolve_media(pending: list[_Item], processor: Any, folder: Path | None, ba
     video_processor = getattr(processor, "video_processor", None)
     if "LlavaOnevision" in type(video_processor).__name__:  # stacks the videos of one call
         for b in range(0, len(pending), batch_size):
-            counts = {len(v) for it in pending[b : b + batch_size] for v in it.videos}
+            counts = {min(len(v), it.max_frames or len(v)) for it in pending[b : b + batch_size] for v in it.videos
+                      if isinstance(v, list)}  # decoded videos' counts are known later: see _stacking_groups
             if len(counts) > 1:
                 raise PModInputError(
                     f"LLaVA-OneVision stacks the videos of a batch, and the batch starting at record "
                     f"{pending[b].id!r} has videos of {sorted(counts)} frames: give every video the same number "
                     "of frames, or use batch size 1"
                 )
+
+
+def _stacking_groups(processor: Any, ids: list[Any], videos: Sequence[list[list[Any]]]) -> list[list[int]]:
+    """Rows of a batch that go into one generate call: all of them, or, where LLaVA-OneVision (it stacks the
+    videos of a call) has decoded videos of different frame counts, groups of one count."""
+    counts = [frozenset(len(v) for v in row) for row in videos]
+    if "LlavaOnevision" not in type(getattr(processor, "video_processor", None)).__name__ or len(
+            frozenset().union(*counts)) <= 1:
+        return [list(range(len(videos)))]
+    groups: dict[frozenset[int], list[int]] = {}
+    for j, c in enumerate(counts):
+        if len(c) > 1:
+            raise PModInputError(f"record {ids[j]!r}: LLaVA-OneVision stacks the videos of a record, and its videos "
+                                 f"have {sorted(c)} frames: give them one frame count (e.g. with 'max_frames')")
+        groups.setdefault(c, []).append(j)
+    return list(groups.values())
 
 
 def _read_done(path: Path) -> dict[str, dict[str, Any]]:
@@ -526,15 +562,14 @@ def evaluate(
         done = _read_done(preds_file)
     pending = [it for it in items if it.key not in done]
     _resolve_media(pending, processor, folder, batch_size)
-    missing = [(it.id, p) for it in pending for p in it.images + [f for v in it.videos for f in v] if not p.is_file()]
+    frames = {it.key: [f for v in it.videos if isinstance(v, list) for f in v] for it in pending}
+    missing = [(it.id, p) for it in pending for p in it.images + frames[it.key] if not p.is_file()]
     if missing:
         rid, path = missing[0]
         more = f" (and {len(missing) - 1} more missing images)" if len(missing) > 1 else ""
         raise PModInputError(f"record {rid!r}: image file not found: {path}{more}")
 
     from tqdm.auto import tqdm
-
-    from .data import load_image
 
     results: dict[str, QuestionResult] = {}
     for it in items:
@@ -556,18 +591,22 @@ def evaluate(
             batch = pending[b : b + batch_size]
             prompts = [render(processor, it.messages, add_generation_prompt=True) for it in batch]
             images = [[load_image(p) for p in it.images] for it in batch]
-            videos = [[[load_image(f) for f in v] for v in it.videos] for it in batch]
-            fps = [it.fps for it in batch]
-            out = generate_batch(model, processor, prompts, images, max_new_tokens=max_new_tokens,
-                                 videos=videos if any(videos) else None, video_fps=fps, **generate_kwargs)
+            videos, fps = zip(*(load_videos(it.videos, it.fps, it.max_frames, f"record {it.id!r}") for it in batch))
+            answers: dict[int, tuple[str, dict[str, Any]]] = {}
+            for rows in _stacking_groups(processor, [it.id for it in batch], videos):
+                group_videos = [videos[j] for j in rows]
+                out = generate_batch(model, processor, [prompts[j] for j in rows], [images[j] for j in rows],
+                                     max_new_tokens=max_new_tokens, videos=group_videos if any(group_videos) else None,
+                                     video_fps=[fps[j] for j in rows], **generate_kwargs)
+                for k, j in enumerate(rows):
+                    answers[j] = (out.texts[k], {
+                        "flops_ratio": out.flops_ratio[k] if out.flops_ratio is not None else None,
+                        "kv_ratio": out.kv_ratio[k] if out.kv_ratio is not None else None,
+                        "kv_cache_ratio": out.kv_cache_ratio,
+                    })
             lines = []
             for j, it in enumerate(batch):
-                costs = {
-                    "flops_ratio": out.flops_ratio[j] if out.flops_ratio is not None else None,
-                    "kv_ratio": out.kv_ratio[j] if out.kv_ratio is not None else None,
-                    "kv_cache_ratio": out.kv_cache_ratio,
-                }
-                res = _score(it, out.texts[j], costs)
+                res = _score(it, *answers[j])
                 results[it.key] = res
                 lines.append(json.dumps(res.to_dict(), ensure_ascii=False) + "\n")
             if handle is not None:

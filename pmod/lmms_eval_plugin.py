@@ -63,7 +63,14 @@ from .conversation import (
     resolve_chat_template,
     to_messages,
 )
-from .data import DEFAULT_VIDEO_FPS, check_processor_takes, load_image, video_frame_paths, video_metadata
+from .data import (
+    DEFAULT_VIDEO_FPS,
+    VIDEO_BACKENDS,
+    check_processor_takes,
+    load_image,
+    video_frame_paths,
+    video_metadata,
+)
 from .errors import PModConfigError, PModInputError
 from .evaluate import generate_batch
 
@@ -109,7 +116,6 @@ def _parse_option(name: str, value: Any) -> Any:
 
 
 # transformers.video_utils decoders, in the order tried when model_args do not name one
-_VIDEO_BACKENDS = ("pyav", "decord", "torchcodec", "opencv", "torchvision")
 
 
 @dataclasses.dataclass
@@ -189,15 +195,10 @@ def _sample(total: int, fps: float, max_frames: int, start: float | None, end: f
 
 
 def _video_backend() -> str | None:
-    """The first installed transformers video decoder, or None."""
-    from transformers import video_utils
+    """The first installed transformers video decoder (`pmod.data.video_backend`: torchvision 0.26+ decodes none)."""
+    from .data import video_backend
 
-    available = {
-        "pyav": video_utils.is_av_available, "decord": video_utils.is_decord_available,
-        "torchcodec": video_utils.is_torchcodec_available, "opencv": video_utils.is_cv2_available,
-        "torchvision": video_utils.is_torchvision_available,
-    }
-    return next((name for name in _VIDEO_BACKENDS if available[name]()), None)
+    return video_backend()
 
 
 class _CostLog:
@@ -272,8 +273,8 @@ class PMod(lmms):
         self.max_frames, self.video_fps = int(max_frames), float(video_fps)
         if self.max_frames < 1 or self.video_fps <= 0:
             raise PModConfigError(f"max_frames and video_fps must be positive, got {max_frames!r} and {video_fps!r}")
-        if video_backend is not None and video_backend not in _VIDEO_BACKENDS:
-            raise PModConfigError(f"video_backend must be one of {list(_VIDEO_BACKENDS)}, got {video_backend!r}")
+        if video_backend is not None and video_backend not in VIDEO_BACKENDS:
+            raise PModConfigError(f"video_backend must be one of {list(VIDEO_BACKENDS)}, got {video_backend!r}")
         self.video_backend = video_backend
 
         # Data parallel under `accelerate launch` / torchrun: lmms-eval shards the requests by rank.

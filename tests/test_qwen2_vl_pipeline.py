@@ -69,8 +69,8 @@ def test_video_records_from_frame_folders_and_lists(setup, tmp_path):
         assert _tokens(processor, item["labels"][item["labels"] != IGNORE_INDEX]) == ["red", "<|im_end|>"]
     # the listed first three frames are the folder's first three: the same first time step
     torch.testing.assert_close(a["pixel_values_videos"][:16], b["pixel_values_videos"][:16])
-    with pytest.raises(PModInputError, match="not a folder of frames"):
-        encoder.encode({**records[0], "video": "clip.mp4"})
+    with pytest.raises(PModInputError, match=r"video not found: .*clip\.mp4 \(a video file or a folder of frames\)"):
+        encoder.encode({**records[0], "video": "clip.mp4"})  # video files: tests/test_video_files.py
     with pytest.raises(PModInputError, match="placeholders but 1 videos"):
         encoder.encode({**records[0], "conversations": [{"from": "human", "value": "<video><video> ?"},
                                                         {"from": "gpt", "value": "red"}]})
@@ -253,7 +253,7 @@ def test_evaluation_of_video_image_and_text_records_batched_equals_one_by_one(se
     assert batched.records[0].flops_ratio < 0.95 and batched.records[3].flops_ratio == pytest.approx(1.0, abs=0.01)
     if model.config.model_type.endswith("2_5_vl"):  # each video's own rate, in row order: 2 frames / fps
         assert seen[0].tolist() == [2.0, 0.5]
-    with pytest.raises(PModInputError, match="not a folder of frames"):
+    with pytest.raises(PModInputError, match="record 'v': video not found: .*missing"):
         evaluate(model, processor, [{**records[0], "video": "missing"}], tmp_path)
     Image.new("RGB", (30, 28)).save(tmp_path / "clip" / "004.png")
     with pytest.raises(PModInputError, match="differ in size"):
