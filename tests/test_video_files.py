@@ -3,6 +3,7 @@ the record's rate, and given to the processor exactly as the same frames from a 
 
 import numpy as np
 import pytest
+import test_qwen2_vl_pipeline as qwen_pipeline
 import torch
 from PIL import Image
 
@@ -13,8 +14,6 @@ from pmod.data import Encoder, LlavaDataset, check_records, sample_frame_indices
 from pmod.errors import PModInputError
 from pmod.tiny import randomize_routers, tiny_qwen2_vl, tiny_qwen2_vl_processor
 
-WORDS = "user assistant what is in the image video ? a red blue green circle colour moves yes no".split()
-WORDS += [f"w{i}" for i in range(128 - 4 - 5 - len(WORDS))]  # every id decodes to a word (4 placeholders, 5 specials)
 COLOURS = [(30 * i, 255 - 30 * i, 100) for i in range(8)]  # frame i of the clips: one solid colour
 QUESTION = [{"from": "human", "value": "<video>\nwhat colour is the circle ?"}, {"from": "gpt", "value": "red"}]
 
@@ -41,12 +40,8 @@ def _folder(folder, name, indices, size=28):
     return name
 
 
-@pytest.fixture(scope="module", params=["2", "2.5"])
-def setup(request):
-    model = pmod.apply_pmod(tiny_qwen2_vl(version=request.param, patch_size=7),
-                            pmod.PModConfig(schedule=[1.0, 1.0, 0.5, 0.5]))
-    randomize_routers(model)
-    return model, tiny_qwen2_vl_processor(model, WORDS, image_size=28)
+WORDS = qwen_pipeline.WORDS
+setup = qwen_pipeline.setup  # the tiny Qwen2-VL / Qwen2.5-VL model and processor fixture, shared
 
 
 def test_sampling_at_the_record_rate():
