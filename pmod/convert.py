@@ -186,10 +186,12 @@ def convert_dense(src: str | os.PathLike, out: str | os.PathLike, config: PModCo
     def write(staging: Path) -> None:
         model.save_pretrained(staging)
         for item in src.iterdir():
-            if item.is_file() and item.name not in _MODEL_FILES and not item.name.endswith(_WEIGHT_SUFFIXES):
+            # tokenizer, processor and the like; not what save_pretrained wrote (the p-MoD model card included)
+            if (item.is_file() and item.name not in _MODEL_FILES and not item.name.endswith(_WEIGHT_SUFFIXES)
+                    and not (staging / item.name).exists()):
                 shutil.copy2(item, staging / item.name)
 
-    write_dir_atomic(out, write)
+    _write_output(out, write, force)
     logger.info("Converted %s -> %s (routed layers %s)", src, out, model.pmod.routed_layers)
     return out
 
@@ -209,6 +211,15 @@ def _check_source(src: Path) -> None:
                               "pass the checkpoint directory to convert.")
     if not (src / "config.json").is_file():
         raise ConversionError(f"{src} has no config.json; is it a transformers checkpoint directory?")
+
+
+def _write_output(out: Path, write, force: bool) -> None:
+    """`write_dir_atomic`, replacing an existing OUT only with --force (checked again at the end: a folder that
+    appeared while converting is never deleted)."""
+    try:
+        write_dir_atomic(out, write, replace=force)
+    except FileExistsError as exc:
+        raise ConversionError(f"{exc}; pass --force to replace it, or choose another output folder.") from exc
 
 
 def _check_output(out: Path, force: bool) -> None:
@@ -562,7 +573,7 @@ def convert_original(
         if processor is not None:
             processor.save_pretrained(staging)
 
-    write_dir_atomic(out, write)
+    _write_output(out, write, force)
     logger.info("Converted original p-MoD checkpoint %s -> %s", src, out)
     return out
 

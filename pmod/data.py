@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -381,16 +382,30 @@ def load_video_file(path: Path, fps: float, max_frames: int | None = None,
     """A video file's frames, sampled at ``fps`` over the whole video (at most ``max_frames``, spread uniformly:
     `sample_frame_indices`) and decoded with `transformers.video_utils.load_video` and the first installed
     decoder, and the rate of the frames taken. A missing decoder or an unreadable file is a `PModInputError`."""
+    taken: dict[str, Any] = {}
+
+    def choose(total: int, rate: float | None) -> list[int]:
+        taken["indices"], taken["fps"] = sample_frame_indices(total, fps, rate, max_frames)  # unknown rate: all frames
+        return taken["indices"]
+
+    frames = decode_video(path, require_video_backend(path, what), choose, what)
+    logger.debug("%s: %d frames of %s at %.3g fps", what, len(frames), path, taken["fps"])
+    return frames, taken["fps"]
+
+
+def decode_video(path: Path, backend: str, choose: Callable[[int, float | None], list[int]],
+                 what: str = "the record") -> list[Image.Image]:
+    """The frames ``choose(total_frames, fps or None)`` picks from a video file, decoded with
+    `transformers.video_utils.load_video` and ``backend``, as RGB images. Matroska / WebM headers give no frame count
+    (it is counted from the packets); decoders that return channels first are handled."""
     from transformers import video_utils
 
-    backend = require_video_backend(path, what)
-    taken: dict[str, Any] = {}
+    chosen: list[int] = []
 
     def indices(metadata: Any, **_: Any) -> np.ndarray:
         total = int(metadata.total_num_frames or 0) or _count_frames(path, backend)
-        rate = float(metadata.fps or 0) or None  # unknown: every frame, at the record's rate
-        taken["indices"], taken["fps"] = sample_frame_indices(total, fps, rate, max_frames)
-        return np.asarray(taken["indices"])
+        chosen[:] = choose(total, float(metadata.fps or 0) or None)
+        return np.asarray(chosen)
 
     try:
         video, _ = video_utils.load_video(str(path), backend=backend, sample_indices_fn=indices)
@@ -399,10 +414,9 @@ def load_video_file(path: Path, fps: float, max_frames: int | None = None,
     frames = np.asarray(video)
     if frames.ndim == 4 and frames.shape[-1] not in (1, 3, 4) and frames.shape[1] in (1, 3, 4):  # (T, C, H, W)
         frames = frames.transpose(0, 2, 3, 1)
-    if len(frames) != len(taken["indices"]):  # the header promised more frames than the stream holds
-        logger.warning("%s: %s gave %d of the %d frames sampled", what, path, len(frames), len(taken["indices"]))
-    logger.debug("%s: %d frames of %s at %.3g fps (%s)", what, len(frames), path, taken["fps"], backend)
-    return [Image.fromarray(frame).convert("RGB") for frame in frames], taken["fps"]
+    if len(frames) != len(chosen):  # the header promised more frames than the stream holds
+        logger.warning("%s: %s gave %d of the %d frames sampled", what, path, len(frames), len(chosen))
+    return [Image.fromarray(frame).convert("RGB") for frame in frames]
 
 
 def _count_frames(path: Path, backend: str) -> int:

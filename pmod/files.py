@@ -3,11 +3,13 @@ and a directory replaced by `write_dir_atomic` is either the old one or the comp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import secrets
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,12 +25,19 @@ _STALE_AFTER_S = 24 * 3600  # where process ids cannot be checked (not POSIX), l
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file (per process) and `os.replace`."""
+    """Write ``text`` to ``path`` through a temporary file and `os.replace` (removed again if anything fails)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # unique per call
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        os.chmod(name, 0o666 & ~_umask())  # mkstemp makes 0600; keep what a plain write would give
+        os.replace(name, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+        raise
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
@@ -36,14 +45,15 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
-def write_dir_atomic(out: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+def write_dir_atomic(out: str | os.PathLike, write: Callable[[Path], None], replace: bool = True) -> Path:
     """Build a directory with ``write(staging)`` in a hidden sibling of ``out`` and move it to ``out`` when complete.
 
     An existing ``out`` is replaced by rename-then-delete: it is moved aside, the new directory renamed into place,
     and only then the old one deleted; if anything fails it is put back. The staging directory is removed on
     failure, and one left by a killed earlier run is removed here (see `recover_dir`). The new directory gets the
     permissions of a plain ``mkdir`` under the process's umask. Parent directories are created as needed (and
-    removed again if the write fails). Checking whether ``out`` may be replaced is the caller's job.
+    removed again if the write fails). With ``replace=False`` only a missing or empty ``out`` is filled: one that
+    appeared with content while ``write`` ran is left as it is (`FileExistsError`), never moved aside and deleted.
     """
     out = Path(out)
     created = _make_parents(out.parent)
@@ -52,7 +62,7 @@ def write_dir_atomic(out: str | os.PathLike, write: Callable[[Path], None]) -> P
         staging = _new_sibling(out, _STAGING)
         try:
             write(staging)
-            _move_into_place(staging, out)
+            _move_into_place(staging, out, replace)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -91,7 +101,13 @@ def recover_dir(out: str | os.PathLike) -> None:
             _remove(path)
 
 
-def _move_into_place(staging: Path, out: Path) -> None:
+def _move_into_place(staging: Path, out: Path, replace: bool = True) -> None:
+    if not replace:
+        try:  # atomic: replaces nothing or an empty directory, fails on anything else
+            os.rename(staging, out)
+        except OSError as exc:
+            raise FileExistsError(f"{out} appeared while it was being written; it was left as it is") from exc
+        return
     if not os.path.lexists(out):
         os.rename(staging, out)
         return
@@ -104,6 +120,12 @@ def _move_into_place(staging: Path, out: Path) -> None:
             os.rename(aside, out)
         raise
     _remove(aside)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _remove(path: Path) -> None:

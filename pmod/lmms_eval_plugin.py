@@ -67,6 +67,7 @@ from .data import (
     DEFAULT_VIDEO_FPS,
     VIDEO_BACKENDS,
     check_processor_takes,
+    decode_video,
     load_image,
     video_frame_paths,
     video_metadata,
@@ -388,8 +389,6 @@ class PMod(lmms):
 
     def _decode(self, path: Path, media: _Media, what: str, max_frames: int) -> tuple[list[Image.Image], float]:
         """Frames of a video file, read with a transformers video decoder."""
-        from transformers import video_utils
-
         if not path.is_file():
             raise PModInputError(f"{what}: video not found: {path} (a video file or a folder of frames)")
         backend = self.video_backend or _video_backend()
@@ -400,16 +399,11 @@ class PMod(lmms):
             )
         rate: dict[str, float] = {}
 
-        def indices(metadata: Any, **_: Any) -> np.ndarray:
-            fps = float(metadata.fps or self.video_fps)
-            chosen, rate["fps"] = _sample(int(metadata.total_num_frames), fps, max_frames, media.start, media.end)
-            return np.asarray(chosen)
+        def choose(total: int, fps: float | None) -> list[int]:
+            chosen, rate["fps"] = _sample(total, fps or self.video_fps, max_frames, media.start, media.end)
+            return list(chosen)
 
-        try:
-            frames, _ = video_utils.load_video(str(path), backend=backend, sample_indices_fn=indices)
-        except Exception as exc:  # the decoders raise their own error types
-            raise PModInputError(f"{what}: cannot decode the video {path} with {backend}: {exc}") from exc
-        return [Image.fromarray(np.asarray(frame)).convert("RGB") for frame in frames], rate["fps"]
+        return decode_video(path, backend, choose, what), rate["fps"]
 
     def _visual_prompt(self, context: str, visuals: Any, metadata: dict[str, Any], task: str, doc_id: Any) -> _Prompt:
         """A ``doc_to_visual`` / ``doc_to_text`` request's prompt: one placeholder per image or video in front of

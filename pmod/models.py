@@ -190,6 +190,12 @@ class PModModelMixin:
             # Image (video) tokens are targets only where image (video) features are spliced in.
             target = input_ids == image_token_id if has_images else torch.zeros_like(valid)
             if has_images and settings.settings.targets == "vision_hr":
+                per_row = arguments.get("batch_num_images", extra.get("batch_num_images"))
+                if per_row is not None and any(int(n) > 1 for n in per_row):
+                    # LLaVA-OneVision gives the images of a multi-image row only a base grid (no high-res part)
+                    raise PModInputError("targets='vision_hr' needs one image per row: LLaVA-OneVision processes the "
+                                         "images of a multi-image row without a high-resolution part. Use "
+                                         "targets='vision' for multi-image inputs.")
                 target = high_resolution_targets(self.config, target, arguments.get("image_sizes"))
             if has_videos and settings.settings.targets == "vision_hr":
                 raise PModInputError("targets='vision_hr' routes the high-resolution part of images; videos have none. "

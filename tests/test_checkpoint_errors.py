@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from test_convert_original import _original_config, _original_state, write_original
-from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, LlavaForConditionalGeneration
 
 import pmod
 from pmod.cli import main
@@ -365,3 +365,28 @@ def test_malformed_pmod_entry_names_the_file(pmod_dir, entry, error, message):
     with pytest.raises(error, match=message) as caught:
         pmod.load_model(pmod_dir)
     assert str(pmod_dir / "config.json") in str(caught.value)
+
+
+def test_a_folder_that_appears_while_converting_is_never_replaced_without_force(dense_dir, tmp_path, monkeypatch):
+    """OUT was missing when the conversion started and holds a user's files when it ends: without --force they stay."""
+    out = tmp_path / "out"
+    real = LlavaForConditionalGeneration.save_pretrained
+
+    def meanwhile(self, *args, **kwargs):  # someone writes to OUT while the converted model is being saved
+        out.mkdir(exist_ok=True)
+        (out / "precious.txt").write_text("mine")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(LlavaForConditionalGeneration, "save_pretrained", meanwhile)
+    with pytest.raises(ConversionError, match="appeared while it was being written.*--force"):
+        convert_dense(dense_dir, out, pmod.PModConfig(schedule=[0.5, 0.5]))
+    assert sorted(p.name for p in out.iterdir()) == ["precious.txt"] and _hidden(tmp_path) == []
+
+
+def test_converted_folder_keeps_the_pmod_model_card(dense_dir, tmp_path):
+    """The dense folder's own README (hub checkpoints have one) is not copied over the card that says to import pmod."""
+    (dense_dir / "README.md").write_text("# llava-hf model card")
+    (dense_dir / "special_tokens_map.json").write_text("{}")
+    out = convert_dense(dense_dir, tmp_path / "out", pmod.PModConfig(schedule=[0.5, 0.5]))
+    assert "import pmod" in (out / "README.md").read_text()
+    assert (out / "special_tokens_map.json").read_text() == "{}"  # other files still come along

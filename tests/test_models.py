@@ -235,3 +235,14 @@ def test_non_contiguous_hidden_states():
     assert not strided.is_contiguous()
     with torch.no_grad():
         torch.testing.assert_close(model(inputs_embeds=strided).logits, model(inputs_embeds=embeds).logits)
+
+
+def test_high_resolution_targets_refuse_multi_image_onevision_rows():
+    """LLaVA-OneVision processes the images of a multi-image row as base grids only: no high-resolution part."""
+    from pmod.tiny import tiny_llava_onevision
+
+    model = pmod.apply_pmod(tiny_llava_onevision(), pmod.PModConfig(schedule=[1.0, 1.0, 0.5, 0.5], targets="vision_hr"))
+    ids = torch.randint(1, 50, (1, 12))
+    with pytest.raises(pmod.PModInputError, match="one image per row"):
+        model(input_ids=ids, pixel_values=torch.zeros(2, 5, 3, 28, 28), image_sizes=torch.tensor([[28, 28], [28, 28]]),
+              batch_num_images=torch.tensor([2]))

@@ -180,3 +180,36 @@ def test_llava_onevision_answers_video_files_of_different_lengths_in_groups(tmp_
     assert [q.prediction for q in batched.records] == [q.prediction for q in alone.records]
     assert all(len(q.prediction.split()) == 3 for q in batched.records)
     assert [q.flops_ratio for q in batched.records] == pytest.approx([q.flops_ratio for q in alone.records])
+
+
+@pytest.mark.parametrize("container", ["avi", "mkv"])
+def test_the_lmms_eval_plugin_decodes_with_the_same_reader(container, tmp_path):
+    """The plugin's video files go through pmod.data.decode_video: Matroska / WebM (no frame count in the header)
+    decode, and all of a clip's frames come out in order."""
+    from pmod.lmms_eval_plugin import PMod, _Media
+
+    codec = {"avi": ("png", "rgb24"), "mkv": ("ffv1", "bgr0")}[container]
+    name = _clip(tmp_path, f"clip.{container}", *codec)
+    plugin = PMod.__new__(PMod)  # only the decoding settings matter here
+    plugin.video_backend, plugin.video_fps = None, 2.0
+    frames, fps = plugin._decode(tmp_path / name, _Media("video", tmp_path / name), "task 't' document 0", max_frames=8)
+    assert len(frames) == 8 and fps == pytest.approx(4.0)
+    assert [f.getpixel((3, 3)) for f in frames] == COLOURS[:8]
+
+
+def test_channels_first_decoders_give_the_same_frames(tmp_path, monkeypatch):
+    """torchcodec and torchvision return (T, C, H, W) frames; decode_video turns them into the same images."""
+    from transformers import video_utils
+
+    from pmod.data import decode_video
+
+    frames = np.stack([np.full((28, 28, 3), c, np.uint8) for c in COLOURS[:4]])  # (T, H, W, C)
+    meta = video_utils.VideoMetadata(total_num_frames=4, fps=4.0, width=28, height=28, duration=1.0)
+
+    def channels_first(path, backend=None, sample_indices_fn=None, **kwargs):
+        chosen = sample_indices_fn(meta)
+        return frames[chosen].transpose(0, 3, 1, 2), meta  # (T, C, H, W)
+
+    monkeypatch.setattr(video_utils, "load_video", channels_first)
+    images = decode_video(tmp_path / "clip.mp4", "torchcodec", lambda total, rate: list(range(total)))
+    assert [im.getpixel((0, 0)) for im in images] == COLOURS[:4]
