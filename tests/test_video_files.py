@@ -186,6 +186,7 @@ def test_llava_onevision_answers_video_files_of_different_lengths_in_groups(tmp_
 def test_the_lmms_eval_plugin_decodes_with_the_same_reader(container, tmp_path):
     """The plugin's video files go through pmod.data.decode_video: Matroska / WebM (no frame count in the header)
     decode, and all of a clip's frames come out in order."""
+    pytest.importorskip("lmms_eval")  # the plugin's base class; installed in the main venv only
     from pmod.lmms_eval_plugin import PMod, _Media
 
     codec = {"avi": ("png", "rgb24"), "mkv": ("ffv1", "bgr0")}[container]
