@@ -27,7 +27,7 @@ from pathlib import Path
 from . import __version__
 from .argtypes import nonnegative_float, nonnegative_int, positive_int, ratio
 from .config import PModConfig
-from .errors import PModError
+from .errors import PModError, one_line
 
 # Kept in step with pmod.efficiency.PRESETS and pmod.demo.ARCHES by a test; listed here so that `pmod --help` does
 # not import torch.
@@ -335,13 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         expected = isinstance(exc, (PModError, OSError, UnicodeDecodeError, json.JSONDecodeError))
         what = "error" if expected else f"unexpected {type(exc).__name__}"
         hint = "" if expected else " (rerun with --debug for the traceback, and please report it)"
-        sys.stderr.write(f"pmod {args.command}: {what}: {_one_line(exc)}{hint}\n")
+        sys.stderr.write(f"pmod {args.command}: {what}: {one_line(exc, limit=2000)}{hint}\n")
         return 2 if expected else 1
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())  # messages from deep inside libraries may span lines
-    return text if len(text) <= 2000 else text[:2000] + " ..."
 
 
 if __name__ == "__main__":

@@ -15,12 +15,11 @@ import math
 import os
 import shutil
 import zipfile
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from .config import PModConfig, ResolvedPMod
-from .errors import CheckpointError, PModError, UnsupportedModelError
+from .errors import CheckpointError, PModError, UnsupportedModelError, describe_names, one_line
 from .files import recover_dir, write_dir_atomic
 
 logger = logging.getLogger(__name__)
@@ -33,18 +32,6 @@ _INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 class ConversionError(CheckpointError):
     """A checkpoint could not be converted (missing files, mismatched weights, existing output)."""
-
-
-def one_line(exc: BaseException) -> str:
-    """An exception's message on one line (some libraries' messages span several), for one-line errors."""
-    return " ".join(str(exc).split())
-
-
-def describe_names(names: Iterable[str], limit: int = 5) -> str:
-    """The first ``limit`` names and how many more: error messages stay one readable line."""
-    names = sorted(names)
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "") + f" ({len(names)} in all)"
 
 
 def check_weight_files(src: Path, error: type[CheckpointError] = ConversionError) -> list[str]:

@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 from torch import nn
 
-from .errors import CheckpointError, PModConfigError
+from .errors import CheckpointError, PModConfigError, describe_names
 
 logger = logging.getLogger(__name__)
 
@@ -221,7 +221,6 @@ def _check_adapter_weights(model, adapter_dir: Path) -> None:
         saved = set(f.keys())
     expected = set(get_peft_model_state_dict(model))
     if saved != expected:
-        from .convert import describe_names
 
         problems = [f"{what} {describe_names(keys)}" for what, keys in
                     (("missing", expected - saved), ("unexpected", saved - expected)) if keys]

@@ -47,7 +47,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from .cache import PModCache
 from .compat import CACHE_KWARG, CACHE_NAMES, pop_cache
 from .config import PModConfig, ResolvedPMod
-from .errors import CheckpointError, PModConfigError, PModInputError, UnsupportedModelError
+from .errors import CheckpointError, PModConfigError, PModInputError, UnsupportedModelError, describe_names, one_line
 from .layer import SUPPORTED_ATTENTION, PModLayerMixin, convert_decoder_layer
 from .layout import high_resolution_targets
 from .routing import LayerRouting, RoutingPlan
@@ -524,7 +524,6 @@ def _read_config(path: str | os.PathLike, source: Path | None):
     try:
         return AutoConfig.from_pretrained(source)
     except Exception as exc:  # not JSON, no or unknown model_type, fields of the wrong type: many exception types
-        from .convert import one_line
 
         raise CheckpointError(f"Cannot read {config_file}: {one_line(exc)}") from exc
 
@@ -574,7 +573,7 @@ def check_loaded_weights(
     """Raise ``error`` if ``from_pretrained``'s loading info reports missing, unexpected or wrongly shaped tensors,
     or if the weight files (`pmod.convert.inspect_weight_files`) hold integer tensors for a model of floats.
     Tied weights (an LM head tied to the embeddings) and non-persistent buffers are not missing."""
-    from .convert import describe_names, non_floating_tensors
+    from .convert import non_floating_tensors
 
     problems = []
     if info.get("missing_keys"):
