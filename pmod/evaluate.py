@@ -441,7 +441,7 @@ def _resolve_media(pending: list[_Item], processor: Any, folder: Path | None, ba
     if "LlavaOnevision" in type(video_processor).__name__:  # stacks the videos of one call
         for b in range(0, len(pending), batch_size):
             counts = {min(len(v), it.max_frames or len(v)) for it in pending[b : b + batch_size] for v in it.videos
-                      if isinstance(v, list)}  # decoded videos' counts are known later: see _stacking_groups
+                      if isinstance(v, list)}  # decoded videos' counts are known later: see stacking_groups
             if len(counts) > 1:
                 raise PModInputError(
                     f"LLaVA-OneVision stacks the videos of a batch, and the batch starting at record "
@@ -450,9 +450,10 @@ def _resolve_media(pending: list[_Item], processor: Any, folder: Path | None, ba
                 )
 
 
-def _stacking_groups(processor: Any, ids: list[Any], videos: Sequence[list[list[Any]]]) -> list[list[int]]:
+def stacking_groups(processor: Any, labels: Sequence[str], videos: Sequence[list[list[Any]]]) -> list[list[int]]:
     """Rows of a batch that go into one generate call: all of them, or, where LLaVA-OneVision (it stacks the
-    videos of a call) has decoded videos of different frame counts, groups of one count."""
+    videos of a call) has videos of different frame counts, groups of one count. ``labels`` name the rows in the
+    error for a row whose own videos differ."""
     counts = [frozenset(len(v) for v in row) for row in videos]
     if "LlavaOnevision" not in type(getattr(processor, "video_processor", None)).__name__ or len(
             frozenset().union(*counts)) <= 1:
@@ -460,7 +461,7 @@ def _stacking_groups(processor: Any, ids: list[Any], videos: Sequence[list[list[
     groups: dict[frozenset[int], list[int]] = {}
     for j, c in enumerate(counts):
         if len(c) > 1:
-            raise PModInputError(f"record {ids[j]!r}: LLaVA-OneVision stacks the videos of a record, and its videos "
+            raise PModInputError(f"{labels[j]}: LLaVA-OneVision stacks the videos of a prompt, and its videos "
                                  f"have {sorted(c)} frames: give them one frame count (e.g. with 'max_frames')")
         groups.setdefault(c, []).append(j)
     return list(groups.values())
@@ -593,7 +594,7 @@ def evaluate(
             images = [[load_image(p) for p in it.images] for it in batch]
             videos, fps = zip(*(load_videos(it.videos, it.fps, it.max_frames, f"record {it.id!r}") for it in batch))
             answers: dict[int, tuple[str, dict[str, Any]]] = {}
-            for rows in _stacking_groups(processor, [it.id for it in batch], videos):
+            for rows in stacking_groups(processor, [f"record {it.id!r}" for it in batch], videos):
                 group_videos = [videos[j] for j in rows]
                 out = generate_batch(model, processor, [prompts[j] for j in rows], [images[j] for j in rows],
                                      max_new_tokens=max_new_tokens, videos=group_videos if any(group_videos) else None,

@@ -73,7 +73,7 @@ from .data import (
     video_metadata,
 )
 from .errors import PModConfigError, PModInputError
-from .evaluate import generate_batch
+from .evaluate import generate_batch, stacking_groups
 
 logger = logging.getLogger(__name__)
 
@@ -475,7 +475,8 @@ class PMod(lmms):
         kwargs = dict(kwargs)
         max_new_tokens = kwargs.pop("max_new_tokens")
         texts = [""] * len(prompts)
-        for rows in self._sub_batches(prompts):
+        labels = [f"task {task!r} (row {i} of a batch)" for i in range(len(prompts))]
+        for rows in stacking_groups(self.processor, labels, [p.videos for p in prompts]):
             batch = [prompts[i] for i in rows]
             videos = [p.videos for p in batch]
             out = generate_batch(
@@ -490,15 +491,6 @@ class PMod(lmms):
             for i, text in zip(rows, out.texts):
                 texts[i] = text
         return texts
-
-    def _sub_batches(self, prompts: list[_Prompt]) -> list[list[int]]:
-        """Rows of ``prompts`` that go into one generate call: all, or for LLaVA-OneVision, by frame count."""
-        if "LlavaOnevision" not in type(getattr(self.processor, "video_processor", None)).__name__:
-            return [list(range(len(prompts)))]
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, p in enumerate(prompts):
-            groups.setdefault(tuple(sorted({len(v) for v in p.videos})), []).append(i)
-        return list(groups.values())
 
     # ------------------------------------------------------------------ lmms API
     def generate_until(self, requests: list[Instance]) -> list[str]:
