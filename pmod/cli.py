@@ -204,8 +204,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
                       string=not args.no_string, seed=args.seed, arch=args.arch)
     report = run_demo(demo)
     name = demo.pmod_name()
-    acc, fl, lat = report["accuracy"], report["prefill_flops"], report["prefill_latency_s"]
-    _emit(f"test accuracy: dense {acc['dense']:.1%}, {name} {acc[name]:.1%} ({acc['gap_points']:+.1f} points)")
+    acc, sd, fl, lat = report["accuracy"], report["accuracy_sd"], report["prefill_flops"], report["prefill_latency_s"]
+    _emit(f"test accuracy over {len(report['accuracy_by_seed'])} seed(s), mean ± sd: dense {acc['dense']:.1%} ± "
+          f"{sd['dense']:.1%}, {name} {acc[name]:.1%} ± {sd[name]:.1%} ({acc['gap_points']:+.1f} ± "
+          f"{sd['gap_points']:.1f} points)")
     _emit(f"prefill FLOPs ratio {fl['ratio']:.3f} (realised {fl['realised_ratio']:.3f}), "
           f"prefill latency ratio {lat['ratio']:.3f}, training step time ratio {report['train_step_s']['ratio']:.3f}")
     _emit(f"report: {Path(args.out) / demo.file('report.md')} ({report['seconds']:.0f} s)")
@@ -307,12 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="a miniature p-MoD experiment on CPU: train dense and p-MoD, evaluate, report")
     p.add_argument("--out", default="demo-output")
-    p.add_argument("--quick", action="store_true", help="smoke-test size (about 2 minutes)")
+    p.add_argument("--quick", action="store_true", help="smoke-test size (one seed, about 2 minutes)")
     p.add_argument("--schedule", choices=["shifted_cos", "constant"], default="shifted_cos",
                    help="constant: the ratio-schedule ablation")
     p.add_argument("--no-tanh-norm", action="store_true", help="ablation: unbounded router weight alpha * s + beta")
     p.add_argument("--no-string", action="store_true", help="ablation: skipped tokens pass unchanged (no STRing)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="base seed: of the data and the first of the repetitions")
     p.add_argument("--arch", choices=DEMO_ARCHES, default="llava",
                    help="the tiny model's architecture (qwen2-vl: dynamic-resolution patches, M-RoPE)")
     p.set_defaults(func=cmd_demo)

@@ -365,6 +365,7 @@ def _split_stats(entries: list[dict[str, Any]]) -> dict[str, Any]:
         "majority_baseline": majority_count / total if total else 0.0,
         "per_type_majority_baseline": sum(c.most_common(1)[0][1] for c in by_type.values()) / total if total else 0.0,
         "question_type_counts": {t: sum(c.values()) for t, c in sorted(by_type.items())},
+        "majority_baseline_by_type": {t: c.most_common(1)[0][1] / sum(c.values()) for t, c in sorted(by_type.items())},
     }
 
 

@@ -64,11 +64,13 @@ def tiny_llava(
     attn_implementation: str = "sdpa",
     family: str = "llama",
     seed: int = 0,
+    vision_hidden_size: int = 32,
+    vision_layers: int = 2,
 ) -> LlavaForConditionalGeneration:
     """A LLaVA-1.5-shaped model: (image_size / patch_size)^2 image tokens per image; image token = vocab_size - 1."""
     torch.manual_seed(seed)
     cfg = LlavaConfig(
-        vision_config=vision_config(image_size, patch_size),
+        vision_config=vision_config(image_size, patch_size, vision_hidden_size, vision_layers),
         text_config=text_config(family, vocab_size, hidden_size, num_layers, attn_implementation=attn_implementation),
         image_token_id=vocab_size - 1,
         image_seq_length=(image_size // patch_size) ** 2,
