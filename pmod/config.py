@@ -11,15 +11,13 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from . import schedules
 from .errors import PModConfigError
 
-ScheduleKind = Literal["shifted_cos", "shifted_linear", "constant", "interleave"]
 TargetKind = Literal["vision", "vision_hr", "all"]
-_SCHEDULES = ("shifted_cos", "shifted_linear", "constant", "interleave")
-_TARGETS = ("vision", "vision_hr", "all")
+_TARGETS: tuple[TargetKind, ...] = get_args(TargetKind)
 
 
 @dataclass
@@ -48,7 +46,7 @@ class PModConfig:
             below 1; list a layer here to route it even at ratio 1 (e.g. to test the routed path).
     """
 
-    schedule: ScheduleKind | list[float] = "shifted_cos"
+    schedule: schedules.Name | list[float] = "shifted_cos"
     average_ratio: float = 0.5
     max_ratio: float = 0.85
     min_ratio: float = 0.15
@@ -70,9 +68,9 @@ class PModConfig:
             self.schedule = [_number(r, f"schedule[{i}]") for i, r in enumerate(self.schedule)]
             for i, r in enumerate(self.schedule):
                 _check_ratio(r, f"schedule[{i}]")
-        elif self.schedule not in _SCHEDULES:
+        elif self.schedule not in schedules.NAMES:
             raise PModConfigError(
-                f"Unknown schedule {self.schedule!r}: use one of {', '.join(_SCHEDULES)} or a list of per-layer ratios."
+                f"Unknown schedule {self.schedule!r}: use one of {', '.join(schedules.NAMES)} or a list of per-layer ratios."
             )
         # every schedule parameter is a keep ratio (the shifted schedules clip to [min_ratio, max_ratio])
         for name in ("average_ratio", "max_ratio", "min_ratio"):
