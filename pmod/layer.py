@@ -73,7 +73,7 @@ class PModLayerMixin:
             # Nothing to route (a decoding step, a text-only batch): the plain dense layer, on every token.
             positions = torch.arange(length, device=x.device).expand(batch, length)
             sel = Selection(positions, torch.ones_like(pmod_plan.valid), pmod_plan.valid, torch.zeros_like(pmod_plan.valid))
-            mask = self._mask(attention_mask, sel, cache, pmod_plan, length, True, float_dtype)
+            mask = self._stage_and_mask(attention_mask, sel, cache, pmod_plan, length, True, float_dtype)
             h, mlp_out = self._attention_mlp(x, mask, position_ids, position_embeddings, attend)
             self._record(pmod_plan, sel, logits)
             if torch.is_grad_enabled() and self.training:
@@ -94,7 +94,7 @@ class PModLayerMixin:
         out = (x * skip_weight[..., None]).contiguous()
         if width == 0:  # no example processes any token in this layer
             if cache is not None:
-                cache.layers[self.pmod_layer_idx].advance(length, batch, x.device)
+                cache.layers[self.pmod_layer_idx].skip(length, batch, x.device)  # protocol step 3b (pmod/cache.py)
             self._record(pmod_plan, sel, logits)
             return out
 
@@ -108,7 +108,7 @@ class PModLayerMixin:
         if position_ids is not None:
             position_ids = position_ids.expand(batch, -1).gather(1, pos)
         uniform = pmod_plan.uniform[self.pmod_layer_idx]
-        mask = self._mask(attention_mask, sel, cache, pmod_plan, length, uniform, float_dtype)
+        mask = self._stage_and_mask(attention_mask, sel, cache, pmod_plan, length, uniform, float_dtype)
         h, mlp_out = self._attention_mlp(xs, mask, position_ids, (cos, sin), attend)
 
         slot_weight = weight.gather(1, pos)[..., None]  # (B, S, 1)
@@ -138,14 +138,16 @@ class PModLayerMixin:
         h = xs + attn_out
         return h, self.mlp(self.post_attention_layernorm(h))
 
-    def _mask(self, attention_mask, sel: Selection, cache, plan: RoutingPlan, length: int, uniform: bool, float_dtype):
-        """Stage this step's columns in the cache and build the attention mask over the held keys."""
-        columns = torch.where(sel.slot_valid, sel.positions + plan.past_length, -1)  # (B, S)
+    def _stage_and_mask(self, attention_mask, sel: Selection, cache, plan: RoutingPlan, length: int, uniform: bool,
+                        float_dtype):
+        """Stage this step's key columns in the cache (protocol step 3a, pmod/cache.py; the attention's ``update``
+        commits them) and build the attention mask of the gathered queries over every key held after that update."""
+        columns = torch.where(sel.slot_valid, sel.positions + plan.past_length, -1)  # (B, S) logical column per slot
         held_empty = False
         if cache is not None:
             layer: PModCacheLayer = cache.layers[self.pmod_layer_idx]
             held_empty = layer.has_empty_slots
-            columns = layer.stage(columns, length, full=uniform)
+            columns = layer.stage(columns, length, full=uniform)  # (B, S_held + S)
         width = sel.positions.shape[1]
         # Plain causal attention (mask None) is exact when every slot holds a token and the queries either
         # are all the keys (ascending positions) or are a single token that sees every held key.
