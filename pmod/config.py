@@ -1,8 +1,10 @@
-"""`PModConfig`: the p-MoD settings of a model, as a typed dataclass.
+"""`PModConfig`: the p-MoD settings of a model, as a typed dataclass; `ResolvedPMod`: those settings resolved for
+one model depth, and the `RoutedLayerSpec` of each routed layer.
 
 The resolved per-layer values (`layer_ratios`, `routed_layers`) are what a model actually uses; they
 are written into the model's `config.json` next to the settings that produced them, so a saved model
-never depends on re-running a schedule.
+never depends on re-running a schedule. The dict in ``config.pmod`` is written by `apply_pmod` and parsed when a
+model is built (`apply_pmod`, ``from_pretrained``); forwards read the model's `ResolvedPMod` (``model.pmod``).
 """
 
 from __future__ import annotations
@@ -161,16 +163,49 @@ def _integer(value: Any, name: str) -> int:
     return value
 
 
-@dataclass
+@dataclass(frozen=True)
+class RoutedLayerSpec:
+    """Everything one routed layer needs, fixed when the model is built; the layer holds it as ``layer.pmod_spec``.
+
+    The routing plan of every forward takes the keep ratios from these same objects (`ResolvedPMod.layers`), so the
+    ratio a layer reports (`LayerRouting.keep_ratio`) is the one it selected with.
+    """
+
+    index: int  # decoder layer index, also the layer's slot in the `PModCache`
+    keep_ratio: float
+    alpha: float  # TanhNorm: router weight g = alpha * tanh(s) + beta
+    beta: float
+    tanh_norm: bool
+    string: bool  # STRing: skipped target tokens become g * x (False: they pass unchanged)
+    router_bias: bool  # how a missing router is built
+    router_zero_init: bool
+
+
+@dataclass(frozen=True)
 class ResolvedPMod:
-    """What a converted model stores in ``config.pmod``: the settings plus the resolved per-layer values."""
+    """What a converted model stores in ``config.pmod``: the settings plus the resolved per-layer values.
+
+    ``layers`` (derived, not saved) holds the `RoutedLayerSpec` of each routed layer, in layer order.
+    """
 
     settings: PModConfig
     layer_ratios: list[float]
     routed_layers: list[int]
+    layers: tuple[RoutedLayerSpec, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        s = self.settings
+        specs = tuple(
+            RoutedLayerSpec(i, float(self.layer_ratios[i]), float(s.alpha), float(s.beta), s.tanh_norm, s.string,
+                            s.router_bias, s.router_zero_init)
+            for i in sorted(set(self.routed_layers))  # a hand-edited config.json may list them in any order
+        )
+        object.__setattr__(self, "layers", specs)  # a frozen dataclass sets its derived fields this way
 
     @classmethod
     def resolve(cls, settings: PModConfig, num_layers: int) -> ResolvedPMod:
+        # a validated copy: settings changed after construction are caught, and later changes do not reach the model
+        settings = dataclasses.replace(settings)
         ratios = settings.layer_ratios(num_layers)
         for i, r in enumerate(ratios):  # after the derivation too, not only the inputs
             _check_ratio(r, f"the derived keep ratio of layer {i}")
@@ -181,6 +216,7 @@ class ResolvedPMod:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ResolvedPMod:
+        """Parse a saved ``config.pmod`` (a test in tests/test_save_load.py pins the format that checkpoints hold)."""
         try:
             settings = PModConfig.from_dict(dict(data["settings"]))
             ratios = [_number(r, f"layer_ratios[{i}]") for i, r in enumerate(data["layer_ratios"])]
