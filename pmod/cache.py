@@ -1,10 +1,28 @@
 """A KV cache whose routed layers hold entries only for the tokens they processed (method.md section 4).
 
 Every layer reports the *logical* sequence length (all tokens seen so far), because transformers derives
-position ids, the causal mask and `generate`'s input slicing from it. A routed layer additionally records,
-for each physical entry, the logical column (sequence position) it belongs to, or -1 for an empty slot
-of a row that processed fewer tokens than the widest row; the layer builds its attention mask from
-those columns.
+position ids, the causal mask and `generate`'s input slicing from it.
+
+The protocol, for each forward call of a p-MoD model over T new tokens:
+
+1. The model (`pmod.models.PModModelMixin`) takes the caller's `PModCache` or creates one (one `PModCacheLayer` per
+   decoder layer) and plans routing with ``past_length = cache.get_seq_length()``.
+2. A dense layer: its attention calls ``cache.update(keys, values, layer_idx)`` as in transformers; the layer appends
+   the T entries and its logical length grows by T.
+3. A routed layer (`pmod.layer.PModLayerMixin`) that gathered the tokens it processes into S slots per example:
+
+   a. if any example processes a token: before its attention runs it calls `PModCacheLayer.stage` with the logical
+      column of each slot (``past_length + position``, -1 for an empty slot) and builds its attention mask from the
+      returned columns of every entry it will hold; its attention then calls ``update`` exactly once, which appends
+      the S entries, checks their count against the staged columns and commits the stage (columns, empty-slot flag,
+      logical length + T). A step that routes nothing (a decoding step) is this case with every slot full.
+   b. if no example processes any token: it calls `PModCacheLayer.skip` instead (no entries, logical length + T).
+
+What a layer stores: keys and values (B, heads, S_phys, head_dim) as in `DynamicLayer`, ``logical_length``, and for a
+routed layer ``columns`` (B, S_phys), the logical column of each held entry or -1 for an empty slot of a row that
+processed fewer tokens than the widest row, with ``has_empty_slots`` set once any entry is -1 (plain causal attention
+is exact only without them). A layer is dense or routed from its first step on: ``update`` without ``stage`` on a
+routed layer, or ``stage`` on a dense layer that holds entries, is an error.
 """
 
 from __future__ import annotations
@@ -16,57 +34,47 @@ from .errors import PModInputError
 
 
 class PModCacheLayer(DynamicLayer):
-    """One layer of a `PModCache`.
-
-    Dense layers behave like `DynamicLayer`. A routed layer calls `stage` before its attention runs;
-    the following `update` then appends the staged columns along with the keys and values.
-    """
+    """One layer of a `PModCache`: a `DynamicLayer` for dense layers, plus the stage / update handshake of routed
+    layers (module docstring)."""
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.logical_length = 0
         self.columns: torch.Tensor | None = None  # (B, S_phys) long for routed layers
         self.has_empty_slots = False  # some held entry is an empty slot (column -1)
-        self._staged: tuple[torch.Tensor, int, bool] | None = None
-
-    @property
-    def is_routed(self) -> bool:
-        return self.columns is not None or self._staged is not None
+        self._staged: tuple[torch.Tensor, int, bool] | None = None  # (columns after the update, T, no empty slot)
 
     def stage(self, columns: torch.Tensor, step_length: int, full: bool) -> torch.Tensor:
-        """Announce the logical columns of the next `update` (B, S_new; -1 = empty slot; ``full``: none is -1).
-
-        Returns the columns of every entry the layer will hold after the update, (B, S_phys + S_new).
-        """
+        """Step 3a: announce the logical columns of the next `update` (B, S_new; -1 = empty slot; ``full``: none is
+        -1). Returns the columns of every entry the layer will hold after the update, (B, S_phys + S_new)."""
         if self.logical_length and self.columns is None:
             raise PModInputError("A dense cache layer cannot become a routed one mid-sequence.")
         held = columns if self.columns is None else torch.cat([self.columns, columns], dim=1)
         self._staged = (held, step_length, full)
         return held
 
-    def advance(self, step_length: int, batch: int, device: torch.device) -> None:
-        """Record a step in which this routed layer processed no token of any example."""
-        if self.columns is None:
-            if self.logical_length:
-                raise PModInputError("A dense cache layer cannot become a routed one mid-sequence.")
-            self.columns = torch.empty(batch, 0, dtype=torch.long, device=device)
-        self.logical_length += step_length
+    def skip(self, step_length: int, batch: int, device: torch.device) -> None:
+        """Step 3b: record a step in which this routed layer processed no token of any example."""
+        self.stage(torch.empty(batch, 0, dtype=torch.long, device=device), step_length, full=True)
+        self._commit()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         keys, values = super().update(key_states, value_states, *args, **kwargs)
         if self._staged is not None:
-            held, step, full = self._staged
-            if held.shape[1] != keys.shape[-2]:
-                raise PModInputError(f"Staged {held.shape[1]} columns but the layer holds {keys.shape[-2]} entries.")
-            self.columns = held
-            self.has_empty_slots |= not full
-            self.logical_length += step
-            self._staged = None
+            if self._staged[0].shape[1] != keys.shape[-2]:
+                raise PModInputError(f"Staged {self._staged[0].shape[1]} columns but the layer holds {keys.shape[-2]} entries.")
+            self._commit()
         elif self.columns is not None:
             raise PModInputError("A routed cache layer was updated without its columns being staged.")
         else:
             self.logical_length += key_states.shape[-2]
         return keys, values
+
+    def _commit(self) -> None:
+        self.columns, step_length, full = self._staged
+        self.has_empty_slots |= not full
+        self.logical_length += step_length
+        self._staged = None
 
     def get_seq_length(self) -> int:
         return self.logical_length

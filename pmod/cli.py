@@ -24,7 +24,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from . import __version__
+from . import __version__, schedules
 from .argtypes import nonnegative_float, nonnegative_int, positive_int, ratio
 from .config import PModConfig
 from .errors import PModError, one_line
@@ -45,7 +45,7 @@ def _emit(text: str = "") -> None:
 
 
 def _schedule_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--schedule", default="shifted_cos", choices=["shifted_cos", "shifted_linear", "constant", "interleave"])
+    p.add_argument("--schedule", default="shifted_cos", choices=schedules.NAMES)
     p.add_argument("--average-ratio", type=ratio, default=0.5)
     p.add_argument("--max-ratio", type=ratio, default=0.85)
     p.add_argument("--min-ratio", type=ratio, default=0.15)

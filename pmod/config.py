@@ -1,8 +1,10 @@
-"""`PModConfig`: the p-MoD settings of a model, as a typed dataclass.
+"""`PModConfig`: the p-MoD settings of a model, as a typed dataclass; `ResolvedPMod`: those settings resolved for
+one model depth, and the `RoutedLayerSpec` of each routed layer.
 
 The resolved per-layer values (`layer_ratios`, `routed_layers`) are what a model actually uses; they
 are written into the model's `config.json` next to the settings that produced them, so a saved model
-never depends on re-running a schedule.
+never depends on re-running a schedule. The dict in ``config.pmod`` is written by `apply_pmod` and parsed when a
+model is built (`apply_pmod`, ``from_pretrained``); forwards read the model's `ResolvedPMod` (``model.pmod``).
 """
 
 from __future__ import annotations
@@ -11,15 +13,13 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from . import schedules
 from .errors import PModConfigError
 
-ScheduleKind = Literal["shifted_cos", "shifted_linear", "constant", "interleave"]
 TargetKind = Literal["vision", "vision_hr", "all"]
-_SCHEDULES = ("shifted_cos", "shifted_linear", "constant", "interleave")
-_TARGETS = ("vision", "vision_hr", "all")
+_TARGETS: tuple[TargetKind, ...] = get_args(TargetKind)
 
 
 @dataclass
@@ -48,7 +48,7 @@ class PModConfig:
             below 1; list a layer here to route it even at ratio 1 (e.g. to test the routed path).
     """
 
-    schedule: ScheduleKind | list[float] = "shifted_cos"
+    schedule: schedules.Name | list[float] = "shifted_cos"
     average_ratio: float = 0.5
     max_ratio: float = 0.85
     min_ratio: float = 0.15
@@ -70,9 +70,9 @@ class PModConfig:
             self.schedule = [_number(r, f"schedule[{i}]") for i, r in enumerate(self.schedule)]
             for i, r in enumerate(self.schedule):
                 _check_ratio(r, f"schedule[{i}]")
-        elif self.schedule not in _SCHEDULES:
+        elif self.schedule not in schedules.NAMES:
             raise PModConfigError(
-                f"Unknown schedule {self.schedule!r}: use one of {', '.join(_SCHEDULES)} or a list of per-layer ratios."
+                f"Unknown schedule {self.schedule!r}: use one of {', '.join(schedules.NAMES)} or a list of per-layer ratios."
             )
         # every schedule parameter is a keep ratio (the shifted schedules clip to [min_ratio, max_ratio])
         for name in ("average_ratio", "max_ratio", "min_ratio"):
@@ -163,16 +163,49 @@ def _integer(value: Any, name: str) -> int:
     return value
 
 
-@dataclass
+@dataclass(frozen=True)
+class RoutedLayerSpec:
+    """Everything one routed layer needs, fixed when the model is built; the layer holds it as ``layer.pmod_spec``.
+
+    The routing plan of every forward takes the keep ratios from these same objects (`ResolvedPMod.layers`), so the
+    ratio a layer reports (`LayerRouting.keep_ratio`) is the one it selected with.
+    """
+
+    index: int  # decoder layer index, also the layer's slot in the `PModCache`
+    keep_ratio: float
+    alpha: float  # TanhNorm: router weight g = alpha * tanh(s) + beta
+    beta: float
+    tanh_norm: bool
+    string: bool  # STRing: skipped target tokens become g * x (False: they pass unchanged)
+    router_bias: bool  # how a missing router is built
+    router_zero_init: bool
+
+
+@dataclass(frozen=True)
 class ResolvedPMod:
-    """What a converted model stores in ``config.pmod``: the settings plus the resolved per-layer values."""
+    """What a converted model stores in ``config.pmod``: the settings plus the resolved per-layer values.
+
+    ``layers`` (derived, not saved) holds the `RoutedLayerSpec` of each routed layer, in layer order.
+    """
 
     settings: PModConfig
     layer_ratios: list[float]
     routed_layers: list[int]
+    layers: tuple[RoutedLayerSpec, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        s = self.settings
+        specs = tuple(
+            RoutedLayerSpec(i, float(self.layer_ratios[i]), float(s.alpha), float(s.beta), s.tanh_norm, s.string,
+                            s.router_bias, s.router_zero_init)
+            for i in sorted(set(self.routed_layers))  # a hand-edited config.json may list them in any order
+        )
+        object.__setattr__(self, "layers", specs)  # a frozen dataclass sets its derived fields this way
 
     @classmethod
     def resolve(cls, settings: PModConfig, num_layers: int) -> ResolvedPMod:
+        # a validated copy: settings changed after construction are caught, and later changes do not reach the model
+        settings = dataclasses.replace(settings)
         ratios = settings.layer_ratios(num_layers)
         for i, r in enumerate(ratios):  # after the derivation too, not only the inputs
             _check_ratio(r, f"the derived keep ratio of layer {i}")
@@ -183,6 +216,7 @@ class ResolvedPMod:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ResolvedPMod:
+        """Parse a saved ``config.pmod`` (a test in tests/test_save_load.py pins the format that checkpoints hold)."""
         try:
             settings = PModConfig.from_dict(dict(data["settings"]))
             ratios = [_number(r, f"layer_ratios[{i}]") for i, r in enumerate(data["layer_ratios"])]

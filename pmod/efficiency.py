@@ -311,7 +311,7 @@ def prefill_cost(
     n_dense = vision_tokens + text_tokens
     kept, dense_f, pmod_f = [], [], []
     for i, ratio in enumerate(resolved.layer_ratios):
-        k = _keep(vision_tokens, ratio) if i in resolved.routed_layers else vision_tokens
+        k = _keep_count(vision_tokens, ratio) if i in resolved.routed_layers else vision_tokens
         kept.append(k)
         dense_f.append(decoder_layer_flops(n_dense, dec, causal))
         router = 2 * n_dense * dec.hidden if i in resolved.routed_layers else 0
@@ -349,7 +349,7 @@ def prefill_cost(
     )
 
 
-def _keep(num_targets: int, ratio: float) -> int:
+def _keep_count(num_targets: int, ratio: float) -> int:
     # the same float32 truncation the model uses (pmod.routing.RoutingPlan.build)
     return int(torch.floor(torch.tensor(float(num_targets), dtype=torch.float32) * torch.tensor(ratio, dtype=torch.float32)))
 

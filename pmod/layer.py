@@ -3,7 +3,8 @@
 `convert_decoder_layer` turns an installed transformers decoder layer (Llama, Qwen2, Mistral, ...) into
 its routed version in place: the instance's class becomes a subclass of its own class with
 `PModLayerMixin` in front, it keeps every child module (so parameter names, dense checkpoints, gradient
-checkpointing and hooks keep working) and gains `router`, an `nn.Linear(hidden_size, 1)`.
+checkpointing and hooks keep working) and gains `router`, an `nn.Linear(hidden_size, 1)`, and ``pmod_spec``, its
+`RoutedLayerSpec` (index, keep ratio, TanhNorm and STRing settings).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .cache import PModCache, PModCacheLayer
 from .compat import CACHE_KWARG, pop_cache
+from .config import RoutedLayerSpec
 from .errors import PModInputError, UnsupportedModelError
 from .routing import LayerRouting, RoutingPlan, Selection, select_tokens
 
@@ -30,10 +32,7 @@ class PModLayerMixin:
     `post_attention_layernorm` and `mlp` children."""
 
     router: Router
-    pmod_ratio: float
-    pmod_alpha: float
-    pmod_beta: float
-    pmod_layer_idx: int
+    pmod_spec: RoutedLayerSpec
     last_routing: LayerRouting | None
 
     def forward(
@@ -48,9 +47,10 @@ class PModLayerMixin:
     ) -> torch.Tensor:
         # the cache arrives as `cache` or `past_key_values`, whichever the installed transformers uses
         cache = pop_cache(kwargs)
+        spec = self.pmod_spec
         if pmod_plan is None:
             raise PModInputError(
-                f"p-MoD layer {self.pmod_layer_idx} was called without a routing plan. Call the top-level model "
+                f"p-MoD layer {spec.index} was called without a routing plan. Call the top-level model "
                 "returned by pmod.apply_pmod / pmod.load_model (it plans routing from input_ids), not its inner "
                 "language model."
             )
@@ -73,7 +73,7 @@ class PModLayerMixin:
             # Nothing to route (a decoding step, a text-only batch): the plain dense layer, on every token.
             positions = torch.arange(length, device=x.device).expand(batch, length)
             sel = Selection(positions, torch.ones_like(pmod_plan.valid), pmod_plan.valid, torch.zeros_like(pmod_plan.valid))
-            mask = self._mask(attention_mask, sel, cache, pmod_plan, length, True, float_dtype)
+            mask = self._stage_and_mask(attention_mask, sel, cache, pmod_plan, length, True, float_dtype)
             h, mlp_out = self._attention_mlp(x, mask, position_ids, position_embeddings, attend)
             self._record(pmod_plan, sel, logits)
             if torch.is_grad_enabled() and self.training:
@@ -82,19 +82,19 @@ class PModLayerMixin:
                 return h + mlp_out + 0.0 * logits.sum().to(h.dtype)
             return h + mlp_out
 
-        sel = select_tokens(logits, pmod_plan, self.pmod_layer_idx)
+        sel = select_tokens(logits, pmod_plan, spec.index)
         pos = sel.positions  # (B, S)
         width = pos.shape[1]
         # STRing: targets carry g = alpha * tanh(s) + beta; text tokens are plain dense tokens (weight 1).
         g = self.router_weight(logits).to(x.dtype)  # (B, T)
         weight = torch.where(pmod_plan.target, g, torch.ones_like(g))  # (B, T)
-        skip_weight = weight if self.pmod_string else torch.ones_like(weight)  # (B, T)
+        skip_weight = weight if spec.string else torch.ones_like(weight)  # (B, T)
         # Skipped targets become g * x, padding passes through; processed slots are overwritten below (through a
         # flat view, so the product must be contiguous even when the caller's hidden states are not).
         out = (x * skip_weight[..., None]).contiguous()
         if width == 0:  # no example processes any token in this layer
             if cache is not None:
-                cache.layers[self.pmod_layer_idx].advance(length, batch, x.device)
+                cache.layers[spec.index].skip(length, batch, x.device)  # protocol step 3b (pmod/cache.py)
             self._record(pmod_plan, sel, logits)
             return out
 
@@ -107,8 +107,8 @@ class PModLayerMixin:
         sin = _rows(sin, pos, flat, length)
         if position_ids is not None:
             position_ids = position_ids.expand(batch, -1).gather(1, pos)
-        uniform = pmod_plan.uniform[self.pmod_layer_idx]
-        mask = self._mask(attention_mask, sel, cache, pmod_plan, length, uniform, float_dtype)
+        uniform = pmod_plan.uniform[spec.index]
+        mask = self._stage_and_mask(attention_mask, sel, cache, pmod_plan, length, uniform, float_dtype)
         h, mlp_out = self._attention_mlp(xs, mask, position_ids, (cos, sin), attend)
 
         slot_weight = weight.gather(1, pos)[..., None]  # (B, S, 1)
@@ -123,7 +123,8 @@ class PModLayerMixin:
 
     def router_weight(self, logits: torch.Tensor) -> torch.Tensor:
         """TanhNorm: g = alpha * tanh(s) + beta (``alpha * s + beta`` with the ``tanh_norm=False`` ablation)."""
-        return self.pmod_alpha * (torch.tanh(logits) if self.pmod_tanh_norm else logits) + self.pmod_beta
+        spec = self.pmod_spec
+        return spec.alpha * (torch.tanh(logits) if spec.tanh_norm else logits) + spec.beta
 
     def _attention_mlp(self, xs, mask, position_ids, position_embeddings, attend: dict):
         """Pre-norm attention and MLP of the processed tokens: (h = x + Attn, MLP(norm2(h)))."""
@@ -138,14 +139,16 @@ class PModLayerMixin:
         h = xs + attn_out
         return h, self.mlp(self.post_attention_layernorm(h))
 
-    def _mask(self, attention_mask, sel: Selection, cache, plan: RoutingPlan, length: int, uniform: bool, float_dtype):
-        """Stage this step's columns in the cache and build the attention mask over the held keys."""
-        columns = torch.where(sel.slot_valid, sel.positions + plan.past_length, -1)  # (B, S)
+    def _stage_and_mask(self, attention_mask, sel: Selection, cache, plan: RoutingPlan, length: int, uniform: bool,
+                        float_dtype):
+        """Stage this step's key columns in the cache (protocol step 3a, pmod/cache.py; the attention's ``update``
+        commits them) and build the attention mask of the gathered queries over every key held after that update."""
+        columns = torch.where(sel.slot_valid, sel.positions + plan.past_length, -1)  # (B, S) logical column per slot
         held_empty = False
         if cache is not None:
-            layer: PModCacheLayer = cache.layers[self.pmod_layer_idx]
+            layer: PModCacheLayer = cache.layers[self.pmod_spec.index]
             held_empty = layer.has_empty_slots
-            columns = layer.stage(columns, length, full=uniform)
+            columns = layer.stage(columns, length, full=uniform)  # (B, S_held + S)
         width = sel.positions.shape[1]
         # Plain causal attention (mask None) is exact when every slot holds a token and the queries either
         # are all the keys (ascending positions) or are a single token that sees every held key.
@@ -158,7 +161,7 @@ class PModLayerMixin:
             processed=sel.processed,
             selected=sel.selected,
             router_logits=logits.detach(),
-            keep_ratio=self.pmod_ratio,
+            keep_ratio=self.pmod_spec.keep_ratio,
         )
 
 
@@ -235,11 +238,8 @@ def _subset_mask(
     )
 
 
-def convert_decoder_layer(
-    layer: nn.Module, layer_idx: int, ratio: float, alpha: float, beta: float, bias: bool, zero_init: bool,
-    tanh_norm: bool = True, string: bool = True,
-) -> nn.Module:
-    """Make ``layer`` a routed p-MoD layer in place and return it."""
+def convert_decoder_layer(layer: nn.Module, spec: RoutedLayerSpec) -> nn.Module:
+    """Make ``layer`` the routed p-MoD layer ``spec`` in place and return it."""
     missing = [name for name in _REQUIRED_CHILDREN if not hasattr(layer, name)]
     if missing:
         raise UnsupportedModelError(
@@ -257,15 +257,10 @@ def convert_decoder_layer(
     if isinstance(getattr(layer, "router", None), nn.Linear) and not isinstance(layer.router, Router):
         layer.router.__class__ = Router  # same parameters, fp32 forward
     if not hasattr(layer, "router") or not isinstance(layer.router, nn.Linear):
-        layer.router = Router(hidden, 1, bias=bias, device=ref.device, dtype=ref.dtype)
-        if zero_init:
+        layer.router = Router(hidden, 1, bias=spec.router_bias, device=ref.device, dtype=ref.dtype)
+        if spec.router_zero_init:
             zero_router(layer.router)
-    layer.pmod_ratio = float(ratio)
-    layer.pmod_alpha = float(alpha)
-    layer.pmod_beta = float(beta)
-    layer.pmod_tanh_norm = bool(tanh_norm)
-    layer.pmod_string = bool(string)
-    layer.pmod_layer_idx = layer_idx
+    layer.pmod_spec = spec
     layer.last_routing = None
     return layer
 

@@ -43,7 +43,6 @@ class VisionLayout:
         return n
 
 
-
 def vision_layout(config: Any, image_size: Sequence[int] | None = None,
                   grid_thw: Sequence[int] | None = None) -> VisionLayout:
     """The token layout of one image for a LLaVA, LLaVA-NeXT, LLaVA-OneVision or Qwen2-VL config.

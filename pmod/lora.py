@@ -171,28 +171,23 @@ def load_adapter(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, *,
         raise CheckpointError(f"{adapter_dir} has no adapter_config.json; pass the folder written by save_adapter "
                               "(pmod train writes OUTPUT_DIR/adapter)")
     info = _read_adapter_info(adapter_dir)
-    wanted = info.get("pmod")
+    wanted = None if info.get("pmod") is None else ResolvedPMod.from_dict(info["pmod"])
     if wanted is not None and not read_checkpoint_config(base_dir).model_type.startswith("pmod_"):
-        base = load_model(base_dir, ResolvedPMod.from_dict(wanted).settings, **from_pretrained_kwargs)
+        base = load_model(base_dir, wanted.settings, **from_pretrained_kwargs)
     else:
         base = load_pretrained(base_dir, **from_pretrained_kwargs)
     if info:  # written by save_adapter / pmod train
-        have = base.config.pmod if isinstance(base, PModModelMixin) else None
-        if _resolved(have) != _resolved(wanted):
+        have = base.pmod if isinstance(base, PModModelMixin) else None
+        if have != wanted:
             raise CheckpointError(
                 f"the adapter in {adapter_dir} was trained on a {'dense' if wanted is None else 'p-MoD'} model "
-                f"(pmod: {wanted}), but {base_dir} gives {'a dense' if have is None else 'a p-MoD'} one (pmod: {have})")
+                f"(pmod: {info['pmod']}), but {base_dir} gives {'a dense' if have is None else 'a p-MoD'} one "
+                f"(pmod: {None if have is None else have.to_dict()})")
     with _quiet_peft():
         model = PeftModel.from_pretrained(base, os.fspath(adapter_dir))
     _check_adapter_weights(model, adapter_dir)
     model.eval()
     return model.merge_and_unload() if merge else model
-
-
-def _resolved(pmod: dict[str, Any] | None) -> dict[str, Any] | None:
-    from .config import ResolvedPMod
-
-    return None if pmod is None else ResolvedPMod.from_dict(pmod).to_dict()
 
 
 def _read_adapter_info(adapter_dir: Path) -> dict[str, Any]:

@@ -87,13 +87,9 @@ class PModModelMixin:
     """Behaviour shared by every p-MoD model class (placed before the transformers base class)."""
 
     config: Any
+    pmod: ResolvedPMod  # the p-MoD settings and resolved per-layer values, set once by `_install` (never per forward)
 
     # ------------------------------------------------------------------ structure
-    @property
-    def pmod(self) -> ResolvedPMod:
-        """The p-MoD settings and resolved per-layer values of this model."""
-        return ResolvedPMod.from_dict(self.config.pmod)
-
     def decoder_layers(self) -> nn.ModuleList:
         return _decoder_layers(self)
 
@@ -164,7 +160,7 @@ class PModModelMixin:
                 )
             valid = attention_mask[:, -length:].to(device=device, dtype=torch.bool)
 
-        settings = self.pmod
+        targets = self.pmod.settings.targets
         # generate() hands the vision encoder's outputs as {"image": ..., "video": ...} instead of pixels.
         encoded = arguments.get("mm_encoder_outputs", extra.get("mm_encoder_outputs"))
         encoded = encoded if isinstance(encoded, dict) else ({"image": encoded} if encoded is not None else {})
@@ -179,7 +175,7 @@ class PModModelMixin:
         elif past_length > 0 and not (has_images or has_videos):
             # A decoding step: generated tokens are never targets (even one that equals the image token id).
             target = torch.zeros_like(valid)
-        elif settings.settings.targets == "all":
+        elif targets == "all":
             target = valid
         elif input_ids is None or image_token_id is None:
             raise PModInputError(
@@ -189,7 +185,7 @@ class PModModelMixin:
         else:
             # Image (video) tokens are targets only where image (video) features are spliced in.
             target = input_ids == image_token_id if has_images else torch.zeros_like(valid)
-            if has_images and settings.settings.targets == "vision_hr":
+            if has_images and targets == "vision_hr":
                 per_row = arguments.get("batch_num_images", extra.get("batch_num_images"))
                 if per_row is not None and any(int(n) > 1 for n in per_row):
                     # LLaVA-OneVision gives the images of a multi-image row only a base grid (no high-res part)
@@ -197,13 +193,12 @@ class PModModelMixin:
                                          "images of a multi-image row without a high-resolution part. Use "
                                          "targets='vision' for multi-image inputs.")
                 target = high_resolution_targets(self.config, target, arguments.get("image_sizes"))
-            if has_videos and settings.settings.targets == "vision_hr":
+            if has_videos and targets == "vision_hr":
                 raise PModInputError("targets='vision_hr' routes the high-resolution part of images; videos have none. "
                                      "Use a model converted with targets='vision' for videos.")
             if has_videos and video_token_id is not None:
                 target = target | (input_ids == video_token_id)
-        ratios = {i: settings.layer_ratios[i] for i in settings.routed_layers}
-        extra["pmod_plan"] = RoutingPlan.build(target, valid, ratios, past_length=past_length)
+        extra["pmod_plan"] = RoutingPlan.build(target, valid, self.pmod.layers, past_length=past_length)
 
 
 _MODEL_CARD = """---
@@ -284,7 +279,7 @@ def _make_init(base_init):
         if getattr(config, "pmod", None) is None:
             raise PModConfigError(f"{type(self).__name__} needs config.pmod; build models with pmod.apply_pmod.")
         base_init(self, config, *args, **kwargs)
-        _convert_layers(self, ResolvedPMod.from_dict(config.pmod))
+        _install(self, ResolvedPMod.from_dict(config.pmod))  # the saved dict is parsed here, once
 
     return __init__
 
@@ -349,20 +344,20 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise UnsupportedModelError(f"Cannot find the decoder layers of {type(model).__name__}.")
 
 
-def _convert_layers(model: nn.Module, resolved: ResolvedPMod) -> None:
+def _install(model: nn.Module, resolved: ResolvedPMod) -> None:
+    """Keep ``resolved`` on the model (``model.pmod``) and make each of its routed layers the routed p-MoD layer of
+    its `RoutedLayerSpec`: the routing plan of every forward reads the same spec objects."""
     layers = _decoder_layers(model)
     if len(layers) != len(resolved.layer_ratios):
         raise PModConfigError(
             f"config.pmod has {len(resolved.layer_ratios)} layer ratios but the model has {len(layers)} decoder layers."
         )
-    s = resolved.settings
-    for i in resolved.routed_layers:
-        convert_decoder_layer(
-            layers[i], i, resolved.layer_ratios[i], s.alpha, s.beta, s.router_bias, s.router_zero_init, s.tanh_norm, s.string
-        )
+    model.pmod = resolved
+    for spec in resolved.layers:
+        convert_decoder_layer(layers[spec.index], spec)
     # device_map="auto" (accelerate) keeps the listed classes whole, matching class names exactly: a routed layer's
     # router, attention and MLP must run on one device
-    routed_names = {type(layers[i]).__name__ for i in resolved.routed_layers}
+    routed_names = {type(layers[spec.index]).__name__ for spec in resolved.layers}
     model._no_split_modules = set(getattr(model, "_no_split_modules", None) or ()) | routed_names
 
 
@@ -382,7 +377,8 @@ def apply_pmod(model: PreTrainedModel, config: PModConfig | None = None) -> PreT
     model in place.
 
     Routed decoder layers keep their parameter names and gain ``router`` (``nn.Linear(hidden, 1)``, zero
-    at start by default). The settings and per-layer ratios are stored in ``model.config.pmod``.
+    at start by default). The settings and per-layer ratios are written to ``model.config.pmod`` (what
+    ``save_pretrained`` saves) and kept as ``model.pmod`` (what forwards read).
     Returns the same model object, whose class is now the p-MoD subclass of its class.
     """
     config = config if config is not None else PModConfig()
@@ -408,7 +404,7 @@ def apply_pmod(model: PreTrainedModel, config: PModConfig | None = None) -> PreT
     model.config.__class__ = config_cls
     model.config.pmod = resolved.to_dict()
     model.__class__ = model_cls
-    _convert_layers(model, resolved)
+    _install(model, resolved)
     logger.info(
         "p-MoD: routed %d of %d layers, mean keep ratio %.4f",
         len(resolved.routed_layers),

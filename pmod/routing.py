@@ -8,9 +8,12 @@ scores (`select_tokens`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from .config import RoutedLayerSpec
 
 
 @dataclass
@@ -23,7 +26,7 @@ class RoutingPlan:
         past_length: logical number of tokens already in the KV cache before this forward.
         dense_step: no padding and no target anywhere (e.g. a decoding step): every layer processes every
             token, so routed layers can run as plain dense layers.
-        keep_targets: layer index -> (B,) long, number of target tokens each example keeps.
+        keep_counts: layer index -> (B,) long, keep count k: the number of target tokens each example keeps.
         width: layer index -> int, number of gathered slots (max over the batch of processed tokens).
         uniform: layer index -> bool, every example processes the same number of tokens and there is
             no padding, so the gathered batch has no empty slots.
@@ -33,7 +36,7 @@ class RoutingPlan:
     valid: torch.Tensor
     past_length: int
     dense_step: bool
-    keep_targets: dict[int, torch.Tensor]
+    keep_counts: dict[int, torch.Tensor]
     width: dict[int, int]
     uniform: dict[int, bool]
 
@@ -42,15 +45,14 @@ class RoutingPlan:
         cls,
         target: torch.Tensor,
         valid: torch.Tensor,
-        layer_ratios: dict[int, float],
+        layers: Sequence[RoutedLayerSpec],
         past_length: int = 0,
     ) -> RoutingPlan:
-        """Plan a forward pass over a (B, T) batch for the routed layers ``{layer_idx: keep_ratio}``."""
+        """Plan a forward pass over a (B, T) batch for the routed layers ``layers`` (the model's `ResolvedPMod.layers`)."""
         target = target & valid
         num_targets = target.sum(dim=1)  # (B,)
         num_text = valid.sum(dim=1) - num_targets  # (B,)
-        layers = sorted(layer_ratios)
-        ratios = torch.tensor([layer_ratios[i] for i in layers], dtype=torch.float32, device=target.device)
+        ratios = torch.tensor([spec.keep_ratio for spec in layers], dtype=torch.float32, device=target.device)
         # k = trunc(float32(N_V) * float32(R)), as the original computes it.
         keep = torch.floor(num_targets.to(torch.float32)[None, :] * ratios[:, None]).to(torch.long)  # (layers, B)
         processed = keep + num_text[None, :]  # (layers, B)
@@ -64,9 +66,9 @@ class RoutingPlan:
             valid=valid,
             past_length=past_length,
             dense_step=all_valid and total_targets == 0,
-            keep_targets={i: keep[j] for j, i in enumerate(layers)},
-            width={i: widest[j] for j, i in enumerate(layers)},
-            uniform={i: all_valid and widest[j] == narrowest[j] for j, i in enumerate(layers)},
+            keep_counts={spec.index: keep[j] for j, spec in enumerate(layers)},
+            width={spec.index: widest[j] for j, spec in enumerate(layers)},
+            uniform={spec.index: all_valid and widest[j] == narrowest[j] for j, spec in enumerate(layers)},
         )
 
 
@@ -100,7 +102,7 @@ def select_tokens(logits: torch.Tensor, plan: RoutingPlan, layer_idx: int) -> Se
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices  # (B, T) positions by rank
     arange = torch.arange(length, device=logits.device).expand(batch, length)
     rank = torch.empty_like(order).scatter_(1, order, arange)  # (B, T) rank of each position
-    selected = plan.target & (rank < plan.keep_targets[layer_idx][:, None])
+    selected = plan.target & (rank < plan.keep_counts[layer_idx][:, None])
     processed = (plan.valid & ~plan.target) | selected
     width = plan.width[layer_idx]
     # Processed positions first, each group in ascending position order (stable sort on a 0/1 key).
@@ -118,7 +120,7 @@ class LayerRouting:
         processed: (B, T) bool, positions the layer processed (text tokens and selected targets).
         selected: (B, T) bool, selected target positions.
         router_logits: (B, T) float32 router scores ``s``.
-        keep_ratio: the layer's keep ratio.
+        keep_ratio: the layer's keep ratio (its `RoutedLayerSpec.keep_ratio`, which the selection used).
     """
 
     target: torch.Tensor

@@ -1,12 +1,17 @@
 """Per-layer keep-ratio schedules (method.md section 3).
 
 Every function returns one value per decoder layer: a float keep ratio for a routed layer and
-``None`` for a layer that stays dense.
+``None`` for a layer that stays dense. `NAMES` is the one list of schedule names: `PModConfig` validation, the CLI's
+``--schedule`` choices and the glossary of docs/method.md (checked by a test) follow it.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
+
+Name = Literal["shifted_cos", "shifted_linear", "constant", "interleave"]
+NAMES: tuple[Name, ...] = get_args(Name)
 
 
 def shifted_cos(num_layers: int, average: float, maximum: float, minimum: float) -> list[float | None]:

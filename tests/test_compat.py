@@ -38,7 +38,7 @@ def test_routed_layer_refuses_any_other_cache(name):
     model = _model()
     ids = torch.randint(1, 100, (1, 8))
     layer = model.routed_layers()[0]
-    plan = RoutingPlan.build(torch.zeros_like(ids, dtype=torch.bool), torch.ones_like(ids, dtype=torch.bool), {0: 0.5})
+    plan = RoutingPlan.build(torch.zeros_like(ids, dtype=torch.bool), torch.ones_like(ids, dtype=torch.bool), model.pmod.layers)
     with pytest.raises(pmod.PModInputError, match="need a pmod.PModCache, got a DynamicCache"):
         layer(torch.randn(1, 8, 32), pmod_plan=plan, **{name: DynamicCache()})
 

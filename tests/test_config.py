@@ -1,9 +1,11 @@
 import json
 import math
+from pathlib import Path
 
 import pytest
 
-from pmod import PModConfig, PModConfigError
+from pmod import PModConfig, PModConfigError, schedules
+from pmod.cli import main
 from pmod.config import ResolvedPMod
 
 VICUNA_TABLE = [0.8445, 0.8061, 0.7645, 0.7202, 0.6737, 0.6253, 0.5757, 0.5253, 0.4747, 0.4243, 0.3747, 0.3263,
@@ -30,6 +32,19 @@ def test_shifted_cos_general_depth_and_linear_constant_interleave():
     assert const_to_end[-1] == 0.4
     inter = PModConfig(schedule="interleave", average_ratio=0.125).layer_ratios(6)
     assert inter == [1.0, 0.125, 1.0, 0.125, 1.0, 0.125]
+
+
+def test_schedule_names_are_listed_once(capsys):
+    """pmod.schedules.NAMES is what config validation, the CLI and the glossary of docs/method.md accept and name."""
+    glossary = (Path(__file__).parents[1] / "docs" / "method.md").read_text().split("## Glossary", 1)[1]
+    for name in schedules.NAMES:
+        assert PModConfig(schedule=name).schedule == name and f"`{name}`" in glossary
+        assert main(["schedule", "--layers", "8", "--schedule", name, "--json"]) == 0
+    with pytest.raises(PModConfigError, match=", ".join(schedules.NAMES)):
+        PModConfig(schedule="cosine")
+    with pytest.raises(SystemExit):
+        main(["schedule", "--layers", "8", "--schedule", "cosine"])
+    assert "invalid choice" in capsys.readouterr().err
 
 
 def test_explicit_schedule_and_routed_layers():

@@ -6,7 +6,8 @@ from batches import build_batch, llava_tokens_per_image, rows_alone, valid_rows
 from reference import reference_logits
 
 import pmod
-from pmod.compat import output_cache
+from pmod.compat import cache_kwargs, output_cache
+from pmod.config import ResolvedPMod
 from pmod.tiny import randomize_routers, tiny_causal_lm, tiny_llava, tiny_llava_next
 
 ROWS = [(3, 1, 4), (2, 2, 1), (5, 0, 3), (1, 1, 0)]  # different vision-token counts, one row without image
@@ -225,6 +226,22 @@ def test_routing_records_are_inspectable():
     assert torch.equal(layer.processed & ~is_image, inputs["attention_mask"].bool() & ~is_image)
     frac = layer.kept_fraction()
     assert frac[2] == 1.0 and abs(frac[1].item() - int(32 * layer.keep_ratio) / 32) < 1e-6
+
+
+def test_forwards_read_the_settings_kept_on_the_model(monkeypatch):
+    """config.pmod is parsed when the model is built, never per forward or decoding step; the settings object given
+    to apply_pmod is copied, and the keep ratio a layer reports is the one its selection used."""
+    settings = pmod.PModConfig(schedule=[1.0, 0.5, 0.25])
+    model = pmod.apply_pmod(tiny_causal_lm(num_layers=3), settings)
+    settings.alpha = 5.0  # too late: the model keeps its own validated copy
+    monkeypatch.setattr(ResolvedPMod, "from_dict", lambda *_: pytest.fail("config.pmod was parsed in a forward"))
+    ids = torch.randint(1, 127, (1, 8))
+    with torch.no_grad():
+        out = model(input_ids=ids, target_mask=torch.ones_like(ids, dtype=torch.bool), use_cache=True)
+        assert model.routing()[2].selected.sum() == 2 and model.routing()[2].keep_ratio == 0.25
+        model(input_ids=ids[:, -1:], **cache_kwargs(output_cache(out)))
+    assert model.pmod.settings.alpha == model.routed_layers()[1].pmod_spec.alpha == 0.2
+    assert [layer.pmod_spec for layer in model.routed_layers().values()] == list(model.pmod.layers)
 
 
 def test_non_contiguous_hidden_states():

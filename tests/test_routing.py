@@ -1,16 +1,22 @@
 import torch
 
 import pmod
+from pmod.config import ResolvedPMod
 from pmod.routing import RoutingPlan, select_tokens
 from pmod.tiny import randomize_routers, tiny_llava
+
+
+def _layers(*ratios: float):
+    """The `RoutedLayerSpec`s of a model with one keep ratio per layer (1.0: dense)."""
+    return ResolvedPMod.resolve(pmod.PModConfig(schedule=list(ratios)), len(ratios)).layers
 
 
 def test_plan_counts_and_widths():
     target = torch.tensor([[0, 1, 1, 1, 1, 0], [0, 0, 1, 1, 0, 0]], dtype=torch.bool)
     valid = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]], dtype=torch.bool)
-    plan = RoutingPlan.build(target, valid, {3: 0.5, 5: 0.3})
-    assert plan.keep_targets[3].tolist() == [2, 1]
-    assert plan.keep_targets[5].tolist() == [1, 0]  # trunc(4 * 0.3) = 1, trunc(2 * 0.3) = 0
+    plan = RoutingPlan.build(target, valid, _layers(1.0, 1.0, 1.0, 0.5, 1.0, 0.3))
+    assert plan.keep_counts[3].tolist() == [2, 1]
+    assert plan.keep_counts[5].tolist() == [1, 0]  # trunc(4 * 0.3) = 1, trunc(2 * 0.3) = 0
     assert plan.width == {3: 4, 5: 3}  # row 0: 2 text + k; row 1: 2 text + k
     assert plan.uniform == {3: False, 5: False}
 
@@ -18,14 +24,14 @@ def test_plan_counts_and_widths():
 def test_k_uses_float32_truncation():
     # 0.29 * 100 = 28.999999999999996 in float64 but 29.0 in float32; the original truncates the float32 product.
     target = torch.ones(1, 100, dtype=torch.bool)
-    plan = RoutingPlan.build(target, target, {0: 0.29})
+    plan = RoutingPlan.build(target, target, _layers(0.29))
     assert int(100 * 0.29) == 28
-    assert plan.keep_targets[0].item() == 29
+    assert plan.keep_counts[0].item() == 29
 
 
 def test_ties_are_broken_by_position():
     target = torch.tensor([[1, 1, 1, 1, 1, 1]], dtype=torch.bool)
-    plan = RoutingPlan.build(target, torch.ones_like(target), {0: 0.5})
+    plan = RoutingPlan.build(target, torch.ones_like(target), _layers(0.5))
     logits = torch.tensor([[0.0, 2.0, 1.0, 2.0, 2.0, 1.0]])
     sel = select_tokens(logits, plan, 0)
     assert sel.selected[0].nonzero().flatten().tolist() == [1, 3, 4]

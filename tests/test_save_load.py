@@ -7,6 +7,7 @@ from test_models import all_routed, llava_inputs, next_inputs
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
 import pmod
+from pmod.config import RoutedLayerSpec
 from pmod.tiny import randomize_routers, tiny_causal_lm, tiny_llava, tiny_llava_next
 
 
@@ -36,6 +37,33 @@ def test_round_trip_llava(tmp_path):
         assert _state_equal(loaded, model)
         with torch.no_grad():
             assert torch.equal(loaded(**inputs).logits, expected)
+
+
+# config.json's "pmod" entry as pmod wrote it before issue 17 (settings kept on the model): checkpoints hold this
+SAVED_PMOD = {
+    "layer_ratios": [1.0, 1.0, 0.6545084971874737, 0.34549150281252633, 0.15, 0.15],
+    "routed_layers": [2, 3, 4, 5],
+    "settings": {"alpha": 0.3, "average_ratio": 0.5, "beta": 1.0, "constant_end": -1, "constant_start": 2,
+                 "max_ratio": 0.85, "min_ratio": 0.15, "routed_layers": None, "router_bias": True,
+                 "router_zero_init": True, "schedule": "shifted_cos", "string": False, "tanh_norm": True,
+                 "targets": "vision"},
+}
+
+
+def test_checkpoint_in_the_saved_format_loads_into_layer_specs(tmp_path):
+    pmod.apply_pmod(tiny_llava(num_layers=6), pmod.PModConfig(alpha=0.3, string=False)).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["pmod"] == SAVED_PMOD  # what is written has not changed...
+    config["pmod"] = SAVED_PMOD
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = pmod.load_model(tmp_path)  # ...and what was written loads
+    assert loaded.pmod.to_dict() == SAVED_PMOD
+    specs = {i: layer.pmod_spec for i, layer in loaded.routed_layers().items()}
+    assert specs[3] == RoutedLayerSpec(index=3, keep_ratio=0.34549150281252633, alpha=0.3, beta=1.0, tanh_norm=True,
+                                       string=False, router_bias=True, router_zero_init=True)
+    # the routing plan reads the layers' own spec objects: one source for each keep ratio
+    assert list(specs.values()) == list(loaded.pmod.layers)
+    assert all(specs[spec.index] is spec for spec in loaded.pmod.layers)
 
 
 def test_round_trip_llava_next_and_causal_lm(tmp_path):
