@@ -151,15 +151,10 @@ def _train_variant(name: str, pmod: dict[str, Any] | None, data, demo: DemoConfi
         data_path=str(data.train_json),
         image_folder=str(data.image_dir),
         freeze_vision_tower=False,  # the tiny vision encoder starts random: it has to learn too
-        learning_rate=size["lr"],
-        warmup_ratio=0.05,
-        num_train_epochs=size["epochs"],
-        per_device_train_batch_size=size["batch"],
         model_max_length=512,
-        logging_steps=10,
-        save_steps=200,
-        seed=demo.seed,
-        report_to=["tensorboard"],
+        trainer={"learning_rate": size["lr"], "warmup_steps": 0.05, "num_train_epochs": size["epochs"],
+                 "per_device_train_batch_size": size["batch"], "logging_steps": 10, "save_steps": 200,
+                 "seed": demo.seed, "report_to": ["tensorboard"]},
     )
     summary_path = folder / "train_summary.json"
     if summary_path.is_file():
