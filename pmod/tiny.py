@@ -17,6 +17,7 @@ from transformers import (
     LlavaNextForConditionalGeneration,
     MistralConfig,
     PreTrainedModel,
+    ProcessorMixin,
     Qwen2Config,
 )
 
@@ -380,7 +381,8 @@ class TinyModelSettings:
                                   f"others have their own text model), got {self.family!r} with arch {self.arch!r}")
 
 
-def build_tiny(settings: TinyModelSettings, words: list[str], attn_implementation: str | None = None):
+def build_tiny(settings: TinyModelSettings, words: list[str],
+               attn_implementation: str | None = None) -> tuple[PreTrainedModel, ProcessorMixin]:
     """A tiny random model and its processor, with a word-level vocabulary of the chat roles, ``words`` and
     ``settings.words``."""
     arch = settings.arch

@@ -153,6 +153,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """A recipe from its YAML mapping; an unknown key is refused naming it (and where it belongs)."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = [k for k in values if k not in names]
         moved = [k for k in unknown if _trainer_name(k) in _training_argument_names() or k == "warmup_ratio"]
@@ -995,9 +996,12 @@ def _training_arguments(config: TrainConfig) -> TrainingArguments:
     if isinstance(kwargs.get("deepspeed"), str):
         _deepspeed_config(kwargs["deepspeed"])  # a missing or broken file named as such
     try:
-        return TrainingArguments(output_dir=config.output_dir, remove_unused_columns=False, **kwargs)
+        args = TrainingArguments(output_dir=config.output_dir, remove_unused_columns=False, **kwargs)
     except (TypeError, ValueError) as exc:  # e.g. an unknown lr_scheduler_type, bf16 without support
         raise PModConfigError(f"invalid trainer settings: {exc}") from exc
+    if args.data_seed is None:  # accelerate's sampler would take torch's initial seed: the data order from the recipe's
+        args.data_seed = args.seed
+    return args
 
 
 def _save_recipe(config: TrainConfig, out: Path) -> None:
