@@ -240,6 +240,8 @@ def test_trainer_settings_pass_through_and_router_lr_with_a_deepspeed_optimizer(
                                        gradient_checkpointing=True))
     assert args.adam_beta2 == 0.95 and args.fsdp_config["reshard_after_forward"] and args.report_to == []
     assert args.output_dir == str(tmp_path) and args.remove_unused_columns is False
+    assert args.data_seed == args.seed == 42  # the data order from the recipe's seed, not torch's initial one
+    assert _training_arguments(_config(data, tmp_path, seed=3, data_seed=5)).data_seed == 5
     assert getattr(args, "activation_checkpointing", args.gradient_checkpointing)  # either name, this version's
     assert _config(data, tmp_path, deepspeed=str(ds)).trainer["deepspeed"] == str(ds)
 
