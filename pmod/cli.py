@@ -282,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a p-MoD (or dense baseline) model with a recipe")
     p.add_argument("config", help="a YAML recipe, e.g. configs/tiny-cpu.yaml")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. max_steps=100 pmod.average_ratio=0.3")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, dotted keys reaching into "
+                   "sections: trainer.max_steps=100 pmod.average_ratio=0.3 pmod=null")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a model on LLaVA-format question answering data")

@@ -114,7 +114,7 @@ class DemoConfig:
         return [self.seed + i for i in range(self.sizes()["seeds"])]
 
     def tiny_model(self, size: dict[str, Any], words: list[str], seed: int) -> dict[str, Any]:
-        """`pmod.train.build_tiny` settings: 64 vision tokens per image for every architecture."""
+        """`pmod.tiny.build_tiny` settings (`pmod.tiny.TinyModelSettings`): 64 vision tokens per image for every architecture."""
         common = {"num_layers": size["layers"], "hidden_size": size["hidden"], "seed": seed, "words": words}
         if self.arch == "llava":
             return {**common, "image_size": IMAGE_SIZE, "patch_size": PATCH, "vision_hidden_size": size["vision_hidden"]}
@@ -168,15 +168,11 @@ def _train_variant(name: str, seed: int, pmod: dict[str, Any] | None, data, demo
         data_path=str(data.train_json),
         image_folder=str(data.image_dir),
         freeze_vision_tower=False,  # the tiny vision encoder starts random: it has to learn too
-        learning_rate=size["finetune_lr"] if init else size["lr"],
-        warmup_ratio=0.05,
-        num_train_epochs=size["finetune_epochs"] if init else size["pretrain_epochs"],
-        per_device_train_batch_size=size["batch"],
         model_max_length=512,
-        logging_steps=10,
-        save_steps=200,
-        seed=seed,
-        report_to=["tensorboard"],
+        trainer={"learning_rate": size["finetune_lr"] if init else size["lr"], "warmup_steps": 0.05,
+                 "num_train_epochs": size["finetune_epochs"] if init else size["pretrain_epochs"],
+                 "per_device_train_batch_size": size["batch"], "logging_steps": 10, "save_steps": 200,
+                 "seed": seed, "report_to": ["tensorboard"]},
     )
     summary_path = folder / "train_summary.json"
     if summary_path.is_file():

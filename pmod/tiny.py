@@ -1,6 +1,11 @@
-"""Small random-weight models built from configs, for tests, benchmarks and the demo (no hub needed)."""
+"""Small random-weight models built from configs, for tests, benchmarks, the demo and CPU training recipes (no hub
+needed)."""
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
 from transformers import (
@@ -12,8 +17,11 @@ from transformers import (
     LlavaNextForConditionalGeneration,
     MistralConfig,
     PreTrainedModel,
+    ProcessorMixin,
     Qwen2Config,
 )
+
+from .errors import PModConfigError
 
 TEXT_CONFIGS = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
 
@@ -332,3 +340,75 @@ def tiny_llava_onevision_processor(model: PreTrainedModel, words: list[str] | No
         num_image_tokens=(size // vision.patch_size) ** 2,
         vision_feature_select_strategy=cfg.vision_feature_select_strategy, vision_aspect_ratio=cfg.vision_aspect_ratio,
     )
+
+
+TinyArch = Literal["llava", "llava-onevision", "qwen2-vl", "qwen2.5-vl"]
+
+
+@dataclass
+class TinyModelSettings:
+    """A tiny random model and processor to train instead of a checkpoint (the ``tiny_model:`` section of a training
+    recipe; `build_tiny`).
+
+    Attributes:
+        arch: ``llava`` (`tiny_llava`), ``llava-onevision`` (`tiny_llava_onevision`), ``qwen2-vl`` or ``qwen2.5-vl``
+            (`tiny_qwen2_vl`).
+        num_layers, hidden_size, seed: the builder's arguments.
+        vocab_size: null fits the vocabulary to the words (the training data's, then ``words``).
+        image_size: the vision encoder's image size (LLaVA family, default 28); for Qwen2-VL the processor resizes
+            images to about ``image_size**2`` pixels (null: kept at their size).
+        patch_size: the vision encoder's patch size (null: the builder's default, 7 or 2 for Qwen2-VL).
+        vision_hidden_size: the vision encoder's width (``arch: llava`` only; null: 32).
+        family: the text model of ``arch: llava`` (`TEXT_CONFIGS`).
+        words: vocabulary words beyond those of the training data.
+    """
+
+    arch: TinyArch = "llava"
+    num_layers: int = 4
+    hidden_size: int = 64
+    vocab_size: int | None = None
+    image_size: int | None = None
+    patch_size: int | None = None
+    vision_hidden_size: int | None = None
+    family: str = "llama"
+    seed: int = 0
+    words: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.arch not in get_args(TinyArch):
+            raise PModConfigError(f"tiny_model.arch must be one of {', '.join(get_args(TinyArch))}, got {self.arch!r}")
+        for name in ("num_layers", "hidden_size", "vocab_size", "image_size", "patch_size", "vision_hidden_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise PModConfigError(f"tiny_model.{name} must be at least 1, got {getattr(self, name)}")
+        if self.family not in TEXT_CONFIGS or (self.family != "llama" and self.arch != "llava"):
+            raise PModConfigError(f"tiny_model.family must be one of {', '.join(TEXT_CONFIGS)} with arch llava (the "
+                                  f"others have their own text model), got {self.family!r} with arch {self.arch!r}")
+
+
+def build_tiny(settings: TinyModelSettings, words: list[str],
+               attn_implementation: str | None = None) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """A tiny random model and its processor, with a word-level vocabulary of the chat roles, ``words`` and
+    ``settings.words``."""
+    arch = settings.arch
+    roles = ["USER", "ASSISTANT", ":"] if arch == "llava" else ["user", "assistant", "system"]
+    words = roles + list(words) + settings.words
+    reserved = 6 if arch == "llava" else 10  # special and placeholder tokens, and a spare id
+    vocab = settings.vocab_size or 8 * math.ceil((len(set(words)) + reserved) / 8)
+    kwargs = {"num_layers": settings.num_layers, "hidden_size": settings.hidden_size, "vocab_size": vocab,
+              "seed": settings.seed}
+    kwargs |= {k: getattr(settings, k) for k in ("patch_size", "image_size", "vision_hidden_size")
+               if getattr(settings, k) is not None}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        if arch.startswith("qwen"):
+            image_size = kwargs.pop("image_size", None)  # a processor setting: Qwen2-VL's encoder takes any size
+            model = tiny_qwen2_vl(version=arch[4:-3], **kwargs)
+            return model, tiny_qwen2_vl_processor(model, words, image_size=image_size)
+        if arch == "llava":
+            model = tiny_llava(family=settings.family, **kwargs)
+            return model, tiny_llava_processor(model, words)
+        model = tiny_llava_onevision(**kwargs)
+        return model, tiny_llava_onevision_processor(model, words)
+    except (TypeError, ValueError, ArithmeticError) as exc:  # e.g. a hidden size the heads do not divide
+        raise PModConfigError(f"tiny_model {settings}: {exc}") from exc

@@ -1,9 +1,10 @@
 """Training p-MoD models: a typed recipe, the transformers `Trainer` with p-MoD extras, and `pmod train`.
 
-The engine is the transformers `Trainer` (accelerate underneath; DeepSpeed ZeRO through ``deepspeed:`` and
-FSDP through ``fsdp:`` / an accelerate config). What this module adds:
+The engine is the transformers `Trainer` (accelerate underneath; DeepSpeed ZeRO through ``trainer.deepspeed`` and
+FSDP through ``trainer.fsdp`` / an accelerate config). What this module adds:
 
-* `TrainConfig`: one dataclass for a recipe (``configs/*.yaml``), with ``key=value`` overrides.
+* `TrainConfig`: one dataclass for a recipe (``configs/*.yaml``), with ``key=value`` overrides; its ``trainer``
+  mapping goes to `transformers.TrainingArguments` as it is.
 * stages: ``pretrain`` trains the projector only; ``finetune`` trains the language model, the projector and
   the routers (vision tower frozen unless ``freeze_vision_tower: false``), in full or, with a ``lora:`` section,
   with LoRA adapters on the language model (`pmod.lora`).
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import transformers
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
@@ -39,10 +41,23 @@ from .conversation import PLACEHOLDERS
 from .data import SKIP_KEY, LlavaCollator, LlavaDataset, check_records, load_records, padding_image_processor
 from .errors import PModConfigError, PModInputError, PModTrainingError
 from .files import write_text_atomic
+from .lora import LoraSettings
+from .synthetic import SyntheticConfig
+from .tiny import TinyModelSettings, build_tiny
 
 logger = logging.getLogger(__name__)
 
 Stage = Literal["pretrain", "finetune"]
+
+# pmod's defaults for the trainer mapping where they differ from TrainingArguments' own (the paper's schedule, and a
+# short log interval, one kept checkpoint and TensorBoard logs); a recipe's trainer mapping is laid over them.
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "learning_rate": 2e-5, "warmup_steps": 0.03, "lr_scheduler_type": "cosine", "num_train_epochs": 1.0,
+    "per_device_train_batch_size": 16, "logging_steps": 10, "save_total_limit": 1, "report_to": ["tensorboard"],
+}
+# TrainingArguments that pmod sets itself, and why.
+_SET_BY_PMOD = {"output_dir": "set output_dir at the top level of the recipe",
+                "remove_unused_columns": "pmod's collator needs every column of its dataset"}
 
 
 @dataclass
@@ -50,143 +65,109 @@ class TrainConfig:
     """A training recipe. Paths are relative to the working directory.
 
     Attributes:
+        output_dir: where the run writes its checkpoints, the final model and, for ``synthetic_data``, the data.
         model_name_or_path: a saved model directory: dense (converted with ``pmod``) or already p-MoD.
-        tiny_model: instead of a checkpoint, build a tiny model (`build_tiny`: ``arch`` llava, llava-onevision,
-            qwen2-vl or qwen2.5-vl, and the `pmod.tiny` builder's arguments), with a word-level tokenizer over the training
-            data's words and ``words`` (CPU recipes and the demo).
-        pmod: `PModConfig` fields applied to a dense model; ``null`` trains the dense model (a baseline).
+        tiny_model: instead of a checkpoint, build a tiny model (`pmod.tiny.TinyModelSettings`), with a word-level
+            tokenizer over the training data's words (CPU recipes and the demo).
+        pmod: the `PModConfig` applied to a dense model; null trains the dense model (a baseline). A p-MoD
+            ``model_name_or_path`` trains with its own settings: give null or the same ones.
         data_path: LLaVA-format JSON (or JSONL) training data.
         image_folder: folder that the records' image paths are relative to.
         chat_template: ``vicuna_v1`` (the original LLaVA conversation format, system prompt included), a Jinja
             chat template, or null to keep the processor's own.
-        synthetic_data: `pmod.synthetic.SyntheticConfig` fields; the dataset is generated into
-            ``{output_dir}/data`` when ``data_path`` is not given (CPU recipes and the demo).
+        synthetic_data: a `pmod.synthetic.SyntheticConfig`; the dataset is generated into ``{output_dir}/data`` when
+            ``data_path`` is not given (CPU recipes and the demo).
         stage: ``pretrain`` (projector only) or ``finetune`` (language model + projector + routers).
         freeze_vision_tower: keep the vision encoder frozen in ``finetune``.
-        router_learning_rate: learning rate of the routers (default: ``learning_rate``).
-        projector_learning_rate: learning rate of the multimodal projector (default: ``learning_rate``).
-        lora: `pmod.lora.LoraSettings` fields (``{}``: the defaults) to fine-tune with LoRA adapters on the language
-            model, the routers and projector trained in full; null (the default) fine-tunes in full. Needs ``stage:
+        router_learning_rate: learning rate of the routers (default: ``trainer.learning_rate``).
+        projector_learning_rate: learning rate of the multimodal projector (default: ``trainer.learning_rate``).
+        lora: `pmod.lora.LoraSettings` (``{}``: the defaults) to fine-tune with LoRA adapters on the language model,
+            the routers and projector trained in full; null (the default) fine-tunes in full. Needs ``stage:
             finetune`` and a frozen vision tower. The run writes the adapter (PEFT's files, routers and projector
             included) to ``{output_dir}/adapter`` and the merged p-MoD model to ``output_dir`` (`pmod.load_model`);
             a ``tiny_model`` base is saved to ``{output_dir}/base``, which the adapter applies to
             (`pmod.lora.load_adapter`); otherwise the base is ``model_name_or_path``.
+        model_max_length: records are cut (or skipped) beyond this many tokens.
         pad_images: LLaVA-1.5 "pad" image preprocessing (square, mean colour, then resize): the processor is
             switched to transformers' LLaVA image processor with ``do_pad`` and saved so, for evaluation too.
-        group_by_length: batches of similar length (fewer padded tokens).
+        group_by_length: batches of similar length (fewer padded tokens), from cheap length estimates.
         resume: continue from the last ``checkpoint-*`` in ``output_dir`` if there is one.
         log_routing_per_layer: log each routed layer's statistics, not only their mean.
-        deepspeed, fsdp, fsdp_config: DeepSpeed (a JSON file or its contents) and FSDP settings, as
-            `transformers.TrainingArguments` takes them.
-        training_args: any further `transformers.TrainingArguments` fields.
+        trainer: `transformers.TrainingArguments` fields (learning rate, schedule, batch size, steps, precision,
+            ``activation_checkpointing``, ``deepspeed``, ``fsdp``, ...), passed on as they are, over
+            `TRAINER_DEFAULTS`. ``output_dir`` and ``remove_unused_columns`` are pmod's. ``warmup_steps`` below 1 is
+            a fraction of the steps; ``activation_checkpointing`` and ``gradient_checkpointing`` (its name before
+            transformers 5.2x) are one setting, under the name this transformers version uses.
 
     Every setting is checked against its type when the recipe is made, in YAML recipes, ``key=value`` overrides
-    and Python alike, and a wrong one is a `PModConfigError` naming it. Booleans are ``true`` / ``false``; the
-    words true, false, yes, no, on, off, 1 and 0 (any case, quoted or not) and the numbers 1 and 0 are read as
-    booleans too, so ``freeze_vision_tower: "false"`` means false. Numbers must be finite; a number written as a
-    string (YAML reads ``1e-4`` as one) is read as the number; whole-number settings take whole numbers only.
-    Counts (batch size, accumulation, logging and save steps, ``model_max_length``) are at least 1, learning
-    rates and ``weight_decay`` at least 0, ``warmup_ratio`` in [0, 1]; ``max_steps`` is -1 (train
+    and Python alike (the trainer's against TrainingArguments' own types), and a wrong one is a `PModConfigError`
+    naming it. Booleans are ``true`` / ``false``; the words true, false, yes, no, on, off, 1 and 0 (any case, quoted
+    or not) and the numbers 1 and 0 are read as booleans too, so ``freeze_vision_tower: "false"`` means false.
+    Numbers must be finite; a number written as a string (YAML reads ``1e-4`` as one) is read as the number;
+    whole-number settings take whole numbers only. Sections (``pmod``, ``lora``, ...) take a mapping of their
+    settings. Batch size, accumulation and ``model_max_length`` are at least 1, logging and save steps and epochs
+    above 0, learning rates, ``weight_decay`` and ``warmup_steps`` at least 0; ``max_steps`` is -1 (train
     ``num_train_epochs``) or at least 1.
     """
 
     output_dir: str = "runs/pmod"
     model_name_or_path: str | None = None
-    tiny_model: dict[str, Any] | None = None
-    pmod: dict[str, Any] | None = field(default_factory=dict)
+    tiny_model: TinyModelSettings | None = None
+    pmod: PModConfig | None = field(default_factory=PModConfig)
     attn_implementation: str | None = None
     data_path: str | None = None
     image_folder: str | None = None
     chat_template: str | None = None
-    synthetic_data: dict[str, Any] | None = None
+    synthetic_data: SyntheticConfig | None = None
     stage: Stage = "finetune"
     freeze_vision_tower: bool = True
-    learning_rate: float = 2e-5
     router_learning_rate: float | None = None
     projector_learning_rate: float | None = None
-    lora: dict[str, Any] | None = None
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
-    lr_scheduler_type: str = "cosine"
-    num_train_epochs: float = 1.0
-    max_steps: int = -1
-    per_device_train_batch_size: int = 16
-    gradient_accumulation_steps: int = 1
+    lora: LoraSettings | None = None
     model_max_length: int = 2048
     pad_images: bool = False
     group_by_length: bool = True
-    bf16: bool = False
-    gradient_checkpointing: bool = False
-    dataloader_num_workers: int = 0
-    logging_steps: int = 10
-    save_steps: int = 500
-    save_total_limit: int | None = 1
-    seed: int = 42
-    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
-    deepspeed: str | dict[str, Any] | None = None
-    fsdp: str | None = None
-    fsdp_config: dict[str, Any] | str | None = None
     resume: bool = True
     log_routing_per_layer: bool = False
-    training_args: dict[str, Any] = field(default_factory=dict)
+    trainer: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if isinstance(self.report_to, str):
-            self.report_to = [self.report_to]
-        for name, hint in _setting_types().items():
+        for name, hint in _setting_types().items():  # sections given as mappings become their dataclasses here
             setattr(self, name, _coerce(name, getattr(self, name), hint))
-        self._check_ranges()
+        self.trainer = _check_trainer({**TRAINER_DEFAULTS, **self.trainer})
+        if self.model_max_length < 1:
+            raise PModConfigError(f"model_max_length must be at least 1, got {self.model_max_length}")
+        for name in ("router_learning_rate", "projector_learning_rate"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise PModConfigError(f"{name} must not be negative, got {getattr(self, name)}")
         if (self.model_name_or_path is None) == (self.tiny_model is None):
             raise PModConfigError("give exactly one of model_name_or_path (a saved model) and tiny_model (build one)")
         if self.data_path is None and self.synthetic_data is None:
             raise PModConfigError("give data_path (LLaVA-format JSON) or synthetic_data (generate a dataset)")
-        # fail now on a bad schedule, a typo or a wrong tiny model setting, not after loading the model
-        if self.pmod is not None:
-            _pmod_config(self.pmod)
-        if self.tiny_model is not None:
-            self.tiny_model = _tiny_builder(self.tiny_model)[2]
-        if self.synthetic_data is not None:
-            _synthetic_config(self.synthetic_data)
-        if self.lora is not None:
-            settings = _lora_settings(self.lora)
-            self.lora = {k: getattr(settings, k) for k in self.lora}  # as read: "16" is 16
-            if self.stage != "finetune":
-                raise PModConfigError("lora adapts the language model in the finetune stage; stage: pretrain trains "
-                                      "the projector in full (set lora: null)")
-            if not self.freeze_vision_tower:
-                raise PModConfigError("lora keeps the vision tower frozen (its weights are not in the adapter); set "
-                                      "freeze_vision_tower: true or lora: null")
-
-    def _check_ranges(self) -> None:
-        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps",
-                     "model_max_length"):
-            if getattr(self, name) < 1:
-                raise PModConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("learning_rate", "router_learning_rate", "projector_learning_rate", "weight_decay",
-                     "dataloader_num_workers", "save_total_limit"):
-            if getattr(self, name) is not None and getattr(self, name) < 0:
-                raise PModConfigError(f"{name} must not be negative, got {getattr(self, name)}")
-        if not 0.0 <= self.warmup_ratio <= 1.0:
-            raise PModConfigError(f"warmup_ratio is the fraction of steps spent warming up, in [0, 1]; got "
-                                  f"{self.warmup_ratio}")
-        if self.max_steps != -1 and self.max_steps < 1:
-            raise PModConfigError(f"max_steps must be at least 1, or -1 to train num_train_epochs; got {self.max_steps}")
-        if self.num_train_epochs <= 0:
-            raise PModConfigError(f"num_train_epochs must be above 0, got {self.num_train_epochs}")
-        if not 0 <= self.seed < 2**32:
-            raise PModConfigError(f"seed must be in [0, 2**32), got {self.seed}")
+        if self.lora is not None and self.stage != "finetune":
+            raise PModConfigError("lora adapts the language model in the finetune stage; stage: pretrain trains "
+                                  "the projector in full (set lora: null)")
+        if self.lora is not None and not self.freeze_vision_tower:
+            raise PModConfigError("lora keeps the vision tower frozen (its weights are not in the adapter); set "
+                                  "freeze_vision_tower: true or lora: null")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """A recipe from its YAML mapping; an unknown key is refused naming it (and where it belongs)."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = [k for k in values if k not in names]
+        moved = [k for k in unknown if _trainer_name(k) in _training_argument_names() or k == "warmup_ratio"]
+        if moved:
+            raise PModConfigError(f"{', '.join(moved)}: Trainer settings go in the trainer mapping (trainer: "
+                                  f"{{{moved[0]}: ...}}; on the command line trainer.{moved[0]}=...)")
         if unknown:
             raise PModConfigError(f"unknown training setting {_did_you_mean(unknown, names)}; known settings: "
                                   f"{', '.join(sorted(names))}")
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The recipe as plain YAML / JSON values (sections as mappings, tuples as lists), as `from_dict` takes it."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
 def _did_you_mean(unknown: list[str], known: typing.Iterable[str]) -> str:
@@ -207,8 +188,10 @@ _NOT_GIVEN = object()
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:
     """``value`` of setting ``name`` as its type ``hint`` (see `TrainConfig` for what converts), or a
-    `PModConfigError` saying what the setting takes."""
+    `PModConfigError` saying what the setting takes. A type with no check here passes ``value`` on unchanged."""
     options = _options(hint)
+    if not all(_checked(option) for option in options):
+        return value  # e.g. TrainingArguments' enums: TrainingArguments checks those itself
     if value is None:
         if type(None) in options:
             return None
@@ -222,6 +205,15 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
 def _options(hint: Any) -> tuple[Any, ...]:
     """The members of a union type (``int | None``: int, NoneType); a plain type alone."""
     return typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+
+
+def _checked(kind: Any) -> bool:
+    """Whether `_convert` checks values of ``kind``."""
+    origin = typing.get_origin(kind)
+    if origin is list:
+        return _checked(typing.get_args(kind)[0])
+    return (kind in (bool, int, float, str, dict, type(None)) or origin in (dict, Literal)
+            or dataclasses.is_dataclass(kind))
 
 
 def _convert(name: str, value: Any, kind: Any) -> Any:
@@ -255,13 +247,13 @@ def _convert(name: str, value: Any, kind: Any) -> Any:
         return value if value in typing.get_args(kind) else _NOT_GIVEN
     if origin is dict or kind is dict:
         return value if isinstance(value, dict) else _NOT_GIVEN
-    if origin is list:
-        (item,) = typing.get_args(kind)
-        if not isinstance(value, (list, tuple)):
-            return _NOT_GIVEN
-        items = [_convert(name, v, item) for v in value]
-        return _NOT_GIVEN if any(v is _NOT_GIVEN for v in items) else items
-    raise TypeError(f"setting {name}: no check for type {kind!r}")  # a new TrainConfig field needs one
+    if dataclasses.is_dataclass(kind):
+        return value if isinstance(value, kind) else _section(kind, value, name) if isinstance(value, dict) else _NOT_GIVEN
+    (item,) = typing.get_args(kind)  # a list
+    if not isinstance(value, (list, tuple)):
+        return _NOT_GIVEN
+    items = [_convert(name, v, item) for v in value]
+    return _NOT_GIVEN if any(v is _NOT_GIVEN for v in items) else items
 
 
 def _describe(hint: Any) -> str:
@@ -276,50 +268,85 @@ def _describe(hint: Any) -> str:
             else "a finite number" if kind is float
             else "a string" if kind is str
             else "one of " + ", ".join(repr(v) for v in typing.get_args(kind)) if origin is Literal
-            else "a mapping" if origin is dict or kind is dict
             else f"a list of {_describe(typing.get_args(kind)[0]).removeprefix('a ')}s" if origin is list
-            else repr(kind)
+            else "a mapping"  # dict, or a section's dataclass
         )
     return " or ".join(words)
 
 
-def _settings(cls: type, settings: dict[str, Any], section: str) -> Any:
-    """A recipe section (``pmod``, ``synthetic_data``) as its settings dataclass ``cls``; an unknown key is refused
-    with the known ones, and a bad value names the section."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = [k for k in settings if k not in known]
+def _section(cls: type, settings: dict[str, Any], section: str) -> Any:
+    """A recipe section (``pmod``, ``lora``, ...) as its settings dataclass ``cls``, its values converted like the
+    recipe's; an unknown key is refused with the known ones, and a bad value names the section."""
+    hints = {f.name: typing.get_type_hints(cls)[f.name] for f in dataclasses.fields(cls)}
+    unknown = [k for k in settings if k not in hints]
     if unknown:
-        what = "p-MoD" if section == "pmod" else section
-        raise PModConfigError(f"unknown {what} setting {_did_you_mean(unknown, known)} under {section}; known "
-                              f"{section} settings: {', '.join(sorted(known))}")
+        raise PModConfigError(f"unknown {section} setting {_did_you_mean(unknown, hints)}; known {section} settings: "
+                              f"{', '.join(sorted(hints))}")
+    settings = {k: _coerce(f"{section}.{k}", v, hints[k]) for k, v in settings.items()}
     try:
         return cls(**settings)
-    except PModConfigError:
-        raise
-    except (TypeError, ValueError) as exc:
-        raise PModConfigError(f"{section}: {exc}") from exc
+    except (TypeError, ValueError) as exc:  # PModConfigError too: named by section unless it says it already
+        raise PModConfigError(str(exc) if str(exc).startswith(section) else f"{section}: {exc}") from exc
 
 
-def _pmod_config(settings: dict[str, Any]) -> PModConfig:
-    return _settings(PModConfig, settings, "pmod")
+@functools.cache
+def _training_argument_names() -> frozenset[str]:
+    """The settings this transformers version's TrainingArguments has."""
+    return frozenset(f.name for f in dataclasses.fields(TrainingArguments) if f.init)
 
 
-def _synthetic_config(settings: dict[str, Any]) -> Any:
-    from .synthetic import SyntheticConfig
+@functools.cache
+def _training_argument_types() -> dict[str, Any]:
+    """The types of this transformers version's TrainingArguments (empty if they cannot be resolved)."""
+    try:
+        return typing.get_type_hints(TrainingArguments)
+    except (NameError, TypeError, AttributeError):  # an unresolvable annotation: the trainer's types go unchecked
+        return {}
 
-    return _settings(SyntheticConfig, settings, "synthetic_data")
+
+def _trainer_name(key: str) -> str:
+    """``key`` under this transformers version's name: activation checkpointing is ``gradient_checkpointing*``
+    before 5.2x and ``activation_checkpointing*`` after (the old name deprecated), so recipes run on both."""
+    old, new = "gradient_checkpointing", "activation_checkpointing"
+    if new not in _training_argument_names():
+        old, new = new, old
+    return new + key.removeprefix(old) if key.startswith(old) else key
 
 
-def _lora_settings(settings: dict[str, Any]) -> Any:
-    from .lora import LoraSettings
+def _check_trainer(settings: dict[str, Any]) -> dict[str, Any]:
+    """The ``trainer`` mapping checked against this transformers version's TrainingArguments: names, types, and the
+    ranges TrainingArguments itself does not check (a batch size of 0 would fail only once training starts)."""
+    settings = {_trainer_name(k): v for k, v in settings.items()}
+    known = _training_argument_names()
+    unknown = [k for k in settings if k not in known]
+    if unknown:
+        raise PModConfigError(
+            f"unknown trainer setting {_did_you_mean(unknown, known)}: transformers {transformers.__version__} "
+            "TrainingArguments has no such field"
+            + ("; warmup_ratio is warmup_steps below 1 since transformers 5" if "warmup_ratio" in unknown else "")
+        )
+    if owned := sorted(settings.keys() & _SET_BY_PMOD.keys()):
+        raise PModConfigError(f"trainer.{owned[0]} is set by pmod: {_SET_BY_PMOD[owned[0]]}")
+    hints = _training_argument_types()
+    settings = {k: _coerce(f"trainer.{k}", v, hints[k]) if k in hints else v for k, v in settings.items()}
 
-    hints = typing.get_type_hints(LoraSettings)  # YAML strings and numbers converted as elsewhere in the recipe
-    checked = {k: _coerce(f"lora.{k}", v, hints[k]) if k in hints else v for k, v in settings.items()}
-    return _settings(LoraSettings, checked, "lora")
+    def check(names: tuple[str, ...], ok: typing.Callable[[float], bool], words: str) -> None:
+        for name in names:
+            if isinstance(settings.get(name), (int, float)) and not ok(settings[name]):
+                raise PModConfigError(f"trainer.{name} must {words}, got {settings[name]}")
+
+    check(("per_device_train_batch_size", "gradient_accumulation_steps"), lambda v: v >= 1, "be at least 1")
+    check(("logging_steps", "save_steps", "num_train_epochs"), lambda v: v > 0, "be above 0")
+    check(("learning_rate", "weight_decay", "warmup_steps", "dataloader_num_workers", "save_total_limit", "seed"),
+          lambda v: v >= 0, "not be negative")
+    check(("max_steps",), lambda v: v == -1 or v >= 1, "be at least 1, or -1 to train num_train_epochs")
+    check(("seed",), lambda v: v < 2**32, "be below 2**32")
+    return settings
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a YAML recipe and apply ``key=value`` overrides (dotted keys reach into mappings, values are YAML)."""
+    """Read a YAML recipe and apply ``key=value`` overrides (dotted keys reach into mappings: ``trainer.max_steps=10``,
+    ``pmod.average_ratio=0.3``; values are YAML)."""
     import yaml
 
     values: dict[str, Any] = {}
@@ -336,7 +363,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise PModConfigError(f"override {item!r} is not of the form key=value (e.g. learning_rate=1e-5)")
+            raise PModConfigError(f"override {item!r} is not of the form key=value (e.g. trainer.learning_rate=1e-5)")
         try:
             value = yaml.safe_load(raw) if raw else None
         except yaml.YAMLError as exc:
@@ -371,62 +398,6 @@ def _words(records: list[dict[str, Any]]) -> list[str]:
     return list(words)
 
 
-TINY_ARCHES = ("llava", "llava-onevision", "qwen2-vl", "qwen2.5-vl")
-
-
-def _tiny_builder(settings: dict[str, Any]) -> tuple[str, Any, dict[str, Any]]:
-    """The ``tiny_model`` settings' architecture, its `pmod.tiny` builder and the settings checked against the
-    builder's argument types (sizes at least 1); an unknown architecture or setting is refused with the known ones."""
-    from . import tiny
-
-    arch = settings.get("arch", "llava")
-    if arch not in TINY_ARCHES:
-        raise PModConfigError(f"tiny_model.arch must be one of {', '.join(TINY_ARCHES)}, got {arch!r}")
-    builder = {"llava": tiny.tiny_llava, "llava-onevision": tiny.tiny_llava_onevision}.get(arch, tiny.tiny_qwen2_vl)
-    types_ = {k: v for k, v in typing.get_type_hints(builder).items() if k not in ("return", "version")}
-    types_ |= {"arch": str, "words": list[str], "vocab_size": int | None}  # vocab_size null: fitted to the words
-    if builder is tiny.tiny_qwen2_vl:
-        types_["image_size"] = int | None
-    unknown = [k for k in settings if k not in types_]
-    if unknown:
-        raise PModConfigError(f"unknown tiny_model setting {_did_you_mean(unknown, types_)} for arch {arch!r}; "
-                              f"known: {', '.join(sorted(types_))}")
-    checked = {k: _coerce(f"tiny_model.{k}", v, types_[k]) for k, v in settings.items()}
-    for key in ("num_layers", "hidden_size", "vocab_size", "image_size", "patch_size"):
-        if checked.get(key) is not None and checked[key] < 1:
-            raise PModConfigError(f"tiny_model.{key} must be at least 1, got {checked[key]}")
-    return arch, builder, checked
-
-
-def build_tiny(settings: dict[str, Any], records: list[dict[str, Any]], attn_implementation: str | None,
-               extra_words: list[str] | None = None):
-    """A tiny random model and its processor, with a word-level vocabulary covering ``records`` and
-    ``extra_words``. ``settings["arch"]``: ``llava`` (default; `pmod.tiny.tiny_llava` arguments),
-    ``llava-onevision`` (`pmod.tiny.tiny_llava_onevision`), ``qwen2-vl`` or ``qwen2.5-vl``
-    (`pmod.tiny.tiny_qwen2_vl` arguments, plus ``image_size``: images resized to about ``image_size**2`` pixels,
-    keeping their aspect ratio; square images become ``image_size`` squares)."""
-    from .tiny import tiny_llava_onevision_processor, tiny_llava_processor, tiny_qwen2_vl_processor
-
-    arch, builder, settings = _tiny_builder(settings)
-    settings.pop("arch", None)
-    roles = ["USER", "ASSISTANT", ":"] if arch == "llava" else ["user", "assistant", "system"]
-    words = roles + _words(records) + list(extra_words or []) + settings.pop("words", [])
-    reserved = 6 if arch == "llava" else 10  # special and placeholder tokens, and a spare id
-    vocab = settings.pop("vocab_size", None) or 8 * math.ceil((len(set(words)) + reserved) / 8)
-    if attn_implementation:
-        settings["attn_implementation"] = attn_implementation
-    image_size = settings.pop("image_size", None) if arch.startswith("qwen") else None
-    try:
-        model = builder(vocab_size=vocab, **settings, **({"version": arch[4:-3]} if arch.startswith("qwen") else {}))
-    except (TypeError, ValueError, ArithmeticError) as exc:
-        raise PModConfigError(f"tiny_model settings {settings}: {exc}") from exc
-    if arch == "llava":
-        return model, tiny_llava_processor(model, words)
-    if arch == "llava-onevision":
-        return model, tiny_llava_onevision_processor(model, words)
-    return model, tiny_qwen2_vl_processor(model, words, image_size=image_size)
-
-
 def build_model(config: TrainConfig, records: list[dict[str, Any]], extra_words: list[str] | None = None):
     """The model to train (p-MoD unless ``pmod`` is null) and its processor (with the recipe's chat template)."""
     model, processor = _model_and_processor(config, records, extra_words)
@@ -442,23 +413,27 @@ def build_model(config: TrainConfig, records: list[dict[str, Any]], extra_words:
 def _model_and_processor(config: TrainConfig, records: list[dict[str, Any]], extra_words: list[str] | None):
     from transformers import AutoConfig
 
+    from .config import ResolvedPMod
     from .models import apply_pmod, load_model, load_pretrained, load_processor
 
     kwargs = {"attn_implementation": config.attn_implementation} if config.attn_implementation else {}
     if config.tiny_model is not None:
-        model, processor = build_tiny(config.tiny_model, records, config.attn_implementation, extra_words)
-        if config.pmod is not None:
-            model = apply_pmod(model, PModConfig(**config.pmod))
-        return model, processor
+        model, processor = build_tiny(config.tiny_model, _words(records) + list(extra_words or []),
+                                      config.attn_implementation)
+        return (model if config.pmod is None else apply_pmod(model, config.pmod)), processor
     path = config.model_name_or_path
     if not Path(path).is_dir():
         raise PModConfigError(f"model_name_or_path {path!r} is not a directory (no model hub access is assumed)")
-    if AutoConfig.from_pretrained(path).model_type.startswith("pmod_"):
-        if config.pmod:
-            raise PModConfigError(f"{path} is already a p-MoD model; remove the 'pmod' settings from the recipe")
+    saved = AutoConfig.from_pretrained(path)
+    if saved.model_type.startswith("pmod_"):
+        own = ResolvedPMod.from_dict(saved.pmod).settings.to_dict()
+        if config.pmod is not None and config.pmod.to_dict() != own:
+            changed = ", ".join(f"{k} {v!r} (saved: {own[k]!r})" for k, v in config.pmod.to_dict().items() if v != own[k])
+            raise PModConfigError(f"{path} is already a p-MoD model, with other settings than the recipe's pmod "
+                                  f"section ({changed}); set pmod: null to train it with its own")
         model = load_pretrained(path, **kwargs)
     elif config.pmod is not None:
-        model = load_model(path, PModConfig(**config.pmod), **kwargs)
+        model = load_model(path, config.pmod, **kwargs)
     else:
         model = load_pretrained(path, **kwargs)  # the dense baseline, as it is
     return model, load_processor(path, need_images=False)  # text-only models train too
@@ -656,9 +631,9 @@ class _EpochLengthGroupedSampler(LengthGroupedSampler):
 
 
 _DIVERGED_ADVICE = (
-    "Try a lower learning_rate (and router_learning_rate) or a larger warmup_ratio, and check the data and the "
-    "settings (pmod, model_name_or_path); nothing from this step was saved. Start again with resume=false or "
-    "another output_dir"
+    "Try a lower learning rate (trainer.learning_rate, router_learning_rate) or a longer warmup "
+    "(trainer.warmup_steps), and check the data and the settings (pmod, model_name_or_path); nothing from this step "
+    "was saved. Start again with resume=false or another output_dir"
 )
 
 
@@ -742,7 +717,7 @@ def prepare_data(config: TrainConfig) -> tuple[Path, Path | None, list[str]]:
         return Path(config.data_path), folder, []
     from .synthetic import write_dataset
 
-    dataset = write_dataset(Path(config.output_dir) / "data", _synthetic_config(config.synthetic_data))
+    dataset = write_dataset(Path(config.output_dir) / "data", config.synthetic_data)
     return dataset.train_json, dataset.image_dir, dataset.vocabulary()
 
 
@@ -758,37 +733,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> TrainResult:
     resume = _checkpoint_to_resume(config, out)
     # TrainingArguments first: it sets up the distributed state (and DeepSpeed ZeRO-3 partitioned loading)
     # that building the model and preparing the data rely on.
-    args = _training_arguments(
-        dict(
-            output_dir=str(out),
-            learning_rate=config.learning_rate,
-            weight_decay=config.weight_decay,
-            # a float below 1 is a fraction of the total steps, 1.0 would be one step: all steps is just below 1
-            warmup_steps=min(config.warmup_ratio, math.nextafter(1.0, 0.0)),
-            lr_scheduler_type=config.lr_scheduler_type,
-            num_train_epochs=config.num_train_epochs,
-            max_steps=config.max_steps,
-            per_device_train_batch_size=config.per_device_train_batch_size,
-            gradient_accumulation_steps=config.gradient_accumulation_steps,
-            bf16=config.bf16,
-            **_checkpointing_arguments(config.gradient_checkpointing),
-            dataloader_pin_memory=torch.cuda.is_available(),
-            dataloader_num_workers=config.dataloader_num_workers,
-            logging_steps=config.logging_steps,
-            save_steps=config.save_steps,
-            save_total_limit=config.save_total_limit,
-            seed=config.seed,
-            data_seed=config.seed,
-            report_to=_report_to(config.report_to),
-            deepspeed=config.deepspeed,
-            fsdp=config.fsdp,
-            fsdp_config=config.fsdp_config,
-            remove_unused_columns=False,
-            # bf16 autocast on a machine without a GPU needs to be told it is on the CPU
-            **({"use_cpu": True} if _bf16_needs_cpu_flag(config) else {}),
-        ),
-        config.training_args,
-    )
+    args = _training_arguments(config)
     _check_router_optimizer(config)
     with args.main_process_first(desc="preparing data"):  # one process writes generated data, the others read
         data_path, image_folder, words = prepare_data(config)
@@ -808,7 +753,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> TrainResult:
                            check=False)
     tokenizer = getattr(processor, "tokenizer", processor)
     collator = LlavaCollator(pad_token_id=tokenizer.pad_token_id or 0, count_in_batch=True)
-    if config.gradient_checkpointing:
+    if getattr(args, _trainer_name("gradient_checkpointing")):
         model.config.use_cache = False
     trainer = PModTrainer(
         model=model,
@@ -876,8 +821,8 @@ def _wrap_lora(config: TrainConfig, model: PreTrainedModel, processor: Any, out:
             processor.save_pretrained(base)
     from transformers import set_seed
 
-    set_seed(config.seed)  # LoRA's A matrices start random: from the recipe's seed, so that a run can be repeated
-    return apply_lora(model, _lora_settings(config.lora), base_model_name_or_path=base), base
+    set_seed(args.seed)  # LoRA's A matrices start random: from the recipe's seed, so that a run can be repeated
+    return apply_lora(model, config.lora, base_model_name_or_path=base), base
 
 
 def _save_lora(trainer: PModTrainer, out: Path, base: Path) -> None:
@@ -905,8 +850,8 @@ def _save_lora(trainer: PModTrainer, out: Path, base: Path) -> None:
 
 
 # Settings that may change between a run and its resumption without changing what is trained.
-_RESUMABLE_CHANGES = {"resume", "logging_steps", "save_steps", "save_total_limit", "dataloader_num_workers",
-                      "report_to", "log_routing_per_layer"}
+_RESUMABLE_CHANGES = {"resume", "log_routing_per_layer", "trainer.logging_steps", "trainer.save_steps",
+                      "trainer.save_total_limit", "trainer.dataloader_num_workers", "trainer.report_to"}
 
 
 def _checkpoint_to_resume(config: TrainConfig, out: Path) -> str | None:
@@ -940,7 +885,7 @@ def _checkpoint_to_resume(config: TrainConfig, out: Path) -> str | None:
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise PModInputError(f"{previous} (the recipe of the checkpoints in {out}) is unreadable ({exc}); use "
                                  "another output_dir, or resume=false to start over in this one") from exc
-        new = config.to_dict()
+        old, new = _flat(old), _flat(config.to_dict())
         changed = sorted(k for k in set(old) | set(new) if k not in _RESUMABLE_CHANGES and old.get(k) != new.get(k))
         if changed:
             raise PModConfigError(
@@ -949,6 +894,13 @@ def _checkpoint_to_resume(config: TrainConfig, out: Path) -> str | None:
             )
     _check_checkpoint(newest)
     return str(newest)
+
+
+def _flat(recipe: dict[str, Any]) -> dict[str, Any]:
+    """A recipe with its trainer settings as ``trainer.NAME`` keys, so that they are compared one by one."""
+    trainer = recipe.get("trainer")
+    flat = {k: v for k, v in recipe.items() if k != "trainer" or not isinstance(trainer, dict)}
+    return flat | ({f"trainer.{k}": v for k, v in trainer.items()} if isinstance(trainer, dict) else {})
 
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
@@ -1000,26 +952,15 @@ def _check_checkpoint(path: Path) -> None:
             raise broken(file.name, "not a complete torch file")
 
 
-def _bf16_needs_cpu_flag(config: TrainConfig) -> bool:
-    """bf16 on a machine with no bf16 accelerator is autocast on the CPU, which TrainingArguments wants said."""
-    if not config.bf16 or "use_cpu" in config.training_args:
-        return False
-    from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
-
-    return not (is_torch_bf16_gpu_available() or is_torch_xla_available())
-
-
 def _check_router_optimizer(config: TrainConfig) -> None:
     """A DeepSpeed config with its own optimizer bypasses the Trainer's parameter groups (and the router and
     projector rates)."""
     rates = [n for n in ("router_learning_rate", "projector_learning_rate") if getattr(config, n) is not None]
-    if not rates or not config.deepspeed:
-        return
-    ds = _deepspeed_config(config.deepspeed)
-    if "optimizer" in ds:
+    deepspeed = config.trainer.get("deepspeed")
+    if rates and deepspeed and "optimizer" in _deepspeed_config(deepspeed):
         raise PModConfigError(
             f"{' and '.join(rates)} need{'s' if len(rates) == 1 else ''} the Trainer's optimizer, but "
-            f"{config.deepspeed} defines one; remove its 'optimizer' section or the {' and '.join(rates)} setting"
+            f"{deepspeed} defines one; remove its 'optimizer' section or the {' and '.join(rates)} setting"
         )
 
 
@@ -1038,58 +979,29 @@ def _deepspeed_config(value: str | dict[str, Any]) -> dict[str, Any]:
     return ds
 
 
-@functools.cache
-def _training_argument_names() -> frozenset[str]:
-    """The settings this transformers version's TrainingArguments has."""
-    return frozenset(f.name for f in dataclasses.fields(TrainingArguments))
+def _training_arguments(config: TrainConfig) -> TrainingArguments:
+    """`TrainingArguments` from the recipe's trainer mapping, with pmod's own settings and what this machine needs."""
+    kwargs = {"dataloader_pin_memory": torch.cuda.is_available(), **config.trainer}
+    checkpointing = _trainer_name("gradient_checkpointing")
+    if kwargs.get(checkpointing):  # reentrant checkpointing loses the gradients of inputs that do not need them
+        kwargs.setdefault(f"{checkpointing}_kwargs", {"use_reentrant": False})
+    report_to = [kwargs["report_to"]] if isinstance(kwargs.get("report_to"), str) else kwargs.get("report_to")
+    if isinstance(report_to, list) and not {"all", "none"} & set(report_to):
+        kwargs["report_to"] = _report_to(report_to)  # those installed: TrainingArguments fails on the others
+    if kwargs.get("bf16") and "use_cpu" not in kwargs:
+        from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 
-
-@functools.cache
-def _training_argument_types() -> dict[str, Any]:
-    """The types of this transformers version's TrainingArguments (empty if they cannot be resolved)."""
-    try:
-        return typing.get_type_hints(TrainingArguments)
-    except (NameError, TypeError, AttributeError):  # an unresolvable annotation: training_args go unchecked
-        return {}
-
-
-def _checkpointing_arguments(enabled: bool) -> dict[str, Any]:
-    """Activation checkpointing under this transformers version's name for it (renamed in 5.2x)."""
-    known = _training_argument_names()
-    name = "activation_checkpointing" if "activation_checkpointing" in known else "gradient_checkpointing"
-    out: dict[str, Any] = {name: enabled}
-    if enabled:
-        out[f"{name}_kwargs"] = {"use_reentrant": False}
-    return out
-
-
-def _training_arguments(kwargs: dict[str, Any], extra: dict[str, Any]) -> TrainingArguments:
-    """`TrainingArguments` from the recipe plus ``training_args``; settings this transformers version lacks, or
-    that ``training_args`` repeats, are refused clearly."""
-    clash = sorted(set(kwargs) & set(extra))
-    if clash:
-        raise PModConfigError(f"training_args repeats recipe settings {clash}; set them at the top level of the recipe")
-    kwargs = {**kwargs, **extra}
-    known = _training_argument_names()
-    unknown = sorted(k for k in kwargs if k not in known)
-    if unknown:
-        raise PModConfigError(
-            f"transformers {__import__('transformers').__version__} TrainingArguments has no {', '.join(unknown)}; "
-            "remove them from training_args"
-        )
-    hints = _training_argument_types()
-    for key, value in extra.items():  # plain-typed ones (booleans, numbers, strings) checked like the recipe's
-        if key in hints and all(kind in (bool, int, float, str, type(None)) for kind in _options(hints[key])):
-            kwargs[key] = _coerce(f"training_args.{key}", value, hints[key])
-    for key in ("fsdp", "fsdp_config", "deepspeed", "gradient_checkpointing_kwargs"):
-        if kwargs.get(key) is None:
-            kwargs.pop(key, None)
+        # bf16 on a machine with no bf16 accelerator is autocast on the CPU, which TrainingArguments wants said
+        kwargs["use_cpu"] = not (is_torch_bf16_gpu_available() or is_torch_xla_available())
     if isinstance(kwargs.get("deepspeed"), str):
         _deepspeed_config(kwargs["deepspeed"])  # a missing or broken file named as such
     try:
-        return TrainingArguments(**kwargs)
+        args = TrainingArguments(output_dir=config.output_dir, remove_unused_columns=False, **kwargs)
     except (TypeError, ValueError) as exc:  # e.g. an unknown lr_scheduler_type, bf16 without support
-        raise PModConfigError(f"invalid training settings: {exc}") from exc
+        raise PModConfigError(f"invalid trainer settings: {exc}") from exc
+    if args.data_seed is None:  # accelerate's sampler would take torch's initial seed: the data order from the recipe's
+        args.data_seed = args.seed
+    return args
 
 
 def _save_recipe(config: TrainConfig, out: Path) -> None:

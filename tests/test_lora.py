@@ -42,9 +42,9 @@ def _config(data, base, out, **overrides) -> TrainConfig:
     path, folder = data
     values = {
         "output_dir": str(out), "model_name_or_path": str(base), "pmod": {}, "data_path": str(path),
-        "image_folder": str(folder), "lora": {"r": 8, "alpha": 16, "dropout": 0.0}, "learning_rate": 3e-3,
-        "per_device_train_batch_size": 8, "max_steps": 4, "logging_steps": 1, "save_steps": 2, "warmup_ratio": 0.0,
-        "report_to": [],
+        "image_folder": str(folder), "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "trainer": {"learning_rate": 3e-3, "per_device_train_batch_size": 8, "max_steps": 4, "logging_steps": 1,
+                    "save_steps": 2, "warmup_steps": 0, "report_to": []},
     }
     return TrainConfig(**{**values, **overrides})
 
@@ -190,7 +190,7 @@ def test_bad_lora_settings_are_clear_errors(data, dense_base, tmp_path, lora, ma
 
 def test_lora_settings_from_recipes(data, dense_base, tmp_path):
     config = _config(data, dense_base, tmp_path, lora={"r": "16", "alpha": "32", "target_modules": ["q_proj"]})
-    assert config.lora == {"r": 16, "alpha": 32.0, "target_modules": ["q_proj"]}
+    assert config.lora == LoraSettings(r=16, alpha=32.0, target_modules=["q_proj"])
     with pytest.raises(PModConfigError, match="stage: pretrain"):
         _config(data, dense_base, tmp_path, stage="pretrain")
     with pytest.raises(PModConfigError, match="freeze_vision_tower"):
@@ -198,19 +198,19 @@ def test_lora_settings_from_recipes(data, dense_base, tmp_path):
     with pytest.raises(PModConfigError, match=r"name no linear layer.*q_proj"):
         apply_lora(tiny_llava(num_layers=2), LoraSettings(target_modules=["qkv"]))
     big = load_config(CONFIGS / "pmod-llava-1.5-7b-lora.yaml")
-    assert big.lora == {"r": 128, "alpha": 256, "dropout": 0.05} and big.learning_rate == 2e-4
+    assert big.lora == LoraSettings(r=128, alpha=256, dropout=0.05) and big.trainer["learning_rate"] == 2e-4
     assert big.projector_learning_rate == 2e-5 and big.stage == "finetune" and big.freeze_vision_tower
     tiny = load_config(CONFIGS / "tiny-cpu-lora.yaml", ["lora.r=4"])
-    assert tiny.lora["r"] == 4 and tiny.tiny_model is not None
+    assert tiny.lora.r == 4 and tiny.tiny_model is not None
 
 
 def test_tiny_cpu_lora_recipe_runs(tmp_path):
     """configs/tiny-cpu-lora.yaml end to end, shortened, with activation checkpointing: the random tiny base is saved
     beside the adapter; the projector's own learning rate (0 here) holds it still while the routers learn."""
     config = load_config(CONFIGS / "tiny-cpu-lora.yaml", [
-        f"output_dir={tmp_path}", "max_steps=2", "synthetic_data.n_train=8", "synthetic_data.n_val=2",
-        "synthetic_data.n_test=2", "report_to=[]", "tiny_model.num_layers=4", "tiny_model.hidden_size=64",
-        "projector_learning_rate=0", "gradient_checkpointing=true",
+        f"output_dir={tmp_path}", "trainer.max_steps=2", "synthetic_data.n_train=8", "synthetic_data.n_val=2",
+        "synthetic_data.n_test=2", "trainer.report_to=[]", "tiny_model.num_layers=4", "tiny_model.hidden_size=64",
+        "projector_learning_rate=0", "trainer.activation_checkpointing=true",
     ])
     train(config)
     merged = pmod.load_model(tmp_path)

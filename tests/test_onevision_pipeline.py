@@ -89,8 +89,9 @@ def test_training_learns_and_the_saved_model_evaluates(tmp_path):
     path = write_records(folder, colour_records(folder, n=48))
     result = train(TrainConfig(
         output_dir=str(tmp_path / "out"), tiny_model={"arch": "llava-onevision", "num_layers": 4, "hidden_size": 64},
-        pmod={}, data_path=str(path), image_folder=str(folder), learning_rate=5e-3, per_device_train_batch_size=8,
-        max_steps=24, logging_steps=1, save_steps=100, warmup_ratio=0.0, report_to=[], freeze_vision_tower=False,
+        pmod={}, data_path=str(path), image_folder=str(folder), freeze_vision_tower=False,
+        trainer={"learning_rate": 5e-3, "per_device_train_batch_size": 8, "max_steps": 24, "logging_steps": 1,
+                 "save_steps": 100, "warmup_steps": 0, "report_to": []},
     ))
     first, last = sum(result.losses[:3]) / 3, sum(result.losses[-3:]) / 3
     assert last < 0.6 * first, result.losses

@@ -112,8 +112,9 @@ def _config(data, out, version="2", **overrides):
     values = dict(
         output_dir=str(out), tiny_model={"arch": f"qwen{version}-vl", "num_layers": 4, "hidden_size": 64,
                                          "patch_size": 7, "image_size": 28},
-        pmod={}, data_path=str(path), image_folder=str(folder), learning_rate=5e-3, per_device_train_batch_size=8,
-        max_steps=24, logging_steps=1, save_steps=100, warmup_ratio=0.0, report_to=[], freeze_vision_tower=False,
+        pmod={}, data_path=str(path), image_folder=str(folder), freeze_vision_tower=False,
+        trainer={"learning_rate": 5e-3, "per_device_train_batch_size": 8, "max_steps": 24, "logging_steps": 1,
+                 "save_steps": 100, "warmup_steps": 0, "report_to": []},
     )
     values.update(overrides)
     return TrainConfig(**values)
@@ -291,10 +292,12 @@ def test_the_qwen2_vl_recipe_trains_a_saved_dense_folder(data, tmp_path):
     recipe = Path(__file__).resolve().parent.parent / "configs/pmod-qwen2-vl-7b.yaml"
     config = load_config(recipe, [
         f"model_name_or_path={tmp_path / 'dense'}", f"data_path={path}", f"image_folder={folder}",
-        f"output_dir={tmp_path / 'out'}", "max_steps=2", "per_device_train_batch_size=4", "gradient_accumulation_steps=1",
-        "bf16=false", "deepspeed=null", "dataloader_num_workers=0", "report_to=[]", "learning_rate=1e-3",
+        f"output_dir={tmp_path / 'out'}", "trainer.max_steps=2", "trainer.per_device_train_batch_size=4",
+        "trainer.gradient_accumulation_steps=1", "trainer.bf16=false", "trainer.deepspeed=null",
+        "trainer.dataloader_num_workers=0", "trainer.report_to=[]", "trainer.learning_rate=1e-3",
     ])
-    assert config.chat_template is None and config.gradient_checkpointing and config.freeze_vision_tower
+    checkpointing = config.trainer.get("activation_checkpointing", config.trainer.get("gradient_checkpointing"))
+    assert config.chat_template is None and checkpointing and config.freeze_vision_tower
     result = train(config)
     assert result.global_step == 2 and {"projector", "router", "language_model"} <= set(result.trainable_parameters)
     assert "vision_tower" not in result.trainable_parameters

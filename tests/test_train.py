@@ -1,5 +1,6 @@
 """Training: losses fall, resuming is exact, routers learn, stages freeze the right parts, recipes parse."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,9 +11,11 @@ from llava_data import colour_records, write_records
 
 import pmod
 from pmod.errors import PModConfigError
+from pmod.tiny import TinyModelSettings
 from pmod.train import TrainConfig, load_config, train
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
 
 @pytest.fixture(scope="module")
@@ -23,14 +26,14 @@ def data(tmp_path_factory):
 
 
 def _config(data, out, **overrides) -> TrainConfig:
+    """A tiny run's recipe; keyword arguments that are not TrainConfig fields are trainer (TrainingArguments) settings."""
     path, folder = data
-    values = dict(
-        output_dir=str(out), tiny_model={"num_layers": 4, "hidden_size": 64}, pmod={}, data_path=str(path),
-        image_folder=str(folder), learning_rate=3e-3, per_device_train_batch_size=8, max_steps=8,
-        logging_steps=1, save_steps=4, warmup_ratio=0.0, report_to=[],
-    )
-    values.update(overrides)
-    return TrainConfig(**values)
+    trainer = {"learning_rate": 3e-3, "per_device_train_batch_size": 8, "max_steps": 8, "logging_steps": 1,
+               "save_steps": 4, "warmup_steps": 0, "report_to": []}
+    trainer.update({k: overrides.pop(k) for k in list(overrides) if k not in FIELDS})
+    values = {"output_dir": str(out), "tiny_model": {"num_layers": 4, "hidden_size": 64}, "pmod": {},
+              "data_path": str(path), "image_folder": str(folder), "trainer": trainer}
+    return TrainConfig(**{**values, **overrides})
 
 
 def _params(model, part):
@@ -38,7 +41,8 @@ def _params(model, part):
 
 
 def test_loss_falls_and_routers_learn_and_the_model_loads(data, tmp_path):
-    result = train(_config(data, tmp_path, max_steps=24, learning_rate=5e-3))
+    config = _config(data, tmp_path, max_steps=24, learning_rate=5e-3)
+    result = train(config)
     first, last = sum(result.losses[:3]) / 3, sum(result.losses[-3:]) / 3
     assert last < 0.6 * first, result.losses
     model = pmod.load_model(tmp_path)
@@ -56,7 +60,9 @@ def test_loss_falls_and_routers_learn_and_the_model_loads(data, tmp_path):
     assert logs[0]["routing/kept_fraction"] == pytest.approx(expected, abs=1e-4)
     assert logs[0]["routing/router_weight"] == pytest.approx(1.0)  # zero routers: g = beta
     assert logs[-1]["routing/router_weight"] != pytest.approx(1.0, abs=1e-5)
-    assert (tmp_path / "pmod_train.yaml").is_file() and (tmp_path / "processor_config.json").is_file()
+    assert (tmp_path / "processor_config.json").is_file()
+    saved = load_config(tmp_path / "pmod_train.yaml")  # the recipe beside the model reproduces the run
+    assert saved == config and saved.to_dict() == config.to_dict() and isinstance(saved.pmod, pmod.PModConfig)
 
 
 def test_resume_reproduces_the_uninterrupted_run(data, tmp_path):
@@ -124,7 +130,7 @@ def test_bad_images_are_counted_not_fatal(tmp_path):
 
 def test_activation_checkpointing_gives_the_same_losses(data, tmp_path):
     plain = train(_config(data, tmp_path / "a", max_steps=3))
-    ckpt = train(_config(data, tmp_path / "b", max_steps=3, gradient_checkpointing=True))
+    ckpt = train(_config(data, tmp_path / "b", max_steps=3, activation_checkpointing=True))
     torch.testing.assert_close(torch.tensor(ckpt.losses), torch.tensor(plain.losses), rtol=1e-4, atol=1e-5)
 
 
@@ -136,12 +142,21 @@ def test_tensorboard_events_are_written(data, tmp_path):
 
 def test_load_config_overrides_and_errors(tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({"tiny_model": {"num_layers": 2}, "data_path": "x.json", "pmod": {}}))
-    config = load_config(recipe, ["learning_rate=1e-4", "pmod.average_ratio=0.3", "report_to=[]", "tiny_model.seed=3"])
-    assert config.learning_rate == 1e-4 and config.pmod == {"average_ratio": 0.3} and config.report_to == []
-    assert config.tiny_model == {"num_layers": 2, "seed": 3}
+    recipe.write_text(yaml.safe_dump({"tiny_model": {"num_layers": 2}, "data_path": "x.json", "pmod": {},
+                                      "trainer": {"max_steps": 5}}))
+    config = load_config(recipe, ["trainer.learning_rate=1e-4", "pmod.average_ratio=0.3", "trainer.report_to=[]",
+                                  "tiny_model.seed=3"])
+    assert config.pmod == pmod.PModConfig(average_ratio=0.3) and config.tiny_model == TinyModelSettings(num_layers=2, seed=3)
+    # the recipe's trainer settings over pmod's defaults, which differ from TrainingArguments' own
+    assert config.trainer == {**pmod.train.TRAINER_DEFAULTS, "max_steps": 5, "learning_rate": 1e-4, "report_to": []}
+    assert load_config(recipe, ["pmod=null"]).pmod is None  # the dense baseline
     with pytest.raises(PModConfigError, match="did you mean 'learning_rate'"):
-        load_config(recipe, ["learning_rat=1"])
+        load_config(recipe, ["trainer.learning_rat=1"])
+    with pytest.raises(PModConfigError, match=r"learning_rate: Trainer settings go in the trainer mapping.*"
+                                              r"trainer.learning_rate=\.\.\."):
+        load_config(recipe, ["learning_rate=1"])
+    with pytest.raises(PModConfigError, match="unknown trainer setting 'warmup_ratio'.*warmup_steps below 1"):
+        load_config(recipe, ["trainer.warmup_ratio=0.1"])
     with pytest.raises(PModConfigError, match="key=value"):
         load_config(recipe, ["learning_rate"])
     with pytest.raises(PModConfigError, match="min_ratio"):
@@ -156,15 +171,17 @@ def test_load_config_overrides_and_errors(tmp_path):
                                   "tiny-cpu.yaml"])
 def test_recipes_parse(name):
     config = load_config(CONFIGS / name)
-    if config.deepspeed:
-        ds = json.loads((CONFIGS.parent / config.deepspeed).read_text())
+    trainer = config.trainer
+    if trainer.get("deepspeed"):
+        ds = json.loads((CONFIGS.parent / trainer["deepspeed"]).read_text())
         assert ds["zero_optimization"]["stage"] in (2, 3)
     if name.startswith("pmod-llava"):
-        assert config.learning_rate == 2e-5 and config.lr_scheduler_type == "cosine" and config.bf16
-        assert config.per_device_train_batch_size * 8 == 128 and config.num_train_epochs == 1
+        assert trainer["learning_rate"] == 2e-5 and trainer["lr_scheduler_type"] == "cosine" and trainer["bf16"]
+        assert trainer["per_device_train_batch_size"] * 8 == 128 and trainer["num_train_epochs"] == 1
+        assert trainer["warmup_steps"] == 0.03 and config.pmod.average_ratio == 0.5  # 3% of the steps
     if name.startswith("pmod-qwen"):
-        assert config.chat_template is None and not config.pad_images and config.bf16  # the processor's own
-        assert config.per_device_train_batch_size * config.gradient_accumulation_steps * 8 == 128
+        assert config.chat_template is None and not config.pad_images and trainer["bf16"]  # the processor's own
+        assert trainer["per_device_train_batch_size"] * trainer["gradient_accumulation_steps"] * 8 == 128
 
 
 def test_deepspeed_and_fsdp_configs_name_real_classes():
@@ -186,9 +203,9 @@ def test_cli_train(data, tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({
         "tiny_model": {"num_layers": 2, "hidden_size": 32}, "pmod": {}, "data_path": str(path),
-        "image_folder": str(folder), "output_dir": str(tmp_path / "out"), "report_to": [],
+        "image_folder": str(folder), "output_dir": str(tmp_path / "out"), "trainer": {"report_to": []},
     }))
-    assert main(["train", str(recipe), "max_steps=2", "per_device_train_batch_size=4"]) == 0
+    assert main(["train", str(recipe), "trainer.max_steps=2", "trainer.per_device_train_batch_size=4"]) == 0
     assert "trained 2 steps" in capsys.readouterr().out
     assert pmod.load_model(tmp_path / "out").config.model_type == "pmod_llava"
     assert main(["train", str(recipe), "no_such_setting=1"]) == 2
@@ -208,16 +225,25 @@ def test_resume_skips_incomplete_checkpoints_and_refuses_other_recipes(data, tmp
     train(_config(data, tmp_path, max_steps=6, save_steps=3, logging_steps=2))
 
 
-def test_training_args_clash_and_router_lr_with_a_deepspeed_optimizer(data, tmp_path):
-    with pytest.raises(PModConfigError, match="repeats recipe settings"):
-        train(_config(data, tmp_path, training_args={"learning_rate": 1e-3}))
+def test_trainer_settings_pass_through_and_router_lr_with_a_deepspeed_optimizer(data, tmp_path):
+    from pmod.train import _check_router_optimizer, _training_arguments
+
+    with pytest.raises(PModConfigError, match="trainer.output_dir is set by pmod: set output_dir at the top level"):
+        _config(data, tmp_path, output_dir=str(tmp_path), trainer={"output_dir": "elsewhere"})
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 2}}))
-    from pmod.train import _check_router_optimizer
-
     with pytest.raises(PModConfigError, match="router_learning_rate"):
         _check_router_optimizer(_config(data, tmp_path, router_learning_rate=1e-3, deepspeed=str(ds)))
-    assert TrainConfig(**{**_config(data, tmp_path).to_dict(), "report_to": "tensorboard"}).report_to == ["tensorboard"]
+    # any TrainingArguments field, with its own name and meaning, DeepSpeed and FSDP settings included
+    fsdp = {"fsdp_version": 2, "reshard_after_forward": True}
+    args = _training_arguments(_config(data, tmp_path, adam_beta2=0.95, fsdp_config=fsdp, report_to="no_such_tracker",
+                                       gradient_checkpointing=True))
+    assert args.adam_beta2 == 0.95 and args.fsdp_config["reshard_after_forward"] and args.report_to == []
+    assert args.output_dir == str(tmp_path) and args.remove_unused_columns is False
+    assert args.data_seed == args.seed == 42  # the data order from the recipe's seed, not torch's initial one
+    assert _training_arguments(_config(data, tmp_path, seed=3, data_seed=5)).data_seed == 5
+    assert getattr(args, "activation_checkpointing", args.gradient_checkpointing)  # either name, this version's
+    assert _config(data, tmp_path, deepspeed=str(ds)).trainer["deepspeed"] == str(ds)
 
 
 def test_bf16_autocast_training(data, tmp_path):
@@ -231,8 +257,8 @@ def test_bf16_autocast_training(data, tmp_path):
 def test_tiny_cpu_recipe_runs(tmp_path):
     """configs/tiny-cpu.yaml end to end (generated data, tiny model), shortened."""
     config = load_config(CONFIGS / "tiny-cpu.yaml", [
-        f"output_dir={tmp_path}", "max_steps=2", "synthetic_data.n_train=16", "synthetic_data.n_val=2",
-        "synthetic_data.n_test=2", "report_to=[]",
+        f"output_dir={tmp_path}", "trainer.max_steps=2", "synthetic_data.n_train=16", "synthetic_data.n_val=2",
+        "synthetic_data.n_test=2", "trainer.report_to=[]",
     ])
     result = train(config)
     assert result.global_step == 2 and (tmp_path / "data/train.json").is_file()
@@ -256,5 +282,8 @@ def test_training_from_saved_directories(data, tmp_path):
     assert AutoConfig.from_pretrained(baseline.output_dir).model_type == "llava"
     again = train(_config(data, tmp_path / "again", **{**common, "model_name_or_path": str(routed.output_dir)}))
     assert again.trainable_parameters["router"] > 0
-    with pytest.raises(PModConfigError, match="already a p-MoD model"):
+    with pytest.raises(PModConfigError, match=r"already a p-MoD model, with other settings .*average_ratio 0.3 \(saved: 0.5\)"
+                                              ".*pmod: null"):
         train(_config(data, tmp_path / "x", pmod={"average_ratio": 0.3}, **{**common, "model_name_or_path": str(routed.output_dir)}))
+    as_saved = train(_config(data, tmp_path / "as-saved", pmod=None, **{**common, "model_name_or_path": str(routed.output_dir)}))
+    assert AutoConfig.from_pretrained(as_saved.output_dir).model_type == "pmod_llava"

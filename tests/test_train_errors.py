@@ -29,7 +29,7 @@ def recipe(data, tmp_path_factory):
     recipe = out / "r.yaml"
     recipe.write_text(yaml.safe_dump({
         "tiny_model": TINY, "pmod": {}, "data_path": str(path), "image_folder": str(folder),
-        "output_dir": str(out / "run"), "report_to": [], "max_steps": 1, "per_device_train_batch_size": 4,
+        "output_dir": str(out / "run"), "trainer": {"report_to": [], "max_steps": 1, "per_device_train_batch_size": 4},
     }))
     return recipe
 
@@ -60,7 +60,7 @@ def _projector(model) -> torch.nn.Parameter:
 # ------------------------------------------------------------------------------------ non-finite training
 def test_a_non_finite_loss_stops_training_and_saves_nothing(data, tmp_path, monkeypatch):
     _poisoned(monkeypatch, lambda model: _projector(model).data.fill_(float("nan")))
-    with pytest.raises(PModTrainingError, match=r"step 1: the loss is nan.*lower learning_rate.*check the data") as info:
+    with pytest.raises(PModTrainingError, match=r"step 1: the loss is nan.*lower learning rate.*check the data") as info:
         train(_tiny(data, tmp_path))
     assert isinstance(info.value, PModError)  # the CLI prints it as one line
     assert not (tmp_path / "model.safetensors").exists()
@@ -69,7 +69,7 @@ def test_a_non_finite_loss_stops_training_and_saves_nothing(data, tmp_path, monk
 def test_a_non_finite_gradient_stops_before_the_optimizer_step(data, tmp_path, monkeypatch):
     """The loss is finite, the gradient of one weight is not: the step must not reach the weights."""
     built = _poisoned(monkeypatch, lambda model: _projector(model).register_hook(lambda g: g * float("inf")))
-    with pytest.raises(PModTrainingError, match=r"step 1: the gradient norm is (nan|inf).*lower learning_rate"):
+    with pytest.raises(PModTrainingError, match=r"step 1: the gradient norm is (nan|inf).*lower learning rate"):
         train(_tiny(data, tmp_path))
     assert all(torch.isfinite(p).all() for p in built[0].parameters())
     assert not (tmp_path / "model.safetensors").exists()
@@ -96,9 +96,10 @@ def test_non_finite_weights_are_never_saved(data, tmp_path, monkeypatch, save_st
 def test_booleans_in_strings_are_read_as_booleans_everywhere(recipe, tmp_path):
     values = yaml.safe_load(recipe.read_text())
     quoted = tmp_path / "quoted.yaml"
-    quoted.write_text(yaml.safe_dump({**values, "freeze_vision_tower": "false", "bf16": "No", "resume": "TRUE"}))
+    quoted.write_text(yaml.safe_dump({**values, "freeze_vision_tower": "false", "resume": "TRUE",
+                                      "trainer": {**values["trainer"], "bf16": "No"}}))
     config = load_config(quoted)
-    assert config.freeze_vision_tower is False and config.bf16 is False and config.resume is True
+    assert config.freeze_vision_tower is False and config.trainer["bf16"] is False and config.resume is True
     for word, expected in [("false", False), ("FALSE", False), ("'false'", False), ("no", False), ("0", False),
                            ("'yes'", True), ("On", True), ("1", True)]:
         assert load_config(recipe, [f"freeze_vision_tower={word}"]).freeze_vision_tower is expected, word
@@ -110,38 +111,48 @@ def test_booleans_in_strings_are_read_as_booleans_everywhere(recipe, tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("report_to=5", "report_to must be a list of strings, got 5"),
-    ("report_to=[tensorboard, 3]", "report_to must be a list of strings"),
-    ("per_device_train_batch_size=0", "per_device_train_batch_size must be at least 1, got 0"),
-    ("per_device_train_batch_size=2.5", "per_device_train_batch_size must be a whole number, got 2.5"),
-    ("per_device_train_batch_size=true", "per_device_train_batch_size must be a whole number"),
-    ("gradient_accumulation_steps=0", "gradient_accumulation_steps must be at least 1"),
-    ("logging_steps=-1", "logging_steps must be at least 1"),
-    ("save_steps=0", "save_steps must be at least 1"),
+    ("trainer.report_to=5", "trainer.report_to must be null or a string or a list of strings, got 5"),
+    ("trainer.report_to=[tensorboard, 3]", "trainer.report_to must be .*a list of strings"),
+    ("trainer.per_device_train_batch_size=0", "trainer.per_device_train_batch_size must be at least 1, got 0"),
+    ("trainer.per_device_train_batch_size=2.5", "trainer.per_device_train_batch_size must be a whole number, got 2.5"),
+    ("trainer.per_device_train_batch_size=true", "trainer.per_device_train_batch_size must be a whole number"),
+    ("trainer.gradient_accumulation_steps=0", "trainer.gradient_accumulation_steps must be at least 1"),
+    ("trainer.logging_steps=-1", "trainer.logging_steps must be above 0"),
+    ("trainer.save_steps=0", "trainer.save_steps must be above 0"),
     ("model_max_length=0", "model_max_length must be at least 1"),
-    ("learning_rate=.nan", "learning_rate must be a finite number"),
-    ("learning_rate=nan", "learning_rate must be a finite number"),
-    ("learning_rate=-1e-4", "learning_rate must not be negative"),
-    ("learning_rate=fast", "learning_rate must be a finite number, got 'fast'"),
+    ("trainer.learning_rate=.nan", "trainer.learning_rate must be a finite number"),
+    ("trainer.learning_rate=nan", "trainer.learning_rate must be a finite number"),
+    ("trainer.learning_rate=-1e-4", "trainer.learning_rate must not be negative"),
+    ("trainer.learning_rate=fast", "trainer.learning_rate must be a finite number, got 'fast'"),
     ("router_learning_rate=.inf", "router_learning_rate must be a finite number"),
-    ("weight_decay=-0.1", "weight_decay must not be negative"),
-    ("warmup_ratio=1.5", r"warmup_ratio .* in \[0, 1\]; got 1.5"),
-    ("max_steps=0", "max_steps must be at least 1, or -1"),
-    ("num_train_epochs=0", "num_train_epochs must be above 0"),
-    ("seed=-1", "seed must be in"),
+    ("projector_learning_rate=-1", "projector_learning_rate must not be negative"),
+    ("trainer.weight_decay=-0.1", "trainer.weight_decay must not be negative"),
+    ("trainer.warmup_steps=-0.5", "trainer.warmup_steps must not be negative, got -0.5"),
+    ("trainer.max_steps=0", "trainer.max_steps must be at least 1, or -1"),
+    ("trainer.num_train_epochs=0", "trainer.num_train_epochs must be above 0"),
+    ("trainer.seed=-1", "trainer.seed must not be negative"),
+    ("trainer.seed=4294967296", "trainer.seed must be below 2\\*\\*32"),
+    ("trainer.bf16=maybe", "trainer.bf16 must be true or false, got 'maybe'"),
+    ("trainer.learning_rat=1e-3", r"unknown trainer setting 'learning_rat' \(did you mean 'learning_rate'\?\): .*no such"),
+    ("trainer.remove_unused_columns=true", "trainer.remove_unused_columns is set by pmod"),
+    ("max_steps=3", "max_steps: Trainer settings go in the trainer mapping"),
     ("stage=pretrian", "stage must be one of 'pretrain', 'finetune'"),
     ("pmod=5", "pmod must be a mapping or null"),
     ("output_dir=null", "output_dir must be a string, got null"),
-    ("training_args=[]", "training_args must be a mapping"),
-    ("pmod.alphaa=0.3", r"unknown p-MoD setting 'alphaa' \(did you mean 'alpha'\?\).*known pmod settings: alpha,"),
-    ("pmod.alpha=.nan", "alpha"),
-    ("pmod.schedule=[a, b]", "schedule"),
+    ("trainer=[]", "trainer must be a mapping"),
+    ("pmod.alphaa=0.3", r"unknown pmod setting 'alphaa' \(did you mean 'alpha'\?\).*known pmod settings: alpha,"),
+    ("pmod.alpha=.nan", "pmod.alpha must be a finite number"),
+    ("pmod.schedule=[a, b]", "pmod.schedule must be one of .* or a list of finite numbers"),
+    ("pmod.min_ratio=0.9", r"pmod: min_ratio \(0.9\) is larger than max_ratio"),
     ("tiny_model.num_layer=3", r"unknown tiny_model setting 'num_layer' \(did you mean 'num_layers'\?\)"),
     ("tiny_model.arch=gpt", "tiny_model.arch must be one of"),
     ("tiny_model.num_layers=x", "tiny_model.num_layers must be a whole number, got 'x'"),
     ("tiny_model.hidden_size=0", "tiny_model.hidden_size must be at least 1, got 0"),
     ("tiny_model.words=abc", "tiny_model.words must be a list of strings"),
+    ("tiny_model.family=qwen9", "tiny_model.family must be one of llama, qwen2, mistral"),
+    ("tiny_model.attn_implementation=eager", "unknown tiny_model setting 'attn_implementation'"),
     ("synthetic_data.n_trian=3", r"unknown synthetic_data setting 'n_trian' \(did you mean 'n_train'\?\)"),
+    ("synthetic_data.grid=5", "synthetic_data: grid must be 2 or 3"),
     ("report_to=[", "override 'report_to=\\[': the value is not valid YAML"),
 ])
 def test_bad_settings_are_one_clear_error(recipe, override, message):
@@ -150,11 +161,16 @@ def test_bad_settings_are_one_clear_error(recipe, override, message):
 
 
 def test_numbers_are_converted_where_unambiguous(recipe):
-    config = load_config(recipe, ["learning_rate=1e-4", "max_steps=1e3", "warmup_ratio=1", "save_steps=20.0",
-                                  "report_to=tensorboard"])
-    assert config.learning_rate == 1e-4 and config.max_steps == 1000 and type(config.max_steps) is int
-    assert config.warmup_ratio == 1.0 and type(config.warmup_ratio) is float
-    assert config.save_steps == 20 and type(config.save_steps) is int and config.report_to == ["tensorboard"]
+    """As TrainingArguments types them: whole numbers where it takes ints, floats where it takes floats."""
+    config = load_config(recipe, ["trainer.learning_rate=1e-4", "trainer.max_steps=1e3", "trainer.warmup_steps=1",
+                                  "trainer.per_device_train_batch_size=8.0", "trainer.report_to=tensorboard",
+                                  "lora.r='16'", "synthetic_data.n_train='4'", "pmod.average_ratio='0.25'"])
+    trainer = config.trainer
+    assert trainer["learning_rate"] == 1e-4 and trainer["max_steps"] == 1000 and type(trainer["max_steps"]) is int
+    assert trainer["warmup_steps"] == 1.0 and type(trainer["warmup_steps"]) is float
+    assert trainer["per_device_train_batch_size"] == 8 and type(trainer["per_device_train_batch_size"]) is int
+    assert trainer["report_to"] == "tensorboard" and config.lora.r == 16 and config.synthetic_data.n_train == 4
+    assert config.pmod.average_ratio == 0.25
 
 
 def test_a_broken_recipe_file_is_a_config_error(tmp_path):
@@ -165,19 +181,19 @@ def test_a_broken_recipe_file_is_a_config_error(tmp_path):
 
 
 def test_invalid_training_arguments_are_config_errors(data, tmp_path):
-    with pytest.raises(PModConfigError, match="invalid training settings: .*SchedulerType"):
+    with pytest.raises(PModConfigError, match="invalid trainer settings: .*SchedulerType"):
         train(_tiny(data, tmp_path, lr_scheduler_type="cosin"))
-    with pytest.raises(PModConfigError, match="training_args.max_grad_norm must be a finite number, got 'x'"):
-        train(_tiny(data, tmp_path, training_args={"max_grad_norm": "x"}))
-    with pytest.raises(PModConfigError, match="training_args.adam_beta1 must be a finite number"):
-        train(_tiny(data, tmp_path, training_args={"adam_beta1": float("nan")}))
+    with pytest.raises(PModConfigError, match="trainer.max_grad_norm must be a finite number, got 'x'"):
+        _tiny(data, tmp_path, max_grad_norm="x")
+    with pytest.raises(PModConfigError, match="trainer.adam_beta1 must be a finite number"):
+        _tiny(data, tmp_path, adam_beta1=float("nan"))
     with pytest.raises(PModConfigError, match="deepspeed config .*missing.json does not exist"):
         train(_tiny(data, tmp_path, deepspeed=str(tmp_path / "missing.json")))
 
 
-def test_warmup_ratio_one_warms_up_over_every_step(data, tmp_path):
-    """warmup_ratio 1.0 is a fraction (every step), not warmup_steps=1 (one step, then decay)."""
-    result = train(_tiny(data, tmp_path, max_steps=4, warmup_ratio=1.0, logging_steps=1))
+def test_warmup_steps_below_one_is_a_fraction_of_the_steps(data, tmp_path):
+    """warmup_steps 0.99 (as TrainingArguments reads it) warms up over every step, not over none or one."""
+    result = train(_tiny(data, tmp_path, max_steps=4, warmup_steps=0.99, logging_steps=1))
     rates = [h["learning_rate"] for h in result.log_history if "learning_rate" in h]
     assert len(rates) == 4 and rates == sorted(rates) and rates[0] < rates[-1]
 
@@ -250,9 +266,9 @@ def test_a_checkpoint_without_some_weights_is_not_resumed_with_random_ones(data,
 
 # -------------------------------------------------------------------------------------------------- CLI
 @pytest.mark.parametrize("overrides, message", [
-    (["per_device_train_batch_size=0"], "per_device_train_batch_size must be at least 1"),
-    (["report_to=5"], "report_to must be a list of strings"),
-    (["pmod.alphaa=0.3"], "unknown p-MoD setting 'alphaa'"),
+    (["trainer.per_device_train_batch_size=0"], "trainer.per_device_train_batch_size must be at least 1"),
+    (["trainer.report_to=5"], "trainer.report_to must be null or a string or a list of strings"),
+    (["pmod.alphaa=0.3"], "unknown pmod setting 'alphaa'"),
     (["data_path=/nonexistent/train.json"], "data file not found"),
 ])
 def test_cli_prints_one_line_and_exits_2(recipe, capsys, overrides, message):
