@@ -95,7 +95,7 @@ class PModModelMixin:
         return ResolvedPMod.from_dict(self.config.pmod)
 
     def decoder_layers(self) -> nn.ModuleList:
-        return _decoder_layers(self)
+        return find_decoder_layers(self)
 
     def routed_layers(self) -> dict[int, PModLayerMixin]:
         return {i: layer for i, layer in enumerate(self.decoder_layers()) if isinstance(layer, PModLayerMixin)}
@@ -340,7 +340,8 @@ _register()
 
 
 # ---------------------------------------------------------------------- helpers
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a supported model, p-MoD or dense."""
     inner = getattr(model, "model", None)
     for owner in (getattr(inner, "language_model", None), inner):
         layers = getattr(owner, "layers", None)
@@ -350,7 +351,7 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def _convert_layers(model: nn.Module, resolved: ResolvedPMod) -> None:
-    layers = _decoder_layers(model)
+    layers = find_decoder_layers(model)
     if len(layers) != len(resolved.layer_ratios):
         raise PModConfigError(
             f"config.pmod has {len(resolved.layer_ratios)} layer ratios but the model has {len(layers)} decoder layers."
@@ -438,18 +439,25 @@ def load_model(path: str | os.PathLike, pmod_config: PModConfig | None = None, *
             raise UnsupportedModelError(f"Unknown p-MoD model type {config.model_type!r} in {path}.")
         _check_pmod_entry(config, where)
         return family.auto_class.from_pretrained(path if source is None else source, **from_pretrained_kwargs)
-    family = next((f for f in _FAMILIES if f.base_config.model_type == config.model_type), None)
-    if family is None:
-        raise UnsupportedModelError(
-            f"{path} holds a {config.model_type!r} model; p-MoD supports "
-            f"{', '.join(f.base_config.model_type for f in _FAMILIES)}."
-        )
     loaded = _load_checked(
-        family.base_model.from_pretrained, path if source is None else source, source, from_pretrained_kwargs
+        dense_model_class(config.model_type, path).from_pretrained, path if source is None else source, source,
+        from_pretrained_kwargs,
     )
     if isinstance(loaded, tuple):  # output_loading_info=True
         return apply_pmod(loaded[0], pmod_config), loaded[1]
     return apply_pmod(loaded, pmod_config)
+
+
+def dense_model_class(model_type: str, source: Any) -> type[PreTrainedModel]:
+    """The transformers class of a dense checkpoint's ``model_type`` that p-MoD converts; `UnsupportedModelError`
+    naming ``source`` (the checkpoint) for any other."""
+    family = next((f for f in _FAMILIES if f.base_config.model_type == model_type), None)
+    if family is None:
+        raise UnsupportedModelError(
+            f"{source} holds a {model_type!r} model; p-MoD supports "
+            f"{', '.join(f.base_config.model_type for f in _FAMILIES)} (language models: {SUPPORTED_TEXT_FAMILIES})."
+        )
+    return family.base_model
 
 
 def load_pretrained(path: str | os.PathLike, **from_pretrained_kwargs) -> PreTrainedModel:
