@@ -13,6 +13,7 @@ import torch
 from transformers import TextStreamer
 
 from .compat import output_cache
+from .conversation import render
 from .efficiency import KVCacheReport, kv_cache_report
 from .data import load_image  # noqa: F401  (part of this module's API: pmod.chat.load_image)
 from .errors import PModInputError
@@ -120,7 +121,7 @@ class ChatSession:
         if not self.messages:
             content.insert(0, {"type": "image"})
         self.messages.append({"role": "user", "content": content})
-        text = self.processor.apply_chat_template(self.messages, add_generation_prompt=True)
+        text = render(self.processor, self.messages, add_generation_prompt=True)
         inputs = self.processor(images=self.image, text=text, return_tensors="pt").to(self.model.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)

@@ -143,6 +143,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     import torch
 
     from .chat import ChatSession, chat_loop, load_image
+    from .conversation import use_chat_template
     from .models import load_model, load_processor
 
     image = load_image(args.image)
@@ -151,10 +152,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if args.device:
         model.to(args.device)  # inputs follow the model (ChatSession moves them to model.device)
     processor = load_processor(args.model_dir)
-    if getattr(processor, "chat_template", None) is None:
-        from .tiny import VICUNA_CHAT_TEMPLATE
-
-        processor.chat_template = VICUNA_CHAT_TEMPLATE  # the original LLaVA models' conversation format
+    use_chat_template(processor, None, args.model_dir)
     session = ChatSession(model, processor, image, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
 
     def write(text: str) -> None:

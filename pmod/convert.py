@@ -602,7 +602,7 @@ def _build_processor(src: Path, model, cfg: dict):
     Built before anything is written, so that a broken tokenizer or preprocessor config stops the conversion."""
     from transformers import AutoTokenizer, LlavaNextProcessor, LlavaProcessor
 
-    from .tiny import VICUNA_CHAT_TEMPLATE
+    from .conversation import VICUNA_V1_TEMPLATE
 
     if not any((src / name).exists() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
         logger.warning("%s has no tokenizer; the converted model is saved without tokenizer and processor.", src)
@@ -632,7 +632,7 @@ def _build_processor(src: Path, model, cfg: dict):
         patch_size=vision.patch_size,
         vision_feature_select_strategy=model.config.vision_feature_select_strategy,
         num_additional_image_tokens=1,
-        chat_template=VICUNA_CHAT_TEMPLATE,  # the original models' conversation format (Vicuna v1)
+        chat_template=VICUNA_V1_TEMPLATE,  # the original models' conversation format
     )
     if getattr(model.config, "image_grid_pinpoints", None):
         from transformers import LlavaNextImageProcessorPil

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from .compat import output_cache
-from .conversation import image_paths, prompt_and_answer, render, video_sources
+from .conversation import image_paths, prompt_and_answer, render, tokenizer_of, use_chat_template, video_sources
 from .data import load_records  # noqa: F401  (part of this module's API)
 from .data import (
     DEFAULT_VIDEO_FPS,
@@ -176,10 +176,6 @@ class BatchOutput:
     seconds: float
 
 
-def _tokenizer(processor: Any) -> Any:
-    return getattr(processor, "tokenizer", processor)
-
-
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
     ids: list[int] = []
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -221,7 +217,7 @@ def generate_batch(
             + (f", {len(videos)} video lists" if videos is not None else "")
             + (f", {len(video_fps)} frame rates" if video_fps is not None else "")
         )
-    tokenizer = _tokenizer(processor)
+    tokenizer = tokenizer_of(processor)
     flat = [img for row in images for img in row]
     has_videos = videos is not None and any(videos)
     check_processor_takes(processor, "the batch", images=bool(flat), videos=has_videos)
@@ -645,7 +641,6 @@ def evaluate(
 # ====================================================================== `pmod eval`
 def cmd_eval(args: argparse.Namespace) -> int:
     """`pmod eval`: evaluate a saved model on a LLaVA-format data file; writes predictions.jsonl and metrics.json."""
-    from .conversation import VICUNA_V1_TEMPLATE
     from .models import load_pretrained, load_processor
 
     records = load_records(args.data)
@@ -661,9 +656,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.device:
         model.to(args.device)
     processor = load_processor(args.model_dir, need_images=False)  # text-only models evaluate too
-    if not getattr(processor, "chat_template", None) and not getattr(_tokenizer(processor), "chat_template", None):
-        logger.warning("%s has no chat template: using the LLaVA-1.5 (Vicuna v1) conversation format", args.model_dir)
-        processor.chat_template = VICUNA_V1_TEMPLATE
+    use_chat_template(processor, None, args.model_dir)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = evaluate(

@@ -57,11 +57,11 @@ from .config import PModConfig
 from .conversation import (
     FRAME_SUFFIXES,
     IMAGE_PLACEHOLDER,
-    VICUNA_V1_TEMPLATE,
     VIDEO_PLACEHOLDER,
     render,
-    resolve_chat_template,
     to_messages,
+    tokenizer_of,
+    use_chat_template,
 )
 from .data import (
     DEFAULT_VIDEO_FPS,
@@ -310,12 +310,7 @@ class PMod(lmms):
         self._model.to(self._device).eval()
 
         self.processor = load_processor(self.pretrained, need_images=False)  # local video-model folders load without torchvision too
-        tokenizer = getattr(self.processor, "tokenizer", self.processor)
-        if chat_template is not None:
-            self.processor.chat_template = resolve_chat_template(chat_template)
-        elif not getattr(self.processor, "chat_template", None) and not getattr(tokenizer, "chat_template", None):
-            _eval_logger().warning(f"{self.pretrained} has no chat template: using the LLaVA-1.5 (Vicuna v1) format")
-            self.processor.chat_template = VICUNA_V1_TEMPLATE
+        use_chat_template(self.processor, chat_template, self.pretrained)
         self._costs = _CostLog()  # the whole run, for `efficiency`
         self._unreported = _CostLog()  # since the last report to lmms-eval
         _eval_logger().info(
@@ -330,7 +325,7 @@ class PMod(lmms):
 
     @property
     def tokenizer(self) -> Any:
-        return getattr(self.processor, "tokenizer", self.processor)
+        return tokenizer_of(self.processor)
 
     @property
     def batch_size(self) -> int:

@@ -1,13 +1,18 @@
-"""Generation with the p-MoD KV cache: cached decoding equals recomputation, batched equals one-by-one."""
+"""Generation with the p-MoD KV cache: cached decoding equals recomputation, batched equals one-by-one; one
+prompt for the same question through `pmod chat`, `pmod eval` and the lmms-eval plugin."""
+
+import json
 
 import pytest
 import torch
 from batches import rows_alone
+from PIL import Image
 from test_models import all_routed, llava_inputs, next_inputs
 
 import pmod
 from pmod.compat import output_cache
-from pmod.tiny import randomize_routers, tiny_llava, tiny_llava_next
+from pmod.conversation import VICUNA_V1_SYSTEM
+from pmod.tiny import randomize_routers, tiny_llava, tiny_llava_next, tiny_llava_processor
 
 
 def _routed_model(attn="sdpa", schedule=(0.5, 1.0, 0.3, 0.6)):
@@ -177,3 +182,75 @@ def test_multi_token_continuation_with_cache_equals_recomputation(attn, padded):
                      position_ids=torch.cat([inputs["position_ids"], pos], 1), pixel_values=inputs["pixel_values"],
                      use_cache=False).logits[:, -3:]
     torch.testing.assert_close(step, full, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- one prompt
+QUESTION = "what is in the image ?"
+SYSTEM_WORDS = VICUNA_V1_SYSTEM.replace(".", " . ").replace(",", " , ").replace("'", " ' ").split()
+
+
+@pytest.fixture(scope="module")
+def untemplated(tmp_path_factory):
+    """A saved tiny p-MoD LLaVA whose processor has no chat template (each front-end chooses one; its vocabulary
+    has the Vicuna system prompt's words), an image, and a data file asking about it."""
+    path = tmp_path_factory.mktemp("prompt")
+    model = pmod.apply_pmod(tiny_llava(num_layers=4), pmod.PModConfig(schedule=[1.0, 0.5, 0.3, 0.6]))
+    model.save_pretrained(path / "model")
+    processor = tiny_llava_processor(model, [*SYSTEM_WORDS, "USER", "ASSISTANT", ":", *QUESTION.split()])
+    processor.chat_template = None
+    processor.save_pretrained(path / "model")
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(path / "red.png")
+    record = {"id": 0, "image": "red.png", "conversations": [{"from": "human", "value": "<image>\n" + QUESTION},
+                                                             {"from": "gpt", "value": "red"}]}
+    (path / "data.json").write_text(json.dumps([record]))
+    # the original LLaVA vicuna_v1 prompt, written out
+    text = f"{VICUNA_V1_SYSTEM} USER: <image>\n{QUESTION} ASSISTANT:"
+    expected = processor(text=[text], images=[Image.open(path / "red.png").convert("RGB")])["input_ids"]
+    return path, torch.tensor(expected)
+
+
+def _prompt_ids(monkeypatch) -> list[torch.Tensor]:
+    """The input_ids of every generate call of a p-MoD LLaVA from now on."""
+    from pmod.models import PModLlavaForConditionalGeneration as cls
+
+    seen, generate = [], cls.generate
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs["input_ids"])
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "generate", spy)
+    return seen
+
+
+def test_chat_and_eval_prompt_identically(untemplated, monkeypatch, tmp_path):
+    """Same model, same question: `pmod chat` and `pmod eval` give the model the same tokens, the original vicuna_v1
+    prompt (system prompt included) where the processor has no chat template."""
+    from pmod.cli import main
+
+    path, expected = untemplated
+    seen = _prompt_ids(monkeypatch)
+    assert main(["chat", str(path / "model"), "--image", str(path / "red.png"), "--prompt", QUESTION,
+                 "--max-new-tokens", "1"]) == 0
+    assert main(["eval", str(path / "model"), "--data", str(path / "data.json"), "--out", str(tmp_path),
+                 "--max-new-tokens", "1", "--no-progress"]) == 0
+    assert len(seen) == 2 and all(torch.equal(ids, expected) for ids in seen)
+
+
+def test_the_lmms_eval_plugin_prompts_as_chat_and_eval(untemplated, monkeypatch):
+    """lmms-eval's simple (doc_to_visual / doc_to_text) and chat (doc_to_messages) requests get the same tokens."""
+    instance = pytest.importorskip("lmms_eval.api.instance").Instance
+    from pmod.lmms_eval_plugin import PMod, PModChat
+
+    path, expected = untemplated
+    image = Image.open(path / "red.png").convert("RGB")
+    messages = [{"role": "user", "content": [{"type": "image", "url": image}, {"type": "text", "text": QUESTION}]}]
+    requests = {PMod: (QUESTION, {"max_new_tokens": 1}, lambda doc: [image], 0, "t", "test"),
+                PModChat: ("", lambda doc: messages, {"max_new_tokens": 1}, 0, "t", "test")}
+    seen = _prompt_ids(monkeypatch)
+    for cls, args in requests.items():
+        lm = cls(pretrained=str(path / "model"), device="cpu")
+        lm.task_dict = {"t": {"test": [{}]}}
+        lm.generate_until([instance(request_type="generate_until", arguments=args, idx=0,
+                                    metadata={"task": "t", "doc_id": 0, "repeats": 1})])
+    assert len(seen) == 2 and all(torch.equal(ids, expected) for ids in seen)
