@@ -632,16 +632,6 @@ def load_processor(model_dir: str | os.PathLike, need_images: bool = True):
     return processor
 
 
-PLACEHOLDER_TOKENS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
-
-
-def placeholder_token_ids(config: Any) -> list[int]:
-    """Ids a model must not generate: image / video placeholders (their features come only from pixels) and
-    Qwen2-VL's vision start / end markers."""
-    ids = [getattr(config, name, None) for name in PLACEHOLDER_TOKENS]
-    return [i for i in ids if isinstance(i, int)]
-
-
 def get_routing(model: nn.Module) -> dict[int, LayerRouting]:
     """Routing decisions of the most recent forward pass of a p-MoD model, by routed layer index."""
     model = getattr(model, "get_base_model", lambda: model)()  # a PEFT-wrapped (LoRA) p-MoD model

@@ -1,5 +1,5 @@
 """The lmms-eval model `pmod`: entry point, generate_until / loglikelihood against pmod.evaluate and a manual
-computation, video documents and chat messages against pmod.evaluate.generate_batch, and command-line runs
+computation, video documents and chat messages against pmod.generation.generate_batch, and command-line runs
 (offline) on the local tasks in tests/data/lmms_eval_task (images) and tests/data/lmms_eval_video_task (videos,
 chat messages)."""
 
@@ -21,7 +21,8 @@ from transformers import AutoProcessor
 
 import pmod
 from pmod.conversation import render, to_messages
-from pmod.evaluate import evaluate, exact_match, generate_batch
+from pmod.evaluate import evaluate, exact_match
+from pmod.generation import generate_batch
 from pmod.models import load_processor
 from pmod.tiny import (
     randomize_routers,
@@ -313,7 +314,7 @@ def _chat_row(doc):
 
 
 def _expected(model_dir, rows, batch_size=None):
-    """pmod.evaluate.generate_batch's answers for (messages, images, videos) rows, rendered with the chat template."""
+    """pmod.generation.generate_batch's answers for (messages, images, videos) rows, rendered with the chat template."""
     model = pmod.load_model(model_dir).eval()
     processor = load_processor(model_dir, need_images=False)
     answers = []
