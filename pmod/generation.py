@@ -6,15 +6,13 @@
     print(out.texts[0], out.flops_ratio, out.summary())
 
 `load_for_inference` loads a model and its processor with the one chat-template choice
-(`pmod.conversation.use_chat_template`). `generate_batch` answers rendered prompts: one left-padded batch per
-`stacking_groups` group (`encode`), tensors moved and pixels cast to the model (`move_to_model`), placeholder
-tokens suppressed (`suppressed_tokens`), answers cut at stop strings, and what the generation cost (`Generation`).
-`generate` does the same for inputs that are already encoded.
+(`pmod.conversation.use_chat_template`). `generate_batch` answers rendered prompts in left-padded batches
+(`encode`; `stacking_groups`), inputs on the model (`move_to_model`), placeholders suppressed (`suppressed_tokens`),
+answers cut at stop strings, with what it cost (`Generation`); `generate` does so for encoded inputs.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import time
@@ -34,12 +32,9 @@ from .efficiency import KVCacheReport, kv_cache_report, realized_cost
 from .errors import PModConfigError, PModInputError
 from .models import PModModelMixin, load_model, load_pretrained, load_processor
 
-logger = logging.getLogger(__name__)
-
 # config fields naming tokens a model must not generate: image / video placeholders (their features come only
 # from pixels) and Qwen2-VL's vision start / end markers
 PLACEHOLDER_TOKENS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
-PIXEL_INPUTS = ("pixel_values", "pixel_values_videos")
 
 
 # ====================================================================== loading
@@ -54,18 +49,13 @@ def load_for_inference(
     need_images: bool = False,
     **from_pretrained_kwargs: Any,
 ) -> tuple[PreTrainedModel, Any]:
-    """A saved model in eval mode and its processor, with the chat template of `use_chat_template`.
+    """A saved model in eval mode (moved to ``device``) and its processor, with the chat template of
+    `use_chat_template` (``chat_template``: a setting for it).
 
-    Args:
-        dense: None: the checkpoint as it is (a dense baseline stays dense); False: p-MoD, a dense checkpoint
-            converted with ``pmod_config`` (routers at zero); True: a dense checkpoint only, as it is.
-        dtype: a torch dtype, its name (``"bfloat16"``) or ``"auto"`` (the checkpoint's); None: transformers'
-            default.
-        device: where to move the model (None: where it loads).
-        chat_template: ``vicuna_v1``, a Jinja template or a file (`pmod.conversation.resolve_chat_template`);
-            None: the processor's own, else ``vicuna_v1``.
-        need_images: refuse a processor without an image processor (a bare tokenizer serves text-only models).
-        from_pretrained_kwargs: more ``from_pretrained`` arguments (``attn_implementation``, ...).
+    ``dense``: None: the checkpoint as it is (a dense baseline stays dense); False: p-MoD, a dense checkpoint
+    converted with ``pmod_config`` (routers at zero); True: a dense checkpoint only. ``dtype``: a torch dtype, its
+    name or ``"auto"``. ``need_images``: refuse a processor without an image processor (a bare tokenizer serves a
+    text-only model). ``from_pretrained_kwargs`` (``attn_implementation``, ...) go to ``from_pretrained``.
     """
     if pmod_config is not None and dense is not False:
         raise PModConfigError("pmod_config converts a dense checkpoint into p-MoD: pass dense=False with it")
@@ -99,28 +89,24 @@ def suppressed_tokens(config: Any, suppress: Sequence[int] | None = None) -> lis
     """``suppress`` plus the ids a model must never generate (`PLACEHOLDER_TOKENS`): an image or video token
     without its features would break the next forward."""
     ids = list(suppress or [])
-    return ids + [i for i in (getattr(config, name, None) for name in PLACEHOLDER_TOKENS) if isinstance(i, int) and i not in ids]
+    placeholders = (getattr(config, name, None) for name in PLACEHOLDER_TOKENS)
+    return ids + [i for i in placeholders if isinstance(i, int) and i not in ids]
 
 
 def move_to_model(model: Any, inputs: Mapping[str, Any]) -> dict[str, Any]:
     """A processor's output with its tensors on the model's device and its pixels in the model's dtype
     (processors give float32 pixels; a half-precision vision tower needs its own dtype)."""
     moved = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in dict(inputs).items()}
-    for key in PIXEL_INPUTS:
+    for key in ("pixel_values", "pixel_values_videos"):
         if key in moved:
             moved[key] = moved[key].to(model.dtype)
     return moved
 
 
-def _check_rows(prompts: Sequence[str], images: Sequence[Any], videos: Sequence[Any] | None,
-                video_fps: Sequence[Any] | None) -> None:
-    if len(prompts) != len(images) or (videos is not None and len(videos) != len(prompts)) or (
-            video_fps is not None and len(video_fps) != len(prompts)):
-        raise PModInputError(
-            f"{len(prompts)} prompts but {len(images)} image lists"
-            + (f", {len(videos)} video lists" if videos is not None else "")
-            + (f", {len(video_fps)} frame rates" if video_fps is not None else "")
-        )
+def _check_rows(prompts: Sequence[str], *per_prompt: Sequence[Any] | None) -> None:
+    lengths = [len(values) for values in per_prompt if values is not None]
+    if any(n != len(prompts) for n in lengths):
+        raise PModInputError(f"{len(prompts)} prompts but lists of images / videos / frame rates of {lengths}")
 
 
 def encode(
@@ -158,7 +144,7 @@ def encode(
     return move_to_model(model, inputs)
 
 
-def stacking_groups(processor: Any, labels: Sequence[str], videos: Sequence[Sequence[Sequence[Any]]]) -> list[list[int]]:
+def stacking_groups(processor: Any, labels: Sequence[str], videos: Sequence[Sequence[Any]]) -> list[list[int]]:
     """Rows of a batch that go into one generate call: all of them, or, where LLaVA-OneVision (it stacks the
     videos of a call) has videos of different frame counts, groups of one count. ``labels`` name the rows in the
     error for a row whose own videos differ."""
@@ -184,15 +170,12 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     return text.strip()
 
 
-def eos_ids(model: Any, tokenizer: Any) -> list[int]:
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
     """The end-of-sequence ids of the model's generation config and of its tokenizer."""
-    ids: list[int] = []
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in (configured, getattr(tokenizer, "eos_token_id", None)):
-        for i in value if isinstance(value, (list, tuple)) else [value]:
-            if i is not None and int(i) not in ids:
-                ids.append(int(i))
-    return ids
+    values = (getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+              getattr(tokenizer, "eos_token_id", None))
+    return list(dict.fromkeys(int(i) for v in values for i in (v if isinstance(v, (list, tuple)) else [v])
+                              if i is not None))
 
 
 # ====================================================================== generation
@@ -201,19 +184,18 @@ class Generation:
     """Answers of a generation and what they cost; lists hold one value per prompt.
 
     Attributes:
-        texts: decoded answers (special tokens removed, cut at the first stop string, stripped); [] without a
-            tokenizer.
-        tokens: generated token ids, up to and including the first end-of-sequence token.
+        texts: answers (special tokens removed, cut at the first stop string, stripped); [] without a tokenizer.
+        tokens: generated ids, up to and including the first end-of-sequence token.
         prompt_tokens: prompt tokens, padding excluded.
         flops_ratio, kv_ratio: the prefill's decoder FLOPs and kept vision KV entries against the dense model
-            (`pmod.efficiency.realized_cost`); None for a dense model.
+            (`pmod.efficiency.realized_cost`); None for a dense model, as are the next two.
         kv_cache_ratio: KV-cache bytes held at the end of the prompt's generate call (its batch, padding
-            included) against a dense cache; None for a dense model.
-        kv: the KV caches held at the end of the generate calls, per layer; None for a dense model.
-        seconds: wall time of the generate calls.
-        prefill_seconds: time from a call to its first generated token (vision encoder and prefill), summed.
-        decode_steps, decode_seconds: decoding steps after the first token (each gives every row a token)
-            and their time.
+            included) against a dense cache.
+        kv: the KV caches held at the end of the generate calls, per layer (`pmod.efficiency.kv_cache_report`).
+        seconds, prefill_seconds: wall time of the generate calls, and of their prefills (vision encoder
+            included, up to the first generated token).
+        decode_steps, decode_seconds: decoding steps after the first token (each gives every row a token), and
+            their time.
     """
 
     texts: list[str]
@@ -246,8 +228,9 @@ class Generation:
     def summary(self) -> str:
         """One line: prefill time, decoding speed and, for p-MoD, the KV cache against a dense one."""
         speed = self.decode_tokens_per_second
+        speed_text = "no decoding steps" if math.isnan(speed) else f"{speed:.1f} tokens/s"  # a one-token answer
         parts = [f"prefill {self.prefill_seconds * 1e3:.0f} ms ({sum(self.prompt_tokens)} prompt tokens)",
-                 f"{'no decoding steps' if math.isnan(speed) else f'{speed:.1f} tokens/s'} ({sum(self.new_tokens)} new)"]
+                 f"{speed_text} ({sum(self.new_tokens)} new)"]
         if self.kv is not None:
             parts.append(f"KV cache {self.kv.bytes / 2**20:.2f} MiB vs dense {self.kv.dense_bytes / 2**20:.2f} MiB "
                          f"({self.kv.ratio:.1%})")
@@ -284,7 +267,7 @@ def generate(
     ids = inputs["input_ids"]
     if write is not None and (tokenizer is None or ids.shape[0] != 1):
         raise PModInputError("Streaming text needs a tokenizer and a batch of one; pass write=None for batches.")
-    eos = eos_ids(model, tokenizer)
+    eos = _eos_ids(model, tokenizer)
     pad = getattr(tokenizer, "pad_token_id", None)
     kwargs: dict[str, Any] = {"do_sample": False, "pad_token_id": pad if pad is not None else (eos[0] if eos else 0),
                               **({"eos_token_id": eos} if eos else {}), **generate_kwargs}
@@ -355,29 +338,24 @@ def generate_batch(
     `stacking_groups` group (``labels`` name the prompts in its errors). ``processor`` is the model's processor,
     or a tokenizer for a text-only model; ``stop``, ``write`` and ``generate_kwargs`` go to `generate`."""
     _check_rows(prompts, images, videos, video_fps)
-    labels = list(labels) if labels is not None else [f"prompt {i}" for i in range(len(prompts))]
-    groups = stacking_groups(processor, labels, videos if videos is not None else [[] for _ in prompts])
+    labels = labels if labels is not None else [f"prompt {i}" for i in range(len(prompts))]
+    groups = stacking_groups(processor, labels, videos if videos is not None else [[]] * len(prompts))
     parts = []
     for rows in groups:
-        inputs = encode(model, processor, *([v[j] for j in rows] if v is not None else None
-                                            for v in (prompts, images, videos, video_fps)))
-        parts.append(generate(model, inputs, tokenizer_of(processor), stop=stop, write=write,
-                              max_new_tokens=max_new_tokens, **generate_kwargs))
+        picked = [[v[j] for j in rows] if v is not None else None for v in (prompts, images, videos, video_fps)]
+        parts.append(generate(model, encode(model, processor, *picked), tokenizer_of(processor), stop=stop,
+                              write=write, max_new_tokens=max_new_tokens, **generate_kwargs))
     if len(parts) == 1:
         return parts[0]
+    order = [j for rows in groups for j in rows]  # the prompt of each row of the parts, in turn
 
-    def per_row(name: str) -> list[Any] | None:
-        values: list[Any] = [None] * len(prompts)
-        for rows, part in zip(groups, parts):
-            if getattr(part, name) is None:
-                return None
-            for j, value in zip(rows, getattr(part, name)):
-                values[j] = value
-        return values
+    def per_prompt(name: str) -> list[Any] | None:
+        if any(getattr(p, name) is None for p in parts):
+            return None
+        by_prompt = dict(zip(order, (value for p in parts for value in getattr(p, name))))
+        return [by_prompt[j] for j in range(len(prompts))]
 
     kv = None if any(p.kv is None for p in parts) else KVCacheReport([layer for p in parts for layer in p.kv.layers])
-    return Generation(
-        per_row("texts"), per_row("tokens"), per_row("prompt_tokens"), per_row("flops_ratio"),
-        per_row("kv_ratio"), per_row("kv_cache_ratio"), kv, *(sum(getattr(p, name) for p in parts) for name in (
-            "seconds", "prefill_seconds", "decode_steps", "decode_seconds")),
-    )
+    per_row = ("texts", "tokens", "prompt_tokens", "flops_ratio", "kv_ratio", "kv_cache_ratio")
+    totals = ("seconds", "prefill_seconds", "decode_steps", "decode_seconds")
+    return Generation(*map(per_prompt, per_row), kv, *(sum(getattr(p, name) for p in parts) for name in totals))

@@ -406,21 +406,15 @@ class PMod(lmms):
         """A task's generation settings as `generate_batch` arguments: its ``until`` strings are ``stop``."""
         gen = dict(gen_kwargs or {})  # requests share one dict: never change it
         until = gen.pop("until", None)
-        if isinstance(until, str):
-            until = [until]
-        elif until is None:
-            until = []
-        elif not isinstance(until, (list, tuple)):
+        if until is not None and not isinstance(until, (str, list, tuple)):
             raise PModInputError(f"gen_kwargs 'until' must be a string or a list, got {type(until).__name__}")
         kwargs = {k: v for k, v in gen.items() if k in _GENERATE_KEYS and v is not None}
         ignored = sorted(set(gen) - _GENERATE_KEYS)
         if ignored:
             logger.debug("ignoring generation settings %s", ignored)
-        kwargs.setdefault("max_new_tokens", self.max_new_tokens)
-        temperature = float(kwargs.get("temperature", 0) or 0)
-        kwargs.setdefault("do_sample", temperature > 0)
-        kwargs["max_new_tokens"] = int(kwargs["max_new_tokens"])
-        return {**kwargs, "stop": [s for s in until if s]}
+        kwargs["max_new_tokens"] = int(kwargs.get("max_new_tokens", self.max_new_tokens))
+        kwargs.setdefault("do_sample", float(kwargs.get("temperature") or 0) > 0)
+        return {**kwargs, "stop": [s for s in ([until] if isinstance(until, str) else until or []) if s]}
 
     def _run(self, task: str, prompts: list[_Prompt], kwargs: dict[str, Any]) -> list[str]:
         """Answers to ``prompts``, generated together; their costs are logged."""

@@ -296,6 +296,8 @@ def test_generate_batch_reports_costs():
         else:
             assert out.flops_ratio is out.kv_cache_ratio is out.kv is None and "KV cache" not in out.summary()
             assert out.costs(0) == {"flops_ratio": None, "kv_ratio": None, "kv_cache_ratio": None}
+    with pytest.raises(pmod.PModInputError, match=r"2 prompts but lists of images / .* of \[1, 2\]"):
+        generate_batch(model, processor, prompts, [[image]], video_fps=[2.0, 2.0])
 
 
 def test_inputs_follow_the_model():

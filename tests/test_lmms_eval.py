@@ -129,6 +129,19 @@ def test_generate_until_equals_evaluate(plugin, model_dir):
     assert cut[answers.index(two_words)] == two_words.split()[0]
 
 
+def test_task_generation_settings(plugin):
+    """A task's gen_kwargs as generate_batch arguments: until strings are stop strings, sampling only with a
+    temperature, unknown settings dropped; the request's own dict is left as it was."""
+    gen = {"until": "\n", "temperature": 0.7, "top_p": 0.9, "image_aspect_ratio": "pad"}
+    assert plugin._generate_kwargs(gen) == {"stop": ["\n"], "temperature": 0.7, "top_p": 0.9, "do_sample": True,
+                                            "max_new_tokens": 128}
+    assert plugin._generate_kwargs({"until": ["", "</s>"], "max_new_tokens": "4"}) == {
+        "stop": ["</s>"], "max_new_tokens": 4, "do_sample": False}
+    assert gen["until"] == "\n" and "image_aspect_ratio" in gen
+    with pytest.raises(pmod.PModInputError, match="'until' must be a string or a list, got int"):
+        plugin._generate_kwargs({"until": 0})
+
+
 def test_loglikelihood_matches_manual_computation(plugin, model_dir):
     docs = _docs()
     answers = plugin.generate_until(_generate_requests({"max_new_tokens": 2, "suppress_tokens": SPECIALS}))
