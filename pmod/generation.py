@@ -162,11 +162,9 @@ def stacking_groups(processor: Any, labels: Sequence[str], videos: Sequence[Sequ
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
-    """``text`` up to the first of the ``stop`` strings in it (each cuts in turn), stripped."""
-    for s in stop:
-        at = text.find(s)
-        if at >= 0:
-            text = text[:at]
+    """``text`` up to the first of the (non-empty) ``stop`` strings in it, stripped."""
+    for s in filter(None, stop):
+        text = text.split(s, 1)[0]
     return text.strip()
 
 
