@@ -140,21 +140,13 @@ def cmd_flops(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    import torch
-
     from .chat import ChatSession, chat_loop, load_image
-    from .models import load_model, load_processor
+    from .generation import load_for_inference
 
     image = load_image(args.image)
-    kwargs = {"dtype": getattr(torch, args.dtype)} if args.dtype else {}
-    model = load_model(args.model_dir, **kwargs).eval()
-    if args.device:
-        model.to(args.device)  # inputs follow the model (ChatSession moves them to model.device)
-    processor = load_processor(args.model_dir)
-    if getattr(processor, "chat_template", None) is None:
-        from .tiny import VICUNA_CHAT_TEMPLATE
-
-        processor.chat_template = VICUNA_CHAT_TEMPLATE  # the original LLaVA models' conversation format
+    # a dense checkpoint is converted (routers at zero); inputs follow the model (to --device)
+    model, processor = load_for_inference(args.model_dir, dense=False, dtype=args.dtype, device=args.device,
+                                          need_images=True)
     session = ChatSession(model, processor, image, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
 
     def write(text: str) -> None:

@@ -9,11 +9,14 @@ prompt is rendered the same way in both.
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any
 
 from .errors import PModConfigError, PModInputError
+
+logger = logging.getLogger(__name__)
 
 IMAGE_PLACEHOLDER = "<image>"
 VIDEO_PLACEHOLDER = "<video>"
@@ -31,15 +34,41 @@ VICUNA_V1_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
-VICUNA_V1_TEMPLATE = (
-    "{% if messages[0]['role'] != 'system' %}" + VICUNA_V1_SYSTEM + " {% endif %}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{% for c in message['content'] %}{{ c['text'] }}{% endfor %} "
-    "{% elif message['role'] == 'user' %}USER: "
-    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %} "
-    "{% else %}ASSISTANT: {% for c in message['content'] %}{{ c['text'] }}{% endfor %}</s>{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
+
+
+def vicuna_v1_template(system: str | None = VICUNA_V1_SYSTEM) -> str:
+    """The original LLaVA ``vicuna_v1`` chat template, opening with ``system`` unless the conversation has a system
+    turn. ``system=None`` leaves the default system prompt out (`pmod.tiny`'s word vocabularies have none of its
+    words); everything else uses `VICUNA_V1_TEMPLATE`."""
+    return (
+        ("{% if messages[0]['role'] != 'system' %}" + system + " {% endif %}" if system else "")
+        + "{% for message in messages %}"
+        "{% if message['role'] == 'system' %}{% for c in message['content'] %}{{ c['text'] }}{% endfor %} "
+        "{% elif message['role'] == 'user' %}USER: "
+        "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}"
+        "{% endfor %} "
+        "{% else %}ASSISTANT: {% for c in message['content'] %}{{ c['text'] }}{% endfor %}</s>{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    )
+
+
+VICUNA_V1_TEMPLATE = vicuna_v1_template()
+
+
+def tokenizer_of(processor: Any) -> Any:
+    """The tokenizer of a processor; a bare tokenizer (a text-only model's "processor") is its own."""
+    return getattr(processor, "tokenizer", processor)
+
+
+def use_chat_template(processor: Any, setting: str | None = None, source: Any = "the model") -> None:
+    """Give ``processor`` the chat template every front-end (`pmod chat`, `pmod eval`, lmms-eval) prompts with:
+    ``setting`` (see `resolve_chat_template`) if given, else its own or its tokenizer's, else `VICUNA_V1_TEMPLATE`
+    (the original LLaVA-1.5 format, with a warning naming ``source``)."""
+    if setting is not None:
+        processor.chat_template = resolve_chat_template(setting)
+    elif not getattr(processor, "chat_template", None) and not getattr(tokenizer_of(processor), "chat_template", None):
+        logger.warning("%s has no chat template: using the LLaVA-1.5 (Vicuna v1) conversation format", source)
+        processor.chat_template = VICUNA_V1_TEMPLATE
 
 
 def resolve_chat_template(value: str) -> str:
@@ -148,7 +177,7 @@ def to_messages(record: dict[str, Any]) -> list[dict[str, Any]]:
 
 def render(processor: Any, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
     """Render messages with the processor's (or tokenizer's) chat template, as text with ``<image>``-style tokens."""
-    owner = processor if getattr(processor, "chat_template", None) else getattr(processor, "tokenizer", processor)
+    owner = processor if getattr(processor, "chat_template", None) else tokenizer_of(processor)
     if not getattr(owner, "chat_template", None):
         raise PModInputError(
             "the processor has no chat template; set one (e.g. pmod.conversation.VICUNA_V1_TEMPLATE for the original "

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import PModConfig, ResolvedPMod
-from .errors import CheckpointError, PModError, UnsupportedModelError, describe_names, one_line
+from .errors import CheckpointError, PModError, describe_names, one_line
 from .files import recover_dir, write_dir_atomic
 
 logger = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ def convert_dense(src: str | os.PathLike, out: str | os.PathLike, config: PModCo
     """Convert the dense checkpoint in ``src`` into an untrained p-MoD checkpoint in ``out``; returns ``out``."""
     from transformers import AutoConfig
 
-    from .models import SUPPORTED_TEXT_FAMILIES, _FAMILIES, apply_pmod, check_loaded_weights
+    from .models import apply_pmod, check_loaded_weights, dense_model_class
 
     src, out = Path(src), Path(out)
     _check_source(src)
@@ -149,12 +149,7 @@ def convert_dense(src: str | os.PathLike, out: str | os.PathLike, config: PModCo
         raise ConversionError(f"Cannot read {src / 'config.json'}: {one_line(exc)}") from exc
     if hf_config.model_type.startswith("pmod_"):
         raise ConversionError(f"{src} is already a p-MoD checkpoint ({hf_config.model_type}).")
-    family = next((f for f in _FAMILIES if f.base_config.model_type == hf_config.model_type), None)
-    if family is None:
-        raise UnsupportedModelError(
-            f"{src} holds a {hf_config.model_type!r} model; supported: "
-            f"{', '.join(f.base_config.model_type for f in _FAMILIES)} (language models: {SUPPORTED_TEXT_FAMILIES})."
-        )
+    base_model = dense_model_class(hf_config.model_type, src)
     try:  # the settings against the model's depth, before the (large) weights are read
         layers = hf_config.get_text_config(decoder=True).num_hidden_layers
     except AttributeError as exc:
@@ -163,7 +158,7 @@ def convert_dense(src: str | os.PathLike, out: str | os.PathLike, config: PModCo
     files = inspect_weight_files(src)
     try:
         # mismatched sizes are collected (and reported below) instead of aborting with a generic message
-        model, info = family.base_model.from_pretrained(src, output_loading_info=True, ignore_mismatched_sizes=True)
+        model, info = base_model.from_pretrained(src, output_loading_info=True, ignore_mismatched_sizes=True)
     except Exception as exc:  # unreadable tensors, configs the model cannot be built from
         raise ConversionError(f"Cannot load the weights of {src}: {one_line(exc)}") from exc
     check_loaded_weights(model, info, src, files, error=ConversionError)
@@ -607,7 +602,7 @@ def _build_processor(src: Path, model, cfg: dict):
     Built before anything is written, so that a broken tokenizer or preprocessor config stops the conversion."""
     from transformers import AutoTokenizer, LlavaNextProcessor, LlavaProcessor
 
-    from .tiny import VICUNA_CHAT_TEMPLATE
+    from .conversation import VICUNA_V1_TEMPLATE
 
     if not any((src / name).exists() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
         logger.warning("%s has no tokenizer; the converted model is saved without tokenizer and processor.", src)
@@ -637,7 +632,7 @@ def _build_processor(src: Path, model, cfg: dict):
         patch_size=vision.patch_size,
         vision_feature_select_strategy=model.config.vision_feature_select_strategy,
         num_additional_image_tokens=1,
-        chat_template=VICUNA_CHAT_TEMPLATE,  # the original models' conversation format (Vicuna v1)
+        chat_template=VICUNA_V1_TEMPLATE,  # the original models' conversation format
     )
     if getattr(model.config, "image_grid_pinpoints", None):
         from transformers import LlavaNextImageProcessorPil

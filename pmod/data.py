@@ -28,6 +28,7 @@ from .conversation import (
     assistant_spans,
     image_paths,
     to_messages,
+    tokenizer_of,
     video_sources,
 )
 from .errors import PModConfigError, PModInputError
@@ -148,7 +149,7 @@ class Encoder:
     model_max_length: int = 2048
 
     def __post_init__(self) -> None:
-        self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        self.tokenizer = tokenizer_of(self.processor)
         # the processor's own placeholder ("<image>" for LLaVA, "<|image_pad|>" for Qwen2-VL)
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(getattr(self.processor, "image_token", IMAGE_PLACEHOLDER))
         video = getattr(self.processor, "video_token", None)

@@ -5,10 +5,10 @@
 
 Each record is a LLaVA conversation (`pmod.conversation`); the prompt is every turn up to the last human turn,
 the reference answer is the last gpt turn, and an optional ``"answers": [...]`` list (e.g. the ten human answers
-of VQAv2 / OK-VQA / TextVQA) is scored with the VQA accuracy. Generation is batched, left-padded and greedy.
-For a p-MoD model the realised prefill FLOP ratio and vision KV ratio of every example are recorded
-(`pmod.efficiency.realized_cost`), and the KV-cache bytes held at the end of each batch against a dense cache
-(`pmod.efficiency.kv_cache_report`).
+of VQAv2 / OK-VQA / TextVQA) is scored with the VQA accuracy. Generation (`pmod.generation.generate_batch`) is
+batched, left-padded and greedy. For a p-MoD model the realised prefill FLOP ratio and vision KV ratio of every
+example are recorded (`pmod.efficiency.realized_cost`), and the KV-cache bytes held at the end of each batch
+against a dense cache (`pmod.efficiency.kv_cache_report`).
 
 Predictions go to a JSONL file one batch at a time, so a killed run continues with ``resume=True`` (ids already
 in the file are skipped and their stored predictions re-scored); metrics are written atomically.
@@ -28,9 +28,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from .compat import output_cache
 from .conversation import image_paths, prompt_and_answer, render, video_sources
 from .data import load_records  # noqa: F401  (part of this module's API)
 from .data import (
@@ -43,9 +40,9 @@ from .data import (
     require_video_backend,
     video_paths,
 )
-from .files import write_json_atomic, write_text_atomic
 from .errors import PModInputError
-from .models import placeholder_token_ids
+from .files import write_json_atomic, write_text_atomic
+from .generation import generate_batch, load_for_inference
 
 logger = logging.getLogger(__name__)
 
@@ -151,156 +148,6 @@ def vqa_score(prediction: str, answers: Sequence[str]) -> float:
         return float(hits[0])
     total = sum(hits)
     return sum(min(1.0, (total - hit) / 3.0) for hit in hits) / len(answers)
-
-
-# ====================================================================== batched generation
-@dataclass
-class BatchOutput:
-    """One batch of generated answers and what its prefill cost.
-
-    Attributes:
-        texts: decoded answers (special tokens removed, stripped).
-        new_tokens: generated tokens per row, up to and including the first end-of-sequence token.
-        flops_ratio, kv_ratio: per row, the prefill's decoder FLOPs and kept vision KV entries against the
-            dense model (`pmod.efficiency.realized_cost`); ``None`` for a dense model.
-        kv_cache_ratio: KV-cache bytes held at the end of generation against a dense cache (whole batch,
-            padding included; `pmod.efficiency.kv_cache_report`); ``None`` for a dense model.
-        seconds: wall time of the `generate` call.
-    """
-
-    texts: list[str]
-    new_tokens: list[int]
-    flops_ratio: list[float] | None
-    kv_ratio: list[float] | None
-    kv_cache_ratio: float | None
-    seconds: float
-
-
-def _tokenizer(processor: Any) -> Any:
-    return getattr(processor, "tokenizer", processor)
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
-    ids: list[int] = []
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in (configured, getattr(tokenizer, "eos_token_id", None)):
-        for i in value if isinstance(value, (list, tuple)) else [value]:
-            if i is not None and int(i) not in ids:
-                ids.append(int(i))
-    return ids
-
-
-def _is_pmod(model: Any) -> bool:
-    from .models import PModModelMixin
-
-    return isinstance(model, PModModelMixin)
-
-
-def generate_batch(
-    model: Any,
-    processor: Any,
-    prompts: Sequence[str],
-    images: Sequence[Sequence[Any]],
-    max_new_tokens: int = 32,
-    videos: Sequence[Sequence[Sequence[Any]]] | None = None,
-    video_fps: Sequence[float | Sequence[float]] | None = None,
-    **generate_kwargs: Any,
-) -> BatchOutput:
-    """Generate answers for rendered ``prompts`` (one placeholder per image or video) in one left-padded batch.
-
-    ``images[i]`` are the PIL images of prompt i, in placeholder order ([] for a text-only prompt); ``videos[i]``
-    its videos, each a list of PIL frames, and ``video_fps[i]`` their frame rate (default 2), or a list of one
-    rate per video of prompt i. ``processor`` is the model's processor, or a tokenizer for a text-only model.
-    Greedy unless ``generate_kwargs`` say otherwise. The tokenizer's padding side is set to left for the call and
-    restored.
-    """
-    if len(prompts) != len(images) or (videos is not None and len(videos) != len(prompts)) or (
-            video_fps is not None and len(video_fps) != len(prompts)):
-        raise PModInputError(
-            f"{len(prompts)} prompts but {len(images)} image lists"
-            + (f", {len(videos)} video lists" if videos is not None else "")
-            + (f", {len(video_fps)} frame rates" if video_fps is not None else "")
-        )
-    tokenizer = _tokenizer(processor)
-    flat = [img for row in images for img in row]
-    has_videos = videos is not None and any(videos)
-    check_processor_takes(processor, "the batch", images=bool(flat), videos=has_videos)
-    media: dict[str, Any] = {"images": flat} if flat else {}
-    if has_videos:
-        from .data import video_metadata
-
-        rates = list(video_fps) if video_fps is not None else [DEFAULT_VIDEO_FPS] * len(videos)
-        per_video = [list(r) if isinstance(r, Sequence) else [r] * len(row) for row, r in zip(videos, rates)]
-        if any(len(r) != len(row) for r, row in zip(per_video, videos)):
-            raise PModInputError("video_fps: give each prompt one frame rate, or one per video")
-        flat_videos = [v for row in videos for v in row]
-        media.update(videos=flat_videos,
-                     video_metadata=video_metadata(flat_videos, [r for row in per_video for r in row]))
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generation appends on the right: every row must end at the last column
-    try:
-        inputs = processor(text=list(prompts), return_tensors="pt", padding=True, **media)
-    finally:
-        tokenizer.padding_side = side
-    inputs = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in dict(inputs).items()}
-    for key in ("pixel_values", "pixel_values_videos"):
-        if key in inputs:
-            inputs[key] = inputs[key].to(model.dtype)
-
-    eos = _eos_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
-    kwargs: dict[str, Any] = {"do_sample": False, "pad_token_id": pad, **generate_kwargs}
-    if eos and "eos_token_id" not in generate_kwargs:
-        kwargs["eos_token_id"] = eos
-    suppress = list(kwargs.pop("suppress_tokens", None) or [])
-    # an image / video token without its features would break the forward
-    suppress += [i for i in placeholder_token_ids(model.config) if i not in suppress]
-    if kwargs.get("do_sample") is False:
-        for unused in ("temperature", "top_p", "top_k"):
-            kwargs.pop(unused, None)  # transformers warns about sampling settings in greedy mode
-
-    pmod_model = _is_pmod(model)
-    prefill: dict[str, Any] = {}
-
-    def capture(module, args, output) -> None:
-        # The first forward of generate() is the prefill; later ones are single-token decoding steps.
-        if not prefill:
-            from .efficiency import realized_cost
-
-            prefill["cost"] = realized_cost(module)
-
-    hook = model.register_forward_hook(capture) if pmod_model else None
-    start = time.perf_counter()
-    try:
-        with torch.no_grad():
-            out = model.generate(
-                **inputs, max_new_tokens=max_new_tokens, suppress_tokens=suppress, return_dict_in_generate=True,
-                **kwargs,
-            )
-    finally:
-        if hook is not None:
-            hook.remove()
-    seconds = time.perf_counter() - start
-
-    new = out.sequences[:, inputs["input_ids"].shape[1] :]
-    texts = [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
-    counts = []
-    for row in new.tolist():
-        ends = [i for i, t in enumerate(row) if t in eos]
-        counts.append(ends[0] + 1 if ends else len(row))
-    flops = kv = None
-    kv_cache = None
-    if pmod_model:
-        from .cache import PModCache
-        from .efficiency import kv_cache_report
-
-        cost = prefill["cost"]
-        flops, kv = list(cost.flops_ratio), list(cost.kv_ratio)
-        cache = output_cache(out)
-        if isinstance(cache, PModCache):
-            report = kv_cache_report(cache)
-            kv_cache = report.ratio if report.dense_bytes else None
-    return BatchOutput(texts, counts, flops, kv, kv_cache, seconds)
 
 
 # ====================================================================== evaluation
@@ -450,23 +297,6 @@ def _resolve_media(pending: list[_Item], processor: Any, folder: Path | None, ba
                 )
 
 
-def stacking_groups(processor: Any, labels: Sequence[str], videos: Sequence[list[list[Any]]]) -> list[list[int]]:
-    """Rows of a batch that go into one generate call: all of them, or, where LLaVA-OneVision (it stacks the
-    videos of a call) has videos of different frame counts, groups of one count. ``labels`` name the rows in the
-    error for a row whose own videos differ."""
-    counts = [frozenset(len(v) for v in row) for row in videos]
-    if "LlavaOnevision" not in type(getattr(processor, "video_processor", None)).__name__ or len(
-            frozenset().union(*counts)) <= 1:
-        return [list(range(len(videos)))]
-    groups: dict[frozenset[int], list[int]] = {}
-    for j, c in enumerate(counts):
-        if len(c) > 1:
-            raise PModInputError(f"{labels[j]}: LLaVA-OneVision stacks the videos of a prompt, and its videos "
-                                 f"have {sorted(c)} frames: give them one frame count (e.g. with 'max_frames')")
-        groups.setdefault(c, []).append(j)
-    return list(groups.values())
-
-
 def _read_done(path: Path) -> dict[str, dict[str, Any]]:
     """Rows of an earlier run by id. A truncated last line (a killed run) is dropped and the file rewritten; rows
     without a text prediction are answered again. Anything else unreadable means the file is not pmod's
@@ -593,21 +423,11 @@ def evaluate(
             prompts = [render(processor, it.messages, add_generation_prompt=True) for it in batch]
             images = [[load_image(p) for p in it.images] for it in batch]
             videos, fps = zip(*(load_videos(it.videos, it.fps, it.max_frames, f"record {it.id!r}") for it in batch))
-            answers: dict[int, tuple[str, dict[str, Any]]] = {}
-            for rows in stacking_groups(processor, [f"record {it.id!r}" for it in batch], videos):
-                group_videos = [videos[j] for j in rows]
-                out = generate_batch(model, processor, [prompts[j] for j in rows], [images[j] for j in rows],
-                                     max_new_tokens=max_new_tokens, videos=group_videos if any(group_videos) else None,
-                                     video_fps=[fps[j] for j in rows], **generate_kwargs)
-                for k, j in enumerate(rows):
-                    answers[j] = (out.texts[k], {
-                        "flops_ratio": out.flops_ratio[k] if out.flops_ratio is not None else None,
-                        "kv_ratio": out.kv_ratio[k] if out.kv_ratio is not None else None,
-                        "kv_cache_ratio": out.kv_cache_ratio,
-                    })
+            out = generate_batch(model, processor, prompts, images, max_new_tokens=max_new_tokens, videos=videos,
+                                 video_fps=fps, labels=[f"record {it.id!r}" for it in batch], **generate_kwargs)
             lines = []
             for j, it in enumerate(batch):
-                res = _score(it, *answers[j])
+                res = _score(it, out.texts[j], out.costs(j))
                 results[it.key] = res
                 lines.append(json.dumps(res.to_dict(), ensure_ascii=False) + "\n")
             if handle is not None:
@@ -645,25 +465,14 @@ def evaluate(
 # ====================================================================== `pmod eval`
 def cmd_eval(args: argparse.Namespace) -> int:
     """`pmod eval`: evaluate a saved model on a LLaVA-format data file; writes predictions.jsonl and metrics.json."""
-    from .conversation import VICUNA_V1_TEMPLATE
-    from .models import load_pretrained, load_processor
-
     records = load_records(args.data)
     if args.limit is not None:
         records = records[: args.limit]
     if not records:
         raise PModInputError(f"{args.data} holds no records")
     image_folder = Path(args.image_folder) if args.image_folder else Path(args.data).resolve().parent
-    kwargs: dict[str, Any] = {}
-    if args.dtype:
-        kwargs["dtype"] = getattr(torch, args.dtype)
-    model = load_pretrained(args.model_dir, **kwargs).eval()  # a dense baseline stays dense
-    if args.device:
-        model.to(args.device)
-    processor = load_processor(args.model_dir, need_images=False)  # text-only models evaluate too
-    if not getattr(processor, "chat_template", None) and not getattr(_tokenizer(processor), "chat_template", None):
-        logger.warning("%s has no chat template: using the LLaVA-1.5 (Vicuna v1) conversation format", args.model_dir)
-        processor.chat_template = VICUNA_V1_TEMPLATE
+    # a dense baseline stays dense; text-only models evaluate too (a bare tokenizer as processor)
+    model, processor = load_for_inference(args.model_dir, dtype=args.dtype, device=args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = evaluate(

@@ -54,26 +54,11 @@ from lmms_eval.api.model import lmms
 from PIL import Image
 
 from .config import PModConfig
-from .conversation import (
-    FRAME_SUFFIXES,
-    IMAGE_PLACEHOLDER,
-    VICUNA_V1_TEMPLATE,
-    VIDEO_PLACEHOLDER,
-    render,
-    resolve_chat_template,
-    to_messages,
-)
-from .data import (
-    DEFAULT_VIDEO_FPS,
-    VIDEO_BACKENDS,
-    check_processor_takes,
-    decode_video,
-    load_image,
-    video_frame_paths,
-    video_metadata,
-)
+from .conversation import FRAME_SUFFIXES, IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, render, to_messages, tokenizer_of
+from .data import DEFAULT_VIDEO_FPS, VIDEO_BACKENDS, check_processor_takes, decode_video, load_image, video_frame_paths
+from .efficiency import realized_cost
 from .errors import PModConfigError, PModInputError
-from .evaluate import generate_batch, stacking_groups
+from .generation import encode, generate_batch, is_pmod, load_for_inference
 
 logger = logging.getLogger(__name__)
 
@@ -210,14 +195,14 @@ class _CostLog:
         self.new_tokens = 0
         self.seconds = 0.0
 
-    def add(
-        self, task: str, flops: Sequence[float] | None, kv: Sequence[float] | None, kv_cache: float | None, rows: int
-    ) -> None:
+    def add(self, task: str, costs: dict[str, Any], new_tokens: int = 0, seconds: float = 0.0) -> None:
+        """Add per-row ratios: ``costs`` maps ``flops_ratio``, ``kv_ratio``, ``kv_cache_ratio`` to lists (or None:
+        a dense model), as a `pmod.generation.Generation` holds them."""
         entry = self.by_task.setdefault(task, {"flops_ratio": [], "kv_ratio": [], "kv_cache_ratio": []})
-        entry["flops_ratio"].extend(flops or [])
-        entry["kv_ratio"].extend(kv or [])
-        if kv_cache is not None:
-            entry["kv_cache_ratio"].extend([kv_cache] * rows)  # weight a batch by its rows
+        for key, values in entry.items():
+            values.extend(costs.get(key) or [])
+        self.new_tokens += new_tokens
+        self.seconds += seconds
 
     def summary(self) -> dict[str, Any]:
         def mean(values: list[float]) -> float | None:
@@ -254,8 +239,6 @@ class PMod(lmms):
         **options: Any,
     ) -> None:
         super().__init__()
-        from .models import load_processor
-
         unknown = sorted(set(options) - _PMOD_OPTIONS)
         if unknown:
             raise PModConfigError(
@@ -279,43 +262,24 @@ class PMod(lmms):
         self.video_backend = video_backend
 
         # Data parallel under `accelerate launch` / torchrun: lmms-eval shards the requests by rank.
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self._rank = int(os.environ.get("RANK", "0"))
-        self._world_size = world_size
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if device is None or (world > 1 and str(device).startswith("cuda")):
+        self._world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if device is None or (self._world_size > 1 and str(device).startswith("cuda")):
             # Under `accelerate launch` every process takes its own GPU, whatever `device` says.
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
         self._device = torch.device(device)
         if dtype is None:
-            torch_dtype: Any = torch.float16 if self._device.type == "cuda" else torch.float32
-        elif dtype == "auto":
-            torch_dtype = "auto"
-        elif isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
-            torch_dtype = getattr(torch, dtype)
-        else:
-            raise PModConfigError(f"dtype must be auto, float16, bfloat16 or float32, got {dtype!r}")
+            dtype = "float16" if self._device.type == "cuda" else "float32"
 
         self.pretrained = str(pretrained)
-        load_kwargs = {"dtype": torch_dtype, "attn_implementation": attn_implementation}
         settings = {k: _parse_option(k, v) for k, v in options.items()}
-        if dense:
-            if settings:
-                raise PModConfigError(f"dense=True evaluates the checkpoint as it is: drop {sorted(settings)}")
-            self._model = _load_dense(self.pretrained, **load_kwargs)
-        else:
-            from .models import load_model
-
-            self._model = load_model(self.pretrained, PModConfig(**settings) if settings else None, **load_kwargs)
-        self._model.to(self._device).eval()
-
-        self.processor = load_processor(self.pretrained, need_images=False)  # local video-model folders load without torchvision too
-        tokenizer = getattr(self.processor, "tokenizer", self.processor)
-        if chat_template is not None:
-            self.processor.chat_template = resolve_chat_template(chat_template)
-        elif not getattr(self.processor, "chat_template", None) and not getattr(tokenizer, "chat_template", None):
-            _eval_logger().warning(f"{self.pretrained} has no chat template: using the LLaVA-1.5 (Vicuna v1) format")
-            self.processor.chat_template = VICUNA_V1_TEMPLATE
+        if dense and settings:
+            raise PModConfigError(f"dense=True evaluates the checkpoint as it is: drop {sorted(settings)}")
+        # a dense checkpoint is converted unless dense=True; local video-model folders load without torchvision too
+        self._model, self.processor = load_for_inference(
+            self.pretrained, dense=bool(dense), pmod_config=PModConfig(**settings) if settings else None, dtype=dtype,
+            device=self._device, chat_template=chat_template, attn_implementation=attn_implementation,
+        )
         self._costs = _CostLog()  # the whole run, for `efficiency`
         self._unreported = _CostLog()  # since the last report to lmms-eval
         _eval_logger().info(
@@ -330,7 +294,7 @@ class PMod(lmms):
 
     @property
     def tokenizer(self) -> Any:
-        return getattr(self.processor, "tokenizer", self.processor)
+        return tokenizer_of(self.processor)
 
     @property
     def batch_size(self) -> int:
@@ -438,59 +402,30 @@ class PMod(lmms):
     def _request_gen_kwargs(req: Instance) -> Any:
         return req.args[1]
 
-    def _generate_kwargs(self, gen_kwargs: dict[str, Any] | None) -> tuple[dict[str, Any], list[str]]:
+    def _generate_kwargs(self, gen_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+        """A task's generation settings as `generate_batch` arguments: its ``until`` strings are ``stop``."""
         gen = dict(gen_kwargs or {})  # requests share one dict: never change it
         until = gen.pop("until", None)
-        if isinstance(until, str):
-            until = [until]
-        elif until is None:
-            until = []
-        elif not isinstance(until, (list, tuple)):
+        if until is not None and not isinstance(until, (str, list, tuple)):
             raise PModInputError(f"gen_kwargs 'until' must be a string or a list, got {type(until).__name__}")
         kwargs = {k: v for k, v in gen.items() if k in _GENERATE_KEYS and v is not None}
         ignored = sorted(set(gen) - _GENERATE_KEYS)
         if ignored:
             logger.debug("ignoring generation settings %s", ignored)
-        kwargs.setdefault("max_new_tokens", self.max_new_tokens)
-        temperature = float(kwargs.get("temperature", 0) or 0)
-        if "do_sample" not in kwargs:
-            kwargs["do_sample"] = temperature > 0
-        if not kwargs["do_sample"]:
-            for k in ("temperature", "top_p", "top_k"):
-                kwargs.pop(k, None)
-        kwargs["max_new_tokens"] = int(kwargs["max_new_tokens"])
-        return kwargs, [s for s in until if s]
-
-    @staticmethod
-    def _cut(text: str, until: Sequence[str]) -> str:
-        for stop in until:
-            at = text.find(stop)
-            if at >= 0:
-                text = text[:at]
-        return text.strip()
+        kwargs["max_new_tokens"] = int(kwargs.get("max_new_tokens", self.max_new_tokens))
+        kwargs.setdefault("do_sample", float(kwargs.get("temperature") or 0) > 0)
+        return {**kwargs, "stop": [s for s in ([until] if isinstance(until, str) else until or []) if s]}
 
     def _run(self, task: str, prompts: list[_Prompt], kwargs: dict[str, Any]) -> list[str]:
-        """Answers to ``prompts``, generated together (LLaVA-OneVision: in groups whose videos have one frame
-        count, as it stacks the videos of a call)."""
-        kwargs = dict(kwargs)
-        max_new_tokens = kwargs.pop("max_new_tokens")
-        texts = [""] * len(prompts)
-        labels = [f"task {task!r} (row {i} of a batch)" for i in range(len(prompts))]
-        for rows in stacking_groups(self.processor, labels, [p.videos for p in prompts]):
-            batch = [prompts[i] for i in rows]
-            videos = [p.videos for p in batch]
-            out = generate_batch(
-                self._model, self.processor, [p.text for p in batch], [p.images for p in batch],
-                max_new_tokens=max_new_tokens, videos=videos if any(videos) else None,
-                video_fps=[p.fps for p in batch], **kwargs,
-            )
-            for log in (self._costs, self._unreported):
-                log.add(task, out.flops_ratio, out.kv_ratio, out.kv_cache_ratio, len(batch))
-                log.new_tokens += sum(out.new_tokens)
-                log.seconds += out.seconds
-            for i, text in zip(rows, out.texts):
-                texts[i] = text
-        return texts
+        """Answers to ``prompts``, generated together; their costs are logged."""
+        out = generate_batch(
+            self._model, self.processor, [p.text for p in prompts], [p.images for p in prompts],
+            videos=[p.videos for p in prompts], video_fps=[p.fps for p in prompts],
+            labels=[f"task {task!r} (row {i} of a batch)" for i in range(len(prompts))], **kwargs,
+        )
+        for log in (self._costs, self._unreported):
+            log.add(task, vars(out), sum(out.new_tokens), out.seconds)
+        return out.texts
 
     # ------------------------------------------------------------------ lmms API
     def generate_until(self, requests: list[Instance]) -> list[str]:
@@ -505,12 +440,12 @@ class PMod(lmms):
         results: list[str | None] = [None] * len(requests)
         bar = tqdm(total=len(requests), desc="pmod generating", disable=self.rank != 0)
         for (task, split, _), indices in groups.items():
-            kwargs, until = self._generate_kwargs(self._request_gen_kwargs(requests[indices[0]]))
+            kwargs = self._generate_kwargs(self._request_gen_kwargs(requests[indices[0]]))
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start : start + self.batch_size]
                 texts = self._run(task, [self._request_prompt(requests[i]) for i in chunk], kwargs)
                 for i, text in zip(chunk, texts):
-                    results[i] = self._cut(text, until)
+                    results[i] = text
                 bar.update(len(chunk))
         bar.close()
         if requests:
@@ -524,7 +459,7 @@ class PMod(lmms):
         results = []
         for req in requests:
             context, gen_kwargs, doc_to_visual, doc_to_text, doc_id, task, split = req.args
-            kwargs, until = self._generate_kwargs(gen_kwargs)
+            kwargs = self._generate_kwargs(gen_kwargs)
             doc = self._doc(task, split, doc_id)
             visuals = doc_to_visual(doc) if doc_to_visual is not None else None
             outputs: list[str] = []
@@ -539,7 +474,7 @@ class PMod(lmms):
                     if terminal:
                         break
                 prompt = self._visual_prompt(context, visuals, req.metadata, task, doc_id)
-                outputs.append(self._cut(self._run(task, [prompt], kwargs)[0], until))
+                outputs.append(self._run(task, [prompt], kwargs)[0])
                 round_idx += 1
             results.append(outputs)
         if requests:
@@ -552,9 +487,6 @@ class PMod(lmms):
         to the prompt's tokens (the lm-evaluation-harness convention)."""
         from tqdm.auto import tqdm
 
-        from .efficiency import realized_cost
-        from .evaluate import _is_pmod
-
         tokenizer = self.tokenizer
         results = []
         for req in tqdm(requests, desc="pmod log-likelihood", disable=self.rank != 0):
@@ -563,22 +495,15 @@ class PMod(lmms):
             continuation = target if isinstance(target, str) else target(doc)
             visuals = doc_to_visual(doc) if doc_to_visual is not None else None
             prompt = self._visual_prompt(context, visuals, req.metadata, task, doc_id)
-            media: dict[str, Any] = {"images": prompt.images} if prompt.images else {}
-            if prompt.videos:
-                media.update(videos=prompt.videos, video_metadata=video_metadata(prompt.videos, prompt.fps))
-            enc = self.processor(text=[prompt.text], return_tensors="pt", **media)
+            enc = encode(self._model, self.processor, [prompt.text], [prompt.images], [prompt.videos], [prompt.fps])
             cont_ids = tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"]
             if cont_ids.shape[1] == 0:
                 results.append((0.0, True))
                 continue
             n_prompt = enc["input_ids"].shape[1]
-            inputs = {k: v for k, v in dict(enc).items() if isinstance(v, torch.Tensor)}
-            inputs["input_ids"] = torch.cat([enc["input_ids"], cont_ids], dim=1)
+            inputs = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
+            inputs["input_ids"] = torch.cat([enc["input_ids"], cont_ids.to(enc["input_ids"].device)], dim=1)
             inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-            inputs = {k: v.to(self._device) for k, v in inputs.items()}
-            for key in ("pixel_values", "pixel_values_videos"):
-                if key in inputs:
-                    inputs[key] = inputs[key].to(self._model.dtype)
             with torch.no_grad():
                 logits = self._model(**inputs, use_cache=False).logits[0]
             # Position t predicts token t + 1: the continuation is scored by the logits before each of its tokens.
@@ -587,10 +512,10 @@ class PMod(lmms):
             total = logprobs.gather(1, tokens[:, None]).sum().item()
             greedy = bool((logprobs.argmax(dim=-1) == tokens).all())
             results.append((total, greedy))
-            if _is_pmod(self._model):
+            if is_pmod(self._model):
                 cost = realized_cost(self._model)
                 for log in (self._costs, self._unreported):
-                    log.add(task, cost.flops_ratio, cost.kv_ratio, None, 1)
+                    log.add(task, {"flops_ratio": cost.flops_ratio, "kv_ratio": cost.kv_ratio})
         if requests:
             self._report()
         return results
@@ -655,12 +580,12 @@ class PModChat(PMod):
         results = []
         for req in requests:
             _, doc_to_messages, gen_kwargs, doc_id, task, split = req.args
-            kwargs, until = self._generate_kwargs(gen_kwargs)
+            kwargs = self._generate_kwargs(gen_kwargs)
             doc = self._doc(task, split, doc_id)
             raw, outputs, info, round_idx = doc_to_messages(doc), [], None, 0
             while True:
                 prompt = self._messages_prompt(raw, req.metadata, task, doc_id)
-                outputs.append(self._cut(self._run(task, [prompt], kwargs)[0], until))
+                outputs.append(self._run(task, [prompt], kwargs)[0])
                 round_idx += 1
                 step = doc_to_messages(doc, round_idx=round_idx, previous_output=list(outputs),
                                        previous_round_info=info)
@@ -709,12 +634,3 @@ def _chat_messages(raw: Any, what: str) -> tuple[list[dict[str, Any]], list[_Med
                 raise PModInputError(f"{what}: unknown chat content {c!r} (text, image and video are supported)")
         messages.append({"role": role, "content": items})
     return messages, media
-
-
-def _load_dense(path: str, **kwargs: Any) -> Any:
-    from .models import load_pretrained
-
-    model = load_pretrained(path, **kwargs)
-    if type(model).__name__.startswith("PMod"):
-        raise PModConfigError(f"dense=True needs a dense checkpoint; {path} is a p-MoD model")
-    return model

@@ -226,9 +226,9 @@ def _decoder_linear_layers(model: nn.Module) -> tuple[str, set[str]]:
     """The decoder layers' module name (``model.language_model.layers``) and the names of their linear layers
     (routers excepted)."""
     from .layer import Router
-    from .models import _decoder_layers
+    from .models import find_decoder_layers
 
-    layers = _decoder_layers(model)
+    layers = find_decoder_layers(model)
     prefix = next(name for name, module in model.named_modules() if module is layers)
     leaves = {name.rsplit(".", 1)[-1] for name, module in layers.named_modules()
               if isinstance(module, nn.Linear) and not isinstance(module, Router)}

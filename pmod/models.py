@@ -91,7 +91,7 @@ class PModModelMixin:
 
     # ------------------------------------------------------------------ structure
     def decoder_layers(self) -> nn.ModuleList:
-        return _decoder_layers(self)
+        return find_decoder_layers(self)
 
     def routed_layers(self) -> dict[int, PModLayerMixin]:
         return {i: layer for i, layer in enumerate(self.decoder_layers()) if isinstance(layer, PModLayerMixin)}
@@ -335,7 +335,8 @@ _register()
 
 
 # ---------------------------------------------------------------------- helpers
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a supported model, p-MoD or dense."""
     inner = getattr(model, "model", None)
     for owner in (getattr(inner, "language_model", None), inner):
         layers = getattr(owner, "layers", None)
@@ -347,7 +348,7 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
 def _install(model: nn.Module, resolved: ResolvedPMod) -> None:
     """Keep ``resolved`` on the model (``model.pmod``) and make each of its routed layers the routed p-MoD layer of
     its `RoutedLayerSpec`: the routing plan of every forward reads the same spec objects."""
-    layers = _decoder_layers(model)
+    layers = find_decoder_layers(model)
     if len(layers) != len(resolved.layer_ratios):
         raise PModConfigError(
             f"config.pmod has {len(resolved.layer_ratios)} layer ratios but the model has {len(layers)} decoder layers."
@@ -434,18 +435,25 @@ def load_model(path: str | os.PathLike, pmod_config: PModConfig | None = None, *
             raise UnsupportedModelError(f"Unknown p-MoD model type {config.model_type!r} in {path}.")
         _check_pmod_entry(config, where)
         return family.auto_class.from_pretrained(path if source is None else source, **from_pretrained_kwargs)
-    family = next((f for f in _FAMILIES if f.base_config.model_type == config.model_type), None)
-    if family is None:
-        raise UnsupportedModelError(
-            f"{path} holds a {config.model_type!r} model; p-MoD supports "
-            f"{', '.join(f.base_config.model_type for f in _FAMILIES)}."
-        )
     loaded = _load_checked(
-        family.base_model.from_pretrained, path if source is None else source, source, from_pretrained_kwargs
+        dense_model_class(config.model_type, path).from_pretrained, path if source is None else source, source,
+        from_pretrained_kwargs,
     )
     if isinstance(loaded, tuple):  # output_loading_info=True
         return apply_pmod(loaded[0], pmod_config), loaded[1]
     return apply_pmod(loaded, pmod_config)
+
+
+def dense_model_class(model_type: str, source: Any) -> type[PreTrainedModel]:
+    """The transformers class of a dense checkpoint's ``model_type`` that p-MoD converts; `UnsupportedModelError`
+    naming ``source`` (the checkpoint) for any other."""
+    family = next((f for f in _FAMILIES if f.base_config.model_type == model_type), None)
+    if family is None:
+        raise UnsupportedModelError(
+            f"{source} holds a {model_type!r} model; p-MoD supports "
+            f"{', '.join(f.base_config.model_type for f in _FAMILIES)} (language models: {SUPPORTED_TEXT_FAMILIES})."
+        )
+    return family.base_model
 
 
 def load_pretrained(path: str | os.PathLike, **from_pretrained_kwargs) -> PreTrainedModel:
@@ -618,16 +626,6 @@ def load_processor(model_dir: str | os.PathLike, need_images: bool = True):
             f"{model_dir} has a {type(processor).__name__} but no image processor; save the model's processor there."
         )
     return processor
-
-
-PLACEHOLDER_TOKENS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
-
-
-def placeholder_token_ids(config: Any) -> list[int]:
-    """Ids a model must not generate: image / video placeholders (their features come only from pixels) and
-    Qwen2-VL's vision start / end markers."""
-    ids = [getattr(config, name, None) for name in PLACEHOLDER_TOKENS]
-    return [i for i in ids if isinstance(i, int)]
 
 
 def get_routing(model: nn.Module) -> dict[int, LayerRouting]:

@@ -211,15 +211,6 @@ def randomize_routers(model: torch.nn.Module, scale: float = 0.5, seed: int = 1)
                 layer.router.bias.copy_((torch.randn(1, generator=gen) * 0.1).to(layer.router.bias.dtype))
 
 
-VICUNA_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}USER: "
-    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %} "
-    "{% else %}ASSISTANT: {% for c in message['content'] %}{{ c['text'] }}{% endfor %}</s>{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
-
-
 def word_tokenizer(words: list[str], vocab_size: int, placeholders: dict[str, int] | None = None,
                    specials: tuple[str, ...] = ("<pad>", "<unk>", "<s>", "</s>"), eos: str = "</s>"):
     """A word-level fast tokenizer: ``specials`` first (pad, unk, bos, eos by default), then ``words``;
@@ -246,6 +237,8 @@ def tiny_llava_processor(model: LlavaForConditionalGeneration, words: list[str] 
     """A `LlavaProcessor` matching a `tiny_llava` model: word tokenizer, CLIP image processor, Vicuna chat template."""
     from transformers import LlavaProcessor
 
+    from .conversation import vicuna_v1_template
+
     try:  # the PIL backend (no torchvision here); older transformers only has the one class
         from transformers import CLIPImageProcessorPil as CLIPImageProcessor
     except ImportError:
@@ -262,7 +255,7 @@ def tiny_llava_processor(model: LlavaForConditionalGeneration, words: list[str] 
         patch_size=vision.patch_size,
         vision_feature_select_strategy=model.config.vision_feature_select_strategy,
         num_additional_image_tokens=1,
-        chat_template=VICUNA_CHAT_TEMPLATE,
+        chat_template=vicuna_v1_template(system=None),  # the tiny vocabularies hold none of the system prompt's words
     )
 
 

@@ -258,6 +258,7 @@ def visualize(
     Returns the token maps.
     """
     from .data import load_image
+    from .generation import move_to_model
     from .models import load_model
 
     if isinstance(model_dir_or_model, (str, os.PathLike)):
@@ -276,8 +277,7 @@ def visualize(
         text = processor.apply_chat_template(messages, add_generation_prompt=True)
     else:
         text = f"{getattr(processor, 'image_token', '<image>')}\n{prompt}"
-    inputs = processor(images=image, text=text, return_tensors="pt").to(model.device)
-    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    inputs = move_to_model(model, processor(images=image, text=text, return_tensors="pt"))
     with torch.no_grad():
         model(**inputs, use_cache=False)
     maps = kept_token_maps(model, get_routing(model), inputs["input_ids"], 0, inputs.get("image_sizes"),

@@ -1,5 +1,5 @@
 """The lmms-eval model `pmod`: entry point, generate_until / loglikelihood against pmod.evaluate and a manual
-computation, video documents and chat messages against pmod.evaluate.generate_batch, and command-line runs
+computation, video documents and chat messages against pmod.generation.generate_batch, and command-line runs
 (offline) on the local tasks in tests/data/lmms_eval_task (images) and tests/data/lmms_eval_video_task (videos,
 chat messages)."""
 
@@ -21,7 +21,8 @@ from transformers import AutoProcessor
 
 import pmod
 from pmod.conversation import render, to_messages
-from pmod.evaluate import evaluate, exact_match, generate_batch
+from pmod.evaluate import evaluate, exact_match
+from pmod.generation import generate_batch
 from pmod.models import load_processor
 from pmod.tiny import (
     randomize_routers,
@@ -126,6 +127,19 @@ def test_generate_until_equals_evaluate(plugin, model_dir):
     stop = " " + two_words.split()[1]
     cut = plugin.generate_until(_generate_requests({**gen_kwargs, "until": [stop]}))
     assert cut[answers.index(two_words)] == two_words.split()[0]
+
+
+def test_task_generation_settings(plugin):
+    """A task's gen_kwargs as generate_batch arguments: until strings are stop strings, sampling only with a
+    temperature, unknown settings dropped; the request's own dict is left as it was."""
+    gen = {"until": "\n", "temperature": 0.7, "top_p": 0.9, "image_aspect_ratio": "pad"}
+    assert plugin._generate_kwargs(gen) == {"stop": ["\n"], "temperature": 0.7, "top_p": 0.9, "do_sample": True,
+                                            "max_new_tokens": 128}
+    assert plugin._generate_kwargs({"until": ["", "</s>"], "max_new_tokens": "4"}) == {
+        "stop": ["</s>"], "max_new_tokens": 4, "do_sample": False}
+    assert gen["until"] == "\n" and "image_aspect_ratio" in gen
+    with pytest.raises(pmod.PModInputError, match="'until' must be a string or a list, got int"):
+        plugin._generate_kwargs({"until": 0})
 
 
 def test_loglikelihood_matches_manual_computation(plugin, model_dir):
@@ -313,7 +327,7 @@ def _chat_row(doc):
 
 
 def _expected(model_dir, rows, batch_size=None):
-    """pmod.evaluate.generate_batch's answers for (messages, images, videos) rows, rendered with the chat template."""
+    """pmod.generation.generate_batch's answers for (messages, images, videos) rows, rendered with the chat template."""
     model = pmod.load_model(model_dir).eval()
     processor = load_processor(model_dir, need_images=False)
     answers = []

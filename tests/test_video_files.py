@@ -170,9 +170,8 @@ def test_llava_onevision_answers_video_files_of_different_lengths_in_groups(tmp_
                {"id": "long2", "video": "clip.avi", "conversations": QUESTION},
                {"id": "t", "conversations": [{"from": "human", "value": "what ?"}, {"from": "gpt", "value": "red"}]}]
     calls = []
-    generate_batch = pmod.evaluate.generate_batch
-    monkeypatch.setattr(pmod.evaluate, "generate_batch", lambda m, p, prompts, *a, **k: (
-        calls.append(len(prompts)), generate_batch(m, p, prompts, *a, **k))[1])
+    generate = model.generate
+    monkeypatch.setattr(model, "generate", lambda **k: (calls.append(len(k["input_ids"])), generate(**k))[1])
     kwargs = {"max_new_tokens": 3, "progress": False, "suppress_tokens": list(range(5))}  # answers of 3 words
     batched = pmod.evaluate.evaluate(model, processor, records, tmp_path, batch_size=4, **kwargs)
     assert calls == [2, 1, 1]  # long and long2; short; the text question
