@@ -14,12 +14,12 @@ import logging
 import math
 import os
 import shutil
-import zipfile
 from pathlib import Path
 from typing import Any
 
+from .checkpoints import check_weight_files, inspect_weight_files, preview
 from .config import PModConfig, ResolvedPMod
-from .errors import CheckpointError, PModError, describe_names, one_line
+from .errors import ConversionError, PModError, describe_names, one_line
 from .files import recover_dir, write_dir_atomic
 
 logger = logging.getLogger(__name__)
@@ -27,111 +27,6 @@ logger = logging.getLogger(__name__)
 # Files save_pretrained writes itself; everything else in SRC (tokenizer, processor, chat template) is carried over.
 _MODEL_FILES = ("config.json", "generation_config.json")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
-_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-
-
-class ConversionError(CheckpointError):
-    """A checkpoint could not be converted (missing files, mismatched weights, existing output)."""
-
-
-def check_weight_files(src: Path, error: type[CheckpointError] = ConversionError) -> list[str]:
-    """Names of the weight files of a checkpoint directory, each checked to be readable (the header of a
-    .safetensors file, the container of a .bin file); raises ``error`` naming the file and the problem."""
-    return list(inspect_weight_files(src, error))
-
-
-def inspect_weight_files(src: Path, error: type[CheckpointError] = ConversionError) -> dict[str, dict[str, str]]:
-    """Weight file name -> {tensor name: safetensors dtype} (empty for .bin files, whose dtypes need a full read).
-
-    Checks the shard index (a JSON object whose ``weight_map`` maps tensor names to file names in ``src``), that
-    every listed shard exists, that each .safetensors header is complete (a truncated file is caught here) and
-    names no tensor twice, and that each .bin file is a PyTorch checkpoint.
-    """
-    src = Path(src)
-    names = _weight_file_names(src, error)
-    files: dict[str, dict[str, str]] = {}
-    seen: dict[str, str] = {}
-    for name in names:
-        path = src / name
-        dtypes = _safetensors_dtypes(path, error) if name.endswith(".safetensors") else _check_torch_file(path, error)
-        twice = sorted(k for k in dtypes if k in seen)
-        if twice:
-            raise error(f"{path}: tensors also stored in {seen[twice[0]]}: {describe_names(twice)}.")
-        seen.update(dict.fromkeys(dtypes, name))
-        files[name] = dtypes
-    return files
-
-
-def _weight_file_names(src: Path, error: type[CheckpointError]) -> list[str]:
-    for index_name in _INDEXES:
-        index = src / index_name
-        if not index.exists():
-            continue
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:  # unreadable, not JSON (or not UTF-8), no weight_map
-            raise error(f"{index} is not a valid shard index ({type(exc).__name__}: {one_line(exc)}); expected "
-                        '{"weight_map": {"tensor name": "shard file name", ...}}.') from exc
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise error(f"{index}: weight_map must be a non-empty mapping of tensor names to shard file names, "
-                        f"got {_preview(weight_map)}.")
-        bad = sorted({_preview(v) for v in weight_map.values() if not _plain_file_name(v, index_name)})
-        if bad:
-            raise error(f"{index}: weight_map names invalid shard files: {', '.join(bad[:5])} (expected names of files "
-                        f"in {src} ending in {'.safetensors' if index_name.startswith('model') else '.bin'}).")
-        shards = sorted(set(weight_map.values()))
-        missing = [s for s in shards if not (src / s).is_file()]
-        if missing:
-            raise error(f"{src} is missing weight shards listed in {index_name}: {missing}.")
-        return shards
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (src / name).is_file():
-            return [name]
-    raise error(f"No weights in {src}: expected model.safetensors (or a sharded index).")
-
-
-def _plain_file_name(value: Any, index_name: str) -> bool:
-    suffix = ".safetensors" if index_name.startswith("model") else ".bin"
-    return (
-        isinstance(value, str) and value.endswith(suffix) and "/" not in value and "\\" not in value
-        and value not in (".", "..") and not value.startswith(".")
-    )
-
-
-def _preview(value: Any, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _safetensors_dtypes(path: Path, error: type[CheckpointError]) -> dict[str, str]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, framework="pt") as f:
-            return {key: f.get_slice(key).get_dtype() for key in f.keys()}  # noqa: SIM118 (not iterable)
-    except Exception as exc:  # SafetensorError (truncated, corrupt header), OSError: many types
-        raise error(f"Cannot read weights from {path}: not a valid .safetensors file ({one_line(exc)}); it may be truncated "
-                    "or corrupt: download or save it again.") from exc
-
-
-def _check_torch_file(path: Path, error: type[CheckpointError]) -> dict[str, str]:
-    """A .bin file must be a torch.save zip archive (or the legacy pickle format); its tensors are not read here."""
-    try:
-        with path.open("rb") as f:
-            head = f.read(4)
-        if head.startswith(b"PK"):
-            zipfile.ZipFile(path).close()  # reads the central directory at the end: catches truncation
-        elif not head.startswith(b"\x80"):
-            raise ValueError("neither a zip archive nor a pickle")
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise error(f"Cannot read weights from {path}: not a PyTorch checkpoint ({one_line(exc)}); it may be truncated or "
-                    "corrupt: download or save it again.") from exc
-    return {}
-
-
-def non_floating_tensors(files: dict[str, dict[str, str]]) -> list[str]:
-    """Tensors of `inspect_weight_files` whose dtype is not floating point (F64, F32, F16, BF16, F8_*)."""
-    return sorted(k for dtypes in files.values() for k, d in dtypes.items() if not d.startswith(("F", "BF")))
 
 
 def convert_dense(src: str | os.PathLike, out: str | os.PathLike, config: PModConfig | None = None, force: bool = False) -> Path:
@@ -422,14 +317,14 @@ def _read_original_config(src: Path) -> tuple[dict, Path]:
         raise ConversionError(f"{path} has no {', '.join(absent)}: the language model's shape cannot be known.")
     for key, kind in _TEXT_FIELDS.items():
         if key in cfg and not _valid_field(cfg[key], kind):
-            raise ConversionError(f"{path}: {key} must be {_FIELD_KINDS[kind]}, got {_preview(cfg[key])}.")
+            raise ConversionError(f"{path}: {key} must be {_FIELD_KINDS[kind]}, got {preview(cfg[key])}.")
     for key in ("image_aspect_ratio", "mm_patch_merge_type", "mm_projector_type", "mm_vision_select_feature",
                 "mod_target_layers", "mod_weight_norm", "mod_target_token_type"):
         if key in cfg and not isinstance(cfg[key], str):
-            raise ConversionError(f"{path}: {key} must be a string, got {_preview(cfg[key])}.")
+            raise ConversionError(f"{path}: {key} must be a string, got {preview(cfg[key])}.")
     layer = cfg.get("mm_vision_select_layer", -2)
     if not isinstance(layer, int) or isinstance(layer, bool):
-        raise ConversionError(f"{path}: mm_vision_select_layer must be an integer, got {_preview(layer)}.")
+        raise ConversionError(f"{path}: mm_vision_select_layer must be an integer, got {preview(layer)}.")
     return cfg, path
 
 
@@ -464,7 +359,13 @@ def convert_original(
 ) -> Path:
     """Convert a checkpoint saved by the original p-MoD code (LLaVA layout) into a pmod checkpoint in ``out``."""
     import torch
-    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration
+    from transformers import (
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+    )
 
     from .models import apply_pmod
 
@@ -489,7 +390,7 @@ def convert_original(
         and all(isinstance(p, list) and len(p) == 2 and all(_valid_field(n, "count") for n in p) for p in pinpoints)
     ):
         raise ConversionError(f"{config_file}: image_grid_pinpoints must be a list of [height, width] pairs of positive "
-                              f"integers, got {_preview(pinpoints)}.")
+                              f"integers, got {preview(pinpoints)}.")
     try:
         settings = parse_original_settings(cfg, cfg["num_hidden_layers"])
     except PModError as exc:
@@ -662,5 +563,5 @@ def _read_preprocessor_config(path: Path) -> dict:
         value = pre.get(key, [0.5, 0.5, 0.5])
         if not (isinstance(value, list) and len(value) == 3
                 and all(_valid_field(v, "positive") or least == "non-negative" and type(v) in (int, float) and v == 0 for v in value)):
-            raise ConversionError(f"{path}: {key} must be a list of 3 {least} numbers (one per colour), got {_preview(value)}.")
+            raise ConversionError(f"{path}: {key} must be a list of 3 {least} numbers (one per colour), got {preview(value)}.")
     return pre

@@ -42,3 +42,7 @@ def describe_names(names: Iterable[str], limit: int = 5) -> str:
     names = sorted(names)
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "") + f" ({len(names)} in all)"
+
+
+class ConversionError(CheckpointError):
+    """A checkpoint could not be converted (missing files, mismatched weights, existing output)."""

@@ -314,7 +314,10 @@ for _family in _FAMILIES:
 
 def _register() -> None:
     try:
-        from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+        from transformers.conversion_mapping import (
+            get_checkpoint_conversion_mapping,
+            register_checkpoint_conversion_mapping,
+        )
     except ImportError:  # older transformers 5.x without user-registered conversions: keys are not renamed either
         get_checkpoint_conversion_mapping = None
 
@@ -558,7 +561,7 @@ def _load_checked(load, path: Any, source: Path | None, kwargs: dict[str, Any]):
     kwargs["ignore_mismatched_sizes"] = True  # wrong shapes are listed below, not a generic RuntimeError
     files = None
     if source is not None and not any(kwargs.get(k) for k in _OTHER_WEIGHTS) and kwargs.get("use_safetensors") is not False:
-        from .convert import inspect_weight_files
+        from .checkpoints import inspect_weight_files
 
         files = inspect_weight_files(source, error=CheckpointError)
     model, info = load(path, output_loading_info=True, **kwargs)
@@ -575,9 +578,9 @@ def check_loaded_weights(
     allow_mismatched: bool = False,
 ) -> None:
     """Raise ``error`` if ``from_pretrained``'s loading info reports missing, unexpected or wrongly shaped tensors,
-    or if the weight files (`pmod.convert.inspect_weight_files`) hold integer tensors for a model of floats.
+    or if the weight files (`pmod.checkpoints.inspect_weight_files`) hold integer tensors for a model of floats.
     Tied weights (an LM head tied to the embeddings) and non-persistent buffers are not missing."""
-    from .convert import non_floating_tensors
+    from .checkpoints import non_floating_tensors
 
     problems = []
     if info.get("missing_keys"):
