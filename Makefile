@@ -14,7 +14,7 @@ FLOOR_VENV := .venv-floor
 FLOOR_STAMP := $(FLOOR_VENV)/.installed
 # The second and third venvs run the whole suite (about 2 minutes each) but the lmms-eval plugin tests: lmms-eval is
 # installed without its requirements, at one pinned version, in the main venv only.
-OTHER_VENV_TESTS := tests --ignore tests/test_lmms_eval.py
+OTHER_VENV_TESTS := tests --ignore tests/integrations/test_lmms_eval.py
 
 # The path GPU users take: torchvision installed, so transformers' own video processors (and torchvision image
 # backends) replace pmod's frame stand-ins. This machine has torch 2.14.1 + torchvision 0.29.1 wheels on disk

@@ -26,7 +26,7 @@ from common import RESULTS, clock, machine
 import pmod
 from pmod.compat import cache_kwargs, output_cache
 from pmod.efficiency import prefill_cost, shape_from_config
-from pmod.tiny import randomize_routers
+from pmod.testing.tiny import randomize_routers
 
 SHAPES = {  # layers, hidden, MLP width, heads
     "7b": (32, 4096, 11008, 32),

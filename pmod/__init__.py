@@ -12,7 +12,14 @@ import sys
 from typing import Any
 
 from .config import PModConfig
-from .errors import CheckpointError, PModConfigError, PModError, PModInputError, PModTrainingError, UnsupportedModelError
+from .errors import (
+    CheckpointError,
+    PModConfigError,
+    PModError,
+    PModInputError,
+    PModTrainingError,
+    UnsupportedModelError,
+)
 
 __version__ = "0.1.0"
 _LAZY = {

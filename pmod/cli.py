@@ -29,7 +29,7 @@ from .argtypes import nonnegative_float, nonnegative_int, positive_int, ratio
 from .config import PModConfig
 from .errors import PModError, one_line
 
-# Kept in step with pmod.efficiency.PRESETS and pmod.demo.ARCHES by a test; listed here so that `pmod --help` does
+# Kept in step with pmod.efficiency.PRESETS and pmod.pipelines.demo.ARCHES by a test; listed here so that `pmod --help` does
 # not import torch.
 DEMO_ARCHES = ("llava", "qwen2-vl", "qwen2.5-vl")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -87,7 +87,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_convert_dense(args: argparse.Namespace) -> int:
-    from .convert import convert_dense
+    from .integrations.convert import convert_dense
 
     out = convert_dense(args.src, args.out, _config_from(args), force=args.force)
     _emit(f"wrote {out}")
@@ -95,7 +95,7 @@ def cmd_convert_dense(args: argparse.Namespace) -> int:
 
 
 def cmd_convert_original(args: argparse.Namespace) -> int:
-    from .convert import convert_original
+    from .integrations.convert import convert_original
 
     out = convert_original(args.src, args.out, vision_tower=args.vision_tower, force=args.force)
     _emit(f"wrote {out}")
@@ -140,8 +140,8 @@ def cmd_flops(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from .chat import ChatSession, chat_loop, load_image
-    from .generation import load_for_inference
+    from .pipelines.chat import ChatSession, chat_loop, load_image
+    from .pipelines.generation import load_for_inference
 
     image = load_image(args.image)
     # a dense checkpoint is converted (routers at zero); inputs follow the model (to --device)
@@ -172,7 +172,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train with a recipe; the final model and its processor land in the recipe's output_dir."""
-    from .train import load_config, train
+    from .pipelines.train import load_config, train
 
     config = load_config(args.config, args.overrides)
     logging.getLogger("pmod").setLevel(logging.INFO)  # progress of data preparation and resuming
@@ -189,7 +189,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The miniature p-MoD experiment: data, dense and p-MoD training, evaluation, costs, report."""
-    from .demo import DemoConfig, run_demo
+    from .pipelines.demo import DemoConfig, run_demo
 
     logging.getLogger("pmod").setLevel(logging.INFO)  # the demo's stage-by-stage progress
     demo = DemoConfig(out=args.out, quick=args.quick, schedule=args.schedule, tanh_norm=not args.no_tanh_norm,
@@ -291,14 +291,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPES, default=None)
     p.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: where the model loads)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    p.set_defaults(func=_lazy("evaluate", "cmd_eval"))
+    p.set_defaults(func=_lazy("pipelines.evaluate", "cmd_eval"))
 
     p = sub.add_parser("viz", help="draw which vision tokens each routed layer kept")
     p.add_argument("model_dir")
     p.add_argument("--image", required=True)
     p.add_argument("--prompt", required=True)
     p.add_argument("--out", default="routing.png")
-    p.set_defaults(func=_lazy("viz", "cmd_viz"))
+    p.set_defaults(func=_lazy("pipelines.viz", "cmd_viz"))
 
     p = sub.add_parser("demo", help="a miniature p-MoD experiment on CPU: train dense and p-MoD, evaluate, report")
     p.add_argument("--out", default="demo-output")

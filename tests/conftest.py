@@ -4,7 +4,9 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
+# test helpers and the test modules other tests import from, in every folder of the mirrored layout
+for _folder in ("", *('data', 'pipelines', 'integrations')):
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), _folder))
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 

@@ -4,7 +4,7 @@ import pytest
 
 import pmod
 from pmod.cli import main
-from pmod.tiny import tiny_llava
+from pmod.testing.tiny import tiny_llava
 
 
 def test_schedule_json(capsys):
@@ -90,6 +90,6 @@ def test_help_and_version_answer_without_importing_torch():
 
 def test_lists_kept_out_of_the_heavy_modules_match_them():
     from pmod.cli import DEMO_ARCHES
-    from pmod.demo import ARCHES
+    from pmod.pipelines.demo import ARCHES
 
     assert DEMO_ARCHES == ARCHES

@@ -17,7 +17,7 @@ import pmod
 from pmod.compat import CACHE_KWARG, CACHE_NAMES, output_cache
 from pmod.models import _FAMILIES
 from pmod.routing import RoutingPlan
-from pmod.tiny import randomize_routers, tiny_llava
+from pmod.testing.tiny import randomize_routers, tiny_llava
 
 
 def _model():

@@ -4,7 +4,7 @@ import torch
 from test_models import llava_inputs
 
 import pmod
-from pmod.tiny import randomize_routers, tiny_llava
+from pmod.testing.tiny import randomize_routers, tiny_llava
 
 
 def test_device_map_auto_keeps_routed_layers_whole(tmp_path):

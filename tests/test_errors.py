@@ -6,7 +6,7 @@ from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, StaticCache
 
 import pmod
 from pmod.compat import output_cache
-from pmod.tiny import tiny_causal_lm, tiny_llava
+from pmod.testing.tiny import tiny_causal_lm, tiny_llava
 
 
 def _model(**kw):

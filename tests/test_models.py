@@ -8,7 +8,7 @@ from reference import reference_logits
 import pmod
 from pmod.compat import cache_kwargs, output_cache
 from pmod.config import ResolvedPMod
-from pmod.tiny import randomize_routers, tiny_causal_lm, tiny_llava, tiny_llava_next
+from pmod.testing.tiny import randomize_routers, tiny_causal_lm, tiny_llava, tiny_llava_next
 
 ROWS = [(3, 1, 4), (2, 2, 1), (5, 0, 3), (1, 1, 0)]  # different vision-token counts, one row without image
 
@@ -256,7 +256,7 @@ def test_non_contiguous_hidden_states():
 
 def test_high_resolution_targets_refuse_multi_image_onevision_rows():
     """LLaVA-OneVision processes the images of a multi-image row as base grids only: no high-resolution part."""
-    from pmod.tiny import tiny_llava_onevision
+    from pmod.testing.tiny import tiny_llava_onevision
 
     model = pmod.apply_pmod(tiny_llava_onevision(), pmod.PModConfig(schedule=[1.0, 1.0, 0.5, 0.5], targets="vision_hr"))
     ids = torch.randint(1, 50, (1, 12))

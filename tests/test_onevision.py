@@ -9,7 +9,7 @@ from reference import reference_logits
 
 import pmod
 from pmod.compat import output_cache
-from pmod.tiny import randomize_routers, tiny_llava_onevision
+from pmod.testing.tiny import randomize_routers, tiny_llava_onevision
 
 # per row: image (h, w) | "video" | None, and (text before, text after)
 ROWS = [((28, 56), (2, 3)), ("video", (3, 1)), (None, (5, 2)), ((56, 56), (1, 1))]

@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import pmod
 from pmod.compat import cache_kwargs, output_cache
-from pmod.tiny import tiny_causal_lm
+from pmod.testing.tiny import tiny_causal_lm
 
 SYNC_OPS = ("_local_scalar_dense", "nonzero", "is_nonzero", "item", "equal")
 

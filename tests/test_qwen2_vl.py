@@ -7,7 +7,7 @@ from reference import reference_logits
 
 import pmod
 from pmod.compat import output_cache
-from pmod.tiny import randomize_routers, tiny_qwen2_vl
+from pmod.testing.tiny import randomize_routers, tiny_qwen2_vl
 
 # per row: ("image", t, h, w) | ("video", t, h, w) | None, and (text before, text after); grids in patches
 ROWS = [(("image", 1, 4, 6), (2, 3)), (("video", 2, 4, 4), (3, 1)), (None, (5, 2)), (("image", 1, 6, 4), (1, 1))]
@@ -113,7 +113,7 @@ def test_batched_generation_equals_rows_alone_and_kv_shrinks(tmp_path, version):
 
 def test_training_batches_equal_one_by_one_losses():
     """The training collator on Qwen2-VL items (flat patches, grids, modality types): batch loss == per-item."""
-    from pmod.data import IGNORE_INDEX, LlavaCollator
+    from pmod.data.records import IGNORE_INDEX, LlavaCollator
 
     model = pmod.apply_pmod(tiny_qwen2_vl(), pmod.PModConfig(schedule=[0.5, 1.0, 0.3, 0.6]))
     randomize_routers(model)
@@ -157,7 +157,7 @@ def test_cached_decoding_equals_recomputation(version):
 
 
 def test_tokens_per_image_estimate_for_dynamic_resolution():
-    from pmod.train import tokens_per_image
+    from pmod.pipelines.train import tokens_per_image
 
     assert tokens_per_image(tiny_qwen2_vl()) == (448 // 4) ** 2
 

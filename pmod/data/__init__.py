@@ -1,0 +1,2 @@
+"""Training and evaluation data: LLaVA-format records and their encoding, conversations and chat templates,
+and the synthetic shapes dataset of the demo."""

@@ -1,0 +1,572 @@
+"""LLaVA-format instruction data for training: lazy loading, label masking, truncation, batching.
+
+Each record becomes ``input_ids`` with the processor's expanded image tokens, ``labels`` that train only on
+the assistant replies (``-100`` elsewhere), and the images through the model's own HF image processor
+(LLaVA-1.5 "pad": `padding_image_processor`; LLaVA-NeXT anyres: the processor's tiling).
+A record whose image is missing or unreadable, or that cannot be truncated without cutting an image, is
+skipped: the dataset returns a marker that `LlavaCollator` drops and counts, so a bad file never stops a run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import PModConfigError, PModInputError
+from .conversation import (
+    FRAME_SUFFIXES,
+    IMAGE_PLACEHOLDER,
+    VIDEO_SUFFIXES,
+    assistant_spans,
+    image_paths,
+    to_messages,
+    tokenizer_of,
+    video_sources,
+)
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+SKIP_KEY = "pmod_skipped"
+TOKEN_LEVEL_INPUTS = ("mm_token_type_ids",)  # processor outputs with one value per token
+DEFAULT_VIDEO_FPS = 2.0  # frames per second of a record's frames when it does not say ("fps"): Qwen2-VL's rate
+# transformers.video_utils decoders, in the order tried (PyAV is transformers' default)
+VIDEO_BACKENDS = ("pyav", "decord", "torchcodec", "opencv", "torchvision")
+
+
+def load_records(path: str | Path) -> list[dict[str, Any]]:
+    """Read a LLaVA JSON file (a list of records) or a JSONL file (one record per line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PModInputError(f"data file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise PModInputError(f"{path} is not UTF-8 text ({exc}); expected LLaVA-format JSON or JSONL") from exc
+    if path.suffix == ".jsonl":
+        records = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise PModInputError(f"{path}, line {number} is not valid JSON ({exc}); expected one LLaVA record "
+                                     "per line") from exc
+    else:
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PModInputError(f"{path} is not valid JSON ({exc}); expected a list of LLaVA records") from exc
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise PModInputError(f"{path}: expected a JSON list of records ({{'id', 'image', 'conversations'}})")
+    for i, r in enumerate(records):
+        r.setdefault("id", str(i))
+    return records
+
+
+def check_records(records: list[dict[str, Any]], source: str | Path = "the data") -> None:
+    """A `PModInputError` naming ``source`` when there are no records, a record's conversation is malformed
+    (not a list of human / gpt turns, placeholders that do not match its images), or a record names a video file
+    and no video decoder is installed, before any model is loaded."""
+    if not records:
+        raise PModInputError(f"{source} holds no records; expected a list of LLaVA records "
+                             "({'id', 'image', 'conversations'})")
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise PModInputError(f"{source}: record {i} is a {type(record).__name__}, not a mapping "
+                                 "({'id', 'image', 'conversations'})")
+        try:
+            to_messages(record)
+        except PModInputError as exc:
+            raise PModInputError(f"{source}: {exc} (the record at index {i})") from exc
+    named = next(((r, s) for r in records for s in video_sources(r)
+                  if isinstance(s, str) and s.lower().endswith(VIDEO_SUFFIXES)), None)
+    if named is not None:
+        require_video_backend(named[1], f"{source}: record {named[0].get('id')!r}")
+
+
+def padding_image_processor(image_processor: Any) -> Any:
+    """LLaVA-1.5 "pad" as part of the processor: transformers' LLaVA image processor with ``do_pad`` (a square of
+    the mean colour before resizing), carrying over the given processor's settings. Saved with the model, so
+    evaluation, chat and lmms-eval pad exactly as training did."""
+    name = type(image_processor).__name__
+    if name.startswith("LlavaImageProcessor") and getattr(image_processor, "do_pad", False):
+        return image_processor
+    if hasattr(image_processor, "image_grid_pinpoints"):
+        raise PModConfigError("pad_images is LLaVA-1.5 preprocessing; LLaVA-NeXT models tile images (anyres) instead")
+    import transformers
+
+    pil = name.endswith("Pil") or not hasattr(transformers, "LlavaImageProcessor")
+    cls = getattr(transformers, "LlavaImageProcessorPil" if pil else "LlavaImageProcessor")
+    keys = ("size", "crop_size", "image_mean", "image_std", "resample", "do_resize", "do_center_crop", "do_rescale",
+            "rescale_factor", "do_normalize", "do_convert_rgb")
+    settings = {k: getattr(image_processor, k) for k in keys if getattr(image_processor, k, None) is not None}
+    for key in ("size", "crop_size"):  # SizeDict -> plain dict for the constructor
+        if key in settings and not isinstance(settings[key], dict):
+            settings[key] = {k: v for k, v in dict(settings[key]).items() if v is not None}
+    return cls(**settings, do_pad=True)
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Read an image fully as RGB (a truncated file fails here, not inside the processor, unless PIL's
+    ``ImageFile.LOAD_TRUNCATED_IMAGES`` is on: importing lmms-eval turns it on); a missing or unreadable file is a
+    `PModInputError` naming it."""
+    from PIL import UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except FileNotFoundError as exc:
+        raise PModInputError(f"Image not found: {path}") from exc
+    except UnidentifiedImageError as exc:
+        raise PModInputError(f"Not a readable image file: {path}") from exc
+    except OSError as exc:  # e.g. "image file is truncated", raised while decoding
+        raise PModInputError(f"Cannot read image {path}: {exc}") from exc
+
+
+@dataclass
+class Encoder:
+    """Turns one LLaVA record into model inputs with a processor.
+
+    Attributes:
+        processor: the model's HF processor (tokenizer + image processor + chat template).
+        image_folder: where relative image paths are resolved.
+        model_max_length: longest sequence kept (tokens, image tokens included).
+    """
+
+    processor: Any
+    image_folder: Path | None = None
+    model_max_length: int = 2048
+
+    def __post_init__(self) -> None:
+        self.tokenizer = tokenizer_of(self.processor)
+        # the processor's own placeholder ("<image>" for LLaVA, "<|image_pad|>" for Qwen2-VL)
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(getattr(self.processor, "image_token", IMAGE_PLACEHOLDER))
+        video = getattr(self.processor, "video_token", None)
+        self.placeholder_ids = {self.image_token_id} | ({self.tokenizer.convert_tokens_to_ids(video)} if video else set())
+
+    def images(self, record: dict[str, Any]) -> list[Image.Image]:
+        out = []
+        for p in image_paths(record):
+            path = Path(p) if self.image_folder is None else Path(self.image_folder) / p
+            out.append(load_image(path))
+        return out
+
+    def videos(self, record: dict[str, Any]) -> list[list[Image.Image]]:
+        """The record's videos as frame lists (`video_frames`)."""
+        return self.video_frames(record)[0]
+
+    def video_frames(self, record: dict[str, Any]) -> tuple[list[list[Image.Image]], list[float]]:
+        """The record's videos as frame lists, and each one's frame rate: a video file decoded at the record's
+        ``"fps"``, a folder's image files in name order, or the listed frames; at most ``"max_frames"`` each."""
+        return load_videos(video_paths(record, self.image_folder), record_fps(record), record_max_frames(record),
+                           f"record {record.get('id')!r}")
+
+    def encode(self, record: dict[str, Any], images: list[Image.Image] | None = None) -> dict[str, Any]:
+        """Model inputs for one record; raises `PModInputError` for a record that cannot be used."""
+        messages = to_messages(record)
+        images = self.images(record) if images is None else images
+        check_processor_takes(self.processor, f"record {record.get('id')!r}", videos=bool(video_sources(record)))
+        videos, rates = self.video_frames(record)
+        text, spans = assistant_spans(self.processor, messages)
+        text, spans = self._terminate_replies(text, spans)
+        if videos:
+            enc = self.processor(text=text, images=images or None, videos=videos,
+                                 video_metadata=video_metadata(videos, rates), return_tensors="pt")
+        elif images:
+            enc = self.processor(text=text, images=images, return_tensors="pt")
+        else:
+            enc = self.tokenizer(text, return_tensors="pt")
+        ids = enc["input_ids"][0]
+        labels = self._labels(text, spans, ids)
+        if ids.shape[0] > self.model_max_length:
+            ids, labels = self._truncate(record, ids, labels)
+        if not (labels != IGNORE_INDEX).any():
+            raise PModInputError(f"record {record.get('id')!r}: no assistant tokens left to train on")
+        out: dict[str, Any] = {"input_ids": ids, "labels": labels}
+        for key, value in enc.items():  # vision inputs (pixels, sizes, grids) and per-token inputs, as given
+            if key in ("input_ids", "attention_mask") or not isinstance(value, torch.Tensor):
+                continue
+            out[key] = value[0][: ids.shape[0]] if key in TOKEN_LEVEL_INPUTS else value
+        return out
+
+    def _terminate_replies(self, text: str, spans: list[tuple[int, int]]) -> tuple[str, list[tuple[int, int]]]:
+        """Append the end-of-sequence token to replies whose template ends them with plain text (the llava-hf
+        template does), so the model learns to stop, as the original LLaVA training does."""
+        eos = self.tokenizer.eos_token
+        if not eos:
+            return text, spans
+        specials = [t for t in self.tokenizer.all_special_tokens if t]
+        out: list[tuple[int, int]] = []
+        for s, e in reversed(spans):
+            reply = text[s:e].rstrip()
+            cut = s + len(reply)  # trailing template whitespace belongs to the next token ("▁USER")
+            if any(reply.endswith(t) for t in specials):
+                out.append((s, cut))
+                continue
+            text = text[:cut] + eos + text[cut:]
+            out = [(a + len(eos), b + len(eos)) for a, b in out]  # later replies move right
+            out.append((s, cut + len(eos)))
+        return text, out[::-1]
+
+    def _labels(self, text: str, spans: list[tuple[int, int]], ids: torch.Tensor) -> torch.Tensor:
+        """Labels for the processor's ids: reply tokens located by character offsets on the unexpanded text."""
+        plain = self.tokenizer(text, return_offsets_mapping=True)
+        # Overlap, not containment: SentencePiece / byte-level tokens carry their leading space ("▁Red", "ĠRed"),
+        # so the first reply token starts one character before the reply.
+        trained = [b > a and a < e and b > s for a, b in plain["offset_mapping"] for s, e in [_span_of(a, b, spans)]]
+        unexpanded = plain["input_ids"]
+        expandable = self.placeholder_ids
+        seq = ids.tolist()
+        labels, i, j = [], 0, 0
+        # Walk both sequences: each run of image (video) tokens in the processor's ids is one run in the plain ids.
+        while i < len(seq):
+            if seq[i] in expandable:
+                token = seq[i]
+                while i < len(seq) and seq[i] == token:
+                    labels.append(IGNORE_INDEX)
+                    i += 1
+                if j >= len(unexpanded) or unexpanded[j] != token:
+                    break
+                while j < len(unexpanded) and unexpanded[j] == token:
+                    j += 1
+            else:
+                if j >= len(unexpanded) or unexpanded[j] != seq[i]:
+                    break
+                labels.append(seq[i] if trained[j] else IGNORE_INDEX)
+                i += 1
+                j += 1
+        if i != len(seq) or j != len(unexpanded):
+            raise PModInputError(
+                "the processor's token ids do not match the tokenizer's on the same text (apart from image "
+                "expansion), so labels cannot be aligned; check that the processor's tokenizer is the model's"
+            )
+        return torch.tensor(labels, dtype=torch.long)
+
+    def _truncate(self, record: dict[str, Any], ids: torch.Tensor, labels: torch.Tensor):
+        n = self.model_max_length
+        placeholders = torch.tensor(sorted(self.placeholder_ids), device=ids.device)
+        image_at = torch.isin(ids, placeholders).nonzero().flatten()  # image and video tokens
+        if image_at.numel() and int(image_at[-1]) >= n:
+            raise PModInputError(
+                f"record {record.get('id')!r}: {ids.shape[0]} tokens exceed model_max_length={n} and the cut would "
+                "fall inside or before an image's tokens"
+            )
+        return ids[:n], labels[:n]
+
+    def length(self, record: dict[str, Any], tokens_per_image: int) -> int:
+        """A cheap length estimate for length-grouped batching, no image decoding: words + image tokens, a video
+        as one image per two listed frames (a frame folder or video file, not read here, as four images)."""
+        words = sum(len(str(t.get("value", "")).split()) for t in record.get("conversations", []))
+        videos = sum(max(1, len(v) // 2) if isinstance(v, list) else 4 for v in video_sources(record))
+        return words + tokens_per_image * (len(image_paths(record)) + videos)
+
+
+def check_processor_takes(processor: Any, what: str, images: bool = False, videos: bool = False) -> None:
+    """A `PModInputError` when ``processor`` cannot take the images or videos that ``what`` (a record, a batch)
+    has: a bare tokenizer has no image processor, a LLaVA / LLaVA-NeXT processor no video processor."""
+    if images and getattr(processor, "image_processor", None) is None:
+        raise PModInputError(f"{what} has images, but {type(processor).__name__} has no image processor: pass the "
+                             "model's processor")
+    if videos and getattr(processor, "video_processor", None) is None:
+        raise PModInputError(
+            f"{what} has a video, but {type(processor).__name__} has no video processor (video needs a video model: "
+            "LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL)"
+        )
+
+
+def video_paths(record: dict[str, Any], folder: Path | None = None) -> list[list[Path] | Path]:
+    """Each of the record's videos: a video file (a `Path`) or its frame files (a folder's image files in natural
+    name order, or the listed frames), relative paths resolved against ``folder``. A missing video, an empty
+    folder or a single image is a `PModInputError` naming it."""
+    rid = record.get("id")
+    out: list[list[Path] | Path] = []
+    for source in video_sources(record):
+        if not isinstance(source, str):
+            out.append([Path(p) if folder is None else Path(folder) / p for p in source])
+            continue
+        where = Path(source) if folder is None else Path(folder) / source
+        if where.is_dir():
+            paths = sorted((f for f in where.iterdir() if f.suffix.lower() in FRAME_SUFFIXES), key=_natural)
+            if not paths:
+                raise PModInputError(f"record {rid!r}: no frames ({', '.join(FRAME_SUFFIXES)}) in {where}")
+            out.append(paths)
+        elif not where.is_file():
+            raise PModInputError(f"record {rid!r}: video not found: {where} (a video file or a folder of frames)")
+        elif where.suffix.lower() in FRAME_SUFFIXES:
+            raise PModInputError(f"record {rid!r}: video {where} is one image; give a video file, a folder of "
+                                 "frames or a list of frame files")
+        else:
+            out.append(where)
+    return out
+
+
+def video_frame_paths(record: dict[str, Any], folder: Path | None = None) -> list[list[Path]]:
+    """The frame files of each of the record's videos (`video_paths`); a video file is a `PModInputError`
+    (`load_videos` decodes those)."""
+    out = video_paths(record, folder)
+    files = [source for source in out if isinstance(source, Path)]
+    if files:
+        raise PModInputError(f"record {record.get('id')!r}: video {files[0]} is a video file, not frames")
+    return [source for source in out if isinstance(source, list)]
+
+
+def record_fps(record: dict[str, Any]) -> float:
+    """Frames per second of a record's video frames: its ``"fps"``, else `DEFAULT_VIDEO_FPS`. Frame folders and
+    lists are taken at this rate; video files are sampled at it."""
+    fps = record.get("fps", DEFAULT_VIDEO_FPS)
+    if not isinstance(fps, (int, float)) or isinstance(fps, bool) or fps <= 0:
+        raise PModInputError(f"record {record.get('id')!r}: 'fps' must be a positive number, got {fps!r}")
+    return float(fps)
+
+
+def record_max_frames(record: dict[str, Any]) -> int | None:
+    """The most frames taken from each of a record's videos: its ``"max_frames"``, else None (no limit)."""
+    value = record.get("max_frames")
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise PModInputError(f"record {record.get('id')!r}: 'max_frames' must be a positive integer, got {value!r}")
+    return value
+
+
+def sample_frame_indices(total: int, fps: float, rate: float | None = None,
+                         max_frames: int | None = None) -> tuple[list[int], float]:
+    """Which of a video's ``total`` frames (``rate`` frames per second; ``fps`` when None) to take when sampling
+    it at ``fps`` over its whole length, at most ``max_frames``, and the rate of the frames taken. Spread as
+    transformers' `default_sample_indices_fn` spreads them (frame ``i * total // count``); a video no faster
+    than ``fps`` gives all its frames."""
+    if total < 1:
+        raise ValueError("the video has no frames")
+    rate = fps if rate is None else rate
+    count = total if fps >= rate else max(1, int(total / rate * fps))
+    if max_frames is not None:
+        count = min(count, max_frames)
+    return [i * total // count for i in range(count)], rate * count / total
+
+
+def video_backend() -> str | None:
+    """The first installed `transformers.video_utils` decoder of `VIDEO_BACKENDS`, or None."""
+    from transformers import video_utils
+
+    available = {
+        "pyav": video_utils.is_av_available, "decord": video_utils.is_decord_available,
+        "torchcodec": video_utils.is_torchcodec_available, "opencv": video_utils.is_cv2_available,
+        # torchvision 0.26 removed its video decoding
+        "torchvision": getattr(video_utils, "is_torchvision_video_decoding_available", lambda: False),
+    }
+    return next((name for name in VIDEO_BACKENDS if available[name]()), None)
+
+
+def require_video_backend(path: str | Path, what: str = "the record") -> str:
+    """The decoder to read the video file ``path`` (of ``what``) with (`video_backend`); a `PModInputError` naming
+    the file and what to install when there is none."""
+    backend = video_backend()
+    if backend is None:
+        raise PModInputError(
+            f"{what}: cannot read the video file {path}: no video decoder is installed; pip install av (or decord, "
+            "torchcodec, opencv-python), or give the video as a folder of frames"
+        )
+    return backend
+
+
+def load_video_file(path: Path, fps: float, max_frames: int | None = None,
+                    what: str = "the record") -> tuple[list[Image.Image], float]:
+    """A video file's frames, sampled at ``fps`` over the whole video (at most ``max_frames``, spread uniformly:
+    `sample_frame_indices`) and decoded with `transformers.video_utils.load_video` and the first installed
+    decoder, and the rate of the frames taken. A missing decoder or an unreadable file is a `PModInputError`."""
+    taken: dict[str, Any] = {}
+
+    def choose(total: int, rate: float | None) -> list[int]:
+        taken["indices"], taken["fps"] = sample_frame_indices(total, fps, rate, max_frames)  # unknown rate: all frames
+        return taken["indices"]
+
+    frames = decode_video(path, require_video_backend(path, what), choose, what)
+    logger.debug("%s: %d frames of %s at %.3g fps", what, len(frames), path, taken["fps"])
+    return frames, taken["fps"]
+
+
+def decode_video(path: Path, backend: str, choose: Callable[[int, float | None], list[int]],
+                 what: str = "the record") -> list[Image.Image]:
+    """The frames ``choose(total_frames, fps or None)`` picks from a video file, decoded with
+    `transformers.video_utils.load_video` and ``backend``, as RGB images. Matroska / WebM headers give no frame count
+    (it is counted from the packets); decoders that return channels first are handled."""
+    from transformers import video_utils
+
+    chosen: list[int] = []
+
+    def indices(metadata: Any, **_: Any) -> np.ndarray:
+        total = int(metadata.total_num_frames or 0) or _count_frames(path, backend)
+        chosen[:] = choose(total, float(metadata.fps or 0) or None)
+        return np.asarray(chosen)
+
+    try:
+        video, _ = video_utils.load_video(str(path), backend=backend, sample_indices_fn=indices)
+    except Exception as exc:  # the decoders raise their own error types
+        raise PModInputError(f"{what}: cannot decode the video {path} with {backend}: {exc}") from exc
+    frames = np.asarray(video)
+    if frames.ndim == 4 and frames.shape[-1] not in (1, 3, 4) and frames.shape[1] in (1, 3, 4):  # (T, C, H, W)
+        frames = frames.transpose(0, 2, 3, 1)
+    if len(frames) != len(chosen):  # the header promised more frames than the stream holds
+        logger.warning("%s: %s gave %d of the %d frames sampled", what, path, len(frames), len(chosen))
+    return [Image.fromarray(frame).convert("RGB") for frame in frames]
+
+
+def _count_frames(path: Path, backend: str) -> int:
+    """The frame count of a video whose header lacks one (Matroska, WebM): its video packets, counted without
+    decoding (PyAV only; 0 otherwise)."""
+    if backend != "pyav":
+        return 0
+    import av
+
+    with av.open(str(path)) as container:
+        return sum(1 for packet in container.demux(video=0) if packet.size)
+
+
+def load_videos(sources: list[list[Path] | Path], fps: float, max_frames: int | None = None,
+                what: str = "the record") -> tuple[list[list[Image.Image]], list[float]]:
+    """The frames of each video of `video_paths` and their rate: a video file decoded at ``fps``
+    (`load_video_file`), frame files read as they are, at ``fps``; at most ``max_frames`` of each, spread
+    uniformly (the rate scaled down to match)."""
+    videos, rates = [], []
+    for source in sources:
+        if isinstance(source, Path):
+            frames, rate = load_video_file(source, fps, max_frames, what)
+        else:
+            chosen, rate = sample_frame_indices(len(source), fps, max_frames=max_frames)
+            frames = [load_image(source[i]) for i in chosen]
+        videos.append(frames)
+        rates.append(rate)
+    return videos, rates
+
+
+def video_metadata(videos: list[list[Any]], fps: float | list[float]) -> list[dict[str, Any]]:
+    """The ``video_metadata`` a processor gets with decoded frames: their rate, explicit for every processor, so
+    that Qwen2.5-VL's temporal positions are the same with transformers' video processors and pmod's."""
+    rates = fps if isinstance(fps, list) else [fps] * len(videos)
+    return [{"fps": r, "total_num_frames": len(v), "frames_indices": list(range(len(v)))} for v, r in zip(videos, rates)]
+
+
+def _natural(path: Path) -> list[Any]:
+    """Sort key: numbers in names compare as numbers (ffmpeg's %d.png: 1, 2, ..., 10)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
+def _span_of(a: int, b: int, spans: list[tuple[int, int]]) -> tuple[int, int]:
+    """The reply span a token (a, b) overlaps, or an empty span."""
+    for s, e in spans:
+        if a < e and b > s:
+            return s, e
+    return 0, 0
+
+
+class LlavaDataset(torch.utils.data.Dataset):
+    """LLaVA-format records encoded lazily (images are read when an item is asked for)."""
+
+    def __init__(
+        self,
+        records: list[dict[str, Any]] | str | Path,
+        processor: Any,
+        image_folder: str | Path | None = None,
+        model_max_length: int = 2048,
+        tokens_per_image: int = 576,
+        check: bool = True,
+    ):
+        """``check``: validate every record now (`check_records`); off when the caller already has."""
+        source = records if isinstance(records, (str, Path)) else "the dataset"
+        self.records = load_records(records) if isinstance(records, (str, Path)) else list(records)
+        self.encoder = Encoder(processor, Path(image_folder) if image_folder else None, model_max_length)
+        self.tokens_per_image = tokens_per_image
+        if check:  # no records, or malformed conversations, fail now, not hours into a run
+            check_records(self.records, source)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [self.encoder.length(r, self.tokens_per_image) for r in self.records]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        # A bad record is replaced by the next usable one (as the original LLaVA loader does), so batches keep
+        # their size. Only the record at `index` counts as skipped here: a bad replacement candidate is counted
+        # when its own index comes up, so each bad record is counted once per epoch.
+        skipped = []
+        attempts = min(len(self.records), 32)
+        for attempt in range(attempts):
+            record = self.records[(index + attempt) % len(self.records)]
+            try:
+                item = self.encoder.encode(record)
+            except (OSError, PModInputError, SyntaxError, ValueError) as exc:  # PIL raises all of these on bad files
+                level = logging.WARNING if attempt == 0 else logging.DEBUG
+                logger.log(level, "skipping record %r: %s: %s", record.get("id"), type(exc).__name__, exc)
+                skipped.append(str(record.get("id")))
+                continue
+            if attempt > 0:
+                item[SKIP_KEY] = skipped[:1]
+            return item
+        raise PModInputError(
+            f"records {', '.join(skipped[:5])}{'...' if len(skipped) > 5 else ''} ({attempts} in a row from index "
+            f"{index}) are all unusable; "
+            "see the warnings above, and check the image folder and the data file"
+        )
+
+
+@dataclass
+class LlavaCollator:
+    """Pads a list of encoded records into a batch (right padding for training) and counts skipped ones.
+
+    LLaVA-NeXT items carry ``pixel_values`` of shape (n_images, n_tiles, 3, H, W) with a per-image tile count;
+    tiles are zero-padded to the batch's largest count (the model reads the real count from ``image_sizes``).
+    """
+
+    pad_token_id: int
+    padding_side: str = "right"
+    count_in_batch: bool = False  # put the number of skipped records in the batch (read by `pmod.pipelines.train`)
+    skipped: list[str] = field(default_factory=list)
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        skipped = [rid for item in items for rid in item.get(SKIP_KEY, [])]
+        self.skipped.extend(skipped)
+        width = max(item["input_ids"].shape[0] for item in items)
+        ids = torch.full((len(items), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(items), width), dtype=torch.long)
+        for row, item in enumerate(items):
+            n = item["input_ids"].shape[0]
+            cols = slice(0, n) if self.padding_side == "right" else slice(width - n, width)
+            ids[row, cols] = item["input_ids"]
+            labels[row, cols] = item["labels"]
+            mask[row, cols] = 1
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        for key in TOKEN_LEVEL_INPUTS:  # per-token inputs (Qwen2-VL's modality types) pad like the ids, with 0
+            if any(key in item for item in items):
+                values = torch.zeros((len(items), width), dtype=torch.long)
+                for row, item in enumerate(items):
+                    n = item["input_ids"].shape[0]
+                    cols = slice(0, n) if self.padding_side == "right" else slice(width - n, width)
+                    values[row, cols] = item.get(key, torch.zeros(n, dtype=torch.long))
+                batch[key] = values
+        for key in sorted({k for item in items for k in item} - set(batch) - {"labels", SKIP_KEY, *TOKEN_LEVEL_INPUTS}):
+            # vision inputs of every image in the batch, in row order: pixels, patches, sizes, grids
+            parts = [item[key] for item in items if key in item]
+            if key == "pixel_values_videos" and len({p.shape[1:] for p in parts}) > 1:
+                raise PModInputError(
+                    f"videos of one batch have different shapes {sorted({tuple(p.shape[1:]) for p in parts})}: this "
+                    "model stacks them; sample the same number of frames per video (or use batch size 1)"
+                )
+            if key == "pixel_values" and parts[0].dim() == 5:  # (n_images, n_tiles, 3, H, W): pad the tiles
+                tiles = max(p.shape[1] for p in parts)
+                parts = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, tiles - p.shape[1])) for p in parts]
+            batch[key] = torch.cat(parts)
+        if self.count_in_batch:
+            batch[SKIP_KEY] = torch.tensor(len(skipped))
+        return batch

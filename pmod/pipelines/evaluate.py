@@ -1,0 +1,500 @@
+"""Local evaluation of LLaVA-format question answering data, and the `pmod eval` command.
+
+    result = evaluate(model, processor, records, image_folder, batch_size=8, predictions_path="preds.jsonl")
+    print(result.accuracy, result.vqa_accuracy, result.flops_ratio, result.kv_ratio)
+
+Each record is a LLaVA conversation (`pmod.data.conversation`); the prompt is every turn up to the last human turn,
+the reference answer is the last gpt turn, and an optional ``"answers": [...]`` list (e.g. the ten human answers
+of VQAv2 / OK-VQA / TextVQA) is scored with the VQA accuracy. Generation (`pmod.pipelines.generation.generate_batch`) is
+batched, left-padded and greedy. For a p-MoD model the realised prefill FLOP ratio and vision KV ratio of every
+example are recorded (`pmod.efficiency.realized_cost`), and the KV-cache bytes held at the end of each batch
+against a dense cache (`pmod.efficiency.kv_cache_report`).
+
+Predictions go to a JSONL file one batch at a time, so a killed run continues with ``resume=True`` (ids already
+in the file are skipped and their stored predictions re-scored); metrics are written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..data.conversation import image_paths, prompt_and_answer, render, video_sources
+from ..data.records import (
+    DEFAULT_VIDEO_FPS,
+    check_processor_takes,
+    load_image,
+    load_records,  # noqa: F401  (part of this module's API)
+    load_videos,
+    record_fps,
+    record_max_frames,
+    require_video_backend,
+    video_paths,
+)
+from ..errors import PModInputError
+from ..files import write_json_atomic, write_text_atomic
+from .generation import generate_batch, load_for_inference
+
+logger = logging.getLogger(__name__)
+
+# ====================================================================== answer normalisation
+# The VQA evaluation's answer normalisation as lmms-eval applies it (its EvalAIAnswerProcessor, which the VQAv2,
+# TextVQA, OK-VQA and VizWiz tasks use), so that pmod's scores compare with lmms-eval's: lower case; commas and
+# question marks deleted and "'s" split off as a word ("it's" -> "it 's"); other punctuation removed or turned into
+# spaces; periods not followed by a digit removed; number words up to ten as digits; articles dropped; and
+# apostrophe-less contractions ("dont") restored ("don't"). The one difference: lmms-eval's contraction table has a
+# few entries that can never match or that drop an apostrophe ("somebody'd" -> "somebodyd"), and lacks some
+# apostrophe-less spellings ("shes", "couldntve"); pmod restores every apostrophe-less spelling of the same
+# contractions instead (tests/pipelines/test_evaluate.py lists both the agreement and these differences).
+_PUNCTUATION = ";/[]\"{}()=+\\_-><@`,?!"
+_PERIOD = re.compile(r"\.(?!\d)")
+_NUMBER_WORDS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
+_NUMBER_WORDS["none"] = "0"
+_ARTICLES = {"a", "an", "the"}
+# Contractions whose apostrophe-less spellings are restored. Forms that would collide with ordinary words
+# (he'll/hell, we're/were, it's/its, let's/lets, i'd/id, she'll/shell, we'll/well, we'd/wed, she'd/shed) are left
+# out, as in the official list.
+_CONTRACTED = (
+    "ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't haven't he'd "
+    "he'd've he's how'd how'll how's isn't it'd it'd've it'll ma'am mightn't mightn't've might've mustn't "
+    "must've needn't not've o'clock oughtn't 'ow's'at shan't she'd've she's should've shouldn't shouldn't've "
+    "somebody'd somebody'd've somebody'll somebody's someone'd someone'd've someone'll someone's something'd "
+    "something'd've something'll that's there'd there'd've there're there's they'd they'd've they'll they're "
+    "they've 'twas wasn't we'd've we've weren't what'll what're what's what've when's where'd where's where've "
+    "who'd who'd've who'll who's who've why'll why're why's won't would've wouldn't wouldn't've y'all y'all'll "
+    "y'all'd've you'd you'd've you'll you're you've"
+).split()
+
+
+def _apostrophe_variants(word: str) -> set[str]:
+    """Every spelling of ``word`` with some (possibly all) of its apostrophes dropped, ``word`` excluded."""
+    spellings = {""}
+    for ch in word:
+        spellings = {s + ch for s in spellings} | ({s for s in spellings} if ch == "'" else set())
+    spellings.discard(word)
+    return spellings
+
+
+_CONTRACTIONS = {variant: word for word in _CONTRACTED for variant in _apostrophe_variants(word)}
+
+
+def _strip_punctuation(text: str) -> str:
+    # A mark next to a space is deleted; a mark inside a word ("yes/no") becomes a space.
+    out = text
+    for mark in _PUNCTUATION:
+        if mark not in out:
+            continue
+        delete = (mark + " ") in text or (" " + mark) in text
+        out = out.replace(mark, "" if delete else " ")
+    return _PERIOD.sub("", out)
+
+
+def normalize_answer(text: str) -> str:
+    """VQA answer normalisation: ``"Two dogs."`` -> ``"2 dogs"``, ``"The cat"`` -> ``"cat"``, ``"isnt"`` -> ``"isn't"``,
+    ``"It's red!"`` -> ``"it 's red"``.
+
+    Applied to predictions and references alike (the official script applies it to both when the human answers
+    disagree, and the answers in the released annotations are already in this form).
+    """
+    # commas go before anything else, so "1,000" is "1000" and "hi,there" is "hithere"
+    text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's")
+    text = text.replace("\n", " ").replace("\t", " ").strip()
+    words = []
+    for word in _strip_punctuation(text).split():
+        word = _NUMBER_WORDS.get(word, word)
+        if word in _ARTICLES:
+            continue
+        words.append(_CONTRACTIONS.get(word, word))
+    return " ".join(words)
+
+
+def _plain(text: str) -> str:
+    return re.sub(r"[^\w\s]", "", text.lower()).strip()
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+    """Equality after `normalize_answer`.
+
+    A reference that normalises to nothing (e.g. the option letter ``"A"``, an article) is compared in lower
+    case without punctuation instead, so that an empty prediction does not match it.
+    """
+    ref = normalize_answer(reference)
+    if not ref:
+        return bool(_plain(reference)) and _plain(prediction) == _plain(reference)
+    return normalize_answer(prediction) == ref
+
+
+def vqa_score(prediction: str, answers: Sequence[str]) -> float:
+    """VQA accuracy of one prediction against the human answers: min(#humans who gave it / 3, 1).
+
+    As in the official evaluation, the score is averaged over the leave-one-out subsets of the answers
+    (10 subsets of 9 for VQAv2), so 3 matching answers out of 10 score 0.9 and 4 or more score 1.0. With a
+    single answer it is the exact match.
+    """
+    if not answers:
+        raise PModInputError("vqa_score needs at least one reference answer")
+    pred = normalize_answer(prediction)
+    hits = [normalize_answer(a) == pred for a in answers]
+    if len(answers) == 1:
+        return float(hits[0])
+    total = sum(hits)
+    return sum(min(1.0, (total - hit) / 3.0) for hit in hits) / len(answers)
+
+
+# ====================================================================== evaluation
+@dataclass
+class QuestionResult:
+    """One evaluated question (one line of the predictions JSONL)."""
+
+    id: Any
+    question: str
+    prediction: str
+    answer: str
+    correct: bool
+    answers: list[str] | None = None
+    vqa_score: float | None = None
+    flops_ratio: float | None = None
+    kv_ratio: float | None = None
+    kv_cache_ratio: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None or k in ("id", "correct")}
+
+
+@dataclass
+class EvalResult:
+    """Scores of one evaluation run.
+
+    Attributes:
+        n: questions scored (resumed ones included).
+        accuracy: exact match with the reference answer after `normalize_answer`.
+        vqa_accuracy: mean `vqa_score` over the ``n_vqa`` questions that have an ``answers`` list, else None.
+        flops_ratio, kv_ratio: mean realised prefill decoder-FLOP ratio and vision-KV ratio per question
+            (p-MoD over dense), None for a dense model.
+        kv_cache_ratio: mean over questions of their batch's KV-cache bytes against a dense cache.
+        seconds: wall time of this run (questions generated now, not the resumed ones).
+        resumed: questions whose predictions were read back from an earlier run.
+        records: the per-question results, in record order.
+    """
+
+    n: int
+    accuracy: float
+    vqa_accuracy: float | None
+    n_vqa: int
+    flops_ratio: float | None
+    kv_ratio: float | None
+    kv_cache_ratio: float | None
+    seconds: float
+    resumed: int = 0
+    records: list[QuestionResult] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The metrics, without the per-question records."""
+        return {k: v for k, v in asdict(self).items() if k != "records"}
+
+    def summary(self) -> str:
+        parts = [f"accuracy {self.accuracy:.2%} (n={self.n})"]
+        if self.vqa_accuracy is not None:
+            parts.append(f"VQA accuracy {self.vqa_accuracy:.2%} (n={self.n_vqa})")
+        if self.flops_ratio is not None:
+            parts.append(f"prefill FLOPs {self.flops_ratio:.1%} of dense")
+        if self.kv_ratio is not None:
+            parts.append(f"vision KV {self.kv_ratio:.1%} of dense")
+        parts.append(f"{self.seconds:.1f} s")
+        return " | ".join(parts)
+
+
+@dataclass
+class _Item:
+    id: Any
+    key: str
+    messages: list[dict[str, Any]]
+    answer: str
+    answers: list[str] | None
+    question: str
+    images: list[Path]
+    record: dict[str, Any] = field(default_factory=dict, repr=False)
+    videos: list[list[Path] | Path] = field(default_factory=list)  # frame files or video file per video (pending)
+    fps: float = DEFAULT_VIDEO_FPS
+    max_frames: int | None = None
+
+
+def _prepare(records: Sequence[dict[str, Any]], image_folder: Path | None) -> list[_Item]:
+    items, seen = [], set()
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise PModInputError(f"record {index} is a {type(record).__name__}, expected a LLaVA record (dict)")
+        rid = record.get("id", index)
+        key = str(rid)
+        if key in seen:
+            raise PModInputError(f"record id {rid!r} appears twice; ids must be unique (they key the predictions file)")
+        seen.add(key)
+        messages, answer = prompt_and_answer(record)
+        answers = record.get("answers")
+        if answers is not None and (
+            not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers)
+        ):
+            raise PModInputError(f"record {rid!r}: 'answers' must be a non-empty list of strings, got {answers!r}")
+        question = "".join(c["text"] for c in messages[-1]["content"] if c["type"] == "text")
+        paths = image_paths(record)
+        if paths and image_folder is None:
+            raise PModInputError(f"record {rid!r} has images; pass image_folder")
+        images = [image_folder / p for p in paths] if paths and image_folder is not None else []
+        if video_sources(record) and image_folder is None:
+            raise PModInputError(f"record {rid!r} has videos; pass image_folder (where they are)")
+        items.append(_Item(rid, key, messages, answer, answers, question, images, record))
+    return items
+
+
+def _resolve_media(pending: list[_Item], processor: Any, folder: Path | None, batch_size: int) -> None:
+    """Before any generation: check that the processor takes the pending records' images and videos, resolve
+    their videos (video files, frame files), rates and frame limits into the items, and check the videos are
+    usable (a decoder for video files; frames of one size per video; LLaVA-OneVision: one frame count per batch
+    of frame videos, as it stacks them)."""
+    from PIL import Image
+
+    for it in pending:
+        has_videos = bool(video_sources(it.record))
+        check_processor_takes(processor, f"record {it.id!r}", images=bool(it.images), videos=has_videos)
+        if has_videos:
+            it.videos = video_paths(it.record, folder)  # a missing video file is named here
+            it.fps, it.max_frames = record_fps(it.record), record_max_frames(it.record)
+    files = [(it.id, v) for it in pending for v in it.videos if isinstance(v, Path)]
+    if files:
+        require_video_backend(files[0][1], f"record {files[0][0]!r}")
+    for it in pending:
+        for frames in (v for v in it.videos if isinstance(v, list)):
+            sizes = set()
+            for f in frames:
+                try:
+                    with Image.open(f) as img:
+                        sizes.add(img.size)
+                except FileNotFoundError:
+                    continue  # reported with the other missing files
+                except OSError as exc:
+                    raise PModInputError(f"record {it.id!r}: not a readable image file: {f}") from exc
+            if len(sizes) > 1:
+                raise PModInputError(f"record {it.id!r}: the frames of a video differ in size {sorted(sizes)}")
+    video_processor = getattr(processor, "video_processor", None)
+    if "LlavaOnevision" in type(video_processor).__name__:  # stacks the videos of one call
+        for b in range(0, len(pending), batch_size):
+            counts = {min(len(v), it.max_frames or len(v)) for it in pending[b : b + batch_size] for v in it.videos
+                      if isinstance(v, list)}  # decoded videos' counts are known later: see stacking_groups
+            if len(counts) > 1:
+                raise PModInputError(
+                    f"LLaVA-OneVision stacks the videos of a batch, and the batch starting at record "
+                    f"{pending[b].id!r} has videos of {sorted(counts)} frames: give every video the same number "
+                    "of frames, or use batch size 1"
+                )
+
+
+def _read_done(path: Path) -> dict[str, dict[str, Any]]:
+    """Rows of an earlier run by id. A truncated last line (a killed run) is dropped and the file rewritten; rows
+    without a text prediction are answered again. Anything else unreadable means the file is not pmod's
+    predictions: refused, and left as it is."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise PModInputError(f"{path} is not a pmod eval predictions file (not UTF-8 text: {exc.reason} at byte "
+                             f"{exc.start}); move it away or choose another --out folder.") from exc
+    numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
+    done: dict[str, dict[str, Any]] = {}
+    good_lines, dropped, unanswered = [], 0, 0
+    for index, (number, line) in enumerate(numbered):
+        try:
+            row = json.loads(line)
+            key = str(row["id"])
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            if index < len(numbered) - 1:  # only the last line can be cut off by a killed run
+                raise PModInputError(f"{path}, line {number}: not a pmod eval predictions row ({exc!r}); move the file "
+                                     "away or choose another --out folder.") from exc
+            dropped += 1
+            continue
+        good_lines.append(line)
+        if isinstance(row.get("prediction"), str):
+            done[key] = row
+        else:
+            unanswered += 1
+            done.pop(key, None)
+    if unanswered:
+        logger.warning("%s: %d row(s) without a text prediction; those questions are answered again", path, unanswered)
+    if dropped:
+        logger.warning("%s: dropped an unreadable last line left by an interrupted run", path)
+        write_text_atomic(path, "".join(line + "\n" for line in good_lines))
+    return done
+
+
+def _score(item: _Item, prediction: str, costs: dict[str, Any]) -> QuestionResult:
+    return QuestionResult(
+        id=item.id,
+        question=item.question,
+        prediction=prediction,
+        answer=item.answer,
+        correct=exact_match(prediction, item.answer),
+        answers=item.answers,
+        vqa_score=vqa_score(prediction, item.answers) if item.answers else None,
+        flops_ratio=costs.get("flops_ratio"),
+        kv_ratio=costs.get("kv_ratio"),
+        kv_cache_ratio=costs.get("kv_cache_ratio"),
+    )
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
+def evaluate(
+    model: Any,
+    processor: Any,
+    records: Sequence[dict[str, Any]],
+    image_folder: str | os.PathLike | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 32,
+    predictions_path: str | os.PathLike | None = None,
+    metrics_path: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    **generate_kwargs: Any,
+) -> EvalResult:
+    """Answer every record with ``model`` and score the answers.
+
+    Args:
+        model: a p-MoD (or dense) LLaVA / LLaVA-NeXT / causal LM, in eval mode.
+        processor: its processor (tokenizer + image processor, with a chat template), or a tokenizer for a
+            text-only model.
+        records: LLaVA records; image paths are relative to ``image_folder``.
+        batch_size: questions per `generate` call (left-padded).
+        max_new_tokens: answer length limit.
+        predictions_path: JSONL file written one batch at a time (id, question, prediction, answer, correct,
+            and scores / cost ratios).
+        metrics_path: JSON file for `EvalResult.to_dict`, written atomically at the end.
+        resume: keep the rows already in ``predictions_path`` and answer only the other records. Without it
+            an existing file is replaced.
+        progress: show a progress bar on stderr.
+        generate_kwargs: more `model.generate` arguments (greedy by default).
+    """
+    if batch_size < 1 or max_new_tokens < 1:
+        raise PModInputError(f"batch_size and max_new_tokens must be positive, got {batch_size} and {max_new_tokens}")
+    folder = Path(image_folder) if image_folder is not None else None
+    items = _prepare(records, folder)
+    preds_file = Path(predictions_path) if predictions_path is not None else None
+    done: dict[str, dict[str, Any]] = {}
+    if preds_file is not None and resume and preds_file.exists():
+        done = _read_done(preds_file)
+    pending = [it for it in items if it.key not in done]
+    _resolve_media(pending, processor, folder, batch_size)
+    frames = {it.key: [f for v in it.videos if isinstance(v, list) for f in v] for it in pending}
+    missing = [(it.id, p) for it in pending for p in it.images + frames[it.key] if not p.is_file()]
+    if missing:
+        rid, path = missing[0]
+        more = f" (and {len(missing) - 1} more missing images)" if len(missing) > 1 else ""
+        raise PModInputError(f"record {rid!r}: image file not found: {path}{more}")
+
+    from tqdm.auto import tqdm
+
+    results: dict[str, QuestionResult] = {}
+    for it in items:
+        if it.key in done:
+            row = done[it.key]
+            results[it.key] = _score(it, row["prediction"], row)
+    if done:
+        logger.info("resuming: %d of %d questions already answered in %s", len(results), len(items), preds_file)
+
+    handle = None
+    if preds_file is not None:
+        preds_file.parent.mkdir(parents=True, exist_ok=True)
+        handle = preds_file.open("a" if resume else "w", encoding="utf-8")
+    start = time.perf_counter()
+    bar = tqdm(total=len(items), initial=len(results), desc="pmod eval", unit="q", disable=not progress,
+               file=sys.stderr)
+    try:
+        for b in range(0, len(pending), batch_size):
+            batch = pending[b : b + batch_size]
+            prompts = [render(processor, it.messages, add_generation_prompt=True) for it in batch]
+            images = [[load_image(p) for p in it.images] for it in batch]
+            videos, fps = zip(*(load_videos(it.videos, it.fps, it.max_frames, f"record {it.id!r}") for it in batch))
+            out = generate_batch(model, processor, prompts, images, max_new_tokens=max_new_tokens, videos=videos,
+                                 video_fps=fps, labels=[f"record {it.id!r}" for it in batch], **generate_kwargs)
+            lines = []
+            for j, it in enumerate(batch):
+                res = _score(it, out.texts[j], out.costs(j))
+                results[it.key] = res
+                lines.append(json.dumps(res.to_dict(), ensure_ascii=False) + "\n")
+            if handle is not None:
+                handle.write("".join(lines))
+                handle.flush()
+                os.fsync(handle.fileno())  # a killed run keeps every finished batch
+            bar.update(len(batch))
+            bar.set_postfix(acc=f"{sum(r.correct for r in results.values()) / len(results):.3f}")
+    finally:
+        bar.close()
+        if handle is not None:
+            handle.close()
+    seconds = time.perf_counter() - start
+
+    ordered = [results[it.key] for it in items]
+    vqa = [r.vqa_score for r in ordered if r.vqa_score is not None]
+    result = EvalResult(
+        n=len(ordered),
+        accuracy=sum(r.correct for r in ordered) / len(ordered) if ordered else 0.0,
+        vqa_accuracy=sum(vqa) / len(vqa) if vqa else None,
+        n_vqa=len(vqa),
+        flops_ratio=_mean(r.flops_ratio for r in ordered),
+        kv_ratio=_mean(r.kv_ratio for r in ordered),
+        kv_cache_ratio=_mean(r.kv_cache_ratio for r in ordered),
+        seconds=seconds,
+        resumed=len(items) - len(pending),
+        records=ordered,
+    )
+    logger.info("evaluation: %s", result.summary())
+    if metrics_path is not None:
+        write_json_atomic(metrics_path, result.to_dict())
+    return result
+
+
+# ====================================================================== `pmod eval`
+def cmd_eval(args: argparse.Namespace) -> int:
+    """`pmod eval`: evaluate a saved model on a LLaVA-format data file; writes predictions.jsonl and metrics.json."""
+    records = load_records(args.data)
+    if args.limit is not None:
+        records = records[: args.limit]
+    if not records:
+        raise PModInputError(f"{args.data} holds no records")
+    image_folder = Path(args.image_folder) if args.image_folder else Path(args.data).resolve().parent
+    # a dense baseline stays dense; text-only models evaluate too (a bare tokenizer as processor)
+    model, processor = load_for_inference(args.model_dir, dtype=args.dtype, device=args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = evaluate(
+        model,
+        processor,
+        records,
+        image_folder,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        predictions_path=out / "predictions.jsonl",
+        resume=args.resume,
+        progress=not args.no_progress,
+    )
+    metrics = {
+        "model": str(args.model_dir),
+        "data": str(args.data),
+        "batch_size": args.batch_size,
+        "max_new_tokens": args.max_new_tokens,
+        **result.to_dict(),
+    }
+    write_json_atomic(out / "metrics.json", metrics)
+    sys.stdout.write(f"{result.summary()}\n")
+    sys.stdout.write(f"predictions: {out / 'predictions.jsonl'}  metrics: {out / 'metrics.json'}\n")
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,407 @@
+"""Small random-weight models built from configs, for tests, benchmarks, the demo and CPU training recipes (no hub
+needed)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    MistralConfig,
+    PreTrainedModel,
+    ProcessorMixin,
+    Qwen2Config,
+)
+
+from ..errors import PModConfigError
+
+TEXT_CONFIGS = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
+
+
+def text_config(
+    family: str = "llama",
+    vocab_size: int = 128,
+    hidden_size: int = 64,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int | None = None,
+    attn_implementation: str = "sdpa",
+    **kwargs,
+):
+    cfg = TEXT_CONFIGS[family](
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=4096,
+        **kwargs,
+    )
+    cfg._attn_implementation = attn_implementation
+    return cfg
+
+
+def vision_config(image_size: int = 28, patch_size: int = 7, hidden_size: int = 32, num_layers: int = 2):
+    return CLIPVisionConfig(
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=hidden_size,
+    )
+
+
+def tiny_llava(
+    num_layers: int = 4,
+    hidden_size: int = 64,
+    vocab_size: int = 128,
+    image_size: int = 28,
+    patch_size: int = 7,
+    attn_implementation: str = "sdpa",
+    family: str = "llama",
+    seed: int = 0,
+    vision_hidden_size: int = 32,
+    vision_layers: int = 2,
+) -> LlavaForConditionalGeneration:
+    """A LLaVA-1.5-shaped model: (image_size / patch_size)^2 image tokens per image; image token = vocab_size - 1."""
+    torch.manual_seed(seed)
+    cfg = LlavaConfig(
+        vision_config=vision_config(image_size, patch_size, vision_hidden_size, vision_layers),
+        text_config=text_config(family, vocab_size, hidden_size, num_layers, attn_implementation=attn_implementation),
+        image_token_id=vocab_size - 1,
+        image_seq_length=(image_size // patch_size) ** 2,
+    )
+    cfg._attn_implementation = attn_implementation
+    return LlavaForConditionalGeneration(cfg).eval()
+
+
+def tiny_llava_next(
+    num_layers: int = 4,
+    hidden_size: int = 64,
+    vocab_size: int = 128,
+    image_size: int = 28,
+    patch_size: int = 7,
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+) -> LlavaNextForConditionalGeneration:
+    """A LLaVA-NeXT-shaped model with anyres grid pinpoints [[1,2],[2,1],[2,2],[3,1],[1,3]] x image_size."""
+    torch.manual_seed(seed)
+    pinpoints = [[a * image_size, b * image_size] for a, b in [[1, 2], [2, 1], [2, 2], [3, 1], [1, 3]]]
+    cfg = LlavaNextConfig(
+        vision_config=vision_config(image_size, patch_size),
+        text_config=text_config("llama", vocab_size, hidden_size, num_layers, attn_implementation=attn_implementation),
+        image_token_id=vocab_size - 1,
+        image_grid_pinpoints=pinpoints,
+    )
+    cfg._attn_implementation = attn_implementation
+    return _init_newline(LlavaNextForConditionalGeneration(cfg).eval())
+
+
+def _init_newline(model: PreTrainedModel) -> PreTrainedModel:
+    with torch.no_grad():  # anyres models create image_newline uninitialised
+        model.model.image_newline.normal_(0, 0.5)
+    return model
+
+
+def tiny_llava_onevision(
+    num_layers: int = 4,
+    hidden_size: int = 64,
+    vocab_size: int = 128,
+    image_size: int = 28,
+    patch_size: int = 7,
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+) -> PreTrainedModel:
+    """A LLaVA-OneVision-shaped model: tiny SigLIP, Qwen2 decoder, anyres grid pinpoints up to 2x2 x image_size;
+    image token = vocab_size - 1, video token = vocab_size - 2."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, SiglipVisionConfig
+
+    torch.manual_seed(seed)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                image_size=image_size, patch_size=patch_size)
+    pinpoints = [[a * image_size, b * image_size] for a, b in [[1, 1], [1, 2], [2, 1], [2, 2]]]
+    cfg = LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=text_config("qwen2", vocab_size, hidden_size, num_layers, attn_implementation=attn_implementation),
+        image_token_id=vocab_size - 1,
+        video_token_id=vocab_size - 2,
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-1,
+    )
+    cfg._attn_implementation = attn_implementation
+    return _init_newline(LlavaOnevisionForConditionalGeneration(cfg).eval())
+
+
+def mrope_sections(head_dim: int) -> list[int]:
+    """Temporal, height and width rotary sections in Qwen2-VL's proportions (1/4, 3/8, 3/8 of the rotary
+    half-dimension: [16, 24, 24] at head_dim 128, [2, 3, 3] at 16)."""
+    if head_dim % 2:
+        raise ValueError(f"rotary embeddings need an even head size, got {head_dim}")
+    half = head_dim // 2
+    t = half // 4
+    return [t, (half - t) // 2, half - t - (half - t) // 2]
+
+
+def tiny_qwen2_vl(
+    num_layers: int = 4,
+    hidden_size: int = 64,
+    vocab_size: int = 128,
+    version: str = "2",
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+    patch_size: int = 2,
+) -> PreTrainedModel:
+    """A Qwen2-VL (``version="2"``) or Qwen2.5-VL (``"2.5"``) shaped model: patch ``patch_size``, temporal patch 2, 2x2 merge
+    (one token per 4 patches of a frame pair), M-RoPE sections as Qwen's (`mrope_sections`), Qwen2.5-VL windows of 2 x 2 merged cells; image / video / vision-start /
+    vision-end tokens are vocab_size - 1 .. vocab_size - 4."""
+    import transformers
+
+    torch.manual_seed(seed)
+    vision = dict(depth=2, num_heads=4, patch_size=patch_size, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    if version == "2":
+        vision.update(embed_dim=32, hidden_size=hidden_size, mlp_ratio=2)
+        config_cls, model_cls = transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration
+    elif version == "2.5":
+        vision.update(hidden_size=32, intermediate_size=64, out_hidden_size=hidden_size, window_size=4 * patch_size,
+                      fullatt_block_indexes=[1])
+        config_cls, model_cls = transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration
+    else:
+        raise ValueError(f"version must be '2' or '2.5', got {version!r}")
+    text = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=4,
+                num_key_value_heads=2, intermediate_size=2 * hidden_size, bos_token_id=2, eos_token_id=3, pad_token_id=0,
+                rope_parameters={"rope_type": "default", "mrope_section": mrope_sections(hidden_size // 4),
+                                 "rope_theta": 10000.0})
+    cfg = config_cls(
+        vision_config=vision, text_config=text, image_token_id=vocab_size - 1, video_token_id=vocab_size - 2,
+        vision_start_token_id=vocab_size - 3, vision_end_token_id=vocab_size - 4,
+    )
+    cfg._attn_implementation = attn_implementation
+    cfg.get_text_config()._attn_implementation = attn_implementation
+    return model_cls(cfg).eval()
+
+
+def tiny_causal_lm(family: str = "llama", num_layers: int = 4, attn_implementation: str = "sdpa", seed: int = 0, **kwargs) -> PreTrainedModel:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = text_config(family, num_layers=num_layers, attn_implementation=attn_implementation, **kwargs)
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation).eval()
+
+
+def randomize_routers(model: torch.nn.Module, scale: float = 0.5, seed: int = 1) -> None:
+    """Give every router non-zero weights (tests of the routed path)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.routed_layers().values():
+            w = torch.randn(layer.router.weight.shape, generator=gen) * scale
+            layer.router.weight.copy_(w.to(layer.router.weight.dtype))
+            if layer.router.bias is not None:
+                layer.router.bias.copy_((torch.randn(1, generator=gen) * 0.1).to(layer.router.bias.dtype))
+
+
+def word_tokenizer(words: list[str], vocab_size: int, placeholders: dict[str, int] | None = None,
+                   specials: tuple[str, ...] = ("<pad>", "<unk>", "<s>", "</s>"), eos: str = "</s>"):
+    """A word-level fast tokenizer: ``specials`` first (pad, unk, bos, eos by default), then ``words``;
+    ``placeholders`` (default ``{"<image>": vocab_size - 1}``) are special tokens at fixed ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    placeholders = {"<image>": vocab_size - 1} if placeholders is None else placeholders
+    vocab = {w: i for i, w in enumerate(dict.fromkeys([*specials, *(w for w in words if w not in placeholders)]))}
+    if len(vocab) > min(placeholders.values(), default=vocab_size):
+        raise ValueError(f"{len(vocab)} words do not fit a vocabulary of {vocab_size} (the top ids are placeholders).")
+    vocab.update(placeholders)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    extra = [t for t in specials if t not in ("<pad>", "<unk>", "<s>", eos)]
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>" if "<s>" in specials else None, eos_token=eos, unk_token="<unk>",
+        pad_token="<pad>", additional_special_tokens=[*extra, *placeholders], padding_side="left",
+    )
+    return fast
+
+
+def tiny_llava_processor(model: LlavaForConditionalGeneration, words: list[str] | None = None):
+    """A `LlavaProcessor` matching a `tiny_llava` model: word tokenizer, CLIP image processor, Vicuna chat template."""
+    from transformers import LlavaProcessor
+
+    from ..data.conversation import vicuna_v1_template
+
+    try:  # the PIL backend (no torchvision here); older transformers only has the one class
+        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+    except ImportError:
+        from transformers import CLIPImageProcessor
+
+    vision = model.config.vision_config
+    words = words or "USER ASSISTANT : what is in the image ? a red blue green circle square triangle yes no".split()
+    tokenizer = word_tokenizer(words, model.config.text_config.vocab_size)
+    size = vision.image_size
+    image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=vision.patch_size,
+        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,
+        chat_template=vicuna_v1_template(system=None),  # the tiny vocabularies hold none of the system prompt's words
+    )
+
+
+def chatml_template(image: str, video: str) -> str:
+    """A ChatML chat template (Qwen2-VL, LLaVA-OneVision) for content lists of {"type": "image" | "video" |
+    "text"}, with the given text for an image and a video."""
+    return (
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+        "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+        "{% for c in message['content'] %}"
+        "{% if c['type'] == 'image' %}" + image + "{% elif c['type'] == 'video' %}" + video +
+        "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+
+CHATML_TEMPLATE = chatml_template("<|vision_start|><|image_pad|><|vision_end|>", "<|vision_start|><|video_pad|><|vision_end|>")
+CHATML_SPECIALS = ("<pad>", "<unk>", "<s>", "<|im_end|>", "<|im_start|>")
+CHATML_WORDS = "user assistant system what is in the image ? a red blue green circle square yes no".split()
+
+
+def _image_processor_class(name: str) -> type:
+    """transformers' image processor ``name`` as ``AutoImageProcessor`` loads it here: the torchvision backend where
+    torchvision is installed, else the PIL one (``{name}Pil``), so a saved and reloaded processor is the same."""
+    import transformers
+
+    from ..processors import has_torchvision
+
+    return getattr(transformers, name if has_torchvision() else f"{name}Pil")
+
+
+def tiny_qwen2_vl_processor(model: PreTrainedModel, words: list[str] | None = None, image_size: int | None = None):
+    """A Qwen2-VL / Qwen2.5-VL processor matching a `tiny_qwen2_vl` model: word tokenizer with the model's
+    placeholder ids, transformers' image processor (every image resized to ``image_size`` squared pixels when
+    given) and video processor (`pmod.processors.default_video_processor`: pmod's frame video processor where
+    torchvision is missing), and a ChatML template."""
+    from ..processors import build_processor
+
+    image_processor_class = _image_processor_class("Qwen2VLImageProcessor")
+
+    cfg = model.config
+    vision = cfg.vision_config
+    placeholders = {"<|image_pad|>": cfg.image_token_id, "<|video_pad|>": cfg.video_token_id,
+                    "<|vision_start|>": cfg.vision_start_token_id, "<|vision_end|>": cfg.vision_end_token_id}
+    tokenizer = word_tokenizer(words or CHATML_WORDS, cfg.get_text_config().vocab_size, placeholders,
+                               specials=CHATML_SPECIALS, eos="<|im_end|>")
+    factor = vision.patch_size * vision.spatial_merge_size
+    pixels = {} if image_size is None else {"min_pixels": image_size**2, "max_pixels": image_size**2}
+    if image_size is not None and image_size % factor:
+        raise ValueError(f"image_size must be a multiple of patch_size * spatial_merge_size = {factor}")
+    image_processor = image_processor_class(patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
+                                            temporal_patch_size=vision.temporal_patch_size, **pixels)
+    name = "Qwen2_5_VLProcessor" if cfg.model_type.endswith("2_5_vl") else "Qwen2VLProcessor"
+    return build_processor(name, image_processor, tokenizer, chat_template=CHATML_TEMPLATE)
+
+
+def tiny_llava_onevision_processor(model: PreTrainedModel, words: list[str] | None = None):
+    """A LLaVA-OneVision processor matching a `tiny_llava_onevision` model: word tokenizer (``<image>`` and
+    ``<video>`` at the model's ids), transformers' anyres image processor with the model's grid pinpoints, its
+    video processor (pmod's frame video processor where torchvision is missing), and a ChatML template."""
+    from ..processors import build_processor
+
+    image_processor_class = _image_processor_class("LlavaOnevisionImageProcessor")
+
+    cfg = model.config
+    vision = cfg.vision_config
+    placeholders = {"<image>": cfg.image_token_id, "<video>": cfg.video_token_id}
+    tokenizer = word_tokenizer(words or CHATML_WORDS, cfg.get_text_config().vocab_size, placeholders,
+                               specials=CHATML_SPECIALS, eos="<|im_end|>")
+    size = vision.image_size
+    image_processor = image_processor_class(size={"height": size, "width": size},
+                                            image_grid_pinpoints=cfg.image_grid_pinpoints)
+    return build_processor(
+        "LlavaOnevisionProcessor", image_processor, tokenizer, chat_template=chatml_template("<image>", "<video>"),
+        num_image_tokens=(size // vision.patch_size) ** 2,
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy, vision_aspect_ratio=cfg.vision_aspect_ratio,
+    )
+
+
+TinyArch = Literal["llava", "llava-onevision", "qwen2-vl", "qwen2.5-vl"]
+
+
+@dataclass
+class TinyModelSettings:
+    """A tiny random model and processor to train instead of a checkpoint (the ``tiny_model:`` section of a training
+    recipe; `build_tiny`).
+
+    Attributes:
+        arch: ``llava`` (`tiny_llava`), ``llava-onevision`` (`tiny_llava_onevision`), ``qwen2-vl`` or ``qwen2.5-vl``
+            (`tiny_qwen2_vl`).
+        num_layers, hidden_size, seed: the builder's arguments.
+        vocab_size: null fits the vocabulary to the words (the training data's, then ``words``).
+        image_size: the vision encoder's image size (LLaVA family, default 28); for Qwen2-VL the processor resizes
+            images to about ``image_size**2`` pixels (null: kept at their size).
+        patch_size: the vision encoder's patch size (null: the builder's default, 7 or 2 for Qwen2-VL).
+        vision_hidden_size: the vision encoder's width (``arch: llava`` only; null: 32).
+        family: the text model of ``arch: llava`` (`TEXT_CONFIGS`).
+        words: vocabulary words beyond those of the training data.
+    """
+
+    arch: TinyArch = "llava"
+    num_layers: int = 4
+    hidden_size: int = 64
+    vocab_size: int | None = None
+    image_size: int | None = None
+    patch_size: int | None = None
+    vision_hidden_size: int | None = None
+    family: str = "llama"
+    seed: int = 0
+    words: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.arch not in get_args(TinyArch):
+            raise PModConfigError(f"tiny_model.arch must be one of {', '.join(get_args(TinyArch))}, got {self.arch!r}")
+        for name in ("num_layers", "hidden_size", "vocab_size", "image_size", "patch_size", "vision_hidden_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise PModConfigError(f"tiny_model.{name} must be at least 1, got {getattr(self, name)}")
+        if self.family not in TEXT_CONFIGS or (self.family != "llama" and self.arch != "llava"):
+            raise PModConfigError(f"tiny_model.family must be one of {', '.join(TEXT_CONFIGS)} with arch llava (the "
+                                  f"others have their own text model), got {self.family!r} with arch {self.arch!r}")
+
+
+def build_tiny(settings: TinyModelSettings, words: list[str],
+               attn_implementation: str | None = None) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """A tiny random model and its processor, with a word-level vocabulary of the chat roles, ``words`` and
+    ``settings.words``."""
+    arch = settings.arch
+    roles = ["USER", "ASSISTANT", ":"] if arch == "llava" else ["user", "assistant", "system"]
+    words = roles + list(words) + settings.words
+    reserved = 6 if arch == "llava" else 10  # special and placeholder tokens, and a spare id
+    vocab = settings.vocab_size or 8 * math.ceil((len(set(words)) + reserved) / 8)
+    kwargs = {"num_layers": settings.num_layers, "hidden_size": settings.hidden_size, "vocab_size": vocab,
+              "seed": settings.seed}
+    kwargs |= {k: getattr(settings, k) for k in ("patch_size", "image_size", "vision_hidden_size")
+               if getattr(settings, k) is not None}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        if arch.startswith("qwen"):
+            image_size = kwargs.pop("image_size", None)  # a processor setting: Qwen2-VL's encoder takes any size
+            model = tiny_qwen2_vl(version=arch[4:-3], **kwargs)
+            return model, tiny_qwen2_vl_processor(model, words, image_size=image_size)
+        if arch == "llava":
+            model = tiny_llava(family=settings.family, **kwargs)
+            return model, tiny_llava_processor(model, words)
+        model = tiny_llava_onevision(**kwargs)
+        return model, tiny_llava_onevision_processor(model, words)
+    except (TypeError, ValueError, ArithmeticError) as exc:  # e.g. a hidden size the heads do not divide
+        raise PModConfigError(f"tiny_model {settings}: {exc}") from exc
