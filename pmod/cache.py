@@ -87,6 +87,9 @@ class PModCacheLayer(DynamicLayer):
         return 0 if not self.is_initialized or self.keys.numel() == 0 else self.keys.shape[-2]
 
     def reset(self) -> None:
+        # Drop the entries (as transformers 5.2x does) rather than zero them (5.17): `update` grows by concatenation.
+        self.keys = self.values = None
+        self.is_initialized = False
         super().reset()
         self.logical_length = 0
         self.columns = None
