@@ -367,9 +367,8 @@ def run_demo(demo: DemoConfig) -> dict[str, Any]:
         runs[seed]["dense"] = _train_variant("dense", seed, None, data, demo, out, init=init)
         runs[seed][pmod_name] = _train_variant(pmod_name, seed, demo.pmod_settings(), data, demo, out, init=init)
         logger.info("[seed %d: %d/%d] evaluating on %d test questions", seed, i + 1, len(seeds), size["n_test"])
-        processor = load_processor(out / demo.folder(pmod_name, seed))  # every seed's is the same
-        if not i:
-            first = processor
+        if not i:  # every seed's processor is the same (built from the same data)
+            processor = load_processor(out / demo.folder(pmod_name, seed))
         metrics[seed] = {}
         for name in variants:
             model = load_pretrained(out / demo.folder(name, seed)).eval()
@@ -381,11 +380,11 @@ def run_demo(demo: DemoConfig) -> dict[str, Any]:
                     100 * metrics[seed][pmod_name]["accuracy"])
 
     logger.info("measuring prefill latency and counting FLOPs")
-    latency = _prefill_latency(models, first, data, size["reps"])
-    step = _train_step_latency(models, first, data, size["reps"])
+    latency = _prefill_latency(models, processor, data, size["reps"])
+    step = _train_step_latency(models, processor, data, size["reps"])
     routed_model = models[pmod_name]
     vision_tokens = (IMAGE_SIZE // PATCH) ** 2
-    text_tokens = _mean_text_tokens(first, data)
+    text_tokens = _mean_text_tokens(processor, data)
     cost = prefill_cost(shape_from_config(routed_model.config, "demo"), vision_tokens, round(text_tokens),
                         resolved=routed_model.pmod, causal=True)
 
@@ -395,7 +394,7 @@ def run_demo(demo: DemoConfig) -> dict[str, Any]:
         record = data.load("test")[0]
         question = prompt_and_answer(record)[0][0]["content"][-1]["text"]
         with Image.open(data.image_dir / record["image"]) as image:
-            visualize(routed_model, first, image.convert("RGB"), question, out / demo.file("routing.png"),
+            visualize(routed_model, processor, image.convert("RGB"), question, out / demo.file("routing.png"),
                       title=f"{pmod_name}: kept vision tokens per routed layer")
 
     majority = data.stats["test"]["per_type_majority_baseline"]
