@@ -42,7 +42,8 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "
 # Words the prompts add around the questions (Vicuna template "USER: <image>\n... ASSISTANT:").
 PROMPT_WORDS = ("USER", "ASSISTANT", ":")
 SPLITS = ("train", "validation", "test")
-QUESTION_TYPES = ("colour_of_shape", "shape_at", "colour_at", "count_all", "count_colour", "exists", "relation")
+QUESTION_TYPES = ("colour_of_shape", "shape_at", "colour_at", "count_all", "count_colour", "count_shape", "exists",
+                  "relation")
 
 _ROW_NAMES = {2: ("top", "bottom"), 3: ("top", "middle", "bottom")}
 _COL_NAMES = {2: ("left", "right"), 3: ("left", "center", "right")}
@@ -64,6 +65,7 @@ class SyntheticConfig:
             turn); validation and test samples always have one.
         train_questions: questions per training image (distinct types, one conversation turn each); more
             supervision per image for the same vision compute. Overrides ``multi_turn`` when above 1.
+        shape_size: (smallest, largest) side of a shape as a fraction of its cell's side, drawn uniformly.
     """
 
     image_size: int = 112
@@ -77,10 +79,15 @@ class SyntheticConfig:
     seed: int = 0
     multi_turn: float = 0.0
     train_questions: int = 1
+    shape_size: tuple[float, float] = (0.55, 0.8)
 
     def __post_init__(self) -> None:
         self.colours = tuple(self.colours)
         self.shapes = tuple(self.shapes)
+        self.shape_size = tuple(self.shape_size)
+        if len(self.shape_size) != 2 or not 0.2 <= self.shape_size[0] <= self.shape_size[1] <= 0.95:
+            raise ValueError(f"shape_size must be (smallest, largest) with 0.2 <= smallest <= largest <= 0.95 of a cell, "
+                             f"got {self.shape_size}.")
         if self.grid not in _ROW_NAMES:
             raise ValueError(f"grid must be 2 or 3 (positions are named top left ... bottom right), got {self.grid}.")
         if not 1 <= self.max_shapes <= self.grid * self.grid:
@@ -116,6 +123,7 @@ class SyntheticConfig:
     def question_words(self) -> set[str]:
         """Every word a question can contain (from the templates, whether or not sampled)."""
         words = set(" ".join(_TEMPLATE_WORDS).split()) | set(self.colours) | set(self.shapes)
+        words |= {f"{s}s" for s in self.shapes}  # "how many circles are there ?"
         for row in range(self.grid):
             for col in range(self.grid):
                 words |= set(self.position_name(row, col).split())
@@ -153,7 +161,7 @@ def _random_scene(rng: random.Random, config: SyntheticConfig) -> list[PlacedSha
     placed = []
     for index in sorted(cells):  # raster order keeps the description easy to read
         row, col = divmod(index, config.grid)
-        side = rng.uniform(0.55, 0.8) * cell
+        side = rng.uniform(*config.shape_size) * cell
         # Jitter the shape inside its cell (1 px margin) so images are not pixel-identical per cell.
         x0 = col * cell + 1 + rng.uniform(0, cell - side - 2)
         y0 = row * cell + 1 + rng.uniform(0, cell - side - 2)
@@ -224,6 +232,12 @@ def _q_count_colour(rng: random.Random, scene: list[PlacedShape], config: Synthe
     return f"how many {colour} shapes are there ?", NUMBER_WORDS[sum(s.colour == colour for s in scene)]
 
 
+def _q_count_shape(rng: random.Random, scene: list[PlacedShape], config: SyntheticConfig) -> QA | None:
+    # Needs shapes told apart but no position: a signal for shape features that does not wait for localisation.
+    shape = rng.choice(config.shapes)
+    return f"how many {shape}s are there ?", NUMBER_WORDS[sum(s.shape == shape for s in scene)]
+
+
 def _q_exists(rng: random.Random, scene: list[PlacedShape], config: SyntheticConfig) -> QA | None:
     present = {(s.colour, s.shape) for s in scene}
     if rng.random() < 0.5:  # decide the answer first so yes and no are equally frequent
@@ -258,6 +272,7 @@ _GENERATORS: dict[str, Callable[[random.Random, list[PlacedShape], SyntheticConf
     "colour_at": _q_colour_at,
     "count_all": _q_count_all,
     "count_colour": _q_count_colour,
+    "count_shape": _q_count_shape,
     "exists": _q_exists,
     "relation": _q_relation,
 }
@@ -267,6 +282,7 @@ _TYPE_PATTERNS = [
     ("colour_of_shape", re.compile(r"^what colour is the [a-z]+ \?$")),
     ("shape_at", re.compile(r"^what shape is at the [a-z ]+ \?$")),
     ("count_all", re.compile(r"^how many shapes are there \?$")),
+    ("count_shape", re.compile(r"^how many (circle|square|triangle)s are there \?$")),
     ("count_colour", re.compile(r"^how many [a-z]+ shapes are there \?$")),
     ("exists", re.compile(r"^is there a [a-z]+ [a-z]+ \?$")),
     ("relation", re.compile(r"^is the [a-z]+ (left of|above) the [a-z]+ \?$")),
@@ -321,6 +337,7 @@ class SyntheticDataset:
     config: SyntheticConfig
     answers: set[str]
     stats: dict[str, Any] = field(default_factory=dict)
+    scenes_json: Path | None = None  # what each image shows: {sample id: [{"shape", "colour", "row", "col"}, ...]}
 
     @property
     def splits(self) -> dict[str, Path]:
@@ -331,6 +348,22 @@ class SyntheticDataset:
         if split not in self.splits:
             raise ValueError(f"Unknown split {split!r}; choose from {list(self.splits)}.")
         return json.loads(self.splits[split].read_text())
+
+    def cell_labels(self, split: str) -> dict[str, list[tuple[int, int]]]:
+        """Per image of a split, per grid cell in raster order: (shape, colour) as 1-based indices into
+        ``config.shapes`` and ``config.colours``, (0, 0) for an empty cell. Labels for pretraining a vision encoder."""
+        if self.scenes_json is None or not self.scenes_json.is_file():
+            raise FileNotFoundError(f"{self.root}: no scenes.json; write the dataset again with this version of pmod.")
+        scenes = json.loads(self.scenes_json.read_text())
+        ids = [entry["id"] for entry in self.load(split)]
+        labels = {}
+        for sample_id in ids:
+            cells = [(0, 0)] * (self.config.grid * self.config.grid)
+            for s in scenes[sample_id]:
+                cells[s["row"] * self.config.grid + s["col"]] = (self.config.shapes.index(s["shape"]) + 1,
+                                                                 self.config.colours.index(s["colour"]) + 1)
+            labels[sample_id] = cells
+        return labels
 
     def vocabulary(self) -> list[str]:
         """Sorted list of every word that can appear in questions, answers and the chat prompt around them."""
@@ -382,6 +415,7 @@ def write_dataset(out_dir: str | Path, config: SyntheticConfig | None = None) ->
     start = time.perf_counter()
     written: set[str] = set()
     stats: dict[str, Any] = {}
+    scenes: dict[str, list[dict[str, Any]]] = {}
     for split, n in sizes.items():
         entries = []
         for i in range(n):
@@ -393,8 +427,9 @@ def write_dataset(out_dir: str | Path, config: SyntheticConfig | None = None) ->
                 wanted += rng.sample([t for t in types if t != wanted[0]], config.train_questions - 1)
             elif split == "train" and rng.random() < config.multi_turn:
                 wanted.append(rng.choice([t for t in types if t != wanted[0]]))
-            image, _, pairs = make_sample(rng, config, wanted)
+            image, scene, pairs = make_sample(rng, config, wanted)
             sample_id = f"{split}-{i:06d}"
+            scenes[sample_id] = [{k: s[k] for k in ("shape", "colour", "row", "col")} for s in scene["shapes"]]
             image.save(images / f"{sample_id}.png", format="PNG")
             written.add(f"{sample_id}.png")
             entries.append(_entry(sample_id, pairs))
@@ -410,6 +445,7 @@ def write_dataset(out_dir: str | Path, config: SyntheticConfig | None = None) ->
     for path in images.glob("*.png"):
         if re.fullmatch(r"(train|validation|test)-\d{6}\.png", path.name) and path.name not in written:
             path.unlink()
+    (root / "scenes.json").write_text(json.dumps(scenes) + "\n")
     stats_json = root / "dataset.json"
     stats_json.write_text(json.dumps({"config": asdict(config), "splits": stats}, indent=2) + "\n")
     logger.info("wrote %d images to %s in %.1f s", len(written), images, time.perf_counter() - start)
@@ -423,4 +459,5 @@ def write_dataset(out_dir: str | Path, config: SyntheticConfig | None = None) ->
         config=config,
         answers=config.answers(),
         stats=stats,
+        scenes_json=root / "scenes.json",
     )

@@ -48,6 +48,8 @@ def derive_answer(question: str, scene: dict) -> str:
         return match["shape"]
     if words == ["how", "many", "shapes", "are", "there"]:
         return NUMBERS[len(shapes)]
+    if words[:2] == ["how", "many"] and words[2].endswith("s"):  # "how many circles are there"
+        return NUMBERS[sum(s["shape"] + "s" == words[2] for s in shapes)]
     if words[:2] == ["how", "many"]:
         return NUMBERS[sum(s["colour"] == words[2] for s in shapes)]
     if words[:3] == ["is", "there", "a"]:
@@ -98,7 +100,7 @@ def test_answers_are_exact():
             seen[wanted, answer] += 1
     # Both yes and no answers occur for the yes/no types; zero counts occur for colour counts.
     assert seen["exists", "yes"] and seen["exists", "no"] and seen["relation", "yes"] and seen["relation", "no"]
-    assert seen["count_colour", "zero"]
+    assert seen["count_colour", "zero"] and seen["count_shape", "zero"] and seen["count_shape", "two"]
 
 
 def test_make_sample_default_type_and_errors():
@@ -238,3 +240,59 @@ def test_speed(tmp_path):
     start = time.perf_counter()
     write_dataset(tmp_path / "speed", SyntheticConfig(n_train=300, n_val=0, n_test=0))
     assert time.perf_counter() - start < 4.5  # 2000 images must stay well under 30 s on one core
+
+
+def test_cell_labels_match_the_drawn_pixels(dataset):
+    """scenes.json's per-cell labels say what is drawn: the colour at each labelled shape's centre line, and
+    background in the middle of every cell labelled empty."""
+    config = dataset.config
+    labels = dataset.cell_labels("test")
+    assert list(labels) == [e["id"] for e in dataset.load("test")]
+    cell = config.image_size / config.grid
+    for sample_id, cells in labels.items():
+        assert len(cells) == config.grid * config.grid
+        pixels = np.asarray(Image.open(dataset.image_dir / "images" / f"{sample_id}.png").convert("RGB"))
+        background = tuple(pixels[0, 0])
+        shapes = [c for c in cells if c != (0, 0)]
+        assert 1 <= len(shapes) <= config.max_shapes
+        for index, (shape, colour) in enumerate(cells):
+            row, col = divmod(index, config.grid)
+            if (shape, colour) == (0, 0):
+                # an empty cell is background all over (sampled on a coarse lattice)
+                ys = [round(row * cell + f * cell) for f in (0.1, 0.5, 0.9)]
+                xs = [round(col * cell + f * cell) for f in (0.1, 0.5, 0.9)]
+                assert all(tuple(pixels[y, x]) == background for y in ys for x in xs)
+                continue
+            assert 1 <= shape <= len(config.shapes) and 1 <= colour <= len(config.colours)
+            rgb = PALETTE[config.colours[colour - 1]]
+            block = pixels[int(row * cell):int((row + 1) * cell), int(col * cell):int((col + 1) * cell)]
+            assert (block == rgb).all(-1).sum() > 0.15 * cell * cell  # the labelled colour fills part of the cell
+    # the answers re-derived from the labels agree with the written ones for position questions
+    for entry in dataset.load("test"):
+        question, answer = entry["conversations"][0]["value"].removeprefix("<image>\n"), entry["conversations"][1]["value"]
+        if question_type(question) == "shape_at":
+            words = question.split()[5:-1]
+            row, col = cell_of(words)
+            assert config.shapes[labels[entry["id"]][row * config.grid + col][0] - 1] == answer
+
+
+def test_cell_labels_need_the_scenes_file(tmp_path):
+    data = write_dataset(tmp_path / "d", SyntheticConfig(n_train=2, n_val=1, n_test=1))
+    data.scenes_json.unlink()
+    with pytest.raises(FileNotFoundError, match="scenes.json"):
+        data.cell_labels("train")
+
+
+def test_shape_size_sets_the_side_of_every_shape():
+    config = SyntheticConfig(image_size=120, grid=2, max_shapes=3, shape_size=(0.7, 0.9))
+    cell = config.image_size / config.grid
+    sides = []
+    for i in range(60):
+        image, scene, _ = make_sample(random.Random(i), config)
+        check_scene_geometry(image, scene, config)
+        sides += [(s["box"][2] - s["box"][0]) / cell for s in scene["shapes"]]
+    assert 0.69 <= min(sides) and max(sides) <= 0.91 and max(sides) - min(sides) > 0.1
+    with pytest.raises(ValueError, match="shape_size"):
+        SyntheticConfig(shape_size=(0.8, 0.6))
+    with pytest.raises(ValueError, match="shape_size"):
+        SyntheticConfig(shape_size=(0.5, 1.0))
