@@ -30,6 +30,13 @@ def test_quick_demo_writes_a_complete_report(demo_dir):
     assert steps["dense"] == steps["pmod"] > 0 and steps["pretrain"] > 0
     recipe = json.loads((out / "seed0/pmod/train_summary.json").read_text())["recipe"]
     assert recipe["model_name_or_path"] == str(out / "seed0/pretrain") and recipe["tiny_model"] is None
+    # stage 0 pretrained the vision tower, which stays frozen in both later stages
+    pretrain = json.loads((out / "seed0/pretrain/train_summary.json").read_text())["recipe"]
+    assert pretrain["model_name_or_path"] == str(out / "seed0/vision") and pretrain["freeze_vision_tower"]
+    assert recipe["freeze_vision_tower"]
+    vision = report["vision_pretraining"]
+    assert vision["colour_accuracy"] > 0.9 and 0.0 <= vision["shape_accuracy"] <= 1.0
+    assert "the vision tower is pretrained on per-cell shape and colour labels" in (out / "report.md").read_text()
     # nominal and realised FLOP ratios agree (every test image has the same number of vision tokens)
     assert 0.45 < report["prefill_flops"]["ratio"] < 0.65
     assert report["prefill_flops"]["realised_ratio"] == pytest.approx(report["prefill_flops"]["ratio"], abs=0.03)
@@ -48,6 +55,7 @@ def test_rerun_reuses_training_and_ablation_reuses_the_baseline(demo_dir, caplog
     dense_summary = (out / "seed0/dense/train_summary.json").stat().st_mtime
     with caplog.at_level("INFO", logger="pmod.pipelines.demo"):
         assert main(["demo", "--quick", "--out", str(out), "--no-string"]) == 0
+    assert "vision (seed 0): reusing the pretrained vision tower" in caplog.text
     assert "pretrain (seed 0): reusing the finished training run" in caplog.text
     assert "dense (seed 0): reusing the finished training run" in caplog.text
     assert (out / "seed0/dense/train_summary.json").stat().st_mtime == dense_summary
