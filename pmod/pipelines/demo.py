@@ -191,17 +191,19 @@ def _train_variant(name: str, seed: int, pmod: dict[str, Any] | None, data, demo
                  "seed": seed, "report_to": ["tensorboard"]},
     )
     summary_path = folder / "train_summary.json"
-    if summary_path.is_file():
+    if summary_path.is_file() and _same_stamp(folder, data, demo):
         summary = json.loads(summary_path.read_text())
         if summary.get("recipe") == config.to_dict():
             logger.info("%s (seed %d): reusing the finished training run in %s", name, seed, folder)
             return {**summary, "reused": True}
     recipe = folder / "pmod_train.yaml"
-    if recipe.is_file() and yaml.safe_load(recipe.read_text()) != config.to_dict():
-        # A run of other settings (another size) in this folder: the demo owns it, start it afresh
+    if folder.is_dir() and ((recipe.is_file() and yaml.safe_load(recipe.read_text()) != config.to_dict())
+                            or not _same_stamp(folder, data, demo)):
+        # A run of other settings (another size, other data) in this folder: the demo owns it, start it afresh
         # (its checkpoints and test predictions would otherwise be resumed and re-scored).
         logger.info("%s (seed %d): settings changed, discarding the earlier run in %s", name, seed, folder)
         shutil.rmtree(folder)
+    _write_stamp(folder, data, demo)
     logger.info("seed %d: training %s (%s)", seed, name, "dense" if pmod is None else f"p-MoD {pmod}")
     result = train(config)
     summary = {
@@ -215,6 +217,22 @@ def _train_variant(name: str, seed: int, pmod: dict[str, Any] | None, data, demo
     }
     write_json_atomic(summary_path, summary)
     return summary
+
+
+def _stamp(data, demo: DemoConfig) -> dict[str, Any]:
+    """What every stage of a seed depends on besides its own recipe: the data (a recipe names only its path, and
+    another ``--seed`` rewrites the data there) and the sizes (stage 1 names stage 0's folder, not its settings)."""
+    return json.loads(json.dumps({"dataset": dataclasses.asdict(data.config), "size": demo.sizes()}))
+
+
+def _same_stamp(folder: Path, data, demo: DemoConfig) -> bool:
+    path = folder / "demo_stamp.json"
+    return path.is_file() and json.loads(path.read_text()) == _stamp(data, demo)
+
+
+def _write_stamp(folder: Path, data, demo: DemoConfig) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(folder / "demo_stamp.json", _stamp(data, demo))
 
 
 def _pretrain_vision(seed: int, data, demo: DemoConfig, out: Path) -> dict[str, Any]:
@@ -231,7 +249,7 @@ def _pretrain_vision(seed: int, data, demo: DemoConfig, out: Path) -> dict[str, 
     recipe = {"tiny_model": demo.tiny_model(size, data.vocabulary(), seed), "steps": size["vision_steps"],
               "batch": size["batch"], "lr": size["lr"], "data": str(data.train_json)}
     summary_path = folder / "vision_summary.json"
-    if summary_path.is_file():
+    if summary_path.is_file() and _same_stamp(folder, data, demo):
         summary = json.loads(summary_path.read_text())
         if summary.get("recipe") == recipe:
             logger.info("vision (seed %d): reusing the pretrained vision tower in %s", seed, folder)
@@ -245,7 +263,7 @@ def _pretrain_vision(seed: int, data, demo: DemoConfig, out: Path) -> dict[str, 
             images.append(image.convert("RGB"))
     metrics = pretrain_vision_tower(model, processor, images, list(labels.values()), grid=data.config.grid,
                                     steps=size["vision_steps"], batch_size=size["batch"], lr=size["lr"], seed=seed)
-    folder.mkdir(parents=True, exist_ok=True)
+    _write_stamp(folder, data, demo)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     summary = {"recipe": recipe, **metrics}
@@ -331,7 +349,8 @@ def _plot_curves(runs: dict[str, dict[str, Any]], path: Path) -> None:
     ax.axvline(offset, color="grey", linewidth=0.8, linestyle=":")
     ax.set_xlabel("step (fine-tuning starts at the dotted line)")
     ax.set_ylabel("training loss")
-    ax.set_yscale("log")
+    if any("loss" in h for s in runs.values() for h in s["log_history"]):  # a run under one logging interval has none
+        ax.set_yscale("log")
     ax.legend()
     ax = fig.add_subplot(1, 2, 2)
     for name, s in runs.items():
@@ -474,7 +493,8 @@ def run_demo(demo: DemoConfig) -> dict[str, Any]:
         "prefill_latency_s": {**latency, "ratio": latency[pmod_name] / latency["dense"]},
         "train_step_s": {**step, "ratio": step[pmod_name] / step["dense"]},
         "training_s": {**seconds, "ratio": seconds[pmod_name] / seconds["dense"]},
-        "final_loss": {n: statistics.fmean(runs[s][n]["losses"][-1] for s in seeds) for n in variants},
+        # nan for runs shorter than one logging interval (tiny custom sizes)
+        "final_loss": {n: statistics.fmean((runs[s][n]["losses"] or [math.nan])[-1] for s in seeds) for n in variants},
         "plots": plots,
         "seconds": time.perf_counter() - start,
         "reused_training": sorted({f"{n} (seed {s})" for s in seeds for n, r in runs[s].items() if r.get("reused")}),

@@ -60,13 +60,16 @@ def pretrain_vision_tower(model: nn.Module, processor: Any, images: Sequence[Any
     if any(len(cell_labels) != cells for cell_labels in labels):
         raise PModConfigError(f"every image needs {cells} cell labels for a {grid} x {grid} grid")
     generator = torch.Generator().manual_seed(seed)
-    pixels = processor.image_processor(list(images), return_tensors="pt")["pixel_values"]  # (n, 3, H, W)
+
+    def pixels_of(index: Sequence[int]) -> torch.Tensor:  # processed per batch: all images at once take ~1 GB
+        return processor.image_processor([images[i] for i in index], return_tensors="pt")["pixel_values"]  # (b, 3, H, W)
+
     targets = torch.tensor([list(map(list, cell_labels)) for cell_labels in labels])  # (n, cells, 2)
     n_shapes, n_colours = int(targets[..., 0].max()) + 1, int(targets[..., 1].max()) + 1
     tower = model.model.vision_tower
     with torch.no_grad():
-        width = vision_tokens(model, pixels[:1]).shape[-1]
-        side = round(vision_tokens(model, pixels[:1]).shape[1] ** 0.5)
+        width = vision_tokens(model, pixels_of([0])).shape[-1]
+        side = round(vision_tokens(model, pixels_of([0])).shape[1] ** 0.5)
     if side % grid:
         raise PModConfigError(f"{side} x {side} patches do not split into a {grid} x {grid} grid of cells")
     cell_of_token = _cell_index(side, grid)  # (N,)
@@ -92,13 +95,13 @@ def pretrain_vision_tower(model: nn.Module, processor: Any, images: Sequence[Any
                       "colour_accuracy": (colour.argmax(-1) == y[..., 1])[filled].float().mean().item(),
                       "position_accuracy": (cell.argmax(-1) == cell_of_token).float().mean().item()}
 
-    train_x, train_y = pixels[:-held_out], targets[:-held_out]
+    n_train = len(images) - held_out
     was_training = tower.training
     tower.train()
     start = time.perf_counter()
     for step in range(1, steps + 1):
-        index = torch.randint(len(train_x), (batch_size,), generator=generator)
-        loss, _ = losses(train_x[index], train_y[index])
+        index = torch.randint(n_train, (batch_size,), generator=generator)
+        loss, _ = losses(pixels_of(index.tolist()), targets[index])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -108,7 +111,7 @@ def pretrain_vision_tower(model: nn.Module, processor: Any, images: Sequence[Any
                         time.perf_counter() - start)
     tower.train(was_training)
     with torch.no_grad():
-        _, metrics = losses(pixels[-held_out:], targets[-held_out:])
+        _, metrics = losses(pixels_of(range(n_train, len(images))), targets[n_train:])
     metrics |= {"steps": steps, "seconds": time.perf_counter() - start}
     logger.info("vision pretraining: held-out shape %.1f%%, colour %.1f%%, position %.1f%%",
                 100 * metrics["shape_accuracy"], 100 * metrics["colour_accuracy"], 100 * metrics["position_accuracy"])

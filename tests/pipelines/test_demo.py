@@ -140,3 +140,25 @@ def test_without_matplotlib_the_report_has_no_plots(demo_dir, monkeypatch, caplo
     assert report["plots"] is False and not (out / "routing.png").exists()
     md = (out / "report.md").read_text()
     assert "No plots" in md and "routing.png" not in md
+
+
+def test_other_data_in_the_same_folder_retrains_every_stage(tmp_path, caplog):
+    """A finished stage is reused only for the same data and sizes: another dataset (here larger shapes, as another
+    --seed rewrites the data in place) must not be answered with models trained on the old one."""
+    import dataclasses
+
+    from pmod.pipelines.demo import QUICK, DemoConfig, run_demo
+
+    small = dataclasses.replace(QUICK, n_train=240, n_test=24, layers=2, hidden=32, pretrain_epochs=0.5,
+                                finetune_epochs=0.4, vision_steps=5, reps=1)
+    run_demo(DemoConfig(out=tmp_path, size=small))
+    with caplog.at_level("INFO", logger="pmod.pipelines.demo"):
+        run_demo(DemoConfig(out=tmp_path, size=small))
+    assert "vision (seed 0): reusing" in caplog.text and "pmod (seed 0): reusing" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="pmod.pipelines.demo"):
+        run_demo(DemoConfig(out=tmp_path, size=dataclasses.replace(small, shape_size=(0.6, 0.7))))
+    assert "reusing" not in caplog.text
+    assert "pretrain (seed 0): settings changed, discarding" in caplog.text
+    stamp = json.loads((tmp_path / "seed0/pmod/demo_stamp.json").read_text())
+    assert stamp["dataset"]["shape_size"] == [0.6, 0.7]
