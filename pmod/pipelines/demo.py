@@ -191,11 +191,10 @@ def _train_variant(name: str, seed: int, pmod: dict[str, Any] | None, data, demo
                  "seed": seed, "report_to": ["tensorboard"]},
     )
     summary_path = folder / "train_summary.json"
-    if summary_path.is_file() and _same_stamp(folder, data, demo):
-        summary = json.loads(summary_path.read_text())
-        if summary.get("recipe") == config.to_dict():
-            logger.info("%s (seed %d): reusing the finished training run in %s", name, seed, folder)
-            return {**summary, "reused": True}
+    finished = _finished(summary_path, config.to_dict(), data, demo)
+    if finished:
+        logger.info("%s (seed %d): reusing the finished training run in %s", name, seed, folder)
+        return finished
     recipe = folder / "pmod_train.yaml"
     if folder.is_dir() and ((recipe.is_file() and yaml.safe_load(recipe.read_text()) != config.to_dict())
                             or not _same_stamp(folder, data, demo)):
@@ -219,6 +218,14 @@ def _train_variant(name: str, seed: int, pmod: dict[str, Any] | None, data, demo
     return summary
 
 
+def _finished(summary_path: Path, recipe: dict[str, Any], data, demo: DemoConfig) -> dict[str, Any] | None:
+    """The summary of a finished stage run with ``recipe`` on the same data and sizes (marked ``reused``), or None."""
+    if not (summary_path.is_file() and _same_stamp(summary_path.parent, data, demo)):
+        return None
+    summary = json.loads(summary_path.read_text())
+    return {**summary, "reused": True} if summary.get("recipe") == recipe else None
+
+
 def _stamp(data, demo: DemoConfig) -> dict[str, Any]:
     """What every stage of a seed depends on besides its own recipe: the data (a recipe names only its path, and
     another ``--seed`` rewrites the data there) and the sizes (stage 1 names stage 0's folder, not its settings)."""
@@ -239,29 +246,26 @@ def _pretrain_vision(seed: int, data, demo: DemoConfig, out: Path) -> dict[str, 
     """Stage 0: a random tiny model whose vision tower is pretrained on the training images' per-cell labels
     (`pmod.pipelines.vision_pretrain`), saved with its processor to ``seedS/vision``; reuses a finished one with the
     same recipe. Returns the summary (held-out shape, colour and position accuracy)."""
-    from PIL import Image
-
+    from ..data.records import load_image
     from ..testing.tiny import TinyModelSettings, build_tiny
     from .vision_pretrain import pretrain_vision_tower
 
     size = demo.sizes()
     folder = out / demo.folder("vision", seed)
+    # the data are in the stamp (`_stamp`)
     recipe = {"tiny_model": demo.tiny_model(size, data.vocabulary(), seed), "steps": size["vision_steps"],
-              "batch": size["batch"], "lr": size["lr"], "data": str(data.train_json)}
+              "batch": size["batch"], "lr": size["lr"]}
     summary_path = folder / "vision_summary.json"
-    if summary_path.is_file() and _same_stamp(folder, data, demo):
-        summary = json.loads(summary_path.read_text())
-        if summary.get("recipe") == recipe:
-            logger.info("vision (seed %d): reusing the pretrained vision tower in %s", seed, folder)
-            return {**summary, "reused": True}
+    finished = _finished(summary_path, recipe, data, demo)
+    if finished:
+        logger.info("vision (seed %d): reusing the pretrained vision tower in %s", seed, folder)
+        return finished
     logger.info("seed %d: pretraining the vision tower (%d steps)", seed, size["vision_steps"])
     model, processor = build_tiny(TinyModelSettings(**recipe["tiny_model"]), data.vocabulary())
+    records = data.load("train")
     labels = data.cell_labels("train")
-    images = []
-    for sample_id in labels:
-        with Image.open(data.image_dir / "images" / f"{sample_id}.png") as image:
-            images.append(image.convert("RGB"))
-    metrics = pretrain_vision_tower(model, processor, images, list(labels.values()), grid=data.config.grid,
+    images = [load_image(data.image_dir / r["image"]) for r in records]
+    metrics = pretrain_vision_tower(model, processor, images, [labels[r["id"]] for r in records], grid=data.config.grid,
                                     steps=size["vision_steps"], batch_size=size["batch"], lr=size["lr"], seed=seed)
     _write_stamp(folder, data, demo)
     model.save_pretrained(folder)

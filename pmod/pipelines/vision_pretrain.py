@@ -68,8 +68,8 @@ def pretrain_vision_tower(model: nn.Module, processor: Any, images: Sequence[Any
     n_shapes, n_colours = int(targets[..., 0].max()) + 1, int(targets[..., 1].max()) + 1
     tower = model.model.vision_tower
     with torch.no_grad():
-        width = vision_tokens(model, pixels_of([0])).shape[-1]
-        side = round(vision_tokens(model, pixels_of([0])).shape[1] ** 0.5)
+        _, n_tokens, width = vision_tokens(model, pixels_of([0])).shape
+    side = round(n_tokens**0.5)
     if side % grid:
         raise PModConfigError(f"{side} x {side} patches do not split into a {grid} x {grid} grid of cells")
     cell_of_token = _cell_index(side, grid)  # (N,)
