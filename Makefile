@@ -24,7 +24,7 @@ TV_STAMP := $(TV_VENV)/.installed
 TV_TORCH := 2.14.1
 TV_TORCHVISION := 0.29.1
 
-.PHONY: setup test test-floor test-torchvision lock demo bench clean
+.PHONY: setup test test-floor test-torchvision test-newest lock demo bench clean
 
 setup: $(STAMP)
 
@@ -61,6 +61,24 @@ $(TV_STAMP): pyproject.toml $(PINNED)
 test-torchvision: $(TV_STAMP)
 	$(TV_VENV)/bin/python -m pytest -q $(OTHER_VENV_TESTS)
 
+# The newest transformers on the package index, whatever pmod's cap says: the pinned set with transformers (and what
+# it newly requires) upgraded, in a venv made afresh each time. Outside .ci/run, so a new release never blocks landing;
+# run it before starting new work (CONTRIBUTING.md). lmms-eval's filelock bound stays in force.
+NEWEST_VENV := .venv-newest
+NEWEST_PIP := $(NEWEST_VENV)/bin/python -m pip --disable-pip-version-check
+# transformers and the packages whose versions it dictates float; everything else stays pinned
+NEWEST_FLOATING := transformers|tokenizers|huggingface[-_]hub|safetensors|kernels
+test-newest:
+	rm -rf $(NEWEST_VENV) && $(PYTHON) -m venv $(NEWEST_VENV)
+	$(NEWEST_PIP) install -q "torch==$(TORCH_VERSION)"
+	grep -v -i -E "^($(NEWEST_FLOATING))==" $(PINNED) > $(NEWEST_VENV)/constraints.txt
+	$(NEWEST_PIP) install -q -c $(NEWEST_VENV)/constraints.txt -e ".[dev]"
+	# past pmod's cap on purpose: pip installs it and warns that pmod declares an older range
+	$(NEWEST_PIP) install -q -c $(NEWEST_VENV)/constraints.txt --upgrade "torch==$(TORCH_VERSION)" transformers
+	$(NEWEST_PIP) install -q --no-deps -c $(PINNED) "lmms_eval==$(LMMS_EVAL_VERSION)"
+	@$(NEWEST_VENV)/bin/python -c "import transformers; print('test-newest: transformers', transformers.__version__)"
+	$(NEWEST_VENV)/bin/python -m pytest -q tests
+
 # Re-resolve the newest versions the declared ranges allow, in a scratch venv, and pin them.
 lock:
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
@@ -81,4 +99,4 @@ bench: setup
 	$(PY) benchmarks/report.py
 
 clean:
-	rm -rf $(VENV) $(FLOOR_VENV) $(TV_VENV) demo-output .pytest_cache
+	rm -rf $(VENV) $(FLOOR_VENV) $(TV_VENV) $(NEWEST_VENV) demo-output .pytest_cache

@@ -9,6 +9,10 @@ instead of silently bypassing the p-MoD cache.
   name; model outputs carry the cache under the same name.
 - The video-processor base class: ``VideoProcessorMixin`` from 5.2x on; before it, video processors derive
   from the image-processor base directly.
+- How ``ProcessorMixin.from_pretrained`` loads a processor's parts (tokenizer, image and video processors): up to
+  5.24 through the class hook ``_get_arguments_from_pretrained`` (it returns the list of parts); from 5.25 on
+  through ``_resolve_subprocessors`` (it loads each part that ``processor_dict`` holds as a settings dict or not at
+  all, and keeps one that is already an object).
 """
 
 from __future__ import annotations
@@ -73,4 +77,37 @@ try:  # transformers >= 5.2x
 except ImportError:  # older 5.x: video processors are image processors with a video preprocess
     from transformers.image_processing_utils import BaseImageProcessor as VideoProcessorBase
 
-__all__ = ["CACHE_KWARG", "CACHE_NAMES", "VideoProcessorBase", "cache_kwargs", "output_cache", "pop_cache"]
+
+# the newer hook first: a transformers that still carries the old one unused must take the new path
+SUBPROCESSOR_HOOKS = ("_resolve_subprocessors", "_get_arguments_from_pretrained")
+
+
+def subprocessor_hook() -> str:
+    """The `ProcessorMixin` class method through which the installed transformers loads a processor's parts (one of
+    `SUBPROCESSOR_HOOKS`), which pmod's frame processors override to supply their video processor.
+    `UnsupportedModelError` if it has neither. Decided when a processor is loaded, not at import: only loading a
+    video-model processor without torchvision needs it."""
+    from transformers.processing_utils import ProcessorMixin
+
+    for hook in SUBPROCESSOR_HOOKS:
+        if hook in vars(ProcessorMixin):
+            return hook
+    import transformers
+
+    raise UnsupportedModelError(
+        f"transformers {transformers.__version__} loads a processor's parts through neither of {SUBPROCESSOR_HOOKS}, "
+        "so pmod cannot supply its frame video processor. Install torchvision (transformers' own video processors) "
+        "or a transformers version in the range pmod declares."
+    )
+
+
+__all__ = [
+    "CACHE_KWARG",
+    "CACHE_NAMES",
+    "SUBPROCESSOR_HOOKS",
+    "VideoProcessorBase",
+    "cache_kwargs",
+    "output_cache",
+    "pop_cache",
+    "subprocessor_hook",
+]

@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import numpy as np
 from transformers.feature_extraction_utils import BatchFeature
 
-from .compat import VideoProcessorBase
+from .compat import VideoProcessorBase, subprocessor_hook
 from .errors import PModInputError
 
 logger = logging.getLogger(__name__)
@@ -309,18 +309,34 @@ def processor_class(name: str) -> type:
                 return type(argument)
             return base.check_argument_for_proper_class(self, argument_name, argument)
 
-        @classmethod
-        def _get_arguments_from_pretrained(cls, path, processor_dict=None, **kwargs):
-            from transformers import AutoTokenizer
-
-            # not `from transformers import AutoImageProcessor`: without torchvision, transformers 5.17 exports a
-            # placeholder there that demands torchvision, while the class in its own module works
-            from transformers.models.auto.image_processing_auto import AutoImageProcessor
-
-            kwargs.pop("subfolder", None)
+        def saved_video_processor(path, processor_dict) -> _FrameVideoProcessor:
             video = (processor_dict or {}).get("video_processor")
-            return [AutoImageProcessor.from_pretrained(path, **kwargs), AutoTokenizer.from_pretrained(path, **kwargs),
-                    video_cls.from_dict(video) if isinstance(video, dict) else video_cls.from_pretrained(path)]
+            return video_cls.from_dict(video) if isinstance(video, dict) else video_cls.from_pretrained(path)
+
+        # supply the saved frame video processor through whichever hook the installed transformers loads parts with
+        if subprocessor_hook() == "_resolve_subprocessors":  # 5.25+: a part already in processor_dict is kept
+
+            @classmethod
+            def _resolve_subprocessors(cls, path, processor_dict, **kwargs):
+                processor_dict = {**processor_dict, "video_processor": saved_video_processor(path, processor_dict)}
+                return base._resolve_subprocessors.__func__(cls, path, processor_dict, **kwargs)
+
+            hook = {"_resolve_subprocessors": _resolve_subprocessors}
+        else:  # up to 5.24: the class hook builds the list of parts
+
+            @classmethod
+            def _get_arguments_from_pretrained(cls, path, processor_dict=None, **kwargs):
+                from transformers import AutoTokenizer
+
+                # not `from transformers import AutoImageProcessor`: without torchvision, transformers 5.17 exports a
+                # placeholder there that demands torchvision, while the class in its own module works
+                from transformers.models.auto.image_processing_auto import AutoImageProcessor
+
+                kwargs.pop("subfolder", None)
+                return [AutoImageProcessor.from_pretrained(path, **kwargs), AutoTokenizer.from_pretrained(path, **kwargs),
+                        saved_video_processor(path, processor_dict)]
+
+            hook = {"_get_arguments_from_pretrained": _get_arguments_from_pretrained}
 
         # __name__ stays transformers' (saved as processor_class, so transformers loads the folder); the
         # qualified name is this module's attribute, so that the processor pickles (dataloader workers)
@@ -329,7 +345,7 @@ def processor_class(name: str) -> type:
             "__qualname__": FRAME_PREFIX + name,
             "__doc__": f"transformers' {name} with a `{video_cls.__name__}` (no torchvision here).",
             "check_argument_for_proper_class": check_argument_for_proper_class,
-            "_get_arguments_from_pretrained": _get_arguments_from_pretrained,
+            **hook,
         })
     return _CLASSES[name]
 

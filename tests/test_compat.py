@@ -66,3 +66,27 @@ def test_model_takes_the_cache_under_either_name():
         torch.testing.assert_close(logits[:, -1], full[:, -1], rtol=1e-5, atol=1e-5, msg=name)
     with pytest.raises(pmod.PModInputError, match="Both `cache` and `past_key_values`"):
         model(input_ids=new, attention_mask=full_mask, cache=copy.deepcopy(prefill), past_key_values=copy.deepcopy(prefill))
+
+
+def test_the_installed_transformers_loads_processor_parts_through_the_detected_hook(tmp_path):
+    """pmod supplies its frame video processor through the hook `subprocessor_hook` names; a release that loads parts
+    another way fails here, not as a torchvision ImportError in a user's processor loading."""
+    from transformers.processing_utils import ProcessorMixin
+
+    from pmod.compat import SUBPROCESSOR_HOOKS, subprocessor_hook
+    from pmod.processors import FRAME_VIDEO_PROCESSORS, processor_class
+
+    hook = subprocessor_hook()
+    assert hook in vars(ProcessorMixin)
+    # the hook is the one ProcessorMixin.from_pretrained calls
+    assert f"cls.{hook}(" in inspect.getsource(ProcessorMixin.from_pretrained)
+    for other in SUBPROCESSOR_HOOKS[SUBPROCESSOR_HOOKS.index(hook) + 1:]:
+        assert f"cls.{other}(" not in inspect.getsource(ProcessorMixin.from_pretrained)
+    if hook == SUBPROCESSOR_HOOKS[0]:  # a part already in processor_dict as an object is kept, not loaded again
+        source = inspect.getsource(getattr(ProcessorMixin, hook))
+        assert "isinstance(sub_processor_config := processor_dict.get(sub_processor_type), dict)" in source
+    from pmod.processors import has_torchvision
+
+    if not has_torchvision():
+        for name in FRAME_VIDEO_PROCESSORS:
+            assert hook in vars(processor_class(name)), name
