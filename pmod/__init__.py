@@ -24,6 +24,7 @@ from .errors import (
 __version__ = "0.1.0"
 _LAZY = {
     "PModCache": "cache",
+    "PModStaticCache": "cache",
     "LayerRouting": "routing",
     "apply_pmod": "models",
     "get_routing": "models",
@@ -37,6 +38,7 @@ __all__ = [
     "PModConfigError",
     "PModError",
     "PModInputError",
+    "PModStaticCache",
     "PModTrainingError",
     "UnsupportedModelError",
     "apply_pmod",
@@ -61,6 +63,6 @@ def _is_the_pmod_command() -> bool:
 
 if not _is_the_pmod_command():
     from . import models  # noqa: E402,F401  (registers the p-MoD model types with transformers)
-    from .cache import PModCache  # noqa: E402
+    from .cache import PModCache, PModStaticCache  # noqa: E402
     from .models import apply_pmod, get_routing, load_model  # noqa: E402
     from .routing import LayerRouting  # noqa: E402

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cache import PModCache
+from .cache import PModCache, PModStaticCache
 from .config import PModConfig, ResolvedPMod
 from .errors import PModConfigError, PModInputError
+from .routing import keep_count
 
 
 @dataclass
@@ -71,10 +72,11 @@ class KVCacheReport:
         }
 
 
-def kv_cache_report(cache: PModCache) -> KVCacheReport:
-    """Per-layer and total KV-cache bytes of ``cache`` against a dense model's cache for the same tokens."""
-    if not isinstance(cache, PModCache):
-        raise TypeError(f"kv_cache_report needs a pmod.PModCache, got {type(cache).__name__}.")
+def kv_cache_report(cache: PModCache | PModStaticCache) -> KVCacheReport:
+    """Per-layer and total KV-cache bytes of ``cache`` against a dense model's cache for the same tokens (for a
+    `PModStaticCache`, the bytes allocated against a dense static cache of the same length)."""
+    if not isinstance(cache, (PModCache, PModStaticCache)):
+        raise TypeError(f"kv_cache_report needs a pmod.PModCache or PModStaticCache, got {type(cache).__name__}.")
     layers = []
     for layer in cache.layers:
         if not layer.is_initialized or layer.keys is None or layer.keys.numel() == 0:
@@ -85,7 +87,7 @@ def kv_cache_report(cache: PModCache) -> KVCacheReport:
         batch, _, slots, _ = layer.keys.shape
         per_entry = (layer.keys[:, :, :1].numel() + layer.values[:, :, :1].numel()) // batch * layer.keys.element_size()
         entries = int((layer.columns >= 0).sum()) if layer.columns is not None else batch * slots
-        dense_entries = batch * layer.get_seq_length()
+        dense_entries = batch * (layer.max_cache_len if isinstance(cache, PModStaticCache) else layer.get_seq_length())
         layers.append(
             LayerKV(
                 routed=layer.columns is not None,
@@ -311,7 +313,7 @@ def prefill_cost(
     n_dense = vision_tokens + text_tokens
     kept, dense_f, pmod_f = [], [], []
     for i, ratio in enumerate(resolved.layer_ratios):
-        k = _keep_count(vision_tokens, ratio) if i in resolved.routed_layers else vision_tokens
+        k = keep_count(vision_tokens, ratio) if i in resolved.routed_layers else vision_tokens
         kept.append(k)
         dense_f.append(decoder_layer_flops(n_dense, dec, causal))
         router = 2 * n_dense * dec.hidden if i in resolved.routed_layers else 0
@@ -349,9 +351,6 @@ def prefill_cost(
     )
 
 
-def _keep_count(num_targets: int, ratio: float) -> int:
-    # the same float32 truncation the model uses (pmod.routing.RoutingPlan.build)
-    return int(torch.floor(torch.tensor(float(num_targets), dtype=torch.float32) * torch.tensor(ratio, dtype=torch.float32)))
 
 
 # ====================================================================== runtime accounting

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .cache import PModCache, PModCacheLayer
+from .cache import PModCache, PModStaticCache
 from .compat import CACHE_KWARG, pop_cache
 from .config import RoutedLayerSpec
 from .errors import PModInputError, UnsupportedModelError
@@ -64,30 +64,34 @@ class PModLayerMixin:
             )
         x = hidden_states
         batch, length, hidden = x.shape
-        # Router on the raw layer input, in fp32 so ranking does not suffer bf16 ties.
-        logits = self.router(x).squeeze(-1)  # (B, T) fp32
         float_dtype = x.dtype if attn_impl == "eager" else None
         attend = {CACHE_KWARG: cache, "use_cache": use_cache, **kwargs}
 
         if pmod_plan.dense_step:
             # Nothing to route (a decoding step, a text-only batch): the plain dense layer, on every token.
-            positions = torch.arange(length, device=x.device).expand(batch, length)
-            sel = Selection(positions, torch.ones_like(pmod_plan.valid), pmod_plan.valid, torch.zeros_like(pmod_plan.valid))
-            mask = self._stage_and_mask(attention_mask, sel, cache, pmod_plan, length, True, float_dtype)
+            mask = self._dense_step_mask(attention_mask, cache, pmod_plan, batch, length, x.device, float_dtype)
             h, mlp_out = self._attention_mlp(x, mask, position_ids, position_embeddings, attend)
-            self._record(pmod_plan, sel, logits)
+            if pmod_plan.decoding and not self.training:
+                # a decoding step neither runs the router nor replaces the prompt's routing record
+                return h + mlp_out
+            logits = self.router(x).squeeze(-1)  # (B, T) fp32
+            positions = torch.arange(length, device=x.device).expand(batch, length)
+            valid = pmod_plan.valid
+            self._record(pmod_plan, Selection(positions, torch.ones_like(valid), valid, torch.zeros_like(valid)), logits)
             if torch.is_grad_enabled() and self.training:
                 # Keep the router in the graph (zero gradient): DDP without find_unused_parameters needs every
                 # parameter to take part in every step, text-only batches included.
                 return h + mlp_out + 0.0 * logits.sum().to(h.dtype)
             return h + mlp_out
 
+        # Router on the raw layer input, in fp32 so ranking does not suffer bf16 ties.
+        logits = self.router(x).squeeze(-1)  # (B, T) fp32
         sel = select_tokens(logits, pmod_plan, spec.index)
         pos = sel.positions  # (B, S)
         width = pos.shape[1]
         # STRing: targets carry g = alpha * tanh(s) + beta; text tokens are plain dense tokens (weight 1).
         g = self.router_weight(logits).to(x.dtype)  # (B, T)
-        weight = torch.where(pmod_plan.target, g, torch.ones_like(g))  # (B, T)
+        weight = g.masked_fill(pmod_plan.not_target, 1.0)  # (B, T)
         skip_weight = weight if spec.string else torch.ones_like(weight)  # (B, T)
         # Skipped targets become g * x, padding passes through; processed slots are overwritten below (through a
         # flat view, so the product must be contiguous even when the caller's hidden states are not).
@@ -100,13 +104,14 @@ class PModLayerMixin:
 
         # Row-major flat indices: one index per token (index_select / index_copy_) instead of one per element
         # (gather / scatter over an expanded (B, S, D) index), which is markedly faster on long sequences.
-        flat = (pos + torch.arange(batch, device=pos.device)[:, None] * length).flatten()  # (B*S,)
+        flat = (pos + pmod_plan.row_start).flatten()  # (B*S,)
         xs = x.reshape(batch * length, hidden).index_select(0, flat).view(batch, width, hidden)  # (B, S, D)
         cos, sin = position_embeddings
         cos = _rows(cos, pos, flat, length)  # (B, S, head_dim), original positions
         sin = _rows(sin, pos, flat, length)
-        if position_ids is not None:
-            position_ids = position_ids.expand(batch, -1).gather(1, pos)
+        # the gathered tokens' positions live in (cos, sin); position ids are not passed on (flash-attention would
+        # read non-contiguous ids at batch 1 as packed sequences, eager and sdpa do not read them)
+        position_ids = None
         uniform = pmod_plan.uniform[spec.index]
         mask = self._stage_and_mask(attention_mask, sel, cache, pmod_plan, length, uniform, float_dtype)
         h, mlp_out = self._attention_mlp(xs, mask, position_ids, (cos, sin), attend)
@@ -143,17 +148,51 @@ class PModLayerMixin:
                         float_dtype):
         """Stage this step's key columns in the cache (protocol step 3a, pmod/cache.py; the attention's ``update``
         commits them) and build the attention mask of the gathered queries over every key held after that update."""
-        columns = torch.where(sel.slot_valid, sel.positions + plan.past_length, -1)  # (B, S) logical column per slot
-        held_empty = False
+        columns = sel.positions if isinstance(plan.past_length, int) and plan.past_length == 0 else (
+            sel.positions + plan.past_length)  # (B, S) logical column per slot
+        if sel.slot_valid is not None:
+            columns = columns.masked_fill(~sel.slot_valid, -1)
+        held_empty, first_new = False, 0
         if cache is not None:
-            layer: PModCacheLayer = cache.layers[self.pmod_spec.index]
+            layer = cache.layers[self.pmod_spec.index]
             held_empty = layer.has_empty_slots
-            columns = layer.stage(columns, length, full=uniform)  # (B, S_held + S)
+            columns, first_new = layer.stage(columns, length, full=uniform)  # (B, S_held), slot of the first new one
         width = sel.positions.shape[1]
         # Plain causal attention (mask None) is exact when every slot holds a token and the queries either
         # are all the keys (ascending positions) or are a single token that sees every held key.
         causal_ok = uniform and not held_empty and (columns.shape[1] == width or width == 1)
-        return _subset_mask(attention_mask, sel, columns, plan.past_length, causal_ok, float_dtype)
+        return _subset_mask(attention_mask, sel, columns, first_new, plan.past_length, causal_ok, float_dtype)
+
+    def _dense_step_mask(self, attention_mask, cache, plan: RoutingPlan, batch: int, length: int,
+                         device: torch.device, float_dtype):
+        """`_stage_and_mask` for a dense step, in fewer operations (at batch 1 a GPU pays for each): every slot holds
+        its token and the queries are the T new positions in order, so the model's mask rows are the queries' own
+        and no empty query slot needs a key."""
+        columns = plan.columns  # (B, T)
+        if columns is None:  # a dense step of `RoutingPlan.build` (no padding, no target)
+            columns = (plan.past_length + torch.arange(length, device=device)).expand(batch, length)
+        if cache is None:
+            return attention_mask  # the keys are the queries: the model's own mask
+        layer = cache.layers[self.pmod_spec.index]
+        held_empty = layer.has_empty_slots
+        held, _ = layer.stage(columns, length, full=True)  # (B, S_held)
+        if attention_mask is None and not held_empty and (held.shape[1] == length or length == 1):
+            return None  # ascending held columns: plain causal attention is exact
+        if attention_mask is None:
+            allowed = held[:, None, :] <= columns[:, :, None]  # (B, T, S_held)
+        else:
+            if attention_mask.dim() != 4:
+                raise PModInputError(f"Expected a 4-D attention mask from the model, got shape {tuple(attention_mask.shape)}.")
+            cols = held.clamp(min=0)[:, None, :].expand(batch, length, held.shape[1])
+            picked = attention_mask[:, 0].expand(batch, -1, -1).gather(2, cols)  # (B, T, S_held)
+            allowed = picked if picked.dtype == torch.bool else picked == 0
+            float_dtype = None if attention_mask.dtype == torch.bool else attention_mask.dtype
+        if held_empty:
+            allowed = allowed & (held >= 0)[:, None, :]
+        allowed = allowed[:, None]  # (B, 1, T, S_held)
+        if float_dtype is None:
+            return allowed
+        return torch.zeros(allowed.shape, dtype=float_dtype, device=device).masked_fill(~allowed, torch.finfo(float_dtype).min)
 
     def _record(self, plan: RoutingPlan, sel: Selection, logits: torch.Tensor) -> None:
         self.last_routing = LayerRouting(
@@ -178,12 +217,12 @@ def attention_backends(device: torch.device) -> contextlib.AbstractContextManage
     return sdpa_kernel(list(_SDPA_BACKENDS)) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _check_cache(cache) -> PModCache:
-    if not isinstance(cache, PModCache):
+def _check_cache(cache) -> PModCache | PModStaticCache:
+    if not isinstance(cache, (PModCache, PModStaticCache)):
         raise PModInputError(
             f"p-MoD layers need a pmod.PModCache, got a {type(cache).__name__}: a routed layer caches only the tokens "
             "it processed. Call the top-level p-MoD model without a cache (it creates one) or pass "
-            "pmod.PModCache(num_layers)."
+            "pmod.PModCache(num_layers) or pmod.PModStaticCache.for_model(model, max_cache_len)."
         )
     return cache
 
@@ -199,15 +238,16 @@ def _subset_mask(
     mask: torch.Tensor | None,
     sel: Selection,
     kv_columns: torch.Tensor,
-    past_length: int,
+    first_new: int | torch.Tensor,
+    past_length: int | torch.Tensor,
     fast_path: bool,
     float_dtype: torch.dtype | None,
 ) -> torch.Tensor | None:
     """Attention mask of the gathered queries (B, S) over the held keys (B, S_kv).
 
     ``mask`` is the model's mask over logical positions: (B or 1, 1, q, past + q) bool or additive float,
-    or None for plain causal attention. Empty query slots attend only to themselves so no row is fully
-    masked; empty key slots are masked for every query.
+    or None for plain causal attention. The queries' own entries are key slots ``first_new + j``. Empty query slots
+    attend only to themselves so no row is fully masked; empty key slots are masked for every query.
     """
     batch, width = sel.positions.shape
     if mask is None and fast_path:
@@ -225,11 +265,11 @@ def _subset_mask(
         picked = rows.gather(2, cols)  # (B, S, S_kv)
         allowed = (picked if picked.dtype == torch.bool else picked == 0) & key_ok[:, None, :]
         float_dtype = None if mask.dtype == torch.bool else mask.dtype
-    # Empty query slot j is key slot (S_kv - S + j): let it see itself only.
-    offset = kv_columns.shape[1] - width
-    eye = torch.zeros(width, kv_columns.shape[1], dtype=torch.bool, device=allowed.device)
-    eye[torch.arange(width), offset + torch.arange(width)] = True
-    allowed = allowed | (eye[None] & ~sel.slot_valid[:, :, None])
+    if sel.slot_valid is not None:
+        # Empty query slot j is key slot (first_new + j): let it see itself only.
+        slots = torch.arange(kv_columns.shape[1], device=allowed.device)
+        eye = slots[None, :] == (first_new + torch.arange(width, device=allowed.device))[:, None]  # (S, S_kv)
+        allowed = allowed | (eye[None] & ~sel.slot_valid[:, :, None])
     allowed = allowed[:, None]  # (B, 1, S, S_kv)
     if float_dtype is None:
         return allowed

@@ -42,9 +42,9 @@ from transformers import (
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
 )
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, StaticCache
 
-from .cache import PModCache
+from .cache import PModCache, PModStaticCache
 from .compat import CACHE_KWARG, CACHE_NAMES, pop_cache
 from .config import PModConfig, ResolvedPMod
 from .errors import CheckpointError, PModConfigError, PModInputError, UnsupportedModelError, describe_names, one_line
@@ -97,7 +97,8 @@ class PModModelMixin:
         return {i: layer for i, layer in enumerate(self.decoder_layers()) if isinstance(layer, PModLayerMixin)}
 
     def routing(self) -> dict[int, LayerRouting]:
-        """Routing decisions of the most recent forward pass: routed layer index -> `LayerRouting`."""
+        """Routing decisions of the most recent forward pass over a prompt (decoding steps route nothing and leave
+        them as they were): routed layer index -> `LayerRouting`."""
         return {i: layer.last_routing for i, layer in self.routed_layers().items() if layer.last_routing is not None}
 
     # ------------------------------------------------------------------ saving
@@ -117,6 +118,7 @@ class PModModelMixin:
         """
         extra = arguments.setdefault("kwargs", {})
         target_mask = extra.pop("target_mask", None)
+        target_counts = extra.pop("target_counts", None)
         input_ids = arguments.get("input_ids")
         reference = input_ids if input_ids is not None else arguments.get("inputs_embeds")
         if reference is None:
@@ -131,34 +133,20 @@ class PModModelMixin:
             use_cache = bool(getattr(text_config, "use_cache", False)) and not self.training
         # callers may name the cache `cache` or `past_key_values`; it is passed on under the forward's own name
         passed = {name: source.pop(name) for source in (arguments, extra) for name in CACHE_NAMES if name in source}
-        cache = pop_cache(passed)
-        if cache is not None and not isinstance(cache, PModCache):
-            if type(cache) is DynamicCache and cache.get_seq_length() == 0 and not getattr(cache, "offloading", False):
-                cache = None  # generate() hands an empty DynamicCache: replace it with ours
-            else:
-                raise PModInputError(
-                    f"p-MoD models need a pmod.PModCache, got a {type(cache).__name__}"
-                    f"{' with content' if isinstance(cache, Cache) and cache.get_seq_length() else ''}. Static and "
-                    "offloaded caches cannot hold per-layer token subsets; use the default cache."
-                )
+        cache = self._pmod_cache(pop_cache(passed))
         if cache is None and use_cache:
             cache = PModCache(text_config.num_hidden_layers)
         # Say it explicitly, or the inner model would create a DynamicCache from config.use_cache.
         (arguments if named_use_cache else extra)["use_cache"] = bool(use_cache or cache is not None)
         if cache is not None:
             (arguments if cache_parameter is not None else extra)[cache_parameter or CACHE_KWARG] = cache
+        # an int for PModCache, a 0-d tensor for PModStaticCache (read on the device, never on the host; a copy, as
+        # the layers advance the cache's own tensor in place during this forward)
         past_length = cache.get_seq_length() if cache is not None else 0
-
-        attention_mask = arguments.get("attention_mask")
-        if attention_mask is None:
-            valid = torch.ones(batch, length, dtype=torch.bool, device=device)
-        else:
-            if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < length:
-                raise PModInputError(
-                    f"p-MoD needs a 2-D padding mask of shape (batch, past + length) = ({batch}, {past_length + length}); "
-                    f"got {tuple(attention_mask.shape)}."
-                )
-            valid = attention_mask[:, -length:].to(device=device, dtype=torch.bool)
+        past_length = past_length.clone() if isinstance(past_length, torch.Tensor) else past_length
+        decoding = cache is not None and cache.has_past()
+        valid = _valid_positions(arguments.get("attention_mask"), batch, length, past_length, device,
+                                 static=isinstance(cache, PModStaticCache))
 
         targets = self.pmod.settings.targets
         # generate() hands the vision encoder's outputs as {"image": ..., "video": ...} instead of pixels.
@@ -172,18 +160,24 @@ class PModModelMixin:
             if tuple(target_mask.shape) != (batch, length):
                 raise PModInputError(f"target_mask must have shape {(batch, length)}, got {tuple(target_mask.shape)}.")
             target = target_mask.to(device=device, dtype=torch.bool)
-        elif past_length > 0 and not (has_images or has_videos):
+        elif decoding and not (has_images or has_videos):
             # A decoding step: generated tokens are never targets (even one that equals the image token id).
-            target = torch.zeros_like(valid)
+            target = None
         elif targets == "all":
             target = valid
-        elif input_ids is None or image_token_id is None:
+        elif image_token_id is None:
             raise PModInputError(
-                "Cannot find the vision tokens: pass input_ids (vision tokens are input_ids == "
-                "config.image_token_id), or target_mask=(batch, length) bool, or use PModConfig(targets='all')."
+                f"{type(self).__name__} has no vision tokens (no config.image_token_id) to route: pass "
+                "target_mask=(batch, length) bool, or convert it with PModConfig(targets='all')."
+            )
+        elif not (has_images or has_videos):
+            target = None  # image (video) tokens are targets only where image (video) features are spliced in
+        elif input_ids is None:
+            raise PModInputError(
+                "Cannot find the vision tokens of inputs_embeds with images: pass input_ids (vision tokens are "
+                "input_ids == config.image_token_id) or target_mask=(batch, length) bool."
             )
         else:
-            # Image (video) tokens are targets only where image (video) features are spliced in.
             target = input_ids == image_token_id if has_images else torch.zeros_like(valid)
             if has_images and targets == "vision_hr":
                 per_row = arguments.get("batch_num_images", extra.get("batch_num_images"))
@@ -198,7 +192,80 @@ class PModModelMixin:
                                      "Use a model converted with targets='vision' for videos.")
             if has_videos and video_token_id is not None:
                 target = target | (input_ids == video_token_id)
-        extra["pmod_plan"] = RoutingPlan.build(target, valid, self.pmod.layers, past_length=past_length)
+        counts = _target_counts(target_counts, batch, length)
+        if target is None:  # nothing can be routed: every layer runs dense, planned without reading the device
+            if counts is not None and any(counts):
+                raise PModInputError(f"target_counts={counts} but these inputs have no tokens to route (no image, "
+                                     "or a decoding step); pass zeros or leave target_counts out.")
+            extra["pmod_plan"] = RoutingPlan.dense(valid, past_length, decoding=decoding)
+        else:
+            extra["pmod_plan"] = RoutingPlan.build(target, valid, self.pmod.layers, past_length=past_length,
+                                                   counts=counts, padded=arguments.get("attention_mask") is not None)
+
+    def _pmod_cache(self, cache: Any) -> PModCache | PModStaticCache | None:
+        """The caller's cache as a p-MoD cache: generate()'s empty DynamicCache (None: the forward creates a
+        `PModCache`) or empty StaticCache (``cache_implementation="static"``: a `PModStaticCache` of its length) is
+        replaced; any other cache is refused."""
+        if cache is None or isinstance(cache, (PModCache, PModStaticCache)):
+            return cache
+        offloading = getattr(cache, "offloading", False)
+        if type(cache) is DynamicCache and cache.get_seq_length() == 0 and not offloading:
+            return None
+        if type(cache) is StaticCache and not cache.layers[0].is_initialized and not offloading:
+            return PModStaticCache.for_model(self, cache.layers[0].max_cache_len)
+        raise PModInputError(
+            f"p-MoD models need a pmod.PModCache or pmod.PModStaticCache, got a {type(cache).__name__}"
+            f"{' with content' if isinstance(cache, Cache) and cache.get_seq_length() else ''}"
+            f"{' (offloaded)' if offloading else ''}: routed layers hold only the tokens they processed. Use the "
+            "default cache or cache_implementation='static'."
+        )
+
+
+def _target_counts(counts: Any, batch: int, length: int) -> list[int] | None:
+    """``target_counts`` (each row's number of target tokens, given so that routing is planned without reading the
+    device) as a list of ints, checked against the batch."""
+    if counts is None:
+        return None
+    if isinstance(counts, torch.Tensor):
+        if counts.device.type != "cpu":
+            raise PModInputError("target_counts must be on the host (a list of ints or a CPU tensor): reading it from "
+                                 f"{counts.device} would wait for the device, which is what target_counts avoids.")
+        counts = counts.tolist()
+    try:
+        counts = [int(n) for n in counts]
+    except (TypeError, ValueError) as exc:
+        raise PModInputError(f"target_counts must be a list of {batch} ints (targets per row), got {counts!r}.") from exc
+    if len(counts) != batch or any(n < 0 or n > length for n in counts):
+        raise PModInputError(f"target_counts must hold {batch} counts between 0 and {length} (targets per row of "
+                             f"this batch), got {counts}.")
+    return counts
+
+
+def _valid_positions(attention_mask: Any, batch: int, length: int, past_length: int | torch.Tensor,
+                     device: torch.device, static: bool) -> torch.Tensor:
+    """(B, T) bool, the new tokens that are not padding, from the caller's mask: a 2-D padding mask (B, past + T, or
+    with a static cache (``static``) up to the cache's length), or, with a static cache, the 4-D mask generate() builds
+    for it (B | 1, 1, T, kv) over logical columns, where a token is padding exactly when its own column is masked in
+    its own row."""
+    if isinstance(attention_mask, dict):  # masks by layer type (Qwen2-VL): the full-attention one
+        attention_mask = attention_mask.get("full_attention", next(iter(attention_mask.values()), None))
+    if attention_mask is None:
+        return torch.ones(batch, length, dtype=torch.bool, device=device)
+    if static and attention_mask.dim() == 4 and attention_mask.shape[0] in (1, batch) and attention_mask.shape[2] == length:
+        own = (past_length + torch.arange(length, device=attention_mask.device)).view(1, length, 1)
+        diagonal = attention_mask[:, 0].gather(2, own.expand(attention_mask.shape[0], length, 1)).squeeze(-1)  # (B|1, T)
+        valid = diagonal if diagonal.dtype == torch.bool else diagonal == 0
+        return valid.to(device).expand(batch, length)
+    if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < length:
+        raise PModInputError(
+            f"p-MoD needs a 2-D padding mask of shape (batch, past + length) = ({batch}, past + {length}); got "
+            f"{tuple(attention_mask.shape)}. (A 4-D mask (batch, 1, {length}, keys) is taken only with a "
+            "pmod.PModStaticCache, as generate() builds it.)"
+        )
+    if static:  # the mask may be padded to the cache's length (static shapes): the new tokens' columns by position
+        own = (past_length + torch.arange(length, device=attention_mask.device)).expand(batch, length)
+        return attention_mask.gather(1, own).to(device=device, dtype=torch.bool)
+    return attention_mask[:, -length:].to(device=device, dtype=torch.bool)
 
 
 _MODEL_CARD = """---
@@ -223,16 +290,34 @@ Without `import pmod`, transformers says it "does not recognize this architectur
 def _make_forward(base_forward):
     signature = inspect.signature(base_forward)
     cache_parameter = next((name for name in CACHE_NAMES if name in signature.parameters), None)
+    named = {name for name, p in signature.parameters.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
+    var_keyword = next((name for name, p in signature.parameters.items() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+    if var_keyword != "kwargs":  # _pmod_prepare reads the extra keyword arguments under this name
+        raise UnsupportedModelError(f"{base_forward.__qualname__} takes extra keyword arguments as {var_keyword!r}, "
+                                    "not **kwargs; pmod does not know this transformers version.")
 
     @functools.wraps(base_forward)  # keeps the parent's signature, which generate() inspects
     def forward(self, *args, **kwargs):
-        bound = signature.bind(self, *args, **kwargs)
-        self._pmod_prepare(bound.arguments, "use_cache" in signature.parameters, cache_parameter)
+        if args:
+            bound = signature.bind(self, *args, **kwargs)
+            arguments = dict(bound.arguments)
+            arguments.pop("self")
+        else:
+            # keywords only (generate, most callers): split them without binding, which would make a compiled step
+            # guard on the shape of every tensor argument, used or not (a recompilation per step for an input that
+            # grows, such as Qwen2-VL's mm_token_type_ids under transformers 5.17)
+            arguments = {name: value for name, value in kwargs.items() if name in named}
+            arguments["kwargs"] = {name: value for name, value in kwargs.items() if name not in named}
+        self._pmod_prepare(arguments, "use_cache" in signature.parameters, cache_parameter)
+        extra = arguments.pop("kwargs", {})
+        if torch.compiler.is_compiling():
+            # no try block in a traced frame: dynamo cannot resume it after a graph break in transformers' forward
+            return base_forward(self, **arguments, **extra)
         try:
-            return base_forward(*bound.args, **bound.kwargs)
+            return base_forward(self, **arguments, **extra)
         except ValueError as exc:
             if "Image features and image tokens do not match" in str(exc):
-                raise PModInputError(_image_mismatch_message(self, bound.arguments)) from exc
+                raise PModInputError(_image_mismatch_message(self, arguments)) from exc
             raise
 
     return forward

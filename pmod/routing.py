@@ -8,12 +8,27 @@ scores (`select_tokens`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .config import RoutedLayerSpec
+
+
+def _float32(x: float) -> float:
+    """``x`` rounded to the nearest float32 (ties to even), in plain Python: a compiled forward folds it to a constant."""
+    if x == 0.0:
+        return 0.0
+    mantissa, exponent = math.frexp(x)  # x = mantissa * 2**exponent, 0.5 <= |mantissa| < 1
+    return math.ldexp(round(mantissa * 2.0**24), exponent - 24)  # 24 significant bits; round() ties to even
+
+
+def keep_count(num_targets: int, ratio: float) -> int:
+    """k = trunc(float32(N) * float32(R)), the keep count the original computes in float32, on the host (the product
+    of two float32 values is exact in a double, so rounding it once to float32 reproduces the float32 product)."""
+    return math.floor(_float32(_float32(float(num_targets)) * _float32(ratio)))
 
 
 @dataclass
@@ -23,9 +38,17 @@ class RoutingPlan:
     Attributes:
         target: (B, T) bool, routed positions (vision tokens, or every token for ``targets="all"``).
         valid: (B, T) bool, non-padding positions.
-        past_length: logical number of tokens already in the KV cache before this forward.
-        dense_step: no padding and no target anywhere (e.g. a decoding step): every layer processes every
-            token, so routed layers can run as plain dense layers.
+        past_length: logical number of tokens already in the KV cache before this forward (a 0-d tensor with a
+            `PModStaticCache`).
+        dense_step: no target anywhere and, unless it is known without reading the device that there can be none
+            (`dense`), no padding: every layer processes every token, so routed layers run as plain dense layers.
+        decoding: a dense step that continues a cached sequence (generated tokens): routed layers skip their router
+            and keep the routing record of the prompt.
+        columns: (B, T) long, the logical column of each new token (``past_length + position``), computed once for
+            every layer of a dense step (None otherwise).
+        not_target, text: (B, T) bool, ``~target`` and ``valid & ~target``; ranks: (B, T) long, ``0..T-1`` per row;
+            row_start: (B, 1) long, ``b * T``: what every routed layer's selection needs, computed once per forward
+            (at batch 1 a GPU pays for each operation).
         keep_counts: layer index -> (B,) long, keep count k: the number of target tokens each example keeps.
         width: layer index -> int, number of gathered slots (max over the batch of processed tokens).
         uniform: layer index -> bool, every example processes the same number of tokens and there is
@@ -34,11 +57,36 @@ class RoutingPlan:
 
     target: torch.Tensor
     valid: torch.Tensor
-    past_length: int
+    past_length: int | torch.Tensor
     dense_step: bool
     keep_counts: dict[int, torch.Tensor]
     width: dict[int, int]
     uniform: dict[int, bool]
+    decoding: bool = False
+    columns: torch.Tensor | None = None
+    not_target: torch.Tensor | None = None
+    text: torch.Tensor | None = None
+    ranks: torch.Tensor | None = None
+    row_start: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.dense_step:
+            return
+        batch, length = self.target.shape
+        self.not_target = ~self.target
+        self.text = self.valid & self.not_target
+        self.ranks = torch.arange(length, device=self.target.device).expand(batch, length)
+        self.row_start = torch.arange(batch, device=self.target.device)[:, None] * length
+
+    @classmethod
+    def dense(cls, valid: torch.Tensor, past_length: int | torch.Tensor = 0, decoding: bool = False) -> RoutingPlan:
+        """The plan of a forward in which nothing can be routed (a decoding step, a batch without images): every
+        layer processes every token, padding included, as the dense model does. Reads nothing from the device, so a
+        compiled decoding step has no graph break here."""
+        batch, length = valid.shape
+        columns = (past_length + torch.arange(length, device=valid.device)).expand(batch, length)  # (B, T)
+        return cls(target=torch.zeros_like(valid), valid=valid, past_length=past_length, dense_step=True,
+                   keep_counts={}, width={}, uniform={}, decoding=decoding, columns=columns)
 
     @classmethod
     def build(
@@ -46,9 +94,17 @@ class RoutingPlan:
         target: torch.Tensor,
         valid: torch.Tensor,
         layers: Sequence[RoutedLayerSpec],
-        past_length: int = 0,
+        past_length: int | torch.Tensor = 0,
+        counts: Sequence[int] | None = None,
+        padded: bool = True,
     ) -> RoutingPlan:
-        """Plan a forward pass over a (B, T) batch for the routed layers ``layers`` (the model's `ResolvedPMod.layers`)."""
+        """Plan a forward pass over a (B, T) batch for the routed layers ``layers`` (the model's `ResolvedPMod.layers`).
+
+        ``counts``: each row's number of targets, when the caller knows them (``target_counts``): the plan is then
+        made on the host without reading the device (a compiled prefill has no graph break), the count checked on
+        the device. ``padded``: whether ``valid`` may hold padding (False: no attention mask was given)."""
+        if counts is not None:
+            return cls._from_counts(target & valid, valid, layers, past_length, counts, padded)
         target = target & valid
         num_targets = target.sum(dim=1)  # (B,)
         num_text = valid.sum(dim=1) - num_targets  # (B,)
@@ -72,6 +128,28 @@ class RoutingPlan:
         )
 
 
+    @classmethod
+    def _from_counts(cls, target: torch.Tensor, valid: torch.Tensor, layers: Sequence[RoutedLayerSpec],
+                     past_length: int | torch.Tensor, counts: Sequence[int], padded: bool) -> RoutingPlan:
+        """`build` with the per-row target counts known on the host. A padding token counts as a possible processed
+        slot (an empty one): widths are upper bounds, exact without padding."""
+        batch, length = target.shape
+        # a wrong count would keep another number of tokens than the widths allow: checked on the device, no sync
+        given = torch.tensor(list(counts), device=target.device)
+        torch._assert_async((target.sum(dim=1) == given).all(), "target_counts differ from the inputs' target tokens")
+        keep = [[keep_count(n, spec.keep_ratio) for n in counts] for spec in layers]  # (layers, B) on the host
+        width = [max(k + length - n for k, n in zip(row, counts)) for row in keep]
+        return cls(
+            target=target,
+            valid=valid,
+            past_length=past_length,
+            dense_step=False,
+            keep_counts={spec.index: torch.tensor(keep[j], device=target.device) for j, spec in enumerate(layers)},
+            width={spec.index: width[j] for j, spec in enumerate(layers)},
+            uniform={spec.index: not padded and len(set(counts)) == 1 for spec in layers},
+        )
+
+
 @dataclass
 class Selection:
     """The tokens one routed layer processes, gathered into a dense (B, S) layout.
@@ -79,13 +157,14 @@ class Selection:
     Attributes:
         positions: (B, S) long, sequence positions of the gathered slots, ascending within each row;
             slots past a row's count point at distinct unprocessed positions.
-        slot_valid: (B, S) bool, the slot holds a processed token.
+        slot_valid: (B, S) bool, the slot holds a processed token; None when every slot does (the layer's plan is
+            uniform).
         processed: (B, T) bool, tokens processed by the layer (text + selected targets).
         selected: (B, T) bool, selected target tokens.
     """
 
     positions: torch.Tensor
-    slot_valid: torch.Tensor
+    slot_valid: torch.Tensor | None
     processed: torch.Tensor
     selected: torch.Tensor
 
@@ -96,18 +175,16 @@ def select_tokens(logits: torch.Tensor, plan: RoutingPlan, layer_idx: int) -> Se
     ``logits`` is (B, T) fp32. Ties are broken by position (earlier first) with a stable sort, so the
     result never depends on kernel tie-breaking.
     """
-    batch, length = logits.shape
     neg_inf = torch.finfo(logits.dtype).min
-    scores = logits.masked_fill(~plan.target, neg_inf)
+    scores = logits.masked_fill(plan.not_target, neg_inf)
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices  # (B, T) positions by rank
-    arange = torch.arange(length, device=logits.device).expand(batch, length)
-    rank = torch.empty_like(order).scatter_(1, order, arange)  # (B, T) rank of each position
+    rank = torch.empty_like(order).scatter_(1, order, plan.ranks)  # (B, T) rank of each position
     selected = plan.target & (rank < plan.keep_counts[layer_idx][:, None])
-    processed = (plan.valid & ~plan.target) | selected
+    processed = plan.text | selected
     width = plan.width[layer_idx]
     # Processed positions first, each group in ascending position order (stable sort on a 0/1 key).
-    positions = torch.sort((~processed).to(torch.uint8), dim=1, stable=True).indices[:, :width]  # (B, S)
-    slot_valid = processed.gather(1, positions)
+    positions = torch.sort(processed.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :width]  # (B, S)
+    slot_valid = None if plan.uniform[layer_idx] else processed.gather(1, positions)
     return Selection(positions=positions, slot_valid=slot_valid, processed=processed, selected=selected)
 
 

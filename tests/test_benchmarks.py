@@ -46,9 +46,24 @@ def test_gpu_benchmark_script_at_a_small_shape(tmp_path):
     there."""
     out = tmp_path / "gpu.json"
     run("gpu.py", "--small", "--device", "cpu", "--reps", "1", "--decode-steps", "1", "--only", "prefill", "decode",
+        "--prefill-modes", "compiled", "--decode-modes", "cudagraphs", "--backend", "eager", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert [(r["case"], r["mode"], r["batch"]) for r in result["rows"]] == [
+        ("prefill", "compiled", 1), ("prefill", "compiled", 8), ("prefill", "compiled", 1), ("prefill", "compiled", 4),
+        ("decode", "cudagraphs", 1), ("decode", "cudagraphs", 32), ("decode", "cudagraphs", 8)]
+    assert all(r["dense_s"] > 0 and r["pmod_s"] > 0 and 0.5 < r["flops_ratio"] < 0.75 for r in result["rows"])
+    assert result["machine"]["torch"] and out.with_suffix(".md").read_text().count("\n| ") == 8  # header + rows
+
+
+def test_compiled_benchmark(tmp_path):
+    """benchmarks/compiled.py: every mode (eager and compiled prefill, dynamic, static and compiled decoding) for both
+    models, at a tiny shape with the eager backend (the graphs, not inductor's compile time)."""
+    out = tmp_path / "compiled.json"
+    run("compiled.py", *TINY, "--vision-tokens", "32", "--reps", "1", "--steps", "2", "--backend", "eager",
         "--out", str(out))
     result = json.loads(out.read_text())
-    assert [(r["case"], r["batch"]) for r in result["rows"]] == [
-        ("prefill", 1), ("prefill", 8), ("prefill", 1), ("prefill", 4), ("decode", 1), ("decode", 32), ("decode", 8)]
-    assert all(r["dense_s"] > 0 and r["pmod_s"] > 0 and 0.5 < r["flops_ratio"] < 0.75 for r in result["rows"])
-    assert result["machine"]["torch"] and out.with_suffix(".md").read_text().count("\n| ") == 8
+    assert [(r["case"], r["cache"], r["compiled"]) for r in result["rows"]] == [
+        ("prefill", "none", False), ("prefill", "none", True), ("decode", "dynamic", False),
+        ("decode", "static", False), ("decode", "static", True)]
+    assert all(r["dense_ms"] > 0 and r["pmod_ms"] > 0 for r in result["rows"]) and 0 < result["flops_ratio"] < 1
+    assert out.with_suffix(".md").read_text().count("\n| ") == 5  # a row per mode
