@@ -93,3 +93,65 @@ def machine(device: str) -> dict:
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def prefill_runner(model, ids: torch.Tensor, target: torch.Tensor | None, compile_options: dict | None = None):
+    """One prefill of ``ids`` (no cache, logits of the last position) as a no-argument callable; p-MoD models get the
+    routing targets and their per-row counts (``target_counts``: routing planned without reading the device).
+    ``compile_options``: ``torch.compile`` keyword arguments (None: eager)."""
+    extra = {} if target is None else {"target_mask": target, "target_counts": target.sum(1).tolist()}
+
+    def run(ids):
+        return model(input_ids=ids, use_cache=False, logits_to_keep=1, **extra).logits
+
+    run = torch.compile(run, **compile_options) if compile_options is not None else run
+    return lambda: run(ids)
+
+
+def decode_runner(model, ids: torch.Tensor, target: torch.Tensor | None, cache_kind: str, steps: int,
+                  compile_options: dict | None = None):
+    """Prefill ``ids`` into a fresh cache, then return a no-argument callable that runs one greedy decoding step (the
+    previous step's token fed back). ``cache_kind``: "dynamic" (`DynamicCache` / `pmod.PModCache`, inputs grow by
+    one column a step) or "static" (`StaticCache` / `pmod.PModStaticCache` sized for ``steps`` more tokens, inputs
+    padded to its length: every step has the same shapes). ``compile_options``: ``torch.compile`` keyword arguments
+    for the step (None: eager); compile only static steps."""
+    from transformers import DynamicCache, StaticCache
+
+    from pmod.compat import cache_kwargs
+
+    from pmod.models import PModModelMixin
+
+    routed = isinstance(model, PModModelMixin)
+    batch, length = ids.shape
+    capacity = length + steps
+    if cache_kind == "dynamic":
+        cache = pmod.PModCache(model.config.num_hidden_layers) if routed else DynamicCache(config=model.config)
+    elif cache_kind == "static":
+        cache = (pmod.PModStaticCache.for_model(model, capacity) if routed
+                 else StaticCache(config=model.config, max_cache_len=capacity))
+    else:
+        raise ValueError(f"cache_kind must be 'dynamic' or 'static', got {cache_kind!r}")
+    extra = {"target_mask": target, "target_counts": target.sum(1).tolist()} if routed and target is not None else {}
+    with torch.no_grad():
+        token = model(input_ids=ids, logits_to_keep=1, **extra, **cache_kwargs(cache)).logits[:, -1:].argmax(-1)
+
+    def step(token, mask, position):
+        return model(input_ids=token, attention_mask=mask, position_ids=position, logits_to_keep=1,
+                     **cache_kwargs(cache)).logits[:, -1:].argmax(-1)
+
+    step = torch.compile(step, **compile_options) if compile_options is not None else step
+    mask = torch.ones(batch, capacity, dtype=torch.long, device=ids.device)
+    state = {"token": token, "length": length}
+
+    def advance() -> None:
+        n = state["length"]
+        if n >= capacity:
+            raise RuntimeError(f"decode_runner was sized for {steps} steps")
+        position = torch.full((batch, 1), n, device=ids.device)
+        if compile_options is not None and compile_options.get("mode") == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: the previous step's outputs may be overwritten
+        with torch.no_grad():
+            state["token"] = step(state["token"], mask if cache_kind == "static" else mask[:, : n + 1], position)
+        state["length"] = n + 1
+
+    return advance

@@ -1,14 +1,16 @@
-"""Dense vs p-MoD on a GPU at the 7B shape, the cases of issue 15, in one command (a few minutes on an H200).
+"""Dense vs p-MoD on a GPU at the 7B shape, every inference mode, in one command (a few minutes on an H200).
 
     python benchmarks/gpu.py                      # cuda, bf16, Vicuna-7B decoder shape, writes results/gpu_<name>.json
-    python benchmarks/gpu.py --small --device cpu # the same cases at a tiny shape (a smoke test of the script)
+    python benchmarks/gpu.py --small --device cpu --backend eager  # the same cases at a tiny shape (a smoke test)
 
 Both models are built directly on the device (random weights, seeded; the p-MoD one is a copy with the paper's
 schedule and random routers, so routing is not trivially the first tokens). Every case times the two models
 interleaved, rep by rep, and reports medians and their ratio; absolute times drift between runs, ratios measured
 side by side do not. Cases: prefill (batch 1 and 8 at 576 vision + 64 text tokens, batch 1 and 4 at 2880 + 200),
-one training step (forward and backward, batch 4, 576 + 64), and decoding steps after a prompt (batch 1 and 32
-after 576 + 64, batch 8 after 2880 + 200).
+eager and compiled (fullgraph; p-MoD given ``target_counts``); one training step (forward and backward, batch 4,
+576 + 64); and decoding steps after a prompt (batch 1 and 32 after 576 + 64, batch 8 after 2880 + 200) in each mode:
+eager with the dynamic cache (cuDNN attention on and off), eager with a static cache, compiled (fullgraph) and
+compiled with CUDA graphs (mode "reduce-overhead") on a static cache. Compilation happens in the warm-up, untimed.
 """
 
 from __future__ import annotations
@@ -21,10 +23,9 @@ import sys
 from pathlib import Path
 
 import torch
-from common import RESULTS, clock, machine
+from common import RESULTS, clock, decode_runner, machine, prefill_runner
 
 import pmod
-from pmod.compat import cache_kwargs, output_cache
 from pmod.efficiency import prefill_cost, shape_from_config
 from pmod.testing.tiny import randomize_routers
 
@@ -46,6 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=7, help="timed repetitions per model and case (after one warm-up)")
     p.add_argument("--decode-steps", type=int, default=16)
     p.add_argument("--only", nargs="*", choices=["prefill", "train", "decode"], default=None)
+    p.add_argument("--decode-modes", nargs="*", choices=list(DECODE_MODES), default=list(DECODE_MODES))
+    p.add_argument("--prefill-modes", nargs="*", choices=["eager", "compiled"], default=["eager", "compiled"])
+    p.add_argument("--backend", default="inductor", help="torch.compile backend (eager: a quick check of the script)")
     p.add_argument("--out", type=Path, default=None)
     return p.parse_args(argv)
 
@@ -99,11 +103,13 @@ def timed_pair(run_dense, run_pmod, reps: int, device: str) -> dict[str, float]:
     return {"dense_s": dense, "pmod_s": routed, "ratio": routed / dense}
 
 
-def prefill_case(dense, routed, args, case) -> dict:
+def prefill_case(dense, routed, args, case, mode: str = "eager") -> dict:
     x = inputs(args, *case, dense.config.vocab_size)
+    options = None if mode == "eager" else {"fullgraph": True, "backend": args.backend}
+    torch._dynamo.reset()
     with torch.no_grad():
-        return timed_pair(lambda: dense(input_ids=x["input_ids"], use_cache=False, logits_to_keep=1),
-                          lambda: routed(**x, use_cache=False, logits_to_keep=1), args.reps, args.device)
+        return timed_pair(prefill_runner(dense, x["input_ids"], None, options),
+                          prefill_runner(routed, x["input_ids"], x["target_mask"], options), args.reps, args.device)
 
 
 def train_case(dense, routed, args, case) -> dict:
@@ -125,29 +131,39 @@ def train_case(dense, routed, args, case) -> dict:
     return result
 
 
-def decode_case(dense, routed, args, case) -> dict:
-    """Seconds per decoding step after the case's prompt: each rep decodes ``--decode-steps`` tokens from a fresh copy
-    of the prompt's cache (the copy is not timed); medians over the reps, interleaved."""
+# decoding modes: (cache, torch.compile options or None, cuDNN attention allowed)
+DECODE_MODES = {
+    "eager": ("dynamic", None, True),
+    "eager-no-cudnn": ("dynamic", None, False),
+    "eager-static": ("static", None, True),
+    "compiled": ("static", {"fullgraph": True}, True),
+    "cudagraphs": ("static", {"fullgraph": True, "mode": "reduce-overhead"}, True),
+}
+
+
+def decode_case(dense, routed, args, case, mode: str = "eager") -> dict:
+    """Seconds per decoding step after the case's prompt, in ``mode`` (`DECODE_MODES`): the two models step in turn
+    from their own prefilled caches; the first steps warm up (and compile), then medians of the timed steps."""
     x = inputs(args, *case, dense.config.vocab_size)
-
-    def prepared(model, **kw):
-        with torch.no_grad():
-            out = model(input_ids=x["input_ids"], use_cache=True, logits_to_keep=1, **kw)
-        return output_cache(out), out.logits[:, -1:].argmax(-1)
-
-    prompts = {"dense": prepared(dense), "pmod": prepared(routed, target_mask=x["target_mask"])}
-    models = {"dense": dense, "pmod": routed}
-    times: dict[str, list[float]] = {"dense": [], "pmod": []}
-    for rep in range(max(3, args.reps // 2) + 1):  # the first rep warms up
-        for name, model in models.items():
-            cache, token = copy.deepcopy(prompts[name][0]), prompts[name][1]
-            start = clock(args.device)
-            with torch.no_grad():
-                for _ in range(args.decode_steps):
-                    token = model(input_ids=token, use_cache=True, **cache_kwargs(cache)).logits[:, -1:].argmax(-1)
-            if rep:
-                times[name].append((clock(args.device) - start) / args.decode_steps)
-            del cache
+    cache_kind, options, cudnn = DECODE_MODES[mode]
+    options = None if options is None else {**options, "backend": args.backend}
+    previous = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(cudnn)
+    torch._dynamo.reset()
+    try:
+        warm = 3
+        steps = args.decode_steps + warm
+        runs = {"dense": decode_runner(dense, x["input_ids"], None, cache_kind, steps, options),
+                "pmod": decode_runner(routed, x["input_ids"], x["target_mask"], cache_kind, steps, options)}
+        times: dict[str, list[float]] = {"dense": [], "pmod": []}
+        for step in range(steps):
+            for name, run in runs.items():
+                start = clock(args.device)
+                run()
+                if step >= warm:
+                    times[name].append(clock(args.device) - start)
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(previous)
     dense_s, pmod_s = statistics.median(times["dense"]), statistics.median(times["pmod"])
     return {"dense_s": dense_s, "pmod_s": pmod_s, "ratio": pmod_s / dense_s,
             "batch_tokens_per_s": {"dense": case[0] / dense_s, "pmod": case[0] / pmod_s}}
@@ -159,17 +175,20 @@ def main(argv: list[str] | None = None) -> int:
     dense, routed = build(args, dtype)
     kinds = args.only or ["prefill", "train", "decode"]
     rows = []
-    for kind, cases, run in (("prefill", PREFILL, prefill_case), ("train", TRAIN, train_case), ("decode", DECODE, decode_case)):
+    plan = [("prefill", PREFILL, prefill_case, args.prefill_modes), ("train", TRAIN, train_case, [None]),
+            ("decode", DECODE, decode_case, args.decode_modes)]
+    for kind, cases, run, modes in plan:
         if kind not in kinds:
             continue
-        for case in cases:
+        for case, mode in [(c, m) for c in cases for m in modes]:
             batch, vision, text = scaled(case, args.small)
-            row = {"case": kind, "batch": batch, "vision_tokens": vision, "text_tokens": text,
-                   **run(dense, routed, args, (batch, vision, text))}
+            extra = {} if mode is None else {"mode": mode}
+            row = {"case": kind, **extra, "batch": batch, "vision_tokens": vision, "text_tokens": text,
+                   **run(dense, routed, args, (batch, vision, text), **extra)}
             cost = prefill_cost(shape_from_config(routed.config, "bench"), vision, text, resolved=routed.pmod, causal=True)
             row["flops_ratio"] = cost.flops_ratio
             rows.append(row)
-            print(f"{kind:8s} batch {batch:3d} {vision:5d}+{text:<4d} dense {row['dense_s'] * 1e3:9.2f} ms  "
+            print(f"{kind:8s} {mode or '':14s} batch {batch:3d} {vision:5d}+{text:<4d} dense {row['dense_s'] * 1e3:9.2f} ms  "
                   f"p-MoD {row['pmod_s'] * 1e3:9.2f} ms  ratio {row['ratio']:.3f}  (FLOPs {row['flops_ratio']:.3f})",
                   file=sys.stderr)
     layers, hidden, mlp, heads = SHAPES["small" if args.small else "7b"]
@@ -180,8 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or RESULTS / f"gpu_{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    lines = ["| case | batch | tokens | dense ms | p-MoD ms | p-MoD / dense | FLOP ratio |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['case']} | {r['batch']} | {r['vision_tokens']} + {r['text_tokens']} | {r['dense_s'] * 1e3:.2f} | "
+    lines = ["| case | mode | batch | tokens | dense ms | p-MoD ms | p-MoD / dense | FLOP ratio |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['case']} | {r.get('mode', '')} | {r['batch']} | {r['vision_tokens']} + {r['text_tokens']} | {r['dense_s'] * 1e3:.2f} | "
               f"{r['pmod_s'] * 1e3:.2f} | {r['ratio']:.3f} | {r['flops_ratio']:.3f} |" for r in rows]
     out.with_suffix(".md").write_text(f"{result['machine']}\n\n" + "\n".join(lines) + "\n")
     return 0

@@ -48,6 +48,11 @@ def main() -> None:
     )
     text = (HERE / "README.template.md").read_text().replace("{{PREFILL_TABLE}}", table)
     text = text.replace("{{DECODE_TABLE}}", decode_table)
+    compiled = sorted((HERE / "results").glob("compiled*.md"))
+    text = text.replace("{{COMPILED_TABLES}}", "\n".join(
+        f"[{p.name}](results/{p.name}) ([{p.with_suffix('.json').name}](results/{p.with_suffix('.json').name})):\n\n"
+        + p.read_text() for p in compiled
+    ))
     efficiency = sorted((HERE / "results").glob("efficiency*.md"))
     text = text.replace("{{EFFICIENCY_TABLES}}", "\n".join(
         f"[{p.name}](results/{p.name}), plot [{p.with_suffix('.png').name}](results/{p.with_suffix('.png').name}):\n\n"
