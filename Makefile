@@ -66,14 +66,14 @@ test-torchvision: $(TV_STAMP)
 # run it before starting new work (CONTRIBUTING.md). lmms-eval's filelock bound stays in force.
 NEWEST_VENV := .venv-newest
 NEWEST_PIP := $(NEWEST_VENV)/bin/python -m pip --disable-pip-version-check
-# transformers and the packages whose versions it dictates float; everything else stays pinned
+# transformers and the packages whose versions it dictates float; everything else stays pinned. The second install
+# goes past pmod's cap on purpose: pip installs the newest transformers and warns that pmod declares an older range.
 NEWEST_FLOATING := transformers|tokenizers|huggingface[-_]hub|safetensors|kernels
 test-newest:
 	rm -rf $(NEWEST_VENV) && $(PYTHON) -m venv $(NEWEST_VENV)
 	$(NEWEST_PIP) install -q "torch==$(TORCH_VERSION)"
 	grep -v -i -E "^($(NEWEST_FLOATING))==" $(PINNED) > $(NEWEST_VENV)/constraints.txt
 	$(NEWEST_PIP) install -q -c $(NEWEST_VENV)/constraints.txt -e ".[dev]"
-	# past pmod's cap on purpose: pip installs it and warns that pmod declares an older range
 	$(NEWEST_PIP) install -q -c $(NEWEST_VENV)/constraints.txt --upgrade "torch==$(TORCH_VERSION)" transformers
 	$(NEWEST_PIP) install -q --no-deps -c $(PINNED) "lmms_eval==$(LMMS_EVAL_VERSION)"
 	@$(NEWEST_VENV)/bin/python -c "import transformers; print('test-newest: transformers', transformers.__version__)"

@@ -148,10 +148,9 @@ class PModLayerMixin:
                         float_dtype):
         """Stage this step's key columns in the cache (protocol step 3a, pmod/cache.py; the attention's ``update``
         commits them) and build the attention mask of the gathered queries over every key held after that update."""
-        columns = sel.positions if isinstance(plan.past_length, int) and plan.past_length == 0 else (
+        query_columns = sel.positions if isinstance(plan.past_length, int) and plan.past_length == 0 else (
             sel.positions + plan.past_length)  # (B, S) logical column per slot
-        if sel.slot_valid is not None:
-            columns = columns.masked_fill(~sel.slot_valid, -1)
+        columns = query_columns if sel.slot_valid is None else query_columns.masked_fill(~sel.slot_valid, -1)
         held_empty, first_new = False, 0
         if cache is not None:
             layer = cache.layers[self.pmod_spec.index]
@@ -161,38 +160,23 @@ class PModLayerMixin:
         # Plain causal attention (mask None) is exact when every slot holds a token and the queries either
         # are all the keys (ascending positions) or are a single token that sees every held key.
         causal_ok = uniform and not held_empty and (columns.shape[1] == width or width == 1)
-        return _subset_mask(attention_mask, sel, columns, first_new, plan.past_length, causal_ok, float_dtype)
+        return _subset_mask(attention_mask, sel.positions, query_columns, sel.slot_valid, columns, first_new, causal_ok,
+                            True, float_dtype)
 
     def _dense_step_mask(self, attention_mask, cache, plan: RoutingPlan, batch: int, length: int,
                          device: torch.device, float_dtype):
-        """`_stage_and_mask` for a dense step, in fewer operations (at batch 1 a GPU pays for each): every slot holds
-        its token and the queries are the T new positions in order, so the model's mask rows are the queries' own
-        and no empty query slot needs a key."""
+        """`_stage_and_mask` for a dense step, in fewer operations (at batch 1 a GPU pays for each): the queries are
+        the T new tokens in order (the model's mask rows as they are), every slot holds its token."""
         columns = plan.columns  # (B, T)
         if columns is None:  # a dense step of `RoutingPlan.build` (no padding, no target)
             columns = (plan.past_length + torch.arange(length, device=device)).expand(batch, length)
         if cache is None:
             return attention_mask  # the keys are the queries: the model's own mask
         layer = cache.layers[self.pmod_spec.index]
-        held_empty = layer.has_empty_slots
-        held, _ = layer.stage(columns, length, full=True)  # (B, S_held)
-        if attention_mask is None and not held_empty and (held.shape[1] == length or length == 1):
-            return None  # ascending held columns: plain causal attention is exact
-        if attention_mask is None:
-            allowed = held[:, None, :] <= columns[:, :, None]  # (B, T, S_held)
-        else:
-            if attention_mask.dim() != 4:
-                raise PModInputError(f"Expected a 4-D attention mask from the model, got shape {tuple(attention_mask.shape)}.")
-            cols = held.clamp(min=0)[:, None, :].expand(batch, length, held.shape[1])
-            picked = attention_mask[:, 0].expand(batch, -1, -1).gather(2, cols)  # (B, T, S_held)
-            allowed = picked if picked.dtype == torch.bool else picked == 0
-            float_dtype = None if attention_mask.dtype == torch.bool else attention_mask.dtype
-        if held_empty:
-            allowed = allowed & (held >= 0)[:, None, :]
-        allowed = allowed[:, None]  # (B, 1, T, S_held)
-        if float_dtype is None:
-            return allowed
-        return torch.zeros(allowed.shape, dtype=float_dtype, device=device).masked_fill(~allowed, torch.finfo(float_dtype).min)
+        held, first_new = layer.stage(columns, length, full=True)  # (B, S_held)
+        fast_path = not layer.has_empty_slots and (held.shape[1] == length or length == 1)
+        return _subset_mask(attention_mask, None, columns, None, held, first_new, fast_path, layer.has_empty_slots,
+                            float_dtype)
 
     def _record(self, plan: RoutingPlan, sel: Selection, logits: torch.Tensor) -> None:
         self.last_routing = LayerRouting(
@@ -236,40 +220,46 @@ def _rows(t: torch.Tensor, pos: torch.Tensor, flat: torch.Tensor, length: int) -
 
 def _subset_mask(
     mask: torch.Tensor | None,
-    sel: Selection,
+    rows: torch.Tensor | None,
+    query_columns: torch.Tensor,
+    slot_valid: torch.Tensor | None,
     kv_columns: torch.Tensor,
     first_new: int | torch.Tensor,
-    past_length: int | torch.Tensor,
     fast_path: bool,
+    empty_keys: bool,
     float_dtype: torch.dtype | None,
 ) -> torch.Tensor | None:
     """Attention mask of the gathered queries (B, S) over the held keys (B, S_kv).
 
     ``mask`` is the model's mask over logical positions: (B or 1, 1, q, past + q) bool or additive float,
-    or None for plain causal attention. The queries' own entries are key slots ``first_new + j``. Empty query slots
-    attend only to themselves so no row is fully masked; empty key slots are masked for every query.
+    or None for plain causal attention. ``rows`` (B, S): the queries' rows of ``mask`` (their sequence positions), or
+    None when the queries are its rows in order (a dense step). ``query_columns`` (B, S): their logical columns. The
+    queries' own entries are key slots ``first_new + j``. Empty query slots (``slot_valid`` False; None: there are none)
+    attend only to themselves so no row is fully masked; empty key slots (``empty_keys``: there may be some) are
+    masked for every query.
     """
-    batch, width = sel.positions.shape
+    batch, width = query_columns.shape
     if mask is None and fast_path:
         return None  # kept positions are ascending, so plain causal attention over the slots is exact
-    key_ok = kv_columns >= 0  # (B, S_kv)
     if mask is None:
-        q_pos = sel.positions + past_length  # (B, S) logical query positions
-        allowed = (kv_columns[:, None, :] <= q_pos[:, :, None]) & key_ok[:, None, :]  # (B, S, S_kv)
+        allowed = kv_columns[:, None, :] <= query_columns[:, :, None]  # (B, S, S_kv)
     else:
         if mask.dim() != 4:
             raise PModInputError(f"Expected a 4-D attention mask from the model, got shape {tuple(mask.shape)}.")
         full = mask[:, 0].expand(batch, -1, -1)  # (B, q, past + q)
-        rows = full.gather(1, sel.positions[..., None].expand(batch, width, full.shape[-1]))  # (B, S, past + q)
+        if rows is not None:
+            full = full.gather(1, rows[..., None].expand(batch, width, full.shape[-1]))  # (B, S, past + q)
         cols = kv_columns.clamp(min=0)[:, None, :].expand(batch, width, kv_columns.shape[1])
-        picked = rows.gather(2, cols)  # (B, S, S_kv)
-        allowed = (picked if picked.dtype == torch.bool else picked == 0) & key_ok[:, None, :]
+        picked = full.gather(2, cols)  # (B, S, S_kv)
+        allowed = picked if picked.dtype == torch.bool else picked == 0
         float_dtype = None if mask.dtype == torch.bool else mask.dtype
-    if sel.slot_valid is not None:
+    if empty_keys:
+        allowed = allowed & (kv_columns >= 0)[:, None, :]
+    if slot_valid is not None:
         # Empty query slot j is key slot (first_new + j): let it see itself only.
         slots = torch.arange(kv_columns.shape[1], device=allowed.device)
         eye = slots[None, :] == (first_new + torch.arange(width, device=allowed.device))[:, None]  # (S, S_kv)
-        allowed = allowed | (eye[None] & ~sel.slot_valid[:, :, None])
+        allowed = allowed | (eye[None] & ~slot_valid[:, :, None])
     allowed = allowed[:, None]  # (B, 1, S, S_kv)
     if float_dtype is None:
         return allowed
