@@ -96,6 +96,7 @@ bench: setup
 	$(PY) benchmarks/prefill.py
 	$(PY) benchmarks/decode.py
 	$(PY) benchmarks/efficiency.py
+	$(PY) benchmarks/compiled.py --threads 2
 	$(PY) benchmarks/report.py
 
 clean:
