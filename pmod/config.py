@@ -44,8 +44,8 @@ class PModConfig:
             high-resolution part and its newline tokens; the original's ``vision_all``); ``"vision_hr"`` routes only
             the high-resolution part of anyres images (LLaVA-NeXT, LLaVA-OneVision), the base-image tokens being
             processed in every layer; ``"all"`` routes every non-padding token.
-        routed_layers: explicit indices of layers to route. By default a layer is routed iff its ratio is
-            below 1; list a layer here to route it even at ratio 1 (e.g. to test the routed path).
+        routed_layers: layers to route in addition to the schedule's: a layer is routed iff its ratio is below 1 or
+            it is listed here (list a layer to route it even at ratio 1, e.g. to test the routed path).
     """
 
     schedule: schedules.Name | list[float] = "shifted_cos"
@@ -101,13 +101,15 @@ class PModConfig:
 
     def resolve_routed_layers(self, num_layers: int) -> list[int]:
         """Indices of the layers that get a router. Raises if the schedule routes no layer."""
+        # every layer the schedule gives a ratio below 1, plus the listed ones: a ratio below 1 on a layer that is not
+        # routed would be a nominal saving that never happens
+        routed = {i for i, r in enumerate(self._raw_schedule(num_layers)) if r is not None and r < 1.0}
         if self.routed_layers is not None:
             bad = [i for i in self.routed_layers if not 0 <= i < num_layers]
             if bad:
                 raise PModConfigError(f"routed_layers {bad} out of range for a model with {num_layers} layers.")
-            routed = list(self.routed_layers)
-        else:
-            routed = [i for i, r in enumerate(self._raw_schedule(num_layers)) if r is not None and r < 1.0]
+            routed |= set(self.routed_layers)
+        routed = sorted(routed)
         if not routed:
             raise PModConfigError(
                 f"The schedule {self.schedule!r} routes no layer of a {num_layers}-layer model (every keep ratio is 1). "
@@ -229,4 +231,11 @@ class ResolvedPMod:
             _check_ratio(r, f"layer_ratios[{i}]")
         if not routed or any(not 0 <= i < len(ratios) for i in routed):
             raise PModConfigError(f"config.pmod.routed_layers {routed} is empty or out of range for {len(ratios)} layers.")
+        unrouted = [i for i, r in enumerate(ratios) if r < 1.0 and i not in routed]
+        if unrouted:
+            raise PModConfigError(
+                f"config.pmod: layers {unrouted} have keep ratios below 1 ({[ratios[i] for i in unrouted]}) but are not "
+                "in routed_layers, so they would keep every token while the settings claim otherwise; add them to "
+                "routed_layers or set their ratios to 1.0."
+            )
         return cls(settings, ratios, routed)

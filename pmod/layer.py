@@ -10,6 +10,7 @@ checkpointing and hooks keep working) and gains `router`, an `nn.Linear(hidden_s
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .cache import PModCache, PModStaticCache
 from .compat import CACHE_KWARG, pop_cache
 from .config import RoutedLayerSpec
-from .errors import PModInputError, UnsupportedModelError
+from .errors import PModConfigError, PModInputError, UnsupportedModelError
 from .routing import LayerRouting, RoutingPlan, Selection, select_tokens
 
 SUPPORTED_ATTENTION = ("eager", "sdpa")
@@ -63,6 +64,7 @@ class PModLayerMixin:
                 f"{SUPPORTED_ATTENTION} (model.set_attn_implementation('sdpa'))."
             )
         x = hidden_states
+        _check_weight_range(spec, x.dtype)
         batch, length, hidden = x.shape
         float_dtype = x.dtype if attn_impl == "eager" else None
         attend = {CACHE_KWARG: cache, "use_cache": use_cache, **kwargs}
@@ -199,6 +201,19 @@ def attention_backends(device: torch.device) -> contextlib.AbstractContextManage
     """The scaled-dot-product-attention backends a routed layer may use on ``device``: every one but cuDNN on CUDA,
     PyTorch's own choice elsewhere."""
     return sdpa_kernel(list(_SDPA_BACKENDS)) if device.type == "cuda" else contextlib.nullcontext()
+
+
+@functools.lru_cache(maxsize=64)
+def _check_weight_range(spec: RoutedLayerSpec, dtype: torch.dtype) -> None:
+    """TanhNorm's weights |g| <= |alpha| + |beta| must be finite in the dtype the layer runs in: settings finite in
+    Python (alpha=1e39 on float32, 1e5 on float16) would otherwise turn every output into inf / NaN."""
+    bound = abs(spec.alpha) + abs(spec.beta)
+    if dtype.is_floating_point and not bound < torch.finfo(dtype).max:
+        raise PModConfigError(
+            f"p-MoD layer {spec.index}: alpha={spec.alpha:g} and beta={spec.beta:g} give router weights up to {bound:g}, "
+            f"beyond what {dtype} holds ({torch.finfo(dtype).max:g}); the outputs would be inf or NaN. Use settings "
+            "within range (the paper's are alpha=0.2, beta=1)."
+        )
 
 
 def _check_cache(cache) -> PModCache | PModStaticCache:

@@ -323,6 +323,42 @@ def _make_forward(base_forward):
     return forward
 
 
+def _make_prepare_inputs(base_prepare):
+    """``prepare_inputs_for_generation`` that also takes ``target_mask`` / ``target_counts`` (generate() refuses model
+    arguments the method's signature does not name) and passes them to the prompt's forward only: they describe the
+    prompt, and a decoding step routes nothing."""
+    signature = inspect.signature(base_prepare)
+    params = list(signature.parameters.values())
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in PROMPT_ARGUMENTS]
+    keyword = [p for p in params if p.kind is inspect.Parameter.VAR_KEYWORD]
+    others = [p for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD]
+
+    @functools.wraps(base_prepare)
+    def prepare_inputs_for_generation(self, *args, target_mask=None, target_counts=None, **kwargs):
+        inputs = base_prepare(self, *args, **kwargs)
+        reference = inputs.get("input_ids") if inputs.get("input_ids") is not None else inputs.get("inputs_embeds")
+        if reference is None or (target_mask is None and target_counts is None):
+            return inputs
+        prompt = kwargs.get("is_first_iteration") or (target_mask is not None and reference.shape[1] == target_mask.shape[-1])
+        if not prompt:
+            return inputs
+        if target_mask is not None:
+            inputs["target_mask"] = target_mask
+        if target_counts is not None:
+            counts = list(target_counts.tolist() if isinstance(target_counts, torch.Tensor) else target_counts)
+            rows = reference.shape[0]
+            if counts and rows != len(counts) and rows % len(counts) == 0:  # rows repeated for beams / samples
+                counts = [n for n in counts for _ in range(rows // len(counts))]
+            inputs["target_counts"] = counts
+        return inputs
+
+    prepare_inputs_for_generation.__signature__ = signature.replace(parameters=others + extra + keyword)
+    return prepare_inputs_for_generation
+
+
+PROMPT_ARGUMENTS = ("target_mask", "target_counts")
+
+
 def _image_mismatch_message(model, arguments: dict[str, Any]) -> str:
     image_token_id = model.config.image_token_id
     input_ids, pixel_values = arguments.get("input_ids"), arguments.get("pixel_values")
@@ -384,6 +420,7 @@ def _build_classes(family: _Family) -> tuple[type, type]:
             "config_class": config_cls,
             "__init__": _make_init(base.__init__),
             "forward": _make_forward(base.forward),
+            "prepare_inputs_for_generation": _make_prepare_inputs(base.prepare_inputs_for_generation),
             "from_pretrained": _make_from_pretrained(base.from_pretrained),
         },
     )
@@ -663,7 +700,8 @@ def check_loaded_weights(
     allow_mismatched: bool = False,
 ) -> None:
     """Raise ``error`` if ``from_pretrained``'s loading info reports missing, unexpected or wrongly shaped tensors,
-    or if the weight files (`pmod.checkpoints.inspect_weight_files`) hold integer tensors for a model of floats.
+    if a loaded tensor holds NaN or inf (a model that answers nothing, silently), or if the weight files
+    (`pmod.checkpoints.inspect_weight_files`) hold integer tensors for a model of floats.
     Tied weights (an LM head tied to the embeddings) and non-persistent buffers are not missing."""
     from .checkpoints import non_floating_tensors
 
@@ -681,6 +719,10 @@ def check_loaded_weights(
         problems.append(f"wrong shapes {', '.join(shapes[:5])}{f' and {len(shapes) - 5} more' if len(shapes) > 5 else ''}")
     if info.get("error_msgs"):
         problems.append(f"errors {'; '.join(map(str, info['error_msgs']))[:500]}")
+    non_finite = [name for name, t in model.state_dict().items()
+                  if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all())]
+    if non_finite:
+        problems.append(f"values that are not finite (NaN or inf) in {describe_names(non_finite)}")
     if files and all(t.is_floating_point() for t in model.state_dict().values()):
         integers = non_floating_tensors(files)
         if integers:

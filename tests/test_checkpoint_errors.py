@@ -214,6 +214,25 @@ def test_wrong_shape_or_dtype_in_pmod_checkpoint_is_refused(pmod_dir):
         AutoModelForImageTextToText.from_pretrained(pmod_dir)
 
 
+def test_non_finite_weights_are_refused_by_name(pmod_dir, dense_dir):
+    """A NaN router weight made every answer empty, with exit code 0: every loader refuses it, naming the tensor."""
+    weights = pmod_dir / "model.safetensors"
+    state = load_file(weights)
+    key = next(k for k in state if k.endswith(".router.weight"))
+    bad = state[key].clone()
+    bad[0, 0] = float("nan")
+    save_file({**state, key: bad}, weights, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"not finite \(NaN or inf\) in .*router\.weight \(1 in all\)"):
+        pmod.load_model(pmod_dir)
+    weights = dense_dir / "model.safetensors"
+    state = load_file(weights)
+    key = next(k for k in state if k.endswith("layers.1.mlp.up_proj.weight"))
+    save_file({**state, key: torch.full_like(state[key], float("inf"))}, weights, metadata={"format": "pt"})
+    for load in (pmod.load_model, pmod.models.load_pretrained):
+        with pytest.raises(CheckpointError, match=r"not finite .*up_proj\.weight"):
+            load(dense_dir)
+
+
 def test_damaged_pmod_weight_files_are_refused(pmod_dir):
     weights = pmod_dir / "model.safetensors"
     data = weights.read_bytes()

@@ -54,6 +54,18 @@ def test_explicit_schedule_and_routed_layers():
     assert PModConfig(schedule=[1.0, 0.5, 1.0]).resolve_routed_layers(3) == [1]
 
 
+def test_routed_layers_add_to_the_schedule_and_a_saved_ratio_is_never_nominal():
+    """routed_layers=[0] used to replace the schedule: layers 1-3 kept their ratios below 1 in the saved settings but
+    were not routed (realised cost 1.0, reported 0.54). They are the union now, and a config.pmod whose ratio below
+    1 sits on an unrouted layer is refused when it is read."""
+    resolved = ResolvedPMod.resolve(PModConfig(schedule=[1.0, 0.75, 0.25, 0.15], routed_layers=[0]), 4)
+    assert resolved.routed_layers == [0, 1, 2, 3] and [s.index for s in resolved.layers] == [0, 1, 2, 3]
+    saved = resolved.to_dict()
+    saved["routed_layers"] = [0]
+    with pytest.raises(PModConfigError, match=r"layers \[1, 2, 3\] have keep ratios below 1"):
+        ResolvedPMod.from_dict(saved)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from test_models import llava_inputs
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, StaticCache
 
 import pmod
@@ -18,6 +19,19 @@ def test_image_token_count_mismatch():
     ids[0, 2:12] = model.config.image_token_id  # 10 tokens, the image has 16 features
     with pytest.raises(pmod.PModInputError, match=r"hold \[10\] image tokens per row .* for 1 image\(s\); this model needs 16 image tokens per image"):
         model(input_ids=ids, pixel_values=torch.randn(1, 3, 28, 28))
+
+
+@pytest.mark.parametrize("dtype, alpha", [(torch.float32, 1e39), (torch.float16, 1e5), (torch.bfloat16, 3.4e38)])
+def test_router_weights_beyond_the_dtype_range_are_refused(dtype, alpha):
+    """alpha finite in Python but not in the dtype the model runs in gave NaN logits and empty answers."""
+    model = pmod.apply_pmod(tiny_llava(num_layers=2), pmod.PModConfig(schedule=[0.5, 1.0], alpha=alpha)).to(dtype)
+    inputs, _ = llava_inputs(model, [(3, 1, 4)])
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    with torch.no_grad(), pytest.raises(pmod.PModConfigError, match=f"router weights up to .* beyond what {dtype}"):
+        model(**inputs)
+    fine = pmod.apply_pmod(tiny_llava(num_layers=2), pmod.PModConfig(schedule=[0.5, 1.0], alpha=1e4)).to(torch.float32)
+    with torch.no_grad():
+        assert torch.isfinite(fine(**llava_inputs(fine, [(3, 1, 4)])[0]).logits).all()
 
 
 def test_unsupported_model_family():

@@ -108,3 +108,29 @@ def test_cropping_into_the_prompt_is_refused_and_a_static_cache_is_not_cropped()
     # transformers refuses it itself ("requires a cache that can be cropped"; 5.17: "not supported with Static cache")
     with torch.no_grad(), pytest.raises(ValueError, match="cropped|Static cache"):
         model.generate(**_prompt(model), max_new_tokens=4, prompt_lookup_num_tokens=2, cache_implementation="static")
+
+
+def test_generate_takes_the_prompts_target_mask_and_counts():
+    """generate(target_mask=..., target_counts=...) on a causal LM (transformers refused both as unused model
+    arguments): the prompt is routed by them, every step equals recomputing the sequence with the prompt's targets,
+    beams repeat the counts, and at keep ratio 1 generation equals the dense model's."""
+    from pmod.testing.tiny import tiny_causal_lm
+
+    lm = pmod.apply_pmod(tiny_causal_lm("llama", num_layers=4), pmod.PModConfig(schedule=[1.0, 0.5, 0.3, 0.6]))
+    randomize_routers(lm)
+    ids = torch.randint(1, 100, (2, 12), generator=torch.Generator().manual_seed(2))
+    target = torch.zeros(2, 12, dtype=torch.bool)
+    target[:, 2:10] = True
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+    with torch.no_grad():
+        out = lm.generate(input_ids=ids, target_mask=target, target_counts=[8, 8], **kw, return_dict_in_generate=True,
+                          output_logits=True)
+        for step, logits in enumerate(out.logits):
+            seq = out.sequences[:, : 12 + step]
+            full_target = torch.cat([target, torch.zeros(2, step, dtype=torch.bool)], 1)
+            want = lm(input_ids=seq, target_mask=full_target).logits[:, -1]
+            torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
+        assert lm.generate(input_ids=ids, target_mask=target, target_counts=[8, 8], num_beams=2, **kw).shape == (2, 16)
+        dense = tiny_causal_lm("llama", num_layers=4)
+        routed = pmod.apply_pmod(tiny_causal_lm("llama", num_layers=4), ALL_ROUTED)
+        assert torch.equal(routed.generate(input_ids=ids, target_mask=target, **kw), dense.generate(input_ids=ids, **kw))
