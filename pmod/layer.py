@@ -10,7 +10,6 @@ checkpointing and hooks keep working) and gains `router`, an `nn.Linear(hidden_s
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -203,10 +202,10 @@ def attention_backends(device: torch.device) -> contextlib.AbstractContextManage
     return sdpa_kernel(list(_SDPA_BACKENDS)) if device.type == "cuda" else contextlib.nullcontext()
 
 
-@functools.lru_cache(maxsize=64)
 def _check_weight_range(spec: RoutedLayerSpec, dtype: torch.dtype) -> None:
     """TanhNorm's weights |g| <= |alpha| + |beta| must be finite in the dtype the layer runs in: settings finite in
-    Python (alpha=1e39 on float32, 1e5 on float16) would otherwise turn every output into inf / NaN."""
+    Python (alpha=1e39 on float32, 1e5 on float16) would otherwise turn every output into inf / NaN. Plain Python
+    (a compiled forward folds it away)."""
     bound = abs(spec.alpha) + abs(spec.beta)
     if dtype.is_floating_point and not bound < torch.finfo(dtype).max:
         raise PModConfigError(
