@@ -17,6 +17,7 @@ in the file are skipped and their stored predictions re-scored); metrics are wri
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -165,6 +166,8 @@ class QuestionResult:
     flops_ratio: float | None = None
     kv_ratio: float | None = None
     kv_cache_ratio: float | None = None
+    record_sha: str | None = None  # what was asked (`_record_sha`): a resume reuses the row only for the same record
+    run_sha: str | None = None  # what answered (`_run_sha`): the model and the settings that change answers
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None or k in ("id", "correct")}
@@ -297,10 +300,50 @@ def _resolve_media(pending: list[_Item], processor: Any, folder: Path | None, ba
                 )
 
 
+def _record_sha(item: _Item) -> str:
+    """A fingerprint of what a record asks and expects: its conversation, media paths, answer(s)."""
+    asked = {"messages": item.messages, "answer": item.answer, "answers": item.answers,
+             "images": [str(p) for p in item.images], "videos": video_sources(item.record)}
+    return hashlib.sha256(json.dumps(asked, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _run_sha(model: Any, max_new_tokens: int, generate_kwargs: dict[str, Any]) -> str | None:
+    """A fingerprint of what answers: the model (its config, dtype and a checksum of its weights) and the generation
+    settings that change answers. None without a model (scoring predictions only)."""
+    if model is None:
+        return None
+    import torch
+
+    with torch.no_grad():
+        sums = [float(p.detach().float().sum().cpu()) for p in model.parameters()]
+    config = model.config.to_json_string() if hasattr(model, "config") else type(model).__name__
+    made = {"config": config, "dtype": str(getattr(model, "dtype", "")), "weights": sums,
+            "max_new_tokens": max_new_tokens, "generate": sorted((k, repr(v)) for k, v in generate_kwargs.items())}
+    return hashlib.sha256(json.dumps(made, default=str).encode()).hexdigest()[:16]
+
+
+def _check_resumable(path: Path, done: dict[str, dict[str, Any]], items: list[_Item], run_sha: str | None) -> None:
+    """Refuse a resume whose rows were made by another model or settings, or answer other records than these (same
+    ids, other questions): their old predictions would be scored against the new answers. Rows without the
+    fingerprints (hand-made, or from an older pmod) are taken as they are."""
+    by_key = {it.key: it for it in items}
+    other_run = sorted(k for k, row in done.items() if run_sha and row.get("run_sha") not in (None, run_sha))
+    other_record = sorted(k for k, row in done.items() if k in by_key and row.get("record_sha") is not None
+                          and row["record_sha"] != _record_sha(by_key[k]))
+    if other_run:
+        raise PModInputError(f"{path}: {len(other_run)} prediction(s) (ids {other_run[:3]}) were made by another model or "
+                             "other generation settings; rerun without --resume to replace them, or choose another "
+                             "--out folder.")
+    if other_record:
+        raise PModInputError(f"{path}: the predictions for ids {other_record[:3]} ({len(other_record)} in all) answer "
+                             "other questions, images or answers than the data now holds; rerun without --resume, or "
+                             "choose another --out folder.")
+
+
 def _read_done(path: Path) -> dict[str, dict[str, Any]]:
     """Rows of an earlier run by id. A truncated last line (a killed run) is dropped and the file rewritten; rows
-    without a text prediction are answered again. Anything else unreadable means the file is not pmod's
-    predictions: refused, and left as it is."""
+    without a text prediction are answered again; two text predictions for one id are refused. Anything else
+    unreadable means the file is not pmod's predictions: refused, and left as it is."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as exc:
@@ -321,6 +364,9 @@ def _read_done(path: Path) -> dict[str, dict[str, Any]]:
             continue
         good_lines.append(line)
         if isinstance(row.get("prediction"), str):
+            if key in done:
+                raise PModInputError(f"{path}, line {number}: a second prediction for id {row['id']!r}; one of them "
+                                     "would be scored silently. Keep one row per id, or rerun without --resume.")
             done[key] = row
         else:
             unanswered += 1
@@ -333,7 +379,7 @@ def _read_done(path: Path) -> dict[str, dict[str, Any]]:
     return done
 
 
-def _score(item: _Item, prediction: str, costs: dict[str, Any]) -> QuestionResult:
+def _score(item: _Item, prediction: str, costs: dict[str, Any], run_sha: str | None = None) -> QuestionResult:
     return QuestionResult(
         id=item.id,
         question=item.question,
@@ -345,6 +391,8 @@ def _score(item: _Item, prediction: str, costs: dict[str, Any]) -> QuestionResul
         flops_ratio=costs.get("flops_ratio"),
         kv_ratio=costs.get("kv_ratio"),
         kv_cache_ratio=costs.get("kv_cache_ratio"),
+        record_sha=_record_sha(item),
+        run_sha=run_sha if run_sha is not None else costs.get("run_sha"),
     )
 
 
@@ -379,7 +427,8 @@ def evaluate(
             and scores / cost ratios).
         metrics_path: JSON file for `EvalResult.to_dict`, written atomically at the end.
         resume: keep the rows already in ``predictions_path`` and answer only the other records. Without it
-            an existing file is replaced.
+            an existing file is replaced. Rows record what was asked and what answered (``record_sha``,
+            ``run_sha``): a resume with another model, other settings or other records under the same ids is refused.
         progress: show a progress bar on stderr.
         generate_kwargs: more `model.generate` arguments (greedy by default).
     """
@@ -389,8 +438,10 @@ def evaluate(
     items = _prepare(records, folder)
     preds_file = Path(predictions_path) if predictions_path is not None else None
     done: dict[str, dict[str, Any]] = {}
+    run_sha = _run_sha(model, max_new_tokens, generate_kwargs) if preds_file is not None else None
     if preds_file is not None and resume and preds_file.exists():
         done = _read_done(preds_file)
+        _check_resumable(preds_file, done, items, run_sha)
     pending = [it for it in items if it.key not in done]
     _resolve_media(pending, processor, folder, batch_size)
     frames = {it.key: [f for v in it.videos if isinstance(v, list) for f in v] for it in pending}
@@ -427,7 +478,7 @@ def evaluate(
                                  video_fps=fps, labels=[f"record {it.id!r}" for it in batch], **generate_kwargs)
             lines = []
             for j, it in enumerate(batch):
-                res = _score(it, out.texts[j], out.costs(j))
+                res = _score(it, out.texts[j], out.costs(j), run_sha)
                 results[it.key] = res
                 lines.append(json.dumps(res.to_dict(), ensure_ascii=False) + "\n")
             if handle is not None:

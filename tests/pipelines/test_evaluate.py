@@ -295,3 +295,31 @@ def test_a_truncated_image_is_named(tiny, tmp_path, monkeypatch):
     record = _record("cut", "what ?", "red", "cut.png")
     with pytest.raises(pmod.PModInputError, match=r"Cannot read image .*cut\.png"):
         evaluate(model, processor, [record], tmp_path, max_new_tokens=2, progress=False)
+
+
+def test_resume_refuses_predictions_of_other_records_models_or_settings(tiny, tmp_path, monkeypatch):
+    """`pmod eval --resume` with other data under the same ids used to score the old answers against the new ones
+    (and name the new data in metrics.json): rows now carry what was asked and what answered, and a resume that does
+    not match is refused before anything is generated; so is a file with two predictions for one id."""
+    model, processor, records, folder = tiny
+    path = tmp_path / "preds.jsonl"
+    _run(tiny, records=records[:3], batch_size=3, predictions_path=path)
+    written = path.read_text()
+    assert all({"record_sha", "run_sha"} <= set(json.loads(line)) for line in written.splitlines())
+    asked = _count_prompts(monkeypatch)
+    other = [dict(r) for r in records[:3]]
+    other[1] = _record("t1", "is a square a circle ?", "yes")  # same id, another question and answer
+    with pytest.raises(pmod.PModInputError, match=r"ids \['t1'\] .* answer other questions"):
+        _run(tiny, records=other, predictions_path=path, resume=True)
+    with pytest.raises(pmod.PModInputError, match="another model or other generation settings"):
+        _run(tiny, records=records[:3], predictions_path=path, resume=True, max_new_tokens=4)
+    retrained = pmod.apply_pmod(tiny_llava(num_layers=4, seed=1), pmod.PModConfig(schedule=[1.0, 0.5, 0.3, 0.6]))
+    with pytest.raises(pmod.PModInputError, match="another model"):
+        evaluate(retrained, processor, records[:3], folder, max_new_tokens=3, suppress_tokens=SPECIALS, progress=False,
+                 predictions_path=path, resume=True)
+    assert asked == [] and path.read_text() == written
+    same = _run(tiny, records=records[:3], predictions_path=path, resume=True)  # the same run resumes as before
+    assert same.resumed == 3 and asked == []
+    path.write_text(written + written.splitlines()[0] + "\n")
+    with pytest.raises(pmod.PModInputError, match="a second prediction for id 'r1'"):
+        _run(tiny, records=records[:3], predictions_path=path, resume=True)
