@@ -24,6 +24,22 @@ _REPLACED = ".pmod-replaced-"
 _STALE_AFTER_S = 24 * 3600  # where process ids cannot be checked (not POSIX), leftovers older than this are stale
 
 
+def check_output_apart(output: str | os.PathLike, inputs: dict[str, str | os.PathLike | None],
+                       error: type[Exception], replaces: bool = False) -> None:
+    """Refuse an output folder that is one of the ``inputs`` (name -> path; None is skipped) or lies inside one, and,
+    for a command that replaces its output whole (``replaces``), one that holds an input: writing it would destroy
+    what the command reads. Paths are compared resolved, so links and ``..`` are seen through."""
+    out = Path(output).expanduser().resolve()
+    for name, source in inputs.items():
+        if source is None:
+            continue
+        src = Path(source).expanduser().resolve()
+        if out == src or src in out.parents or (replaces and out in src.parents):
+            where = "is" if out == src else "lies inside" if src in out.parents else "holds"
+            raise error(f"The output {output} {where} the {name} {source}: writing it would destroy what this command "
+                        "reads. Choose an output folder apart from its inputs.")
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and `os.replace` (removed again if anything fails)."""
     path = Path(path)

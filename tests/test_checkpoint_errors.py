@@ -409,3 +409,20 @@ def test_converted_folder_keeps_the_pmod_model_card(dense_dir, tmp_path):
     out = convert_dense(dense_dir, tmp_path / "out", pmod.PModConfig(schedule=[0.5, 0.5]))
     assert "import pmod" in (out / "README.md").read_text()
     assert (out / "special_tokens_map.json").read_text() == "{}"  # other files still come along
+
+
+def test_an_output_over_its_input_is_refused_before_anything_is_written(dense_dir, pmod_dir, tmp_path, capsys):
+    """`pmod convert dense D D --force` replaced the dense checkpoint with its conversion. Every writer refuses an
+    output that is its input or lies inside it (and, replacing a folder whole, one that holds it)."""
+    before = sorted(p.name for p in dense_dir.iterdir())
+    for out in (dense_dir, dense_dir / "converted", dense_dir.parent):
+        assert "would destroy what this command reads" in _convert_error(capsys, ["dense", str(dense_dir), str(out),
+                                                                                  "--force"])
+    assert sorted(p.name for p in dense_dir.iterdir()) == before
+    from pmod.files import check_output_apart
+
+    check_output_apart(tmp_path / "eval", {"model folder": pmod_dir}, ValueError)  # apart: fine
+    check_output_apart(tmp_path, {"model folder": pmod_dir}, ValueError)  # holds it, but only adds files: fine
+    capsys.readouterr()
+    assert main(["eval", str(pmod_dir), "--data", str(tmp_path / "d.json"), "--out", str(pmod_dir / "eval")]) == 2
+    assert "lies inside the model folder" in capsys.readouterr().err and not (pmod_dir / "eval").exists()

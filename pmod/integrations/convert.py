@@ -20,7 +20,7 @@ from typing import Any
 from ..checkpoints import check_weight_files, inspect_weight_files, preview
 from ..config import PModConfig, ResolvedPMod
 from ..errors import ConversionError, PModError, describe_names, one_line
-from ..files import recover_dir, write_dir_atomic
+from ..files import check_output_apart, recover_dir, write_dir_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ def convert_dense(src: str | os.PathLike, out: str | os.PathLike, config: PModCo
     from ..models import apply_pmod, check_loaded_weights, dense_model_class
 
     src, out = Path(src), Path(out)
+    check_output_apart(out, {"source checkpoint": src}, ConversionError, replaces=True)
     _check_source(src)
     _check_output(out, force)
     try:
@@ -370,6 +371,8 @@ def convert_original(
     from ..models import apply_pmod
 
     src, out = Path(src), Path(out)
+    check_output_apart(out, {"source checkpoint": src, "vision tower": vision_tower}, ConversionError,
+                       replaces=True)
     _check_source(src)
     _check_output(out, force)
     cfg, config_file = _read_original_config(src)

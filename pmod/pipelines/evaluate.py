@@ -42,7 +42,7 @@ from ..data.records import (
     video_paths,
 )
 from ..errors import PModInputError
-from ..files import write_json_atomic, write_text_atomic
+from ..files import check_output_apart, write_json_atomic, write_text_atomic
 from .generation import generate_batch, load_for_inference
 
 logger = logging.getLogger(__name__)
@@ -516,6 +516,7 @@ def evaluate(
 # ====================================================================== `pmod eval`
 def cmd_eval(args: argparse.Namespace) -> int:
     """`pmod eval`: evaluate a saved model on a LLaVA-format data file; writes predictions.jsonl and metrics.json."""
+    check_output_apart(args.out, {"model folder": args.model_dir}, PModInputError)
     records = load_records(args.data)
     if args.limit is not None:
         records = records[: args.limit]

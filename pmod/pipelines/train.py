@@ -41,7 +41,7 @@ from ..data.conversation import PLACEHOLDERS
 from ..data.records import SKIP_KEY, LlavaCollator, LlavaDataset, check_records, load_records, padding_image_processor
 from ..data.synthetic import SyntheticConfig
 from ..errors import PModConfigError, PModInputError, PModTrainingError
-from ..files import write_text_atomic
+from ..files import check_output_apart, write_text_atomic
 from ..testing.tiny import TinyModelSettings, build_tiny
 from .lora import LoraSettings
 
@@ -729,6 +729,9 @@ def train(config: TrainConfig, stop_after: int | None = None) -> TrainResult:
     """
     start = time.perf_counter()
     out = Path(config.output_dir)
+    # the final model is saved into output_dir: it must not be (or hold, or lie in) the model it starts from
+    base = config.model_name_or_path if config.model_name_or_path and Path(config.model_name_or_path).exists() else None
+    check_output_apart(out, {"base model": base}, PModConfigError)
     out.mkdir(parents=True, exist_ok=True)
     resume = _checkpoint_to_resume(config, out)
     # TrainingArguments first: it sets up the distributed state (and DeepSpeed ZeRO-3 partitioned loading)

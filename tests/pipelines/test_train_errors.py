@@ -8,7 +8,9 @@ import yaml
 from llava_data import colour_records, write_records
 from test_train import _config
 
+import pmod
 import pmod.pipelines.train
+import pmod.testing.tiny
 from pmod.errors import PModConfigError, PModError, PModInputError, PModTrainingError
 from pmod.pipelines.train import TrainConfig, load_config, train
 
@@ -277,3 +279,16 @@ def test_cli_prints_one_line_and_exits_2(recipe, capsys, overrides, message):
     assert main(["train", str(recipe), *overrides]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("pmod train: error: ") and message in err[0], err
+
+
+def test_an_output_dir_in_the_base_model_is_refused(data, tmp_path):
+    """The final model is saved into output_dir: a run started from a saved model into that same folder (or inside
+    it) would overwrite what it trains from."""
+    base = tmp_path / "base"
+    pmod.apply_pmod(pmod.testing.tiny.tiny_llava(num_layers=2), pmod.PModConfig(schedule=[0.5, 1.0])).save_pretrained(base)
+    before = sorted(p.name for p in base.iterdir())
+    for out in (base, base / "run"):
+        config = _config(data, out, tiny_model=None, model_name_or_path=str(base))
+        with pytest.raises(PModConfigError, match="would destroy what this command reads"):
+            train(config)
+    assert sorted(p.name for p in base.iterdir()) == before
