@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 import torch
 import transformers
+import yaml
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
@@ -344,18 +345,43 @@ def _check_trainer(settings: dict[str, Any]) -> dict[str, Any]:
     return settings
 
 
+class RecipeLoader(yaml.SafeLoader):
+    """YAML's safe loader, stricter for recipes: a key given twice (``pmod:`` then ``pmod: null`` silently trained the
+    dense baseline) and aliases (``*name``: a 512-byte recipe of nested aliases expanded to gigabytes when saved) are
+    errors that point at the line."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a training recipe: write "
+                                              "the value out where it is used", self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice; keep one",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_recipe_yaml(text: str) -> Any:
+    """``text`` parsed with `RecipeLoader` (`yaml.YAMLError` on a duplicate key or an alias)."""
+    return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML recipe and apply ``key=value`` overrides (dotted keys reach into mappings: ``trainer.max_steps=10``,
     ``pmod.average_ratio=0.3``; values are YAML)."""
-    import yaml
-
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise PModConfigError(f"training recipe {path} does not exist")
         try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            values = read_recipe_yaml(path.read_text(encoding="utf-8")) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise PModConfigError(f"training recipe {path} is not valid YAML: {exc}") from exc
         if not isinstance(values, dict):
@@ -365,7 +391,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         if not sep or not key:
             raise PModConfigError(f"override {item!r} is not of the form key=value (e.g. trainer.learning_rate=1e-5)")
         try:
-            value = yaml.safe_load(raw) if raw else None
+            value = read_recipe_yaml(raw) if raw else None
         except yaml.YAMLError as exc:
             raise PModConfigError(f"override {item!r}: the value is not valid YAML ({exc}); quote it, or write "
                                   "lists as [a, b]") from exc
@@ -879,10 +905,8 @@ def _checkpoint_to_resume(config: TrainConfig, out: Path) -> str | None:
     newest = max(complete)[1]
     previous = out / "pmod_train.yaml"
     if previous.is_file():
-        import yaml
-
         try:
-            old = yaml.safe_load(previous.read_text(encoding="utf-8")) or {}
+            old = read_recipe_yaml(previous.read_text(encoding="utf-8")) or {}
             if not isinstance(old, dict):
                 raise yaml.YAMLError("not a mapping of settings")
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
@@ -1009,6 +1033,4 @@ def _training_arguments(config: TrainConfig) -> TrainingArguments:
 
 def _save_recipe(config: TrainConfig, out: Path) -> None:
     """The resolved recipe beside the checkpoints (written atomically), so a run can be reproduced."""
-    import yaml
-
     write_text_atomic(out / "pmod_train.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))

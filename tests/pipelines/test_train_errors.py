@@ -292,3 +292,19 @@ def test_an_output_dir_in_the_base_model_is_refused(data, tmp_path):
         with pytest.raises(PModConfigError, match="would destroy what this command reads"):
             train(config)
     assert sorted(p.name for p in base.iterdir()) == before
+
+
+@pytest.mark.parametrize("text, message", [
+    ("output_dir: runs/x\npmod: {}\npmod: null\n", "the key .pmod. is given twice"),
+    ("trainer:\n  max_steps: 5\n  max_steps: 6\n", "the key 'max_steps' is given twice"),
+    ("a: &a [1, 2, 3, 4, 5, 6, 7, 8, 9]\nb: [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n", r"aliases \(\*name\) are not allowed"),
+])
+def test_duplicate_keys_and_aliases_in_a_recipe_are_refused(tmp_path, text, message):
+    """A second `pmod:` (null) silently trained the dense baseline; an 8-level alias bomb of 512 bytes passed
+    validation and took minutes and gigabytes when the recipe was saved."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(text)
+    with pytest.raises(PModConfigError, match=message):
+        load_config(recipe)
+    with pytest.raises(PModConfigError, match="not valid YAML"):
+        load_config(None, ["pmod={a: 1, a: 2}"])
