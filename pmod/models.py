@@ -361,12 +361,13 @@ PROMPT_ARGUMENTS = ("target_mask", "target_counts")
 
 def _image_mismatch_message(model, arguments: dict[str, Any]) -> str:
     image_token_id = model.config.image_token_id
-    input_ids, pixel_values = arguments.get("input_ids"), arguments.get("pixel_values")
+    input_ids = arguments.get("input_ids")
     per_row = (input_ids == image_token_id).sum(dim=1).tolist() if input_ids is not None else "?"
-    n_images = pixel_values.shape[0] if pixel_values is not None else 0
+    n_images = _count_images(arguments)
     expected = ""
     vision = model.config.vision_config
-    if getattr(model.config, "image_grid_pinpoints", None) is None:
+    fixed = getattr(model.config, "image_grid_pinpoints", None) is None and hasattr(vision, "image_size")
+    if fixed and isinstance(n_images, int):  # LLaVA-1.5: a fixed number of tokens per image
         per_image = (vision.image_size // vision.patch_size) ** 2
         per_image += int(getattr(model.config, "vision_feature_select_strategy", "default") == "full")
         expected = f"; this model needs {per_image} image tokens per image, {per_image * n_images} in all"
@@ -375,6 +376,26 @@ def _image_mismatch_message(model, arguments: dict[str, Any]) -> str:
         f"(config.image_token_id={image_token_id}) for {n_images} image(s){expected}. Build inputs with the model's "
         "processor, which expands each image placeholder to the right number of image tokens."
     )
+
+
+def _count_images(arguments: dict[str, Any]) -> int | str:
+    """How many images a forward was given: pixel values (LLaVA), grids (Qwen2-VL) or, under generate(), the
+    encoded images; "?" when none of them says."""
+    extra = arguments.get("kwargs") or {}
+    grid = arguments.get("image_grid_thw", extra.get("image_grid_thw"))
+    if grid is not None:
+        return int(grid.shape[0])
+    pixel_values = arguments.get("pixel_values", extra.get("pixel_values"))
+    if pixel_values is not None:
+        return int(pixel_values.shape[0])
+    encoded = arguments.get("mm_encoder_outputs", extra.get("mm_encoder_outputs"))
+    encoded = encoded.get("image") if isinstance(encoded, dict) else encoded
+    encoded = getattr(encoded, "pooler_output", encoded)  # a vision-encoder output: its per-image features
+    if isinstance(encoded, (list, tuple)):
+        return len(encoded)
+    if isinstance(encoded, torch.Tensor) and encoded.dim() == 3:
+        return int(encoded.shape[0])
+    return "?"
 
 
 def _make_from_pretrained(base_from_pretrained):

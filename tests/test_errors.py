@@ -19,6 +19,26 @@ def test_image_token_count_mismatch():
     ids[0, 2:12] = model.config.image_token_id  # 10 tokens, the image has 16 features
     with pytest.raises(pmod.PModInputError, match=r"hold \[10\] image tokens per row .* for 1 image\(s\); this model needs 16 image tokens per image"):
         model(input_ids=ids, pixel_values=torch.randn(1, 3, 28, 28))
+    # under generate() the images arrive encoded: still counted (it said "0 image(s)")
+    with torch.no_grad(), pytest.raises(pmod.PModInputError, match=r"for 1 image\(s\); this model needs 16"):
+        model.generate(input_ids=ids, pixel_values=torch.randn(1, 3, 28, 28), max_new_tokens=2)
+
+
+def test_image_token_count_mismatch_on_qwen2_vl():
+    """Qwen2-VL with more image tokens than features: the message was an AttributeError (no vision image_size)."""
+    from test_qwen2_vl import qwen_inputs
+
+    from pmod.testing.tiny import tiny_qwen2_vl
+
+    model = pmod.apply_pmod(tiny_qwen2_vl(), pmod.PModConfig(schedule=[0.5, 1.0, 0.3, 0.6]))
+    inputs, _ = qwen_inputs(model, rows=[(("image", 1, 4, 4), (2, 3))])
+    extra = torch.full((1, 2), model.config.image_token_id)
+    inputs["input_ids"] = torch.cat([inputs["input_ids"][:, :3], extra, inputs["input_ids"][:, 3:]], 1)
+    inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"][:, :3], torch.ones_like(extra),
+                                             inputs["mm_token_type_ids"][:, 3:]], 1)
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    with torch.no_grad(), pytest.raises(pmod.PModInputError, match=r"hold \[6\] image tokens per row .* for 1 image"):
+        model(**inputs)
 
 
 @pytest.mark.parametrize("dtype, alpha", [(torch.float32, 1e39), (torch.float16, 1e5), (torch.bfloat16, 3.4e38)])
