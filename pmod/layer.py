@@ -70,7 +70,10 @@ class PModLayerMixin:
 
         if pmod_plan.dense_step:
             # Nothing to route (a decoding step, a text-only batch): the plain dense layer, on every token.
-            mask = self._dense_step_mask(attention_mask, cache, pmod_plan, batch, length, x.device, float_dtype)
+            mask, held = self._dense_step_mask(attention_mask, cache, pmod_plan, batch, length, x.device, float_dtype)
+            if kwargs.get("output_attentions"):
+                self.self_attn._pmod_layout = (None, None, held, length, _logical_width(attention_mask, cache, spec,
+                                                                                      pmod_plan, length))
             h, mlp_out = self._attention_mlp(x, mask, position_ids, position_embeddings, attend)
             if pmod_plan.decoding and not self.training:
                 # a decoding step neither runs the router nor replaces the prompt's routing record
@@ -114,7 +117,10 @@ class PModLayerMixin:
         # read non-contiguous ids at batch 1 as packed sequences, eager and sdpa do not read them)
         position_ids = None
         uniform = pmod_plan.uniform[spec.index]
-        mask = self._stage_and_mask(attention_mask, sel, cache, pmod_plan, length, uniform, float_dtype)
+        mask, held = self._stage_and_mask(attention_mask, sel, cache, pmod_plan, length, uniform, float_dtype)
+        if kwargs.get("output_attentions"):  # maps over sequence positions, not the gathered slots (`_maps_over_positions`)
+            self.self_attn._pmod_layout = (pos, sel.slot_valid, held, length, _logical_width(attention_mask, cache, spec,
+                                                                                         pmod_plan, length))
         h, mlp_out = self._attention_mlp(xs, mask, position_ids, (cos, sin), attend)
 
         slot_weight = weight.gather(1, pos)[..., None]  # (B, S, 1)
@@ -161,8 +167,9 @@ class PModLayerMixin:
         # Plain causal attention (mask None) is exact when every slot holds a token and the queries either
         # are all the keys (ascending positions) or are a single token that sees every held key.
         causal_ok = uniform and not held_empty and (columns.shape[1] == width or width == 1)
-        return _subset_mask(attention_mask, sel.positions, query_columns, sel.slot_valid, columns, first_new, causal_ok,
+        mask = _subset_mask(attention_mask, sel.positions, query_columns, sel.slot_valid, columns, first_new, causal_ok,
                             True, float_dtype)
+        return mask, columns
 
     def _dense_step_mask(self, attention_mask, cache, plan: RoutingPlan, batch: int, length: int,
                          device: torch.device, float_dtype):
@@ -172,12 +179,13 @@ class PModLayerMixin:
         if columns is None:  # a dense step of `RoutingPlan.build` (no padding, no target)
             columns = (plan.past_length + torch.arange(length, device=device)).expand(batch, length)
         if cache is None:
-            return attention_mask  # the keys are the queries: the model's own mask
+            return attention_mask, columns  # the keys are the queries: the model's own mask
         layer = cache.layers[self.pmod_spec.index]
         held, first_new = layer.stage(columns, length, full=True)  # (B, S_held)
         fast_path = not layer.has_empty_slots and (held.shape[1] == length or length == 1)
-        return _subset_mask(attention_mask, None, columns, None, held, first_new, fast_path, layer.has_empty_slots,
+        mask = _subset_mask(attention_mask, None, columns, None, held, first_new, fast_path, layer.has_empty_slots,
                             float_dtype)
+        return mask, held
 
     def _record(self, plan: RoutingPlan, sel: Selection, logits: torch.Tensor) -> None:
         self.last_routing = LayerRouting(
@@ -200,6 +208,37 @@ def attention_backends(device: torch.device) -> contextlib.AbstractContextManage
     """The scaled-dot-product-attention backends a routed layer may use on ``device``: every one but cuDNN on CUDA,
     PyTorch's own choice elsewhere."""
     return sdpa_kernel(list(_SDPA_BACKENDS)) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _logical_width(attention_mask, cache, spec: RoutedLayerSpec, plan: RoutingPlan, length: int) -> int:
+    """The key width of the dense model's attention maps for this step: past + T, or a static cache's length."""
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return attention_mask.shape[-1]
+    if isinstance(plan.past_length, int):
+        return plan.past_length + length
+    return cache.layers[spec.index].max_cache_len
+
+
+def _maps_over_positions(module: nn.Module, args, output):
+    """Forward hook of a routed layer's attention (registered first): its attention weights cover the gathered slots
+    and held keys, (B, H, S, S_kv); with ``output_attentions`` they are returned over sequence positions and logical
+    key columns, (B, H, T, past + T), as the dense model's, zero where a token was not processed or a key not held."""
+    layout = module.__dict__.pop("_pmod_layout", None)
+    if layout is None or not isinstance(output, tuple) or len(output) < 2 or output[1] is None:
+        return None
+    positions, slot_valid, kv_columns, length, width = layout
+    weights = output[1]  # (B, H, S, S_kv)
+    batch, heads, slots, keys = weights.shape
+    weights = weights * (kv_columns >= 0)[:, None, None, :].to(weights.dtype)  # empty key slots hold nothing
+    if slot_valid is not None:
+        weights = weights * slot_valid[:, None, :, None].to(weights.dtype)  # an empty query slot is no token's row
+    columns = kv_columns.clamp(min=0)[:, None, None, :].expand(batch, heads, slots, keys)
+    rows = weights.new_zeros(batch, heads, slots, width).scatter_add_(3, columns, weights)  # (B, H, S, width)
+    if positions is None:  # a dense step: the slots are the positions
+        return (output[0], rows, *output[2:])
+    maps = weights.new_zeros(batch, heads, length, width)
+    maps.scatter_(2, positions[:, None, :, None].expand(batch, heads, slots, width), rows)  # (B, H, T, width)
+    return (output[0], maps, *output[2:])
 
 
 def _check_weight_range(spec: RoutedLayerSpec, dtype: torch.dtype) -> None:
@@ -306,6 +345,9 @@ def convert_decoder_layer(layer: nn.Module, spec: RoutedLayerSpec) -> nn.Module:
             zero_router(layer.router)
     layer.pmod_spec = spec
     layer.last_routing = None
+    if not getattr(layer.self_attn, "_pmod_maps_hook", False):
+        layer.self_attn.register_forward_hook(_maps_over_positions, prepend=True)
+        layer.self_attn._pmod_maps_hook = True
     return layer
 
 

@@ -263,3 +263,41 @@ def test_high_resolution_targets_refuse_multi_image_onevision_rows():
     with pytest.raises(pmod.PModInputError, match="one image per row"):
         model(input_ids=ids, pixel_values=torch.zeros(2, 5, 3, 28, 28), image_sizes=torch.tensor([[28, 28], [28, 28]]),
               batch_num_images=torch.tensor([2]))
+
+
+def test_attention_maps_are_over_sequence_positions():
+    """output_attentions returned routed layers' maps in the gathered order (processed tokens first, padding after):
+    at keep ratio 1 a left-padded row's map was shifted. They are over positions now: equal to the dense maps at
+    keep ratio 1 (prefill and a cached decoding step); with routing, a skipped token's row is zero and every
+    processed row sums to 1 over the keys the layer holds."""
+    dense = tiny_llava(num_layers=4, attn_implementation="eager")
+    inputs, _ = llava_inputs(dense)
+    mask = inputs["attention_mask"].bool()
+    step = dict(input_ids=torch.randint(1, 100, (4, 1), generator=torch.Generator().manual_seed(5)),
+                attention_mask=torch.cat([inputs["attention_mask"], torch.ones(4, 1, dtype=torch.long)], 1),
+                position_ids=inputs["position_ids"][:, -1:] + 1, output_attentions=True)
+    with torch.no_grad():
+        want = dense(**inputs, output_attentions=True, use_cache=True)
+        want_step = dense(**step, **cache_kwargs(output_cache(want))).attentions
+        routed = pmod.apply_pmod(dense, all_routed(4))
+        got = routed(**inputs, output_attentions=True, use_cache=True)
+        got_step = routed(**step, **cache_kwargs(output_cache(got))).attentions
+    for a, b in zip(got.attentions, want.attentions):
+        assert a.shape == b.shape
+        for row in range(mask.shape[0]):
+            v = mask[row]
+            torch.testing.assert_close(a[row][:, v][:, :, v], b[row][:, v][:, :, v], rtol=0, atol=1e-6)
+    for a, b in zip(got_step, want_step):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+    model = pmod.apply_pmod(tiny_llava(num_layers=4, attn_implementation="eager"), pmod.PModConfig(schedule=[1.0, 0.5, 0.3, 0.6]))
+    randomize_routers(model)
+    with torch.no_grad():
+        maps = model(**inputs, output_attentions=True).attentions
+    for index, routing in model.routing().items():
+        processed = routing.processed  # (B, T)
+        sums = maps[index].sum(-1)  # (B, H, T)
+        assert torch.all(sums[~processed[:, None, :].expand_as(sums)] == 0)
+        torch.testing.assert_close(sums[processed[:, None, :].expand_as(sums)], torch.ones(int(processed.sum()) * 4))
+        held = maps[index].sum(dim=(1, 2)) > 0  # (B, T) keys that received attention
+        assert not (held & ~processed).any()  # a key the layer does not hold gets none
