@@ -40,6 +40,51 @@ def check_output_apart(output: str | os.PathLike, inputs: dict[str, str | os.Pat
                         "reads. Choose an output folder apart from its inputs.")
 
 
+@contextlib.contextmanager
+def output_lock(output: str | os.PathLike, command: str, error: type[Exception]):
+    """Hold an exclusive lock on the output folder ``output`` while ``command`` writes it: a second run into the same
+    folder is refused at once, naming the one that holds it, instead of both "succeeding" with a mix of their files.
+    The lock is an advisory lock (``flock``) on a hidden sibling file, released when the holder ends, however it ends
+    (the kernel drops it with the process); the file, and any parent folder made for it, is removed on release.
+    Where ``fcntl`` is missing (not POSIX) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    output = Path(output)
+    created = _make_parents(output.parent)
+    path = output.parent / f".{output.name}.pmod-lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            for folder in reversed(created):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            raise error(f"{output} is being written by another pmod run ({holder}); wait for it to end, or choose "
+                        "another output folder.") from None
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break  # the file is still the one at the path (a holder that ended removes it)
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{command}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still holding it: a run that opened it meanwhile sees another inode
+        os.close(fd)
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):  # only if the run left it empty
+                folder.rmdir()
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and `os.replace` (removed again if anything fails)."""
     path = Path(path)

@@ -426,3 +426,24 @@ def test_an_output_over_its_input_is_refused_before_anything_is_written(dense_di
     capsys.readouterr()
     assert main(["eval", str(pmod_dir), "--data", str(tmp_path / "d.json"), "--out", str(pmod_dir / "eval")]) == 2
     assert "lies inside the model folder" in capsys.readouterr().err and not (pmod_dir / "eval").exists()
+
+
+def test_a_second_run_into_a_held_output_is_refused(dense_dir, pmod_dir, tmp_path, capsys):
+    """Two runs into one output folder both "succeeded" with a mix of their files: the folder is held while a run
+    writes it, and a second run is refused naming the holder; the lock goes with the holder."""
+    from pmod.files import output_lock
+
+    out = tmp_path / "out"
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps([{"id": "a", "conversations": [{"from": "human", "value": "hi ?"},
+                                                             {"from": "gpt", "value": "yes"}]}]))
+    with output_lock(out, "pmod train", CheckpointError):
+        assert "is being written by another pmod run (pmod train, pid" in _convert_error(
+            capsys, ["dense", str(dense_dir), str(out)])
+        assert main(["eval", str(pmod_dir), "--data", str(data), "--out", str(out)]) == 2
+        assert "being written by another pmod run" in capsys.readouterr().err
+        with pytest.raises(CheckpointError, match="being written"), output_lock(out, "pmod eval", CheckpointError):
+            pass
+    with output_lock(out, "pmod eval", CheckpointError):  # released
+        pass
+    assert main(["convert", "dense", str(dense_dir), str(out)]) == 0 and (out / "config.json").is_file()

@@ -20,7 +20,7 @@ from typing import Any
 from ..checkpoints import check_weight_files, inspect_weight_files, preview
 from ..config import PModConfig, ResolvedPMod
 from ..errors import ConversionError, PModError, describe_names, one_line
-from ..files import check_output_apart, recover_dir, write_dir_atomic
+from ..files import check_output_apart, output_lock, recover_dir, write_dir_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +92,11 @@ def _check_source(src: Path) -> None:
 
 
 def _write_output(out: Path, write, force: bool) -> None:
+    with output_lock(out, "pmod convert", ConversionError):
+        _write_locked(out, write, force)
+
+
+def _write_locked(out: Path, write, force: bool) -> None:
     """`write_dir_atomic`, replacing an existing OUT only with --force (checked again at the end: a folder that
     appeared while converting is never deleted)."""
     try:

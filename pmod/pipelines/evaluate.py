@@ -42,7 +42,7 @@ from ..data.records import (
     video_paths,
 )
 from ..errors import PModInputError
-from ..files import check_output_apart, write_json_atomic, write_text_atomic
+from ..files import check_output_apart, output_lock, write_json_atomic, write_text_atomic
 from .generation import generate_batch, load_for_inference
 
 logger = logging.getLogger(__name__)
@@ -515,17 +515,23 @@ def evaluate(
 
 # ====================================================================== `pmod eval`
 def cmd_eval(args: argparse.Namespace) -> int:
-    """`pmod eval`: evaluate a saved model on a LLaVA-format data file; writes predictions.jsonl and metrics.json."""
+    """`pmod eval`: evaluate a saved model on a LLaVA-format data file; writes predictions.jsonl and metrics.json.
+    The output folder is held for the run (`pmod.files.output_lock`): a second run into it is refused."""
     check_output_apart(args.out, {"model folder": args.model_dir}, PModInputError)
     records = load_records(args.data)
     if args.limit is not None:
         records = records[: args.limit]
     if not records:
         raise PModInputError(f"{args.data} holds no records")
+    out = Path(args.out)
+    with output_lock(out, "pmod eval", PModInputError):
+        return _eval_into(args, out, records)
+
+
+def _eval_into(args: argparse.Namespace, out: Path, records: list[dict[str, Any]]) -> int:
     image_folder = Path(args.image_folder) if args.image_folder else Path(args.data).resolve().parent
     # a dense baseline stays dense; text-only models evaluate too (a bare tokenizer as processor)
     model, processor = load_for_inference(args.model_dir, dtype=args.dtype, device=args.device)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = evaluate(
         model,

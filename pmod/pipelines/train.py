@@ -15,6 +15,7 @@ FSDP through ``trainer.fsdp`` / an accelerate config). What this module adds:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import functools
@@ -42,7 +43,7 @@ from ..data.conversation import PLACEHOLDERS
 from ..data.records import SKIP_KEY, LlavaCollator, LlavaDataset, check_records, load_records, padding_image_processor
 from ..data.synthetic import SyntheticConfig
 from ..errors import PModConfigError, PModInputError, PModTrainingError
-from ..files import check_output_apart, write_text_atomic
+from ..files import check_output_apart, output_lock, write_text_atomic
 from ..testing.tiny import TinyModelSettings, build_tiny
 from .lora import LoraSettings
 
@@ -749,15 +750,22 @@ def prepare_data(config: TrainConfig) -> tuple[Path, Path | None, list[str]]:
 
 def train(config: TrainConfig, stop_after: int | None = None) -> TrainResult:
     """Run a training recipe; saves checkpoints under ``output_dir`` and the final model (with its processor) there.
+    The main process holds ``output_dir`` (`pmod.files.output_lock`): a second run into it is refused.
 
     ``stop_after`` ends the run after that many optimizer steps with a checkpoint, as a kill would between two
     saves (used by tests of resuming).
     """
-    start = time.perf_counter()
     out = Path(config.output_dir)
-    # the final model is saved into output_dir: it must not be (or hold, or lie in) the model it starts from
+    # the final model is saved into output_dir: it must not be (or lie in) the model it starts from
     base = config.model_name_or_path if config.model_name_or_path and Path(config.model_name_or_path).exists() else None
     check_output_apart(out, {"base model": base}, PModConfigError)
+    main_process = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0  # other ranks share the folder
+    with output_lock(out, "pmod train", PModInputError) if main_process else contextlib.nullcontext():
+        return _train(config, out, stop_after)
+
+
+def _train(config: TrainConfig, out: Path, stop_after: int | None) -> TrainResult:
+    start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     resume = _checkpoint_to_resume(config, out)
     # TrainingArguments first: it sets up the distributed state (and DeepSpeed ZeRO-3 partitioned loading)
