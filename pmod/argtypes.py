@@ -14,6 +14,16 @@ def positive_int(value: str) -> int:
     return number
 
 
+MAX_LAYERS = 4096  # far above any decoder's depth; a typo of 10^8 layers would print for minutes
+
+
+def layer_count(value: str) -> int:
+    number = positive_int(value)
+    if number > MAX_LAYERS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_LAYERS} decoder layers, got {value}")
+    return number
+
+
 def nonnegative_int(value: str) -> int:
     number = _parse(int, value, "an integer")
     if number < 0:
@@ -25,6 +35,17 @@ def nonnegative_float(value: str) -> float:
     number = _parse(float, value, "a number")
     if not math.isfinite(number) or number < 0:
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
+    return number
+
+
+MAX_TEMPERATURE = 100.0  # beyond this sampling is uniform noise, and past ~1e300 the probabilities stop being numbers
+
+
+def temperature(value: str) -> float:
+    """A sampling temperature: 0 (greedy) up to `MAX_TEMPERATURE`."""
+    number = nonnegative_float(value)
+    if number > MAX_TEMPERATURE:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_TEMPERATURE:g} (0 = greedy), got {value}")
     return number
 
 

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import __version__, schedules
-from .argtypes import nonnegative_float, nonnegative_int, positive_int, ratio
+from .argtypes import layer_count, nonnegative_int, positive_int, ratio, temperature
 from .config import PModConfig
 from .errors import PModError, one_line
 
@@ -66,8 +66,9 @@ def cmd_schedule(args: argparse.Namespace) -> int:
         _emit(json.dumps({"layer_ratios": ratios, "routed_layers": routed, "mean_ratio": mean}))
         return 0
     _emit(f"{config.schedule} schedule, {args.layers} layers")
+    routed_set = set(routed)
     for i, r in enumerate(ratios):
-        _emit(f"  layer {i:3d}  {'routed' if i in routed else 'dense '}  keep {r:.4f}")
+        _emit(f"  layer {i:3d}  {'routed' if i in routed_set else 'dense '}  keep {r:.4f}")
     _emit(f"mean keep ratio over all layers (dense = 1): {mean:.4f}")
     return 0
 
@@ -164,9 +165,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
             sys.stderr.write("> ")
             sys.stderr.flush()
 
+    def complain(message: str) -> None:
+        sys.stderr.write(f"pmod chat: {message}\n")
+
     if interactive:
         sys.stderr.write("Ask about the image; 'exit' or Ctrl-D ends the session.\n")
-    chat_loop(session, sys.stdin, write, marker)
+    if hasattr(sys.stdin, "reconfigure"):  # undecodable bytes stay escaped: one bad line is refused, not the session
+        sys.stdin.reconfigure(errors="surrogateescape")
+    chat_loop(session, sys.stdin, write, marker, complain)
     return 0
 
 
@@ -226,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("schedule", help="print the per-layer keep ratios of a schedule")
-    p.add_argument("--layers", type=positive_int, default=32)
+    p.add_argument("--layers", type=layer_count, default=32, help="decoder layers (default: 32)")
     p.add_argument("--json", action="store_true")
     _schedule_args(p)
     p.set_defaults(func=cmd_schedule)
@@ -267,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", required=True)
     p.add_argument("--prompt", help="one-shot question; without it, read questions from standard input")
     p.add_argument("--max-new-tokens", type=positive_int, default=128)
-    p.add_argument("--temperature", type=nonnegative_float, default=0.0, help="0 = greedy")
+    p.add_argument("--temperature", type=temperature, default=0.0, help="0 = greedy, at most 100 (default: 0)")
     p.add_argument("--dtype", choices=DTYPES, default=None)
     p.add_argument("--device", default=None, help="e.g. cuda, cuda:1, mps, cpu (default: where the model loads)")
     p.set_defaults(func=cmd_chat)

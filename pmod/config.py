@@ -231,7 +231,8 @@ class ResolvedPMod:
             _check_ratio(r, f"layer_ratios[{i}]")
         if not routed or any(not 0 <= i < len(ratios) for i in routed):
             raise PModConfigError(f"config.pmod.routed_layers {routed} is empty or out of range for {len(ratios)} layers.")
-        unrouted = [i for i, r in enumerate(ratios) if r < 1.0 and i not in routed]
+        routed_set = set(routed)
+        unrouted = [i for i, r in enumerate(ratios) if r < 1.0 and i not in routed_set]
         if unrouted:
             raise PModConfigError(
                 f"config.pmod: layers {unrouted} have keep ratios below 1 ({[ratios[i] for i in unrouted]}) but are not "

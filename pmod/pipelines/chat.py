@@ -7,9 +7,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..data.conversation import render
+import logging
+
+from ..data.conversation import PLACEHOLDERS, render
 from ..data.records import load_image  # noqa: F401  (part of this module's API: pmod.pipelines.chat.load_image)
+from ..errors import PModError, PModInputError
 from .generation import Generation, generate_batch
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -24,31 +29,46 @@ class ChatSession:
     messages: list[dict] = field(default_factory=list)
 
     def ask(self, prompt: str, write: Callable[[str], None] | None = None) -> tuple[str, Generation]:
-        """Answer ``prompt`` (the answer's text streamed to ``write``); returns the answer and what it cost."""
+        """Answer ``prompt`` (the answer's text streamed to ``write``); returns the answer and what it cost. A prompt
+        that names a placeholder (``<image>``: pmod places the image itself) is refused; a refused or failed turn
+        leaves the conversation as it was."""
+        typed = [p for p in PLACEHOLDERS if p in prompt]
+        if typed:
+            raise PModInputError(f"the prompt contains {', '.join(typed)}: pmod places the image itself; ask without it")
         content = [{"type": "text", "text": prompt}]
         if not self.messages:
             content.insert(0, {"type": "image"})
-        self.messages.append({"role": "user", "content": content})
-        text = render(self.processor, self.messages, add_generation_prompt=True)
+        turn = [*self.messages, {"role": "user", "content": content}]
+        text = render(self.processor, turn, add_generation_prompt=True)
         sampling = {"do_sample": True, "temperature": self.temperature} if self.temperature > 0 else {}
         out = generate_batch(self.model, self.processor, [text], [[self.image]], max_new_tokens=self.max_new_tokens,
                              write=write, **sampling)
         answer = out.texts[0]
-        self.messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        self.messages = [*turn, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
         return answer, out
 
 
-def chat_loop(session: ChatSession, lines: Iterable[str], write: Callable[[str], None], prompt_marker: Callable[[], None]) -> int:
-    """Answer each non-empty line until it ends or says exit/quit; returns the number of turns."""
+def chat_loop(session: ChatSession, lines: Iterable[str], write: Callable[[str], None], prompt_marker: Callable[[], None],
+              complain: Callable[[str], None] | None = None) -> int:
+    """Answer each non-empty line until it ends or says exit/quit; returns the number of turns. A line that cannot be
+    answered (bad input, or text that is not UTF-8 when ``lines`` decodes with ``surrogateescape``) is reported to
+    ``complain`` and the conversation goes on."""
+    complain = complain or (lambda message: logger.error("%s", message))
     turns = 0
     prompt_marker()
     for line in lines:
         line = line.strip()
         if line in ("exit", "quit"):
             break
-        if line:
-            _, stats = session.ask(line, write)
-            write(f"[{stats.summary()}]\n")
-            turns += 1
+        if line and any("\udc80" <= c <= "\udcff" for c in line):  # undecodable bytes, escaped by the reader
+            complain("that line is not UTF-8 text; not asked")
+        elif line:
+            try:
+                _, stats = session.ask(line, write)
+            except PModError as exc:
+                complain(str(exc))
+            else:
+                write(f"[{stats.summary()}]\n")
+                turns += 1
         prompt_marker()
     return turns

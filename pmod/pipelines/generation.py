@@ -38,6 +38,25 @@ PLACEHOLDER_TOKENS = ("image_token_id", "video_token_id", "vision_start_token_id
 
 
 # ====================================================================== loading
+def usable_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device that this machine has; a `PModInputError` saying what is wrong otherwise (a name
+    torch does not know, a CUDA device on a build of torch without CUDA or a machine without a GPU, an index past the
+    devices there are)."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise PModInputError(f"Unknown device {str(device)!r}: use cpu, cuda, cuda:N or mps.") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this build of torch has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise PModInputError(f"Device {str(device)!r} asked for, but {why}; use --device cpu.")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise PModInputError(f"Device {str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) here.")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise PModInputError(f"Device {str(device)!r} asked for, but MPS is not available here; use --device cpu.")
+    return device
+
+
 def load_for_inference(
     path: str | os.PathLike,
     *,
@@ -59,6 +78,8 @@ def load_for_inference(
     """
     if pmod_config is not None and dense is not False:
         raise PModConfigError("pmod_config converts a dense checkpoint into p-MoD: pass dense=False with it")
+    if device is not None:
+        device = usable_device(device)
     if isinstance(dtype, str) and dtype != "auto":
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise PModConfigError(f"dtype must be auto, float16, bfloat16 or float32, got {dtype!r}")

@@ -2,6 +2,7 @@
 
 import logging
 
+import numpy as np
 import pytest
 import torch
 from llava_data import colour_records, write_records
@@ -15,6 +16,7 @@ from pmod.data.records import (
     Encoder,
     LlavaCollator,
     LlavaDataset,
+    load_image,
     load_records,
     padding_image_processor,
 )
@@ -160,6 +162,37 @@ def test_bad_images_are_skipped_and_counted(processor, tmp_path, caplog):
     assert batch[SKIP_KEY].item() == 3 and sorted(collator.skipped) == ["s1", "s2", "s4"]
     assert batch["input_ids"].shape[0] == 6  # replaced by the next usable record, not dropped
     assert sum("skipping record" in r.message for r in caplog.records) == 3
+
+
+def test_an_image_over_the_bomb_limit_is_skipped_and_counted(processor, tmp_path, monkeypatch):
+    """PIL's DecompressionBombError stopped `pmod train` with an "unexpected" error: it is an unreadable image now."""
+    from PIL import Image
+
+    records = colour_records(tmp_path, n=3)
+    Image.new("RGB", (300, 300), (1, 2, 3)).save(tmp_path / "img/1.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)  # 300 x 300 is over twice the limit
+    with pytest.raises(pmod.PModInputError, match=r"img/1\.png is larger than PIL's decompression-bomb limit"):
+        load_image(tmp_path / "img/1.png")
+    collator = LlavaCollator(pad_token_id=0, count_in_batch=True)
+    dataset = LlavaDataset(records, processor, tmp_path)
+    batch = collator([dataset[i] for i in range(3)])
+    assert batch[SKIP_KEY].item() == 1 and collator.skipped == ["s1"]
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_high_bit_depth_images_are_scaled_not_clipped(tmp_path, mode):
+    """A 16-bit PNG became a white image (PIL clips on a plain RGB conversion): the range is scaled to 8 bits."""
+    from PIL import Image
+
+    ramp = np.linspace(0, 65535 if mode != "F" else 1.0, 64 * 32).reshape(32, 64)
+    img = Image.fromarray(ramp.astype(np.uint16 if mode == "I;16" else np.int32 if mode == "I" else np.float32))
+    if mode == "I;16":
+        assert img.mode == "I;16"
+    path = tmp_path / ("img.png" if mode == "I;16" else "img.tiff")
+    img.save(path)
+    loaded = np.asarray(load_image(path))
+    assert loaded.shape == (32, 64, 3) and loaded[0, 0, 0] == 0 and loaded[-1, -1, 0] == 255
+    assert 100 < loaded[16, :, 0].mean() < 155  # mid-grey in the middle, not white
 
 
 def test_collated_loss_equals_per_example_losses(tmp_path):

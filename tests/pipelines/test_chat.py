@@ -87,3 +87,24 @@ def test_chat_with_a_qwen2_vl_model(tmp_path, capsys):
     _, stats = session.ask("what is in the image ?")
     assert {124, 125, 126, 127} <= set(seen["suppress_tokens"])  # vision end / start, video, image ids
     assert 0 < stats.kv.ratio < 1
+
+
+def test_a_bad_line_is_refused_and_the_conversation_goes_on(chat_dir, capsys, monkeypatch):
+    """A typed <image> ended the whole interactive chat with a raw transformers error, and so did a line that is not
+    UTF-8: each is refused on its own and the next question is answered; bad flags are argparse errors and a device
+    this machine lacks is one clear line."""
+    args = ["chat", str(chat_dir / "model"), "--image", str(chat_dir / "red.png"), "--max-new-tokens", "3"]
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO("what <image> is it ?\ncaf\xe9 ?\n".encode(
+        "latin-1") + "is it red ?\n".encode()), encoding="utf-8"))
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "the prompt contains <image>" in captured.err and "not UTF-8 text; not asked" in captured.err
+    assert captured.out.count("KV cache") == 1  # the third line was answered
+    for flag, value in (("--temperature", "1e308"), ("--layers", "100000000")):
+        with pytest.raises(SystemExit) as stop:
+            main((args if flag != "--layers" else ["schedule"]) + [flag, value])
+        assert stop.value.code == 2 and flag in capsys.readouterr().err
+    for device, message in (("bogus", "Unknown device 'bogus'"), ("cuda:7", "cuda:7")):
+        assert main(args + ["--prompt", "x", "--device", device]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "unexpected" not in err
