@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import logging
@@ -320,6 +321,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is the disk running out of space."""
+    while exc is not None:
+        if getattr(exc, "errno", None) == errno.ENOSPC or "No space left on device" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Expected failures (bad settings, inputs or files) print one line on stderr and return 2;
     anything else prints one line naming the exception and returns 1. ``--debug`` shows the traceback instead."""
@@ -334,9 +344,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         expected = isinstance(exc, (PModError, OSError, UnicodeDecodeError, json.JSONDecodeError))
+        message = one_line(exc, limit=2000)
+        if _disk_full(exc):  # safetensors and others wrap ENOSPC in their own exception types
+            expected, message = True, f"the disk is full (free space, or write elsewhere): {message}"
         what = "error" if expected else f"unexpected {type(exc).__name__}"
         hint = "" if expected else " (rerun with --debug for the traceback, and please report it)"
-        sys.stderr.write(f"pmod {args.command}: {what}: {one_line(exc, limit=2000)}{hint}\n")
+        sys.stderr.write(f"pmod {args.command}: {what}: {message}{hint}\n")
         return 2 if expected else 1
 
 

@@ -66,11 +66,16 @@ class PModConfig:
     def __post_init__(self) -> None:
         # Validated where the settings are made (code, recipes, CLI flags, config.json): a NaN, a ratio above 1 or
         # the string "false" in a boolean field would otherwise give a silently wrong model.
+        if hasattr(self.schedule, "tolist") and not isinstance(self.schedule, str):  # a numpy array or a tensor
+            self.schedule = self.schedule.tolist()
+            if not isinstance(self.schedule, list):
+                raise PModConfigError(f"schedule must be a name or a list of per-layer ratios, got one number "
+                                      f"({self.schedule!r}).")
         if isinstance(self.schedule, Sequence) and not isinstance(self.schedule, str):
             self.schedule = [_number(r, f"schedule[{i}]") for i, r in enumerate(self.schedule)]
             for i, r in enumerate(self.schedule):
                 _check_ratio(r, f"schedule[{i}]")
-        elif self.schedule not in schedules.NAMES:
+        elif not isinstance(self.schedule, str) or self.schedule not in schedules.NAMES:
             raise PModConfigError(
                 f"Unknown schedule {self.schedule!r}: use one of {', '.join(schedules.NAMES)} or a list of per-layer ratios."
             )

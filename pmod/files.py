@@ -53,6 +53,7 @@ def output_lock(output: str | os.PathLike, command: str, error: type[Exception])
         yield
         return
     output = Path(output)
+    check_output_name(output, error)
     created = _make_parents(output.parent)
     path = output.parent / f".{output.name}.pmod-lock"
     while True:
@@ -198,6 +199,20 @@ def _remove(path: Path) -> None:
             shutil.rmtree(path)
     except OSError as exc:
         logger.warning("Could not remove %s (%s); delete it by hand.", path, exc)
+
+
+def check_output_name(out: Path, error: type[Exception]) -> None:
+    """Refuse, before any work, an output whose name leaves no room for the hidden siblings written next to it (the
+    staging and replaced folders add about 30 characters): it would fail at the end, after the work."""
+    try:
+        limit = os.pathconf(out.parent if out.parent.exists() else ".", "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        limit = 255
+    longest = max(len(_sibling_name(out, mark).name) for mark in (_STAGING, _REPLACED))
+    if longest > limit:
+        raise error(f"The output name {out.name[:40]}... is {len(out.name)} characters long; pmod writes hidden folders "
+                    f"beside it with {longest - len(out.name)} more, past this file system's limit of {limit}. Choose "
+                    "a shorter name.")
 
 
 def _sibling_name(out: Path, mark: str) -> Path:

@@ -14,6 +14,8 @@ import functools
 import inspect
 import logging
 import os
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -206,8 +208,15 @@ class PModModelMixin:
         """The caller's cache as a p-MoD cache: generate()'s empty DynamicCache (None: the forward creates a
         `PModCache`) or empty StaticCache (``cache_implementation="static"``: a `PModStaticCache` of its length) is
         replaced; any other cache is refused."""
-        if cache is None or isinstance(cache, (PModCache, PModStaticCache)):
+        if isinstance(cache, (PModCache, PModStaticCache)):
+            depth = self.config.get_text_config(decoder=True).num_hidden_layers
+            if len(cache.layers) != depth:
+                raise PModInputError(f"The {type(cache).__name__} has {len(cache.layers)} layers but the model has {depth} "
+                                     "decoder layers; create it for this model (PModStaticCache.for_model, or "
+                                     "PModCache(num_layers)).")
             return cache
+        if cache is None:
+            return None
         offloading = getattr(cache, "offloading", False)
         if type(cache) is DynamicCache and cache.get_seq_length() == 0 and not offloading:
             return None
@@ -519,16 +528,23 @@ def _family_of(model: nn.Module) -> _Family:
 
 
 # ---------------------------------------------------------------------- public API
-def apply_pmod(model: PreTrainedModel, config: PModConfig | None = None) -> PreTrainedModel:
+def apply_pmod(model: PreTrainedModel, config: PModConfig | Mapping[str, Any] | None = None) -> PreTrainedModel:
     """Convert a transformers LLaVA / LLaVA-NeXT / LLaVA-OneVision / Llama / Qwen2 / Mistral model into a p-MoD
     model in place.
 
     Routed decoder layers keep their parameter names and gain ``router`` (``nn.Linear(hidden, 1)``, zero
     at start by default). The settings and per-layer ratios are written to ``model.config.pmod`` (what
     ``save_pretrained`` saves) and kept as ``model.pmod`` (what forwards read).
-    Returns the same model object, whose class is now the p-MoD subclass of its class.
+    Returns the same model object, whose class is now the p-MoD subclass of its class. ``config`` may also be a
+    mapping of `PModConfig`'s settings.
     """
-    config = config if config is not None else PModConfig()
+    if isinstance(config, Mapping):
+        config = PModConfig.from_dict(dict(config))
+    elif config is None:
+        config = PModConfig()
+    elif not isinstance(config, PModConfig):
+        raise PModConfigError(f"apply_pmod takes a pmod.PModConfig (or a mapping of its settings), got a "
+                              f"{type(config).__name__}.")
     family = _family_of(model)
     text_config = model.config.get_text_config(decoder=True)
     if text_config.model_type not in SUPPORTED_TEXT_FAMILIES:
@@ -645,19 +661,25 @@ _register_class_conversions()
 _OTHER_WEIGHTS = ("subfolder", "variant", "gguf_file", "state_dict")
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # "name" or "owner/name": anything else is a local path
+
+
 def _local_path(path: Any) -> Path | None:
-    """``path`` as a local checkpoint directory, or None for a hub model id (a string that is not an existing path
-    and does not look like one). A missing local path or a file raises `CheckpointError`."""
+    """``path`` as a local checkpoint directory, or None for a hub model id ("name" or "owner/name" that is not an
+    existing path). A missing local path (anything else: more slashes, a trailing slash, ``./`` or ``~``), a link that
+    leads nowhere, or a file raises `CheckpointError`."""
     if not isinstance(path, (str, os.PathLike)):
         return None  # from_pretrained(None, config=..., state_dict=...)
     text = os.fspath(path)
     local = Path(os.path.expanduser(text))
     if local.is_dir():
         return local
+    if local.is_symlink() and not local.exists():
+        raise CheckpointError(f"{text} is a symbolic link that leads nowhere (its target is missing, or the links form a "
+                              "loop); point it at the checkpoint directory.")
     if local.exists():
         raise CheckpointError(f"{text} is a file; pass the checkpoint directory that holds config.json and the weights.")
-    looks_local = isinstance(path, os.PathLike) or os.path.isabs(text) or text in (".", "..")
-    if looks_local or text.startswith(("./", "../", "~", ".\\", "..\\")):
+    if isinstance(path, os.PathLike) or not _HUB_ID.fullmatch(text) or text in (".", ".."):
         raise CheckpointError(f"No such directory: {text}. Pass a local checkpoint directory (pmod reads local folders; "
                               "a hub model id has the form 'owner/name').")
     return None

@@ -447,3 +447,47 @@ def test_a_second_run_into_a_held_output_is_refused(dense_dir, pmod_dir, tmp_pat
     with output_lock(out, "pmod eval", CheckpointError):  # released
         pass
     assert main(["convert", "dense", str(dense_dir), str(out)]) == 0 and (out / "config.json").is_file()
+
+
+def test_a_full_disk_is_said_to_be_one(dense_dir, tmp_path, capsys, monkeypatch):
+    """safetensors reports a full disk as its own error type: it was "unexpected ... please report it" and never
+    said "disk"."""
+    import pmod.integrations.convert as convert
+
+    def full(*args, **kwargs):
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError as cause:
+            raise RuntimeError("Error while serializing: I/O error") from cause
+
+    monkeypatch.setattr(convert, "write_dir_atomic", full)
+    message = _convert_error(capsys, ["dense", str(dense_dir), str(tmp_path / "out")])
+    assert "the disk is full" in message and "unexpected" not in message
+
+
+def test_data_files_nested_too_deeply_or_named_in_upper_case(tmp_path):
+    from pmod.data.records import load_records
+
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(pmod.PModInputError, match="nested too deeply"):
+        load_records(deep)
+    upper = tmp_path / "DATA.JSONL"
+    upper.write_text('{"id": "a", "conversations": []}\n{"id": "b", "conversations": []}\n')
+    assert [r["id"] for r in load_records(upper)] == ["a", "b"]  # JSON lines, whatever the case of the suffix
+
+
+def test_paths_are_named_as_paths(dense_dir, tmp_path, capsys):
+    """Local paths that do not exist were called malformed hub ids, a link loop retried the hub for 25 s, a name near
+    the file-name limit failed after the conversion's work."""
+    for missing in (f"{tmp_path}/nope/", "nope/", "runs/a/b"):
+        with pytest.raises(CheckpointError, match="No such directory"):
+            pmod.models.read_checkpoint_config(missing)
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    with pytest.raises(CheckpointError, match="symbolic link that leads nowhere"):
+        pmod.load_model(loop)
+    assert main(["info", f"{tmp_path}/nope/"]) == 2 and "No such directory" in capsys.readouterr().err
+    long_name = tmp_path / "outputs" / ("m" * 240)
+    message = _convert_error(capsys, ["dense", str(dense_dir), str(long_name)])
+    assert "Choose a shorter name" in message

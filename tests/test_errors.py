@@ -125,3 +125,20 @@ def test_offloaded_caches_are_refused():
         pytest.skip(f"no offloaded cache on this machine: {exc}")
     with pytest.raises(pmod.PModInputError, match="DynamicCache"):
         model(input_ids=ids, past_key_values=offloaded)
+
+
+def test_settings_in_other_shapes_and_caches_of_another_depth():
+    """Raw numpy / AttributeError / IndexError became answers or clear errors: a schedule given as an array, settings
+    given as a dict, a cache made for another depth."""
+    import numpy as np
+
+    assert pmod.PModConfig(schedule=np.array([1.0, 0.5])).schedule == [1.0, 0.5]
+    assert pmod.PModConfig(schedule=torch.tensor([0.5, 1.0])).schedule == [0.5, 1.0]
+    with pytest.raises(pmod.PModConfigError, match="one number"):
+        pmod.PModConfig(schedule=np.float64(0.5))
+    model = pmod.apply_pmod(tiny_llava(num_layers=4), {"average_ratio": 0.3})
+    assert model.pmod.settings.average_ratio == 0.3
+    with pytest.raises(pmod.PModConfigError, match="takes a pmod.PModConfig"):
+        pmod.apply_pmod(tiny_llava(num_layers=2), [0.5, 1.0])
+    with torch.no_grad(), pytest.raises(pmod.PModInputError, match="has 2 layers but the model has 4"):
+        model(input_ids=torch.randint(1, 100, (1, 8)), past_key_values=pmod.PModCache(2))

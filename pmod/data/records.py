@@ -52,26 +52,31 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise PModInputError(f"{path} is not UTF-8 text ({exc}); expected LLaVA-format JSON or JSONL") from exc
-    if path.suffix == ".jsonl":
+    if path.suffix.lower() == ".jsonl":
         records = []
         for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise PModInputError(f"{path}, line {number} is not valid JSON ({exc}); expected one LLaVA record "
-                                     "per line") from exc
+            except (json.JSONDecodeError, RecursionError) as exc:
+                raise PModInputError(f"{path}, line {number} is not valid JSON ({_json_problem(exc)}); expected one "
+                                     "LLaVA record per line") from exc
     else:
         try:
             records = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise PModInputError(f"{path} is not valid JSON ({exc}); expected a list of LLaVA records") from exc
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise PModInputError(f"{path} is not valid JSON ({_json_problem(exc)}); expected a list of LLaVA "
+                                 "records") from exc
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         raise PModInputError(f"{path}: expected a JSON list of records ({{'id', 'image', 'conversations'}})")
     for i, r in enumerate(records):
         r.setdefault("id", str(i))
     return records
+
+
+def _json_problem(exc: Exception) -> str:
+    return "nested too deeply to be LLaVA records" if isinstance(exc, RecursionError) else str(exc)
 
 
 def check_records(records: list[dict[str, Any]], source: str | Path = "the data") -> None:

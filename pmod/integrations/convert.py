@@ -20,7 +20,7 @@ from typing import Any
 from ..checkpoints import check_weight_files, inspect_weight_files, preview
 from ..config import PModConfig, ResolvedPMod
 from ..errors import ConversionError, PModError, describe_names, one_line
-from ..files import check_output_apart, output_lock, recover_dir, write_dir_atomic
+from ..files import check_output_apart, check_output_name, output_lock, recover_dir, write_dir_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +106,7 @@ def _write_locked(out: Path, write, force: bool) -> None:
 
 
 def _check_output(out: Path, force: bool) -> None:
+    check_output_name(out, ConversionError)  # before the conversion's work, not at its end
     recover_dir(out)  # a conversion killed while replacing OUT: put the old OUT back (or finish the replacement)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not force:

@@ -343,6 +343,10 @@ def _check_trainer(settings: dict[str, Any]) -> dict[str, Any]:
           lambda v: v >= 0, "not be negative")
     check(("max_steps",), lambda v: v == -1 or v >= 1, "be at least 1, or -1 to train num_train_epochs")
     check(("seed",), lambda v: v < 2**32, "be below 2**32")
+    for name in ("eval_strategy", "do_eval", "load_best_model_at_end"):  # pmod train has no evaluation set
+        if settings.get(name) not in (None, False, "no"):
+            raise PModConfigError(f"trainer.{name}={settings[name]!r} needs an evaluation set, which pmod train does not "
+                                  "take: evaluate the saved model with pmod eval (or leave the setting out).")
     return settings
 
 

@@ -373,6 +373,13 @@ class TinyModelSettings:
         for name in ("num_layers", "hidden_size", "vocab_size", "image_size", "patch_size", "vision_hidden_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise PModConfigError(f"tiny_model.{name} must be at least 1, got {getattr(self, name)}")
+        # the text model has 4 attention heads of an even width (rotary embeddings), LLaVA's vision encoder 4 heads
+        if self.hidden_size % 8:
+            raise PModConfigError(f"tiny_model.hidden_size must be a multiple of 8 (4 attention heads, each of an even "
+                                  f"width), got {self.hidden_size}")
+        if self.vision_hidden_size is not None and self.vision_hidden_size % 4:
+            raise PModConfigError(f"tiny_model.vision_hidden_size must be a multiple of 4 (4 attention heads), got "
+                                  f"{self.vision_hidden_size}")
         if self.family not in TEXT_CONFIGS or (self.family != "llama" and self.arch != "llava"):
             raise PModConfigError(f"tiny_model.family must be one of {', '.join(TEXT_CONFIGS)} with arch llava (the "
                                   f"others have their own text model), got {self.family!r} with arch {self.arch!r}")

@@ -131,6 +131,8 @@ def test_booleans_in_strings_are_read_as_booleans_everywhere(recipe, tmp_path):
     ("trainer.weight_decay=-0.1", "trainer.weight_decay must not be negative"),
     ("trainer.warmup_steps=-0.5", "trainer.warmup_steps must not be negative, got -0.5"),
     ("trainer.max_steps=0", "trainer.max_steps must be at least 1, or -1"),
+    ("trainer.eval_strategy=steps", "trainer.eval_strategy='steps' needs an evaluation set"),
+    ("tiny_model.hidden_size=66", "tiny_model.hidden_size must be a multiple of 8"),
     ("trainer.num_train_epochs=0", "trainer.num_train_epochs must be above 0"),
     ("trainer.seed=-1", "trainer.seed must not be negative"),
     ("trainer.seed=4294967296", "trainer.seed must be below 2\\*\\*32"),
