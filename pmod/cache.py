@@ -229,6 +229,7 @@ class PModStaticCacheLayer(CacheLayerMixin):
             self._first_step(step_length, columns.shape[0], columns.shape[1])
         elif self.columns is None:
             raise PModInputError("A dense cache layer cannot become a routed one mid-sequence.")
+        self._check_batch(columns.shape[0])
         index = self.length + torch.arange(columns.shape[1], device=self.device)  # (S_new,) slots to write
         self.columns.index_copy_(1, index, columns)
         self._staged = (index, step_length)
@@ -245,6 +246,7 @@ class PModStaticCacheLayer(CacheLayerMixin):
             self._first_step(key_states.shape[-2], key_states.shape[0], None)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        self._check_batch(key_states.shape[0])
         new = key_states.shape[-2]
         if self._staged is not None:
             index, step_length = self._staged
@@ -261,6 +263,11 @@ class PModStaticCacheLayer(CacheLayerMixin):
         if self.columns is not None:  # a dense layer's logical length is its length: one op fewer per step
             self.logical_length.add_(step_length)
         return self.keys, self.values
+
+    def _check_batch(self, batch: int) -> None:
+        if self.keys is not None and batch != self.keys.shape[0]:
+            raise PModInputError(f"This static cache holds {self.keys.shape[0]} sequences, the step has {batch}: reset it "
+                                 "(cache.reset()) or create one for this batch.")
 
     def get_seq_length(self) -> torch.Tensor:
         return self.logical_length if self.columns is not None else self.length

@@ -68,6 +68,8 @@ def test_static_layers_follow_the_handshake_in_place():
     with pytest.raises(PModInputError, match="Staged 1 columns but the layer was given 2"):
         routed.stage(torch.tensor([[6], [6]]), 1, full=True)
         routed.update(*_kv(2, 2))
+    with pytest.raises(PModInputError, match="holds 2 sequences, the step has 3"):
+        dense.update(*_kv(3, 1))
     cache.reset()
     assert not cache.has_past() and routed.columns is None and int(routed.get_seq_length()) == 0
     with pytest.raises(PModInputError, match="larger max_cache_len"):
