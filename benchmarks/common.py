@@ -118,7 +118,6 @@ def decode_runner(model, ids: torch.Tensor, target: torch.Tensor | None, cache_k
     from transformers import DynamicCache, StaticCache
 
     from pmod.compat import cache_kwargs
-
     from pmod.models import PModModelMixin
 
     routed = isinstance(model, PModModelMixin)

@@ -11,7 +11,6 @@ import copy
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-
 from transformers import StaticCache
 
 import pmod

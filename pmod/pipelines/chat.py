@@ -3,11 +3,10 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
-
-import logging
 
 from ..data.conversation import PLACEHOLDERS, render
 from ..data.records import load_image  # noqa: F401  (part of this module's API: pmod.pipelines.chat.load_image)
