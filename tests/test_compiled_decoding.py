@@ -188,3 +188,19 @@ def test_target_counts_plan_prefill_on_the_host_and_compile_without_breaks():
         eager = lm(input_ids=ids, target_mask=target).logits
         compiled = torch.compile(prefill, fullgraph=True, backend="eager")(ids, target)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_the_cuda_attention_backend_choice_traces_into_one_graph():
+    """On CUDA routed layers run attention inside `sdpa_kernel` (no cuDNN); a compiled GPU step must trace through it
+    without a break. Checked here on CPU (no GPU in CI): the context manager is what dynamo has to support."""
+    import torch.nn.functional as F
+
+    from pmod.layer import attention_backends
+
+    def attend(q, k, v):
+        with attention_backends(torch.device("cuda")):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    q = torch.randn(1, 2, 5, 8)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(attend, fullgraph=True, backend="eager")(q, q, q), attend(q, q, q))
