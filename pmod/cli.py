@@ -21,6 +21,7 @@ import errno
 import importlib
 import json
 import logging
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -321,6 +322,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# packages that pmod's extras bring (pyproject.toml), by the import name an ImportError names
+_EXTRAS = {"accelerate": "train", "tensorboard": "train", "matplotlib": "bench", "peft": "lora", "av": "video",
+           "lmms_eval": "eval", "datasets": "eval", "evaluate": "eval", "loguru": "eval", "sacrebleu": "eval"}
+
+
+def _missing_extra(exc: BaseException) -> str | None:
+    """The pmod extra that installs the package an ImportError is about, if any."""
+    if not isinstance(exc, ImportError):
+        return None
+    text = f"{exc.name or ''} {exc}"
+    return next((extra for package, extra in _EXTRAS.items() if re.search(rf"(?<![\w.-]){package}(?![\w-])", text)),
+                None)
+
+
 def _disk_full(exc: BaseException) -> bool:
     """Whether ``exc`` (or what caused it) is the disk running out of space."""
     while exc is not None:
@@ -347,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
         message = one_line(exc, limit=2000)
         if _disk_full(exc):  # safetensors and others wrap ENOSPC in their own exception types
             expected, message = True, f"the disk is full (free space, or write elsewhere): {message}"
+        elif extra := _missing_extra(exc):  # `pip install .` has no extras: training needs accelerate, plots matplotlib
+            expected, message = True, f"{message} (this needs pmod's '{extra}' extra: pip install 'pmod[{extra}]')"
         what = "error" if expected else f"unexpected {type(exc).__name__}"
         hint = "" if expected else " (rerun with --debug for the traceback, and please report it)"
         sys.stderr.write(f"pmod {args.command}: {what}: {message}{hint}\n")

@@ -93,3 +93,31 @@ def test_lists_kept_out_of_the_heavy_modules_match_them():
     from pmod.pipelines.demo import ARCHES
 
     assert DEMO_ARCHES == ARCHES
+
+
+@pytest.mark.parametrize("error, extra", [
+    (ImportError("Using the `Trainer` with `PyTorch` requires `accelerate>=1.1.0`: Please run `pip install "
+                 "transformers[torch]` or `pip install 'accelerate>=1.1.0'`"), "train"),
+    (ModuleNotFoundError("No module named 'matplotlib'", name="matplotlib"), "bench"),
+    (ModuleNotFoundError("No module named 'peft'", name="peft"), "lora"),
+])
+def test_a_missing_extra_is_named(monkeypatch, capsys, error, extra):
+    """`pip install .` (the README offers it) has no extras: `pmod train` said "unexpected ImportError ... please
+    report it"; it names the extra to install now."""
+    import pmod.cli
+
+    def fail(args):
+        raise error
+
+    build = pmod.cli.build_parser
+
+    def parser_that_fails():
+        parser = build()
+        parser._subparsers._group_actions[0].choices["schedule"].set_defaults(func=fail)
+        return parser
+
+    monkeypatch.setattr(pmod.cli, "build_parser", parser_that_fails)
+    assert main(["schedule"]) == 2
+    err = capsys.readouterr().err
+    assert f"pip install 'pmod[{extra}]'" in err and "unexpected" not in err
+    assert pmod.cli._missing_extra(ImportError("No module named 'torchvision'", name="torchvision")) is None
