@@ -75,14 +75,21 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flops_unit(value: float) -> tuple[float, str]:
+    """The largest of TFLOPs, GFLOPs, MFLOPs, kFLOPs in which ``value`` is at least 1 (FLOPs below that)."""
+    return next(((scale, f"{prefix}FLOPs") for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"))
+                 if value >= scale), (1.0, "FLOPs"))
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .config import ResolvedPMod
     from .models import read_checkpoint_config
 
     config = read_checkpoint_config(args.model_dir)
-    if not config.model_type.startswith("pmod_"):
-        _emit(f"{args.model_dir}: dense {config.model_type!r} checkpoint (no p-MoD settings)")
-        return 1
+    if not config.model_type.startswith("pmod_"):  # an answer, not a failure
+        _emit(f"{args.model_dir}: dense {config.model_type!r} checkpoint (no p-MoD settings; pmod convert dense "
+              "converts it)")
+        return 0
     resolved = ResolvedPMod.from_dict(config.pmod)
     _emit(f"{args.model_dir}: {config.model_type}")
     _emit(json.dumps(resolved.to_dict(), indent=2))
@@ -127,12 +134,14 @@ def cmd_flops(args: argparse.Namespace) -> int:
         _emit(json.dumps(cost.to_dict()))
         return 0
     _emit(f"{cost.model}: {args.vision_tokens} vision + {args.text_tokens} text tokens, prefill")
-    _emit(f"{'layer':>5} {'keep':>7} {'vision kept':>11} {'dense GFLOPs':>13} {'p-MoD GFLOPs':>13}")
+    scale, unit = _flops_unit(max(cost.dense_layer_flops))  # a tiny model's layers are MFLOPs, a 7B model's GFLOPs
+    _emit(f"{'layer':>5} {'keep':>7} {'vision kept':>11} {f'dense {unit}':>13} {f'p-MoD {unit}':>13}")
     for i, (r, k, d, p) in enumerate(zip(cost.layer_ratios, cost.kept_vision, cost.dense_layer_flops, cost.pmod_layer_flops)):
-        _emit(f"{i:>5} {r:>7.4f} {k:>11d} {d / 1e9:>13.1f} {p / 1e9:>13.1f}")
-    _emit(f"decoder layers: {cost.dense_flops / 1e12:.2f} -> {cost.pmod_flops / 1e12:.2f} TFLOPs ({cost.flops_ratio:.1%})")
-    _emit(f"vision encoder {cost.vision_encoder_flops / 1e12:.3f}, projector {cost.projector_flops / 1e12:.3f}, "
-          f"LM head {cost.lm_head_flops / 1e12:.4f} TFLOPs (the same in both)")
+        _emit(f"{i:>5} {r:>7.4f} {k:>11d} {d / scale:>13.1f} {p / scale:>13.1f}")
+    scale, unit = _flops_unit(cost.dense_flops)
+    _emit(f"decoder layers: {cost.dense_flops / scale:.2f} -> {cost.pmod_flops / scale:.2f} {unit} ({cost.flops_ratio:.1%})")
+    _emit(f"vision encoder {cost.vision_encoder_flops / scale:.3f}, projector {cost.projector_flops / scale:.3f}, "
+          f"LM head {cost.lm_head_flops / scale:.4f} {unit} (the same in both)")
     _emit(f"KV cache: {cost.dense_kv_bytes / 2**20:.1f} -> {cost.pmod_kv_bytes / 2**20:.1f} MiB "
           f"({cost.pmod_kv_bytes / cost.dense_kv_bytes:.1%}); vision-token entries {cost.kv_ratio:.2%} "
           f"(nominal mean keep ratio {cost.kv_ratio_nominal:.2%})")

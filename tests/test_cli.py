@@ -26,6 +26,9 @@ def test_info(tmp_path, capsys):
     out = capsys.readouterr().out
     header, body = out.split("\n", 1)
     assert header.endswith("pmod_llava") and json.loads(body)["routed_layers"] == [2, 3, 4, 5]
+    tiny_llava(num_layers=2).save_pretrained(tmp_path / "dense")
+    assert main(["info", str(tmp_path / "dense")]) == 0  # a dense folder is an answer, not a failure
+    assert "dense 'llava' checkpoint" in capsys.readouterr().out
 
 
 def test_info_on_missing_dir(tmp_path, capsys):

@@ -139,6 +139,10 @@ def test_flops_cli(tmp_path, capsys):
     assert main(["flops", "--model", str(tmp_path), "--vision-tokens", "16", "--text-tokens", "8", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert [layer["routed"] for layer in out["layers"]] == [True, False, True, True]
+    # a tiny model's table is in a unit its numbers show in (it printed 0.0 GFLOPs on every row)
+    assert main(["flops", "--model", str(tmp_path), "--vision-tokens", "16", "--text-tokens", "8"]) == 0
+    text = capsys.readouterr().out
+    assert "dense MFLOPs" in text and " 0.0 " not in text.split("decoder layers")[0]
 
 
 def test_newer_architecture_presets_and_configs():
