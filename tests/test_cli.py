@@ -124,3 +124,23 @@ def test_a_missing_extra_is_named(monkeypatch, capsys, error, extra):
     err = capsys.readouterr().err
     assert f"pip install 'pmod[{extra}]'" in err and "unexpected" not in err
     assert pmod.cli._missing_extra(ImportError("No module named 'torchvision'", name="torchvision")) is None
+
+
+@pytest.mark.parametrize("argv0, preset, expected", [("-m", None, "PASSIVE"), ("/usr/bin/pmod", None, "PASSIVE"),
+                                                       ("/usr/bin/pmod", "ACTIVE", "ACTIVE"), ("script.py", None, None)])
+def test_the_command_waits_passively_for_openmp(argv0, preset, expected):
+    """The `pmod` command (and `python -m pmod`) sets OMP_WAIT_POLICY=PASSIVE before torch loads, unless the user set
+    it: spinning OpenMP threads made a 2-core machine with one other busy process 10x slower. A library import of
+    pmod leaves the process's settings alone."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if preset:
+        env["OMP_WAIT_POLICY"] = preset
+    code = (f"import sys; sys.argv[0] = {argv0!r}; import os, pmod; "
+            "print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    policy, torch_loaded = out.split()
+    assert policy == str(expected) and torch_loaded == str(expected is None or argv0 == "script.py")
