@@ -67,3 +67,12 @@ def test_compiled_benchmark(tmp_path):
         ("decode", "static", False), ("decode", "static", True)]
     assert all(r["dense_ms"] > 0 and r["pmod_ms"] > 0 for r in result["rows"]) and 0 < result["flops_ratio"] < 1
     assert out.with_suffix(".md").read_text().count("\n| ") == 5  # a row per mode
+
+
+def test_threads_benchmark(tmp_path):
+    out = tmp_path / "threads.json"
+    run("threads.py", "--seconds", "0.3", "--reps", "1", "--threads", "2", "--policies", "PASSIVE", "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["load"], r["threads"], r["wait_policy"]) for r in rows] == [
+        ("idle", 2, "PASSIVE"), ("one busy process", 2, "PASSIVE")]
+    assert all(r["step_ms"] > 0 for r in rows) and out.with_suffix(".md").read_text().count("\n| ") == 2  # rows
