@@ -95,6 +95,14 @@ def machine(device: str) -> dict:
     return info
 
 
+def write_result(path: Path, result: dict) -> None:
+    """A benchmark's result as indented JSON (its folder made as needed)."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+
+
 def prefill_runner(model, ids: torch.Tensor, target: torch.Tensor | None, compile_options: dict | None = None):
     """One prefill of ``ids`` (no cache, logits of the last position) as a no-argument callable; p-MoD models get the
     routing targets and their per-row counts (``target_counts``: routing planned without reading the device).

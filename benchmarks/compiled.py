@@ -19,14 +19,24 @@ decoding mode takes its steps one after another from a single prompt and reports
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, add_model_args, clock, decode_runner, dense_and_pmod, machine, prefill_runner, prompt, shape
+from common import (
+    RESULTS,
+    add_model_args,
+    clock,
+    decode_runner,
+    dense_and_pmod,
+    machine,
+    prefill_runner,
+    prompt,
+    shape,
+    write_result,
+)
 
 from pmod.efficiency import prefill_cost, shape_from_config
 from pmod.testing.tiny import randomize_routers
@@ -100,8 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "machine": machine(args.device),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     lines = ["| case | mode | cache | dense ms | p-MoD ms | p-MoD / dense |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['case']} | {'compiled' if r['compiled'] else 'eager'} | {r['cache']} | {r['dense_ms']:.2f} | "
               f"{r['pmod_ms']:.2f} | {r['ratio']:.3f} |" for r in rows]

@@ -10,13 +10,12 @@ alternate; the median step time is reported with the KV-cache bytes each model h
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
 
 import torch
-from common import RESULTS, add_model_args, clock, dense_and_pmod, machine, prompt, shape
+from common import RESULTS, add_model_args, clock, dense_and_pmod, machine, prompt, shape, write_result
 
 from pmod.compat import cache_kwargs, output_cache
 from pmod.efficiency import kv_cache_report
@@ -92,8 +91,7 @@ def main() -> None:
         "results": results,
         "machine": machine(args.device),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    write_result(args.out, out)
     print(f"-> {args.out}")
 
 

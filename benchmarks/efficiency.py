@@ -12,7 +12,6 @@ prefill with a cache (each measured in a fresh process: peak RSS minus RSS befor
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -20,7 +19,7 @@ import sys
 from pathlib import Path
 
 import torch
-from common import RESULTS, add_model_args, clock, dense_and_pmod, dense_model, machine, prompt, shape
+from common import RESULTS, add_model_args, clock, dense_and_pmod, dense_model, machine, prompt, shape, write_result
 
 import pmod
 from pmod.compat import output_cache
@@ -158,8 +157,7 @@ def main() -> None:
         "rows": rows,
         "machine": machine(args.device),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     args.out.with_suffix(".md").write_text(markdown(result))
     plot(result, args.out.with_suffix(".png"))
     print(f"-> {args.out}, {args.out.with_suffix('.md')}, {args.out.with_suffix('.png')}")

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 from pathlib import Path
 
 import torch
-from common import RESULTS, clock, decode_runner, machine, prefill_runner
+from common import RESULTS, clock, decode_runner, machine, prefill_runner, write_result
 
 import pmod
 from pmod.efficiency import prefill_cost, shape_from_config
@@ -197,8 +196,7 @@ def main(argv: list[str] | None = None) -> int:
               "decode_steps": args.decode_steps, "rows": rows}
     name = machine(args.device).get("gpu", args.device).split()[-1].lower() if args.device.startswith("cuda") else "cpu"
     out = args.out or RESULTS / f"gpu_{name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(out, result)
     lines = ["| case | mode | batch | tokens | dense ms | p-MoD ms | p-MoD / dense | FLOP ratio |",
              "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['case']} | {r.get('mode', '')} | {r['batch']} | {r['vision_tokens']} + {r['text_tokens']} | {r['dense_s'] * 1e3:.2f} | "

@@ -12,13 +12,12 @@ processed by the decoder layers (the first-order prediction of the time ratio).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
 
 import torch
-from common import RESULTS, add_model_args, clock, dense_and_pmod, machine, prompt, shape
+from common import RESULTS, add_model_args, clock, dense_and_pmod, machine, prompt, shape, write_result
 
 
 def parse_args() -> argparse.Namespace:
@@ -70,8 +69,7 @@ def main() -> None:
         "pmod_ms": [t * 1e3 for t in routed_t],
         "machine": machine(args.device),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     print(
         f"dense {d * 1e3:.1f} ms | p-MoD {r * 1e3:.1f} ms | time ratio {r / d:.3f} | processed-token ratio "
         f"{token_ratio:.3f} -> {args.out}"

@@ -11,7 +11,6 @@ each reports its median step time.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -19,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import RESULTS, machine
+from common import RESULTS, machine, write_result
 
 STEP = """
 import statistics, sys, time, torch
@@ -83,8 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"benchmark": "threads", "what": "median ms of a tiny LLaVA training step (4 layers, 64 wide, batch 8, "
               "forward + backward) per setting, each in a fresh process", "seconds": args.seconds, "reps": args.reps,
               "rows": rows, "machine": machine("cpu")}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     lines = ["| machine load | torch threads | OMP_WAIT_POLICY | ms / step |", "|---|---|---|---|"]
     lines += [f"| {r['load']} | {r['threads']} | {r['wait_policy']} | {r['step_ms']:.1f} |" for r in rows]
     info = result["machine"]
