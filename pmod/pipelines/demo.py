@@ -610,7 +610,7 @@ def _markdown(r: dict[str, Any], name: str, demo: DemoConfig) -> str:
         f"Wall time of this run: {r['seconds']:.0f} s"
         + (f" (training reused from an earlier run: {', '.join(r['reused_training'])})" if r["reused_training"] else "")
         + f" on {r['machine']['cpu']} ({r['machine']['cores']} cores, "
-        f"{s['torch_threads']} torch threads; torch {r['machine']['torch']}, transformers "
+        f"{s['torch_threads']} torch thread{'s' if s['torch_threads'] != 1 else ''}; torch {r['machine']['torch']}, transformers "
         f"{r['machine']['transformers']}). Finished stages are reused "
         "when the demo is run again in the same folder. Latency on a small CPU model includes fixed per-layer "
         "costs that do not shrink with the token count, so its ratio sits above the FLOP ratio. The latency and "

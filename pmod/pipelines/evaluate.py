@@ -508,6 +508,11 @@ def evaluate(
         records=ordered,
     )
     logger.info("evaluation: %s", result.summary())
+    predictions = {r.prediction.strip() for r in ordered}
+    if len(ordered) >= 3 and len(predictions) == 1:  # a model that learnt nothing looks like a finished evaluation
+        what = "empty" if predictions == {""} else f"the same answer ({next(iter(predictions))[:40]!r})"
+        logger.warning("every one of the %d predictions is %s: the model answers nothing useful (an untrained or "
+                       "barely trained model?)", len(ordered), what)
     if metrics_path is not None:
         write_json_atomic(metrics_path, result.to_dict())
     return result

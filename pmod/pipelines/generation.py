@@ -130,6 +130,22 @@ def _check_rows(prompts: Sequence[str], *per_prompt: Sequence[Any] | None) -> No
         raise PModInputError(f"{len(prompts)} prompts but lists of images / videos / frame rates of {lengths}")
 
 
+def _check_placeholders(processor: Any, prompts: Sequence[str], images: Sequence[Sequence[Any]],
+                        videos: Sequence[Sequence[Any]] | None) -> None:
+    """Each prompt names each of its images (videos) with the processor's placeholder: a plain question with an
+    image failed deep in transformers ("Found total 0 <image> tokens and 1 images")."""
+    for kind, media in (("image", images), ("video", videos)):
+        token = getattr(processor, f"{kind}_token", None)
+        if not isinstance(token, str) or media is None:
+            continue
+        for i, (prompt, given) in enumerate(zip(prompts, media)):
+            if prompt.count(token) != len(given):
+                raise PModInputError(
+                    f"prompt {i} has {prompt.count(token)} {token} placeholder(s) for {len(given)} {kind}(s): render "
+                    "prompts with the chat template (pmod.data.conversation.render, with one {'type': "
+                    f"'{kind}'}} entry per {kind}), which writes the placeholders")
+
+
 def encode(
     model: Any,
     processor: Any,
@@ -143,6 +159,7 @@ def encode(
     ``videos[i]`` its videos, each a list of PIL frames, and ``video_fps[i]`` their frame rate (default
     `DEFAULT_VIDEO_FPS`) or one rate per video. ``processor`` may be a bare tokenizer for text-only prompts."""
     _check_rows(prompts, images, videos, video_fps)
+    _check_placeholders(processor, prompts, images, videos)
     flat = [img for row in images for img in row]
     has_videos = videos is not None and any(videos)
     check_processor_takes(processor, "the batch", images=bool(flat), videos=has_videos)

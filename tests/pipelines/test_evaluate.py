@@ -1,6 +1,7 @@
 """pmod.pipelines.evaluate: answer normalisation and scores, batched evaluation, resuming, and the `pmod eval` command."""
 
 import json
+import logging
 
 import pytest
 from PIL import Image
@@ -323,3 +324,15 @@ def test_resume_refuses_predictions_of_other_records_models_or_settings(tiny, tm
     path.write_text(written + written.splitlines()[0] + "\n")
     with pytest.raises(pmod.PModInputError, match="a second prediction for id 'r1'"):
         _run(tiny, records=records[:3], predictions_path=path, resume=True)
+
+
+def test_all_empty_or_identical_predictions_are_warned_about(tmp_path, caplog):
+    """A 20-step model answered nothing (accuracy 0.00%, every prediction empty) and looked like success."""
+    records = [_record(str(i), "what ?", "red") for i in range(4)]
+    for preds, said in (({str(i): "" for i in range(4)}, "is empty"), ({str(i): "one" for i in range(4)}, "same answer")):
+        path = tmp_path / "preds.jsonl"
+        path.write_text("".join(json.dumps({"id": k, "prediction": v}) + "\n" for k, v in preds.items()))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="pmod.pipelines.evaluate"):
+            evaluate(None, None, records, predictions_path=path, resume=True, progress=False)
+        assert any(said in r.message and "answers nothing useful" in r.message for r in caplog.records)

@@ -331,3 +331,14 @@ def test_load_for_inference(untemplated, tmp_path, caplog):
         load_for_inference(tmp_path, pmod_config=pmod.PModConfig())
     with pytest.raises(pmod.PModConfigError, match="dtype must be"):
         load_for_inference(tmp_path, dtype="float17")
+
+
+def test_a_prompt_without_its_image_placeholder_is_refused_clearly():
+    """The README's generate_batch example with a plain question failed deep in transformers ("Found total 0 <image>
+    tokens and 1 images"); each prompt's placeholders are counted against its images first."""
+    model = _routed_model()
+    processor = tiny_llava_processor(model)
+    image = Image.new("RGB", (30, 20), (200, 10, 10))
+    with pytest.raises(pmod.PModInputError, match=r"prompt 1 has 0 <image> placeholder\(s\) for 1 image\(s\): render"):
+        generate_batch(model, processor, ["USER: <image> what ? ASSISTANT:", "what is it ?"], [[image], [image]],
+                       max_new_tokens=2)
