@@ -155,10 +155,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from .pipelines.chat import ChatSession, chat_loop, load_image
     from .pipelines.generation import load_for_inference
 
+    from .pipelines.generation import is_pmod
+
     image = load_image(args.image)
-    # a dense checkpoint is converted (routers at zero); inputs follow the model (to --device)
-    model, processor = load_for_inference(args.model_dir, dense=False, dtype=args.dtype, device=args.device,
-                                          need_images=True)
+    # one rule for every verb: a folder is used as it is (a dense checkpoint stays dense, and is said to be)
+    model, processor = load_for_inference(args.model_dir, dtype=args.dtype, device=args.device, need_images=True)
+    if not is_pmod(model):
+        sys.stderr.write(f"pmod chat: {args.model_dir} is a dense checkpoint: chatting with the dense model (pmod "
+                         "convert dense makes a p-MoD one)\n")
     session = ChatSession(model, processor, image, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
 
     def write(text: str) -> None:

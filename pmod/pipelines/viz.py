@@ -258,10 +258,14 @@ def visualize(
     Returns the token maps.
     """
     from ..data.records import load_image
-    from ..models import load_model
+    from ..models import load_model, read_checkpoint_config
     from .generation import move_to_model
 
     if isinstance(model_dir_or_model, (str, os.PathLike)):
+        config = read_checkpoint_config(model_dir_or_model)
+        if not config.model_type.startswith("pmod_"):  # the same rule as every verb: a folder is used as it is
+            raise PModInputError(f"{model_dir_or_model} is a dense checkpoint: none of its layers routes tokens, so "
+                                 "there is nothing to draw. Draw a p-MoD model (pmod convert dense, then train it).")
         model = load_model(model_dir_or_model).eval()
         if processor is None:
             processor = load_processor(model_dir_or_model)

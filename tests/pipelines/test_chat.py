@@ -108,3 +108,19 @@ def test_a_bad_line_is_refused_and_the_conversation_goes_on(chat_dir, capsys, mo
         assert main(args + ["--prompt", "x", "--device", device]) == 2
         err = capsys.readouterr().err
         assert message in err and "unexpected" not in err
+
+
+def test_a_dense_folder_is_used_as_it_is(tmp_path, capsys):
+    """`pmod chat DENSE_DIR` converted it silently with zero routers (KV 61%, and other answers than the dense model)
+    while `pmod eval` evaluated it dense: every verb now takes a folder as it is; chat says it is dense, viz refuses
+    to draw kept tokens of a model that keeps them all."""
+    dense = tiny_llava(num_layers=2)
+    dense.save_pretrained(tmp_path / "dense")
+    tiny_llava_processor(dense).save_pretrained(tmp_path / "dense")
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "red.png")
+    args = ["--image", str(tmp_path / "red.png"), "--prompt", "what ?"]
+    assert main(["chat", str(tmp_path / "dense"), *args, "--max-new-tokens", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "is a dense checkpoint: chatting with the dense model" in captured.err and "KV cache" not in captured.out
+    assert main(["viz", str(tmp_path / "dense"), *args, "--out", str(tmp_path / "v.png")]) == 2
+    assert "dense checkpoint: none of its layers routes tokens" in capsys.readouterr().err
