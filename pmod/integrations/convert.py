@@ -25,8 +25,13 @@ from ..files import check_output_apart, check_output_name, output_lock, recover_
 logger = logging.getLogger(__name__)
 
 # Files save_pretrained writes itself; everything else in SRC (tokenizer, processor, chat template) is carried over.
-_MODEL_FILES = ("config.json", "generation_config.json")
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
+# what a converted folder takes from its source besides the model: the tokenizer's and the processor's files (not a
+# run's metrics, predictions or stamps that happen to sit next to the checkpoint)
+_PROCESSOR_FILES = {
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "preprocessor_config.json", "processor_config.json",
+    "video_preprocessor_config.json", "image_processor_config.json", "chat_template.json", "chat_template.jinja",
+}
 
 
 def convert_dense(src: str | os.PathLike, out: str | os.PathLike, config: PModConfig | None = None, force: bool = False) -> Path:
@@ -63,11 +68,15 @@ def convert_dense(src: str | os.PathLike, out: str | os.PathLike, config: PModCo
 
     def write(staging: Path) -> None:
         model.save_pretrained(staging)
-        for item in src.iterdir():
-            # tokenizer, processor and the like; not what save_pretrained wrote (the p-MoD model card included)
-            if (item.is_file() and item.name not in _MODEL_FILES and not item.name.endswith(_WEIGHT_SUFFIXES)
-                    and not (staging / item.name).exists()):
+        left = []
+        for item in sorted(src.iterdir()):
+            if item.is_file() and item.name in _PROCESSOR_FILES:
                 shutil.copy2(item, staging / item.name)
+            elif item.is_file() and item.name not in ("config.json", "generation_config.json", "README.md") and not (
+                    item.name.endswith((".safetensors", ".bin", ".index.json"))):  # the model: saved anew above
+                left.append(item.name)
+        if left:
+            logger.info("Not copied from %s (not the tokenizer's or processor's): %s", src, ", ".join(left))
 
     _write_output(out, write, force)
     logger.info("Converted %s -> %s (routed layers %s)", src, out, model.pmod.routed_layers)

@@ -22,7 +22,11 @@ def dense_dir(tmp_path):
 
 def test_convert_dense_keeps_every_weight_and_equals_dense_at_ratio_one(dense_dir, tmp_path):
     src, dense = dense_dir
+    for leftover in ("test_metrics.json", "predictions.jsonl", "train_summary.json", "demo_stamp.json"):
+        (src / leftover).write_text("{}")  # a run's outputs beside the checkpoint are not the model's
     out = convert_dense(src, tmp_path / "out", all_routed(4))
+    assert not any((out / leftover).exists() for leftover in ("test_metrics.json", "predictions.jsonl",
+                                                              "train_summary.json", "demo_stamp.json"))
     model, info = pmod.load_model(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert all(torch.count_nonzero(layer.router.weight) == 0 for layer in model.routed_layers().values())
