@@ -83,15 +83,23 @@ def _flops_unit(value: float) -> tuple[float, str]:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from .config import ResolvedPMod
-    from .models import read_checkpoint_config
 
-    config = read_checkpoint_config(args.model_dir)
-    if not config.model_type.startswith("pmod_"):  # an answer, not a failure
-        _emit(f"{args.model_dir}: dense {config.model_type!r} checkpoint (no p-MoD settings; pmod convert dense "
-              "converts it)")
+    config_file = Path(args.model_dir).expanduser() / "config.json"
+    try:  # a local folder's config.json as JSON: no torch or transformers to import (seconds) to read it
+        saved = json.loads(config_file.read_text(encoding="utf-8"))
+        model_type, settings = saved.get("model_type"), saved.get("pmod")
+        if not isinstance(model_type, str):
+            raise ValueError("no model_type")
+    except (OSError, ValueError, AttributeError):  # a hub id, or a file transformers should explain
+        from .models import read_checkpoint_config
+
+        config = read_checkpoint_config(args.model_dir)
+        model_type, settings = config.model_type, getattr(config, "pmod", None)
+    if not model_type.startswith("pmod_"):  # an answer, not a failure
+        _emit(f"{args.model_dir}: dense {model_type!r} checkpoint (no p-MoD settings; pmod convert dense converts it)")
         return 0
-    resolved = ResolvedPMod.from_dict(config.pmod)
-    _emit(f"{args.model_dir}: {config.model_type}")
+    resolved = ResolvedPMod.from_dict(settings if isinstance(settings, dict) else {})
+    _emit(f"{args.model_dir}: {model_type}")
     _emit(json.dumps(resolved.to_dict(), indent=2))
     return 0
 

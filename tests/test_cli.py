@@ -144,3 +144,16 @@ def test_the_command_waits_passively_for_openmp(argv0, preset, expected):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     policy, torch_loaded = out.split()
     assert policy == str(expected) and torch_loaded == str(expected is None or argv0 == "script.py")
+
+
+def test_info_reads_a_local_config_without_torch(tmp_path):
+    """`pmod info DIR` imported torch and transformers to read a JSON file (10-17 s on a busy laptop)."""
+    import subprocess
+    import sys
+
+    model = pmod.apply_pmod(tiny_llava(num_layers=4), pmod.PModConfig())
+    model.save_pretrained(tmp_path)
+    code = ("import sys; sys.argv[0] = 'pmod'; from pmod.cli import main; rc = main(['info', sys.argv[1]]); "
+            "print('torch' in sys.modules, rc)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines()[-1] == "False 0" and "pmod_llava" in out.stdout
