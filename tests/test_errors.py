@@ -102,12 +102,16 @@ def test_bad_attention_mask_and_foreign_caches():
     static.update(torch.zeros(2, 2, 3, 16), torch.zeros(2, 2, 3, 16), 0)
     with pytest.raises(pmod.PModInputError, match="StaticCache with content"):
         model(input_ids=ids, past_key_values=static)
-    with pytest.raises(pmod.PModInputError, match="offloaded"):
-        model(input_ids=ids, past_key_values=StaticCache(config=model.config, max_cache_len=16, offloading=True))
     filled = DynamicCache()
     filled.update(torch.zeros(2, 2, 3, 16), torch.zeros(2, 2, 3, 16), 0)
     with pytest.raises(pmod.PModInputError, match="DynamicCache with content"):
         model(input_ids=ids, past_key_values=filled)
+    try:
+        offloaded = StaticCache(config=model.config, max_cache_len=16, offloading=True)
+    except RuntimeError as exc:  # a CUDA build of torch on a machine without a GPU driver cannot make its stream
+        pytest.skip(f"no offloaded cache on this machine: {exc}")
+    with pytest.raises(pmod.PModInputError, match="offloaded"):
+        model(input_ids=ids, past_key_values=offloaded)
 
 
 def test_inner_language_model_called_directly():
