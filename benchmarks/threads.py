@@ -1,6 +1,7 @@
 """Torch threads and OpenMP's wait policy on a busy machine: a tiny training step (the demo's model size), with 1 and
-2 threads, spinning (ACTIVE, OpenMP's default here) and passive waiting, on an idle machine and with one other busy
-process (a pure-Python loop, as a user's laptop always runs something).
+2 threads, spinning (ACTIVE, OpenMP's default here) and passive waiting, on an idle machine, with one other busy
+single-threaded process (a pure-Python loop) and with another torch process computing on 2 threads (a user's laptop
+always runs something).
 
 Each setting runs in a fresh process (OpenMP reads its wait policy when torch loads); the settings alternate, and
 each reports its median step time.
@@ -38,13 +39,22 @@ print(statistics.median(times[1:] or times))
 """
 
 
+# machine load -> (label, the competing process's code or None)
+LOADS = {
+    "idle": ("idle", None),
+    "busy": ("one busy process", "import time\nend = time.time() + 3600\nwhile time.time() < end: pass"),
+    "torch": ("a torch process on 2 threads", "import time, torch\ntorch.set_num_threads(2)\na = torch.randn(256, 256)\n"
+              "end = time.time() + 3600\nwhile time.time() < end: a @ a"),
+}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=6.0, help="seconds of steps per setting and repetition")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--policies", nargs="+", choices=["ACTIVE", "PASSIVE"], default=["ACTIVE", "PASSIVE"])
-    p.add_argument("--loads", nargs="+", choices=["idle", "busy"], default=["idle", "busy"])
+    p.add_argument("--loads", nargs="+", choices=list(LOADS), default=list(LOADS))
     p.add_argument("--out", type=Path, default=RESULTS / "threads_cpu.json")
     return p.parse_args(argv)
 
@@ -60,12 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = [(threads, policy) for threads in args.threads for policy in args.policies]
     rows = []
-    for load in [{"idle": "idle", "busy": "one busy process"}[name] for name in args.loads]:
+    for load, busy_code in (LOADS[name] for name in args.loads):
         competitor = None
-        if load != "idle":
-            competitor = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 3600\n"
-                                           "while time.time() < end: pass"])
-            time.sleep(1.0)
+        if busy_code is not None:
+            competitor = subprocess.Popen([sys.executable, "-c", busy_code])
+            time.sleep(2.0)
         try:
             times: dict[tuple[int, str], list[float]] = {s: [] for s in settings}
             for _ in range(args.reps):

@@ -63,9 +63,10 @@ def _is_the_pmod_command() -> bool:
 
 
 if _is_the_pmod_command():
-    # OpenMP threads that spin while waiting at a barrier make a busy machine 10x slower (one other busy process on
-    # 2 cores: 260 ms a training step with 2 threads, 30 ms with passive waiting); set before torch is imported, and
-    # only for the command: a library import leaves the process's settings alone
+    # OpenMP threads that spin while waiting at a barrier degrade badly when the machine is busy: a tiny training step
+    # on 2 threads took 46 ms with another torch process running against 22 ms waiting passively (13 / 27 ms idle;
+    # benchmarks/results/threads_cpu.md). Passive waiting bounds the loss; set before torch is imported, and only for
+    # the command: a library import leaves the process's settings alone
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 else:
     from . import models  # noqa: F401  (registers the p-MoD model types with transformers)

@@ -71,7 +71,8 @@ def test_compiled_benchmark(tmp_path):
 
 def test_threads_benchmark(tmp_path):
     out = tmp_path / "threads.json"
-    run("threads.py", "--seconds", "0.3", "--reps", "1", "--threads", "2", "--policies", "PASSIVE", "--out", str(out))
+    run("threads.py", "--seconds", "0.3", "--reps", "1", "--threads", "2", "--policies", "PASSIVE", "--loads", "idle",
+        "busy", "--out", str(out))
     rows = json.loads(out.read_text())["rows"]
     assert [(r["load"], r["threads"], r["wait_policy"]) for r in rows] == [
         ("idle", 2, "PASSIVE"), ("one busy process", 2, "PASSIVE")]
