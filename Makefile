@@ -97,6 +97,7 @@ bench: setup
 	$(PY) benchmarks/decode.py
 	$(PY) benchmarks/efficiency.py
 	$(PY) benchmarks/compiled.py --threads 2
+	$(PY) benchmarks/threads.py
 	$(PY) benchmarks/report.py
 
 clean:
