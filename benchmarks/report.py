@@ -53,6 +53,11 @@ def main() -> None:
         f"[{p.name}](results/{p.name}) ([{p.with_suffix('.json').name}](results/{p.with_suffix('.json').name})):\n\n"
         + p.read_text() for p in compiled
     ))
+    threads = sorted((HERE / "results").glob("threads*.md"))
+    text = text.replace("{{THREADS_TABLES}}", "\n".join(
+        f"[{p.name}](results/{p.name}) ([{p.with_suffix('.json').name}](results/{p.with_suffix('.json').name})):\n\n"
+        + p.read_text() for p in threads
+    ))
     efficiency = sorted((HERE / "results").glob("efficiency*.md"))
     text = text.replace("{{EFFICIENCY_TABLES}}", "\n".join(
         f"[{p.name}](results/{p.name}), plot [{p.with_suffix('.png').name}](results/{p.with_suffix('.png').name}):\n\n"
