@@ -206,8 +206,9 @@ class PModStaticCacheLayer(CacheLayerMixin):
         self.is_initialized = True
         if not torch.compiler.is_compiling():
             # fixed addresses: a compiled step mutates them in place (CUDA graphs need it)
-            for tensor in (self.keys, self.values, self.length, self.logical_length):
-                torch._dynamo.mark_static_address(tensor)
+            for tensor in (self.keys, self.values, self.columns, self.length, self.logical_length):
+                if tensor is not None:
+                    torch._dynamo.mark_static_address(tensor)
 
     def _first_step(self, step_length: int, batch: int, slots: int | None) -> None:
         """Size the layer at its first step: ``slots`` new entries of a routed layer (None: a dense layer)."""
@@ -219,8 +220,6 @@ class PModStaticCacheLayer(CacheLayerMixin):
             capacity = self.max_cache_len - step_length + slots
             self.columns = torch.full((batch, capacity), -1, dtype=torch.long, device=self.device)
             self._allocate(batch, capacity)
-            if not torch.compiler.is_compiling():
-                torch._dynamo.mark_static_address(self.columns)
 
     def stage(self, columns: torch.Tensor, step_length: int, full: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Step 3a (module docstring): write the new columns at ``length``; returns every column slot (B, capacity)

@@ -72,8 +72,7 @@ class PModLayerMixin:
             # Nothing to route (a decoding step, a text-only batch): the plain dense layer, on every token.
             mask, held = self._dense_step_mask(attention_mask, cache, pmod_plan, batch, length, x.device, float_dtype)
             if kwargs.get("output_attentions"):
-                self.self_attn._pmod_layout = (None, None, held, length, _logical_width(attention_mask, cache, spec,
-                                                                                      pmod_plan, length))
+                self._keep_layout(None, None, held, attention_mask, cache, pmod_plan, length)
             h, mlp_out = self._attention_mlp(x, mask, position_ids, position_embeddings, attend)
             if pmod_plan.decoding and not self.training:
                 # a decoding step neither runs the router nor replaces the prompt's routing record
@@ -118,9 +117,8 @@ class PModLayerMixin:
         position_ids = None
         uniform = pmod_plan.uniform[spec.index]
         mask, held = self._stage_and_mask(attention_mask, sel, cache, pmod_plan, length, uniform, float_dtype)
-        if kwargs.get("output_attentions"):  # maps over sequence positions, not the gathered slots (`_maps_over_positions`)
-            self.self_attn._pmod_layout = (pos, sel.slot_valid, held, length, _logical_width(attention_mask, cache, spec,
-                                                                                         pmod_plan, length))
+        if kwargs.get("output_attentions"):
+            self._keep_layout(pos, sel.slot_valid, held, attention_mask, cache, pmod_plan, length)
         h, mlp_out = self._attention_mlp(xs, mask, position_ids, (cos, sin), attend)
 
         slot_weight = weight.gather(1, pos)[..., None]  # (B, S, 1)
@@ -176,8 +174,6 @@ class PModLayerMixin:
         """`_stage_and_mask` for a dense step, in fewer operations (at batch 1 a GPU pays for each): the queries are
         the T new tokens in order (the model's mask rows as they are), every slot holds its token."""
         columns = plan.columns  # (B, T)
-        if columns is None:  # a dense step of `RoutingPlan.build` (no padding, no target)
-            columns = (plan.past_length + torch.arange(length, device=device)).expand(batch, length)
         if cache is None:
             return attention_mask, columns  # the keys are the queries: the model's own mask
         layer = cache.layers[self.pmod_spec.index]
@@ -186,6 +182,13 @@ class PModLayerMixin:
         mask = _subset_mask(attention_mask, None, columns, None, held, first_new, fast_path, layer.has_empty_slots,
                             float_dtype)
         return mask, held
+
+    def _keep_layout(self, positions, slot_valid, held, attention_mask, cache, plan: RoutingPlan, length: int) -> None:
+        """What `_maps_over_positions` needs to return this step's attention maps over sequence positions rather than
+        the gathered slots: the queries' positions (None: the positions in order), their validity, the held keys'
+        columns, T and the key width of the dense model's maps."""
+        width = _logical_width(attention_mask, cache, self.pmod_spec, plan, length)
+        self.self_attn._pmod_layout = (positions, slot_valid, held, length, width)
 
     def _record(self, plan: RoutingPlan, sel: Selection, logits: torch.Tensor) -> None:
         self.last_routing = LayerRouting(

@@ -260,9 +260,11 @@ def _valid_positions(attention_mask: Any, batch: int, length: int, past_length: 
         attention_mask = attention_mask.get("full_attention", next(iter(attention_mask.values()), None))
     if attention_mask is None:
         return torch.ones(batch, length, dtype=torch.bool, device=device)
+    # with a static cache the new tokens' columns are taken by position: its masks may cover the whole cache
+    own = (past_length + torch.arange(length, device=attention_mask.device)) if static else None  # (T,)
     if static and attention_mask.dim() == 4 and attention_mask.shape[0] in (1, batch) and attention_mask.shape[2] == length:
-        own = (past_length + torch.arange(length, device=attention_mask.device)).view(1, length, 1)
-        diagonal = attention_mask[:, 0].gather(2, own.expand(attention_mask.shape[0], length, 1)).squeeze(-1)  # (B|1, T)
+        rows = own.view(1, length, 1).expand(attention_mask.shape[0], length, 1)
+        diagonal = attention_mask[:, 0].gather(2, rows).squeeze(-1)  # (B|1, T)
         valid = diagonal if diagonal.dtype == torch.bool else diagonal == 0
         return valid.to(device).expand(batch, length)
     if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < length:
@@ -271,9 +273,8 @@ def _valid_positions(attention_mask: Any, batch: int, length: int, past_length: 
             f"{tuple(attention_mask.shape)}. (A 4-D mask (batch, 1, {length}, keys) is taken only with a "
             "pmod.PModStaticCache, as generate() builds it.)"
         )
-    if static:  # the mask may be padded to the cache's length (static shapes): the new tokens' columns by position
-        own = (past_length + torch.arange(length, device=attention_mask.device)).expand(batch, length)
-        return attention_mask.gather(1, own).to(device=device, dtype=torch.bool)
+    if static:
+        return attention_mask.gather(1, own.expand(batch, length)).to(device=device, dtype=torch.bool)
     return attention_mask[:, -length:].to(device=device, dtype=torch.bool)
 
 

@@ -44,8 +44,8 @@ class RoutingPlan:
             (`dense`), no padding: every layer processes every token, so routed layers run as plain dense layers.
         decoding: a dense step that continues a cached sequence (generated tokens): routed layers skip their router
             and keep the routing record of the prompt.
-        columns: (B, T) long, the logical column of each new token (``past_length + position``), computed once for
-            every layer of a dense step (None otherwise).
+        columns: (B, T) long, the logical column of each new token (``past_length + position``), computed once per
+            forward for every layer of a dense step (None otherwise).
         not_target, text: (B, T) bool, ``~target`` and ``valid & ~target``; ranks: (B, T) long, ``0..T-1`` per row;
             row_start: (B, 1) long, ``b * T``: what every routed layer's selection needs, computed once per forward
             (at batch 1 a GPU pays for each operation).
@@ -70,9 +70,10 @@ class RoutingPlan:
     row_start: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        if self.dense_step:
-            return
         batch, length = self.target.shape
+        if self.dense_step:
+            self.columns = (self.past_length + torch.arange(length, device=self.target.device)).expand(batch, length)
+            return
         self.not_target = ~self.target
         self.text = self.valid & self.not_target
         self.ranks = torch.arange(length, device=self.target.device).expand(batch, length)
@@ -83,10 +84,8 @@ class RoutingPlan:
         """The plan of a forward in which nothing can be routed (a decoding step, a batch without images): every
         layer processes every token, padding included, as the dense model does. Reads nothing from the device, so a
         compiled decoding step has no graph break here."""
-        batch, length = valid.shape
-        columns = (past_length + torch.arange(length, device=valid.device)).expand(batch, length)  # (B, T)
         return cls(target=torch.zeros_like(valid), valid=valid, past_length=past_length, dense_step=True,
-                   keep_counts={}, width={}, uniform={}, decoding=decoding, columns=columns)
+                   keep_counts={}, width={}, uniform={}, decoding=decoding)
 
     @classmethod
     def build(
