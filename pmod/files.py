@@ -63,9 +63,7 @@ def output_lock(output: str | os.PathLike, command: str, error: type[Exception])
         except BlockingIOError:
             holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
             os.close(fd)
-            for folder in reversed(created):
-                with contextlib.suppress(OSError):
-                    folder.rmdir()
+            _remove_made(created)
             raise error(f"{output} is being written by another pmod run ({holder}); wait for it to end, or choose "
                         "another output folder.") from None
         try:
@@ -81,9 +79,7 @@ def output_lock(output: str | os.PathLike, command: str, error: type[Exception])
     finally:
         path.unlink(missing_ok=True)  # while still holding it: a run that opened it meanwhile sees another inode
         os.close(fd)
-        for folder in reversed(created):
-            with contextlib.suppress(OSError):  # only if the run left it empty
-                folder.rmdir()
+        _remove_made(created)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -129,11 +125,7 @@ def write_dir_atomic(out: str | os.PathLike, write: Callable[[Path], None], repl
             shutil.rmtree(staging, ignore_errors=True)
             raise
     except BaseException:
-        for folder in reversed(created):
-            try:
-                folder.rmdir()
-            except OSError:
-                break
+        _remove_made(created)
         raise
     return out
 
@@ -228,6 +220,15 @@ def _new_sibling(out: Path, mark: str) -> Path:
             return path
         except FileExistsError:
             continue
+
+
+def _remove_made(created: list[Path]) -> None:
+    """Remove the folders `_make_parents` made (outermost first), innermost first, as far as they are empty."""
+    for folder in reversed(created):
+        try:
+            folder.rmdir()
+        except OSError:
+            break  # not empty: neither are the folders around it
 
 
 def _make_parents(folder: Path) -> list[Path]:
