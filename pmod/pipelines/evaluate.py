@@ -229,6 +229,7 @@ class _Item:
     videos: list[list[Path] | Path] = field(default_factory=list)  # frame files or video file per video (pending)
     fps: float = DEFAULT_VIDEO_FPS
     max_frames: int | None = None
+    sha: str = ""  # `_record_sha`: a fingerprint of what the record asks and expects
 
 
 def _prepare(records: Sequence[dict[str, Any]], image_folder: Path | None) -> list[_Item]:
@@ -254,7 +255,9 @@ def _prepare(records: Sequence[dict[str, Any]], image_folder: Path | None) -> li
         images = [image_folder / p for p in paths] if paths and image_folder is not None else []
         if video_sources(record) and image_folder is None:
             raise PModInputError(f"record {rid!r} has videos; pass image_folder (where they are)")
-        items.append(_Item(rid, key, messages, answer, answers, question, images, record))
+        item = _Item(rid, key, messages, answer, answers, question, images, record)
+        item.sha = _record_sha(item)  # once: the resume check and every score row read it
+        items.append(item)
     return items
 
 
@@ -329,7 +332,7 @@ def _check_resumable(path: Path, done: dict[str, dict[str, Any]], items: list[_I
     by_key = {it.key: it for it in items}
     other_run = sorted(k for k, row in done.items() if run_sha and row.get("run_sha") not in (None, run_sha))
     other_record = sorted(k for k, row in done.items() if k in by_key and row.get("record_sha") is not None
-                          and row["record_sha"] != _record_sha(by_key[k]))
+                          and row["record_sha"] != by_key[k].sha)
     if other_run:
         raise PModInputError(f"{path}: {len(other_run)} prediction(s) (ids {other_run[:3]}) were made by another model or "
                              "other generation settings; rerun without --resume to replace them, or choose another "
@@ -391,7 +394,7 @@ def _score(item: _Item, prediction: str, costs: dict[str, Any], run_sha: str | N
         flops_ratio=costs.get("flops_ratio"),
         kv_ratio=costs.get("kv_ratio"),
         kv_cache_ratio=costs.get("kv_cache_ratio"),
-        record_sha=_record_sha(item),
+        record_sha=item.sha,
         run_sha=run_sha if run_sha is not None else costs.get("run_sha"),
     )
 
