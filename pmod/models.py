@@ -150,6 +150,41 @@ class PModModelMixin:
         valid = _valid_positions(arguments.get("attention_mask"), batch, length, past_length, device,
                                  static=isinstance(cache, PModStaticCache))
 
+        if target_mask is not None:
+            if tuple(target_mask.shape) != (batch, length):
+                raise PModInputError(f"target_mask must have shape {(batch, length)}, got {tuple(target_mask.shape)}.")
+            target = target_mask.to(device=device, dtype=torch.bool)
+        else:
+            target = self._find_targets(arguments, extra, valid, decoding)
+        counts = _target_counts(target_counts, batch, length)
+        if target is None:  # nothing can be routed: every layer runs dense, planned without reading the device
+            if counts is not None and any(counts):
+                raise PModInputError(f"target_counts={counts} but these inputs have no tokens to route (no image, "
+                                     "or a decoding step); pass zeros or leave target_counts out.")
+            extra["pmod_plan"] = RoutingPlan.dense(valid, past_length, decoding=decoding)
+        else:
+            extra["pmod_plan"] = RoutingPlan.build(target, valid, self.pmod.layers, past_length=past_length,
+                                                   counts=counts, padded=arguments.get("attention_mask") is not None)
+
+    def target_counts(self, **inputs: Any) -> list[int]:
+        """Each row's number of routing targets (vision tokens) for a prompt's ``inputs`` (a processor's output:
+        ``input_ids``, ``attention_mask``, pixels or grids), found by the same rule as the forward. Call it on the
+        host, before the inputs move to the device, and pass the result as ``target_counts=``: the prefill then plans
+        its routing without waiting for the device (pmod's generation path does this by itself)."""
+        input_ids = inputs.get("input_ids")
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise PModInputError("target_counts needs the prompt's input_ids, (batch, length): vision tokens are found "
+                                 "there.")
+        batch, length = input_ids.shape
+        valid = _valid_positions(inputs.get("attention_mask"), batch, length, 0, input_ids.device, static=False)
+        target = self._find_targets(dict(inputs), {}, valid, decoding=False)
+        return [0] * batch if target is None else (target & valid).sum(dim=1).tolist()
+
+    def _find_targets(self, arguments: dict[str, Any], extra: dict[str, Any], valid: torch.Tensor,
+                      decoding: bool) -> torch.Tensor | None:
+        """(B, T) bool, the positions this forward routes, from its inputs (None: nothing can be routed). Reads the
+        inputs where they are: on the host for `target_counts`, on the model's device in a forward."""
+        input_ids = arguments.get("input_ids")
         targets = self.pmod.settings.targets
         # generate() hands the vision encoder's outputs as {"image": ..., "video": ...} instead of pixels.
         encoded = arguments.get("mm_encoder_outputs", extra.get("mm_encoder_outputs"))
@@ -158,11 +193,7 @@ class PModModelMixin:
         has_videos = arguments.get("pixel_values_videos") is not None or encoded.get("video") is not None
         image_token_id = getattr(self.config, "image_token_id", None)
         video_token_id = getattr(self.config, "video_token_id", None)
-        if target_mask is not None:
-            if tuple(target_mask.shape) != (batch, length):
-                raise PModInputError(f"target_mask must have shape {(batch, length)}, got {tuple(target_mask.shape)}.")
-            target = target_mask.to(device=device, dtype=torch.bool)
-        elif decoding and not (has_images or has_videos):
+        if decoding and not (has_images or has_videos):
             # A decoding step: generated tokens are never targets (even one that equals the image token id).
             target = None
         elif targets == "all":
@@ -194,15 +225,7 @@ class PModModelMixin:
                                      "Use a model converted with targets='vision' for videos.")
             if has_videos and video_token_id is not None:
                 target = target | (input_ids == video_token_id)
-        counts = _target_counts(target_counts, batch, length)
-        if target is None:  # nothing can be routed: every layer runs dense, planned without reading the device
-            if counts is not None and any(counts):
-                raise PModInputError(f"target_counts={counts} but these inputs have no tokens to route (no image, "
-                                     "or a decoding step); pass zeros or leave target_counts out.")
-            extra["pmod_plan"] = RoutingPlan.dense(valid, past_length, decoding=decoding)
-        else:
-            extra["pmod_plan"] = RoutingPlan.build(target, valid, self.pmod.layers, past_length=past_length,
-                                                   counts=counts, padded=arguments.get("attention_mask") is not None)
+        return target
 
     def _pmod_cache(self, cache: Any) -> PModCache | PModStaticCache | None:
         """The caller's cache as a p-MoD cache: generate()'s empty DynamicCache (None: the forward creates a

@@ -116,8 +116,15 @@ def suppressed_tokens(config: Any, suppress: Sequence[int] | None = None) -> lis
 
 def move_to_model(model: Any, inputs: Mapping[str, Any]) -> dict[str, Any]:
     """A processor's output with its tensors on the model's device and its pixels in the model's dtype
-    (processors give float32 pixels; a half-precision vision tower needs its own dtype)."""
-    moved = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in dict(inputs).items()}
+    (processors give float32 pixels; a half-precision vision tower needs its own dtype). For a p-MoD model, each
+    row's routing-target count is added (``target_counts``, counted before the move, where the inputs are), so that
+    the prefill plans its routing without waiting for the device."""
+    inputs = dict(inputs)
+    if is_pmod(model) and "input_ids" in inputs and not {"target_counts", "target_mask"} & inputs.keys():
+        ids = inputs["input_ids"]
+        if isinstance(ids, torch.Tensor) and ids.device.type == "cpu":  # counting on a device would wait for it
+            inputs["target_counts"] = model.target_counts(**inputs)
+    moved = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     for key in ("pixel_values", "pixel_values_videos"):
         if key in moved:
             moved[key] = moved[key].to(model.dtype)
