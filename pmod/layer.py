@@ -107,11 +107,9 @@ class PModLayerMixin:
 
         # Row-major flat indices: one index per token (index_select / index_copy_) instead of one per element
         # (gather / scatter over an expanded (B, S, D) index), which is markedly faster on long sequences.
-        flat = (pos + pmod_plan.row_start).flatten()  # (B*S,)
+        flat = (pos if pmod_plan.row_start is None else pos + pmod_plan.row_start).flatten()  # (B*S,)
         xs = x.reshape(batch * length, hidden).index_select(0, flat).view(batch, width, hidden)  # (B, S, D)
-        cos, sin = position_embeddings
-        cos = _rows(cos, pos, flat, length)  # (B, S, head_dim), original positions
-        sin = _rows(sin, pos, flat, length)
+        cos, sin = _rotary_rows(position_embeddings, pmod_plan, pos, flat)  # (B, S, head_dim), original positions
         # the gathered tokens' positions live in (cos, sin); position ids are not passed on (flash-attention would
         # read non-contiguous ids at batch 1 as packed sequences, eager and sdpa do not read them)
         position_ids = None
@@ -193,10 +191,9 @@ class PModLayerMixin:
     def _record(self, plan: RoutingPlan, sel: Selection, logits: torch.Tensor) -> None:
         self.last_routing = LayerRouting(
             target=plan.target,
-            processed=sel.processed,
-            selected=sel.selected,
             router_logits=logits.detach(),
             keep_ratio=self.pmod_spec.keep_ratio,
+            selection=sel,
         )
 
 
@@ -267,11 +264,22 @@ def _check_cache(cache) -> PModCache | PModStaticCache:
     return cache
 
 
-def _rows(t: torch.Tensor, pos: torch.Tensor, flat: torch.Tensor, length: int) -> torch.Tensor:
-    """The rows at ``pos`` (B, S) of a (1 | B, T, d) tensor, as (B, S, d); ``flat`` are the flat indices of pos."""
-    if t.shape[0] == 1:  # shared by the batch (position ids without padding): index it once per row of pos
-        return t[0].index_select(0, pos.flatten()).view(*pos.shape, t.shape[-1])
-    return t.reshape(-1, t.shape[-1]).index_select(0, flat).view(*pos.shape, t.shape[-1])
+def _rotary_rows(position_embeddings: tuple[torch.Tensor, torch.Tensor], plan: RoutingPlan, pos: torch.Tensor,
+                 flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows at ``pos`` (B, S) of the rotary tables ``(cos, sin)``, each (1 | B, T, d), as two (B, S, d): one
+    gather of ``cat([cos, sin])``, concatenated once per forward for the layers that share the tables (the plan keeps
+    it). ``flat`` are the flat indices of ``pos``."""
+    cos, sin = position_embeddings
+    if plan.rotary is None or plan.rotary[0] is not cos:
+        plan.rotary = (cos, torch.cat([cos, sin], dim=-1))  # (1 | B, T, 2d)
+    both = plan.rotary[1]
+    dim = cos.shape[-1]
+    if both.shape[0] == 1:  # shared by the batch (position ids without padding): index it once per row of pos
+        rows = both[0].index_select(0, pos.flatten())
+    else:
+        rows = both.reshape(-1, 2 * dim).index_select(0, flat)
+    rows = rows.view(*pos.shape, 2 * dim)  # (B, S, 2d)
+    return rows[..., :dim], rows[..., dim:]
 
 
 def _subset_mask(

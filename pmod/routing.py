@@ -46,13 +46,21 @@ class RoutingPlan:
             and keep the routing record of the prompt.
         columns: (B, T) long, the logical column of each new token (``past_length + position``), computed once per
             forward for every layer of a dense step (None otherwise).
-        not_target, text: (B, T) bool, ``~target`` and ``valid & ~target``; ranks: (B, T) long, ``0..T-1`` per row;
-            row_start: (B, 1) long, ``b * T``: what every routed layer's selection needs, computed once per forward
-            (at batch 1 a GPU pays for each operation).
+        not_target, text: (B, T) bool, ``~target`` and ``valid & ~target``; ranks: (B, T) long, ``0..T-1`` per row
+            (None for a plan with ``shared_targets``); row_start: (B, 1) long, ``b * T`` (None at batch 1): what every
+            routed layer's selection needs, computed once per forward (at batch 1 a GPU pays for each operation).
         keep_counts: layer index -> (B,) long, keep count k: the number of target tokens each example keeps.
         width: layer index -> int, number of gathered slots (max over the batch of processed tokens).
         uniform: layer index -> bool, every example processes the same number of tokens and there is
             no padding, so the gathered batch has no empty slots.
+        shared_targets: the number of targets N of every row when all rows have the same and there is no padding
+            (a batch of one, most often), known on the host; None otherwise.
+        shared_keep: layer index -> int, the keep count of every row when ``shared_targets`` is known: a layer's
+            selection is then a slice of its ranking (`select_tokens`).
+        text_positions: (B, T - N) long, the non-target positions of every row, ascending: computed once per forward
+            for a regular plan (None otherwise).
+        rotary: the rotary tables of the last routed layer, ``(cos, torch.cat([cos, sin], -1))``: layers that share
+            them gather both with one index (cached here for the forward).
     """
 
     target: torch.Tensor
@@ -68,6 +76,10 @@ class RoutingPlan:
     text: torch.Tensor | None = None
     ranks: torch.Tensor | None = None
     row_start: torch.Tensor | None = None
+    shared_targets: int | None = None
+    shared_keep: dict[int, int] | None = None
+    text_positions: torch.Tensor | None = None
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         batch, length = self.target.shape
@@ -76,8 +88,14 @@ class RoutingPlan:
             return
         self.not_target = ~self.target
         self.text = self.valid & self.not_target
-        self.ranks = torch.arange(length, device=self.target.device).expand(batch, length)
-        self.row_start = torch.arange(batch, device=self.target.device)[:, None] * length
+        # at batch 1 flat indices are the positions themselves
+        self.row_start = torch.arange(batch, device=self.target.device)[:, None] * length if batch > 1 else None
+        if self.shared_targets is not None:
+            # non-targets first, each group in ascending position order (stable sort on a 0/1 key)
+            order = torch.sort(self.target.to(torch.uint8), dim=1, stable=True).indices  # (B, T)
+            self.text_positions = order[:, : length - self.shared_targets]  # (B, T - N)
+        else:
+            self.ranks = torch.arange(length, device=self.target.device).expand(batch, length)
 
     @classmethod
     def dense(cls, valid: torch.Tensor, past_length: int | torch.Tensor = 0, decoding: bool = False) -> RoutingPlan:
@@ -112,10 +130,12 @@ class RoutingPlan:
         keep = torch.floor(num_targets.to(torch.float32)[None, :] * ratios[:, None]).to(torch.long)  # (layers, B)
         processed = keep + num_text[None, :]  # (layers, B)
         n = len(layers)
-        flags = torch.stack([valid.all().long(), num_targets.sum()])
+        flags = torch.stack([valid.all().long(), num_targets.sum(), num_targets.min(), num_targets.max()])
         stats = torch.cat([processed.max(dim=1).values, processed.min(dim=1).values, flags])
         stats = stats.tolist()  # the one host sync of the forward: widths of all layers at once
-        widest, narrowest, all_valid, total_targets = stats[:n], stats[n : 2 * n], bool(stats[-2]), stats[-1]
+        widest, narrowest = stats[:n], stats[n : 2 * n]
+        all_valid, total_targets, fewest, most = bool(stats[-4]), stats[-3], stats[-2], stats[-1]
+        shared = fewest if all_valid and fewest == most else None
         return cls(
             target=target,
             valid=valid,
@@ -124,6 +144,8 @@ class RoutingPlan:
             keep_counts={spec.index: keep[j] for j, spec in enumerate(layers)},
             width={spec.index: widest[j] for j, spec in enumerate(layers)},
             uniform={spec.index: all_valid and widest[j] == narrowest[j] for j, spec in enumerate(layers)},
+            shared_targets=shared,
+            shared_keep=None if shared is None else {spec.index: keep_count(shared, spec.keep_ratio) for spec in layers},
         )
 
 
@@ -132,24 +154,27 @@ class RoutingPlan:
                      past_length: int | torch.Tensor, counts: Sequence[int], padded: bool) -> RoutingPlan:
         """`build` with the per-row target counts known on the host. A padding token counts as a possible processed
         slot (an empty one): widths are upper bounds, exact without padding."""
-        batch, length = target.shape
+        _batch, length = target.shape
         # a wrong count would keep another number of tokens than the widths allow: checked on the device, no sync
         given = torch.tensor(list(counts), device=target.device)
         torch._assert_async((target.sum(dim=1) == given).all(), "target_counts differ from the inputs' target tokens")
         keep = [[keep_count(n, spec.keep_ratio) for n in counts] for spec in layers]  # (layers, B) on the host
         width = [max(k + length - n for k, n in zip(row, counts)) for row in keep]
+        shared = counts[0] if not padded and len(set(counts)) == 1 else None
+        keep_all = torch.tensor(keep, device=target.device)  # (layers, B): one copy to the device for every layer
         return cls(
             target=target,
             valid=valid,
             past_length=past_length,
             dense_step=False,
-            keep_counts={spec.index: torch.tensor(keep[j], device=target.device) for j, spec in enumerate(layers)},
+            keep_counts=dict(zip((spec.index for spec in layers), keep_all)),
             width={spec.index: width[j] for j, spec in enumerate(layers)},
-            uniform={spec.index: not padded and len(set(counts)) == 1 for spec in layers},
+            uniform={spec.index: shared is not None for spec in layers},
+            shared_targets=shared,
+            shared_keep=None if shared is None else {spec.index: keep[j][0] for j, spec in enumerate(layers)},
         )
 
 
-@dataclass
 class Selection:
     """The tokens one routed layer processes, gathered into a dense (B, S) layout.
 
@@ -160,12 +185,30 @@ class Selection:
             uniform).
         processed: (B, T) bool, tokens processed by the layer (text + selected targets).
         selected: (B, T) bool, selected target tokens.
+        chosen: (B, k) long, the selected target positions, when every row keeps k (a plan with ``shared_keep``;
+            None otherwise): the two masks are then built from it and ``text`` only when read (by the routing
+            record, after the forward), not by the layer.
     """
 
-    positions: torch.Tensor
-    slot_valid: torch.Tensor | None
-    processed: torch.Tensor
-    selected: torch.Tensor
+    def __init__(self, positions: torch.Tensor, slot_valid: torch.Tensor | None, processed: torch.Tensor | None = None,
+                 selected: torch.Tensor | None = None, chosen: torch.Tensor | None = None,
+                 text: torch.Tensor | None = None) -> None:
+        if (processed is None or selected is None) and (chosen is None or text is None):
+            raise ValueError("a Selection needs processed and selected, or chosen and text")
+        self.positions, self.slot_valid, self.chosen, self.text = positions, slot_valid, chosen, text
+        self._processed, self._selected = processed, selected
+
+    @property
+    def selected(self) -> torch.Tensor:
+        if self._selected is None:
+            self._selected = torch.zeros_like(self.text).scatter_(1, self.chosen, True)  # (B, T)
+        return self._selected
+
+    @property
+    def processed(self) -> torch.Tensor:
+        if self._processed is None:
+            self._processed = self.text | self.selected  # (B, T)
+        return self._processed
 
 
 def select_tokens(logits: torch.Tensor, plan: RoutingPlan, layer_idx: int) -> Selection:
@@ -177,6 +220,12 @@ def select_tokens(logits: torch.Tensor, plan: RoutingPlan, layer_idx: int) -> Se
     neg_inf = torch.finfo(logits.dtype).min
     scores = logits.masked_fill(plan.not_target, neg_inf)
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices  # (B, T) positions by rank
+    if plan.shared_keep is not None:
+        # every row keeps k of N targets and has the same text: the first k of the ranking, merged with the text
+        # positions (five operations where the general case below takes eleven; a GPU at batch 1 pays per operation)
+        chosen = order[:, : plan.shared_keep[layer_idx]]  # (B, k)
+        positions = torch.sort(torch.cat([plan.text_positions, chosen], dim=1), dim=1).values  # (B, S) ascending
+        return Selection(positions=positions, slot_valid=None, chosen=chosen, text=plan.text)
     rank = torch.empty_like(order).scatter_(1, order, plan.ranks)  # (B, T) rank of each position
     selected = plan.target & (rank < plan.keep_counts[layer_idx][:, None])
     processed = plan.text | selected
@@ -187,7 +236,6 @@ def select_tokens(logits: torch.Tensor, plan: RoutingPlan, layer_idx: int) -> Se
     return Selection(positions=positions, slot_valid=slot_valid, processed=processed, selected=selected)
 
 
-@dataclass
 class LayerRouting:
     """Routing decisions of one routed layer in the most recent forward pass (detached, on the model's device).
 
@@ -197,13 +245,31 @@ class LayerRouting:
         selected: (B, T) bool, selected target positions.
         router_logits: (B, T) float32 router scores ``s``.
         keep_ratio: the layer's keep ratio (its `RoutedLayerSpec.keep_ratio`, which the selection used).
+
+    ``processed`` and ``selected`` may be given as a `Selection` instead (``selection``), whose masks are built when
+    first read: a forward does not pay for them.
     """
 
-    target: torch.Tensor
-    processed: torch.Tensor
-    selected: torch.Tensor
-    router_logits: torch.Tensor
-    keep_ratio: float
+    def __init__(self, target: torch.Tensor, router_logits: torch.Tensor, keep_ratio: float,
+                 processed: torch.Tensor | None = None, selected: torch.Tensor | None = None,
+                 selection: Selection | None = None) -> None:
+        if selection is None:
+            if processed is None or selected is None:
+                raise ValueError("LayerRouting needs processed and selected, or a selection")
+            selection = Selection(positions=processed.new_zeros(0), slot_valid=None, processed=processed,
+                                  selected=selected)
+        self.target = target
+        self.router_logits = router_logits
+        self.keep_ratio = keep_ratio
+        self._selection = selection
+
+    @property
+    def selected(self) -> torch.Tensor:
+        return self._selection.selected
+
+    @property
+    def processed(self) -> torch.Tensor:
+        return self._selection.processed
 
     def kept_positions(self, example: int) -> list[int]:
         """Sequence positions of the target tokens that ``example`` kept in this layer."""

@@ -73,3 +73,27 @@ def test_routing_is_deterministic_across_runs():
         first = {i: r.selected.clone() for i, r in model.routing().items()}
         model(input_ids=ids, pixel_values=px)
     assert all(torch.equal(first[i], r.selected) for i, r in model.routing().items())
+
+
+def test_shared_keep_selection_equals_the_general_one():
+    """Rows with the same target count and no padding take the short selection (a slice of the ranking merged with
+    the text positions); it selects exactly what the general selection does, ties included, whichever planner
+    (device read, or host counts) made the plan."""
+    gen = torch.Generator().manual_seed(0)
+    layers = _layers(1.0, 0.5, 0.3, 0.05, 0.77)  # 0.05 of 9 keeps none
+    target = torch.zeros(3, 20, dtype=torch.bool)
+    for row, start in enumerate((2, 5, 9)):
+        target[row, start : start + 9] = True  # 9 targets per row, at different places
+    valid = torch.ones_like(target)
+    shared = RoutingPlan.build(target, valid, layers)
+    from_counts = RoutingPlan.build(target, valid, layers, counts=[9, 9, 9], padded=False)
+    general = RoutingPlan.build(target, valid, layers, counts=[9, 9, 9], padded=True)  # a mask: nothing shared
+    assert shared.shared_keep == from_counts.shared_keep == {1: 4, 2: 2, 3: 0, 4: 6} and general.shared_keep is None
+    for logits in (torch.randn(3, 20, generator=gen), torch.randint(0, 3, (3, 20), generator=gen).float()):
+        for index in (1, 2, 3, 4):
+            want = select_tokens(logits, general, index)
+            for plan in (shared, from_counts):
+                got = select_tokens(logits, plan, index)
+                assert got.chosen is not None and got.slot_valid is None
+                assert torch.equal(got.positions, want.positions)
+                assert torch.equal(got.selected, want.selected) and torch.equal(got.processed, want.processed)
