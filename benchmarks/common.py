@@ -126,7 +126,7 @@ def decode_runner(model, ids: torch.Tensor, target: torch.Tensor | None, cache_k
     from transformers import DynamicCache, StaticCache
 
     from pmod.compat import cache_kwargs
-    from pmod.models import PModModelMixin
+    from pmod.modeling import PModModelMixin
 
     routed = isinstance(model, PModModelMixin)
     batch, length = ids.shape

@@ -28,7 +28,7 @@ _LAZY = {
     "LayerRouting": "routing",
     "apply_pmod": "models",
     "get_routing": "models",
-    "load_model": "models",
+    "load_model": "loading",
 }
 __all__ = [
     "CheckpointError",
@@ -69,7 +69,8 @@ if _is_the_pmod_command():
     # the command: a library import leaves the process's settings alone
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 else:
-    from . import models  # noqa: F401  (registers the p-MoD model types with transformers)
-    from .cache import PModCache, PModStaticCache  # noqa: E402
-    from .models import apply_pmod, get_routing, load_model  # noqa: E402
-    from .routing import LayerRouting  # noqa: E402
+    from . import families  # noqa: F401  (registers the p-MoD model types with transformers)
+    from .cache import PModCache, PModStaticCache
+    from .loading import load_model
+    from .models import apply_pmod, get_routing
+    from .routing import LayerRouting

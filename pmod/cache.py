@@ -5,7 +5,7 @@ position ids, the causal mask and `generate`'s input slicing from it.
 
 The protocol, for each forward call of a p-MoD model over T new tokens:
 
-1. The model (`pmod.models.PModModelMixin`) takes the caller's `PModCache` or creates one (one `PModCacheLayer` per
+1. The model (`pmod.modeling.PModModelMixin`) takes the caller's `PModCache` or creates one (one `PModCacheLayer` per
    decoder layer) and plans routing with ``past_length = cache.get_seq_length()``.
 2. A dense layer: its attention calls ``cache.update(keys, values, layer_idx)`` as in transformers; the layer appends
    the T entries and its logical length grows by T.

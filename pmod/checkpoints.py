@@ -1,6 +1,6 @@
 """What a checkpoint folder holds, read without trusting it: its weight files and shards (a shard index is checked
 before it is followed), and each tensor's dtype, from safetensors headers or a torch zip file's listing (never
-unpickled). Used by loading (`pmod.models`) and conversion (`pmod.integrations.convert`).
+unpickled). Used by loading (`pmod.loading`) and conversion (`pmod.integrations.convert`).
 """
 
 from __future__ import annotations

@@ -91,7 +91,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         if not isinstance(model_type, str):
             raise ValueError("no model_type")
     except (OSError, ValueError, AttributeError):  # a hub id, or a file transformers should explain
-        from .models import read_checkpoint_config
+        from .loading import read_checkpoint_config
 
         config = read_checkpoint_config(args.model_dir)
         model_type, settings = config.model_type, getattr(config, "pmod", None)

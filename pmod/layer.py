@@ -23,17 +23,22 @@ from .errors import PModConfigError, PModInputError, UnsupportedModelError
 from .routing import LayerRouting, RoutingPlan, Selection, select_tokens
 
 SUPPORTED_ATTENTION = ("eager", "sdpa")
-_REQUIRED_CHILDREN = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
-_ROUTED_CLASSES: dict[type, type] = {}
+# each transformers decoder layer class -> its routed class (pmod/families.py), filled as they are defined
+ROUTED_LAYERS: dict[type[nn.Module], type[nn.Module]] = {}
 
 
 class PModLayerMixin:
     """Routed forward for pre-norm decoder layers with `input_layernorm`, `self_attn`,
-    `post_attention_layernorm` and `mlp` children."""
+    `post_attention_layernorm` and `mlp` children. A routed class is ``class PModX(PModLayerMixin, X)``."""
 
     router: Router
     pmod_spec: RoutedLayerSpec
     last_routing: LayerRouting | None
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        dense = next(c for c in cls.__mro__[1:] if issubclass(c, nn.Module) and not issubclass(c, PModLayerMixin))
+        ROUTED_LAYERS[dense] = cls
 
     def forward(
         self,
@@ -333,18 +338,15 @@ def _subset_mask(
 
 
 def convert_decoder_layer(layer: nn.Module, spec: RoutedLayerSpec) -> nn.Module:
-    """Make ``layer`` the routed p-MoD layer ``spec`` in place and return it."""
-    missing = [name for name in _REQUIRED_CHILDREN if not hasattr(layer, name)]
-    if missing:
-        raise UnsupportedModelError(
-            f"Decoder layer {type(layer).__name__} lacks {missing}; p-MoD supports pre-norm decoder layers "
-            "(Llama, Qwen2, Mistral families)."
-        )
-    base = type(layer)
+    """Make ``layer`` the routed p-MoD layer ``spec`` in place (its class becomes its routed class) and return it."""
     if not isinstance(layer, PModLayerMixin):
-        if base not in _ROUTED_CLASSES:
-            _ROUTED_CLASSES[base] = type(f"PMod{base.__name__}", (PModLayerMixin, base), {"__module__": __name__})
-        layer.__class__ = _ROUTED_CLASSES[base]
+        routed = ROUTED_LAYERS.get(type(layer))
+        if routed is None:
+            raise UnsupportedModelError(
+                f"p-MoD has no routed version of the decoder layer {type(layer).__name__}; it routes "
+                f"{', '.join(sorted(c.__name__ for c in ROUTED_LAYERS))}."
+            )
+        layer.__class__ = routed
     ref = layer.input_layernorm.weight
     # under DeepSpeed ZeRO-3 the weight is a partitioned, empty placeholder: its full shape is ds_shape
     hidden = tuple(getattr(ref, "ds_shape", ref.shape))[-1]

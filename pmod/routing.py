@@ -114,14 +114,16 @@ class RoutingPlan:
         past_length: int | torch.Tensor = 0,
         counts: Sequence[int] | None = None,
         padded: bool = True,
+        tokens: Sequence[int] | None = None,
     ) -> RoutingPlan:
         """Plan a forward pass over a (B, T) batch for the routed layers ``layers`` (the model's `ResolvedPMod.layers`).
 
-        ``counts``: each row's number of targets, when the caller knows them (``target_counts``): the plan is then
-        made on the host without reading the device (a compiled prefill has no graph break), the count checked on
-        the device. ``padded``: whether ``valid`` may hold padding (False: no attention mask was given)."""
+        ``counts``: each row's number of targets, when the caller knows them (``target_counts``), and ``tokens`` its
+        number of non-padding tokens (``token_counts``): the plan is then made on the host without reading the device
+        (a compiled prefill has no graph break), the counts checked on the device. ``padded``: whether ``valid`` may
+        hold padding (False: no attention mask was given)."""
         if counts is not None:
-            return cls._from_counts(target & valid, valid, layers, past_length, counts, padded)
+            return cls._from_counts(target & valid, valid, layers, past_length, counts, tokens, padded)
         target = target & valid
         num_targets = target.sum(dim=1)  # (B,)
         num_text = valid.sum(dim=1) - num_targets  # (B,)
@@ -151,16 +153,26 @@ class RoutingPlan:
 
     @classmethod
     def _from_counts(cls, target: torch.Tensor, valid: torch.Tensor, layers: Sequence[RoutedLayerSpec],
-                     past_length: int | torch.Tensor, counts: Sequence[int], padded: bool) -> RoutingPlan:
-        """`build` with the per-row target counts known on the host. A padding token counts as a possible processed
-        slot (an empty one): widths are upper bounds, exact without padding."""
-        _batch, length = target.shape
+                     past_length: int | torch.Tensor, counts: Sequence[int], tokens: Sequence[int] | None,
+                     padded: bool) -> RoutingPlan:
+        """`build` with the per-row target counts known on the host, and the non-padding token counts when given.
+        Without token counts a padded batch counts each padding token as a possible processed slot (an empty one):
+        its widths are upper bounds (a row of text beside rows with images makes every routed layer as wide as the
+        prompt); with them, or without padding, they are exact."""
+        batch, length = target.shape
         # a wrong count would keep another number of tokens than the widths allow: checked on the device, no sync
-        given = torch.tensor(list(counts), device=target.device)
-        torch._assert_async((target.sum(dim=1) == given).all(), "target_counts differ from the inputs' target tokens")
+        if tokens is None:
+            given = torch.tensor(list(counts), device=target.device)
+            found = target.sum(dim=1)
+            tokens, may_pad = [length] * batch, padded
+        else:
+            given = torch.tensor([list(counts), list(tokens)], device=target.device)  # (2, B)
+            found = torch.stack([target.sum(dim=1), valid.sum(dim=1)])
+            may_pad = any(t != length for t in tokens)
+        torch._assert_async((found == given).all(), "target_counts / token_counts differ from the inputs' tokens")
         keep = [[keep_count(n, spec.keep_ratio) for n in counts] for spec in layers]  # (layers, B) on the host
-        width = [max(k + length - n for k, n in zip(row, counts)) for row in keep]
-        shared = counts[0] if not padded and len(set(counts)) == 1 else None
+        processed = [[k + t - n for k, n, t in zip(row, counts, tokens)] for row in keep]  # (layers, B)
+        shared = counts[0] if not may_pad and len(set(counts)) == 1 else None
         keep_all = torch.tensor(keep, device=target.device)  # (layers, B): one copy to the device for every layer
         return cls(
             target=target,
@@ -168,8 +180,8 @@ class RoutingPlan:
             past_length=past_length,
             dense_step=False,
             keep_counts=dict(zip((spec.index for spec in layers), keep_all)),
-            width={spec.index: width[j] for j, spec in enumerate(layers)},
-            uniform={spec.index: shared is not None for spec in layers},
+            width={spec.index: max(processed[j]) for j, spec in enumerate(layers)},
+            uniform={spec.index: not may_pad and len(set(processed[j])) == 1 for j, spec in enumerate(layers)},
             shared_targets=shared,
             shared_keep=None if shared is None else {spec.index: keep[j][0] for j, spec in enumerate(layers)},
         )

@@ -196,7 +196,7 @@ def test_dense_checkpoint_with_missing_tensor_is_refused_on_conversion(dense_dir
               metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"missing .*layers\.1\.mlp\.up_proj\.weight"):
         pmod.load_model(dense_dir, pmod.PModConfig(schedule=[0.5, 0.5]))
-    from pmod.models import load_pretrained
+    from pmod.loading import load_pretrained
 
     with pytest.raises(CheckpointError, match=r"missing .*layers\.1\.mlp\.up_proj\.weight"):
         load_pretrained(dense_dir)  # the dense baseline of an evaluation
@@ -228,7 +228,7 @@ def test_non_finite_weights_are_refused_by_name(pmod_dir, dense_dir):
     state = load_file(weights)
     key = next(k for k in state if k.endswith("layers.1.mlp.up_proj.weight"))
     save_file({**state, key: torch.full_like(state[key], float("inf"))}, weights, metadata={"format": "pt"})
-    for load in (pmod.load_model, pmod.models.load_pretrained):
+    for load in (pmod.load_model, pmod.loading.load_pretrained):
         with pytest.raises(CheckpointError, match=r"not finite .*up_proj\.weight"):
             load(dense_dir)
 
@@ -349,7 +349,7 @@ def test_convert_original_tensor_problems(original_dir, tmp_path):
 @pytest.mark.parametrize("path", ["/no/such/pmod-dir", "./no-such-pmod-dir", "../no-such-pmod-dir", "~/no-such-pmod-dir",
                                   Path("no-such/pmod-dir")])
 def test_load_missing_local_path_says_no_such_directory(path):
-    from pmod.models import load_pretrained
+    from pmod.loading import load_pretrained
 
     for load in (pmod.load_model, load_pretrained):
         with pytest.raises(CheckpointError, match=r"No such directory: \S*pmod-dir\. Pass a local checkpoint directory"):
@@ -482,7 +482,7 @@ def test_paths_are_named_as_paths(dense_dir, tmp_path, capsys):
     the file-name limit failed after the conversion's work."""
     for missing in (f"{tmp_path}/nope/", "nope/", "runs/a/b"):
         with pytest.raises(CheckpointError, match="No such directory"):
-            pmod.models.read_checkpoint_config(missing)
+            pmod.loading.read_checkpoint_config(missing)
     loop = tmp_path / "loop"
     loop.symlink_to(loop)
     with pytest.raises(CheckpointError, match="symbolic link that leads nowhere"):

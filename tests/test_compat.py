@@ -7,15 +7,11 @@ import pytest
 import torch
 from test_models import llava_inputs
 from transformers import DynamicCache
-from transformers.models.llama.modeling_llama import LlamaAttention, LlamaDecoderLayer, LlamaModel
-from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
-from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLDecoderLayer
-from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLDecoderLayer
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaModel
 
 import pmod
 from pmod.compat import CACHE_KWARG, CACHE_NAMES, output_cache
-from pmod.models import _FAMILIES
+from pmod.families import FAMILIES
 from pmod.routing import RoutingPlan
 from pmod.testing.tiny import randomize_routers, tiny_llava
 
@@ -28,8 +24,8 @@ def _model():
 
 def test_the_installed_transformers_uses_the_detected_cache_keyword():
     """Every class pmod calls or wraps takes the cache under CACHE_KWARG: a rename pmod does not know fails here."""
-    for cls in (LlamaDecoderLayer, Qwen2DecoderLayer, MistralDecoderLayer, Qwen2VLDecoderLayer, Qwen2_5_VLDecoderLayer,
-                LlamaAttention, LlamaModel, *(family.base_model for family in _FAMILIES)):
+    layers = {layer for family in FAMILIES for layer in family.layers}
+    for cls in (*layers, LlamaAttention, LlamaModel, *(family.dense for family in FAMILIES)):
         assert CACHE_KWARG in inspect.signature(cls.forward).parameters, cls.__name__
 
 

@@ -175,7 +175,7 @@ def test_target_counts_plan_prefill_on_the_host_and_compile_without_breaks():
     # a break inside transformers' forward lists the calling frames too: the innermost frame says where it is
     pmod_breaks = [b.reason for b in explained.break_reasons if "/pmod/" in b.user_stack[-1].filename]
     assert pmod_breaks == []
-    with torch.no_grad(), pytest.raises(RuntimeError, match="target_counts differ"):
+    with torch.no_grad(), pytest.raises(RuntimeError, match="target_counts / token_counts differ"):
         model(**inputs, target_counts=[c + 1 for c in counts])
     with pytest.raises(pmod.PModInputError, match="target_counts must hold 4 counts"):
         model(**inputs, target_counts=counts[:3])

@@ -142,7 +142,7 @@ def test_load_model_rejects_wrong_inputs(tmp_path):
 
 
 def test_load_pretrained_keeps_dense_checkpoints_dense(tmp_path):
-    from pmod.models import load_pretrained
+    from pmod.loading import load_pretrained
     from pmod.testing.tiny import tiny_llava
 
     dense = tiny_llava(num_layers=4)

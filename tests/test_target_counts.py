@@ -1,5 +1,5 @@
-"""Routing-target counts found on the host (`PModModelMixin.target_counts`), the prefill planned from them
-(`RoutingPlan._from_counts`, no device read), and pmod's generation path passing them by itself."""
+"""Routing-target and token counts found on the host (`PModModelMixin.routing_counts`), the prefill planned from
+them (`RoutingPlan._from_counts`, no device read), and pmod's generation path passing them by itself."""
 
 import pytest
 import torch
@@ -8,6 +8,8 @@ from test_models import llava_inputs, next_inputs
 from test_qwen2_vl import qwen_inputs
 
 import pmod
+from pmod.compat import output_cache
+from pmod.efficiency import kv_cache_report
 from pmod.pipelines.generation import encode, generate, move_to_model
 from pmod.routing import RoutingPlan
 from pmod.testing.tiny import (
@@ -35,21 +37,29 @@ def _plans(monkeypatch) -> list[str]:
 
 
 def _check_counts_plan_the_same(model, inputs, monkeypatch):
-    """target_counts equal the forward's own targets per row, and a prefill given them gives the same logits and
-    routing, planned on the host."""
-    counts = model.target_counts(**inputs)
+    """routing_counts equal the forward's own targets and tokens per row, and a prefill given them gives the same
+    logits, routing, processed widths and cache as one that reads the device; target counts alone give the same
+    logits too."""
+    counts = model.routing_counts(**inputs)
     used = _plans(monkeypatch)
     with torch.no_grad():
-        plain = model(**inputs).logits
+        plain = model(**inputs, use_cache=True)
         routed_plain = {i: r.processed.clone() for i, r in model.routing().items()}
         targets = next(iter(model.routing().values())).target.sum(1).tolist()
-        given = model(**inputs, target_counts=counts).logits
-    assert counts == targets
-    assert used == ["device", "counts"]
-    torch.testing.assert_close(given, plain, rtol=1e-5, atol=1e-5)
+        given = model(**inputs, **counts, use_cache=True)
+        targets_only = model(**inputs, target_counts=counts["target_counts"])
+    assert counts["target_counts"] == targets
+    mask = inputs.get("attention_mask")
+    assert counts["token_counts"] == (mask.sum(1).tolist() if mask is not None else [inputs["input_ids"].shape[1]] * len(targets))
+    assert used == ["device", "counts", "counts"]
+    torch.testing.assert_close(given.logits, plain.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(targets_only.logits, plain.logits, rtol=1e-5, atol=1e-5)
     for i, r in model.routing().items():
         assert torch.equal(r.processed, routed_plain[i])
-    return counts
+    # with both counts the routed layers hold exactly what they processed: the cache is no larger
+    assert [lay.physical_length() for lay in output_cache(given).layers] == [
+        lay.physical_length() for lay in output_cache(plain).layers]
+    return counts["target_counts"]
 
 
 def test_llava_rows_with_zero_one_and_two_images(monkeypatch):
@@ -91,12 +101,17 @@ def test_every_token_a_target_with_padding(monkeypatch):
     assert _check_counts_plan_the_same(model, inputs, monkeypatch) == [4, 6]
 
 
-def test_text_only_prompt_counts_zero():
+def test_text_only_prompt_counts_zero_and_bad_counts_are_refused():
     model = pmod.apply_pmod(tiny_llava(num_layers=2), pmod.PModConfig(schedule=[0.5, 1.0]))
     ids = torch.randint(1, 100, (2, 5))
-    assert model.target_counts(input_ids=ids, attention_mask=torch.ones_like(ids)) == [0, 0]
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert model.routing_counts(input_ids=ids, attention_mask=mask) == {"target_counts": [0, 0], "token_counts": [4, 5]}
     with pytest.raises(pmod.PModInputError, match="input_ids"):
-        model.target_counts(inputs_embeds=torch.zeros(1, 5, 8))
+        model.routing_counts(inputs_embeds=torch.zeros(1, 5, 8))
+    with pytest.raises(pmod.PModInputError, match="pass both"):
+        model(input_ids=ids, attention_mask=mask, token_counts=[4, 5])
+    with pytest.raises(pmod.PModInputError, match="token_counts must hold 2 counts between 0 and 5"):
+        model(input_ids=ids, attention_mask=mask, target_counts=[0, 0], token_counts=[4, 6])
 
 
 def test_generation_path_plans_the_prefill_on_the_host(monkeypatch):
@@ -114,17 +129,22 @@ def test_generation_path_plans_the_prefill_on_the_host(monkeypatch):
     inputs = encode(model, processor, prompts, images)
     ids = inputs["input_ids"]
     assert inputs["target_counts"] == (ids == model.config.image_token_id).sum(1).tolist()
+    assert inputs["token_counts"] == inputs["attention_mask"].sum(1).tolist()
     assert inputs["target_counts"][1] == 0
     used = _plans(monkeypatch)
     planned = generate(model, inputs, processor.tokenizer, max_new_tokens=4)
     assert used[0] == "counts"
+    bare = {k: v for k, v in inputs.items() if k not in ("target_counts", "token_counts")}
+    assert move_to_model(model, bare)["target_counts"] == inputs["target_counts"]  # generate() counts CPU inputs
     used.clear()
-    unplanned = generate(model, {k: v for k, v in inputs.items() if k != "target_counts"}, processor.tokenizer,
-                         max_new_tokens=4)
-    assert used[0] == "counts"  # generate() counts CPU inputs itself
-    cpu_ids = {k: v for k, v in inputs.items() if k != "target_counts"}
-    assert move_to_model(model, cpu_ids)["target_counts"] == inputs["target_counts"]
-    assert planned.tokens == unplanned.tokens
+    with torch.no_grad():  # transformers' generate on the bare inputs: the prefill reads the device
+        out = model.generate(**bare, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
+                             pad_token_id=0, suppress_tokens=[model.config.image_token_id])
+    assert used[0] == "device"
+    new = out.sequences[:, ids.shape[1]:].tolist()
+    assert [row[: len(t)] for row, t in zip(new, planned.tokens)] == planned.tokens
+    # the text-only row does not widen the routed layers: the cache holds what a device-planned prefill's holds
+    assert planned.kv.ratio == kv_cache_report(output_cache(out)).ratio < 1
     # a count the inputs contradict is caught (on the device, no host read): never a silently different routing
-    with pytest.raises(RuntimeError, match="target_counts differ"), torch.no_grad():
+    with pytest.raises(RuntimeError, match="target_counts / token_counts differ"), torch.no_grad():
         model(**{**inputs, "target_counts": [1, 0, 2]})

@@ -38,7 +38,8 @@ def convert_dense(src: str | os.PathLike, out: str | os.PathLike, config: PModCo
     """Convert the dense checkpoint in ``src`` into an untrained p-MoD checkpoint in ``out``; returns ``out``."""
     from transformers import AutoConfig
 
-    from ..models import apply_pmod, check_loaded_weights, dense_model_class
+    from ..loading import check_loaded_weights, dense_model_class
+    from ..models import apply_pmod
 
     src, out = Path(src), Path(out)
     check_output_apart(out, {"source checkpoint": src}, ConversionError, replaces=True)

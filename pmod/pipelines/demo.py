@@ -410,7 +410,7 @@ def run_demo(demo: DemoConfig) -> dict[str, Any]:
     from ..data.conversation import prompt_and_answer
     from ..data.synthetic import SyntheticConfig, write_dataset
     from ..efficiency import prefill_cost, shape_from_config
-    from ..models import load_pretrained, load_processor
+    from ..loading import load_pretrained, load_processor
     from .viz import visualize
 
     start = time.perf_counter()

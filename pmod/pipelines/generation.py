@@ -30,7 +30,8 @@ from ..data.conversation import tokenizer_of, use_chat_template
 from ..data.records import DEFAULT_VIDEO_FPS, check_processor_takes, video_metadata
 from ..efficiency import KVCacheReport, kv_cache_report, realized_cost
 from ..errors import PModConfigError, PModInputError
-from ..models import PModModelMixin, load_model, load_pretrained, load_processor
+from ..loading import load_model, load_pretrained, load_processor
+from ..modeling import PModModelMixin
 
 # config fields naming tokens a model must not generate: image / video placeholders (their features come only
 # from pixels) and Qwen2-VL's vision start / end markers
@@ -117,13 +118,15 @@ def suppressed_tokens(config: Any, suppress: Sequence[int] | None = None) -> lis
 def move_to_model(model: Any, inputs: Mapping[str, Any]) -> dict[str, Any]:
     """A processor's output with its tensors on the model's device and its pixels in the model's dtype
     (processors give float32 pixels; a half-precision vision tower needs its own dtype). For a p-MoD model, each
-    row's routing-target count is added (``target_counts``, counted before the move, where the inputs are), so that
-    the prefill plans its routing without waiting for the device."""
+    row's number of routing targets and of tokens is added (`routing_counts`: ``target_counts``, ``token_counts``,
+    counted before the move, where the inputs are), so that the prefill plans its routing without waiting for the
+    device."""
     inputs = dict(inputs)
     if is_pmod(model) and "input_ids" in inputs and not {"target_counts", "target_mask"} & inputs.keys():
-        ids = inputs["input_ids"]
-        if isinstance(ids, torch.Tensor) and ids.device.type == "cpu":  # counting on a device would wait for it
-            inputs["target_counts"] = model.target_counts(**inputs)
+        ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+        on_host = [t.device.type == "cpu" for t in (ids, mask) if isinstance(t, torch.Tensor)]
+        if on_host and all(on_host):  # counting on a device would wait for it
+            inputs.update(model.routing_counts(**inputs))
     moved = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     for key in ("pixel_values", "pixel_values_videos"):
         if key in moved:

@@ -164,7 +164,8 @@ def load_adapter(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, *,
     from peft import PeftModel
 
     from ..config import ResolvedPMod
-    from ..models import PModModelMixin, load_model, load_pretrained, read_checkpoint_config
+    from ..loading import load_model, load_pretrained, read_checkpoint_config
+    from ..modeling import PModModelMixin
 
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
@@ -226,7 +227,7 @@ def _decoder_linear_layers(model: nn.Module) -> tuple[str, set[str]]:
     """The decoder layers' module name (``model.language_model.layers``) and the names of their linear layers
     (routers excepted)."""
     from ..layer import Router
-    from ..models import find_decoder_layers
+    from ..modeling import find_decoder_layers
 
     layers = find_decoder_layers(model)
     prefix = next(name for name, module in model.named_modules() if module is layers)

@@ -445,7 +445,8 @@ def _model_and_processor(config: TrainConfig, records: list[dict[str, Any]], ext
     from transformers import AutoConfig
 
     from ..config import ResolvedPMod
-    from ..models import apply_pmod, load_model, load_pretrained, load_processor
+    from ..loading import load_model, load_pretrained, load_processor
+    from ..models import apply_pmod
 
     kwargs = {"attn_implementation": config.attn_implementation} if config.attn_implementation else {}
     if config.tiny_model is not None:
@@ -853,7 +854,7 @@ def _wrap_lora(config: TrainConfig, model: PreTrainedModel, processor: Any, out:
             if not (base / "config.json").is_file():
                 raise PModInputError(f"{base} (the base model of the adapters in {resume}) is missing; set resume: "
                                      "false to start over")
-            from ..models import load_pretrained
+            from ..loading import load_pretrained
 
             kwargs = {"attn_implementation": config.attn_implementation} if config.attn_implementation else {}
             model = load_pretrained(base, **kwargs)

@@ -30,7 +30,8 @@ import torch
 
 from ..errors import PModInputError
 from ..layout import VisionLayout, vision_layout  # noqa: F401  (part of this module's API)
-from ..models import get_routing, load_processor
+from ..loading import load_processor
+from ..models import get_routing
 from ..routing import LayerRouting
 
 logger = logging.getLogger(__name__)
@@ -258,7 +259,7 @@ def visualize(
     Returns the token maps.
     """
     from ..data.records import load_image
-    from ..models import load_model, read_checkpoint_config
+    from ..loading import load_model, read_checkpoint_config
     from .generation import move_to_model
 
     if isinstance(model_dir_or_model, (str, os.PathLike)):

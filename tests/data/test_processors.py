@@ -10,7 +10,7 @@ from PIL import Image
 
 import pmod
 from pmod.errors import PModInputError
-from pmod.models import load_processor
+from pmod.loading import load_processor
 from pmod.processors import Qwen2VLFrameVideoProcessor, has_torchvision
 from pmod.testing.tiny import tiny_qwen2_vl, tiny_qwen2_vl_processor
 

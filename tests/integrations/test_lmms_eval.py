@@ -21,7 +21,7 @@ from transformers import AutoProcessor
 
 import pmod
 from pmod.data.conversation import render, to_messages
-from pmod.models import load_processor
+from pmod.loading import load_processor
 from pmod.pipelines.evaluate import evaluate, exact_match
 from pmod.pipelines.generation import generate_batch
 from pmod.testing.tiny import (

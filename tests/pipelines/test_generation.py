@@ -215,7 +215,7 @@ def untemplated(tmp_path_factory):
 
 def _prompt_ids(monkeypatch) -> list[torch.Tensor]:
     """The input_ids of every generate call of a p-MoD LLaVA from now on."""
-    from pmod.models import PModLlavaForConditionalGeneration as cls
+    from pmod.families import PModLlavaForConditionalGeneration as cls
 
     seen, generate = [], cls.generate
 

@@ -12,7 +12,7 @@ from test_models import llava_inputs
 
 import pmod
 from pmod.errors import PModConfigError
-from pmod.models import load_processor
+from pmod.loading import load_processor
 from pmod.pipelines.lora import LoraSettings, apply_lora, load_adapter
 from pmod.pipelines.train import TrainConfig, load_config, train
 from pmod.testing.tiny import randomize_routers, tiny_llava, tiny_llava_processor

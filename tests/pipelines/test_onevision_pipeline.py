@@ -11,7 +11,7 @@ from PIL import Image
 import pmod
 from pmod.data.records import IGNORE_INDEX, Encoder, LlavaCollator, LlavaDataset
 from pmod.errors import PModInputError
-from pmod.models import load_processor
+from pmod.loading import load_processor
 from pmod.testing.tiny import randomize_routers, tiny_llava_onevision, tiny_llava_onevision_processor
 
 WORDS = "user assistant what is in the image video ? a red blue green circle colour yes no".split()
@@ -81,7 +81,7 @@ def test_image_and_video_records_train_on_replies_and_batch_exactly(setup, tmp_p
 
 
 def test_training_learns_and_the_saved_model_evaluates(tmp_path):
-    from pmod.models import load_pretrained
+    from pmod.loading import load_pretrained
     from pmod.pipelines.evaluate import evaluate
     from pmod.pipelines.train import TrainConfig, train
 

@@ -122,7 +122,7 @@ def _config(data, out, version="2", **overrides):
 
 @pytest.mark.parametrize("version", ["2", "2.5"])
 def test_training_learns_saves_and_evaluates(data, tmp_path, version):
-    from pmod.models import load_pretrained, load_processor
+    from pmod.loading import load_pretrained, load_processor
     from pmod.pipelines.evaluate import evaluate
     from pmod.pipelines.train import train
 
@@ -282,7 +282,7 @@ def test_the_qwen2_vl_recipe_trains_a_saved_dense_folder(data, tmp_path):
     converted to p-MoD on load, its own processor and template, merger and routers trained, vision blocks frozen."""
     from pathlib import Path
 
-    from pmod.models import load_pretrained
+    from pmod.loading import load_pretrained
     from pmod.pipelines.train import load_config, train
 
     dense = tiny_qwen2_vl(patch_size=7)

@@ -1,0 +1,249 @@
+"""The supported model families, each described once: the family table (`FAMILIES`) and the p-MoD classes.
+
+A family is the transformers model class p-MoD converts (``dense``), its p-MoD subclass (``pmod``: `PModModelMixin`
+in front, its own config class with a ``pmod`` field and a ``pmod_*`` model type), the Auto class that loads it, and
+the decoder layers it can route (each with its routed class, `PModLayerMixin` in front). Adding a family is a config
+class, a model class, its routed decoder layer if new, and one table entry; what the family does differently (where
+its vision tokens are, its positions and masks) is stated in the comment of its entry and handled in the routed layer
+or the model's forward.
+
+``import pmod`` registers every p-MoD model type with transformers' Auto classes (`register`), so saved p-MoD folders
+load with ``AutoModelForImageTextToText.from_pretrained`` too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedModel,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
+from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLDecoderLayer
+from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLDecoderLayer
+
+from .errors import PModConfigError, UnsupportedModelError
+from .layer import PModLayerMixin
+from .modeling import PModModelMixin
+
+
+# ---------------------------------------------------------------------- routed decoder layers
+# Pre-norm layers (input_layernorm -> self_attn -> residual, post_attention_layernorm -> mlp -> residual): the
+# routed forward of `PModLayerMixin` as it is.
+class PModLlamaDecoderLayer(PModLayerMixin, LlamaDecoderLayer):
+    pass
+
+
+class PModQwen2DecoderLayer(PModLayerMixin, Qwen2DecoderLayer):
+    pass
+
+
+class PModMistralDecoderLayer(PModLayerMixin, MistralDecoderLayer):
+    pass
+
+
+class PModQwen2VLDecoderLayer(PModLayerMixin, Qwen2VLDecoderLayer):
+    pass
+
+
+class PModQwen2_5_VLDecoderLayer(PModLayerMixin, Qwen2_5_VLDecoderLayer):
+    pass
+
+
+# ---------------------------------------------------------------------- configs and models
+class PModLlavaConfig(LlavaConfig):
+    model_type = "pmod_llava"
+    pmod: dict | None = None
+
+
+class PModLlavaForConditionalGeneration(PModModelMixin, LlavaForConditionalGeneration):
+    config_class = PModLlavaConfig
+
+
+class PModLlavaNextConfig(LlavaNextConfig):
+    model_type = "pmod_llava_next"
+    pmod: dict | None = None
+
+
+class PModLlavaNextForConditionalGeneration(PModModelMixin, LlavaNextForConditionalGeneration):
+    config_class = PModLlavaNextConfig
+
+
+class PModLlavaOnevisionConfig(LlavaOnevisionConfig):
+    model_type = "pmod_llava_onevision"
+    pmod: dict | None = None
+
+
+class PModLlavaOnevisionForConditionalGeneration(PModModelMixin, LlavaOnevisionForConditionalGeneration):
+    config_class = PModLlavaOnevisionConfig
+
+
+class PModQwen2VLConfig(Qwen2VLConfig):
+    model_type = "pmod_qwen2_vl"
+    pmod: dict | None = None
+
+
+class PModQwen2VLForConditionalGeneration(PModModelMixin, Qwen2VLForConditionalGeneration):
+    config_class = PModQwen2VLConfig
+
+
+class PModQwen2_5_VLConfig(Qwen2_5_VLConfig):
+    model_type = "pmod_qwen2_5_vl"
+    pmod: dict | None = None
+
+
+class PModQwen2_5_VLForConditionalGeneration(PModModelMixin, Qwen2_5_VLForConditionalGeneration):
+    config_class = PModQwen2_5_VLConfig
+
+
+class PModLlamaConfig(LlamaConfig):
+    model_type = "pmod_llama"
+    pmod: dict | None = None
+
+
+class PModLlamaForCausalLM(PModModelMixin, LlamaForCausalLM):
+    config_class = PModLlamaConfig
+
+
+class PModQwen2Config(Qwen2Config):
+    model_type = "pmod_qwen2"
+    pmod: dict | None = None
+
+
+class PModQwen2ForCausalLM(PModModelMixin, Qwen2ForCausalLM):
+    config_class = PModQwen2Config
+
+
+class PModMistralConfig(MistralConfig):
+    model_type = "pmod_mistral"
+    pmod: dict | None = None
+
+
+class PModMistralForCausalLM(PModModelMixin, MistralForCausalLM):
+    config_class = PModMistralConfig
+
+
+# ---------------------------------------------------------------------- the table
+@dataclass(frozen=True)
+class Family:
+    """One supported model family.
+
+    Attributes:
+        name: what users call it (messages, the README's table).
+        dense: the transformers class p-MoD converts from (``apply_pmod`` takes an instance of exactly this class).
+        pmod: its p-MoD subclass.
+        auto_class: the transformers Auto class that loads both.
+        layers: the decoder layer classes this family's language models use, each with its routed class.
+    """
+
+    name: str
+    dense: type[PreTrainedModel]
+    pmod: type[PreTrainedModel]
+    auto_class: Any
+    layers: dict[type[nn.Module], type[nn.Module]]
+
+    @property
+    def model_type(self) -> str:
+        return self.pmod.config_class.model_type
+
+    @property
+    def dense_model_type(self) -> str:
+        return self.dense.config_class.model_type
+
+
+_LLM_LAYERS = {LlamaDecoderLayer: PModLlamaDecoderLayer, Qwen2DecoderLayer: PModQwen2DecoderLayer,
+               MistralDecoderLayer: PModMistralDecoderLayer}
+
+FAMILIES: tuple[Family, ...] = (
+    # LLaVA-1.5: a fixed number of image tokens per image (one image token id), Llama / Qwen2 / Mistral decoders
+    Family("LLaVA", LlavaForConditionalGeneration, PModLlavaForConditionalGeneration, AutoModelForImageTextToText,
+           _LLM_LAYERS),
+    # LLaVA-NeXT: anyres grids (base image + high-resolution crops + newline tokens, all the image token id);
+    # targets="vision_hr" routes only the high-resolution part (pmod/layout.py)
+    Family("LLaVA-NeXT", LlavaNextForConditionalGeneration, PModLlavaNextForConditionalGeneration,
+           AutoModelForImageTextToText, _LLM_LAYERS),
+    # LLaVA-OneVision: anyres images, multi-image rows (base grids only) and videos (their own token id)
+    Family("LLaVA-OneVision", LlavaOnevisionForConditionalGeneration, PModLlavaOnevisionForConditionalGeneration,
+           AutoModelForImageTextToText, _LLM_LAYERS),
+    # Qwen2-VL / Qwen2.5-VL: M-RoPE. The rotary tables reaching the decoder layers are already per token (B, T, d),
+    # so kept tokens keep their 3-D positions by the same row gather as 1-D RoPE; images and videos have token ids.
+    Family("Qwen2-VL", Qwen2VLForConditionalGeneration, PModQwen2VLForConditionalGeneration,
+           AutoModelForImageTextToText, {Qwen2VLDecoderLayer: PModQwen2VLDecoderLayer}),
+    Family("Qwen2.5-VL", Qwen2_5_VLForConditionalGeneration, PModQwen2_5_VLForConditionalGeneration,
+           AutoModelForImageTextToText, {Qwen2_5_VLDecoderLayer: PModQwen2_5_VLDecoderLayer}),
+    # text-only language models: targets given as target_mask, or targets="all"
+    Family("Llama", LlamaForCausalLM, PModLlamaForCausalLM, AutoModelForCausalLM,
+           {LlamaDecoderLayer: PModLlamaDecoderLayer}),
+    Family("Qwen2", Qwen2ForCausalLM, PModQwen2ForCausalLM, AutoModelForCausalLM,
+           {Qwen2DecoderLayer: PModQwen2DecoderLayer}),
+    Family("Mistral", MistralForCausalLM, PModMistralForCausalLM, AutoModelForCausalLM,
+           {MistralDecoderLayer: PModMistralDecoderLayer}),
+)
+
+
+def family_of(model: nn.Module) -> Family:
+    """The family of a dense transformers model that p-MoD converts; `UnsupportedModelError` for any other."""
+    for family in FAMILIES:
+        if type(model) is family.dense:
+            return family
+    if isinstance(model, PModModelMixin):
+        raise PModConfigError(f"{type(model).__name__} is already a p-MoD model.")
+    supported = ", ".join(f.dense.__name__ for f in FAMILIES)
+    raise UnsupportedModelError(f"p-MoD does not support {type(model).__name__}; supported models: {supported}.")
+
+
+def family_of_model_type(model_type: str) -> Family | None:
+    """The family of a p-MoD (``pmod_*``) or dense checkpoint's ``model_type``; None if p-MoD has none."""
+    return next((f for f in FAMILIES if model_type in (f.model_type, f.dense_model_type)), None)
+
+
+def register() -> None:
+    """Register every p-MoD config and model class with transformers' Auto classes, and transformers' key renaming
+    of each dense class (legacy checkpoint layouts) for its p-MoD class."""
+    try:
+        from transformers.conversion_mapping import (
+            get_checkpoint_conversion_mapping,
+            register_checkpoint_conversion_mapping,
+        )
+    except ImportError:  # older transformers 5.x without user-registered conversions: keys are not renamed either
+        get_checkpoint_conversion_mapping = None
+
+    for family in FAMILIES:
+        AutoConfig.register(family.model_type, family.pmod.config_class, exist_ok=True)
+        family.auto_class.register(family.pmod.config_class, family.pmod, exist_ok=True)
+        if get_checkpoint_conversion_mapping is None:
+            continue
+        # transformers renames legacy checkpoint keys (e.g. LLaVA's language_model.lm_head) only for its own classes,
+        # keyed by model_type (LLaVA) or by class name (Qwen2-VL, Qwen2.5-VL); without the same mapping for the p-MoD
+        # class, such weights would silently load random, and a model converted from a dense checkpoint (saved in the
+        # legacy layout) would find every language-model tensor missing when loaded again.
+        for key, pmod_key in ((family.dense_model_type, family.model_type), (family.dense.__name__, family.pmod.__name__)):
+            mapping = get_checkpoint_conversion_mapping(key)
+            if mapping is not None:
+                register_checkpoint_conversion_mapping(pmod_key, mapping, overwrite=True)
+
+
+register()
