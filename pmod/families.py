@@ -38,12 +38,18 @@ from transformers import (
     Qwen2ForCausalLM,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMoeConfig,
+    Qwen3VLMoeForConditionalGeneration,
 )
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLDecoderLayer
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLDecoderLayer
+from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextDecoderLayer
+from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextDecoderLayer
 
 from .errors import PModConfigError, UnsupportedModelError
 from .layer import PModLayerMixin
@@ -70,6 +76,14 @@ class PModQwen2VLDecoderLayer(PModLayerMixin, Qwen2VLDecoderLayer):
 
 
 class PModQwen2_5_VLDecoderLayer(PModLayerMixin, Qwen2_5_VLDecoderLayer):
+    pass
+
+
+class PModQwen3VLTextDecoderLayer(PModLayerMixin, Qwen3VLTextDecoderLayer):
+    pass
+
+
+class PModQwen3VLMoeTextDecoderLayer(PModLayerMixin, Qwen3VLMoeTextDecoderLayer):
     pass
 
 
@@ -117,6 +131,24 @@ class PModQwen2_5_VLConfig(Qwen2_5_VLConfig):
 
 class PModQwen2_5_VLForConditionalGeneration(PModModelMixin, Qwen2_5_VLForConditionalGeneration):
     config_class = PModQwen2_5_VLConfig
+
+
+class PModQwen3VLConfig(Qwen3VLConfig):
+    model_type = "pmod_qwen3_vl"
+    pmod: dict | None = None
+
+
+class PModQwen3VLForConditionalGeneration(PModModelMixin, Qwen3VLForConditionalGeneration):
+    config_class = PModQwen3VLConfig
+
+
+class PModQwen3VLMoeConfig(Qwen3VLMoeConfig):
+    model_type = "pmod_qwen3_vl_moe"
+    pmod: dict | None = None
+
+
+class PModQwen3VLMoeForConditionalGeneration(PModModelMixin, Qwen3VLMoeForConditionalGeneration):
+    config_class = PModQwen3VLMoeConfig
 
 
 class PModLlamaConfig(LlamaConfig):
@@ -194,6 +226,16 @@ FAMILIES: tuple[Family, ...] = (
            AutoModelForImageTextToText, {Qwen2VLDecoderLayer: PModQwen2VLDecoderLayer}),
     Family("Qwen2.5-VL", Qwen2_5_VLForConditionalGeneration, PModQwen2_5_VLForConditionalGeneration,
            AutoModelForImageTextToText, {Qwen2_5_VLDecoderLayer: PModQwen2_5_VLDecoderLayer}),
+    # Qwen3-VL: interleaved M-RoPE, per token (B, T, d) as Qwen2-VL's. DeepStack adds vision features to the visual
+    # positions after the first decoder layers, outside the layers: a routed layer among them leaves a skipped
+    # token's hidden state as it was and the features are added to it as to every visual token. Videos are frames
+    # separated by timestamp text; their tokens are targets, the timestamps text.
+    Family("Qwen3-VL", Qwen3VLForConditionalGeneration, PModQwen3VLForConditionalGeneration,
+           AutoModelForImageTextToText, {Qwen3VLTextDecoderLayer: PModQwen3VLTextDecoderLayer}),
+    # Qwen3-VL-MoE: the same, with sparse MoE MLPs (routing is per token, so a routed layer's experts see only the
+    # tokens it processes); the load-balancing loss over routed layers is refused (modeling.py).
+    Family("Qwen3-VL-MoE", Qwen3VLMoeForConditionalGeneration, PModQwen3VLMoeForConditionalGeneration,
+           AutoModelForImageTextToText, {Qwen3VLMoeTextDecoderLayer: PModQwen3VLMoeTextDecoderLayer}),
     # text-only language models: targets given as target_mask, or targets="all"
     Family("Llama", LlamaForCausalLM, PModLlamaForCausalLM, AutoModelForCausalLM,
            {LlamaDecoderLayer: PModLlamaDecoderLayer}),

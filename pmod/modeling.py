@@ -106,6 +106,14 @@ class PModModelMixin:
         device = reference.device
 
         text_config = self.config.get_text_config(decoder=True)
+        router_logits = arguments.get("output_router_logits", extra.get("output_router_logits"))
+        if router_logits or (router_logits is None and getattr(text_config, "output_router_logits", False)):
+            raise PModInputError(
+                "output_router_logits (the MoE load-balancing loss) is not supported by p-MoD models: the experts' "
+                "routers of a routed layer see only the tokens it processes, and transformers' loss over every "
+                "position would fail or miscount them. Set config.text_config.output_router_logits = False (the "
+                "default) and leave output_router_logits out."
+            )
         use_cache = arguments.get("use_cache", extra.get("use_cache"))
         if use_cache is None:
             # Training needs no cache: building one would only cost time (and breaks checkpointing).

@@ -60,6 +60,8 @@ def apply_pmod(model: PreTrainedModel, config: PModConfig | Mapping[str, Any] | 
         )
     resolved = ResolvedPMod.resolve(config, text_config.num_hidden_layers)
     model.config.__class__ = family.pmod.config_class
+    if "model_type" in vars(model.config):  # a config read from a file holds its own (dense) model type
+        model.config.model_type = family.model_type
     model.config.pmod = resolved.to_dict()
     model.__class__ = family.pmod
     _install(model, resolved)

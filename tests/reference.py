@@ -22,6 +22,8 @@ def merged_embeddings(model, input_ids, pixel_values=None, image_sizes=None, **e
     def capture_and_stop(module, args, kwargs):
         captured["x"] = kwargs["inputs_embeds"]
         captured["positions"] = kwargs.get("position_ids")
+        if kwargs.get("deepstack_visual_embeds") is not None:  # Qwen3-VL: added after the first decoder layers
+            captured["deepstack"] = (kwargs["visual_pos_masks"][0], kwargs["deepstack_visual_embeds"])
         raise _Stop  # the decoder stack is what the reference reimplements
 
     handle = model.model.language_model.register_forward_pre_hook(capture_and_stop, with_kwargs=True)
@@ -34,7 +36,7 @@ def merged_embeddings(model, input_ids, pixel_values=None, image_sizes=None, **e
         pass
     finally:
         handle.remove()
-    return captured["x"], captured.get("positions")
+    return captured["x"], captured.get("positions"), captured.get("deepstack")
 
 
 def _inner(model):
@@ -47,11 +49,14 @@ def causal_mask(n: int, dtype) -> torch.Tensor:
     return m[None, None]
 
 
-def reference_language_model(model, x: torch.Tensor, positions: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def reference_language_model(model, x: torch.Tensor, positions: torch.Tensor, target: torch.Tensor,
+                             deepstack=None) -> torch.Tensor:
     """Run the decoder stack of a p-MoD model on one example.
 
     x: (n, D) input embeddings of the non-padding tokens; positions: (n,) their position ids, or (3, n)
-    multimodal (M-RoPE) position ids; target: (n,) bool routed positions. Returns (n, vocab) logits.
+    multimodal (M-RoPE) position ids; target: (n,) bool routed positions; deepstack: Qwen3-VL's (visual (n,) bool,
+    [features (n_visual, D)] per layer), added to the visual positions after layers 0, 1, ... Returns (n, vocab)
+    logits.
     """
     mrope = positions.dim() == 2
 
@@ -59,45 +64,52 @@ def reference_language_model(model, x: torch.Tensor, positions: torch.Tensor, ta
         return p[:, None] if mrope else p[None]
 
     inner = _inner(model)
-    pmod = model.pmod
     x = x[None]  # (1, n, D)
     for i, layer in enumerate(inner.layers):
-        if i not in pmod.routed_layers:
-            cos_sin = inner.rotary_emb(x, batched(positions))
-            x = layer(x, attention_mask=causal_mask(x.shape[1], x.dtype), position_embeddings=cos_sin,
-                      position_ids=None if mrope else positions[None])
-            continue
-        ratio = pmod.layer_ratios[i]
-        bias = layer.router.bias.float() if layer.router.bias is not None else 0.0
-        s_t = x[0].float() @ layer.router.weight[0].float() + bias  # (n,) router logits, fp32
-        s = s_t.tolist()
-        targets = [j for j in range(x.shape[1]) if target[j]]
-        k = math.floor(float(torch.tensor(len(targets), dtype=torch.float32) * torch.tensor(ratio, dtype=torch.float32)))
-        ranked = sorted(targets, key=lambda j: (-s[j], j))
-        selected = set(ranked[:k])
-        keep = [j for j in range(x.shape[1]) if (not target[j]) or j in selected]
-        raw = torch.tanh(s_t) if pmod.settings.tanh_norm else s_t
-        g = (pmod.settings.alpha * raw + pmod.settings.beta).to(x.dtype)  # (n,)
-        skip = g if pmod.settings.string else torch.ones_like(g)
-        out = []
-        if not keep:  # nothing processed: every token is a skipped target
-            x = (skip[:, None] * x[0])[None]
-            continue
-        xs = x[:, keep]
-        cos_sin = inner.rotary_emb(xs, batched(positions[..., keep]))
-        attn, _ = layer.self_attn(
-            hidden_states=layer.input_layernorm(xs),
-            attention_mask=causal_mask(len(keep), x.dtype),
-            position_embeddings=cos_sin,
-        )
-        h = xs + attn
-        m = layer.mlp(layer.post_attention_layernorm(h))
-        kept_out = {j: (h[0, r] + (g[j] if target[j] else 1.0) * m[0, r]) for r, j in enumerate(keep)}
-        for j in range(x.shape[1]):
-            out.append(kept_out[j] if j in kept_out else skip[j] * x[0, j])
-        x = torch.stack(out)[None]
+        x = _reference_layer(model, inner, layer, i, x, positions, target, batched, mrope)
+        if deepstack is not None and i < len(deepstack[1]):
+            visual, features = deepstack
+            x = x.clone()
+            x[0, visual] = x[0, visual] + features[i].to(x.dtype)
     x = inner.norm(x)
     return model.lm_head(x)[0]
+
+
+def _reference_layer(model, inner, layer, i, x, positions, target, batched, mrope):
+    """Decoder layer ``i`` of the reference on (1, n, D) hidden states."""
+    pmod = model.pmod
+    if i not in pmod.routed_layers:
+        cos_sin = inner.rotary_emb(x, batched(positions))
+        return layer(x, attention_mask=causal_mask(x.shape[1], x.dtype), position_embeddings=cos_sin,
+                     position_ids=None if mrope else positions[None])
+    ratio = pmod.layer_ratios[i]
+    bias = layer.router.bias.float() if layer.router.bias is not None else 0.0
+    s_t = x[0].float() @ layer.router.weight[0].float() + bias  # (n,) router logits, fp32
+    s = s_t.tolist()
+    targets = [j for j in range(x.shape[1]) if target[j]]
+    k = math.floor(float(torch.tensor(len(targets), dtype=torch.float32) * torch.tensor(ratio, dtype=torch.float32)))
+    ranked = sorted(targets, key=lambda j: (-s[j], j))
+    selected = set(ranked[:k])
+    keep = [j for j in range(x.shape[1]) if (not target[j]) or j in selected]
+    raw = torch.tanh(s_t) if pmod.settings.tanh_norm else s_t
+    g = (pmod.settings.alpha * raw + pmod.settings.beta).to(x.dtype)  # (n,)
+    skip = g if pmod.settings.string else torch.ones_like(g)
+    out = []
+    if not keep:  # nothing processed: every token is a skipped target
+        return (skip[:, None] * x[0])[None]
+    xs = x[:, keep]
+    cos_sin = inner.rotary_emb(xs, batched(positions[..., keep]))
+    attn, _ = layer.self_attn(
+        hidden_states=layer.input_layernorm(xs),
+        attention_mask=causal_mask(len(keep), x.dtype),
+        position_embeddings=cos_sin,
+    )
+    h = xs + attn
+    m = layer.mlp(layer.post_attention_layernorm(h))
+    kept_out = {j: (h[0, r] + (g[j] if target[j] else 1.0) * m[0, r]) for r, j in enumerate(keep)}
+    for j in range(x.shape[1]):
+        out.append(kept_out[j] if j in kept_out else skip[j] * x[0, j])
+    return torch.stack(out)[None]
 
 
 def reference_logits(model, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, position_ids=None,
@@ -131,11 +143,11 @@ def reference_logits(model, input_ids, attention_mask=None, pixel_values=None, i
             video_cursor += nv
             kwargs = {"pixel_values": px, "image_sizes": sizes, "pixel_values_videos": videos}
             kwargs.update(row_inputs(b) if row_inputs else {})
-            x, model_positions = merged_embeddings(model, ids, **kwargs)
+            x, model_positions, deepstack = merged_embeddings(model, ids, **kwargs)
             x = x[0]
             has_video = kwargs.get("pixel_values_videos") is not None
         else:
-            x, model_positions, has_video = model.get_input_embeddings()(ids)[0], None, False
+            x, model_positions, has_video, deepstack = model.get_input_embeddings()(ids)[0], None, False, None
         if targets in ("vision", "vision_hr"):
             target = ids[0] == model.config.image_token_id
             if targets == "vision_hr" and px is not None:  # LLaVA-NeXT: each image's base tokens come first
@@ -158,5 +170,5 @@ def reference_logits(model, input_ids, attention_mask=None, pixel_values=None, i
             positions = position_ids[b][valid]
             if hasattr(_inner(model).rotary_emb, "mrope_section"):  # M-RoPE: text positions on all three axes
                 positions = positions.expand(3, -1)
-        outs.append(reference_language_model(model, x, positions, target))
+        outs.append(reference_language_model(model, x, positions, target, deepstack))
     return outs

@@ -192,6 +192,47 @@ def tiny_qwen2_vl(
     return model_cls(cfg).eval()
 
 
+def tiny_qwen3_vl(
+    num_layers: int = 4,
+    hidden_size: int = 64,
+    vocab_size: int = 128,
+    moe: bool = False,
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+    patch_size: int = 2,
+) -> PreTrainedModel:
+    """A Qwen3-VL shaped model (``moe=True``: Qwen3-VL-MoE, 4 experts of which 2 per token, layer 0 a plain MLP):
+    patch ``patch_size``, temporal patch 2, 2x2 merge, interleaved M-RoPE sections, DeepStack features of both vision
+    blocks added after text layers 0 and 1; image / video / vision-start / vision-end tokens are vocab_size - 1 ..
+    vocab_size - 4 (as `tiny_qwen2_vl`)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=patch_size, in_channels=3,
+                  temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=hidden_size,
+                  num_position_embeddings=64,  # a square: the learned 2-D position table (8 x 8) is interpolated
+                  deepstack_visual_indexes=[0, 1])
+    head_dim = hidden_size // 4
+    text = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=head_dim, intermediate_size=2 * hidden_size, bos_token_id=2,
+                eos_token_id=3, pad_token_id=0,
+                rope_parameters={"rope_type": "default", "mrope_section": mrope_sections(head_dim),
+                                 "mrope_interleaved": True, "rope_theta": 10000.0})
+    if moe:
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden_size // 2, decoder_sparse_step=1,
+                    mlp_only_layers=[0])
+        config_cls, model_cls = transformers.Qwen3VLMoeConfig, transformers.Qwen3VLMoeForConditionalGeneration
+    else:
+        config_cls, model_cls = transformers.Qwen3VLConfig, transformers.Qwen3VLForConditionalGeneration
+    cfg = config_cls(
+        vision_config=vision, text_config=text, image_token_id=vocab_size - 1, video_token_id=vocab_size - 2,
+        vision_start_token_id=vocab_size - 3, vision_end_token_id=vocab_size - 4, tie_word_embeddings=False,
+    )
+    cfg._attn_implementation = attn_implementation
+    cfg.get_text_config()._attn_implementation = attn_implementation
+    return model_cls(cfg).eval()
+
+
 def tiny_causal_lm(family: str = "llama", num_layers: int = 4, attn_implementation: str = "sdpa", seed: int = 0, **kwargs) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
