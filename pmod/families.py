@@ -21,6 +21,8 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
     LlamaConfig,
     LlamaForCausalLM,
     LlavaConfig,
@@ -28,7 +30,11 @@ from transformers import (
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
     LlavaOnevisionConfig,
+    LlavaNextVideoConfig,
+    LlavaNextVideoForConditionalGeneration,
     LlavaOnevisionForConditionalGeneration,
+    Mistral3Config,
+    Mistral3ForConditionalGeneration,
     MistralConfig,
     MistralForCausalLM,
     PreTrainedModel,
@@ -44,10 +50,12 @@ from transformers import (
     Qwen3VLMoeForConditionalGeneration,
 )
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+from transformers.models.ministral3.modeling_ministral3 import Ministral3DecoderLayer
 from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLDecoderLayer
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLDecoderLayer
+from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextDecoderLayer
 from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextDecoderLayer
 
@@ -69,6 +77,16 @@ class PModQwen2DecoderLayer(PModLayerMixin, Qwen2DecoderLayer):
 
 class PModMistralDecoderLayer(PModLayerMixin, MistralDecoderLayer):
     pass
+
+
+class PModQwen3DecoderLayer(PModLayerMixin, Qwen3DecoderLayer):
+    pass
+
+
+class PModMinistral3DecoderLayer(PModLayerMixin, Ministral3DecoderLayer):
+    # its attention scales queries by a function of the position ids (Llama 4's length scaling): they are gathered
+    # with the tokens
+    reads_position_ids = True
 
 
 class PModQwen2VLDecoderLayer(PModLayerMixin, Qwen2VLDecoderLayer):
@@ -113,6 +131,33 @@ class PModLlavaOnevisionConfig(LlavaOnevisionConfig):
 
 class PModLlavaOnevisionForConditionalGeneration(PModModelMixin, LlavaOnevisionForConditionalGeneration):
     config_class = PModLlavaOnevisionConfig
+
+
+class PModLlavaNextVideoConfig(LlavaNextVideoConfig):
+    model_type = "pmod_llava_next_video"
+    pmod: dict | None = None
+
+
+class PModLlavaNextVideoForConditionalGeneration(PModModelMixin, LlavaNextVideoForConditionalGeneration):
+    config_class = PModLlavaNextVideoConfig
+
+
+class PModInternVLConfig(InternVLConfig):
+    model_type = "pmod_internvl"
+    pmod: dict | None = None
+
+
+class PModInternVLForConditionalGeneration(PModModelMixin, InternVLForConditionalGeneration):
+    config_class = PModInternVLConfig
+
+
+class PModMistral3Config(Mistral3Config):
+    model_type = "pmod_mistral3"
+    pmod: dict | None = None
+
+
+class PModMistral3ForConditionalGeneration(PModModelMixin, Mistral3ForConditionalGeneration):
+    config_class = PModMistral3Config
 
 
 class PModQwen2VLConfig(Qwen2VLConfig):
@@ -220,6 +265,20 @@ FAMILIES: tuple[Family, ...] = (
     # LLaVA-OneVision: anyres images, multi-image rows (base grids only) and videos (their own token id)
     Family("LLaVA-OneVision", LlavaOnevisionForConditionalGeneration, PModLlavaOnevisionForConditionalGeneration,
            AutoModelForImageTextToText, _LLM_LAYERS),
+    # LLaVA-NeXT-Video: LLaVA-NeXT's anyres images, and videos whose frames are pooled (spatial_pool_stride) into one
+    # run of video tokens (their own token id); targets="vision_hr" routes the high-resolution part of images only
+    Family("LLaVA-NeXT-Video", LlavaNextVideoForConditionalGeneration, PModLlavaNextVideoForConditionalGeneration,
+           AutoModelForImageTextToText, _LLM_LAYERS),
+    # InternVL (InternVL3 / 3.5 -hf): pixel-shuffled tiles, each image_seq_length image tokens (<IMG_CONTEXT>) between
+    # <img> and </img> text tokens; Qwen2 / Qwen3 / Llama decoders
+    Family("InternVL", InternVLForConditionalGeneration, PModInternVLForConditionalGeneration,
+           AutoModelForImageTextToText, {**_LLM_LAYERS, Qwen3DecoderLayer: PModQwen3DecoderLayer}),
+    # Mistral 3 (Mistral-Small-3.x, Ministral 3): Pixtral images of any size, each row of [IMG] tokens followed by an
+    # [IMG_BREAK] text token (the last by [IMG_END]); Mistral decoders, or Ministral 3's, whose attention reads the
+    # position ids (gathered with the tokens)
+    Family("Mistral 3", Mistral3ForConditionalGeneration, PModMistral3ForConditionalGeneration,
+           AutoModelForImageTextToText,
+           {MistralDecoderLayer: PModMistralDecoderLayer, Ministral3DecoderLayer: PModMinistral3DecoderLayer}),
     # Qwen2-VL / Qwen2.5-VL: M-RoPE. The rotary tables reaching the decoder layers are already per token (B, T, d),
     # so kept tokens keep their 3-D positions by the same row gather as 1-D RoPE; images and videos have token ids.
     Family("Qwen2-VL", Qwen2VLForConditionalGeneration, PModQwen2VLForConditionalGeneration,

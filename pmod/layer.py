@@ -34,6 +34,7 @@ class PModLayerMixin:
     router: Router
     pmod_spec: RoutedLayerSpec
     last_routing: LayerRouting | None
+    reads_position_ids: bool = False  # the layer's attention reads position_ids (not only the rotary tables)
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -115,9 +116,10 @@ class PModLayerMixin:
         flat = (pos if pmod_plan.row_start is None else pos + pmod_plan.row_start).flatten()  # (B*S,)
         xs = x.reshape(batch * length, hidden).index_select(0, flat).view(batch, width, hidden)  # (B, S, D)
         cos, sin = _rotary_rows(position_embeddings, pmod_plan, pos, flat)  # (B, S, head_dim), original positions
-        # the gathered tokens' positions live in (cos, sin); position ids are not passed on (flash-attention would
-        # read non-contiguous ids at batch 1 as packed sequences, eager and sdpa do not read them)
-        position_ids = None
+        # the gathered tokens' positions live in (cos, sin); position ids are passed on only to attentions that read
+        # them (`reads_position_ids`: Ministral 3's length scaling), gathered like the tokens (flash-attention would
+        # read non-contiguous ids at batch 1 as packed sequences; eager and sdpa do not read them)
+        position_ids = _position_rows(position_ids, pos, flat) if self.reads_position_ids else None
         uniform = pmod_plan.uniform[spec.index]
         mask, held = self._stage_and_mask(attention_mask, sel, cache, pmod_plan, length, uniform, float_dtype)
         if kwargs.get("output_attentions"):
@@ -285,6 +287,15 @@ def _rotary_rows(position_embeddings: tuple[torch.Tensor, torch.Tensor], plan: R
         rows = both.reshape(-1, 2 * dim).index_select(0, flat)
     rows = rows.view(*pos.shape, 2 * dim)  # (B, S, 2d)
     return rows[..., :dim], rows[..., dim:]
+
+
+def _position_rows(position_ids: torch.Tensor | None, pos: torch.Tensor, flat: torch.Tensor) -> torch.Tensor | None:
+    """The position ids (1 | B, T) at ``pos`` (B, S), as (B, S); ``flat`` are the flat indices of pos."""
+    if position_ids is None:
+        return None
+    if position_ids.shape[0] == 1:
+        return position_ids[0].index_select(0, pos.flatten()).view(pos.shape)
+    return position_ids.reshape(-1).index_select(0, flat).view(pos.shape)
 
 
 def _subset_mask(

@@ -103,6 +103,7 @@ def _reference_layer(model, inner, layer, i, x, positions, target, batched, mrop
         hidden_states=layer.input_layernorm(xs),
         attention_mask=causal_mask(len(keep), x.dtype),
         position_embeddings=cos_sin,
+        position_ids=None if mrope else positions[keep][None],  # read by Ministral 3's attention
     )
     h = xs + attn
     m = layer.mlp(layer.post_attention_layernorm(h))

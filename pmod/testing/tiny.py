@@ -233,6 +233,98 @@ def tiny_qwen3_vl(
     return model_cls(cfg).eval()
 
 
+def _text_dict(family: str, vocab_size: int, hidden_size: int, num_layers: int) -> dict:
+    """A tiny decoder's config as a dict (the form multimodal configs take for their text part)."""
+    text = dict(model_type=family, vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=hidden_size // 4, max_position_embeddings=4096, pad_token_id=0, bos_token_id=2,
+                eos_token_id=3)
+    if family == "ministral3":
+        # Ministral 3's attention scales queries by 1 + beta * log(1 + floor(position / original_max)): an original
+        # length of 8 makes the scaling reach the tiny prompts' positions
+        text["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 512.0,  # 4096 / 8
+                                   "original_max_position_embeddings": 8, "beta_fast": 32.0, "beta_slow": 1.0,
+                                   "mscale_all_dim": 1.0, "mscale": 1.0, "llama_4_scaling_beta": 0.1}
+    if family in ("mistral", "ministral3"):
+        text["sliding_window"] = None
+    return text
+
+
+def _finish(model_cls: type, cfg, attn_implementation: str) -> PreTrainedModel:
+    cfg._attn_implementation = attn_implementation
+    cfg.get_text_config()._attn_implementation = attn_implementation
+    return model_cls(cfg).eval()
+
+
+def tiny_internvl(
+    num_layers: int = 4,
+    hidden_size: int = 64,
+    vocab_size: int = 128,
+    family: str = "qwen2",
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+) -> PreTrainedModel:
+    """An InternVL-shaped model (InternVL3 / 3.5 -hf): 32-pixel tiles of 8-pixel patches, pixel-shuffled (0.5) into 4
+    image tokens per tile; a ``family`` decoder ("qwen2", "qwen3" or "llama"). Image token = vocab_size - 1, <img> and
+    </img> = vocab_size - 3 and - 4."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    cfg = InternVLConfig(text_config=_text_dict(family, vocab_size, hidden_size, num_layers), vision_config=vision,
+                         image_token_id=vocab_size - 1, image_seq_length=4, downsample_ratio=0.5,
+                         vision_feature_layer=-1, vision_feature_select_strategy="default", tie_word_embeddings=False)
+    return _finish(InternVLForConditionalGeneration, cfg, attn_implementation)
+
+
+def tiny_mistral3(
+    num_layers: int = 4,
+    hidden_size: int = 64,
+    vocab_size: int = 128,
+    family: str = "mistral",
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+) -> PreTrainedModel:
+    """A Mistral 3-shaped model: a Pixtral tower of 4-pixel patches merged 2 x 2 (one image token per 8 x 8 pixels,
+    images of any multiple of 8), a ``family`` decoder ("mistral": Mistral-Small-3.x, "ministral3": Ministral 3).
+    [IMG] = vocab_size - 1, [IMG_BREAK] = vocab_size - 2, [IMG_END] = vocab_size - 3."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, head_dim=16, patch_size=4, image_size=64)
+    cfg = Mistral3Config(text_config=_text_dict(family, vocab_size, hidden_size, num_layers), vision_config=vision,
+                         image_token_index=vocab_size - 1, spatial_merge_size=2, vision_feature_layer=-1,
+                         tie_word_embeddings=False)
+    return _finish(Mistral3ForConditionalGeneration, cfg, attn_implementation)
+
+
+def tiny_llava_next_video(
+    num_layers: int = 4,
+    hidden_size: int = 64,
+    vocab_size: int = 128,
+    image_size: int = 28,
+    patch_size: int = 7,
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+) -> PreTrainedModel:
+    """A LLaVA-NeXT-Video-shaped model: images as `tiny_llava_next`'s (anyres), videos pooled 2 x 2 per frame
+    ((image_size / patch_size / 2)^2 tokens a frame). Image token = vocab_size - 1, video token = vocab_size - 2."""
+    from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+
+    torch.manual_seed(seed)
+    pinpoints = [[a * image_size, b * image_size] for a, b in [[1, 2], [2, 1], [2, 2], [3, 1], [1, 3]]]
+    cfg = LlavaNextVideoConfig(
+        vision_config=vision_config(image_size, patch_size),
+        text_config=text_config("llama", vocab_size, hidden_size, num_layers, attn_implementation=attn_implementation),
+        image_token_index=vocab_size - 1, video_token_index=vocab_size - 2, image_grid_pinpoints=pinpoints,
+        spatial_pool_stride=2, image_seq_length=(image_size // patch_size) ** 2,
+        video_seq_length=(image_size // patch_size // 2) ** 2, tie_word_embeddings=False,
+    )
+    return _init_newline(_finish(LlavaNextVideoForConditionalGeneration, cfg, attn_implementation))
+
+
 def tiny_causal_lm(family: str = "llama", num_layers: int = 4, attn_implementation: str = "sdpa", seed: int = 0, **kwargs) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
