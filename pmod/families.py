@@ -21,6 +21,8 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
     InternVLConfig,
     InternVLForConditionalGeneration,
     LlamaConfig,
@@ -49,6 +51,7 @@ from transformers import (
     Qwen3VLMoeConfig,
     Qwen3VLMoeForConditionalGeneration,
 )
+from transformers.models.gemma3.modeling_gemma3 import Gemma3DecoderLayer
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 from transformers.models.ministral3.modeling_ministral3 import Ministral3DecoderLayer
 from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
@@ -60,7 +63,7 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextDecoderLay
 from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextDecoderLayer
 
 from .errors import PModConfigError, UnsupportedModelError
-from .layer import PModLayerMixin
+from .layer import PModLayerMixin, attention_backends
 from .modeling import PModModelMixin
 
 
@@ -91,6 +94,23 @@ class PModMinistral3DecoderLayer(PModLayerMixin, Ministral3DecoderLayer):
 
 class PModQwen2VLDecoderLayer(PModLayerMixin, Qwen2VLDecoderLayer):
     pass
+
+
+class PModGemma3DecoderLayer(PModLayerMixin, Gemma3DecoderLayer):
+    """Gemma 3's sandwich norms: each branch is normed before and after, h = x + norm(Attn(norm(x))) and the MLP branch
+    norm(MLP(norm(h))), which the routed layer weights by g for targets as it weights a pre-norm layer's MLP."""
+
+    def _attention_mlp(self, xs, mask, position_ids, position_embeddings, attend: dict):
+        with attention_backends(xs.device):
+            attn_out, _ = self.self_attn(
+                hidden_states=self.input_layernorm(xs),
+                attention_mask=mask,
+                position_ids=position_ids,
+                position_embeddings=position_embeddings,
+                **attend,
+            )
+        h = xs + self.post_attention_layernorm(attn_out)
+        return h, self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 
 
 class PModQwen2_5_VLDecoderLayer(PModLayerMixin, Qwen2_5_VLDecoderLayer):
@@ -158,6 +178,15 @@ class PModMistral3Config(Mistral3Config):
 
 class PModMistral3ForConditionalGeneration(PModModelMixin, Mistral3ForConditionalGeneration):
     config_class = PModMistral3Config
+
+
+class PModGemma3Config(Gemma3Config):
+    model_type = "pmod_gemma3"
+    pmod: dict | None = None
+
+
+class PModGemma3ForConditionalGeneration(PModModelMixin, Gemma3ForConditionalGeneration):
+    config_class = PModGemma3Config
 
 
 class PModQwen2VLConfig(Qwen2VLConfig):
@@ -279,6 +308,11 @@ FAMILIES: tuple[Family, ...] = (
     Family("Mistral 3", Mistral3ForConditionalGeneration, PModMistral3ForConditionalGeneration,
            AutoModelForImageTextToText,
            {MistralDecoderLayer: PModMistralDecoderLayer, Ministral3DecoderLayer: PModMinistral3DecoderLayer}),
+    # Gemma 3: sandwich norms (its own routed layer); an image's tokens attend to each other both ways and sliding-window
+    # layers alternate with global ones: the routed layer takes its rows and columns of the model's own mask for the
+    # layer, so both hold; each layer type has its own rotary tables. Embeddings are scaled by sqrt(hidden).
+    Family("Gemma 3", Gemma3ForConditionalGeneration, PModGemma3ForConditionalGeneration, AutoModelForImageTextToText,
+           {Gemma3DecoderLayer: PModGemma3DecoderLayer}),
     # Qwen2-VL / Qwen2.5-VL: M-RoPE. The rotary tables reaching the decoder layers are already per token (B, T, d),
     # so kept tokens keep their 3-D positions by the same row gather as 1-D RoPE; images and videos have token ids.
     Family("Qwen2-VL", Qwen2VLForConditionalGeneration, PModQwen2VLForConditionalGeneration,

@@ -142,7 +142,8 @@ class PModLayerMixin:
         return spec.alpha * (torch.tanh(logits) if spec.tanh_norm else logits) + spec.beta
 
     def _attention_mlp(self, xs, mask, position_ids, position_embeddings, attend: dict):
-        """Pre-norm attention and MLP of the processed tokens: (h = x + Attn, MLP(norm2(h)))."""
+        """Pre-norm attention and MLP of the processed tokens: (h = x + Attn, MLP(norm2(h))). A family whose layer
+        composes them otherwise overrides this (the routed layer weights the second, the MLP branch, by g)."""
         with attention_backends(xs.device):
             attn_out, _ = self.self_attn(
                 hidden_states=self.input_layernorm(xs),
@@ -275,11 +276,12 @@ def _rotary_rows(position_embeddings: tuple[torch.Tensor, torch.Tensor], plan: R
                  flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The rows at ``pos`` (B, S) of the rotary tables ``(cos, sin)``, each (1 | B, T, d), as two (B, S, d): one
     gather of ``cat([cos, sin])``, concatenated once per forward for the layers that share the tables (the plan keeps
-    it). ``flat`` are the flat indices of ``pos``."""
+    them). ``flat`` are the flat indices of ``pos``."""
     cos, sin = position_embeddings
-    if plan.rotary is None or plan.rotary[0] is not cos:
-        plan.rotary = (cos, torch.cat([cos, sin], dim=-1))  # (1 | B, T, 2d)
-    both = plan.rotary[1]
+    both = next((joined for table, joined in plan.rotary if table is cos), None)
+    if both is None:  # the first layer with these tables (Gemma 3 has one pair per layer type)
+        both = torch.cat([cos, sin], dim=-1)  # (1 | B, T, 2d)
+        plan.rotary.append((cos, both))
     dim = cos.shape[-1]
     if both.shape[0] == 1:  # shared by the batch (position ids without padding): index it once per row of pos
         rows = both[0].index_select(0, pos.flatten())

@@ -326,10 +326,12 @@ def _make_forward(base_forward):
     signature = inspect.signature(base_forward)
     cache_parameter = next((name for name in CACHE_NAMES if name in signature.parameters), None)
     named = {name for name, p in signature.parameters.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
+    # the extra keyword arguments (``**kwargs``, or e.g. Gemma 3's ``**lm_kwargs`` under transformers 5.17), which
+    # _pmod_prepare reads under the key "kwargs"
     var_keyword = next((name for name, p in signature.parameters.items() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
-    if var_keyword != "kwargs":  # _pmod_prepare reads the extra keyword arguments under this name
-        raise UnsupportedModelError(f"{base_forward.__qualname__} takes extra keyword arguments as {var_keyword!r}, "
-                                    "not **kwargs; pmod does not know this transformers version.")
+    if var_keyword is None:
+        raise UnsupportedModelError(f"{base_forward.__qualname__} takes no extra keyword arguments; pmod passes the "
+                                    "routing plan through them and does not know this transformers version.")
 
     @functools.wraps(base_forward)  # keeps the parent's signature, which generate() inspects
     def forward(self, *args, **kwargs):
@@ -337,6 +339,7 @@ def _make_forward(base_forward):
             bound = signature.bind(self, *args, **kwargs)
             arguments = dict(bound.arguments)
             arguments.pop("self")
+            arguments["kwargs"] = arguments.pop(var_keyword, {})
         else:
             # keywords only (generate, most callers): split them without binding, which would make a compiled step
             # guard on the shape of every tensor argument, used or not (a recompilation per step for an input that

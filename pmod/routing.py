@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -59,8 +59,8 @@ class RoutingPlan:
             selection is then a slice of its ranking (`select_tokens`).
         text_positions: (B, T - N) long, the non-target positions of every row, ascending: computed once per forward
             for a regular plan (None otherwise).
-        rotary: the rotary tables of the last routed layer, ``(cos, torch.cat([cos, sin], -1))``: layers that share
-            them gather both with one index (cached here for the forward).
+        rotary: the rotary tables the routed layers were given, each as ``(cos, torch.cat([cos, sin], -1))``: layers
+            that share them gather both with one index (cached here for the forward).
     """
 
     target: torch.Tensor
@@ -79,7 +79,7 @@ class RoutingPlan:
     shared_targets: int | None = None
     shared_keep: dict[int, int] | None = None
     text_positions: torch.Tensor | None = None
-    rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+    rotary: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         batch, length = self.target.shape

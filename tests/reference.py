@@ -49,6 +49,39 @@ def causal_mask(n: int, dtype) -> torch.Tensor:
     return m[None, None]
 
 
+def layer_mask(model, i: int, kept: list[int], blocks: list[int], dtype) -> torch.Tensor:
+    """(1, 1, n, n) additive mask of layer ``i`` over the tokens at sequence positions ``kept`` (ascending), written
+    from the family's rules: causal; Gemma 3 also lets an image's tokens (``blocks[p]``: the image of position p, -1
+    for text) see each other both ways, and its sliding layers see only keys within the window."""
+    text = model.config.get_text_config(decoder=True)
+    if text.model_type != "gemma3_text":
+        return causal_mask(len(kept), dtype)
+    sliding = text.layer_types[i] == "sliding_attention"
+    allowed = [[(k <= q or blocks[q] == blocks[k] != -1) and (not sliding or k > q - text.sliding_window)
+                for k in kept] for q in kept]
+    m = torch.zeros(len(kept), len(kept), dtype=dtype).masked_fill(~torch.tensor(allowed), torch.finfo(dtype).min)
+    return m[None, None]
+
+
+def rotary(model, inner, x, position_ids, i: int):
+    """The rotary tables of layer ``i`` (Gemma 3: one pair per layer type)."""
+    text = model.config.get_text_config(decoder=True)
+    if text.model_type == "gemma3_text":
+        return inner.rotary_emb(x, position_ids, text.layer_types[i])
+    return inner.rotary_emb(x, position_ids)
+
+
+def image_blocks(target: torch.Tensor) -> list[int]:
+    """Per position, the index of the run of consecutive target tokens it belongs to (an image), -1 elsewhere."""
+    blocks, run, previous = [], -1, False
+    for t in target.tolist():
+        if t and not previous:
+            run += 1
+        blocks.append(run if t else -1)
+        previous = t
+    return blocks
+
+
 def reference_language_model(model, x: torch.Tensor, positions: torch.Tensor, target: torch.Tensor,
                              deepstack=None) -> torch.Tensor:
     """Run the decoder stack of a p-MoD model on one example.
@@ -65,23 +98,26 @@ def reference_language_model(model, x: torch.Tensor, positions: torch.Tensor, ta
 
     inner = _inner(model)
     x = x[None]  # (1, n, D)
+    blocks = image_blocks(target)
     for i, layer in enumerate(inner.layers):
-        x = _reference_layer(model, inner, layer, i, x, positions, target, batched, mrope)
+        x = _reference_layer(model, inner, layer, i, x, positions, target, batched, mrope, blocks)
         if deepstack is not None and i < len(deepstack[1]):
             visual, features = deepstack
             x = x.clone()
             x[0, visual] = x[0, visual] + features[i].to(x.dtype)
     x = inner.norm(x)
-    return model.lm_head(x)[0]
+    logits = model.lm_head(x)[0]
+    cap = getattr(model.config.get_text_config(decoder=True), "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
 
 
-def _reference_layer(model, inner, layer, i, x, positions, target, batched, mrope):
+def _reference_layer(model, inner, layer, i, x, positions, target, batched, mrope, blocks):
     """Decoder layer ``i`` of the reference on (1, n, D) hidden states."""
     pmod = model.pmod
     if i not in pmod.routed_layers:
-        cos_sin = inner.rotary_emb(x, batched(positions))
-        return layer(x, attention_mask=causal_mask(x.shape[1], x.dtype), position_embeddings=cos_sin,
-                     position_ids=None if mrope else positions[None])
+        cos_sin = rotary(model, inner, x, batched(positions), i)
+        return layer(x, attention_mask=layer_mask(model, i, list(range(x.shape[1])), blocks, x.dtype),
+                     position_embeddings=cos_sin, position_ids=None if mrope else positions[None])
     ratio = pmod.layer_ratios[i]
     bias = layer.router.bias.float() if layer.router.bias is not None else 0.0
     s_t = x[0].float() @ layer.router.weight[0].float() + bias  # (n,) router logits, fp32
@@ -98,15 +134,19 @@ def _reference_layer(model, inner, layer, i, x, positions, target, batched, mrop
     if not keep:  # nothing processed: every token is a skipped target
         return (skip[:, None] * x[0])[None]
     xs = x[:, keep]
-    cos_sin = inner.rotary_emb(xs, batched(positions[..., keep]))
+    cos_sin = rotary(model, inner, xs, batched(positions[..., keep]), i)
     attn, _ = layer.self_attn(
         hidden_states=layer.input_layernorm(xs),
-        attention_mask=causal_mask(len(keep), x.dtype),
+        attention_mask=layer_mask(model, i, keep, blocks, x.dtype),
         position_embeddings=cos_sin,
         position_ids=None if mrope else positions[keep][None],  # read by Ministral 3's attention
     )
-    h = xs + attn
-    m = layer.mlp(layer.post_attention_layernorm(h))
+    if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma 3: each branch normed before and after
+        h = xs + layer.post_attention_layernorm(attn)
+        m = layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
+    else:
+        h = xs + attn
+        m = layer.mlp(layer.post_attention_layernorm(h))
     kept_out = {j: (h[0, r] + (g[j] if target[j] else 1.0) * m[0, r]) for r, j in enumerate(keep)}
     for j in range(x.shape[1]):
         out.append(kept_out[j] if j in kept_out else skip[j] * x[0, j])

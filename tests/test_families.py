@@ -19,7 +19,7 @@ from reference import reference_logits
 import pmod
 from pmod.compat import output_cache
 from pmod.efficiency import kv_cache_report
-from pmod.testing.tiny import randomize_routers, tiny_internvl, tiny_llava_next_video, tiny_mistral3
+from pmod.testing.tiny import randomize_routers, tiny_gemma3, tiny_internvl, tiny_llava_next_video, tiny_mistral3
 
 SCHEDULE = [0.5, 1.0, 0.3, 0.6]
 
@@ -136,6 +136,31 @@ def llava_next_video_inputs(model, seed=0):
                 pixel_values_videos=torch.cat(videos)), singles
 
 
+def gemma3_inputs(model, seed=0):
+    """Rows with 1, 2, 0 and 1 images, each <start_of_image> + 4 image tokens + <end_of_image>; token_type_ids mark
+    the image tokens (the processor's: an image's tokens attend to each other both ways)."""
+    gen = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    vocab = cfg.text_config.vocab_size
+    rows = [(1, 2, 6), (2, 1, 1), (0, 5, 2), (1, 1, 0)]
+    seqs, singles, images = [], [], []
+    for n, before, after in rows:
+        parts, own = [_text(gen, before, vocab)], []
+        for _ in range(n):
+            parts += [torch.tensor([cfg.boi_token_id]), torch.full((4,), cfg.image_token_id),
+                      torch.tensor([cfg.eoi_token_id]), _text(gen, 2, vocab)]
+            own.append(torch.randn(3, 32, 32, generator=gen))
+        parts.append(_text(gen, after, vocab))
+        seq = torch.cat(parts)
+        seqs.append(seq)
+        images += own
+        singles.append({"pixel_values": torch.stack(own)} if own else {})
+        singles[-1].update(input_ids=seq[None], token_type_ids=(seq == cfg.image_token_id).long()[None])
+    ids, mask = _pad(seqs)
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=torch.stack(images),
+                token_type_ids=(ids == cfg.image_token_id).long()), singles
+
+
 @dataclass
 class Case:
     build: Callable[..., torch.nn.Module]
@@ -151,6 +176,7 @@ CASES = {
     "mistral3": Case(tiny_mistral3, mistral3_inputs, "pmod_mistral3", {"family": "mistral"}),
     "mistral3-ministral3": Case(tiny_mistral3, mistral3_inputs, "pmod_mistral3", {"family": "ministral3"}),
     "llava-next-video": Case(tiny_llava_next_video, llava_next_video_inputs, "pmod_llava_next_video", {}),
+    "gemma3": Case(tiny_gemma3, gemma3_inputs, "pmod_gemma3", {}),
 }
 
 

@@ -325,6 +325,33 @@ def tiny_llava_next_video(
     return _init_newline(_finish(LlavaNextVideoForConditionalGeneration, cfg, attn_implementation))
 
 
+def tiny_gemma3(
+    num_layers: int = 4,
+    hidden_size: int = 64,
+    vocab_size: int = 128,
+    sliding_window: int = 6,
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+) -> PreTrainedModel:
+    """A Gemma 3-shaped image-text model: a SigLIP tower of 32-pixel images in 8-pixel patches, pooled to 4 image
+    tokens an image; sliding-window (``sliding_window``, short enough to matter in tiny prompts) and global layers
+    alternating. Image token = vocab_size - 1, start / end of image = vocab_size - 3 / - 4; end of sequence 1."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    head_dim = hidden_size // 4
+    text = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim,
+                query_pre_attn_scalar=head_dim, max_position_embeddings=4096, sliding_window=sliding_window,
+                layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)],
+                pad_token_id=0, bos_token_id=2, eos_token_id=1)
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=32, patch_size=8)
+    cfg = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=vocab_size - 1,
+                       boi_token_index=vocab_size - 3, eoi_token_index=vocab_size - 4)
+    return _finish(Gemma3ForConditionalGeneration, cfg, attn_implementation)
+
+
 def tiny_causal_lm(family: str = "llama", num_layers: int = 4, attn_implementation: str = "sdpa", seed: int = 0, **kwargs) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
