@@ -38,7 +38,12 @@ class PModLayerMixin:
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
+        if PModLayerMixin not in cls.__bases__:
+            return  # a subclass of a routed class (instrumentation, a test) does not replace it
         dense = next(c for c in cls.__mro__[1:] if issubclass(c, nn.Module) and not issubclass(c, PModLayerMixin))
+        if dense in ROUTED_LAYERS:
+            raise TypeError(f"{dense.__name__} already has a routed class, {ROUTED_LAYERS[dense].__qualname__}; "
+                            f"subclass that one instead of defining {cls.__qualname__}.")
         ROUTED_LAYERS[dense] = cls
 
     def forward(

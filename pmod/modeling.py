@@ -40,11 +40,24 @@ class PModModelMixin:
     dense_class: type[PreTrainedModel]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
-        dense = next(c for c in cls.__mro__[1:] if issubclass(c, PreTrainedModel) and not issubclass(c, PModModelMixin))
-        cls.dense_class = dense
-        cls.forward = _make_forward(dense.forward)
-        cls.prepare_inputs_for_generation = _make_prepare_inputs(dense.prepare_inputs_for_generation)
+        if PModModelMixin in cls.__bases__:  # a family's class (a subclass of it inherits, and may override, these)
+            dense = next(c for c in cls.__mro__[1:] if issubclass(c, PreTrainedModel) and not issubclass(c, PModModelMixin))
+            cls.dense_class = dense
+            if "forward" not in cls.__dict__:
+                cls.forward = _make_forward(dense.forward)
+            if "prepare_inputs_for_generation" not in cls.__dict__:
+                cls.prepare_inputs_for_generation = _make_prepare_inputs(dense.prepare_inputs_for_generation)
         super().__init_subclass__(**kwargs)
+
+    # transformers decides whether a class may switch its attention / MoE experts implementation by searching the
+    # source of the module that defines it: the dense class's module is the one to search
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        return cls.dense_class._can_set_attn_implementation()
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        return cls.dense_class._can_set_experts_implementation()
 
     def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
         if getattr(config, "pmod", None) is None:
@@ -375,6 +388,9 @@ def _make_prepare_inputs(base_prepare):
     def prepare_inputs_for_generation(self, *args, target_mask=None, target_counts=None, token_counts=None, **kwargs):
         inputs = base_prepare(self, *args, **kwargs)
         reference = inputs.get("input_ids") if inputs.get("input_ids") is not None else inputs.get("inputs_embeds")
+        if token_counts is not None and target_counts is None:
+            raise PModInputError("token_counts describe a prompt together with target_counts; pass both "
+                                 "(model.routing_counts(**inputs) gives them) or neither.")
         if reference is None or (target_mask is None and target_counts is None):
             return inputs
         prompt = kwargs.get("is_first_iteration") or (target_mask is not None and reference.shape[1] == target_mask.shape[-1])

@@ -31,6 +31,15 @@ def keep_count(num_targets: int, ratio: float) -> int:
     return math.floor(_float32(_float32(float(num_targets)) * _float32(ratio)))
 
 
+def _on_device(values: list, device: torch.device) -> torch.Tensor:
+    """``torch.tensor(values)`` on ``device`` without waiting for it: a copy from pageable host memory would make the
+    host wait for the work queued on a CUDA device, so it goes through pinned memory, asynchronously. (A compiled
+    forward folds the values into its graph.)"""
+    if device.type != "cuda" or torch.compiler.is_compiling():
+        return torch.tensor(values, device=device)
+    return torch.tensor(values).pin_memory().to(device, non_blocking=True)
+
+
 @dataclass
 class RoutingPlan:
     """Inputs of every routed layer in one forward pass.
@@ -162,18 +171,18 @@ class RoutingPlan:
         batch, length = target.shape
         # a wrong count would keep another number of tokens than the widths allow: checked on the device, no sync
         if tokens is None:
-            given = torch.tensor(list(counts), device=target.device)
+            given = _on_device(list(counts), target.device)
             found = target.sum(dim=1)
             tokens, may_pad = [length] * batch, padded
         else:
-            given = torch.tensor([list(counts), list(tokens)], device=target.device)  # (2, B)
+            given = _on_device([list(counts), list(tokens)], target.device)  # (2, B)
             found = torch.stack([target.sum(dim=1), valid.sum(dim=1)])
             may_pad = any(t != length for t in tokens)
         torch._assert_async((found == given).all(), "target_counts / token_counts differ from the inputs' tokens")
         keep = [[keep_count(n, spec.keep_ratio) for n in counts] for spec in layers]  # (layers, B) on the host
         processed = [[k + t - n for k, n, t in zip(row, counts, tokens)] for row in keep]  # (layers, B)
         shared = counts[0] if not may_pad and len(set(counts)) == 1 else None
-        keep_all = torch.tensor(keep, device=target.device)  # (layers, B): one copy to the device for every layer
+        keep_all = _on_device(keep, target.device)  # (layers, B): one copy to the device for every layer
         return cls(
             target=target,
             valid=valid,
@@ -262,9 +271,11 @@ class LayerRouting:
     first read: a forward does not pay for them.
     """
 
-    def __init__(self, target: torch.Tensor, router_logits: torch.Tensor, keep_ratio: float,
-                 processed: torch.Tensor | None = None, selected: torch.Tensor | None = None,
+    def __init__(self, target: torch.Tensor, processed: torch.Tensor | None = None, selected: torch.Tensor | None = None,
+                 router_logits: torch.Tensor | None = None, keep_ratio: float | None = None, *,
                  selection: Selection | None = None) -> None:
+        if router_logits is None or keep_ratio is None:
+            raise ValueError("LayerRouting needs router_logits and keep_ratio")
         if selection is None:
             if processed is None or selected is None:
                 raise ValueError("LayerRouting needs processed and selected, or a selection")
@@ -274,6 +285,10 @@ class LayerRouting:
         self.router_logits = router_logits
         self.keep_ratio = keep_ratio
         self._selection = selection
+
+    def __repr__(self) -> str:
+        return (f"LayerRouting(target={tuple(self.target.shape)}, kept={self.selected.sum(dim=1).tolist()} of "
+                f"{self.target.sum(dim=1).tolist()}, keep_ratio={self.keep_ratio})")
 
     @property
     def selected(self) -> torch.Tensor:

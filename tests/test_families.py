@@ -275,3 +275,59 @@ def test_dense_checkpoint_converts_and_pmod_checkpoint_round_trips(name, tmp_pat
     assert converted.config.model_type == case.model_type
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits)
+
+
+# ---------------------------------------------------------------------- the table's classes
+def test_subclasses_keep_their_own_methods_and_do_not_replace_the_routed_layers():
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from pmod.families import PModLlamaDecoderLayer, PModLlamaForCausalLM
+    from pmod.layer import ROUTED_LAYERS, PModLayerMixin
+
+    class Mine(PModLlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            return "mine"
+
+    assert Mine.__dict__["forward"].__qualname__.endswith("Mine.forward")
+    assert Mine.dense_class is PModLlamaForCausalLM.dense_class
+
+    class Instrumented(PModLlamaDecoderLayer):
+        pass
+
+    assert ROUTED_LAYERS[LlamaDecoderLayer] is PModLlamaDecoderLayer
+    with pytest.raises(TypeError, match="already has a routed class"):
+        type("AnotherRoutedLlama", (PModLayerMixin, LlamaDecoderLayer), {})
+    assert ROUTED_LAYERS[LlamaDecoderLayer] is PModLlamaDecoderLayer
+
+
+def test_moe_checkpoint_takes_the_experts_implementations_of_its_dense_class(tmp_path):
+    """transformers decides from the defining module's source whether a class may switch its experts implementation;
+    a p-MoD class answers as its dense class, also in a fresh process (no dense model built first)."""
+    import subprocess
+    import sys
+
+    from transformers import Qwen3VLMoeForConditionalGeneration
+
+    from pmod.families import PModQwen3VLMoeForConditionalGeneration
+
+    assert PModQwen3VLMoeForConditionalGeneration._can_set_experts_implementation() is \
+        Qwen3VLMoeForConditionalGeneration._can_set_experts_implementation()
+    from pmod.testing.tiny import tiny_qwen3_vl
+
+    pmod.apply_pmod(tiny_qwen3_vl(moe=True), pmod.PModConfig(schedule=SCHEDULE)).save_pretrained(tmp_path)
+    code = ("import pmod, sys; m = pmod.load_model(sys.argv[1]); "
+            "print(m.config._experts_implementation, m._can_set_experts_implementation())")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
+    dense_choice = Qwen3VLMoeForConditionalGeneration._can_set_experts_implementation()
+    assert out.stdout.split()[-1] == str(dense_choice)
+
+
+def test_layer_routing_keeps_its_positional_order_and_generate_refuses_token_counts_alone():
+    target = torch.tensor([[True, True, False]])
+    processed, selected = torch.tensor([[True, False, True]]), torch.tensor([[True, False, False]])
+    record = pmod.LayerRouting(target, processed, selected, torch.zeros(1, 3), 0.5)
+    assert record.keep_ratio == 0.5 and torch.equal(record.selected, selected) and "keep_ratio=0.5" in repr(record)
+    model = pmod.apply_pmod(tiny_internvl(), pmod.PModConfig(schedule=SCHEDULE))
+    ids = torch.randint(5, 100, (1, 6))
+    with pytest.raises(pmod.PModInputError, match="token_counts describe a prompt together with target_counts"):
+        model.generate(input_ids=ids, token_counts=[6], max_new_tokens=2)
