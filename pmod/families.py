@@ -23,6 +23,8 @@ from transformers import (
     AutoModelForImageTextToText,
     Gemma3Config,
     Gemma3ForConditionalGeneration,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
     InternVLConfig,
     InternVLForConditionalGeneration,
     LlamaConfig,
@@ -50,6 +52,8 @@ from transformers import (
     Qwen3VLForConditionalGeneration,
     Qwen3VLMoeConfig,
     Qwen3VLMoeForConditionalGeneration,
+    SmolVLMConfig,
+    SmolVLMForConditionalGeneration,
 )
 from transformers.models.gemma3.modeling_gemma3 import Gemma3DecoderLayer
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
@@ -180,6 +184,24 @@ class PModMistral3ForConditionalGeneration(PModModelMixin, Mistral3ForConditiona
     config_class = PModMistral3Config
 
 
+class PModIdefics3Config(Idefics3Config):
+    model_type = "pmod_idefics3"
+    pmod: dict | None = None
+
+
+class PModIdefics3ForConditionalGeneration(PModModelMixin, Idefics3ForConditionalGeneration):
+    config_class = PModIdefics3Config
+
+
+class PModSmolVLMConfig(SmolVLMConfig):
+    model_type = "pmod_smolvlm"
+    pmod: dict | None = None
+
+
+class PModSmolVLMForConditionalGeneration(PModModelMixin, SmolVLMForConditionalGeneration):
+    config_class = PModSmolVLMConfig
+
+
 class PModGemma3Config(Gemma3Config):
     model_type = "pmod_gemma3"
     pmod: dict | None = None
@@ -308,6 +330,12 @@ FAMILIES: tuple[Family, ...] = (
     Family("Mistral 3", Mistral3ForConditionalGeneration, PModMistral3ForConditionalGeneration,
            AutoModelForImageTextToText,
            {MistralDecoderLayer: PModMistralDecoderLayer, Ministral3DecoderLayer: PModMinistral3DecoderLayer}),
+    # SmolVLM / Idefics3: an image split into crops, each crop's tokens after a <row_i_col_j> text token and the whole
+    # image's after <global-img>; the image tokens are the targets. The decoder is model.text_model.
+    Family("SmolVLM", SmolVLMForConditionalGeneration, PModSmolVLMForConditionalGeneration,
+           AutoModelForImageTextToText, _LLM_LAYERS),
+    Family("Idefics3", Idefics3ForConditionalGeneration, PModIdefics3ForConditionalGeneration,
+           AutoModelForImageTextToText, _LLM_LAYERS),
     # Gemma 3: sandwich norms (its own routed layer); an image's tokens attend to each other both ways and sliding-window
     # layers alternate with global ones: the routed layer takes its rows and columns of the model's own mask for the
     # layer, so both hold; each layer type has its own rotary tables. Embeddings are scaled by sqrt(hidden).

@@ -460,7 +460,8 @@ def _count_images(arguments: dict[str, Any]) -> int | str:
 def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layers of a supported model, p-MoD or dense."""
     inner = getattr(model, "model", None)
-    for owner in (getattr(inner, "language_model", None), inner):
+    # multimodal models keep their decoder as language_model (SmolVLM / Idefics3: text_model), causal LMs as model
+    for owner in (getattr(inner, "language_model", None), getattr(inner, "text_model", None), inner):
         layers = getattr(owner, "layers", None)
         if isinstance(layers, nn.ModuleList):
             return layers

@@ -26,7 +26,7 @@ def merged_embeddings(model, input_ids, pixel_values=None, image_sizes=None, **e
             captured["deepstack"] = (kwargs["visual_pos_masks"][0], kwargs["deepstack_visual_embeds"])
         raise _Stop  # the decoder stack is what the reference reimplements
 
-    handle = model.model.language_model.register_forward_pre_hook(capture_and_stop, with_kwargs=True)
+    handle = _inner(model).register_forward_pre_hook(capture_and_stop, with_kwargs=True)
     kwargs = {"image_sizes": image_sizes} if image_sizes is not None else {}
     kwargs.update({k: v for k, v in extra.items() if v is not None})
     try:
@@ -41,7 +41,10 @@ def merged_embeddings(model, input_ids, pixel_values=None, image_sizes=None, **e
 
 def _inner(model):
     """The decoder stack (layers, norm, rotary embedding) of a multimodal or text-only model."""
-    return model.model.language_model if hasattr(model.model, "language_model") else model.model
+    for name in ("language_model", "text_model"):  # SmolVLM / Idefics3: text_model
+        if hasattr(model.model, name):
+            return getattr(model.model, name)
+    return model.model
 
 
 def causal_mask(n: int, dtype) -> torch.Tensor:
@@ -173,7 +176,7 @@ def reference_logits(model, input_ids, attention_mask=None, pixel_values=None, i
         px = sizes = None
         valid = mask[b].bool()
         ids = input_ids[b][valid][None]
-        if hasattr(model.model, "language_model"):
+        if _inner(model) is not model.model:  # a multimodal model
             n = images_per_row[b]
             px = pixel_values[cursor : cursor + n] if n else None
             sizes = image_sizes[cursor : cursor + n] if (n and image_sizes is not None) else None

@@ -352,6 +352,31 @@ def tiny_gemma3(
     return _finish(Gemma3ForConditionalGeneration, cfg, attn_implementation)
 
 
+def tiny_smolvlm(
+    num_layers: int = 4,
+    hidden_size: int = 64,
+    vocab_size: int = 128,
+    version: str = "smolvlm",
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+) -> PreTrainedModel:
+    """A SmolVLM-shaped (``version="smolvlm"``) or Idefics3-shaped (``"idefics3"``) model: 32-pixel crops of 8-pixel
+    patches, pixel-shuffled (scale 2) into 4 image tokens a crop; a Llama decoder. Image token = vocab_size - 1,
+    <fake_token_around_image> = vocab_size - 3, <global-img> = vocab_size - 4, <row_1_col_j> = vocab_size - 5 - j."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config_cls, model_cls = {
+        "smolvlm": (transformers.SmolVLMConfig, transformers.SmolVLMForConditionalGeneration),
+        "idefics3": (transformers.Idefics3Config, transformers.Idefics3ForConditionalGeneration),
+    }[version]
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    cfg = config_cls(text_config=_text_dict("llama", vocab_size, hidden_size, num_layers), vision_config=vision,
+                     image_token_id=vocab_size - 1, scale_factor=2, tie_word_embeddings=False, pad_token_id=0)
+    return _finish(model_cls, cfg, attn_implementation)
+
+
 def tiny_causal_lm(family: str = "llama", num_layers: int = 4, attn_implementation: str = "sdpa", seed: int = 0, **kwargs) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
