@@ -26,7 +26,7 @@ from .models import apply_pmod
 def load_model(path: str | os.PathLike, pmod_config: PModConfig | None = None, **from_pretrained_kwargs) -> PreTrainedModel:
     """Load a p-MoD model saved with ``save_pretrained``.
 
-    A dense transformers checkpoint (LLaVA, LLaVA-NeXT, Llama, Qwen2, Mistral) is loaded and converted with
+    A dense transformers checkpoint of a supported family (`pmod.families.FAMILIES`) is loaded and converted with
     ``pmod_config`` (default `PModConfig()`), routers starting at zero. ``from_pretrained_kwargs`` go to
     ``from_pretrained`` (``torch_dtype``, ``attn_implementation``, ``device_map``...). A checkpoint whose tensors
     do not match its config (missing, unexpected, wrongly shaped) raises `CheckpointError`, as does a local path

@@ -23,7 +23,8 @@ logger = logging.getLogger(__name__)
 
 def apply_pmod(model: PreTrainedModel, config: PModConfig | Mapping[str, Any] | None = None) -> PreTrainedModel:
     """Convert a transformers model of a supported family (`pmod.families.FAMILIES`: LLaVA, LLaVA-NeXT,
-    LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Llama, Qwen2, Mistral) into a p-MoD model in place.
+    LLaVA-OneVision, LLaVA-NeXT-Video, InternVL, Mistral 3, SmolVLM, Idefics3, Gemma 3, Qwen2-VL, Qwen2.5-VL, Qwen3-VL,
+    Qwen3-VL-MoE, and the Llama, Qwen2 and Mistral causal LMs) into a p-MoD model in place.
 
     Routed decoder layers keep their parameter names and gain ``router`` (``nn.Linear(hidden, 1)``, zero
     at start by default). The settings and per-layer ratios are written to ``model.config.pmod`` (what
