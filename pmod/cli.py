@@ -36,7 +36,7 @@ from .errors import PModError, one_line
 DEMO_ARCHES = ("llava", "qwen2-vl", "qwen2.5-vl")
 DTYPES = ("float32", "bfloat16", "float16")
 PRESET_NAMES = ("llava-1.5-7b", "llava-1.5-13b", "llava-next-7b", "llava-next-13b", "llava-onevision-7b", "qwen2-vl-7b",
-                "qwen2.5-vl-7b")
+                "qwen2.5-vl-7b", "qwen3-vl-8b", "qwen3-vl-30b-a3b", "internvl3-8b", "gemma-3-12b", "mistral-small-3.1-24b")
 
 logger = logging.getLogger("pmod.cli")
 

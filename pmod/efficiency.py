@@ -103,27 +103,48 @@ def kv_cache_report(cache: PModCache | PModStaticCache) -> KVCacheReport:
 
 # ====================================================================== analytic accounting
 # Prefill cost model (method.md section 5). A multiply-add counts as 2 FLOPs. For a decoder layer that
-# processes n tokens, with hidden size d, key/value width d_kv (= d without grouped-query attention) and
-# SwiGLU MLP width f:
-#     projections  2 n d (2 d + 2 d_kv)     Q and O are d x d, K and V are d x d_kv
-#     attention    4 n^2 d                  scores and weighted sum, full n x n as the paper counts
-#     MLP          6 n d f                  gate, up and down projections
+# processes n tokens, with hidden size d, query width d_q = heads x head_dim (= d for Llama-style layers), key/value
+# width d_kv = kv_heads x head_dim and SwiGLU MLP width f:
+#     projections  2 n d (2 d_q + 2 d_kv)     Q and O are d x d_q, K and V are d x d_kv
+#     attention    4 P d_q                    scores and weighted sum over P query-key pairs: n^2, the full matrix,
+#                                             as the paper counts (causal kernels: n (n + 1) / 2; a sliding-window
+#                                             layer's, at most n W)
+#     MLP          6 n d f                    gate, up and down projections; a sparse MoE layer: 6 n d f_e for each
+#                                             of the k experts a token uses, plus its router, 2 n d E
 # A routed layer processes n = k_l + N_text tokens (k_l = trunc(R_l N_V)) and adds its router, 2 d per token.
 # Norms, rotary embeddings, softmax and activations are not counted (well under 1% at these shapes).
 
 
 @dataclass(frozen=True)
 class DecoderShape:
+    """A decoder's cost-model shape. ``head_dim`` 0: hidden / num_heads. MoE: ``moe_layers`` use ``experts_per_token``
+    of ``num_experts`` experts of width ``moe_intermediate``; ``sliding_layers`` attend within ``sliding_window``."""
+
     num_layers: int
     hidden: int
     intermediate: int
     num_heads: int
     num_kv_heads: int
     vocab_size: int
+    head_dim: int = 0
+    moe_layers: tuple[int, ...] = ()
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate: int = 0
+    sliding_layers: tuple[int, ...] = ()
+    sliding_window: int = 0
+
+    @property
+    def head_width(self) -> int:
+        return self.head_dim or self.hidden // self.num_heads
+
+    @property
+    def q_width(self) -> int:
+        return self.num_heads * self.head_width
 
     @property
     def kv_width(self) -> int:
-        return self.hidden // self.num_heads * self.num_kv_heads
+        return self.num_kv_heads * self.head_width
 
 
 @dataclass(frozen=True)
@@ -158,6 +179,15 @@ _VICUNA_13B = DecoderShape(40, 5120, 13824, 40, 40, 32000)
 _CLIP_L_336 = VisionShape(24, 1024, 4096, 336, 14)
 _QWEN2_7B = DecoderShape(28, 3584, 18944, 28, 4, 152064)  # Qwen2-7B and Qwen2.5-7B language models
 _SIGLIP_SO400M_384 = VisionShape(27, 1152, 4304, 384, 14)
+# the language models of newer VLMs, from their released config.json files
+_QWEN3_8B = DecoderShape(36, 4096, 12288, 32, 8, 151936, head_dim=128)  # Qwen3-VL-8B
+_QWEN3_30B_A3B = DecoderShape(48, 2048, 6144, 32, 4, 151936, head_dim=128, moe_layers=tuple(range(48)), num_experts=128,
+                              experts_per_token=8, moe_intermediate=768)  # Qwen3-VL-30B-A3B: every layer sparse
+_INTERNVL3_8B = DecoderShape(28, 3584, 18944, 28, 4, 151674)  # Qwen2.5-7B with InternVL's vocabulary
+# Gemma 3 12B: five sliding-window layers (1024 tokens) to one global, head_dim 256 (queries wider than hidden / heads)
+_GEMMA3_12B = DecoderShape(48, 3840, 15360, 16, 8, 262208, head_dim=256,
+                           sliding_layers=tuple(i for i in range(48) if i % 6 != 5), sliding_window=1024)
+_MISTRAL_SMALL_24B = DecoderShape(40, 5120, 32768, 32, 8, 131072, head_dim=128)  # Mistral-Small-3.1-24B
 PRESETS: dict[str, ModelShape] = {
     "llava-1.5-7b": ModelShape("llava-1.5-7b", _VICUNA_7B, _CLIP_L_336, crops=1),
     "llava-1.5-13b": ModelShape("llava-1.5-13b", _VICUNA_13B, _CLIP_L_336, crops=1),
@@ -169,42 +199,74 @@ PRESETS: dict[str, ModelShape] = {
     # dynamic-resolution vision encoders: only the decoder (and LM head) is counted
     "qwen2-vl-7b": ModelShape("qwen2-vl-7b", _QWEN2_7B, None),
     "qwen2.5-vl-7b": ModelShape("qwen2.5-vl-7b", _QWEN2_7B, None),
+    # newer families: the decoder (and LM head) is counted; their vision towers and projectors are not
+    "qwen3-vl-8b": ModelShape("qwen3-vl-8b", _QWEN3_8B, None),
+    "qwen3-vl-30b-a3b": ModelShape("qwen3-vl-30b-a3b", _QWEN3_30B_A3B, None),
+    "internvl3-8b": ModelShape("internvl3-8b", _INTERNVL3_8B, None),
+    "gemma-3-12b": ModelShape("gemma-3-12b", _GEMMA3_12B, None),
+    "mistral-small-3.1-24b": ModelShape("mistral-small-3.1-24b", _MISTRAL_SMALL_24B, None),
 }
+
+# configs whose vision tower the cost model counts (a ViT on fixed-size crops and LLaVA's MLP projector)
+_LLAVA_VISION = ("llava", "llava_next", "llava_onevision", "llava_next_video")
 
 
 def shape_from_config(config, name: str = "model") -> ModelShape:
-    """The cost-model shape of a transformers config (LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL or a
-    plain decoder; dense or p-MoD)."""
+    """The cost-model shape of a transformers config (any supported family, dense or p-MoD, or a plain decoder): the
+    decoder with its head size, sparse MoE layers and sliding-window layers; the vision tower only for LLaVA-style
+    models (a ViT on fixed-size crops)."""
     text = config.get_text_config(decoder=True)
+    layers = text.num_hidden_layers
+    moe: dict = {}
+    if getattr(text, "num_experts", 0) and getattr(text, "moe_intermediate_size", 0):
+        step, dense_only = getattr(text, "decoder_sparse_step", 1) or 1, set(getattr(text, "mlp_only_layers", ()) or ())
+        moe = dict(moe_layers=tuple(i for i in range(layers) if i not in dense_only and (i + 1) % step == 0),
+                   num_experts=text.num_experts, experts_per_token=text.num_experts_per_tok,
+                   moe_intermediate=text.moe_intermediate_size)
+    types = getattr(text, "layer_types", None) or ()
+    window = getattr(text, "sliding_window", None) or 0
+    sliding = tuple(i for i, t in enumerate(types) if t == "sliding_attention") if window else ()
     decoder = DecoderShape(
-        text.num_hidden_layers,
+        layers,
         text.hidden_size,
         text.intermediate_size,
         text.num_attention_heads,
         getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
         text.vocab_size,
+        head_dim=getattr(text, "head_dim", None) or 0,
+        sliding_layers=sliding,
+        sliding_window=window if sliding else 0,
+        **moe,
     )
     vision = None
     vc = getattr(config, "vision_config", None)
-    fixed_size = vc is not None and all(hasattr(vc, k) for k in ("image_size", "intermediate_size", "num_hidden_layers"))
+    llava_like = config.model_type.removeprefix("pmod_") in _LLAVA_VISION
+    fixed_size = llava_like and all(hasattr(vc, k) for k in ("image_size", "intermediate_size", "num_hidden_layers"))
     if fixed_size:  # a ViT on fixed-size crops; Qwen2-VL's dynamic-resolution encoder is not counted
         vision = VisionShape(vc.num_hidden_layers, vc.hidden_size, vc.intermediate_size, vc.image_size, vc.patch_size)
     pinpoints = getattr(config, "image_grid_pinpoints", None)
     size = vc.image_size if fixed_size else 1
     # anyres: the largest tiling plus the base image (LLaVA-NeXT: 4 + 1); an upper bound per image
-    crops = 1 + max((h // size) * (w // size) for h, w in pinpoints) if pinpoints else 1
+    crops = 1 + max((h // size) * (w // size) for h, w in pinpoints) if pinpoints and fixed_size else 1
     return ModelShape(name, decoder, vision, crops)
 
 
-def decoder_layer_flops(n: float, shape: DecoderShape, causal: bool = False) -> float:
-    """Prefill FLOPs of one decoder layer processing ``n`` tokens.
+def decoder_layer_flops(n: float, shape: DecoderShape, causal: bool = False, layer: int | None = None) -> float:
+    """Prefill FLOPs of decoder layer ``layer`` (None: a dense, full-attention one) processing ``n`` tokens.
 
-    ``causal=True`` counts only the lower triangle of the attention matrix (n (n + 1) / 2 pairs), which is
-    what block-skipping causal kernels (sdpa / flash) compute; the paper counts the full n x n.
+    ``causal=True`` counts only the pairs block-skipping kernels (sdpa / flash) compute: the lower triangle of the
+    attention matrix (n (n + 1) / 2 pairs), within the window in a sliding-window layer; the paper counts the full
+    n x n (what an eager layer computes, masked or not).
     """
     d = shape.hidden
     pairs = n * (n + 1) / 2 if causal else n * n
-    return 2 * n * d * (2 * d + 2 * shape.kv_width) + 4 * pairs * d + 6 * n * d * shape.intermediate
+    if causal and layer in shape.sliding_layers:
+        pairs = min(pairs, n * shape.sliding_window)
+    if layer in shape.moe_layers:
+        mlp = 6 * n * d * shape.moe_intermediate * shape.experts_per_token + 2 * n * d * shape.num_experts
+    else:
+        mlp = 6 * n * d * shape.intermediate
+    return 2 * n * d * (2 * shape.q_width + 2 * shape.kv_width) + 4 * pairs * shape.q_width + mlp
 
 
 def vision_encoder_flops(shape: VisionShape, crops: int) -> float:
@@ -315,14 +377,15 @@ def prefill_cost(
     for i, ratio in enumerate(resolved.layer_ratios):
         k = keep_count(vision_tokens, ratio) if i in resolved.routed_layers else vision_tokens
         kept.append(k)
-        dense_f.append(decoder_layer_flops(n_dense, dec, causal))
+        dense_f.append(decoder_layer_flops(n_dense, dec, causal, i))
         router = 2 * n_dense * dec.hidden if i in resolved.routed_layers else 0
-        pmod_f.append(decoder_layer_flops(k + text_tokens, dec, causal) + router)
+        pmod_f.append(decoder_layer_flops(k + text_tokens, dec, causal, i) + router)
     per_entry = 2 * dec.kv_width * shape.bytes_per_value
     vision = shape.vision
     assumptions = [
-        "decoder FLOPs per layer with n tokens: 2nd(2d+2d_kv) + 4Pd + 6ndf with P = "
-        + ("n(n+1)/2 (causal kernels)" if causal else "n^2 (full attention matrix, as the paper counts)")
+        "decoder FLOPs per layer with n tokens: 2nd(2d_q+2d_kv) + 4P d_q + 6ndf with P = "
+        + ("n(n+1)/2 (causal kernels; at most nW in a sliding-window layer)" if causal
+           else "n^2 (full attention matrix, as the paper counts)")
         + " (multiply-add = 2 FLOPs; norms, rotary, softmax not counted)",
         f"p-MoD layers process trunc(R_l x {vision_tokens}) vision tokens + all {text_tokens} text tokens, plus a router (2d per token)",
         "batch 1, no padding; LM head on the last position only (generation prefill)",
@@ -333,6 +396,11 @@ def prefill_cost(
             f"vision encoder: {shape.crops} crop(s) of {vision.image_size}px through a {vision.num_layers}-layer ViT "
             f"(d={vision.hidden}, {vision.tokens_per_crop} tokens each), projector 2-layer MLP on every patch"
         )
+    else:
+        assumptions.append("the vision encoder and projector are not counted (only the decoder and the LM head)")
+    if dec.moe_layers:
+        assumptions.append(f"{len(dec.moe_layers)} sparse MoE layers: {dec.experts_per_token} of {dec.num_experts} "
+                           f"experts (width {dec.moe_intermediate}) per token, plus the expert router")
     return PrefillCost(
         model=shape.name,
         vision_tokens=vision_tokens,
@@ -399,8 +467,8 @@ def realized_cost(model) -> RealizedCost:
     dense_n, nv = valid.tolist(), n_vision.tolist()
     flops, kv = [], []
     for b in range(len(dense_n)):
-        dense = shape.num_layers * decoder_layer_flops(dense_n[b], shape)
-        routed = sum(decoder_layer_flops(proc[i][b], shape) for i in range(shape.num_layers))
+        dense = sum(decoder_layer_flops(dense_n[b], shape, layer=i) for i in range(shape.num_layers))
+        routed = sum(decoder_layer_flops(proc[i][b], shape, layer=i) for i in range(shape.num_layers))
         routed += 2 * dense_n[b] * shape.hidden * len(routing)
         flops.append(routed / dense if dense else 1.0)
         kv.append(float(kept_t[b]) / (shape.num_layers * nv[b]) if nv[b] else 1.0)

@@ -158,3 +158,56 @@ def test_newer_architecture_presets_and_configs():
     assert qwen.vision is None and qwen.decoder.num_layers == 4 and qwen.decoder.num_kv_heads == 2
     onevision = shape_from_config(tiny_llava_onevision().config)
     assert onevision.vision.hidden == 32 and onevision.crops == 5
+
+
+@pytest.mark.parametrize("family", ["qwen3-vl-moe", "gemma3-wide-heads", "mistral3"])
+def test_analytic_flops_of_newer_families_match_flop_counter(family):
+    """Head sizes wider than hidden / heads (Gemma 3, Mistral-Small), sparse MoE layers with a dense first layer
+    (Qwen3-VL-MoE) and sliding-window layers: the cost model counts what the layers compute (eager attention
+    computes the whole matrix, so the paper's full count applies)."""
+    import transformers
+
+    from pmod.testing.tiny import tiny_gemma3, tiny_mistral3, tiny_qwen3_vl
+
+    if family == "qwen3-vl-moe":
+        dense = tiny_qwen3_vl(moe=True, attn_implementation="eager")
+        dense.set_experts_implementation("eager")  # FlopCounterMode does not count grouped_mm: one matmul per expert
+    elif family == "gemma3-wide-heads":
+        cfg = tiny_gemma3().config
+        cfg.text_config.head_dim = 32  # query width 4 x 32 = 128 against hidden 64
+        cfg.text_config.query_pre_attn_scalar = 32
+        cfg._attn_implementation = cfg.text_config._attn_implementation = "eager"
+        dense = transformers.Gemma3ForConditionalGeneration(cfg).eval()
+    else:
+        dense = tiny_mistral3(attn_implementation="eager")
+    shape = shape_from_config(dense.config)
+    n_vision, n_text = 24, 8
+    ids = torch.randint(5, 100, (1, n_vision + n_text))
+    target = torch.zeros_like(ids, dtype=torch.bool)
+    target[0, 4 : 4 + n_vision] = True
+    measured_dense = _decoder_flops(dense, input_ids=ids)
+    model = pmod.apply_pmod(dense, pmod.PModConfig(schedule=[1.0, 0.5, 0.3, 0.25]))
+    randomize_routers(model)
+    measured_pmod = _decoder_flops(model, input_ids=ids, target_mask=target)
+    cost = prefill_cost(shape, n_vision, n_text, resolved=model.pmod)
+    assert abs(cost.dense_flops / measured_dense - 1) < 0.05
+    assert abs(cost.pmod_flops / measured_pmod - 1) < 0.05
+    if family == "qwen3-vl-moe":
+        assert shape.decoder.moe_layers == (1, 2, 3) and shape.vision is None
+    if family == "gemma3-wide-heads":
+        assert shape.decoder.q_width == 128 and shape.decoder.sliding_layers == (0, 2)
+
+
+def test_newer_family_presets():
+    from pmod.efficiency import decoder_layer_flops
+
+    for name in ("qwen3-vl-8b", "qwen3-vl-30b-a3b", "internvl3-8b", "gemma-3-12b", "mistral-small-3.1-24b"):
+        cost = prefill_cost(PRESETS[name], 1024, 64, pmod.PModConfig())
+        assert 0.4 < cost.flops_ratio < 0.7 and cost.kv_ratio < 0.65, name
+        assert any("vision encoder and projector are not counted" in a for a in cost.assumptions)
+    moe = PRESETS["qwen3-vl-30b-a3b"].decoder
+    # about 3B of its 30B parameters are active: a token costs close to 2 x 3B FLOPs in its layers' matmuls
+    per_token = sum(decoder_layer_flops(1, moe, layer=i) for i in range(moe.num_layers))
+    assert 2 * 2.0e9 < per_token < 2 * 3.5e9
+    gemma = PRESETS["gemma-3-12b"].decoder
+    assert decoder_layer_flops(8192, gemma, causal=True, layer=0) < decoder_layer_flops(8192, gemma, causal=True, layer=5)
