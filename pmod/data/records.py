@@ -248,24 +248,30 @@ class Encoder:
         unexpanded = plain["input_ids"]
         expandable = self.placeholder_ids
         seq = ids.tolist()
+        # plain positions next to a placeholder: where a processor may write more than the placeholder's expansion
+        # (Qwen3-VL writes each video frame as a timestamp, then the frame's tokens between vision markers)
+        near_media = {k + d for k, t in enumerate(unexpanded) if t in expandable for d in (-1, 0, 1)}
         labels, i, j = [], 0, 0
-        # Walk both sequences: each run of image (video) tokens in the processor's ids is one run in the plain ids.
+        # Walk both sequences: each run of image (video) tokens in the processor's ids is one run in the plain ids;
+        # tokens the processor inserts next to media are never trained.
         while i < len(seq):
-            if seq[i] in expandable:
+            expected = unexpanded[j] if j < len(unexpanded) else None
+            if seq[i] in expandable and expected == seq[i]:
                 token = seq[i]
                 while i < len(seq) and seq[i] == token:
                     labels.append(IGNORE_INDEX)
                     i += 1
-                if j >= len(unexpanded) or unexpanded[j] != token:
-                    break
                 while j < len(unexpanded) and unexpanded[j] == token:
                     j += 1
-            else:
-                if j >= len(unexpanded) or unexpanded[j] != seq[i]:
-                    break
+            elif seq[i] == expected and seq[i] not in expandable:
                 labels.append(seq[i] if trained[j] else IGNORE_INDEX)
                 i += 1
                 j += 1
+            elif j in near_media or j - 1 in near_media:
+                labels.append(IGNORE_INDEX)  # inserted by the processor around media
+                i += 1
+            else:
+                break
         if i != len(seq) or j != len(unexpanded):
             raise PModInputError(
                 "the processor's token ids do not match the tokenizer's on the same text (apart from image "

@@ -475,14 +475,7 @@ def set_trainable(model: torch.nn.Module, stage: Stage, freeze_vision_tower: boo
     """Freeze parameters for a stage; returns trainable parameter counts by part."""
     counts: dict[str, int] = {}
     for name, param in model.named_parameters():
-        dotted = "." + name  # Qwen2-VL's parts sit at model.visual (ForConditionalGeneration) or visual (Model)
-        part = (  # LLaVA family: vision_tower, multi_modal_projector; Qwen2-VL: visual, with visual.merger projecting
-            "projector" if "multi_modal_projector" in name or ".visual.merger." in dotted
-            else "vision_tower" if "vision_tower" in name or ".visual." in dotted
-            else "router" if ".router." in name
-            else "image_newline" if "image_newline" in name
-            else "language_model"
-        )
+        part = model_part(name)
         if stage == "pretrain":
             train = part in ("projector", "image_newline")
         else:
@@ -495,9 +488,28 @@ def set_trainable(model: torch.nn.Module, stage: Stage, freeze_vision_tower: boo
     return counts
 
 
+# where each family keeps its vision tower and its projector (the modules that map vision features to the decoder)
+_PROJECTORS = ("multi_modal_projector",  # LLaVA family, InternVL, Gemma 3, Mistral 3
+               ".visual.merger.", ".visual.deepstack_merger_list.",  # Qwen2-VL / Qwen2.5-VL; Qwen3-VL's DeepStack
+               ".connector.")  # SmolVLM / Idefics3
+_VISION_TOWERS = ("vision_tower", ".visual.", ".vision_model.")  # ...; Qwen-VL; SmolVLM / Idefics3
+
+
+def model_part(name: str) -> str:
+    """The part a parameter belongs to: "projector", "vision_tower", "router", "image_newline" or "language_model"
+    (names as ``named_parameters`` gives them, also under PEFT's wrappers)."""
+    dotted = "." + name  # Qwen-VL's parts sit at model.visual (ForConditionalGeneration) or visual (Model)
+    if any(key in dotted for key in _PROJECTORS):
+        return "projector"
+    if any(key in dotted for key in _VISION_TOWERS):
+        return "vision_tower"
+    if ".router." in name:
+        return "router"
+    return "image_newline" if "image_newline" in name else "language_model"
+
+
 def _is_projector(name: str) -> bool:
-    """A parameter of the multimodal projector: LLaVA family, Qwen2-VL's merger (also under PEFT's wrappers)."""
-    return "multi_modal_projector" in name or ".visual.merger." in "." + name
+    return model_part(name) == "projector"
 
 
 def tokens_per_image(model: torch.nn.Module) -> int:

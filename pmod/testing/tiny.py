@@ -497,6 +497,34 @@ def tiny_qwen2_vl_processor(model: PreTrainedModel, words: list[str] | None = No
     return build_processor(name, image_processor, tokenizer, chat_template=CHATML_TEMPLATE)
 
 
+def tiny_qwen3_vl_processor(model: PreTrainedModel, words: list[str] | None = None, image_size: int = 28):
+    """A Qwen3-VL processor matching a `tiny_qwen3_vl` model: word tokenizer with the model's placeholder ids,
+    transformers' image and video processors (images resized to ``image_size`` squared pixels; the video processor is
+    torchvision code: transformers builds it only where torchvision is installed), and a ChatML template."""
+    from transformers import Qwen3VLProcessor
+
+    from ..processors import has_torchvision
+
+    if not has_torchvision():
+        raise PModConfigError("Qwen3-VL's video processor is torchvision code: pip install torchvision")
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    cfg = model.config
+    vision = cfg.vision_config
+    placeholders = {"<|image_pad|>": cfg.image_token_id, "<|video_pad|>": cfg.video_token_id,
+                    "<|vision_start|>": cfg.vision_start_token_id, "<|vision_end|>": cfg.vision_end_token_id}
+    tokenizer = word_tokenizer(words or CHATML_WORDS, cfg.get_text_config().vocab_size, placeholders,
+                               specials=CHATML_SPECIALS, eos="<|im_end|>")
+    grid = dict(patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
+                temporal_patch_size=vision.temporal_patch_size)
+    image_processor = _image_processor_class("Qwen2VLImageProcessor")(min_pixels=image_size**2,
+                                                                      max_pixels=image_size**2, **grid)
+    video_processor = Qwen3VLVideoProcessor(size={"shortest_edge": image_size**2, "longest_edge": 8 * image_size**2},
+                                            **grid)
+    return Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
+                            chat_template=CHATML_TEMPLATE)
+
+
 def tiny_llava_onevision_processor(model: PreTrainedModel, words: list[str] | None = None):
     """A LLaVA-OneVision processor matching a `tiny_llava_onevision` model: word tokenizer (``<image>`` and
     ``<video>`` at the model's ids), transformers' anyres image processor with the model's grid pinpoints, its
