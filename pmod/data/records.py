@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 SKIP_KEY = "pmod_skipped"
-TOKEN_LEVEL_INPUTS = ("mm_token_type_ids",)  # processor outputs with one value per token
+TOKEN_LEVEL_INPUTS = ("mm_token_type_ids", "token_type_ids")  # processor outputs with one value per token (Gemma 3: image)
 DEFAULT_VIDEO_FPS = 2.0  # frames per second of a record's frames when it does not say ("fps"): Qwen2-VL's rate
 # transformers.video_utils decoders, in the order tried (PyAV is transformers' default)
 VIDEO_BACKENDS = ("pyav", "decord", "torchcodec", "opencv", "torchvision")
@@ -573,7 +573,7 @@ class LlavaCollator:
             labels[row, cols] = item["labels"]
             mask[row, cols] = 1
         batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-        for key in TOKEN_LEVEL_INPUTS:  # per-token inputs (Qwen2-VL's modality types) pad like the ids, with 0
+        for key in TOKEN_LEVEL_INPUTS:  # per-token inputs (Qwen2-VL modality types, Gemma 3 token types) pad like the ids, with 0
             if any(key in item for item in items):
                 values = torch.zeros((len(items), width), dtype=torch.long)
                 for row, item in enumerate(items):
@@ -589,6 +589,11 @@ class LlavaCollator:
                     f"videos of one batch have different shapes {sorted({tuple(p.shape[1:]) for p in parts})}: this "
                     "model stacks them; sample the same number of frames per video (or use batch size 1)"
                 )
+            if key == "pixel_values" and parts[0].dim() == 4 and len({p.shape[-2:] for p in parts}) > 1:
+                # images of their own sizes (Pixtral: (n_images, 3, H, W), image_sizes says each one's): zero-padded to
+                # the largest, as the processor pads a batch
+                h, w = max(p.shape[-2] for p in parts), max(p.shape[-1] for p in parts)
+                parts = [torch.nn.functional.pad(p, (0, w - p.shape[-1], 0, h - p.shape[-2])) for p in parts]
             if key == "pixel_values" and parts[0].dim() == 5:  # (n_images, n_tiles, 3, H, W): pad the tiles
                 tiles = max(p.shape[1] for p in parts)
                 parts = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, tiles - p.shape[1])) for p in parts]

@@ -156,6 +156,9 @@ def _check_placeholders(processor: Any, prompts: Sequence[str], images: Sequence
                     f"'{kind}'}} entry per {kind}), which writes the placeholders")
 
 
+PER_ROW_IMAGE_PROCESSORS = ("Gemma3Processor", "Idefics3Processor", "SmolVLMProcessor")
+
+
 def encode(
     model: Any,
     processor: Any,
@@ -173,7 +176,9 @@ def encode(
     flat = [img for row in images for img in row]
     has_videos = videos is not None and any(videos)
     check_processor_takes(processor, "the batch", images=bool(flat), videos=has_videos)
-    media: dict[str, Any] = {"images": flat} if flat else {}
+    # processors that count images per prompt (Gemma 3, Idefics3, SmolVLM) take them nested by row; others flat
+    nested = type(processor).__name__ in PER_ROW_IMAGE_PROCESSORS
+    media: dict[str, Any] = {"images": [list(row) for row in images] if nested else flat} if flat else {}
     if has_videos:
         rates = list(video_fps) if video_fps is not None else [DEFAULT_VIDEO_FPS] * len(videos)
         per_video = [list(r) if isinstance(r, Sequence) else [r] * len(row) for row, r in zip(videos, rates)]

@@ -397,9 +397,11 @@ def randomize_routers(model: torch.nn.Module, scale: float = 0.5, seed: int = 1)
 
 
 def word_tokenizer(words: list[str], vocab_size: int, placeholders: dict[str, int] | None = None,
-                   specials: tuple[str, ...] = ("<pad>", "<unk>", "<s>", "</s>"), eos: str = "</s>"):
+                   specials: tuple[str, ...] = ("<pad>", "<unk>", "<s>", "</s>"), eos: str = "</s>",
+                   named: dict[str, str] | None = None):
     """A word-level fast tokenizer: ``specials`` first (pad, unk, bos, eos by default), then ``words``;
-    ``placeholders`` (default ``{"<image>": vocab_size - 1}``) are special tokens at fixed ids."""
+    ``placeholders`` (default ``{"<image>": vocab_size - 1}``) are special tokens at fixed ids; ``named`` gives some
+    of them the attribute names processors read (``{"boi_token": "<start_of_image>"}``: ``tokenizer.boi_token``)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -414,6 +416,7 @@ def word_tokenizer(words: list[str], vocab_size: int, placeholders: dict[str, in
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>" if "<s>" in specials else None, eos_token=eos, unk_token="<unk>",
         pad_token="<pad>", additional_special_tokens=[*extra, *placeholders], padding_side="left",
+        **({"extra_special_tokens": named} if named else {}),
     )
     return fast
 
@@ -523,6 +526,45 @@ def tiny_qwen3_vl_processor(model: PreTrainedModel, words: list[str] | None = No
                                             **grid)
     return Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
                             chat_template=CHATML_TEMPLATE)
+
+
+def tiny_gemma3_processor(model: PreTrainedModel, words: list[str] | None = None):
+    """A `Gemma3Processor` matching a `tiny_gemma3` model: word tokenizer with its image, start- and end-of-image
+    tokens, transformers' image processor (32-pixel images, no pan-and-scan), a ChatML template writing
+    <start_of_image> for an image (which the processor expands to the image's tokens)."""
+    from transformers import Gemma3Processor
+
+    cfg = model.config
+    tokens = {"<image_soft_token>": cfg.image_token_id, "<start_of_image>": cfg.boi_token_id,
+              "<end_of_image>": cfg.eoi_token_id}
+    tokenizer = word_tokenizer(words or CHATML_WORDS, cfg.get_text_config().vocab_size, tokens,
+                               specials=CHATML_SPECIALS, eos="<|im_end|>",
+                               named={"image_token": "<image_soft_token>", "boi_token": "<start_of_image>",
+                                      "eoi_token": "<end_of_image>"})
+    size = cfg.vision_config.image_size
+    image_processor = _image_processor_class("Gemma3ImageProcessor")(size={"height": size, "width": size},
+                                                                    do_pan_and_scan=False)
+    return Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_length=cfg.mm_tokens_per_image,
+                           chat_template=chatml_template("<start_of_image>", ""))
+
+
+def tiny_mistral3_processor(model: PreTrainedModel, words: list[str] | None = None, image_size: int = 32):
+    """A `PixtralProcessor` matching a `tiny_mistral3` model: word tokenizer with [IMG], [IMG_BREAK] and [IMG_END],
+    transformers' Pixtral image processor (longest edge ``image_size``, sides in multiples of a merged patch), a ChatML
+    template writing [IMG] for an image (which the processor expands row by row)."""
+    from transformers import PixtralProcessor
+
+    cfg = model.config
+    vocab = cfg.get_text_config().vocab_size
+    tokens = {"[IMG]": cfg.image_token_id, "[IMG_BREAK]": vocab - 2, "[IMG_END]": vocab - 3}
+    tokenizer = word_tokenizer(words or CHATML_WORDS, vocab, tokens, specials=CHATML_SPECIALS, eos="<|im_end|>")
+    patch, merge = cfg.vision_config.patch_size, cfg.spatial_merge_size
+    step = patch * merge
+    image_processor = _image_processor_class("PixtralImageProcessor")(
+        size={"longest_edge": image_size}, patch_size={"height": step, "width": step})
+    return PixtralProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
+                            spatial_merge_size=merge, image_token="[IMG]", image_break_token="[IMG_BREAK]",
+                            image_end_token="[IMG_END]", chat_template=chatml_template("[IMG]", ""))
 
 
 def tiny_llava_onevision_processor(model: PreTrainedModel, words: list[str] | None = None):

@@ -1,0 +1,85 @@
+"""Families added through the family table, through the pipeline with transformers' own processors: labels cover only
+the replies, a saved dense folder trains through `pmod train`'s entry point and learns, and its evaluation batched
+equals one by one. Gemma 3's processor needs no torchvision; Mistral 3's (PixtralProcessor) does, so its cases run
+where torchvision is installed (CI's torchvision venv, GPU machines)."""
+
+import json
+
+import pytest
+import torch
+from llava_data import colour_records, write_records
+from PIL import Image
+
+from pmod.data.records import IGNORE_INDEX, Encoder, LlavaCollator
+from pmod.processors import has_torchvision
+from pmod.testing.tiny import tiny_gemma3, tiny_gemma3_processor, tiny_mistral3, tiny_mistral3_processor
+
+WORDS = "user assistant what is in the image ? a red blue green circle colour yes no".split()
+FAMILIES = {
+    "gemma3": (tiny_gemma3, tiny_gemma3_processor, "pmod_gemma3"),
+    "mistral3": (tiny_mistral3, tiny_mistral3_processor, "pmod_mistral3"),
+}
+NEED_TORCHVISION = {"mistral3"}
+CASES = [pytest.param(name, marks=pytest.mark.skipif(name in NEED_TORCHVISION and not has_torchvision(),
+                                                       reason="its processor needs torchvision")) for name in FAMILIES]
+
+
+@pytest.mark.parametrize("family", CASES)
+def test_labels_cover_only_the_replies_and_batches_equal_items(family, tmp_path):
+    build, processor_of, _ = FAMILIES[family]
+    model = build()
+    processor = processor_of(model, WORDS)
+    Image.new("RGB", (32, 32), (200, 20, 20)).save(tmp_path / "a.png")
+    Image.new("RGB", (32, 24), (20, 200, 20)).save(tmp_path / "b.png")
+    records = [
+        {"id": "1", "image": "a.png", "conversations": [
+            {"from": "human", "value": "<image>\nwhat is in the image ?"}, {"from": "gpt", "value": "a red circle"},
+            {"from": "human", "value": "is it blue ?"}, {"from": "gpt", "value": "no"}]},
+        {"id": "2", "image": "b.png", "conversations": [
+            {"from": "human", "value": "<image>\nwhat colour ?"}, {"from": "gpt", "value": "green"}]},
+        {"id": "3", "conversations": [{"from": "human", "value": "what is a circle ?"}, {"from": "gpt", "value": "a colour"}]},
+    ]
+    encoder = Encoder(processor, tmp_path)
+    items = [encoder.encode(r) for r in records]
+    trained = processor.tokenizer.convert_ids_to_tokens(items[0]["labels"][items[0]["labels"] != IGNORE_INDEX].tolist())
+    assert trained == ["a", "red", "circle", "<|im_end|>", "no", "<|im_end|>"]
+    n_image = int((items[0]["input_ids"] == model.config.image_token_id).sum())
+    assert n_image == (4 if family == "gemma3" else 16)  # 4 pooled tokens; Pixtral: 4 x 4 merged patches
+    collator = LlavaCollator(pad_token_id=0)
+    with torch.no_grad():
+        batch_loss = model(**collator(items)).loss
+        per_item = [model(**collator([item])).loss for item in items]
+    counts = [int((item["labels"][1:] != IGNORE_INDEX).sum()) for item in items]
+    weighted = sum(loss * n for loss, n in zip(per_item, counts)) / sum(counts)
+    torch.testing.assert_close(batch_loss, weighted, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", CASES)
+def test_training_a_saved_dense_folder_learns_and_evaluates(family, tmp_path):
+    from pmod.loading import load_pretrained, load_processor
+    from pmod.pipelines.evaluate import evaluate
+    from pmod.pipelines.train import TrainConfig, train
+
+    build, processor_of, model_type = FAMILIES[family]
+    dense = build()
+    dense.save_pretrained(tmp_path / "dense")
+    processor_of(dense, WORDS).save_pretrained(tmp_path / "dense")
+    path = write_records(tmp_path, colour_records(tmp_path, n=48, size=32))
+    result = train(TrainConfig(
+        output_dir=str(tmp_path / "out"), model_name_or_path=str(tmp_path / "dense"), pmod={}, data_path=str(path),
+        image_folder=str(tmp_path), freeze_vision_tower=False,
+        trainer={"learning_rate": 5e-3, "per_device_train_batch_size": 8, "max_steps": 24, "logging_steps": 1,
+                 "save_steps": 100, "warmup_steps": 0, "report_to": []},
+    ))
+    first, last = sum(result.losses[:3]) / 3, sum(result.losses[-3:]) / 3
+    assert last < 0.6 * first, result.losses
+    assert {"language_model", "vision_tower", "projector", "router"} <= set(result.trainable_parameters)
+    model = load_pretrained(tmp_path / "out")
+    assert model.config.model_type == model_type
+    processor = load_processor(tmp_path / "out")
+    records = json.loads(path.read_text())[:7] + [
+        {"id": "t", "conversations": [{"from": "human", "value": "what is a circle ?"}, {"from": "gpt", "value": "a"}]}]
+    batched = evaluate(model, processor, records, tmp_path, batch_size=5, max_new_tokens=3, progress=False)
+    alone = evaluate(model, processor, records, tmp_path, batch_size=1, max_new_tokens=3, progress=False)
+    assert [q.prediction for q in batched.records] == [q.prediction for q in alone.records]
+    assert batched.flops_ratio < 1.0 and batched.records[-1].flops_ratio == pytest.approx(1.0, abs=0.02)
