@@ -514,13 +514,20 @@ def _is_projector(name: str) -> bool:
 
 def tokens_per_image(model: torch.nn.Module) -> int:
     """Image tokens of one image for length estimates (LLaVA-NeXT: the base grid, a lower bound; Qwen2-VL: a
-    448 x 448 image)."""
-    vision = getattr(model.config, "vision_config", None)
+    448 x 448 image; InternVL: one tile; Mistral 3: its largest image)."""
+    config = model.config
+    vision = getattr(config, "vision_config", None)
     if vision is None:
         return 0
+    for name in ("image_seq_length", "mm_tokens_per_image"):  # stated by the config (LLaVA, InternVL, Gemma 3)
+        stated = getattr(config, name, None)
+        if isinstance(stated, int) and stated > 0:
+            return stated
     if not hasattr(vision, "image_size"):  # dynamic resolution (Qwen2-VL): a typical 448 x 448 image
         return (448 // (vision.patch_size * getattr(vision, "spatial_merge_size", 1))) ** 2
-    return (vision.image_size // vision.patch_size) ** 2
+    size, patch = vision.image_size, vision.patch_size
+    size, patch = (v[0] if isinstance(v, (list, tuple)) else v for v in (size, patch))  # (height, width) forms
+    return (size // patch) ** 2 // getattr(config, "spatial_merge_size", 1) ** 2  # Mistral 3 merges 2 x 2 patches
 
 
 # ------------------------------------------------------------------------------------------------ the trainer

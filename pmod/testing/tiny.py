@@ -567,6 +567,35 @@ def tiny_mistral3_processor(model: PreTrainedModel, words: list[str] | None = No
                             image_end_token="[IMG_END]", chat_template=chatml_template("[IMG]", ""))
 
 
+def tiny_internvl_processor(model: PreTrainedModel, words: list[str] | None = None, tiles: bool = True):
+    """An `InternVLProcessor` matching a `tiny_internvl` model: word tokenizer with <img>, </img>, <IMG_CONTEXT> and
+    <video>, transformers' image processor (32-pixel tiles; ``tiles``: an image is cut into up to 4 tiles plus a
+    thumbnail, as InternVL does) and video processor (torchvision code: transformers builds it only where torchvision
+    is installed), a ChatML template writing <IMG_CONTEXT> for an image and <video> for a video."""
+    from transformers import InternVLProcessor
+
+    from ..processors import has_torchvision
+
+    if not has_torchvision():
+        raise PModConfigError("InternVL's video processor is torchvision code: pip install torchvision")
+    from transformers import InternVLVideoProcessor
+
+    cfg = model.config
+    vocab = cfg.get_text_config().vocab_size
+    tokens = {"<IMG_CONTEXT>": cfg.image_token_id, "<video>": vocab - 2, "<img>": vocab - 3, "</img>": vocab - 4}
+    tokenizer = word_tokenizer(words or CHATML_WORDS, vocab, tokens, specials=CHATML_SPECIALS, eos="<|im_end|>",
+                               named={"start_image_token": "<img>", "end_image_token": "</img>",
+                                      "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})
+    side = cfg.vision_config.image_size
+    side = side[0] if isinstance(side, (list, tuple)) else side  # InternViT's config gives (height, width)
+    image_processor = _image_processor_class("GotOcr2ImageProcessor")(
+        size={"height": side, "width": side}, crop_to_patches=tiles, min_patches=1, max_patches=4)
+    video_processor = InternVLVideoProcessor(size={"height": side, "width": side})
+    return InternVLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                             video_processor=video_processor, image_seq_length=cfg.image_seq_length,
+                             chat_template=chatml_template("<IMG_CONTEXT>", "<video>"))
+
+
 def tiny_llava_onevision_processor(model: PreTrainedModel, words: list[str] | None = None):
     """A LLaVA-OneVision processor matching a `tiny_llava_onevision` model: word tokenizer (``<image>`` and
     ``<video>`` at the model's ids), transformers' anyres image processor with the model's grid pinpoints, its

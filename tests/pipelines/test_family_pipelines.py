@@ -12,14 +12,22 @@ from PIL import Image
 
 from pmod.data.records import IGNORE_INDEX, Encoder, LlavaCollator
 from pmod.processors import has_torchvision
-from pmod.testing.tiny import tiny_gemma3, tiny_gemma3_processor, tiny_mistral3, tiny_mistral3_processor
+from pmod.testing.tiny import (
+    tiny_gemma3,
+    tiny_gemma3_processor,
+    tiny_internvl,
+    tiny_internvl_processor,
+    tiny_mistral3,
+    tiny_mistral3_processor,
+)
 
 WORDS = "user assistant what is in the image ? a red blue green circle colour yes no".split()
 FAMILIES = {
     "gemma3": (tiny_gemma3, tiny_gemma3_processor, "pmod_gemma3"),
     "mistral3": (tiny_mistral3, tiny_mistral3_processor, "pmod_mistral3"),
+    "internvl": (tiny_internvl, tiny_internvl_processor, "pmod_internvl"),
 }
-NEED_TORCHVISION = {"mistral3"}
+NEED_TORCHVISION = {"mistral3", "internvl"}
 CASES = [pytest.param(name, marks=pytest.mark.skipif(name in NEED_TORCHVISION and not has_torchvision(),
                                                        reason="its processor needs torchvision")) for name in FAMILIES]
 
@@ -44,7 +52,8 @@ def test_labels_cover_only_the_replies_and_batches_equal_items(family, tmp_path)
     trained = processor.tokenizer.convert_ids_to_tokens(items[0]["labels"][items[0]["labels"] != IGNORE_INDEX].tolist())
     assert trained == ["a", "red", "circle", "<|im_end|>", "no", "<|im_end|>"]
     n_image = int((items[0]["input_ids"] == model.config.image_token_id).sum())
-    assert n_image == (4 if family == "gemma3" else 16)  # 4 pooled tokens; Pixtral: 4 x 4 merged patches
+    # Gemma 3: 4 pooled tokens; Pixtral: 4 x 4 merged patches; InternVL: 4 a tile, one tile (a square image)
+    assert n_image == {"gemma3": 4, "mistral3": 16, "internvl": 4}[family]
     collator = LlavaCollator(pad_token_id=0)
     with torch.no_grad():
         batch_loss = model(**collator(items)).loss
