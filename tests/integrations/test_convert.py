@@ -80,3 +80,22 @@ def test_convert_dense_rejects_broken_checkpoints(dense_dir, tmp_path):
     (src / "config.json").write_text(json.dumps(config))
     with pytest.raises(pmod.PModError):
         convert_dense(src, tmp_path / "out")
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_vl_moe", "internvl", "mistral3", "llava_next_video", "gemma3",
+                                    "smolvlm", "idefics3"])
+def test_convert_dense_takes_every_family_of_the_table(family, tmp_path):
+    """`pmod convert dense` on a tiny dense folder of each newer family: a p-MoD checkpoint of its own model type, every
+    tensor kept, routers at zero (keep ratio 1 everywhere: the dense model's logits, tests/test_families.py)."""
+    from pmod.testing import tiny
+
+    build = {"qwen3_vl": tiny.tiny_qwen3_vl, "qwen3_vl_moe": lambda: tiny.tiny_qwen3_vl(moe=True),
+             "internvl": tiny.tiny_internvl, "mistral3": tiny.tiny_mistral3, "llava_next_video": tiny.tiny_llava_next_video,
+             "gemma3": tiny.tiny_gemma3, "smolvlm": tiny.tiny_smolvlm,
+             "idefics3": lambda: tiny.tiny_smolvlm(version="idefics3")}[family]
+    build().save_pretrained(tmp_path / "dense")
+    assert main(["convert", "dense", str(tmp_path / "dense"), str(tmp_path / "out")]) == 0
+    model, info = pmod.load_model(tmp_path / "out", output_loading_info=True)
+    assert model.config.model_type == f"pmod_{family}" and not info["missing_keys"] and not info["unexpected_keys"]
+    assert model.routed_layers() and all(torch.count_nonzero(layer.router.weight) == 0
+                                         for layer in model.routed_layers().values())

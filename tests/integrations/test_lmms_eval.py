@@ -490,3 +490,33 @@ def test_video_and_chat_tasks_on_the_command_line(video_model_dir, tmp_path):
         assert [s["exact_match"] for s in samples[name]] == scores
         assert results["n-samples"][name]["effective"] == 4
         assert 0 < results["throughput"][f"avg_pmod_flops_ratio/{name}"] < 1
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen3_vl", "internvl"])
+def test_newer_families_through_the_plugin_equal_evaluate(family, tmp_path):
+    """Gemma 3 (no torchvision needed), Qwen3-VL and InternVL (their video processors need torchvision) with their own
+    processors: the plugin's answers and savings are pmod eval's."""
+    from pmod.processors import has_torchvision
+    from pmod.testing import tiny
+
+    if family != "gemma3" and not has_torchvision():
+        pytest.skip("its processor needs torchvision")
+    build, processor_of = {
+        "gemma3": (tiny.tiny_gemma3, tiny.tiny_gemma3_processor),
+        "qwen3_vl": (lambda: tiny.tiny_qwen3_vl(patch_size=7), lambda m, w: tiny.tiny_qwen3_vl_processor(m, w)),
+        "internvl": (tiny.tiny_internvl, lambda m, w: tiny.tiny_internvl_processor(m, w, tiles=False)),
+    }[family]
+    model = pmod.apply_pmod(build(), pmod.PModConfig(schedule=SCHEDULE))
+    randomize_routers(model)
+    words = "user assistant what is in the image ? a red blue green circle square yes no".split()
+    words += [f"w{i}" for i in range(128 - 8 - 5 - len(words))]  # every id decodes to a word
+    model.save_pretrained(tmp_path)
+    processor_of(model, words).save_pretrained(tmp_path)
+    lm = PMod(pretrained=str(tmp_path), device="cpu", batch_size=3)
+    lm.task_dict = {"tiny": {"test": _docs()}}
+    suppress = [0, 1, 2, 3, 4]  # <pad> <unk> <s> <|im_end|> <|im_start|>
+    answers = lm.generate_until(_generate_requests({"max_new_tokens": 3, "suppress_tokens": suppress}))
+    expected = evaluate(pmod.load_model(tmp_path).eval(), lm.processor, _records(_docs()), TASK_DIR, batch_size=2,
+                        max_new_tokens=3, suppress_tokens=suppress, progress=False)
+    assert answers == [r.prediction for r in expected.records] and any(answers)
+    assert lm.efficiency["flops_ratio"] == pytest.approx(expected.flops_ratio) and expected.flops_ratio < 1.0
