@@ -216,14 +216,15 @@ def load_processor(model_dir: str | os.PathLike, need_images: bool = True):
     try:
         # video-model processors need torchvision in transformers; without it, pmod's frame video processors stand in
         processor = load_video_model_processor(model_dir) or AutoProcessor.from_pretrained(model_dir)
-    except ImportError as exc:  # transformers' video processors of newer families are torchvision code
-        if "torchvision" not in str(exc).lower():
-            raise
-        raise PModInputError(
-            f"The processor saved in {model_dir} needs torchvision ({one_line(exc).split(' requires')[0]} is "
-            "torchvision code): pip install torchvision. pmod stands in its own video processors only for Qwen2-VL, "
-            "Qwen2.5-VL and LLaVA-OneVision."
-        ) from exc
+    except ImportError as exc:  # a processor of a newer family needs a package pmod does not install
+        if "torchvision" in str(exc).lower():  # transformers' video processors are torchvision code
+            raise PModInputError(
+                f"The processor saved in {model_dir} needs torchvision ({one_line(exc).split(' requires')[0]} is "
+                "torchvision code): pip install torchvision. pmod stands in its own video processors only for "
+                "Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision."
+            ) from exc
+        raise PModInputError(f"The processor saved in {model_dir} needs a package that is not installed: "
+                             f"{one_line(exc)}") from exc
     except (OSError, ValueError, TypeError) as exc:
         raise PModInputError(
             f"{model_dir} has no usable processor (tokenizer + image processor): {exc}. "

@@ -619,6 +619,36 @@ def tiny_llava_onevision_processor(model: PreTrainedModel, words: list[str] | No
     )
 
 
+def tiny_llava_next_video_processor(model: PreTrainedModel, words: list[str] | None = None):
+    """A `LlavaNextVideoProcessor` matching a `tiny_llava_next_video` model: word tokenizer (``<image>`` and
+    ``<video>`` at the model's ids), transformers' anyres image processor with the model's grid pinpoints and its video
+    processor (torchvision code: transformers builds it only where torchvision is installed), a ChatML template."""
+    from transformers import LlavaNextVideoProcessor
+
+    from ..processors import has_torchvision
+
+    if not has_torchvision():
+        raise PModConfigError("LLaVA-NeXT-Video's video processor is torchvision code: pip install torchvision")
+    from transformers import LlavaNextVideoVideoProcessor
+
+    cfg = model.config
+    vision = cfg.vision_config
+    placeholders = {"<image>": cfg.image_token_id, "<video>": cfg.video_token_id}
+    tokenizer = word_tokenizer(words or CHATML_WORDS, cfg.get_text_config().vocab_size, placeholders,
+                               specials=CHATML_SPECIALS, eos="<|im_end|>")
+    size = vision.image_size
+    image_processor = _image_processor_class("LlavaNextImageProcessor")(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+        image_grid_pinpoints=cfg.image_grid_pinpoints)
+    video_processor = LlavaNextVideoVideoProcessor(size={"shortest_edge": size},
+                                                   crop_size={"height": size, "width": size})
+    return LlavaNextVideoProcessor(video_processor=video_processor, image_processor=image_processor,
+                                   tokenizer=tokenizer, chat_template=chatml_template("<image>", "<video>"),
+                                   patch_size=vision.patch_size,
+                                   vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+                                   num_additional_image_tokens=1)
+
+
 TinyArch = Literal["llava", "llava-onevision", "qwen2-vl", "qwen2.5-vl"]
 
 

