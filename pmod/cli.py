@@ -8,7 +8,7 @@
     pmod flops (--preset NAME | --model DIR) --vision-tokens N --text-tokens N [--json]
                                                                   analytic prefill FLOPs and KV cache
     pmod train CONFIG.yaml [key=value ...]                        train with a recipe (configs/*.yaml)
-    pmod eval MODEL_DIR --data FILE [--image-folder DIR] [--out DIR] [--batch-size N] [--resume]
+    pmod eval MODEL_DIR --data FILE [--image-folder DIR] [--out DIR] [--batch-size N] [--resume | --force]
                                                                   answer and score LLaVA-format questions
     pmod viz MODEL_DIR --image PATH --prompt TEXT [--out PNG]    which vision tokens each routed layer kept
     pmod demo [--out DIR] [--quick] [--arch A] [ablation flags]  miniature p-MoD experiment (dense vs p-MoD)
@@ -317,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=positive_int, default=32)
     p.add_argument("--limit", type=positive_int, default=None, help="evaluate the first N records only")
     p.add_argument("--resume", action="store_true", help="keep the answers already in OUT/predictions.jsonl")
+    p.add_argument("--force", action="store_true", help="replace the predictions and metrics already in OUT")
     p.add_argument("--dtype", choices=DTYPES, default=None)
     p.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: where the model loads)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")

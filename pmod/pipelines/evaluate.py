@@ -532,7 +532,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not records:
         raise PModInputError(f"{args.data} holds no records")
     out = Path(args.out)
+    if getattr(args, "resume", False) and getattr(args, "force", False):
+        raise PModInputError("--resume keeps the predictions in the output folder and --force replaces them; pass one.")
     with output_lock(out, "pmod eval", PModInputError):
+        earlier = [name for name in ("predictions.jsonl", "metrics.json") if (out / name).exists()]
+        if earlier and not (args.resume or getattr(args, "force", False)):
+            raise PModInputError(
+                f"{out} holds an earlier evaluation ({', '.join(earlier)}): pass --resume to keep its answers, --force "
+                "to replace them, or --out another folder."
+            )
         return _eval_into(args, out, records)
 
 

@@ -80,7 +80,8 @@ class TrainConfig:
         synthetic_data: a `pmod.data.synthetic.SyntheticConfig`; the dataset is generated into ``{output_dir}/data`` when
             ``data_path`` is not given (CPU recipes and the demo).
         stage: ``pretrain`` (projector only) or ``finetune`` (language model + projector + routers).
-        freeze_vision_tower: keep the vision encoder frozen in ``finetune``.
+        freeze_vision_tower: keep the vision encoder frozen in ``finetune``; null (the default): frozen for a saved
+            model or with ``lora``, trained for a ``tiny_model`` (whose vision tower starts random).
         router_learning_rate: learning rate of the routers (default: ``trainer.learning_rate``).
         projector_learning_rate: learning rate of the multimodal projector (default: ``trainer.learning_rate``).
         lora: `pmod.pipelines.lora.LoraSettings` (``{}``: the defaults) to fine-tune with LoRA adapters on the language model,
@@ -122,7 +123,7 @@ class TrainConfig:
     chat_template: str | None = None
     synthetic_data: SyntheticConfig | None = None
     stage: Stage = "finetune"
-    freeze_vision_tower: bool = True
+    freeze_vision_tower: bool | None = None
     router_learning_rate: float | None = None
     projector_learning_rate: float | None = None
     lora: LoraSettings | None = None
@@ -144,6 +145,13 @@ class TrainConfig:
                 raise PModConfigError(f"{name} must not be negative, got {getattr(self, name)}")
         if (self.model_name_or_path is None) == (self.tiny_model is None):
             raise PModConfigError("give exactly one of model_name_or_path (a saved model) and tiny_model (build one)")
+        if self.freeze_vision_tower is None:
+            # a saved model's vision tower is trained already: frozen, as LLaVA's recipes do; a tiny model's starts
+            # random and would never learn to see (LoRA adapts the language model only: frozen there too)
+            self.freeze_vision_tower = self.tiny_model is None or self.lora is not None
+            logger.info("freeze_vision_tower: %s (%s)", self.freeze_vision_tower,
+                        "a tiny model's vision tower starts random" if not self.freeze_vision_tower
+                        else "the default for a saved model" if self.lora is None else "LoRA")
         if self.data_path is None and self.synthetic_data is None:
             raise PModConfigError("give data_path (LLaVA-format JSON) or synthetic_data (generate a dataset)")
         if self.lora is not None and self.stage != "finetune":

@@ -9,6 +9,7 @@ from PIL import Image
 import pmod
 import pmod.pipelines.evaluate as ev
 from pmod.cli import build_parser
+from pmod.errors import PModInputError
 from pmod.pipelines.evaluate import evaluate, exact_match, load_records, normalize_answer, vqa_score
 from pmod.testing.tiny import randomize_routers, tiny_llava, tiny_llava_processor
 
@@ -258,6 +259,18 @@ def test_eval_command(tiny, tmp_path, capsys):
     assert [r["prediction"] for r in rows] == [r.prediction for r in expected.records]
     with pytest.raises(SystemExit):
         parser.parse_args(["eval", str(tmp_path / "model"), "--data", str(data), "--batch-size", "0"])
+    # a second run into the same folder neither overwrites nor mixes silently
+    again = ["eval", str(tmp_path / "model"), "--data", str(data), "--out", str(out), "--limit", "2",
+             "--max-new-tokens", "3", "--no-progress"]
+    with pytest.raises(PModInputError, match="holds an earlier evaluation .*--resume .*--force"):
+        args = parser.parse_args(again)
+        args.func(args)
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 5  # untouched
+    with pytest.raises(PModInputError, match="pass one"):
+        args = parser.parse_args([*again, "--resume", "--force"])
+        args.func(args)
+    args = parser.parse_args([*again, "--force"])
+    assert args.func(args) == 0 and len((out / "predictions.jsonl").read_text().splitlines()) == 2
 
 
 def test_resume_answers_rows_without_a_prediction_again_and_refuses_foreign_files(tiny, tmp_path, monkeypatch):

@@ -106,7 +106,7 @@ def test_booleans_in_strings_are_read_as_booleans_everywhere(recipe, tmp_path):
                            ("'yes'", True), ("On", True), ("1", True)]:
         assert load_config(recipe, [f"freeze_vision_tower={word}"]).freeze_vision_tower is expected, word
     for bad in ("maybe", "2", "0.5", "[]"):
-        with pytest.raises(PModConfigError, match=r"freeze_vision_tower must be true or false, got"):
+        with pytest.raises(PModConfigError, match=r"freeze_vision_tower must be true or false or null, got"):
             load_config(recipe, [f"freeze_vision_tower={bad}"])
     with pytest.raises(PModConfigError, match="pad_images must be true or false"):
         TrainConfig(**{**config.to_dict(), "pad_images": "sometimes"})
@@ -310,3 +310,15 @@ def test_duplicate_keys_and_aliases_in_a_recipe_are_refused(tmp_path, text, mess
         load_config(recipe)
     with pytest.raises(PModConfigError, match="not valid YAML"):
         load_config(None, ["pmod={a: 1, a: 2}"])
+
+
+def test_freeze_vision_tower_defaults_follow_the_model(tmp_path):
+    """A tiny model's random vision tower is trained unless the recipe says otherwise; a saved model's stays frozen,
+    as with LoRA; an explicit setting wins."""
+    from pmod.pipelines.train import TrainConfig
+
+    base = {"pmod": {}, "data_path": "x.json", "output_dir": str(tmp_path)}
+    assert TrainConfig(tiny_model=TINY, **base).freeze_vision_tower is False
+    assert TrainConfig(tiny_model=TINY, lora={}, **base).freeze_vision_tower is True
+    assert TrainConfig(model_name_or_path="some/model", **base).freeze_vision_tower is True
+    assert TrainConfig(tiny_model=TINY, freeze_vision_tower=True, **base).freeze_vision_tower is True
