@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 from common import (
-    RESULTS,
+    OUT_HELP,
+    SCRATCH,
     add_model_args,
     clock,
     decode_runner,
@@ -52,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=24, help="timed decoding steps per model and mode (after a warm-up)")
     p.add_argument("--backend", default="inductor", help="torch.compile backend (eager: a quick check of the graphs)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
-    p.add_argument("--out", type=Path, default=RESULTS / "compiled_cpu.json")
+    p.add_argument("--out", type=Path, default=SCRATCH / "compiled_cpu.json", help=OUT_HELP)
     return p.parse_args(argv)
 
 

@@ -15,20 +15,20 @@ import sys
 from pathlib import Path
 
 import torch
-from common import RESULTS, add_model_args, clock, dense_and_pmod, machine, prompt, shape, write_result
+from common import OUT_HELP, SCRATCH, add_model_args, clock, dense_and_pmod, machine, prompt, shape, write_result
 
 from pmod.compat import cache_kwargs, output_cache
 from pmod.efficiency import kv_cache_report
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--out", type=Path, default=RESULTS / "decode_cpu.json")
-    return p.parse_args()
+    p.add_argument("--out", type=Path, default=SCRATCH / "decode_cpu.json", help=OUT_HELP)
+    return p.parse_args(argv)
 
 
 def decode(model, ids: torch.Tensor, target: torch.Tensor | None, steps: int, device: str):

@@ -19,7 +19,18 @@ import sys
 from pathlib import Path
 
 import torch
-from common import RESULTS, add_model_args, clock, dense_and_pmod, dense_model, machine, prompt, shape, write_result
+from common import (
+    OUT_HELP,
+    SCRATCH,
+    add_model_args,
+    clock,
+    dense_and_pmod,
+    dense_model,
+    machine,
+    prompt,
+    shape,
+    write_result,
+)
 
 import pmod
 from pmod.compat import output_cache
@@ -32,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vision-counts", type=int, nargs="+", default=[576, 1152, 2880])
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--train-reps", type=int, default=3)
-    p.add_argument("--out", type=Path, default=RESULTS / "efficiency_cpu.json")
+    p.add_argument("--out", type=Path, default=SCRATCH / "efficiency_cpu.json", help=OUT_HELP)
     p.add_argument("--memory-probe", choices=["dense", "pmod"], help=argparse.SUPPRESS)
     return p.parse_args(argv)
 

@@ -17,16 +17,16 @@ import sys
 from pathlib import Path
 
 import torch
-from common import RESULTS, add_model_args, clock, dense_and_pmod, machine, prompt, shape, write_result
+from common import OUT_HELP, SCRATCH, add_model_args, clock, dense_and_pmod, machine, prompt, shape, write_result
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--reps", type=int, default=7)
-    p.add_argument("--out", type=Path, default=RESULTS / "prefill_cpu.json")
-    return p.parse_args()
+    p.add_argument("--out", type=Path, default=SCRATCH / "prefill_cpu.json", help=OUT_HELP)
+    return p.parse_args(argv)
 
 
 def timed(model, inputs: dict, device: str) -> float:

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import RESULTS, machine, write_result
+from common import OUT_HELP, SCRATCH, machine, write_result
 
 STEP = """
 import statistics, sys, time, torch
@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--policies", nargs="+", choices=["ACTIVE", "PASSIVE"], default=["ACTIVE", "PASSIVE"])
     p.add_argument("--loads", nargs="+", choices=list(LOADS), default=list(LOADS))
-    p.add_argument("--out", type=Path, default=RESULTS / "threads_cpu.json")
+    p.add_argument("--out", type=Path, default=SCRATCH / "threads_cpu.json", help=OUT_HELP)
     return p.parse_args(argv)
 
 

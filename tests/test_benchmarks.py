@@ -77,3 +77,17 @@ def test_threads_benchmark(tmp_path):
     assert [(r["load"], r["threads"], r["wait_policy"]) for r in rows] == [
         ("idle", 2, "PASSIVE"), ("one busy process", 2, "PASSIVE")]
     assert all(r["step_ms"] > 0 for r in rows) and out.with_suffix(".md").read_text().count("\n| ") == 2  # rows
+
+
+@pytest.mark.parametrize("script", ["prefill", "decode", "efficiency", "compiled", "threads"])
+def test_a_run_by_hand_never_writes_the_committed_results(script, monkeypatch):
+    """Trying a benchmark writes under runs/benchmarks/ (ignored by git); only `make bench` passes --out into
+    benchmarks/results/."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    module = importlib.import_module(script)
+    out = module.parse_args([]).out
+    assert out.resolve().is_relative_to(ROOT / "runs" / "benchmarks"), out
+    makefile = (ROOT / "Makefile").read_text()
+    assert f"benchmarks/{script}.py" in makefile and f"--out benchmarks/results/{script}_cpu.json" in makefile
