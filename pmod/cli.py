@@ -318,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=positive_int, default=None, help="evaluate the first N records only")
     p.add_argument("--resume", action="store_true", help="keep the answers already in OUT/predictions.jsonl")
     p.add_argument("--force", action="store_true", help="replace the predictions and metrics already in OUT")
+    p.add_argument("--group-by", default=None, metavar="KEY",
+                   help="also score each value of this record key apart (e.g. a question type)")
     p.add_argument("--dtype", choices=DTYPES, default=None)
     p.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: where the model loads)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")

@@ -168,6 +168,7 @@ class QuestionResult:
     kv_cache_ratio: float | None = None
     record_sha: str | None = None  # what was asked (`_record_sha`): a resume reuses the row only for the same record
     run_sha: str | None = None  # what answered (`_run_sha`): the model and the settings that change answers
+    fields: dict[str, Any] | None = None  # the record's own other keys (a question type, a source), carried as given
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None or k in ("id", "correct")}
@@ -199,12 +200,20 @@ class EvalResult:
     seconds: float
     resumed: int = 0
     records: list[QuestionResult] = field(default_factory=list, repr=False)
+    group_by: str | None = None
+    groups: dict[str, dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The metrics, without the per-question records."""
-        return {k: v for k, v in asdict(self).items() if k != "records"}
+        return {k: v for k, v in asdict(self).items() if k != "records" and (v is not None or k not in ("group_by", "groups"))}
 
     def summary(self) -> str:
+        text = self._summary()
+        for value, group in (self.groups or {}).items():
+            text += f"\n  {self.group_by}={value}: accuracy {group['accuracy']:.2%} (n={group['n']})"
+        return text
+
+    def _summary(self) -> str:
         parts = [f"accuracy {self.accuracy:.2%} (n={self.n})"]
         if self.vqa_accuracy is not None:
             parts.append(f"VQA accuracy {self.vqa_accuracy:.2%} (n={self.n_vqa})")
@@ -396,6 +405,7 @@ def _score(item: _Item, prediction: str, costs: dict[str, Any], run_sha: str | N
         kv_cache_ratio=costs.get("kv_cache_ratio"),
         record_sha=item.sha,
         run_sha=run_sha if run_sha is not None else costs.get("run_sha"),
+        fields={k: v for k, v in item.record.items() if k not in RECORD_KEYS} or None,
     )
 
 
@@ -415,6 +425,7 @@ def evaluate(
     metrics_path: str | os.PathLike | None = None,
     resume: bool = False,
     progress: bool = True,
+    group_by: str | None = None,
     **generate_kwargs: Any,
 ) -> EvalResult:
     """Answer every record with ``model`` and score the answers.
@@ -433,12 +444,17 @@ def evaluate(
             an existing file is replaced. Rows record what was asked and what answered (``record_sha``,
             ``run_sha``): a resume with another model, other settings or other records under the same ids is refused.
         progress: show a progress bar on stderr.
+        group_by: a record key (e.g. a question type): accuracy is also given per value of it (``groups``; records
+            without the key count under "(none)"). Every record key pmod does not read is carried into the
+            predictions as ``fields``.
         generate_kwargs: more `model.generate` arguments (greedy by default).
     """
     if batch_size < 1 or max_new_tokens < 1:
         raise PModInputError(f"batch_size and max_new_tokens must be positive, got {batch_size} and {max_new_tokens}")
     folder = Path(image_folder) if image_folder is not None else None
     items = _prepare(records, folder)
+    if group_by is not None and items and not any(group_by in it.record for it in items):
+        _groups(items, [], group_by)  # refused before anything is generated
     preds_file = Path(predictions_path) if predictions_path is not None else None
     done: dict[str, dict[str, Any]] = {}
     run_sha = _run_sha(model, max_new_tokens, generate_kwargs) if preds_file is not None else None
@@ -509,6 +525,8 @@ def evaluate(
         seconds=seconds,
         resumed=len(items) - len(pending),
         records=ordered,
+        group_by=group_by,
+        groups=_groups(items, ordered, group_by) if group_by is not None else None,
     )
     logger.info("evaluation: %s", result.summary())
     predictions = {r.prediction.strip() for r in ordered}
@@ -519,6 +537,26 @@ def evaluate(
     if metrics_path is not None:
         write_json_atomic(metrics_path, result.to_dict())
     return result
+
+
+# the keys of a LLaVA record that pmod reads; any other key is the user's, carried into the predictions
+RECORD_KEYS = ("id", "image", "video", "conversations", "answers", "fps", "max_frames")
+
+
+def _groups(items: Sequence[_Item], results: Sequence[QuestionResult], key: str) -> dict[str, dict[str, Any]]:
+    """Accuracy (and VQA accuracy where scored) per value of the records' ``key``."""
+    if not any(key in it.record for it in items):
+        raise PModInputError(f"group_by={key!r}: no record has that key; the records' keys are "
+                             f"{sorted({k for it in items for k in it.record})}")
+    groups: dict[str, list[QuestionResult]] = {}
+    for it, res in zip(items, results):
+        groups.setdefault(str(it.record.get(key, "(none)")), []).append(res)
+    out = {}
+    for value, rows in sorted(groups.items()):
+        vqa = [r.vqa_score for r in rows if r.vqa_score is not None]
+        out[value] = {"n": len(rows), "accuracy": sum(r.correct for r in rows) / len(rows),
+                      **({"vqa_accuracy": sum(vqa) / len(vqa)} if vqa else {})}
+    return out
 
 
 # ====================================================================== `pmod eval`
@@ -559,6 +597,7 @@ def _eval_into(args: argparse.Namespace, out: Path, records: list[dict[str, Any]
         predictions_path=out / "predictions.jsonl",
         resume=args.resume,
         progress=not args.no_progress,
+        group_by=getattr(args, "group_by", None),
     )
     metrics = {
         "model": str(args.model_dir),

@@ -349,3 +349,24 @@ def test_all_empty_or_identical_predictions_are_warned_about(tmp_path, caplog):
         with caplog.at_level(logging.WARNING, logger="pmod.pipelines.evaluate"):
             evaluate(None, None, records, predictions_path=path, resume=True, progress=False)
         assert any(said in r.message and "answers nothing useful" in r.message for r in caplog.records)
+
+
+def test_record_keys_are_carried_and_groups_scored(tiny, tmp_path):
+    """A record's own keys (a question type, a source) reach predictions.jsonl as given; group_by scores each value of
+    one apart, records without it under "(none)"; a key no record has is refused."""
+    model, processor, records, folder = tiny
+    typed = [{**r, "type": "colour" if r["id"].startswith("r") else "text", "source": {"set": "mine"}}
+             for r in records[:5]]
+    typed.append(records[5])  # no type
+    preds = tmp_path / "p.jsonl"
+    result = _run(tiny, records=typed, batch_size=3, group_by="type", predictions_path=preds)
+    rows = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert rows[0]["fields"] == {"type": "colour", "source": {"set": "mine"}} and "fields" not in rows[5]
+    assert set(result.groups) == {"colour", "text", "(none)"}
+    assert [result.groups[k]["n"] for k in ("colour", "text", "(none)")] == [3, 2, 1]
+    colour = [r for r, rec in zip(result.records, typed) if rec.get("type") == "colour"]
+    assert result.groups["colour"]["accuracy"] == sum(r.correct for r in colour) / 3
+    assert "type=colour: accuracy" in result.summary() and result.to_dict()["group_by"] == "type"
+    assert "groups" not in _run(tiny, records=typed[:2]).to_dict()
+    with pytest.raises(PModInputError, match="group_by='kind': no record has that key"):
+        _run(tiny, records=typed, group_by="kind")
