@@ -21,6 +21,7 @@ import errno
 import importlib
 import json
 import logging
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -374,6 +375,11 @@ def main(argv: list[str] | None = None) -> int:
     anything else prints one line naming the exception and returns 1. ``--debug`` shows the traceback instead."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        # transformers' "Loading weights" / "Writing model shards" bars on every load and save (they follow
+        # huggingface_hub's switch, read when transformers is imported, which the commands do after this); pmod's own
+        # bars (training, evaluation) stay
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         return args.func(args)
     except KeyboardInterrupt:

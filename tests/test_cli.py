@@ -157,3 +157,21 @@ def test_info_reads_a_local_config_without_torch(tmp_path):
             "print('torch' in sys.modules, rc)")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
     assert out.stdout.splitlines()[-1] == "False 0" and "pmod_llava" in out.stdout
+
+
+def test_commands_do_not_print_transformers_loading_bars(tmp_path):
+    """transformers' "Loading weights" / "Writing model shards" bars on every load and save are off unless
+    --verbose."""
+    import subprocess
+    import sys
+
+    from pmod.testing.tiny import tiny_llava
+
+    tiny_llava(num_layers=2).save_pretrained(tmp_path / "dense")
+    run = [sys.executable, "-m", "pmod"]
+    quiet = subprocess.run([*run, "convert", "dense", str(tmp_path / "dense"), str(tmp_path / "a")],
+                           capture_output=True, text=True, check=True)
+    assert "Loading weights" not in quiet.stderr and "Writing model shards" not in quiet.stderr
+    verbose = subprocess.run([*run, "--verbose", "convert", "dense", str(tmp_path / "dense"), str(tmp_path / "b")],
+                             capture_output=True, text=True, check=True)
+    assert "Loading weights" in verbose.stderr
