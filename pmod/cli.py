@@ -327,10 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_lazy("pipelines.evaluate", "cmd_eval"))
 
     p = sub.add_parser("viz", help="draw which vision tokens each routed layer kept")
-    p.add_argument("model_dir")
-    p.add_argument("--image", required=True)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--out", default="routing.png")
+    p.add_argument("model_dir", help="a saved p-MoD model with its processor")
+    p.add_argument("--image", required=True, help="the image to route (a file)")
+    p.add_argument("--prompt", required=True, help="the question asked about it")
+    p.add_argument("--out", default="outputs/viz/routing.png", help="the PNG to write (default: %(default)s)")
     p.set_defaults(func=_lazy("pipelines.viz", "cmd_viz"))
 
     p = sub.add_parser("demo", help="a miniature p-MoD experiment on CPU: train dense and p-MoD, evaluate, report")

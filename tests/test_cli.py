@@ -167,11 +167,14 @@ def test_commands_do_not_print_transformers_loading_bars(tmp_path):
 
     from pmod.testing.tiny import tiny_llava
 
+    import os
+
     tiny_llava(num_layers=2).save_pretrained(tmp_path / "dense")
     run = [sys.executable, "-m", "pmod"]
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}  # as a user's shell has it
     quiet = subprocess.run([*run, "convert", "dense", str(tmp_path / "dense"), str(tmp_path / "a")],
-                           capture_output=True, text=True, check=True)
+                           capture_output=True, text=True, check=True, env=env)
     assert "Loading weights" not in quiet.stderr and "Writing model shards" not in quiet.stderr
     verbose = subprocess.run([*run, "--verbose", "convert", "dense", str(tmp_path / "dense"), str(tmp_path / "b")],
-                             capture_output=True, text=True, check=True)
+                             capture_output=True, text=True, check=True, env=env)
     assert "Loading weights" in verbose.stderr

@@ -223,7 +223,13 @@ def plot_routing(
         ax.set_yticks([])
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    from matplotlib.patches import Patch
+
+    # what the shading means, in every figure: a reader of one PNG has nothing else to go by
+    legend = [Patch(facecolor="white", edgecolor="grey", label="kept: the layer processed this vision token"),
+              Patch(facecolor=(0, 0, 0, 0.72), edgecolor="grey", label="skipped (darkened): the layer left it as it was")]
+    fig.legend(handles=legend, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, format="png")

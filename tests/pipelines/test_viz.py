@@ -213,7 +213,16 @@ def test_plot_writes_png(llava, shapes_image, tmp_path):
     with torch.no_grad():
         model(**inputs)
     maps = kept_token_maps(model, input_ids=inputs["input_ids"])
-    out = plot_routing(shapes_image, maps, tmp_path / "sub" / "routing.png", title="tiny")
+    from matplotlib.figure import Figure
+
+    legends = []
+    original = Figure.legend
+    Figure.legend = lambda fig, *a, **kw: legends.append([h.get_label() for h in kw["handles"]]) or original(fig, *a, **kw)
+    try:
+        out = plot_routing(shapes_image, maps, tmp_path / "sub" / "routing.png", title="tiny")
+    finally:
+        Figure.legend = original
+    assert legends and legends[0][0].startswith("kept") and legends[0][1].startswith("skipped (darkened)")
     with Image.open(out) as img:
         img.verify()
     with Image.open(out) as img:
