@@ -48,10 +48,11 @@ def _emit(text: str = "") -> None:
 
 
 def _schedule_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--schedule", default="shifted_cos", choices=schedules.NAMES)
-    p.add_argument("--average-ratio", type=ratio, default=0.5)
-    p.add_argument("--max-ratio", type=ratio, default=0.85)
-    p.add_argument("--min-ratio", type=ratio, default=0.15)
+    p.add_argument("--schedule", default="shifted_cos", choices=schedules.NAMES,
+                   help="how the keep ratio falls with depth (default: %(default)s, the paper's)")
+    p.add_argument("--average-ratio", type=ratio, default=0.5, help="mean keep ratio of the routed layers (default: %(default)s)")
+    p.add_argument("--max-ratio", type=ratio, default=0.85, help="keep ratio of the first routed layer (default: %(default)s)")
+    p.add_argument("--min-ratio", type=ratio, default=0.15, help="keep ratio of the last layers (default: %(default)s)")
 
 
 def _config_from(args: argparse.Namespace) -> PModConfig:
@@ -257,48 +258,48 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("schedule", help="print the per-layer keep ratios of a schedule")
     p.add_argument("--layers", type=layer_count, default=32, help="decoder layers (default: 32)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _schedule_args(p)
     p.set_defaults(func=cmd_schedule)
 
     p = sub.add_parser("info", help="print the p-MoD settings of a saved model")
-    p.add_argument("model_dir")
+    p.add_argument("model_dir", help="a saved model folder (only config.json is read)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("convert", help="convert checkpoints into p-MoD checkpoints")
     kinds = p.add_subparsers(dest="kind", required=True)
-    c = kinds.add_parser("dense", help="a dense transformers LLaVA / LLaVA-NeXT checkpoint -> p-MoD, routers at zero")
-    c.add_argument("src")
-    c.add_argument("out")
+    c = kinds.add_parser("dense", help="a dense transformers checkpoint of a supported family -> p-MoD, routers at zero")
+    c.add_argument("src", help="the dense checkpoint folder")
+    c.add_argument("out", help="the folder to write the p-MoD checkpoint to")
     c.add_argument("--force", action="store_true", help="replace OUT if it exists")
     _schedule_args(c)
     c.set_defaults(func=cmd_convert_dense)
     c = kinds.add_parser("original", help="a checkpoint of the original p-MoD code (LLaVA layout) -> pmod")
-    c.add_argument("src")
-    c.add_argument("out")
+    c.add_argument("src", help="the original checkpoint folder")
+    c.add_argument("out", help="the folder to write the pmod checkpoint to")
     c.add_argument("--vision-tower", help="local CLIP checkpoint directory, when the config names a hub id")
     c.add_argument("--force", action="store_true", help="replace OUT if it exists")
     c.set_defaults(func=cmd_convert_original)
 
     p = sub.add_parser("flops", help="analytic prefill FLOPs and KV cache, dense vs p-MoD")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--preset", choices=sorted(PRESET_NAMES))
+    source.add_argument("--preset", choices=sorted(PRESET_NAMES), help="a released model's shape")
     source.add_argument("--model", help="a checkpoint directory (only config.json is read)")
-    p.add_argument("--vision-tokens", type=nonnegative_int, required=True)
-    p.add_argument("--text-tokens", type=nonnegative_int, required=True)
+    p.add_argument("--vision-tokens", type=nonnegative_int, required=True, help="vision tokens of the prompt (e.g. 576)")
+    p.add_argument("--text-tokens", type=nonnegative_int, required=True, help="text tokens of the prompt")
     p.add_argument("--crops", type=positive_int, default=None, help="images through the vision tower per input image")
     p.add_argument("--causal", action="store_true", help="count causal attention (half matrix), as sdpa/flash compute it")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _schedule_args(p)
     p.set_defaults(func=cmd_flops)
 
     p = sub.add_parser("chat", help="answer questions about an image with a p-MoD model")
-    p.add_argument("model_dir")
-    p.add_argument("--image", required=True)
+    p.add_argument("model_dir", help="a saved model folder with its processor")
+    p.add_argument("--image", required=True, help="the image to ask about (a file)")
     p.add_argument("--prompt", help="one-shot question; without it, read questions from standard input")
-    p.add_argument("--max-new-tokens", type=positive_int, default=128)
+    p.add_argument("--max-new-tokens", type=positive_int, default=128, help="answer length limit (default: %(default)s)")
     p.add_argument("--temperature", type=temperature, default=0.0, help="0 = greedy, at most 100 (default: 0)")
-    p.add_argument("--dtype", choices=DTYPES, default=None)
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="load the weights in this type (default: as saved)")
     p.add_argument("--device", default=None, help="e.g. cuda, cuda:1, mps, cpu (default: where the model loads)")
     p.set_defaults(func=cmd_chat)
 
@@ -314,14 +315,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-folder", default=None, help="folder the records' image paths are relative to "
                    "(default: the data file's folder)")
     p.add_argument("--out", default="outputs/eval", help="output folder for predictions.jsonl and metrics.json")
-    p.add_argument("--batch-size", type=positive_int, default=8)
-    p.add_argument("--max-new-tokens", type=positive_int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=8, help="questions per generate call (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=32, help="answer length limit (default: %(default)s)")
     p.add_argument("--limit", type=positive_int, default=None, help="evaluate the first N records only")
     p.add_argument("--resume", action="store_true", help="keep the answers already in OUT/predictions.jsonl")
     p.add_argument("--force", action="store_true", help="replace the predictions and metrics already in OUT")
     p.add_argument("--group-by", default=None, metavar="KEY",
                    help="also score each value of this record key apart (e.g. a question type)")
-    p.add_argument("--dtype", choices=DTYPES, default=None)
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="load the weights in this type (default: as saved)")
     p.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: where the model loads)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=_lazy("pipelines.evaluate", "cmd_eval"))
@@ -334,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_lazy("pipelines.viz", "cmd_viz"))
 
     p = sub.add_parser("demo", help="a miniature p-MoD experiment on CPU: train dense and p-MoD, evaluate, report")
-    p.add_argument("--out", default="demo-output")
+    p.add_argument("--out", default="demo-output", help="folder for the runs, data and report (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="smoke-test size (one seed, about 2 minutes)")
     p.add_argument("--schedule", choices=["shifted_cos", "constant"], default="shifted_cos",
                    help="constant: the ratio-schedule ablation")

@@ -178,3 +178,20 @@ def test_commands_do_not_print_transformers_loading_bars(tmp_path):
     verbose = subprocess.run([*run, "--verbose", "convert", "dense", str(tmp_path / "dense"), str(tmp_path / "b")],
                              capture_output=True, text=True, check=True, env=env)
     assert "Loading weights" in verbose.stderr
+
+
+def test_every_flag_and_argument_says_what_it_is():
+    import argparse
+
+    from pmod.cli import build_parser
+
+    def walk(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from walk(sub, f"{path} {name}")
+            elif not isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+                yield path, action
+
+    missing = [f"{path} {'/'.join(a.option_strings) or a.dest}" for path, a in walk(build_parser(), "pmod") if not a.help]
+    assert not missing, missing
