@@ -422,7 +422,11 @@ def run_demo(demo: DemoConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     size = demo.sizes()
     seeds = demo.seeds()
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    if "OMP_NUM_THREADS" not in os.environ:
+        # one thread: for a model this small it is the fastest under the `pmod` command's passive OpenMP waiting and
+        # the steadiest beside another busy process (benchmarks/results/threads_cpu.md: 14-17 ms a step whatever
+        # runs beside it; 2 passive threads 22-27 ms); OMP_NUM_THREADS chooses otherwise
+        torch.set_num_threads(1)
 
     logger.info("writing the synthetic shapes dataset")
     data = write_dataset(out / "data", SyntheticConfig(
@@ -437,7 +441,7 @@ def run_demo(demo: DemoConfig) -> dict[str, Any]:
     metrics: dict[int, dict[str, dict[str, Any]]] = {}
     models: dict[str, Any] = {}  # the first seed's, for timing and the kept-token map
     for i, seed in enumerate(seeds):
-        logger.info("[seed %d: %d/%d] pretraining dense, then fine-tuning dense and %s from it", seed, i + 1,
+        logger.info("[seed %d: %d/%d] training the dense base model (stage 1), then fine-tuning dense and %s from it", seed, i + 1,
                     len(seeds), pmod_name)
         init = out / demo.folder("pretrain", seed)
         vision[seed] = _pretrain_vision(seed, data, demo, out) if demo.vision_stage() else {}
@@ -454,7 +458,7 @@ def run_demo(demo: DemoConfig) -> dict[str, Any]:
             metrics[seed][name] = _evaluate_variant(model, processor, data, out / demo.folder(name, seed), batch_size=32)
             if i == 0 and name != "pretrain":
                 models[name] = model
-        logger.info("[seed %d] accuracy: pretrained %.1f%%, dense %.1f%%, %s %.1f%%", seed,
+        logger.info("[seed %d] accuracy: dense base %.1f%%, dense %.1f%%, %s %.1f%%", seed,
                     *(100 * metrics[seed][n]["accuracy"] for n in ("pretrain", "dense")), pmod_name,
                     100 * metrics[seed][pmod_name]["accuracy"])
 
@@ -562,8 +566,9 @@ def _markdown(r: dict[str, Any], name: str, demo: DemoConfig) -> str:
         "",
         f"A {MODEL_NAMES[demo.arch]} with {s['layers']} layers (hidden size {s['hidden']}, {s['vision_tokens']} vision "
         f"tokens per image), trained on {s['n_train']} synthetic shapes images ({s['train_questions']} questions each) "
-        f"in the paper's stages, in miniature: {stage0}a dense model is pretrained ({s['pretrain_epochs']} "
-        f"epoch(s), {steps['pretrain']} steps, learning rate {s['lr']:g}); from it, a dense model and a p-MoD model are "
+        f"in the paper's stages, in miniature: {stage0}a dense base model is trained (stage 1: "
+        f"every weight but a frozen tower, as a recipe's `stage: finetune`, not the projector-only `stage: pretrain`; "
+        f"{s['pretrain_epochs']} epoch(s), {steps['pretrain']} steps, learning rate {s['lr']:g}); from it, a dense model and a p-MoD model are "
         f"fine-tuned with the same seed, data and steps ({s['finetune_epochs']} epoch(s), {steps['dense']} steps, "
         f"learning rate {s['finetune_lr']:g}). Tested on {s['n_test']} questions; {n} seed(s) "
         f"({', '.join(map(str, s['seed_list']))}: initial weights and batch order). p-MoD settings: {s['pmod']}. "
@@ -575,7 +580,7 @@ def _markdown(r: dict[str, Any], name: str, demo: DemoConfig) -> str:
         f"{acc[name]:.1%} ± {sd[name]:.1%} | {acc['gap_points']:+.1f} ± {sd['gap_points']:.1f} points |",
         *[f"| seed {seed} | {a['dense']:.1%} | {a[name]:.1%} | {a['gap_points']:+.1f} points |"
           for seed, a in r["accuracy_by_seed"].items()],
-        f"| the pretrained model both start from | {acc['pretrain']:.1%} ± {sd['pretrain']:.1%} | | |",
+        f"| the dense base model both start from (stage 1) | {acc['pretrain']:.1%} ± {sd['pretrain']:.1%} | | |",
         "",
         f"| cost (seed {s['seed_list'][0]}'s models) | dense | {name} | ratio |",
         "|---|---|---|---|",
@@ -596,7 +601,7 @@ def _markdown(r: dict[str, Any], name: str, demo: DemoConfig) -> str:
         "",
         "Accuracy by question type (mean over seeds):",
         "",
-        f"| type | majority answer | pretrained | dense | {name} |",
+        f"| type | majority answer | dense base | dense | {name} |",
         "|---|---|---|---|---|",
         *[f"| {t} | {by_type_majority.get(t, float('nan')):.1%} | {r['accuracy_by_type']['pretrain'][t]:.1%} | "
           f"{r['accuracy_by_type']['dense'][t]:.1%} | {r['accuracy_by_type'][name].get(t, float('nan')):.1%} |"

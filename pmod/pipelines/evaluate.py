@@ -391,6 +391,29 @@ def _read_done(path: Path) -> dict[str, dict[str, Any]]:
     return done
 
 
+def _unknown_words(processor: Any, items: Sequence[_Item]) -> None:
+    """Warn about question and answer words the tokenizer turns into its unknown token: a word-level vocabulary
+    (the tiny models' comes from their training file) loses them silently, and an answer made of one can never be
+    matched. Byte-level tokenizers have no unknown token and are not checked."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None or not items or not getattr(tokenizer, "is_fast", False):  # offsets need a fast tokenizer
+        return
+    unknown: dict[str, set[str]] = {"question": set(), "answer": set()}
+    for it in items:
+        for where, text in (("question", it.question), ("answer", "\n".join([it.answer, *(it.answers or [])]))):
+            enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            unknown[where].update(text[a:b] for t, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if t == unk)
+    for where, words in unknown.items():
+        if words:
+            shown = ", ".join(repr(w) for w in sorted(words)[:8]) + (" ..." if len(words) > 8 else "")
+            consequence = ("never be predicted: those questions cannot be answered right" if where == "answer"
+                           else "reach the model as one unknown token")
+            logger.warning("%d %s word(s) are not in the tokenizer's vocabulary and %s: %s (a tiny model's vocabulary "
+                           "is its training file's words: train on data that has them)", len(words), where,
+                           consequence, shown)
+
+
 def _score(item: _Item, prediction: str, costs: dict[str, Any], run_sha: str | None = None) -> QuestionResult:
     return QuestionResult(
         id=item.id,
@@ -462,6 +485,7 @@ def evaluate(
         done = _read_done(preds_file)
         _check_resumable(preds_file, done, items, run_sha)
     pending = [it for it in items if it.key not in done]
+    _unknown_words(processor, pending)
     _resolve_media(pending, processor, folder, batch_size)
     frames = {it.key: [f for v in it.videos if isinstance(v, list) for f in v] for it in pending}
     missing = [(it.id, p) for it in pending for p in it.images + frames[it.key] if not p.is_file()]

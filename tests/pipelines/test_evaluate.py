@@ -370,3 +370,31 @@ def test_record_keys_are_carried_and_groups_scored(tiny, tmp_path):
     assert "groups" not in _run(tiny, records=typed[:2]).to_dict()
     with pytest.raises(PModInputError, match="group_by='kind': no record has that key"):
         _run(tiny, records=typed, group_by="kind")
+
+
+def test_words_outside_a_word_level_vocabulary_are_warned_about(monkeypatch, caplog):
+    """A tiny model's vocabulary is its training file's words: a question word first seen at evaluation silently
+    became <unk>, and an answer word the tokenizer lacks can never be predicted. Both are named before generating."""
+    from pmod.data.conversation import VICUNA_V1_TEMPLATE
+    from pmod.testing.tiny import word_tokenizer
+
+    tok = word_tokenizer(["what", "colour", "?", "red", "blue"], vocab_size=32)
+    tok.chat_template = VICUNA_V1_TEMPLATE
+    records = [_record("a", "what colour ?", "red"), _record("b", "what hue ?", "teal", answers=["teal", "blue"])]
+
+    class Generated(Exception):
+        pass
+
+    def generate_batch(*args, **kwargs):  # the warning comes before anything is generated
+        raise Generated
+
+    monkeypatch.setattr(ev, "generate_batch", generate_batch)
+    with caplog.at_level(logging.WARNING, logger="pmod.pipelines.evaluate"), pytest.raises(Generated):
+        evaluate(None, tok, records, progress=False)
+    said = [r.message for r in caplog.records]
+    assert any("1 question word(s)" in m and "'hue'" in m and "unknown token" in m for m in said), said
+    assert any("1 answer word(s)" in m and "'teal'" in m and "never be predicted" in m for m in said), said
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pmod.pipelines.evaluate"):
+        ev._unknown_words(tok, ev._prepare(records[:1], None))
+    assert not caplog.records  # every word known: nothing said
