@@ -44,8 +44,8 @@ test: setup
 $(FLOOR_STAMP): pyproject.toml $(FLOOR)
 	test -x $(FLOOR_VENV)/bin/python || $(PYTHON) -m venv $(FLOOR_VENV)
 	$(FLOOR_VENV)/bin/python -m pip --disable-pip-version-check install -q "torch==$(TORCH_VERSION)"
-	$(FLOOR_VENV)/bin/python -m pip --disable-pip-version-check install -q -c $(FLOOR) -e ".[train,bench,lora,video]" \
-		"pytest>=8" "pytest-timeout>=2.3"
+	$(FLOOR_VENV)/bin/python -m pip --disable-pip-version-check install -q -c $(FLOOR) -e ".[train,bench,lora,video,serve]" \
+		"openai>=1.55.3" "pytest>=8" "pytest-timeout>=2.3"
 	touch $(FLOOR_STAMP)
 
 test-floor: $(FLOOR_STAMP)
@@ -54,8 +54,8 @@ test-floor: $(FLOOR_STAMP)
 $(TV_STAMP): pyproject.toml $(PINNED)
 	test -x $(TV_VENV)/bin/python || $(PYTHON) -m venv $(TV_VENV)
 	$(TV_VENV)/bin/python -m pip --disable-pip-version-check install -q "torch==$(TV_TORCH)" "torchvision==$(TV_TORCHVISION)"
-	$(TV_VENV)/bin/python -m pip --disable-pip-version-check install -q -c $(PINNED) -e ".[train,bench,lora,video]" \
-		"pytest>=8" "pytest-timeout>=2.3"
+	$(TV_VENV)/bin/python -m pip --disable-pip-version-check install -q -c $(PINNED) -e ".[train,bench,lora,video,serve]" \
+		"openai>=1.55.3" "pytest>=8" "pytest-timeout>=2.3"
 	touch $(TV_STAMP)
 
 test-torchvision: $(TV_STAMP)
@@ -100,6 +100,7 @@ bench: setup
 	$(PY) benchmarks/efficiency.py --out benchmarks/results/efficiency_cpu.json
 	$(PY) benchmarks/compiled.py --threads 2 --out benchmarks/results/compiled_cpu.json
 	$(PY) benchmarks/threads.py --out benchmarks/results/threads_cpu.json
+	$(PY) benchmarks/serve.py --out benchmarks/results/serve_cpu.json
 	$(PY) benchmarks/report.py
 
 clean:

@@ -63,6 +63,11 @@ def main() -> None:
         f"[{p.name}](results/{p.name}), plot [{p.with_suffix('.png').name}](results/{p.with_suffix('.png').name}):\n\n"
         + p.read_text() for p in efficiency
     ))
+    serve = sorted((HERE / "results").glob("serve*.md"))
+    text = text.replace("{{SERVE_TABLES}}", "\n".join(
+        f"[{p.name}](results/{p.name}) ([{p.with_suffix('.json').name}](results/{p.with_suffix('.json').name})):\n\n"
+        + p.read_text() for p in serve
+    ))
     (HERE / "README.md").write_text(text)
 
 

@@ -38,6 +38,20 @@ def nonnegative_float(value: str) -> float:
     return number
 
 
+def positive_float(value: str) -> float:
+    number = nonnegative_float(value)
+    if number == 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {value}")
+    return number
+
+
+def port(value: str) -> int:
+    number = _parse(int, value, "an integer")
+    if not 0 < number < 65536:
+        raise argparse.ArgumentTypeError(f"must be a TCP port, 1 to 65535, got {value}")
+    return number
+
+
 MAX_TEMPERATURE = 100.0  # beyond this sampling is uniform noise, and past ~1e300 the probabilities stop being numbers
 
 

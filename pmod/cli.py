@@ -10,6 +10,8 @@
     pmod train CONFIG.yaml [key=value ...]                        train with a recipe (configs/*.yaml)
     pmod eval MODEL_DIR --data FILE [--image-folder DIR] [--out DIR] [--batch-size N] [--resume | --force]
                                                                   answer and score LLaVA-format questions
+    pmod serve MODEL_DIR [--host H] [--port N] [--max-batch-size N] [--batch-wait-ms N] [--image-root DIR]
+                                                                  an OpenAI-compatible chat endpoint, batched
     pmod viz MODEL_DIR --image PATH --prompt TEXT [--out PNG]    which vision tokens each routed layer kept
     pmod demo [--out DIR] [--quick] [--arch A] [ablation flags]  miniature p-MoD experiment (dense vs p-MoD)
 """
@@ -28,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import __version__, schedules
-from .argtypes import layer_count, nonnegative_int, positive_int, ratio, temperature
+from .argtypes import layer_count, nonnegative_float, nonnegative_int, port, positive_float, positive_int, ratio, temperature
 from .config import PModConfig
 from .errors import PModError, one_line
 
@@ -218,6 +220,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve a model over HTTP until interrupted (OpenAI's chat completions API)."""
+    from .pipelines.serve import serve
+
+    logging.getLogger("pmod").setLevel(logging.INFO)
+    settings = {"max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms, "max_queue": args.max_queue,
+                "max_images": args.max_images, "default_max_tokens": args.max_tokens,
+                "request_timeout_s": args.request_timeout, "image_root": args.image_root,
+                "max_context": args.max_context}
+    if args.model_name:
+        settings["model_name"] = args.model_name
+    serve(args.model_dir, host=args.host, port=args.port, device=args.device, dtype=args.dtype, settings=settings)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The miniature p-MoD experiment: data, dense and p-MoD training, evaluation, costs, report."""
     from .pipelines.demo import DemoConfig, run_demo
@@ -327,6 +344,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=_lazy("pipelines.evaluate", "cmd_eval"))
 
+    p = sub.add_parser("serve", help="serve a model over HTTP: OpenAI's chat completions API, requests batched")
+    p.add_argument("model_dir", help="a saved p-MoD (or dense) model with its processor")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
+    p.add_argument("--port", type=port, default=8000, help="port to listen on (default: %(default)s)")
+    p.add_argument("--model-name", default=None, help="the model id clients ask for (default: the folder's name)")
+    p.add_argument("--max-batch-size", type=positive_int, default=8,
+                   help="requests answered in one generate call at most (default: %(default)s)")
+    p.add_argument("--batch-wait-ms", type=nonnegative_float, default=10.0,
+                   help="how long a request waits for others to batch with (default: %(default)s)")
+    p.add_argument("--max-queue", type=positive_int, default=256,
+                   help="requests waiting at most; more are refused with 503 (default: %(default)s)")
+    p.add_argument("--max-images", type=nonnegative_int, default=4, help="images per request at most (default: %(default)s)")
+    p.add_argument("--max-tokens", type=positive_int, default=256,
+                   help="answer length when a request gives no max_tokens (default: %(default)s)")
+    p.add_argument("--max-context", type=positive_int, default=None,
+                   help="prompt plus answer tokens per request at most (default: the model's max_position_embeddings)")
+    p.add_argument("--request-timeout", type=positive_float, default=600.0,
+                   help="seconds a request may wait for its answer (default: %(default)s)")
+    p.add_argument("--image-root", type=Path, default=None,
+                   help="a folder whose image files requests may name (default: none; images come as data URLs)")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="load the weights in this type (default: as saved)")
+    p.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: where the model loads)")
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("viz", help="draw which vision tokens each routed layer kept")
     p.add_argument("model_dir", help="a saved p-MoD model with its processor")
     p.add_argument("--image", required=True, help="the image to route (a file)")
@@ -350,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # packages that pmod's extras bring (pyproject.toml), by the import name an ImportError names
 _EXTRAS = {"accelerate": "train", "tensorboard": "train", "matplotlib": "bench", "peft": "lora", "av": "video",
-           "lmms_eval": "eval", "datasets": "eval", "evaluate": "eval", "loguru": "eval", "sacrebleu": "eval"}
+           "fastapi": "serve", "uvicorn": "serve", "lmms_eval": "eval", "datasets": "eval", "evaluate": "eval", "loguru": "eval", "sacrebleu": "eval"}
 
 
 def _missing_extra(exc: BaseException) -> str | None:

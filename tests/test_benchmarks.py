@@ -91,3 +91,19 @@ def test_a_run_by_hand_never_writes_the_committed_results(script, monkeypatch):
     assert out.resolve().is_relative_to(ROOT / "runs" / "benchmarks"), out
     makefile = (ROOT / "Makefile").read_text()
     assert f"benchmarks/{script}.py" in makefile and f"--out benchmarks/results/{script}_cpu.json" in makefile
+
+
+def test_serve_benchmark(tmp_path):
+    """benchmarks/serve.py: dense and p-MoD servers on localhost under concurrent streaming clients, at a tiny shape."""
+    pytest.importorskip("openai")
+    pytest.importorskip("fastapi")
+    out = tmp_path / "serve.json"
+    run("serve.py", "--layers", "4", "--hidden", "64", "--image-size", "56", "--concurrency", "1", "2", "--requests",
+        "3", "--max-tokens", "2", "--rounds", "1", "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["concurrency"] for r in rows] == [1, 2]
+    for r in rows:
+        for name in ("dense", "pmod"):
+            assert r[name]["completion_tokens"] == 3 * 2 and r[name]["requests_per_s"] > 0
+            assert 0 < r[name]["ttft_p50_s"] <= r[name]["latency_p90_s"]
+    assert out.with_suffix(".md").read_text().count("\n| ") == 3

@@ -407,7 +407,7 @@ def _unknown_words(processor: Any, items: Sequence[_Item]) -> None:
     for where, words in unknown.items():
         if words:
             shown = ", ".join(repr(w) for w in sorted(words)[:8]) + (" ..." if len(words) > 8 else "")
-            consequence = ("never be predicted: those questions cannot be answered right" if where == "answer"
+            consequence = ("can never be predicted: those questions cannot be answered right" if where == "answer"
                            else "reach the model as one unknown token")
             logger.warning("%d %s word(s) are not in the tokenizer's vocabulary and %s: %s (a tiny model's vocabulary "
                            "is its training file's words: train on data that has them)", len(words), where,
