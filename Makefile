@@ -24,7 +24,7 @@ TV_STAMP := $(TV_VENV)/.installed
 TV_TORCH := 2.14.1
 TV_TORCHVISION := 0.29.1
 
-.PHONY: setup test test-floor test-torchvision test-newest lock demo bench clean
+.PHONY: setup test lint test-floor test-torchvision test-newest lock demo bench clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,10 @@ $(STAMP): pyproject.toml $(PINNED)
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# ruff's rules are in pyproject.toml ([tool.ruff.lint]); CI runs this after the tests
+lint: setup
+	$(VENV)/bin/ruff check pmod tests benchmarks
 
 # The lowest declared versions, in a venv of their own (torch stays at the CPU wheel: see constraints/floor.txt).
 $(FLOOR_STAMP): pyproject.toml $(FLOOR)

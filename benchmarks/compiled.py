@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         torch._dynamo.reset()
         options = {"fullgraph": True, "backend": args.backend} if compiled else None
         if case == "prefill":
-            runs = {"dense": prefill_runner(dense, ids, None, options), "pmod": prefill_runner(routed, ids, target, options)}
+            runs = {"dense": prefill_runner(dense, ids, None, options),
+                    "pmod": prefill_runner(routed, ids, target, options)}
             with torch.no_grad():
                 result = interleaved(runs, args.reps, args.device)
         else:
@@ -97,13 +98,14 @@ def main(argv: list[str] | None = None) -> int:
             result = interleaved(runs, args.steps, args.device)
         row = {"case": case, "cache": cache_kind, "compiled": compiled, **result}
         rows.append(row)
-        print(f"{case:7s} {'compiled' if compiled else 'eager':8s} cache={cache_kind:7s} dense {row['dense_ms']:9.2f} ms"
-              f"  p-MoD {row['pmod_ms']:9.2f} ms  ratio {row['ratio']:.3f}  (warm-up {row['warmup_s']:.1f} s)",
+        print(f"{case:7s} {'compiled' if compiled else 'eager':8s} cache={cache_kind:7s} dense "
+              f"{row['dense_ms']:9.2f} ms  p-MoD {row['pmod_ms']:9.2f} ms  ratio {row['ratio']:.3f}  "
+              f"(warm-up {row['warmup_s']:.1f} s)",
               file=sys.stderr)
     result = {
         "benchmark": "compiled",
-        "what": "median ms of a prefill (batch 1, no cache) and of a decoding step after it, dense vs p-MoD interleaved, "
-                "eager and torch.compile(fullgraph=True)",
+        "what": "median ms of a prefill (batch 1, no cache) and of a decoding step after it, dense vs p-MoD "
+                "interleaved, eager and torch.compile(fullgraph=True)",
         "shape": {**shape(args), "batch": 1, "backend": args.backend},
         "flops_ratio": cost.flops_ratio,
         "reps": args.reps,
@@ -116,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"| {r['case']} | {'compiled' if r['compiled'] else 'eager'} | {r['cache']} | {r['dense_ms']:.2f} | "
               f"{r['pmod_ms']:.2f} | {r['ratio']:.3f} |" for r in rows]
     info = result["machine"]
-    note = (f"Analytic prefill FLOP ratio {cost.flops_ratio:.3f}. Backend {args.backend}; {info['torch_threads']} torch "
-            f"threads on {info['cpu_count']} CPUs ({info['processor']}); torch {info['torch']}, transformers "
+    note = (f"Analytic prefill FLOP ratio {cost.flops_ratio:.3f}. Backend {args.backend}; {info['torch_threads']} "
+            f"torch threads on {info['cpu_count']} CPUs ({info['processor']}); torch {info['torch']}, transformers "
             f"{info['transformers']}.")
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n\n" + note + "\n")
     print(f"-> {args.out}", file=sys.stderr)

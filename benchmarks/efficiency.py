@@ -132,7 +132,8 @@ def main() -> None:
         kv = kv_cache_report(cache)
         dense_kv = sum(layer.keys.nbytes + layer.values.nbytes for layer in dense_cache.layers)
         cost = prefill_cost(shape_from_config(routed.config), n_vision, args.text_tokens, resolved=routed.pmod)
-        causal = prefill_cost(shape_from_config(routed.config), n_vision, args.text_tokens, resolved=routed.pmod, causal=True)
+        causal = prefill_cost(shape_from_config(routed.config), n_vision, args.text_tokens, resolved=routed.pmod,
+                              causal=True)
         mem_d = peak_memory("dense", n_vision, child_argv)
         mem_r = peak_memory("pmod", n_vision, child_argv)
         row = {
@@ -159,7 +160,8 @@ def main() -> None:
         rows.append(row)
         print(
             f"{n_vision} vision: prefill x{row['prefill_time_ratio']:.3f} (FLOPs x{cost.flops_ratio:.3f}), train step "
-            f"x{row['train_step_time_ratio']:.3f}, KV x{row['kv_ratio']:.3f}, peak memory x{row['peak_memory_ratio']:.3f}",
+            f"x{row['train_step_time_ratio']:.3f}, KV x{row['kv_ratio']:.3f}, peak memory "
+            f"x{row['peak_memory_ratio']:.3f}",
             file=sys.stderr,
         )
     result = {
@@ -184,7 +186,8 @@ def markdown(result: dict) -> str:
         f"median of {result['reps']} prefills / {result['train_reps']} training steps; "
         f"{m.get('gpu') or m['processor']}, {m['torch_threads']} threads, torch {m['torch']}.",
         "",
-        "| vision tokens | FLOP ratio (paper's count) | FLOP ratio (causal attention) | prefill time ratio | train step time ratio | KV ratio | peak memory ratio | prefill dense / p-MoD ms |",
+        ("| vision tokens | FLOP ratio (paper's count) | FLOP ratio (causal attention) | prefill time ratio | "
+         "train step time ratio | KV ratio | peak memory ratio | prefill dense / p-MoD ms |"),
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:

@@ -122,7 +122,8 @@ def train_case(dense, routed, args, case) -> dict:
 
     dense.train(), routed.train()
     try:
-        result = timed_pair(step(dense), step(routed, target_mask=x["target_mask"]), max(3, args.reps // 2), args.device)
+        result = timed_pair(step(dense), step(routed, target_mask=x["target_mask"]), max(3, args.reps // 2),
+                            args.device)
     finally:
         for model in (dense, routed):
             model.zero_grad(set_to_none=True)
@@ -170,7 +171,9 @@ def decode_case(dense, routed, args, case, mode: str = "eager") -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+    dtype = getattr(torch, args.dtype) if args.dtype else (
+        torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    )
     dense, routed = build(args, dtype)
     kinds = args.only or ["prefill", "train", "decode"]
     rows = []
@@ -184,11 +187,13 @@ def main(argv: list[str] | None = None) -> int:
             extra = {} if mode is None else {"mode": mode}
             row = {"case": kind, **extra, "batch": batch, "vision_tokens": vision, "text_tokens": text,
                    **run(dense, routed, args, (batch, vision, text), **extra)}
-            cost = prefill_cost(shape_from_config(routed.config, "bench"), vision, text, resolved=routed.pmod, causal=True)
+            cost = prefill_cost(shape_from_config(routed.config, "bench"), vision, text, resolved=routed.pmod,
+                                causal=True)
             row["flops_ratio"] = cost.flops_ratio
             rows.append(row)
-            print(f"{kind:8s} {mode or '':14s} batch {batch:3d} {vision:5d}+{text:<4d} dense {row['dense_s'] * 1e3:9.2f} ms  "
-                  f"p-MoD {row['pmod_s'] * 1e3:9.2f} ms  ratio {row['ratio']:.3f}  (FLOPs {row['flops_ratio']:.3f})",
+            print(f"{kind:8s} {mode or '':14s} batch {batch:3d} {vision:5d}+{text:<4d} dense "
+                  f"{row['dense_s'] * 1e3:9.2f} ms  p-MoD {row['pmod_s'] * 1e3:9.2f} ms  ratio {row['ratio']:.3f}  "
+                  f"(FLOPs {row['flops_ratio']:.3f})",
                   file=sys.stderr)
     layers, hidden, mlp, heads = SHAPES["small" if args.small else "7b"]
     result = {"machine": machine(args.device), "dtype": str(dtype).removeprefix("torch."), "attn": args.attn,
@@ -199,8 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     write_result(out, result)
     lines = ["| case | mode | batch | tokens | dense ms | p-MoD ms | p-MoD / dense | FLOP ratio |",
              "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['case']} | {r.get('mode', '')} | {r['batch']} | {r['vision_tokens']} + {r['text_tokens']} | {r['dense_s'] * 1e3:.2f} | "
-              f"{r['pmod_s'] * 1e3:.2f} | {r['ratio']:.3f} | {r['flops_ratio']:.3f} |" for r in rows]
+    lines += [f"| {r['case']} | {r.get('mode', '')} | {r['batch']} | {r['vision_tokens']} + {r['text_tokens']} | "
+              f"{r['dense_s'] * 1e3:.2f} | {r['pmod_s'] * 1e3:.2f} | {r['ratio']:.3f} | {r['flops_ratio']:.3f} |"
+              for r in rows]
     out.with_suffix(".md").write_text(f"{result['machine']}\n\n" + "\n".join(lines) + "\n")
     return 0
 

@@ -49,7 +49,8 @@ def main() -> None:
     for rep in range(args.reps):
         dense_t.append(timed(dense, {"input_ids": ids}, args.device))
         routed_t.append(timed(routed, {"input_ids": ids, "target_mask": target}, args.device))
-        print(f"rep {rep + 1}/{args.reps}: dense {dense_t[-1] * 1e3:.1f} ms, p-MoD {routed_t[-1] * 1e3:.1f} ms", file=sys.stderr)
+        print(f"rep {rep + 1}/{args.reps}: dense {dense_t[-1] * 1e3:.1f} ms, p-MoD {routed_t[-1] * 1e3:.1f} ms",
+              file=sys.stderr)
 
     routing = routed.routing()
     processed = sum(int(r.processed[0].sum()) for r in routing.values()) + length * (args.layers - len(routing))

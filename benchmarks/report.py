@@ -30,18 +30,21 @@ def main() -> None:
                 f"| [{path.name}](results/{path.name}) | {s['layers']}x{s['hidden']} {s['dtype']} {s['attn']} | "
                 f"{s['vision_tokens']}+{s['text_tokens']} | {row['batch']} | {row['dense_ms_per_token']:.2f} | "
                 f"{row['pmod_ms_per_token']:.2f} | **{row['time_ratio']:.3f}** | {row['dense_kv_bytes'] / 2**20:.1f} | "
-                f"{row['pmod_kv_bytes'] / 2**20:.1f} | **{row['kv_ratio']:.4f}** | {row['predicted_kv_ratio']:.4f} | {where} |"
+                f"{row['pmod_kv_bytes'] / 2**20:.1f} | **{row['kv_ratio']:.4f}** | {row['predicted_kv_ratio']:.4f} | "
+                f"{where} |"
             )
     decode_table = "\n".join(
         [
-            "| result | decoder | prompt tokens | batch | dense ms/token | p-MoD ms/token | time ratio | dense KV MiB | p-MoD KV MiB | KV ratio | predicted | machine |",
+            ("| result | decoder | prompt tokens | batch | dense ms/token | p-MoD ms/token | time ratio | "
+             "dense KV MiB | p-MoD KV MiB | KV ratio | predicted | machine |"),
             "|---|---|---|---|---|---|---|---|---|---|---|---|",
             *decode_rows,
         ]
     )
     table = "\n".join(
         [
-            "| result | decoder | vision+text tokens | batch | dense ms | p-MoD ms | time ratio | processed-token ratio | reps | machine |",
+            ("| result | decoder | vision+text tokens | batch | dense ms | p-MoD ms | time ratio | "
+             "processed-token ratio | reps | machine |"),
             "|---|---|---|---|---|---|---|---|---|---|",
             *rows,
         ]

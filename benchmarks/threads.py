@@ -43,8 +43,9 @@ print(statistics.median(times[1:] or times))
 LOADS = {
     "idle": ("idle", None),
     "busy": ("one busy process", "import time\nend = time.time() + 3600\nwhile time.time() < end: pass"),
-    "torch": ("a torch process on 2 threads", "import time, torch\ntorch.set_num_threads(2)\na = torch.randn(256, 256)\n"
-              "end = time.time() + 3600\nwhile time.time() < end: a @ a"),
+    "torch": ("a torch process on 2 threads",
+              ("import time, torch\ntorch.set_num_threads(2)\na = torch.randn(256, 256)\n"
+               "end = time.time() + 3600\nwhile time.time() < end: a @ a")),
 }
 
 

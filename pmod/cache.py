@@ -70,7 +70,9 @@ class PModCacheLayer(DynamicLayer):
         keys, values = super().update(key_states, value_states, *args, **kwargs)
         if self._staged is not None:
             if self._staged[0].shape[1] != keys.shape[-2]:
-                raise PModInputError(f"Staged {self._staged[0].shape[1]} columns but the layer holds {keys.shape[-2]} entries.")
+                raise PModInputError(
+                    f"Staged {self._staged[0].shape[1]} columns but the layer holds {keys.shape[-2]} entries."
+                )
             self._commit()
         elif self.columns is not None:
             raise PModInputError("A routed cache layer was updated without its columns being staged.")
@@ -121,8 +123,8 @@ class PModCacheLayer(DynamicLayer):
             drop = int(dropped.sum(dim=1).max()) if held else 0
             if drop and not bool(dropped[:, held - drop:].all()):
                 raise PModInputError(
-                    f"Cannot crop a p-MoD cache back to {keep_length} tokens: that reaches into the prompt, whose routed "
-                    "layers hold different tokens per example."
+                    f"Cannot crop a p-MoD cache back to {keep_length} tokens: that reaches into the prompt, whose "
+                    "routed layers hold different tokens per example."
                 )
             self.columns = self.columns[:, : held - drop]
         if drop:
@@ -213,8 +215,8 @@ class PModStaticCacheLayer(CacheLayerMixin):
     def _first_step(self, step_length: int, batch: int, slots: int | None) -> None:
         """Size the layer at its first step: ``slots`` new entries of a routed layer (None: a dense layer)."""
         if step_length > self.max_cache_len:
-            raise PModInputError(f"The prompt has {step_length} tokens but the static cache holds {self.max_cache_len}; "
-                                 "create it with a larger max_cache_len (prompt + new tokens).")
+            raise PModInputError(f"The prompt has {step_length} tokens but the static cache holds "
+                                 f"{self.max_cache_len}; create it with a larger max_cache_len (prompt + new tokens).")
         self.prefilled = True
         if slots is not None:
             capacity = self.max_cache_len - step_length + slots
@@ -265,8 +267,8 @@ class PModStaticCacheLayer(CacheLayerMixin):
 
     def _check_batch(self, batch: int) -> None:
         if self.keys is not None and batch != self.keys.shape[0]:
-            raise PModInputError(f"This static cache holds {self.keys.shape[0]} sequences, the step has {batch}: reset it "
-                                 "(cache.reset()) or create one for this batch.")
+            raise PModInputError(f"This static cache holds {self.keys.shape[0]} sequences, the step has {batch}: "
+                                 "reset it (cache.reset()) or create one for this batch.")
 
     def get_seq_length(self) -> torch.Tensor:
         return self.logical_length if self.columns is not None else self.length

@@ -91,8 +91,8 @@ def _safetensors_dtypes(path: Path, error: type[CheckpointError]) -> dict[str, s
         with safe_open(path, framework="pt") as f:
             return {key: f.get_slice(key).get_dtype() for key in f.keys()}  # noqa: SIM118 (not iterable)
     except Exception as exc:  # SafetensorError (truncated, corrupt header), OSError: many types
-        raise error(f"Cannot read weights from {path}: not a valid .safetensors file ({one_line(exc)}); it may be truncated "
-                    "or corrupt: download or save it again.") from exc
+        raise error(f"Cannot read weights from {path}: not a valid .safetensors file ({one_line(exc)}); it may be "
+                    "truncated or corrupt: download or save it again.") from exc
 
 
 def _check_torch_file(path: Path, error: type[CheckpointError]) -> dict[str, str]:
@@ -105,8 +105,8 @@ def _check_torch_file(path: Path, error: type[CheckpointError]) -> dict[str, str
         elif not head.startswith(b"\x80"):
             raise ValueError("neither a zip archive nor a pickle")
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise error(f"Cannot read weights from {path}: not a PyTorch checkpoint ({one_line(exc)}); it may be truncated or "
-                    "corrupt: download or save it again.") from exc
+        raise error(f"Cannot read weights from {path}: not a PyTorch checkpoint ({one_line(exc)}); it may be "
+                    "truncated or corrupt: download or save it again.") from exc
     return {}
 
 

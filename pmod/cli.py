@@ -30,16 +30,26 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import __version__, schedules
-from .argtypes import layer_count, nonnegative_float, nonnegative_int, port, positive_float, positive_int, ratio, temperature
+from .argtypes import (
+    layer_count,
+    nonnegative_float,
+    nonnegative_int,
+    port,
+    positive_float,
+    positive_int,
+    ratio,
+    temperature,
+)
 from .config import PModConfig
 from .errors import PModError, one_line
 
-# Kept in step with pmod.efficiency.PRESETS and pmod.pipelines.demo.ARCHES by a test; listed here so that `pmod --help` does
-# not import torch.
+# Kept in step with pmod.efficiency.PRESETS and pmod.pipelines.demo.ARCHES by a test; listed here so that
+# `pmod --help` does not import torch.
 DEMO_ARCHES = ("llava", "qwen2-vl", "qwen2.5-vl")
 DTYPES = ("float32", "bfloat16", "float16")
 PRESET_NAMES = ("llava-1.5-7b", "llava-1.5-13b", "llava-next-7b", "llava-next-13b", "llava-onevision-7b", "qwen2-vl-7b",
-                "qwen2.5-vl-7b", "qwen3-vl-8b", "qwen3-vl-30b-a3b", "internvl3-8b", "gemma-3-12b", "mistral-small-3.1-24b")
+                "qwen2.5-vl-7b", "qwen3-vl-8b", "qwen3-vl-30b-a3b", "internvl3-8b", "gemma-3-12b",
+                "mistral-small-3.1-24b")
 
 logger = logging.getLogger("pmod.cli")
 
@@ -52,8 +62,10 @@ def _emit(text: str = "") -> None:
 def _schedule_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", default="shifted_cos", choices=schedules.NAMES,
                    help="how the keep ratio falls with depth (default: %(default)s, the paper's)")
-    p.add_argument("--average-ratio", type=ratio, default=0.5, help="mean keep ratio of the routed layers (default: %(default)s)")
-    p.add_argument("--max-ratio", type=ratio, default=0.85, help="keep ratio of the first routed layer (default: %(default)s)")
+    p.add_argument("--average-ratio", type=ratio, default=0.5,
+                   help="mean keep ratio of the routed layers (default: %(default)s)")
+    p.add_argument("--max-ratio", type=ratio, default=0.85,
+                   help="keep ratio of the first routed layer (default: %(default)s)")
     p.add_argument("--min-ratio", type=ratio, default=0.15, help="keep ratio of the last layers (default: %(default)s)")
 
 
@@ -148,10 +160,12 @@ def cmd_flops(args: argparse.Namespace) -> int:
     _emit(f"{cost.model}: {args.vision_tokens} vision + {args.text_tokens} text tokens, prefill")
     scale, unit = _flops_unit(max(cost.dense_layer_flops))  # a tiny model's layers are MFLOPs, a 7B model's GFLOPs
     _emit(f"{'layer':>5} {'keep':>7} {'vision kept':>11} {f'dense {unit}':>13} {f'p-MoD {unit}':>13}")
-    for i, (r, k, d, p) in enumerate(zip(cost.layer_ratios, cost.kept_vision, cost.dense_layer_flops, cost.pmod_layer_flops)):
+    for i, (r, k, d, p) in enumerate(zip(cost.layer_ratios, cost.kept_vision, cost.dense_layer_flops,
+                                         cost.pmod_layer_flops)):
         _emit(f"{i:>5} {r:>7.4f} {k:>11d} {d / scale:>13.1f} {p / scale:>13.1f}")
     scale, unit = _flops_unit(cost.dense_flops)
-    _emit(f"decoder layers: {cost.dense_flops / scale:.2f} -> {cost.pmod_flops / scale:.2f} {unit} ({cost.flops_ratio:.1%})")
+    _emit(f"decoder layers: {cost.dense_flops / scale:.2f} -> {cost.pmod_flops / scale:.2f} {unit} "
+          f"({cost.flops_ratio:.1%})")
     _emit(f"vision encoder {cost.vision_encoder_flops / scale:.3f}, projector {cost.projector_flops / scale:.3f}, "
           f"LM head {cost.lm_head_flops / scale:.4f} {unit} (the same in both)")
     _emit(f"KV cache: {cost.dense_kv_bytes / 2**20:.1f} -> {cost.pmod_kv_bytes / 2**20:.1f} MiB "
@@ -165,9 +179,7 @@ def cmd_flops(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from .pipelines.chat import ChatSession, chat_loop, load_image
-    from .pipelines.generation import load_for_inference
-
-    from .pipelines.generation import is_pmod
+    from .pipelines.generation import is_pmod, load_for_inference
 
     image = load_image(args.image)
     # one rule for every verb: a folder is used as it is (a dense checkpoint stays dense, and is said to be)
@@ -285,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", help="convert checkpoints into p-MoD checkpoints")
     kinds = p.add_subparsers(dest="kind", required=True)
-    c = kinds.add_parser("dense", help="a dense transformers checkpoint of a supported family -> p-MoD, routers at zero")
+    c = kinds.add_parser("dense",
+                         help="a dense transformers checkpoint of a supported family -> p-MoD, routers at zero")
     c.add_argument("src", help="the dense checkpoint folder")
     c.add_argument("out", help="the folder to write the p-MoD checkpoint to")
     c.add_argument("--force", action="store_true", help="replace OUT if it exists")
@@ -302,10 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--preset", choices=sorted(PRESET_NAMES), help="a released model's shape")
     source.add_argument("--model", help="a checkpoint directory (only config.json is read)")
-    p.add_argument("--vision-tokens", type=nonnegative_int, required=True, help="vision tokens of the prompt (e.g. 576)")
+    p.add_argument("--vision-tokens", type=nonnegative_int, required=True,
+                   help="vision tokens of the prompt (e.g. 576)")
     p.add_argument("--text-tokens", type=nonnegative_int, required=True, help="text tokens of the prompt")
     p.add_argument("--crops", type=positive_int, default=None, help="images through the vision tower per input image")
-    p.add_argument("--causal", action="store_true", help="count causal attention (half matrix), as sdpa/flash compute it")
+    p.add_argument("--causal", action="store_true",
+                   help="count causal attention (half matrix), as sdpa/flash compute it")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _schedule_args(p)
     p.set_defaults(func=cmd_flops)
@@ -314,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir", help="a saved model folder with its processor")
     p.add_argument("--image", required=True, help="the image to ask about (a file)")
     p.add_argument("--prompt", help="one-shot question; without it, read questions from standard input")
-    p.add_argument("--max-new-tokens", type=positive_int, default=128, help="answer length limit (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=128,
+                   help="answer length limit (default: %(default)s)")
     p.add_argument("--temperature", type=temperature, default=0.0, help="0 = greedy, at most 100 (default: 0)")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="load the weights in this type (default: as saved)")
     p.add_argument("--device", default=None, help="e.g. cuda, cuda:1, mps, cpu (default: where the model loads)")
@@ -332,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-folder", default=None, help="folder the records' image paths are relative to "
                    "(default: the data file's folder)")
     p.add_argument("--out", default="outputs/eval", help="output folder for predictions.jsonl and metrics.json")
-    p.add_argument("--batch-size", type=positive_int, default=8, help="questions per generate call (default: %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=8,
+                   help="questions per generate call (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=positive_int, default=32, help="answer length limit (default: %(default)s)")
     p.add_argument("--limit", type=positive_int, default=None, help="evaluate the first N records only")
     p.add_argument("--resume", action="store_true", help="keep the answers already in OUT/predictions.jsonl")
@@ -355,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long a request waits for others to batch with (default: %(default)s)")
     p.add_argument("--max-queue", type=positive_int, default=256,
                    help="requests waiting at most; more are refused with 503 (default: %(default)s)")
-    p.add_argument("--max-images", type=nonnegative_int, default=4, help="images per request at most (default: %(default)s)")
+    p.add_argument("--max-images", type=nonnegative_int, default=4,
+                   help="images per request at most (default: %(default)s)")
     p.add_argument("--max-tokens", type=positive_int, default=256,
                    help="answer length when a request gives no max_tokens (default: %(default)s)")
     p.add_argument("--max-context", type=positive_int, default=None,
@@ -391,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # packages that pmod's extras bring (pyproject.toml), by the import name an ImportError names
 _EXTRAS = {"accelerate": "train", "tensorboard": "train", "matplotlib": "bench", "peft": "lora", "av": "video",
-           "fastapi": "serve", "uvicorn": "serve", "lmms_eval": "eval", "datasets": "eval", "evaluate": "eval", "loguru": "eval", "sacrebleu": "eval"}
+           "fastapi": "serve", "uvicorn": "serve", "lmms_eval": "eval", "datasets": "eval", "evaluate": "eval",
+           "loguru": "eval", "sacrebleu": "eval"}
 
 
 def _missing_extra(exc: BaseException) -> str | None:
@@ -416,7 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command. Expected failures (bad settings, inputs or files) print one line on stderr and return 2;
     anything else prints one line naming the exception and returns 1. ``--debug`` shows the traceback instead."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
         # transformers' "Loading weights" / "Writing model shards" bars on every load and save (they follow
         # huggingface_hub's switch, read when transformers is imported, which the commands do after this); pmod's own

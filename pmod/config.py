@@ -77,7 +77,8 @@ class PModConfig:
                 _check_ratio(r, f"schedule[{i}]")
         elif not isinstance(self.schedule, str) or self.schedule not in schedules.NAMES:
             raise PModConfigError(
-                f"Unknown schedule {self.schedule!r}: use one of {', '.join(schedules.NAMES)} or a list of per-layer ratios."
+                f"Unknown schedule {self.schedule!r}: use one of {', '.join(schedules.NAMES)} or a list of "
+                "per-layer ratios."
             )
         # every schedule parameter is a keep ratio (the shifted schedules clip to [min_ratio, max_ratio])
         for name in ("average_ratio", "max_ratio", "min_ratio"):
@@ -117,8 +118,8 @@ class PModConfig:
         routed = sorted(routed)
         if not routed:
             raise PModConfigError(
-                f"The schedule {self.schedule!r} routes no layer of a {num_layers}-layer model (every keep ratio is 1). "
-                "Lower the ratios, or list layers in routed_layers to route them anyway."
+                f"The schedule {self.schedule!r} routes no layer of a {num_layers}-layer model (every keep ratio is "
+                "1). Lower the ratios, or list layers in routed_layers to route them anyway."
             )
         return routed
 
@@ -128,7 +129,8 @@ class PModConfig:
         if isinstance(self.schedule, list):
             if len(self.schedule) != num_layers:
                 raise PModConfigError(
-                    f"The explicit schedule has {len(self.schedule)} ratios but the model has {num_layers} decoder layers."
+                    f"The explicit schedule has {len(self.schedule)} ratios but the model has {num_layers} decoder "
+                    "layers."
                 )
             return [None if r == 1.0 else r for r in self.schedule]
         if self.schedule == "shifted_cos":
@@ -219,7 +221,8 @@ class ResolvedPMod:
         return cls(settings, ratios, settings.resolve_routed_layers(num_layers))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"settings": self.settings.to_dict(), "layer_ratios": self.layer_ratios, "routed_layers": self.routed_layers}
+        return {"settings": self.settings.to_dict(), "layer_ratios": self.layer_ratios,
+                "routed_layers": self.routed_layers}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ResolvedPMod:
@@ -231,17 +234,21 @@ class ResolvedPMod:
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, PModConfigError):
                 raise PModConfigError(f"config.pmod: {exc}") from exc
-            raise PModConfigError(f"config.pmod is malformed ({exc!r}); expected settings, layer_ratios, routed_layers.") from exc
+            raise PModConfigError(
+                f"config.pmod is malformed ({exc!r}); expected settings, layer_ratios, routed_layers."
+            ) from exc
         for i, r in enumerate(ratios):
             _check_ratio(r, f"layer_ratios[{i}]")
         if not routed or any(not 0 <= i < len(ratios) for i in routed):
-            raise PModConfigError(f"config.pmod.routed_layers {routed} is empty or out of range for {len(ratios)} layers.")
+            raise PModConfigError(
+                f"config.pmod.routed_layers {routed} is empty or out of range for {len(ratios)} layers."
+            )
         routed_set = set(routed)
         unrouted = [i for i, r in enumerate(ratios) if r < 1.0 and i not in routed_set]
         if unrouted:
             raise PModConfigError(
-                f"config.pmod: layers {unrouted} have keep ratios below 1 ({[ratios[i] for i in unrouted]}) but are not "
-                "in routed_layers, so they would keep every token while the settings claim otherwise; add them to "
+                f"config.pmod: layers {unrouted} have keep ratios below 1 ({[ratios[i] for i in unrouted]}) but are "
+                "not in routed_layers, so they would keep every token while the settings claim otherwise; add them to "
                 "routed_layers or set their ratios to 1.0."
             )
         return cls(settings, ratios, routed)

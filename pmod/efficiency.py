@@ -387,7 +387,8 @@ def prefill_cost(
         + ("n(n+1)/2 (causal kernels; at most nW in a sliding-window layer)" if causal
            else "n^2 (full attention matrix, as the paper counts)")
         + " (multiply-add = 2 FLOPs; norms, rotary, softmax not counted)",
-        f"p-MoD layers process trunc(R_l x {vision_tokens}) vision tokens + all {text_tokens} text tokens, plus a router (2d per token)",
+        f"p-MoD layers process trunc(R_l x {vision_tokens}) vision tokens + all {text_tokens} text tokens, plus a "
+        "router (2d per token)",
         "batch 1, no padding; LM head on the last position only (generation prefill)",
         f"KV cache in {8 * shape.bytes_per_value}-bit values, keys and values of every processed token",
     ]

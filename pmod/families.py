@@ -33,9 +33,9 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
-    LlavaOnevisionConfig,
     LlavaNextVideoConfig,
     LlavaNextVideoForConditionalGeneration,
+    LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
     Mistral3Config,
     Mistral3ForConditionalGeneration,
@@ -336,9 +336,10 @@ FAMILIES: tuple[Family, ...] = (
            AutoModelForImageTextToText, _LLM_LAYERS),
     Family("Idefics3", Idefics3ForConditionalGeneration, PModIdefics3ForConditionalGeneration,
            AutoModelForImageTextToText, _LLM_LAYERS),
-    # Gemma 3: sandwich norms (its own routed layer); an image's tokens attend to each other both ways and sliding-window
-    # layers alternate with global ones: the routed layer takes its rows and columns of the model's own mask for the
-    # layer, so both hold; each layer type has its own rotary tables. Embeddings are scaled by sqrt(hidden).
+    # Gemma 3: sandwich norms (its own routed layer); an image's tokens attend to each other both ways and
+    # sliding-window layers alternate with global ones: the routed layer takes its rows and columns of the model's own
+    # mask for the layer, so both hold; each layer type has its own rotary tables. Embeddings are scaled by
+    # sqrt(hidden).
     Family("Gemma 3", Gemma3ForConditionalGeneration, PModGemma3ForConditionalGeneration, AutoModelForImageTextToText,
            {Gemma3DecoderLayer: PModGemma3DecoderLayer}),
     # Qwen2-VL / Qwen2.5-VL: M-RoPE. The rotary tables reaching the decoder layers are already per token (B, T, d),
@@ -403,7 +404,8 @@ def register() -> None:
         # keyed by model_type (LLaVA) or by class name (Qwen2-VL, Qwen2.5-VL); without the same mapping for the p-MoD
         # class, such weights would silently load random, and a model converted from a dense checkpoint (saved in the
         # legacy layout) would find every language-model tensor missing when loaded again.
-        for key, pmod_key in ((family.dense_model_type, family.model_type), (family.dense.__name__, family.pmod.__name__)):
+        for key, pmod_key in ((family.dense_model_type, family.model_type),
+                              (family.dense.__name__, family.pmod.__name__)):
             mapping = get_checkpoint_conversion_mapping(key)
             if mapping is not None:
                 register_checkpoint_conversion_mapping(pmod_key, mapping, overwrite=True)

@@ -202,9 +202,9 @@ def check_output_name(out: Path, error: type[Exception]) -> None:
         limit = 255
     longest = max(len(_sibling_name(out, mark).name) for mark in (_STAGING, _REPLACED))
     if longest > limit:
-        raise error(f"The output name {out.name[:40]}... is {len(out.name)} characters long; pmod writes hidden folders "
-                    f"beside it with {longest - len(out.name)} more, past this file system's limit of {limit}. Choose "
-                    "a shorter name.")
+        raise error(f"The output name {out.name[:40]}... is {len(out.name)} characters long; pmod writes hidden "
+                    f"folders beside it with {longest - len(out.name)} more, past this file system's limit of {limit}. "
+                    "Choose a shorter name.")
 
 
 def _sibling_name(out: Path, mark: str) -> Path:

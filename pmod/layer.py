@@ -91,7 +91,9 @@ class PModLayerMixin:
             logits = self.router(x).squeeze(-1)  # (B, T) fp32
             positions = torch.arange(length, device=x.device).expand(batch, length)
             valid = pmod_plan.valid
-            self._record(pmod_plan, Selection(positions, torch.ones_like(valid), valid, torch.zeros_like(valid)), logits)
+            self._record(
+                pmod_plan, Selection(positions, torch.ones_like(valid), valid, torch.zeros_like(valid)), logits
+            )
             if torch.is_grad_enabled() and self.training:
                 # Keep the router in the graph (zero gradient): DDP without find_unused_parameters needs every
                 # parameter to take part in every step, text-only batches included.
@@ -261,9 +263,9 @@ def _check_weight_range(spec: RoutedLayerSpec, dtype: torch.dtype) -> None:
     bound = abs(spec.alpha) + abs(spec.beta)
     if dtype.is_floating_point and not bound < torch.finfo(dtype).max:
         raise PModConfigError(
-            f"p-MoD layer {spec.index}: alpha={spec.alpha:g} and beta={spec.beta:g} give router weights up to {bound:g}, "
-            f"beyond what {dtype} holds ({torch.finfo(dtype).max:g}); the outputs would be inf or NaN. Use settings "
-            "within range (the paper's are alpha=0.2, beta=1)."
+            f"p-MoD layer {spec.index}: alpha={spec.alpha:g} and beta={spec.beta:g} give router weights up to "
+            f"{bound:g}, beyond what {dtype} holds ({torch.finfo(dtype).max:g}); the outputs would be inf or NaN. Use "
+            "settings within range (the paper's are alpha=0.2, beta=1)."
         )
 
 

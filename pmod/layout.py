@@ -55,7 +55,9 @@ def vision_layout(config: Any, image_size: Sequence[int] | None = None,
     merge = getattr(vision, "spatial_merge_size", None)
     if merge is not None:  # Qwen2-VL / Qwen2.5-VL: one token per merge x merge patches
         if grid_thw is None:
-            raise PModInputError("Qwen2-VL token maps need the image's patch grid: pass image_grid_thw from the processor.")
+            raise PModInputError(
+                "Qwen2-VL token maps need the image's patch grid: pass image_grid_thw from the processor."
+            )
         t, h, w = (int(v) for v in grid_thw)
         if t != 1:
             raise PModInputError(f"token maps are drawn for images; this grid has {t} time steps (a video).")
@@ -105,7 +107,9 @@ def high_resolution_targets(config: Any, image_tokens: torch.Tensor, image_sizes
             "image_grid_pinpoints). Use targets='vision'."
         )
     if image_sizes is None:
-        raise PModInputError("targets='vision_hr' needs image_sizes (from the processor) to find each image's base tokens.")
+        raise PModInputError(
+            "targets='vision_hr' needs image_sizes (from the processor) to find each image's base tokens."
+        )
     sizes = torch.as_tensor(image_sizes).reshape(-1, 2).tolist()
     layouts = [vision_layout(config, size) for size in sizes]
     flat = image_tokens.flatten().nonzero().squeeze(1)  # (N,) flat positions of every image token, in order

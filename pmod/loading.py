@@ -23,7 +23,8 @@ from .families import FAMILIES, family_of_model_type
 from .models import apply_pmod
 
 
-def load_model(path: str | os.PathLike, pmod_config: PModConfig | None = None, **from_pretrained_kwargs) -> PreTrainedModel:
+def load_model(path: str | os.PathLike, pmod_config: PModConfig | None = None,
+               **from_pretrained_kwargs) -> PreTrainedModel:
     """Load a p-MoD model saved with ``save_pretrained``.
 
     A dense transformers checkpoint of a supported family (`pmod.families.FAMILIES`) is loaded and converted with
@@ -102,13 +103,15 @@ def local_path(path: Any) -> Path | None:
     if local.is_dir():
         return local
     if local.is_symlink() and not local.exists():
-        raise CheckpointError(f"{text} is a symbolic link that leads nowhere (its target is missing, or the links form a "
-                              "loop); point it at the checkpoint directory.")
+        raise CheckpointError(f"{text} is a symbolic link that leads nowhere (its target is missing, or the links "
+                              "form a loop); point it at the checkpoint directory.")
     if local.exists():
-        raise CheckpointError(f"{text} is a file; pass the checkpoint directory that holds config.json and the weights.")
+        raise CheckpointError(
+            f"{text} is a file; pass the checkpoint directory that holds config.json and the weights."
+        )
     if isinstance(path, os.PathLike) or not _HUB_ID.fullmatch(text) or text in (".", ".."):
-        raise CheckpointError(f"No such directory: {text}. Pass a local checkpoint directory (pmod reads local folders; "
-                              "a hub model id has the form 'owner/name').")
+        raise CheckpointError(f"No such directory: {text}. Pass a local checkpoint directory (pmod reads local "
+                              "folders; a hub model id has the form 'owner/name').")
     return None
 
 
@@ -141,7 +144,8 @@ def _check_pmod_entry(config: Any, where: Any) -> None:
     layers = config.get_text_config(decoder=True).num_hidden_layers
     if len(resolved.layer_ratios) != layers:
         raise PModConfigError(
-            f"{where}: pmod.layer_ratios has {len(resolved.layer_ratios)} entries for a model with {layers} decoder layers."
+            f"{where}: pmod.layer_ratios has {len(resolved.layer_ratios)} entries for a model with {layers} decoder "
+            "layers."
         )
 
 
@@ -152,7 +156,8 @@ def load_checked(load, path: Any, source: Path | None, kwargs: dict[str, Any]):
     allow_mismatched = bool(kwargs.get("ignore_mismatched_sizes", False))
     kwargs["ignore_mismatched_sizes"] = True  # wrong shapes are listed below, not a generic RuntimeError
     files = None
-    if source is not None and not any(kwargs.get(k) for k in _OTHER_WEIGHTS) and kwargs.get("use_safetensors") is not False:
+    if (source is not None and not any(kwargs.get(k) for k in _OTHER_WEIGHTS)
+            and kwargs.get("use_safetensors") is not False):
         from .checkpoints import inspect_weight_files
 
         files = inspect_weight_files(source, error=CheckpointError)
@@ -186,7 +191,9 @@ def check_loaded_weights(
             f"{m[0]} {tuple(m[1])} instead of {tuple(m[2])}" if isinstance(m, tuple) and len(m) == 3 else str(m)
             for m in sorted(mismatched, key=str)
         ]
-        problems.append(f"wrong shapes {', '.join(shapes[:5])}{f' and {len(shapes) - 5} more' if len(shapes) > 5 else ''}")
+        problems.append(
+            f"wrong shapes {', '.join(shapes[:5])}{f' and {len(shapes) - 5} more' if len(shapes) > 5 else ''}"
+        )
     if info.get("error_msgs"):
         problems.append(f"errors {'; '.join(map(str, info['error_msgs']))[:500]}")
     non_finite = [name for name, t in model.state_dict().items()

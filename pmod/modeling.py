@@ -41,7 +41,9 @@ class PModModelMixin:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         if PModModelMixin in cls.__bases__:  # a family's class (a subclass of it inherits, and may override, these)
-            dense = next(c for c in cls.__mro__[1:] if issubclass(c, PreTrainedModel) and not issubclass(c, PModModelMixin))
+            dense = next(
+                c for c in cls.__mro__[1:] if issubclass(c, PreTrainedModel) and not issubclass(c, PModModelMixin)
+            )
             cls.dense_class = dense
             if "forward" not in cls.__dict__:
                 cls.forward = _make_forward(dense.forward)
@@ -180,8 +182,8 @@ class PModModelMixin:
         routing without waiting for the device (pmod's generation path does this by itself)."""
         input_ids = inputs.get("input_ids")
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            raise PModInputError("routing_counts needs the prompt's input_ids, (batch, length): vision tokens are found "
-                                 "there.")
+            raise PModInputError("routing_counts needs the prompt's input_ids, (batch, length): vision tokens are "
+                                 "found there.")
         batch, length = input_ids.shape
         valid = _valid_positions(inputs.get("attention_mask"), batch, length, 0, input_ids.device, static=False)
         target = self._find_targets(dict(inputs), {}, valid, decoding=False)
@@ -242,9 +244,9 @@ class PModModelMixin:
         if isinstance(cache, (PModCache, PModStaticCache)):
             depth = self.config.get_text_config(decoder=True).num_hidden_layers
             if len(cache.layers) != depth:
-                raise PModInputError(f"The {type(cache).__name__} has {len(cache.layers)} layers but the model has {depth} "
-                                     "decoder layers; create it for this model (PModStaticCache.for_model, or "
-                                     "PModCache(num_layers)).")
+                raise PModInputError(f"The {type(cache).__name__} has {len(cache.layers)} layers but the model has "
+                                     f"{depth} decoder layers; create it for this model (PModStaticCache.for_model, "
+                                     "or PModCache(num_layers)).")
             return cache
         if cache is None:
             return None
@@ -296,7 +298,8 @@ def _valid_positions(attention_mask: Any, batch: int, length: int, past_length: 
         return torch.ones(batch, length, dtype=torch.bool, device=device)
     # with a static cache the new tokens' columns are taken by position: its masks may cover the whole cache
     own = (past_length + torch.arange(length, device=attention_mask.device)) if static else None  # (T,)
-    if static and attention_mask.dim() == 4 and attention_mask.shape[0] in (1, batch) and attention_mask.shape[2] == length:
+    if (static and attention_mask.dim() == 4 and attention_mask.shape[0] in (1, batch)
+            and attention_mask.shape[2] == length):
         rows = own.view(1, length, 1).expand(attention_mask.shape[0], length, 1)
         diagonal = attention_mask[:, 0].gather(2, rows).squeeze(-1)  # (B|1, T)
         valid = diagonal if diagonal.dtype == torch.bool else diagonal == 0
@@ -341,7 +344,9 @@ def _make_forward(base_forward):
     named = {name for name, p in signature.parameters.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
     # the extra keyword arguments (``**kwargs``, or e.g. Gemma 3's ``**lm_kwargs`` under transformers 5.17), which
     # _pmod_prepare reads under the key "kwargs"
-    var_keyword = next((name for name, p in signature.parameters.items() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+    var_keyword = next(
+        (name for name, p in signature.parameters.items() if p.kind is inspect.Parameter.VAR_KEYWORD), None
+    )
     if var_keyword is None:
         raise UnsupportedModelError(f"{base_forward.__qualname__} takes no extra keyword arguments; pmod passes the "
                                     "routing plan through them and does not know this transformers version.")
@@ -393,7 +398,9 @@ def _make_prepare_inputs(base_prepare):
                                  "(model.routing_counts(**inputs) gives them) or neither.")
         if reference is None or (target_mask is None and target_counts is None):
             return inputs
-        prompt = kwargs.get("is_first_iteration") or (target_mask is not None and reference.shape[1] == target_mask.shape[-1])
+        prompt = kwargs.get("is_first_iteration") or (
+            target_mask is not None and reference.shape[1] == target_mask.shape[-1]
+        )
         if not prompt:
             return inputs
         if target_mask is not None:

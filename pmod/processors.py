@@ -183,8 +183,8 @@ class Qwen2VLFrameVideoProcessor(_FrameVideoProcessor):
             out = frames.preprocess(list(video), return_tensors=None)  # frames share one size: one grid
             _, gh, gw = (int(g) for g in np.asarray(out["image_grid_thw"])[0])
             n = gh * gw
-            # the image processor repeats each frame over the temporal axis: keep one copy per frame
-            per_frame = np.asarray(out["pixel_values"]).reshape(len(video), n, -1, tp, p, p)[:, :, :, 0]  # (T, n, C, p, p)
+            # the image processor repeats each frame over the temporal axis: keep one copy per frame -> (T, n, C, p, p)
+            per_frame = np.asarray(out["pixel_values"]).reshape(len(video), n, -1, tp, p, p)[:, :, :, 0]
             if pad := -len(video) % tp:  # fill the last group by repeating the last frame, as transformers does
                 per_frame = np.concatenate([per_frame, np.repeat(per_frame[-1:], pad, axis=0)])
             groups = per_frame.shape[0] // tp
@@ -200,7 +200,8 @@ class Qwen2VLFrameVideoProcessor(_FrameVideoProcessor):
         feature["video_metadata"] = metadata
         return feature
 
-    def get_num_of_video_patches(self, num_frames: int, height: int, width: int, videos_kwargs: dict | None = None) -> int:
+    def get_num_of_video_patches(self, num_frames: int, height: int, width: int,
+                                 videos_kwargs: dict | None = None) -> int:
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
         factor = self.patch_size * self.merge_size
@@ -224,7 +225,8 @@ class LlavaOnevisionFrameVideoProcessor(_FrameVideoProcessor):
         from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
         super().__init__(do_sample_frames=do_sample_frames, **kwargs)
-        self.size = {"height": 384, "width": 384} if size is None else {"height": size["height"], "width": size["width"]}
+        self.size = ({"height": 384, "width": 384} if size is None
+                     else {"height": size["height"], "width": size["width"]})
         self.image_mean = list(image_mean if image_mean is not None else OPENAI_CLIP_MEAN)
         self.image_std = list(image_std if image_std is not None else OPENAI_CLIP_STD)
 
@@ -267,7 +269,9 @@ def _as_video_list(videos: Any) -> list[np.ndarray]:
     try:
         batched = make_batched_videos(videos)
     except (ValueError, TypeError) as exc:
-        raise PModInputError(f"videos could not be read as frames ({exc}); every frame of a video must have one size") from exc
+        raise PModInputError(
+            f"videos could not be read as frames ({exc}); every frame of a video must have one size"
+        ) from exc
     out = []
     for i, video in enumerate(batched):
         array = np.asarray(video)
@@ -333,7 +337,8 @@ def processor_class(name: str) -> type:
                 from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
                 kwargs.pop("subfolder", None)
-                return [AutoImageProcessor.from_pretrained(path, **kwargs), AutoTokenizer.from_pretrained(path, **kwargs),
+                return [AutoImageProcessor.from_pretrained(path, **kwargs),
+                        AutoTokenizer.from_pretrained(path, **kwargs),
                         saved_video_processor(path, processor_dict)]
 
             hook = {"_get_arguments_from_pretrained": _get_arguments_from_pretrained}

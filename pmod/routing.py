@@ -18,7 +18,8 @@ from .config import RoutedLayerSpec
 
 
 def _float32(x: float) -> float:
-    """``x`` rounded to the nearest float32 (ties to even), in plain Python: a compiled forward folds it to a constant."""
+    """``x`` rounded to the nearest float32 (ties to even), in plain Python: a compiled forward folds it to a
+    constant."""
     if x == 0.0:
         return 0.0
     mantissa, exponent = math.frexp(x)  # x = mantissa * 2**exponent, 0.5 <= |mantissa| < 1
@@ -156,7 +157,9 @@ class RoutingPlan:
             width={spec.index: widest[j] for j, spec in enumerate(layers)},
             uniform={spec.index: all_valid and widest[j] == narrowest[j] for j, spec in enumerate(layers)},
             shared_targets=shared,
-            shared_keep=None if shared is None else {spec.index: keep_count(shared, spec.keep_ratio) for spec in layers},
+            shared_keep=(
+                None if shared is None else {spec.index: keep_count(shared, spec.keep_ratio) for spec in layers}
+            ),
         )
 
 
@@ -271,9 +274,9 @@ class LayerRouting:
     first read: a forward does not pay for them.
     """
 
-    def __init__(self, target: torch.Tensor, processed: torch.Tensor | None = None, selected: torch.Tensor | None = None,
-                 router_logits: torch.Tensor | None = None, keep_ratio: float | None = None, *,
-                 selection: Selection | None = None) -> None:
+    def __init__(self, target: torch.Tensor, processed: torch.Tensor | None = None,
+                 selected: torch.Tensor | None = None, router_logits: torch.Tensor | None = None,
+                 keep_ratio: float | None = None, *, selection: Selection | None = None) -> None:
         if router_logits is None or keep_ratio is None:
             raise ValueError("LayerRouting needs router_logits and keep_ratio")
         if selection is None:

@@ -19,7 +19,9 @@ def shifted_cos(num_layers: int, average: float, maximum: float, minimum: float)
 
     A layer is routed iff ``raw(l) <= maximum``; its ratio is ``max(raw(l), minimum)``.
     """
-    return [_clip(0.5 * math.cos(math.pi * i / _span(num_layers)) + average, maximum, minimum) for i in range(num_layers)]
+    return [
+        _clip(0.5 * math.cos(math.pi * i / _span(num_layers)) + average, maximum, minimum) for i in range(num_layers)
+    ]
 
 
 def shifted_linear(num_layers: int, average: float, maximum: float, minimum: float) -> list[float | None]:

@@ -63,7 +63,8 @@ def assert_keep_ratio_one_equals_dense(dense, inputs, num_layers: int = 4) -> No
 
     with torch.no_grad():
         want = valid_rows(dense(**inputs).logits, inputs["attention_mask"])
-        routed = pmod.apply_pmod(dense, pmod.PModConfig(schedule=[1.0] * num_layers, routed_layers=list(range(num_layers))))
+        routed = pmod.apply_pmod(dense, pmod.PModConfig(schedule=[1.0] * num_layers,
+                                                        routed_layers=list(range(num_layers))))
         got = valid_rows(routed(**inputs).logits, inputs["attention_mask"])
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

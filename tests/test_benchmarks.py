@@ -12,20 +12,22 @@ TINY = ["--layers", "4", "--hidden", "64", "--intermediate", "128", "--heads", "
 
 
 def run(script, *args):
-    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], check=True, capture_output=True, text=True)
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], check=True, capture_output=True,
+                          text=True)
 
 
 def test_prefill_benchmark(tmp_path):
     out = tmp_path / "prefill.json"
     run("prefill.py", *TINY, "--vision-tokens", "32", "--reps", "1", "--out", str(out))
     result = json.loads(out.read_text())
-    assert 0 < result["time_ratio"] and 0 < result["processed_token_ratio"] < 1
+    assert result["time_ratio"] > 0 and 0 < result["processed_token_ratio"] < 1
     assert result["machine"]["torch"]
 
 
 def test_decode_benchmark(tmp_path):
     out = tmp_path / "decode.json"
-    run("decode.py", *TINY, "--vision-tokens", "32", "--steps", "2", "--reps", "1", "--batches", "1", "2", "--out", str(out))
+    run("decode.py", *TINY, "--vision-tokens", "32", "--steps", "2", "--reps", "1", "--batches", "1", "2",
+        "--out", str(out))
     rows = json.loads(out.read_text())["results"]
     assert [r["batch"] for r in rows] == [1, 2]
     assert all(r["kv_ratio"] == pytest.approx(r["predicted_kv_ratio"]) for r in rows)

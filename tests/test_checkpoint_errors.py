@@ -162,7 +162,8 @@ def test_pmod_checkpoint_with_missing_or_unexpected_tensors_is_refused(build, tm
     dropped = sorted(k for k in state if k.endswith("mlp.down_proj.weight"))
     save_file({k: v for k, v in state.items() if k not in dropped}, weights, metadata={"format": "pt"})
     for load in (pmod.load_model, AutoModelForImageTextToText.from_pretrained):
-        with pytest.raises(CheckpointError, match=r"missing model\..*layers\.0\.mlp\.down_proj\.weight, .* \(2 in all\)"):
+        with pytest.raises(CheckpointError,
+                           match=r"missing model\..*layers\.0\.mlp\.down_proj\.weight, .* \(2 in all\)"):
             load(tmp_path)
     save_file({**state, "model.extra.weight": torch.zeros(2)}, weights, metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"unexpected model\.(language_model\.)?extra\.weight \(1 in all\)"):
@@ -242,7 +243,8 @@ def test_damaged_pmod_weight_files_are_refused(pmod_dir):
     weights.write_bytes(data)
     state = load_file(weights)
     keys = sorted(state)
-    save_file({k: state[k] for k in keys[:10]}, pmod_dir / "model-00001-of-00002.safetensors", metadata={"format": "pt"})
+    save_file({k: state[k] for k in keys[:10]}, pmod_dir / "model-00001-of-00002.safetensors",
+              metadata={"format": "pt"})
     weights.unlink()
     index = {"weight_map": {**dict.fromkeys(keys[:10], "model-00001-of-00002.safetensors"),
                             **dict.fromkeys(keys[10:], "model-00002-of-00002.safetensors")}}
@@ -291,7 +293,9 @@ def _damaged_copy(original_dir, tmp_path, config=None, config_text=None, index=N
     for item in original_dir.iterdir():
         (src / item.name).symlink_to(item)
     (src / "config.json").unlink()
-    (src / "config.json").write_text(config_text if config_text is not None else json.dumps(config or _original_config()))
+    (src / "config.json").write_text(
+        config_text if config_text is not None else json.dumps(config or _original_config())
+    )
     if index is not None:
         (src / "model.safetensors.index.json").unlink()
         (src / "model.safetensors.index.json").write_text(json.dumps(index))
@@ -305,11 +309,14 @@ def _damaged_copy(original_dir, tmp_path, config=None, config_text=None, index=N
         ({"index": {"weight_map": {"a": 5}}}, "weight_map names invalid shard files: 5 "),
         ({"index": [1, 2]}, "is not a valid shard index"),
         ({"config": {k: v for k, v in _original_config().items() if k != "vocab_size"}}, "has no vocab_size"),
-        ({"config": {**_original_config(), "num_hidden_layers": "32"}}, "num_hidden_layers must be a positive integer, got '32'"),
+        ({"config": {**_original_config(), "num_hidden_layers": "32"}},
+         "num_hidden_layers must be a positive integer, got '32'"),
         ({"config_text": "not json {"}, "it is not a JSON file"),
         ({"config_text": "[1, 2]"}, "must hold a JSON object"),
-        ({"config": {**_original_config(), "mod_weight_norm": "tanh_x_1"}}, "mod_weight_norm 'tanh_x_1': 'x' is not a finite number"),
-        ({"config": {**_original_config(), "mod_target_layers": "shiftedcos_decay_nan_0.15"}}, "'nan' is not a finite number"),
+        ({"config": {**_original_config(), "mod_weight_norm": "tanh_x_1"}},
+         "mod_weight_norm 'tanh_x_1': 'x' is not a finite number"),
+        ({"config": {**_original_config(), "mod_target_layers": "shiftedcos_decay_nan_0.15"}},
+         "'nan' is not a finite number"),
         ({"config": {**_original_config(), "mod_bias_enabled": "false"}}, "mod_bias_enabled must be true or false"),
         ({"config": {**_original_config(), "mm_patch_merge_type": 3}}, "mm_patch_merge_type must be a string"),
         ({"config": {**_original_config(), "image_aspect_ratio": "anyres", "mm_patch_merge_type": "spatial_unpad",
@@ -337,22 +344,25 @@ def test_convert_original_tensor_problems(original_dir, tmp_path):
         convert_original(tmp_path / "noname", tmp_path / "out", vision_tower=clip)
     # a tensor in two shards: which copy is meant?
     write_original(tmp_path / "twice", state, _original_config())
-    first, second = tmp_path / "twice" / "model-00001-of-00002.safetensors", tmp_path / "twice" / "model-00002-of-00002.safetensors"
+    first, second = (tmp_path / "twice" / "model-00001-of-00002.safetensors",
+                     tmp_path / "twice" / "model-00002-of-00002.safetensors")
     extra = next(iter(load_file(second).items()))
     save_file({**load_file(first), extra[0]: extra[1]}, first, metadata={"format": "pt"})
-    with pytest.raises(ConversionError, match=rf"{second.name}: tensors also stored in {first.name}: {extra[0]} \(1 in all\)"):
+    with pytest.raises(ConversionError,
+                       match=rf"{second.name}: tensors also stored in {first.name}: {extra[0]} \(1 in all\)"):
         convert_original(tmp_path / "twice", tmp_path / "out", vision_tower=clip)
     assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------------- 6. local paths are local
-@pytest.mark.parametrize("path", ["/no/such/pmod-dir", "./no-such-pmod-dir", "../no-such-pmod-dir", "~/no-such-pmod-dir",
-                                  Path("no-such/pmod-dir")])
+@pytest.mark.parametrize("path", ["/no/such/pmod-dir", "./no-such-pmod-dir", "../no-such-pmod-dir",
+                                  "~/no-such-pmod-dir", Path("no-such/pmod-dir")])
 def test_load_missing_local_path_says_no_such_directory(path):
     from pmod.loading import load_pretrained
 
     for load in (pmod.load_model, load_pretrained):
-        with pytest.raises(CheckpointError, match=r"No such directory: \S*pmod-dir\. Pass a local checkpoint directory"):
+        with pytest.raises(CheckpointError,
+                           match=r"No such directory: \S*pmod-dir\. Pass a local checkpoint directory"):
             load(path)
 
 
@@ -373,7 +383,8 @@ def test_load_file_or_folder_without_config(tmp_path):
     [
         ("garbage", CheckpointError, "needs a 'pmod' object"),
         (None, CheckpointError, "needs a 'pmod' object"),
-        ({"settings": {}, "layer_ratios": [0.5], "routed_layers": [0]}, pmod.PModConfigError, "1 entries for a model with 2"),
+        ({"settings": {}, "layer_ratios": [0.5], "routed_layers": [0]}, pmod.PModConfigError,
+         "1 entries for a model with 2"),
         ({"settings": {}, "layer_ratios": [0.5, 0.5]}, pmod.PModConfigError, "malformed"),
     ],
 )

@@ -83,10 +83,12 @@ def test_help_and_version_answer_without_importing_torch():
 
     script = Path(sys.executable).parent / "pmod"
     env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}
-    for argv, expected in ((["--help"], "usage: pmod"), (["eval", "--help"], "--resume"), (["--version"], "pmod 0.1.0")):
+    for argv, expected in ((["--help"], "usage: pmod"), (["eval", "--help"], "--resume"),
+                           (["--version"], "pmod 0.1.0")):
         run = subprocess.run([str(script), *argv], capture_output=True, text=True, env=env, timeout=60, check=True)
         assert expected in run.stdout
-        imported = {line.rsplit("|", 1)[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time")}
+        imported = {line.rsplit("|", 1)[-1].strip() for line in run.stderr.splitlines()
+                    if line.startswith("import time")}
         assert not imported & {"torch", "transformers", "numpy"}, sorted(imported & {"torch", "transformers", "numpy"})
     assert pmod.__version__ == "0.1.0"
 
@@ -127,7 +129,8 @@ def test_a_missing_extra_is_named(monkeypatch, capsys, error, extra):
 
 
 @pytest.mark.parametrize("argv0, preset, expected", [("-m", None, "PASSIVE"), ("/usr/bin/pmod", None, "PASSIVE"),
-                                                       ("/usr/bin/pmod", "ACTIVE", "ACTIVE"), ("script.py", None, None)])
+                                                       ("/usr/bin/pmod", "ACTIVE", "ACTIVE"),
+                                                       ("script.py", None, None)])
 def test_the_command_waits_passively_for_openmp(argv0, preset, expected):
     """The `pmod` command (and `python -m pmod`) sets OMP_WAIT_POLICY=PASSIVE before torch loads, unless the user set
     it: spinning OpenMP threads made a 2-core machine with one other busy process 10x slower. A library import of
@@ -162,12 +165,11 @@ def test_info_reads_a_local_config_without_torch(tmp_path):
 def test_commands_do_not_print_transformers_loading_bars(tmp_path):
     """transformers' "Loading weights" / "Writing model shards" bars on every load and save are off unless
     --verbose."""
+    import os
     import subprocess
     import sys
 
     from pmod.testing.tiny import tiny_llava
-
-    import os
 
     tiny_llava(num_layers=2).save_pretrained(tmp_path / "dense")
     run = [sys.executable, "-m", "pmod"]
@@ -193,5 +195,6 @@ def test_every_flag_and_argument_says_what_it_is():
             elif not isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
                 yield path, action
 
-    missing = [f"{path} {'/'.join(a.option_strings) or a.dest}" for path, a in walk(build_parser(), "pmod") if not a.help]
+    missing = [f"{path} {'/'.join(a.option_strings) or a.dest}" for path, a in walk(build_parser(), "pmod")
+               if not a.help]
     assert not missing, missing

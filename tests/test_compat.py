@@ -34,7 +34,8 @@ def test_routed_layer_refuses_any_other_cache(name):
     model = _model()
     ids = torch.randint(1, 100, (1, 8))
     layer = model.routed_layers()[0]
-    plan = RoutingPlan.build(torch.zeros_like(ids, dtype=torch.bool), torch.ones_like(ids, dtype=torch.bool), model.pmod.layers)
+    plan = RoutingPlan.build(torch.zeros_like(ids, dtype=torch.bool), torch.ones_like(ids, dtype=torch.bool),
+                             model.pmod.layers)
     with pytest.raises(pmod.PModInputError, match="need a pmod.PModCache, got a DynamicCache"):
         layer(torch.randn(1, 8, 32), pmod_plan=plan, **{name: DynamicCache()})
 
@@ -54,14 +55,16 @@ def test_model_takes_the_cache_under_either_name():
         steps = {}
         for name in CACHE_NAMES:
             cache = copy.deepcopy(prefill)
-            steps[name] = model(input_ids=new, attention_mask=full_mask, position_ids=pos[:, -1:], **{name: cache}).logits
+            steps[name] = model(input_ids=new, attention_mask=full_mask, position_ids=pos[:, -1:],
+                                **{name: cache}).logits
             assert cache.get_seq_length() == ids.shape[1] + 1, name  # this cache, not a new one, was extended
         full = model(input_ids=torch.cat([ids, new], 1), attention_mask=full_mask, position_ids=pos,
                      pixel_values=inputs["pixel_values"], use_cache=False).logits
     for name, logits in steps.items():
         torch.testing.assert_close(logits[:, -1], full[:, -1], rtol=1e-5, atol=1e-5, msg=name)
     with pytest.raises(pmod.PModInputError, match="Both `cache` and `past_key_values`"):
-        model(input_ids=new, attention_mask=full_mask, cache=copy.deepcopy(prefill), past_key_values=copy.deepcopy(prefill))
+        model(input_ids=new, attention_mask=full_mask, cache=copy.deepcopy(prefill),
+              past_key_values=copy.deepcopy(prefill))
 
 
 def test_the_installed_transformers_loads_processor_parts_through_the_detected_hook(tmp_path):

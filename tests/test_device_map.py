@@ -10,7 +10,8 @@ from pmod.testing.tiny import randomize_routers, tiny_llava
 def test_device_map_auto_keeps_routed_layers_whole(tmp_path):
     """A memory budget that forces offloading: accelerate places whole decoder layers only (a routed layer's router,
     attention and MLP must run together), and the offloaded model computes what the unsplit one does."""
-    model = pmod.apply_pmod(tiny_llava(num_layers=6, hidden_size=128), pmod.PModConfig(schedule=[1.0, 1.0, 0.5, 0.3, 0.6, 0.2]))
+    model = pmod.apply_pmod(tiny_llava(num_layers=6, hidden_size=128),
+                            pmod.PModConfig(schedule=[1.0, 1.0, 0.5, 0.3, 0.6, 0.2]))
     randomize_routers(model)
     model.save_pretrained(tmp_path / "model")
     routed = {f"model.language_model.layers.{i}" for i in model.routed_layers()}

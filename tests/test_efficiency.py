@@ -43,7 +43,8 @@ def test_kv_report_matches_schedule_prediction():
     assert report.entry_ratio == report.ratio  # equal rows: no empty slots
     actual = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
     assert report.bytes == actual
-    per_token = [2 * k.shape[0] * k.shape[1] * k.shape[3] * k.element_size() for k in (l.keys for l in cache.layers)]
+    per_token = [2 * k.shape[0] * k.shape[1] * k.shape[3] * k.element_size()
+                 for k in (layer.keys for layer in cache.layers)]
     assert report.dense_bytes == sum(per_token) * total
     assert [layer.routed for layer in report.layers] == [True, False, True, True]
 
@@ -210,4 +211,5 @@ def test_newer_family_presets():
     per_token = sum(decoder_layer_flops(1, moe, layer=i) for i in range(moe.num_layers))
     assert 2 * 2.0e9 < per_token < 2 * 3.5e9
     gemma = PRESETS["gemma-3-12b"].decoder
-    assert decoder_layer_flops(8192, gemma, causal=True, layer=0) < decoder_layer_flops(8192, gemma, causal=True, layer=5)
+    assert (decoder_layer_flops(8192, gemma, causal=True, layer=0)
+            < decoder_layer_flops(8192, gemma, causal=True, layer=5))

@@ -17,7 +17,8 @@ def test_image_token_count_mismatch():
     model = _model()
     ids = torch.randint(1, 100, (1, 20))
     ids[0, 2:12] = model.config.image_token_id  # 10 tokens, the image has 16 features
-    with pytest.raises(pmod.PModInputError, match=r"hold \[10\] image tokens per row .* for 1 image\(s\); this model needs 16 image tokens per image"):
+    with pytest.raises(pmod.PModInputError, match=(r"hold \[10\] image tokens per row .* for 1 image\(s\); "
+                                                   r"this model needs 16 image tokens per image")):
         model(input_ids=ids, pixel_values=torch.randn(1, 3, 28, 28))
     # under generate() the images arrive encoded: still counted (it said "0 image(s)")
     with torch.no_grad(), pytest.raises(pmod.PModInputError, match=r"for 1 image\(s\); this model needs 16"):
@@ -56,7 +57,8 @@ def test_router_weights_beyond_the_dtype_range_are_refused(dtype, alpha):
 
 def test_unsupported_model_family():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
-    with pytest.raises(pmod.UnsupportedModelError, match="does not support GPT2LMHeadModel.*LlavaForConditionalGeneration"):
+    with pytest.raises(pmod.UnsupportedModelError,
+                       match="does not support GPT2LMHeadModel.*LlavaForConditionalGeneration"):
         pmod.apply_pmod(gpt2)
 
 

@@ -8,8 +8,8 @@ For each: keep ratio 1 = the dense model; random routers = the per-example refer
 sdpa); batched generation = each row alone; cached decoding = recomputation; a dense checkpoint converts and a p-MoD
 one round-trips."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import pytest
 import torch

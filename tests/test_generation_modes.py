@@ -133,4 +133,5 @@ def test_generate_takes_the_prompts_target_mask_and_counts():
         assert lm.generate(input_ids=ids, target_mask=target, target_counts=[8, 8], num_beams=2, **kw).shape == (2, 16)
         dense = tiny_causal_lm("llama", num_layers=4)
         routed = pmod.apply_pmod(tiny_causal_lm("llama", num_layers=4), ALL_ROUTED)
-        assert torch.equal(routed.generate(input_ids=ids, target_mask=target, **kw), dense.generate(input_ids=ids, **kw))
+        assert torch.equal(routed.generate(input_ids=ids, target_mask=target, **kw),
+                           dense.generate(input_ids=ids, **kw))

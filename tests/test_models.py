@@ -14,7 +14,8 @@ ROWS = [(3, 1, 4), (2, 2, 1), (5, 0, 3), (1, 1, 0)]  # different vision-token co
 
 
 def llava_inputs(model, rows=ROWS, padding_side="left", seed=0):
-    ids, mask, pos = build_batch(rows, model.config.image_token_id, llava_tokens_per_image(model), 128, padding_side, seed)
+    ids, mask, pos = build_batch(rows, model.config.image_token_id, llava_tokens_per_image(model), 128, padding_side,
+                                 seed)
     n_images = [r[1] for r in rows]
     gen = torch.Generator().manual_seed(seed)
     pixel_values = torch.randn(sum(n_images), 3, 28, 28, generator=gen)
@@ -140,7 +141,8 @@ def next_inputs(model, sizes, texts, seed=0):
     counts = iter([f.shape[0] for f in feats])
     rows = [(t[0], [next(counts) for _ in row], t[1]) for row, t in zip(per_row, texts)]
     ids, mask, pos = build_batch(rows, model.config.image_token_id, 0, 128, "left", seed)
-    inputs = dict(input_ids=ids, attention_mask=mask, position_ids=pos, pixel_values=pixel_values, image_sizes=image_sizes)
+    inputs = dict(input_ids=ids, attention_mask=mask, position_ids=pos, pixel_values=pixel_values,
+                  image_sizes=image_sizes)
     return inputs, [len(row) for row in per_row]
 
 
@@ -290,7 +292,8 @@ def test_attention_maps_are_over_sequence_positions():
     for a, b in zip(got_step, want_step):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
-    model = pmod.apply_pmod(tiny_llava(num_layers=4, attn_implementation="eager"), pmod.PModConfig(schedule=[1.0, 0.5, 0.3, 0.6]))
+    model = pmod.apply_pmod(tiny_llava(num_layers=4, attn_implementation="eager"),
+                            pmod.PModConfig(schedule=[1.0, 0.5, 0.3, 0.6]))
     randomize_routers(model)
     with torch.no_grad():
         maps = model(**inputs, output_attentions=True).attentions

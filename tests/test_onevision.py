@@ -30,7 +30,9 @@ def onevision_inputs(model, rows=ROWS, padding_side="left", seed=0):
     n_videos = sum(r == "video" for r, _ in rows)
     videos = torch.randn(n_videos, 4, 3, base, base, generator=gen)
     with torch.no_grad():
-        image_counts = iter(f.shape[0] for f in model.model.get_image_features(pixel_values, torch.tensor(sizes)).pooler_output)
+        image_counts = iter(
+            f.shape[0] for f in model.model.get_image_features(pixel_values, torch.tensor(sizes)).pooler_output
+        )
     # a video's tokens: each frame's features pooled to ceil(side / 2) squared, then one newline (as the processor
     # counts; get_video_features includes the newline on some transformers versions and not on others)
     pooled = math.ceil(base // cfg.vision_config.patch_size / 2)

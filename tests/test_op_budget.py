@@ -64,7 +64,8 @@ def test_pmod_forward_op_and_sync_budget():
     # static caches (compiled decoding): the dense model's StaticCache against pmod.PModStaticCache
     mask = torch.ones(1, 650, dtype=torch.long)  # padded to the cache length: every step has the same shapes
     static = {"input_ids": step, "attention_mask": mask, "position_ids": torch.tensor([[640]])}
-    dense_cache, pmod_cache = StaticCache(config=dense.config, max_cache_len=650), PModStaticCache.for_model(routed, 650)
+    dense_cache, pmod_cache = (StaticCache(config=dense.config, max_cache_len=650),
+                               PModStaticCache.for_model(routed, 650))
     _count(dense, input_ids=ids, **cache_kwargs(dense_cache))
     _count(routed, input_ids=ids, target_mask=target, **cache_kwargs(pmod_cache))
     dense_static_step = _count(dense, **static, **cache_kwargs(dense_cache))

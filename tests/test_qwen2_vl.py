@@ -30,8 +30,10 @@ def qwen_inputs(model, rows=ROWS, seed=0):
             kind, t, h, w = vis
             token = cfg.image_token_id if kind == "image" else cfg.video_token_id
             n = t * h * w // merge
-            parts += [torch.tensor([cfg.vision_start_token_id]), torch.full((n,), token), torch.tensor([cfg.vision_end_token_id])]
-            kinds += [torch.zeros(1, dtype=torch.long), torch.full((n,), 1 if kind == "image" else 2), torch.zeros(1, dtype=torch.long)]
+            parts += [torch.tensor([cfg.vision_start_token_id]), torch.full((n,), token),
+                      torch.tensor([cfg.vision_end_token_id])]
+            kinds += [torch.zeros(1, dtype=torch.long), torch.full((n,), 1 if kind == "image" else 2),
+                      torch.zeros(1, dtype=torch.long)]
             px = torch.randn(t * h * w, patch_dim, generator=gen)
             pixels[kind].append(px)
             grids[kind].append([t, h, w])
@@ -151,8 +153,10 @@ def test_cached_decoding_equals_recomputation(version):
             ids = out.sequences[:, : n + step]
             extra = ids.shape[1] - n
             full = dict(inputs, input_ids=ids,
-                        attention_mask=torch.cat([inputs["attention_mask"], torch.ones(ids.shape[0], extra, dtype=torch.long)], 1),
-                        mm_token_type_ids=torch.cat([inputs["mm_token_type_ids"], torch.zeros(ids.shape[0], extra, dtype=torch.long)], 1))
+                        attention_mask=torch.cat([inputs["attention_mask"],
+                                                  torch.ones(ids.shape[0], extra, dtype=torch.long)], 1),
+                        mm_token_type_ids=torch.cat([inputs["mm_token_type_ids"],
+                                                     torch.zeros(ids.shape[0], extra, dtype=torch.long)], 1))
             torch.testing.assert_close(logits, model(**full).logits[:, -1], rtol=1e-4, atol=1e-4)
 
 

@@ -17,8 +17,9 @@ SCHEDULE = [0.5, 1.0, 0.3, 0.6]  # layer 0 routed: DeepStack features are added 
 
 
 def qwen3_inputs(model, rows=ROWS, seed=0):
-    """A left-padded batch, and each row's own inputs. A video's frames (one per temporal patch) are written as Qwen3-VL's
-    processor writes them: a timestamp (two text tokens here), then the frame's tokens between vision start and end."""
+    """A left-padded batch, and each row's own inputs. A video's frames (one per temporal patch) are written as
+    Qwen3-VL's processor writes them: a timestamp (two text tokens here), then the frame's tokens between vision start
+    and end."""
     gen = torch.Generator().manual_seed(seed)
     cfg = model.config
     vision = cfg.vision_config
@@ -43,7 +44,8 @@ def qwen3_inputs(model, rows=ROWS, seed=0):
                     kinds.append(torch.zeros(2, dtype=torch.long))
                 parts += [torch.tensor([cfg.vision_start_token_id]), torch.full((per_frame,), token),
                           torch.tensor([cfg.vision_end_token_id])]
-                kinds += [torch.zeros(1, dtype=torch.long), torch.full((per_frame,), kind_id), torch.zeros(1, dtype=torch.long)]
+                kinds += [torch.zeros(1, dtype=torch.long), torch.full((per_frame,), kind_id),
+                          torch.zeros(1, dtype=torch.long)]
             px = torch.randn(t * h * w, patch_dim, generator=gen)
             pixels[kind].append(px)
             grids[kind].append([t, h, w])
@@ -117,7 +119,8 @@ def test_deepstack_reaches_skipped_tokens():
         from reference import merged_embeddings
 
         x, positions, deepstack = merged_embeddings(model, **singles[0])
-        without = reference_language_model(model, x[0], positions[-3:, 0], inputs["input_ids"][0] == model.config.image_token_id)
+        without = reference_language_model(model, x[0], positions[-3:, 0],
+                                           inputs["input_ids"][0] == model.config.image_token_id)
     assert deepstack is not None and len(deepstack[1]) == 2 and _inner(model) is model.model.language_model
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     assert (without - ref).abs().max() > 1e-3

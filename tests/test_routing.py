@@ -48,7 +48,8 @@ def test_selection_ranks_fp32_logits_not_bf16_tanh():
     ids = torch.randint(1, 100, (1, 20))
     ids[0, 2:18] = model.config.image_token_id
     captured = {}
-    layer.register_forward_pre_hook(lambda m, a, kw: captured.update(x=a[0] if a else kw["hidden_states"]), with_kwargs=True)
+    layer.register_forward_pre_hook(lambda m, a, kw: captured.update(x=a[0] if a else kw["hidden_states"]),
+                                    with_kwargs=True)
     with torch.no_grad():
         layer.router.weight.normal_(0, 2.0)
         model(input_ids=ids, pixel_values=torch.randn(1, 3, 28, 28, dtype=torch.bfloat16))

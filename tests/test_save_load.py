@@ -97,10 +97,12 @@ def test_dense_checkpoint_loads_into_pmod_with_zero_routers(tmp_path):
     with torch.no_grad():
         expected = dense(**inputs).logits
     model = pmod.load_model(tmp_path, all_routed(4))
-    assert all(torch.count_nonzero(l.router.weight) == 0 and torch.count_nonzero(l.router.bias) == 0
-               for l in model.routed_layers().values())
+    assert all(torch.count_nonzero(layer.router.weight) == 0 and torch.count_nonzero(layer.router.bias) == 0
+               for layer in model.routed_layers().values())
     dense_keys = set(dense.state_dict())
-    assert set(model.state_dict()) - dense_keys == {f"model.language_model.layers.{i}.router.{p}" for i in range(4) for p in ("weight", "bias")}
+    assert set(model.state_dict()) - dense_keys == {
+        f"model.language_model.layers.{i}.router.{p}" for i in range(4) for p in ("weight", "bias")
+    }
     with torch.no_grad():
         assert torch.equal(model.eval()(**inputs).logits, expected)
     assert _state_equal(dense, _without_routers(model, dense))
@@ -124,8 +126,9 @@ def test_missing_routers_in_pmod_checkpoint_are_refused(tmp_path):
     assert dropped
     save_file({k: v for k, v in state.items() if k not in dropped}, weights, metadata={"format": "pt"})
     for load in (pmod.load_model, AutoModelForImageTextToText.from_pretrained):
-        with pytest.raises(pmod.PModError, match=r"missing model\.language_model\.layers\.1\.router\.bias, "
-                                                 r"model\.language_model\.layers\.1\.router\.weight \(2 in all\).*load_model\(DENSE_DIR"):
+        with pytest.raises(pmod.PModError, match=(r"missing model\.language_model\.layers\.1\.router\.bias, "
+                                                  r"model\.language_model\.layers\.1\.router\.weight \(2 in all\)"
+                                                  r".*load_model\(DENSE_DIR")):
             load(tmp_path)
 
 

@@ -50,7 +50,9 @@ def _check_counts_plan_the_same(model, inputs, monkeypatch):
         targets_only = model(**inputs, target_counts=counts["target_counts"])
     assert counts["target_counts"] == targets
     mask = inputs.get("attention_mask")
-    assert counts["token_counts"] == (mask.sum(1).tolist() if mask is not None else [inputs["input_ids"].shape[1]] * len(targets))
+    assert counts["token_counts"] == (
+        mask.sum(1).tolist() if mask is not None else [inputs["input_ids"].shape[1]] * len(targets)
+    )
     assert used == ["device", "counts", "counts"]
     torch.testing.assert_close(given.logits, plain.logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(targets_only.logits, plain.logits, rtol=1e-5, atol=1e-5)

@@ -3,8 +3,8 @@
 A LLaVA record is ``{"id", "image" (path | list of paths | absent), "conversations": [{"from": "human" | "gpt",
 "value": ...}, ...]}`` with ``<image>`` placeholders in the human turns. Video records (LLaVA-Video style) name
 ``"video"``: a video file, a folder of frames, a list of frame paths, or a list of such videos, with ``<video>``
-placeholders. Training (`pmod.data.records`) and evaluation (`pmod.pipelines.evaluate`) both go through this module so that a
-prompt is rendered the same way in both.
+placeholders. Training (`pmod.data.records`) and evaluation (`pmod.pipelines.evaluate`) both go through this module so
+that a prompt is rendered the same way in both.
 """
 
 from __future__ import annotations
@@ -134,7 +134,9 @@ def to_messages(record: dict[str, Any]) -> list[dict[str, Any]]:
     if not isinstance(turns, list) or not turns:
         raise PModInputError(f"record {rid!r}: 'conversations' must be a non-empty list of turns")
     videos = len(video_sources(record))
-    kinds = [(IMAGE_PLACEHOLDER, len(image_paths(record)), "image")] + ([(VIDEO_PLACEHOLDER, videos, "video")] if videos else [])
+    kinds = [(IMAGE_PLACEHOLDER, len(image_paths(record)), "image")] + (
+        [(VIDEO_PLACEHOLDER, videos, "video")] if videos else []
+    )
     for placeholder, count, key in kinds:
         n_placeholders = sum(str(t.get("value", "")).count(placeholder) for t in turns if isinstance(t, dict))
         if n_placeholders == 0 and count:
@@ -180,8 +182,8 @@ def render(processor: Any, messages: list[dict[str, Any]], add_generation_prompt
     owner = processor if getattr(processor, "chat_template", None) else tokenizer_of(processor)
     if not getattr(owner, "chat_template", None):
         raise PModInputError(
-            "the processor has no chat template; set one (e.g. pmod.data.conversation.VICUNA_V1_TEMPLATE for the original "
-            "LLaVA-1.5 models: processor.chat_template = VICUNA_V1_TEMPLATE) and save it with the processor"
+            "the processor has no chat template; set one (e.g. pmod.data.conversation.VICUNA_V1_TEMPLATE for the "
+            "original LLaVA-1.5 models: processor.chat_template = VICUNA_V1_TEMPLATE) and save it with the processor"
         )
     return owner.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 

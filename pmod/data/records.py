@@ -37,7 +37,8 @@ logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 SKIP_KEY = "pmod_skipped"
-TOKEN_LEVEL_INPUTS = ("mm_token_type_ids", "token_type_ids")  # processor outputs with one value per token (Gemma 3: image)
+# processor outputs with one value per token (Gemma 3: image)
+TOKEN_LEVEL_INPUTS = ("mm_token_type_ids", "token_type_ids")
 DEFAULT_VIDEO_FPS = 2.0  # frames per second of a record's frames when it does not say ("fps"): Qwen2-VL's rate
 # transformers.video_utils decoders, in the order tried (PyAV is transformers' default)
 VIDEO_BACKENDS = ("pyav", "decord", "torchcodec", "opencv", "torchvision")
@@ -171,9 +172,13 @@ class Encoder:
     def __post_init__(self) -> None:
         self.tokenizer = tokenizer_of(self.processor)
         # the processor's own placeholder ("<image>" for LLaVA, "<|image_pad|>" for Qwen2-VL)
-        self.image_token_id = self.tokenizer.convert_tokens_to_ids(getattr(self.processor, "image_token", IMAGE_PLACEHOLDER))
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(
+            getattr(self.processor, "image_token", IMAGE_PLACEHOLDER)
+        )
         video = getattr(self.processor, "video_token", None)
-        self.placeholder_ids = {self.image_token_id} | ({self.tokenizer.convert_tokens_to_ids(video)} if video else set())
+        self.placeholder_ids = {self.image_token_id} | (
+            {self.tokenizer.convert_tokens_to_ids(video)} if video else set()
+        )
 
     def images(self, record: dict[str, Any]) -> list[Image.Image]:
         out = []
@@ -478,7 +483,9 @@ def video_metadata(videos: list[list[Any]], fps: float | list[float]) -> list[di
     """The ``video_metadata`` a processor gets with decoded frames: their rate, explicit for every processor, so
     that Qwen2.5-VL's temporal positions are the same with transformers' video processors and pmod's."""
     rates = fps if isinstance(fps, list) else [fps] * len(videos)
-    return [{"fps": r, "total_num_frames": len(v), "frames_indices": list(range(len(v)))} for v, r in zip(videos, rates)]
+    return [
+        {"fps": r, "total_num_frames": len(v), "frames_indices": list(range(len(v)))} for v, r in zip(videos, rates)
+    ]
 
 
 def _natural(path: Path) -> list[Any]:
@@ -573,7 +580,8 @@ class LlavaCollator:
             labels[row, cols] = item["labels"]
             mask[row, cols] = 1
         batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-        for key in TOKEN_LEVEL_INPUTS:  # per-token inputs (Qwen2-VL modality types, Gemma 3 token types) pad like the ids, with 0
+        # per-token inputs (Qwen2-VL modality types, Gemma 3 token types) pad like the ids, with 0
+        for key in TOKEN_LEVEL_INPUTS:
             if any(key in item for item in items):
                 values = torch.zeros((len(items), width), dtype=torch.long)
                 for row, item in enumerate(items):

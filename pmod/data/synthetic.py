@@ -86,8 +86,8 @@ class SyntheticConfig:
         self.shapes = tuple(self.shapes)
         self.shape_size = tuple(self.shape_size)
         if len(self.shape_size) != 2 or not 0.2 <= self.shape_size[0] <= self.shape_size[1] <= 0.95:
-            raise ValueError(f"shape_size must be (smallest, largest) with 0.2 <= smallest <= largest <= 0.95 of a cell, "
-                             f"got {self.shape_size}.")
+            raise ValueError("shape_size must be (smallest, largest) with 0.2 <= smallest <= largest <= 0.95 of a "
+                             f"cell, got {self.shape_size}.")
         if self.grid not in _ROW_NAMES:
             raise ValueError(f"grid must be 2 or 3 (positions are named top left ... bottom right), got {self.grid}.")
         if not 1 <= self.max_shapes <= self.grid * self.grid:

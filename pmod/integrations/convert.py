@@ -34,7 +34,8 @@ _PROCESSOR_FILES = {
 }
 
 
-def convert_dense(src: str | os.PathLike, out: str | os.PathLike, config: PModConfig | None = None, force: bool = False) -> Path:
+def convert_dense(src: str | os.PathLike, out: str | os.PathLike, config: PModConfig | None = None,
+                  force: bool = False) -> Path:
     """Convert the dense checkpoint in ``src`` into an untrained p-MoD checkpoint in ``out``; returns ``out``."""
     from transformers import AutoConfig
 
@@ -89,7 +90,9 @@ def _check_settings_round_trip(model) -> None:
     try:
         json.dumps(model.config.pmod, allow_nan=False)
     except ValueError as exc:
-        raise ConversionError(f"The p-MoD settings contain a NaN or infinite number: {model.config.pmod['settings']}.") from exc
+        raise ConversionError(
+            f"The p-MoD settings contain a NaN or infinite number: {model.config.pmod['settings']}."
+        ) from exc
     ResolvedPMod.from_dict(model.config.pmod)  # raises PModConfigError, as loading the output would
 
 
@@ -138,12 +141,16 @@ def parse_original_settings(cfg: dict, num_layers: int) -> PModConfig:
     schedule = str(cfg.get("mod_target_layers", ""))
     parts = schedule.split("_")
     if len(parts) == 4 and parts[1] == "decay" and parts[0] in ("shiftedcos", "shiftedlinear"):
-        maximum, minimum = _ratio_text(parts[2], "mod_target_layers", schedule), _ratio_text(parts[3], "mod_target_layers", schedule)
+        maximum, minimum = (_ratio_text(parts[2], "mod_target_layers", schedule),
+                            _ratio_text(parts[3], "mod_target_layers", schedule))
         if minimum > maximum:
-            raise ConversionError(f"mod_target_layers {schedule!r}: the minimum {minimum} is above the maximum {maximum}.")
+            raise ConversionError(
+                f"mod_target_layers {schedule!r}: the minimum {minimum} is above the maximum {maximum}."
+            )
         shift = _number(cfg, "mod_router_factor", 0.5)  # the average keep ratio, a in method.md section 3
         raws = [
-            0.5 * math.cos(math.pi * i / _ORIGINAL_SPAN) + shift if parts[0] == "shiftedcos" else 0.5 - i / _ORIGINAL_SPAN + shift
+            0.5 * math.cos(math.pi * i / _ORIGINAL_SPAN) + shift if parts[0] == "shiftedcos"
+            else 0.5 - i / _ORIGINAL_SPAN + shift
             for i in range(num_layers)
         ]
         routed = [i for i, raw in enumerate(raws) if raw <= maximum]
@@ -155,12 +162,15 @@ def parse_original_settings(cfg: dict, num_layers: int) -> PModConfig:
         )
     norm = str(cfg.get("mod_weight_norm", "tanh_0.2_1")).split("_")
     if len(norm) != 3 or norm[0] != "tanh":
-        raise ConversionError(f"Unknown mod_weight_norm {cfg.get('mod_weight_norm')!r}: supported is 'tanh_ALPHA_BETA'.")
+        raise ConversionError(
+            f"Unknown mod_weight_norm {cfg.get('mod_weight_norm')!r}: supported is 'tanh_ALPHA_BETA'."
+        )
     alpha, beta = (_finite_text(text, "mod_weight_norm", cfg.get("mod_weight_norm")) for text in norm[1:])
     original_targets = str(cfg.get("mod_target_token_type", "vision_all"))
     if original_targets not in _ORIGINAL_TARGETS:
         raise ConversionError(
-            f"Unknown mod_target_token_type {original_targets!r}: the original's values are {sorted(_ORIGINAL_TARGETS)}."
+            f"Unknown mod_target_token_type {original_targets!r}: the original's values are "
+            f"{sorted(_ORIGINAL_TARGETS)}."
         )
     targets = _ORIGINAL_TARGETS[original_targets]
     if targets == "vision_hr" and cfg.get("image_aspect_ratio") != "anyres":
@@ -218,10 +228,13 @@ def read_state_dict(src: Path) -> dict:
     for name in check_weight_files(src):
         path = src / name
         try:
-            part = load_file(path) if name.endswith(".safetensors") else torch.load(path, map_location="cpu", weights_only=True)
+            part = (load_file(path) if name.endswith(".safetensors")
+                    else torch.load(path, map_location="cpu", weights_only=True))
         except Exception as exc:  # corrupt or truncated files surface as many exception types
             raise ConversionError(f"Cannot read weights from {path}: {one_line(exc)}") from exc
-        if not isinstance(part, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in part.items()):
+        if not isinstance(part, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in part.items()
+        ):
             raise ConversionError(f"Cannot read weights from {path}: expected a mapping of tensor names to tensors, "
                                   f"got {type(part).__name__}{' with other values' if isinstance(part, dict) else ''}.")
         twice = sorted(set(part) & set(state))
@@ -244,15 +257,24 @@ def _vision_config(state: dict, cfg: dict, vision_tower: Path | None):
         raise ConversionError(f"The checkpoint has no vision tower weights ({exc.args[0]} missing).") from exc
     for name, tensor, rank in (("patch_embedding", patch, 4), ("position_embedding", positions, 2), ("fc1", fc1, 2)):
         if tensor.dim() != rank:
-            raise ConversionError(f"The vision tower's {name} weight has shape {tuple(tensor.shape)}; expected {rank} dimensions.")
-    indices = {k[len(prefix + "encoder.layers.") :].split(".", 1)[0] for k in state if k.startswith(prefix + "encoder.layers.")}
+            raise ConversionError(
+                f"The vision tower's {name} weight has shape {tuple(tensor.shape)}; expected {rank} dimensions."
+            )
+    indices = {
+        k[len(prefix + "encoder.layers.") :].split(".", 1)[0] for k in state if k.startswith(prefix + "encoder.layers.")
+    }
     if not all(i.isdigit() for i in indices):
-        raise ConversionError(f"Vision tower layer names with a non-numeric index: {describe_names(i for i in indices if not i.isdigit())}.")
+        raise ConversionError(
+            "Vision tower layer names with a non-numeric index: "
+            f"{describe_names(i for i in indices if not i.isdigit())}."
+        )
     layers = 1 + max(int(i) for i in indices)
     hidden, patch_size = patch.shape[0], patch.shape[-1]
     image_size = int(round((positions.shape[0] - 1) ** 0.5)) * patch_size
     extra = {"num_attention_heads": hidden // 64, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
-    source = vision_tower or (Path(cfg["mm_vision_tower"]) if Path(str(cfg.get("mm_vision_tower", ""))).is_dir() else None)
+    source = vision_tower or (
+        Path(cfg["mm_vision_tower"]) if Path(str(cfg.get("mm_vision_tower", ""))).is_dir() else None
+    )
     if source is not None:
         try:
             vc = AutoConfig.from_pretrained(source)
@@ -328,7 +350,9 @@ def _read_original_config(src: Path) -> tuple[dict, Path]:
     if not isinstance(cfg, dict):
         raise ConversionError(f"{path} must hold a JSON object (the model's settings), got a {type(cfg).__name__}.")
     if cfg.get("model_type") != "pmod_llava_llama":
-        raise ConversionError(f"{src} is a {cfg.get('model_type')!r} checkpoint; expected the original 'pmod_llava_llama'.")
+        raise ConversionError(
+            f"{src} is a {cfg.get('model_type')!r} checkpoint; expected the original 'pmod_llava_llama'."
+        )
     absent = [k for k in _REQUIRED_TEXT_FIELDS if k not in cfg]
     if absent:
         raise ConversionError(f"{path} has no {', '.join(absent)}: the language model's shape cannot be known.")
@@ -353,7 +377,9 @@ def _rename_original(key: str) -> str | None:
         return "?" + key  # no parameter name after the index
     if key.startswith("model.mm_projector."):
         index, rest = key[len("model.mm_projector.") :].split(".", 1)
-        return {"0": "model.multi_modal_projector.linear_1.", "2": "model.multi_modal_projector.linear_2."}.get(index, "?") + rest
+        return {
+            "0": "model.multi_modal_projector.linear_1.", "2": "model.multi_modal_projector.linear_2."
+        }.get(index, "?") + rest
     if key == "model.image_newline":
         return "model.image_newline"
     if key.startswith("model.layers."):
@@ -400,16 +426,17 @@ def convert_original(
     merge = cfg.get("mm_patch_merge_type", "flat")
     if anyres and not merge.startswith("spatial_unpad") or (not anyres and merge != "flat"):
         raise ConversionError(
-            f"{config_file}: image_aspect_ratio {cfg.get('image_aspect_ratio')!r} with mm_patch_merge_type {merge!r} is not supported: "
-            "use 'pad'/'square' with 'flat' (LLaVA-1.5) or 'anyres' with 'spatial_unpad' (LLaVA-NeXT)."
+            f"{config_file}: image_aspect_ratio {cfg.get('image_aspect_ratio')!r} with mm_patch_merge_type {merge!r} "
+            "is not supported: use 'pad'/'square' with 'flat' (LLaVA-1.5) or 'anyres' with 'spatial_unpad' "
+            "(LLaVA-NeXT)."
         )
     pinpoints = cfg.get("image_grid_pinpoints")
     if anyres and not (
         isinstance(pinpoints, list) and pinpoints
         and all(isinstance(p, list) and len(p) == 2 and all(_valid_field(n, "count") for n in p) for p in pinpoints)
     ):
-        raise ConversionError(f"{config_file}: image_grid_pinpoints must be a list of [height, width] pairs of positive "
-                              f"integers, got {preview(pinpoints)}.")
+        raise ConversionError(f"{config_file}: image_grid_pinpoints must be a list of [height, width] pairs of "
+                              f"positive integers, got {preview(pinpoints)}.")
     try:
         settings = parse_original_settings(cfg, cfg["num_hidden_layers"])
     except PModError as exc:
@@ -428,7 +455,9 @@ def convert_original(
             text_config=text,
             image_token_id=image_token_id,
             vision_feature_layer=cfg.get("mm_vision_select_layer", -2),
-            vision_feature_select_strategy="default" if cfg.get("mm_vision_select_feature", "patch") == "patch" else "full",
+            vision_feature_select_strategy=(
+                "default" if cfg.get("mm_vision_select_feature", "patch") == "patch" else "full"
+            ),
             projector_hidden_act="gelu",
             tie_word_embeddings=False,
         )
@@ -485,7 +514,9 @@ def _check_original_tensors(src: Path, renamed: dict, unknown: list[str], expect
     missing = sorted(set(expected) - set(renamed))
     unexpected = sorted(unknown + [k for k in renamed if k not in expected])
     wrong = sorted(k for k in renamed if k in expected and tuple(renamed[k].shape) != tuple(expected[k].shape))
-    dtype = sorted(k for k in renamed if k in expected and renamed[k].is_floating_point() != expected[k].is_floating_point())
+    dtype = sorted(
+        k for k in renamed if k in expected and renamed[k].is_floating_point() != expected[k].is_floating_point()
+    )
     problems = []
     if missing:
         problems.append(f"missing {describe_names(missing)}")
@@ -558,7 +589,9 @@ def _build_processor(src: Path, model, cfg: dict):
         from transformers import LlavaNextImageProcessorPil
 
         return LlavaNextProcessor(
-            image_processor=LlavaNextImageProcessorPil(image_grid_pinpoints=model.config.image_grid_pinpoints, **common),
+            image_processor=LlavaNextImageProcessorPil(
+                image_grid_pinpoints=model.config.image_grid_pinpoints, **common
+            ),
             **kwargs,
         )
     from transformers import LlavaImageProcessorPil
@@ -581,6 +614,9 @@ def _read_preprocessor_config(path: Path) -> dict:
     for key, least in (("image_mean", "non-negative"), ("image_std", "positive")):
         value = pre.get(key, [0.5, 0.5, 0.5])
         if not (isinstance(value, list) and len(value) == 3
-                and all(_valid_field(v, "positive") or least == "non-negative" and type(v) in (int, float) and v == 0 for v in value)):
-            raise ConversionError(f"{path}: {key} must be a list of 3 {least} numbers (one per colour), got {preview(value)}.")
+                and all(_valid_field(v, "positive") or least == "non-negative" and type(v) in (int, float) and v == 0
+                        for v in value)):
+            raise ConversionError(
+                f"{path}: {key} must be a list of 3 {least} numbers (one per colour), got {preview(value)}."
+            )
     return pre

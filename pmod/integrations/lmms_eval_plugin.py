@@ -153,7 +153,9 @@ def _media_of(value: Any, what: str, kind: str | None = None, start: float | Non
         if kind == "image" or path.suffix.lower() in FRAME_SUFFIXES:
             return _Media("image", path)
         return _Media("video", path, start, end)
-    if isinstance(value, (list, tuple)) and value and all(isinstance(f, (Image.Image, str, os.PathLike)) for f in value):
+    if isinstance(value, (list, tuple)) and value and all(
+        isinstance(f, (Image.Image, str, os.PathLike)) for f in value
+    ):
         return _Media("video", list(value), start, end)
     raise PModInputError(
         f"{what}: cannot use a {type(value).__name__} visual; the {MODEL_NAME!r} model takes PIL images, image files, "
@@ -188,7 +190,8 @@ def _sample(total: int, fps: float, max_frames: int, start: float | None, end: f
 
 
 def _video_backend() -> str | None:
-    """The first installed transformers video decoder (`pmod.data.records.video_backend`: torchvision 0.26+ decodes none)."""
+    """The first installed transformers video decoder (`pmod.data.records.video_backend`: torchvision 0.26+ decodes
+    none)."""
     from ..data.records import video_backend
 
     return video_backend()
@@ -332,7 +335,9 @@ class PMod(lmms):
         try:
             for m in media:
                 if m.kind == "image":
-                    images.append(m.source.convert("RGB") if isinstance(m.source, Image.Image) else load_image(m.source))
+                    images.append(
+                        m.source.convert("RGB") if isinstance(m.source, Image.Image) else load_image(m.source)
+                    )
                 else:
                     frames, fps = self._video(m, what, max_frames)
                     videos.append(frames)
@@ -446,7 +451,7 @@ class PMod(lmms):
             groups.setdefault(key, []).append(i)
         results: list[str | None] = [None] * len(requests)
         bar = tqdm(total=len(requests), desc="pmod generating", disable=self.rank != 0)
-        for (task, split, _), indices in groups.items():
+        for (task, _split, _), indices in groups.items():
             kwargs = self._generate_kwargs(self._request_gen_kwargs(requests[indices[0]]))
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start : start + self.batch_size]

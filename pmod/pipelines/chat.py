@@ -33,7 +33,9 @@ class ChatSession:
         leaves the conversation as it was."""
         typed = [p for p in PLACEHOLDERS if p in prompt]
         if typed:
-            raise PModInputError(f"the prompt contains {', '.join(typed)}: pmod places the image itself; ask without it")
+            raise PModInputError(
+                f"the prompt contains {', '.join(typed)}: pmod places the image itself; ask without it"
+            )
         content = [{"type": "text", "text": prompt}]
         if not self.messages:
             content.insert(0, {"type": "image"})
@@ -47,8 +49,8 @@ class ChatSession:
         return answer, out
 
 
-def chat_loop(session: ChatSession, lines: Iterable[str], write: Callable[[str], None], prompt_marker: Callable[[], None],
-              complain: Callable[[str], None] | None = None) -> int:
+def chat_loop(session: ChatSession, lines: Iterable[str], write: Callable[[str], None],
+              prompt_marker: Callable[[], None], complain: Callable[[str], None] | None = None) -> int:
     """Answer each non-empty line until it ends or says exit/quit; returns the number of turns. A line that cannot be
     answered (bad input, or text that is not UTF-8 when ``lines`` decodes with ``surrogateescape``) is reported to
     ``complain`` and the conversation goes on."""

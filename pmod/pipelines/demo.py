@@ -5,8 +5,8 @@ model and fine-tuned, and the vision encoder comes pretrained and stays frozen. 
 LLaVA's vision tower on the images' per-cell shape and colour labels (`pmod.pipelines.vision_pretrain`, the miniature
 of CLIP); stage 1 trains the dense model around the frozen tower on synthetic shapes VQA data (`pmod.data.synthetic`,
 `pmod.pipelines.train`); stage 2 fine-tunes a dense model and a p-MoD model from that checkpoint with the same seed,
-data and steps; all are evaluated on the test split (`pmod.pipelines.evaluate`). The report gives the accuracies over seeds as
-mean and standard deviation, per question type too, next to prefill FLOPs and KV (`pmod.efficiency`), measured
+data and steps; all are evaluated on the test split (`pmod.pipelines.evaluate`). The report gives the accuracies over
+seeds as mean and standard deviation, per question type too, next to prefill FLOPs and KV (`pmod.efficiency`), measured
 prefill latency and training time: ``report.md``, ``report.json`` (with the architecture's name in them for other
 architectures than LLaVA: ``report-qwen2-vl.md``), training curves and a kept-token map (`pmod.pipelines.viz`). Every
 stage writes its results into the output folder and is skipped when they are already there, so an interrupted
@@ -124,10 +124,12 @@ class DemoConfig:
         return [self.seed + i for i in range(self.sizes()["seeds"])]
 
     def tiny_model(self, size: dict[str, Any], words: list[str], seed: int) -> dict[str, Any]:
-        """`pmod.testing.tiny.build_tiny` settings (`pmod.testing.tiny.TinyModelSettings`): 64 vision tokens per image for every architecture."""
+        """`pmod.testing.tiny.build_tiny` settings (`pmod.testing.tiny.TinyModelSettings`): 64 vision tokens per image
+        for every architecture."""
         common = {"num_layers": size["layers"], "hidden_size": size["hidden"], "seed": seed, "words": words}
         if self.arch == "llava":
-            return {**common, "image_size": IMAGE_SIZE, "patch_size": PATCH, "vision_hidden_size": size["vision_hidden"]}
+            return {**common, "image_size": IMAGE_SIZE, "patch_size": PATCH,
+                    "vision_hidden_size": size["vision_hidden"]}
         # 7-pixel patches merged 2 x 2: (112 / 14)^2 = 64 tokens, as LLaVA's 14-pixel patches give
         return {**common, "arch": self.arch, "image_size": IMAGE_SIZE, "patch_size": PATCH // 2}
 
@@ -163,7 +165,8 @@ IMAGE_SIZE, PATCH = 112, 14  # 8 x 8 = 64 vision tokens per image
 # seed (below LEARNED_MARGIN the comparison is inconclusive; TARGET_MARGIN is the demo's target for both models).
 LEARNED_MARGIN, TARGET_MARGIN = 0.10, 0.14
 ARCHES = ("llava", "qwen2-vl", "qwen2.5-vl")
-MODEL_NAMES = {"llava": "tiny LLaVA", "qwen2-vl": "tiny Qwen2-VL-style model", "qwen2.5-vl": "tiny Qwen2.5-VL-style model"}
+MODEL_NAMES = {"llava": "tiny LLaVA", "qwen2-vl": "tiny Qwen2-VL-style model",
+               "qwen2.5-vl": "tiny Qwen2.5-VL-style model"}
 
 
 def _train_variant(name: str, seed: int, pmod: dict[str, Any] | None, data, demo: DemoConfig, out: Path,
@@ -174,7 +177,8 @@ def _train_variant(name: str, seed: int, pmod: dict[str, Any] | None, data, demo
 
     size = demo.sizes()
     folder = out / demo.folder(name, seed)
-    source = {"model_name_or_path": str(init)} if init else {"tiny_model": demo.tiny_model(size, data.vocabulary(), seed)}
+    source = ({"model_name_or_path": str(init)} if init
+              else {"tiny_model": demo.tiny_model(size, data.vocabulary(), seed)})
     pretrain = stage == "pretrain"
     config = TrainConfig(
         output_dir=str(folder),
@@ -360,7 +364,8 @@ def _plot_curves(runs: dict[str, dict[str, Any]], path: Path) -> None:
     for name, s in runs.items():
         rows = [h for h in s["log_history"] if "routing/router_weight" in h]
         if rows:
-            ax.plot([h["step"] for h in rows], [h["routing/router_weight"] for h in rows], label=f"{name}: mean router weight")
+            ax.plot([h["step"] for h in rows], [h["routing/router_weight"] for h in rows],
+                    label=f"{name}: mean router weight")
     ax.set_xlabel("fine-tuning step")
     ax.set_ylabel("mean TanhNorm weight of vision tokens")
     ax.legend()
@@ -441,8 +446,8 @@ def run_demo(demo: DemoConfig) -> dict[str, Any]:
     metrics: dict[int, dict[str, dict[str, Any]]] = {}
     models: dict[str, Any] = {}  # the first seed's, for timing and the kept-token map
     for i, seed in enumerate(seeds):
-        logger.info("[seed %d: %d/%d] training the dense base model (stage 1), then fine-tuning dense and %s from it", seed, i + 1,
-                    len(seeds), pmod_name)
+        logger.info("[seed %d: %d/%d] training the dense base model (stage 1), then fine-tuning dense and %s from it",
+                    seed, i + 1, len(seeds), pmod_name)
         init = out / demo.folder("pretrain", seed)
         vision[seed] = _pretrain_vision(seed, data, demo, out) if demo.vision_stage() else {}
         runs[seed] = {"pretrain": _train_variant("pretrain", seed, None, data, demo, out, stage="pretrain",
@@ -455,7 +460,8 @@ def run_demo(demo: DemoConfig) -> dict[str, Any]:
         metrics[seed] = {}
         for name in variants:
             model = load_pretrained(out / demo.folder(name, seed)).eval()
-            metrics[seed][name] = _evaluate_variant(model, processor, data, out / demo.folder(name, seed), batch_size=32)
+            metrics[seed][name] = _evaluate_variant(model, processor, data, out / demo.folder(name, seed),
+                                                    batch_size=32)
             if i == 0 and name != "pretrain":
                 models[name] = model
         logger.info("[seed %d] accuracy: dense base %.1f%%, dense %.1f%%, %s %.1f%%", seed,
@@ -557,8 +563,8 @@ def _markdown(r: dict[str, Any], name: str, demo: DemoConfig) -> str:
     by_type_majority = r["dataset"].get("majority_answer_by_type", {})
     steps = s["steps"]
     vision = r.get("vision_pretraining")
-    stage0 = (f"the vision tower is pretrained on per-cell shape and colour labels ({s['vision_steps']} steps; held-out "
-              f"accuracy per cell, mean over seeds: shape {vision['shape_accuracy']:.1%}, colour "
+    stage0 = (f"the vision tower is pretrained on per-cell shape and colour labels ({s['vision_steps']} steps; "
+              f"held-out accuracy per cell, mean over seeds: shape {vision['shape_accuracy']:.1%}, colour "
               f"{vision['colour_accuracy']:.1%}, position {vision['position_accuracy']:.1%}) and then kept frozen, as "
               "LLaVA keeps its pretrained CLIP frozen; " if vision else "from scratch, ")
     lines = [
@@ -568,9 +574,10 @@ def _markdown(r: dict[str, Any], name: str, demo: DemoConfig) -> str:
         f"tokens per image), trained on {s['n_train']} synthetic shapes images ({s['train_questions']} questions each) "
         f"in the paper's stages, in miniature: {stage0}a dense base model is trained (stage 1: "
         f"every weight but a frozen tower, as a recipe's `stage: finetune`, not the projector-only `stage: pretrain`; "
-        f"{s['pretrain_epochs']} epoch(s), {steps['pretrain']} steps, learning rate {s['lr']:g}); from it, a dense model and a p-MoD model are "
-        f"fine-tuned with the same seed, data and steps ({s['finetune_epochs']} epoch(s), {steps['dense']} steps, "
-        f"learning rate {s['finetune_lr']:g}). Tested on {s['n_test']} questions; {n} seed(s) "
+        f"{s['pretrain_epochs']} epoch(s), {steps['pretrain']} steps, learning rate {s['lr']:g}); from it, a dense "
+        f"model and a p-MoD model are fine-tuned with the same seed, data and steps ({s['finetune_epochs']} "
+        f"epoch(s), {steps['dense']} steps, learning rate {s['finetune_lr']:g}). Tested on {s['n_test']} questions; "
+        f"{n} seed(s) "
         f"({', '.join(map(str, s['seed_list']))}: initial weights and batch order). p-MoD settings: {s['pmod']}. "
         f"Layer keep ratios: {', '.join(f'{x:.2f}' for x in s['layer_ratios'])}.",
         "",
@@ -584,13 +591,17 @@ def _markdown(r: dict[str, Any], name: str, demo: DemoConfig) -> str:
         "",
         f"| cost (seed {s['seed_list'][0]}'s models) | dense | {name} | ratio |",
         "|---|---|---|---|",
-        f"| prefill FLOPs (decoder, analytic, causal) | {fl['dense'] / 1e6:.1f} M | {fl[name] / 1e6:.1f} M | {fl['ratio']:.3f} |",
+        (f"| prefill FLOPs (decoder, analytic, causal) | {fl['dense'] / 1e6:.1f} M | {fl[name] / 1e6:.1f} M | "
+         f"{fl['ratio']:.3f} |"),
         f"| prefill FLOPs realised on the test set | | | {fl['realised_ratio']:.3f} |",
         f"| vision-token KV entries | | | {kv['vision_kv_ratio']:.3f} (realised {kv['realised_kv_ratio']:.3f}) |",
         f"| KV-cache bytes after generation | | | {kv['cache_bytes_ratio']:.3f} |",
-        f"| prefill latency (batch 16, median of {s['reps']}) | {lat['dense'] * 1e3:.1f} ms | {lat[name] * 1e3:.1f} ms | {lat['ratio']:.3f} |",
-        f"| training step, forward + backward (batch 16, median of {s['reps']}) | {st['dense'] * 1e3:.1f} ms | {st[name] * 1e3:.1f} ms | {st['ratio']:.3f} |",
-        f"| fine-tuning time, all seeds (run one after the other) | {tr['dense']:.0f} s | {tr[name]:.0f} s | {tr['ratio']:.3f} |",
+        (f"| prefill latency (batch 16, median of {s['reps']}) | {lat['dense'] * 1e3:.1f} ms | "
+         f"{lat[name] * 1e3:.1f} ms | {lat['ratio']:.3f} |"),
+        (f"| training step, forward + backward (batch 16, median of {s['reps']}) | {st['dense'] * 1e3:.1f} ms | "
+         f"{st[name] * 1e3:.1f} ms | {st['ratio']:.3f} |"),
+        (f"| fine-tuning time, all seeds (run one after the other) | {tr['dense']:.0f} s | {tr[name]:.0f} s | "
+         f"{tr['ratio']:.3f} |"),
         f"| final training loss, mean over seeds | {r['final_loss']['dense']:.3f} | {r['final_loss'][name]:.3f} | |",
         "",
         f"Targets: both models at least {100 * TARGET_MARGIN:.0f} points above the majority-per-type answer on every "
@@ -615,8 +626,8 @@ def _markdown(r: dict[str, Any], name: str, demo: DemoConfig) -> str:
         f"Wall time of this run: {r['seconds']:.0f} s"
         + (f" (training reused from an earlier run: {', '.join(r['reused_training'])})" if r["reused_training"] else "")
         + f" on {r['machine']['cpu']} ({r['machine']['cores']} cores, "
-        f"{s['torch_threads']} torch thread{'s' if s['torch_threads'] != 1 else ''}; torch {r['machine']['torch']}, transformers "
-        f"{r['machine']['transformers']}). Finished stages are reused "
+        f"{s['torch_threads']} torch thread{'s' if s['torch_threads'] != 1 else ''}; torch {r['machine']['torch']}, "
+        f"transformers {r['machine']['transformers']}). Finished stages are reused "
         "when the demo is run again in the same folder. Latency on a small CPU model includes fixed per-layer "
         "costs that do not shrink with the token count, so its ratio sits above the FLOP ratio. The latency and "
         "training-step ratios are measured side by side (models interleaved); the whole-run times are not, and also "

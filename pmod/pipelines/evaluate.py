@@ -205,7 +205,8 @@ class EvalResult:
 
     def to_dict(self) -> dict[str, Any]:
         """The metrics, without the per-question records."""
-        return {k: v for k, v in asdict(self).items() if k != "records" and (v is not None or k not in ("group_by", "groups"))}
+        return {k: v for k, v in asdict(self).items()
+                if k != "records" and (v is not None or k not in ("group_by", "groups"))}
 
     def summary(self) -> str:
         text = self._summary()
@@ -343,9 +344,9 @@ def _check_resumable(path: Path, done: dict[str, dict[str, Any]], items: list[_I
     other_record = sorted(k for k, row in done.items() if k in by_key and row.get("record_sha") is not None
                           and row["record_sha"] != by_key[k].sha)
     if other_run:
-        raise PModInputError(f"{path}: {len(other_run)} prediction(s) (ids {other_run[:3]}) were made by another model or "
-                             "other generation settings; rerun without --resume to replace them, or choose another "
-                             "--out folder.")
+        raise PModInputError(f"{path}: {len(other_run)} prediction(s) (ids {other_run[:3]}) were made by another "
+                             "model or other generation settings; rerun without --resume to replace them, or choose "
+                             "another --out folder.")
     if other_record:
         raise PModInputError(f"{path}: the predictions for ids {other_record[:3]} ({len(other_record)} in all) answer "
                              "other questions, images or answers than the data now holds; rerun without --resume, or "

@@ -69,23 +69,23 @@ class TrainConfig:
     Attributes:
         output_dir: where the run writes its checkpoints, the final model and, for ``synthetic_data``, the data.
         model_name_or_path: a saved model directory: dense (converted with ``pmod``) or already p-MoD.
-        tiny_model: instead of a checkpoint, build a tiny model (`pmod.testing.tiny.TinyModelSettings`), with a word-level
-            tokenizer over the training data's words (CPU recipes and the demo).
+        tiny_model: instead of a checkpoint, build a tiny model (`pmod.testing.tiny.TinyModelSettings`), with a
+            word-level tokenizer over the training data's words (CPU recipes and the demo).
         pmod: the `PModConfig` applied to a dense model; null trains the dense model (a baseline). A p-MoD
             ``model_name_or_path`` trains with its own settings: give null or the same ones.
         data_path: LLaVA-format JSON (or JSONL) training data.
         image_folder: folder that the records' image paths are relative to.
         chat_template: ``vicuna_v1`` (the original LLaVA conversation format, system prompt included), a Jinja
             chat template, or null to keep the processor's own.
-        synthetic_data: a `pmod.data.synthetic.SyntheticConfig`; the dataset is generated into ``{output_dir}/data`` when
-            ``data_path`` is not given (CPU recipes and the demo).
+        synthetic_data: a `pmod.data.synthetic.SyntheticConfig`; the dataset is generated into ``{output_dir}/data``
+            when ``data_path`` is not given (CPU recipes and the demo).
         stage: ``pretrain`` (projector only) or ``finetune`` (language model + projector + routers).
         freeze_vision_tower: keep the vision encoder frozen in ``finetune``; null (the default): frozen for a saved
             model or with ``lora``, trained for a ``tiny_model`` (whose vision tower starts random).
         router_learning_rate: learning rate of the routers (default: ``trainer.learning_rate``).
         projector_learning_rate: learning rate of the multimodal projector (default: ``trainer.learning_rate``).
-        lora: `pmod.pipelines.lora.LoraSettings` (``{}``: the defaults) to fine-tune with LoRA adapters on the language model,
-            the routers and projector trained in full; null (the default) fine-tunes in full. Needs ``stage:
+        lora: `pmod.pipelines.lora.LoraSettings` (``{}``: the defaults) to fine-tune with LoRA adapters on the language
+            model, the routers and projector trained in full; null (the default) fine-tunes in full. Needs ``stage:
             finetune`` and a frozen vision tower. The run writes the adapter (PEFT's files, routers and projector
             included) to ``{output_dir}/adapter`` and the merged p-MoD model to ``output_dir`` (`pmod.load_model`);
             a ``tiny_model`` base is saved to ``{output_dir}/base``, which the adapter applies to
@@ -192,7 +192,8 @@ def _setting_types() -> dict[str, Any]:
     return typing.get_type_hints(TrainConfig)
 
 
-_BOOLEAN_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+_BOOLEAN_WORDS = {"true": True, "yes": True, "on": True, "1": True,
+                  "false": False, "no": False, "off": False, "0": False}
 _NOT_GIVEN = object()
 
 
@@ -258,7 +259,8 @@ def _convert(name: str, value: Any, kind: Any) -> Any:
     if origin is dict or kind is dict:
         return value if isinstance(value, dict) else _NOT_GIVEN
     if dataclasses.is_dataclass(kind):
-        return value if isinstance(value, kind) else _section(kind, value, name) if isinstance(value, dict) else _NOT_GIVEN
+        return (value if isinstance(value, kind)
+                else _section(kind, value, name) if isinstance(value, dict) else _NOT_GIVEN)
     (item,) = typing.get_args(kind)  # a list
     if not isinstance(value, (list, tuple)):
         return _NOT_GIVEN
@@ -353,8 +355,8 @@ def _check_trainer(settings: dict[str, Any]) -> dict[str, Any]:
     check(("seed",), lambda v: v < 2**32, "be below 2**32")
     for name in ("eval_strategy", "do_eval", "load_best_model_at_end"):  # pmod train has no evaluation set
         if settings.get(name) not in (None, False, "no"):
-            raise PModConfigError(f"trainer.{name}={settings[name]!r} needs an evaluation set, which pmod train does not "
-                                  "take: evaluate the saved model with pmod eval (or leave the setting out).")
+            raise PModConfigError(f"trainer.{name}={settings[name]!r} needs an evaluation set, which pmod train does "
+                                  "not take: evaluate the saved model with pmod eval (or leave the setting out).")
     return settings
 
 
@@ -468,7 +470,9 @@ def _model_and_processor(config: TrainConfig, records: list[dict[str, Any]], ext
     if saved.model_type.startswith("pmod_"):
         own = ResolvedPMod.from_dict(saved.pmod).settings.to_dict()
         if config.pmod is not None and config.pmod.to_dict() != own:
-            changed = ", ".join(f"{k} {v!r} (saved: {own[k]!r})" for k, v in config.pmod.to_dict().items() if v != own[k])
+            changed = ", ".join(
+                f"{k} {v!r} (saved: {own[k]!r})" for k, v in config.pmod.to_dict().items() if v != own[k]
+            )
             raise PModConfigError(f"{path} is already a p-MoD model, with other settings than the recipe's pmod "
                                   f"section ({changed}); set pmod: null to train it with its own")
         model = load_pretrained(path, **kwargs)
@@ -554,7 +558,8 @@ class PModTrainer(Trainer):
 
     def _get_train_sampler(self, train_dataset=None):
         if self.group_lengths is None:
-            return super()._get_train_sampler(train_dataset) if train_dataset is not None else super()._get_train_sampler()
+            return (super()._get_train_sampler(train_dataset) if train_dataset is not None
+                    else super()._get_train_sampler())
         return _EpochLengthGroupedSampler(
             self.args.train_batch_size * self.args.gradient_accumulation_steps, self.group_lengths, self.args.seed
         )
@@ -607,7 +612,9 @@ class PModTrainer(Trainer):
         try:
             target.load_state_dict(saved.state_dict(), strict=True)
         except RuntimeError as exc:
-            raise PModInputError(f"checkpoint {resume_from_checkpoint} does not match the model being trained: {exc}") from exc
+            raise PModInputError(
+                f"checkpoint {resume_from_checkpoint} does not match the model being trained: {exc}"
+            ) from exc
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -635,7 +642,8 @@ class PModTrainer(Trainer):
         skipped = inputs.pop(SKIP_KEY, None)
         if skipped is not None:
             self.skipped_records += int(skipped)
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                      num_items_in_batch=num_items_in_batch)
         if model.training:
             self._accumulate_routing(model)
         return result
@@ -970,7 +978,8 @@ def _flat(recipe: dict[str, Any]) -> dict[str, Any]:
     return flat | ({f"trainer.{k}": v for k, v in trainer.items()} if isinstance(trainer, dict) else {})
 
 
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json",
                  "adapter_model.safetensors", "adapter_model.bin")  # the last two: LoRA runs
 
 

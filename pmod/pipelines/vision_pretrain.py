@@ -46,23 +46,24 @@ def _cell_index(side: int, grid: int) -> torch.Tensor:
     return rows * grid + cols
 
 
-def pretrain_vision_tower(model: nn.Module, processor: Any, images: Sequence[Any], labels: Sequence[Sequence[tuple[int, int]]],
-                          grid: int, steps: int, batch_size: int = 8, lr: float = 1e-3, seed: int = 0,
-                          held_out: int = 200) -> dict[str, float]:
+def pretrain_vision_tower(model: nn.Module, processor: Any, images: Sequence[Any],
+                          labels: Sequence[Sequence[tuple[int, int]]], grid: int, steps: int, batch_size: int = 8,
+                          lr: float = 1e-3, seed: int = 0, held_out: int = 200) -> dict[str, float]:
     """Train ``model``'s vision tower (only it) for ``steps`` steps on ``images`` (PIL) and their per-cell ``labels``
     ((shape, colour) per cell, 1-based, (0, 0) = empty). The last ``held_out`` images are kept for the returned
     held-out accuracies ``shape_accuracy`` and ``colour_accuracy`` (over non-empty cells) and ``position_accuracy``
     (tokens put in their cell)."""
     if len(images) != len(labels) or len(images) <= held_out:
-        raise PModConfigError(f"vision pretraining needs more images than the {held_out} held out and one label list per "
-                              f"image; got {len(images)} images and {len(labels)} label lists")
+        raise PModConfigError(f"vision pretraining needs more images than the {held_out} held out and one label list "
+                              f"per image; got {len(images)} images and {len(labels)} label lists")
     cells = grid * grid
     if any(len(cell_labels) != cells for cell_labels in labels):
         raise PModConfigError(f"every image needs {cells} cell labels for a {grid} x {grid} grid")
     generator = torch.Generator().manual_seed(seed)
 
     def pixels_of(index: Sequence[int]) -> torch.Tensor:  # processed per batch: all images at once take ~1 GB
-        return processor.image_processor([images[i] for i in index], return_tensors="pt")["pixel_values"]  # (b, 3, H, W)
+        return processor.image_processor([images[i] for i in index],
+                                         return_tensors="pt")["pixel_values"]  # (b, 3, H, W)
 
     targets = torch.tensor([list(map(list, cell_labels)) for cell_labels in labels])  # (n, cells, 2)
     n_shapes, n_colours = int(targets[..., 0].max()) + 1, int(targets[..., 1].max()) + 1
@@ -79,7 +80,9 @@ def pretrain_vision_tower(model: nn.Module, processor: Any, images: Sequence[Any
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then cosine decay to zero
-        optimizer, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))))
+        optimizer,
+        lambda s: (s + 1) / warmup if s < warmup
+        else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))))
     one_hot = F.one_hot(cell_of_token, cells).float().T / (side * side // cells)  # (cells, N): mean over a cell
 
     def losses(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:

@@ -75,7 +75,8 @@ def _example_rows(values: Any, example: int, batch: int, width: int, name: str) 
         return tuple(rows[0].tolist())
     if rows.shape[0] == batch:  # one image per example
         return tuple(rows[example].tolist())
-    raise PModInputError(f"{name} has {rows.shape[0]} rows for a batch of {batch}; pass the row of example {example}'s image.")
+    raise PModInputError(f"{name} has {rows.shape[0]} rows for a batch of {batch}; pass the row of example "
+                         f"{example}'s image.")
 
 
 def kept_token_maps(
@@ -227,7 +228,8 @@ def plot_routing(
 
     # what the shading means, in every figure: a reader of one PNG has nothing else to go by
     legend = [Patch(facecolor="white", edgecolor="grey", label="kept: the layer processed this vision token"),
-              Patch(facecolor=(0, 0, 0, 0.72), edgecolor="grey", label="skipped (darkened): the layer left it as it was")]
+              Patch(facecolor=(0, 0, 0, 0.72), edgecolor="grey",
+                    label="skipped (darkened): the layer left it as it was")]
     fig.legend(handles=legend, loc="lower center", ncol=2, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     out = Path(out_path)

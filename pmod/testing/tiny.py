@@ -163,13 +163,15 @@ def tiny_qwen2_vl(
     seed: int = 0,
     patch_size: int = 2,
 ) -> PreTrainedModel:
-    """A Qwen2-VL (``version="2"``) or Qwen2.5-VL (``"2.5"``) shaped model: patch ``patch_size``, temporal patch 2, 2x2 merge
-    (one token per 4 patches of a frame pair), M-RoPE sections as Qwen's (`mrope_sections`), Qwen2.5-VL windows of 2 x 2 merged cells; image / video / vision-start /
-    vision-end tokens are vocab_size - 1 .. vocab_size - 4."""
+    """A Qwen2-VL (``version="2"``) or Qwen2.5-VL (``"2.5"``) shaped model: patch ``patch_size``, temporal patch 2,
+    2x2 merge (one token per 4 patches of a frame pair), M-RoPE sections as Qwen's (`mrope_sections`), Qwen2.5-VL
+    windows of 2 x 2 merged cells; image / video / vision-start / vision-end tokens are vocab_size - 1 ..
+    vocab_size - 4."""
     import transformers
 
     torch.manual_seed(seed)
-    vision = dict(depth=2, num_heads=4, patch_size=patch_size, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    vision = dict(depth=2, num_heads=4, patch_size=patch_size, spatial_merge_size=2, temporal_patch_size=2,
+                  in_channels=3)
     if version == "2":
         vision.update(embed_dim=32, hidden_size=hidden_size, mlp_ratio=2)
         config_cls, model_cls = transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration
@@ -180,7 +182,8 @@ def tiny_qwen2_vl(
     else:
         raise ValueError(f"version must be '2' or '2.5', got {version!r}")
     text = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=4,
-                num_key_value_heads=2, intermediate_size=2 * hidden_size, bos_token_id=2, eos_token_id=3, pad_token_id=0,
+                num_key_value_heads=2, intermediate_size=2 * hidden_size, bos_token_id=2,
+                eos_token_id=3, pad_token_id=0,
                 rope_parameters={"rope_type": "default", "mrope_section": mrope_sections(hidden_size // 4),
                                  "rope_theta": 10000.0})
     cfg = config_cls(
@@ -377,7 +380,8 @@ def tiny_smolvlm(
     return _finish(model_cls, cfg, attn_implementation)
 
 
-def tiny_causal_lm(family: str = "llama", num_layers: int = 4, attn_implementation: str = "sdpa", seed: int = 0, **kwargs) -> PreTrainedModel:
+def tiny_causal_lm(family: str = "llama", num_layers: int = 4, attn_implementation: str = "sdpa", seed: int = 0,
+                   **kwargs) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -460,7 +464,8 @@ def chatml_template(image: str, video: str) -> str:
     )
 
 
-CHATML_TEMPLATE = chatml_template("<|vision_start|><|image_pad|><|vision_end|>", "<|vision_start|><|video_pad|><|vision_end|>")
+CHATML_TEMPLATE = chatml_template("<|vision_start|><|image_pad|><|vision_end|>",
+                                  "<|vision_start|><|video_pad|><|vision_end|>")
 CHATML_SPECIALS = ("<pad>", "<unk>", "<s>", "<|im_end|>", "<|im_start|>")
 CHATML_WORDS = "user assistant system what is in the image ? a red blue green circle square yes no".split()
 
@@ -544,7 +549,8 @@ def tiny_gemma3_processor(model: PreTrainedModel, words: list[str] | None = None
     size = cfg.vision_config.image_size
     image_processor = _image_processor_class("Gemma3ImageProcessor")(size={"height": size, "width": size},
                                                                     do_pan_and_scan=False)
-    return Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_length=cfg.mm_tokens_per_image,
+    return Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer,
+                           image_seq_length=cfg.mm_tokens_per_image,
                            chat_template=chatml_template("<start_of_image>", ""))
 
 

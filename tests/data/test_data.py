@@ -277,7 +277,8 @@ def _metaspace_processor(model, template):
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                    pad_token="<pad>", additional_special_tokens=["<image>"])
     return LlavaProcessor(image_processor=base.image_processor, tokenizer=fast, patch_size=7,
-                          vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=template)
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          chat_template=template)
 
 
 def test_leading_space_tokens_and_templates_without_eos(model, tmp_path):
@@ -310,7 +311,8 @@ def test_bad_data_files_and_records_are_named(processor, tmp_path):
         load_records(lines)
     with pytest.raises(PModInputError, match="train.json holds no records"):
         check_records([], "train.json")
-    with pytest.raises(PModInputError, match=r"x.json: record 'q': 'conversations' must be .*\(the record at index 1\)"):
+    with pytest.raises(PModInputError,
+                       match=r"x.json: record 'q': 'conversations' must be .*\(the record at index 1\)"):
         check_records([{"id": "p", "conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]},
                        {"id": "q", "conversations": "what ?"}], "x.json")
     with pytest.raises(PModInputError, match="the dataset holds no records"):

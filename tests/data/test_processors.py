@@ -105,7 +105,8 @@ def test_bad_videos_and_unsupported_settings_are_explained():
 
 @pytest.mark.parametrize("version", ["2", "2.5"])
 def test_processor_expands_placeholders_and_round_trips(tmp_path, version):
-    model = pmod.apply_pmod(tiny_qwen2_vl(version=version, patch_size=7), pmod.PModConfig(schedule=[1.0, 1.0, 0.5, 0.5]))
+    model = pmod.apply_pmod(tiny_qwen2_vl(version=version, patch_size=7),
+                            pmod.PModConfig(schedule=[1.0, 1.0, 0.5, 0.5]))
     processor = tiny_qwen2_vl_processor(model, image_size=28)
     if not has_torchvision():
         assert type(processor).__module__ == "pmod.processors"
@@ -181,7 +182,8 @@ def test_a_hub_folder_without_a_video_config_loads(tmp_path):
     loaded = load_processor(tmp_path)
     assert loaded.video_processor.size == {"shortest_edge": 28 * 28, "longest_edge": 28 * 28}
     assert loaded.video_processor.patch_size == 7 and list(loaded.video_processor.image_mean) == MEAN
-    out = loaded(text=["<|vision_start|><|video_pad|><|vision_end|> what"], videos=[frames(2, 28, 28)], return_tensors="pt")
+    out = loaded(text=["<|vision_start|><|video_pad|><|vision_end|> what"], videos=[frames(2, 28, 28)],
+                 return_tensors="pt")
     assert out["video_grid_thw"].tolist() == [[1, 4, 4]]
 
 
@@ -221,7 +223,8 @@ def test_frame_video_processors_equal_transformers_own(height, width):
         meta = [{"fps": 2.0, "total_num_frames": len(v)} for v in videos_in]
         ours, theirs = frame(videos_in, return_tensors="pt", video_metadata=meta), own(videos_in, return_tensors="pt",
                                                                                         video_metadata=meta)
-        assert ours.keys() >= {"pixel_values_videos"} and theirs["pixel_values_videos"].shape == ours["pixel_values_videos"].shape
+        assert (ours.keys() >= {"pixel_values_videos"}
+                and theirs["pixel_values_videos"].shape == ours["pixel_values_videos"].shape)
         if "video_grid_thw" in theirs:
             assert torch.equal(ours["video_grid_thw"], theirs["video_grid_thw"])
         gap = (ours["pixel_values_videos"] - theirs["pixel_values_videos"]).abs().max().item()

@@ -269,7 +269,8 @@ def test_cell_labels_match_the_drawn_pixels(dataset):
             assert (block == rgb).all(-1).sum() > 0.15 * cell * cell  # the labelled colour fills part of the cell
     # the answers re-derived from the labels agree with the written ones for position questions
     for entry in dataset.load("test"):
-        question, answer = entry["conversations"][0]["value"].removeprefix("<image>\n"), entry["conversations"][1]["value"]
+        question, answer = (entry["conversations"][0]["value"].removeprefix("<image>\n"),
+                            entry["conversations"][1]["value"])
         if question_type(question) == "shape_at":
             words = question.split()[5:-1]
             row, col = cell_of(words)
@@ -291,7 +292,7 @@ def test_shape_size_sets_the_side_of_every_shape():
         image, scene, _ = make_sample(random.Random(i), config)
         check_scene_geometry(image, scene, config)
         sides += [(s["box"][2] - s["box"][0]) / cell for s in scene["shapes"]]
-    assert 0.69 <= min(sides) and max(sides) <= 0.91 and max(sides) - min(sides) > 0.1
+    assert min(sides) >= 0.69 and max(sides) <= 0.91 and max(sides) - min(sides) > 0.1
     with pytest.raises(ValueError, match="shape_size"):
         SyntheticConfig(shape_size=(0.8, 0.6))
     with pytest.raises(ValueError, match="shape_size"):

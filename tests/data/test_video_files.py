@@ -151,7 +151,8 @@ def test_evaluation_answers_a_video_file_as_its_frame_folder(setup, tmp_path, mo
 
     monkeypatch.setattr(pmod.pipelines.evaluate, "generate_batch", no_generation)
     with pytest.raises(PModInputError, match=r"record 'f': video not found: .*missing\.mp4"):
-        pmod.pipelines.evaluate.evaluate(model, processor, [records[1], {**records[0], "video": "missing.mp4"}], tmp_path)
+        pmod.pipelines.evaluate.evaluate(model, processor, [records[1], {**records[0], "video": "missing.mp4"}],
+                                         tmp_path)
     monkeypatch.setattr(pmod.data.records, "video_backend", lambda: None)
     with pytest.raises(PModInputError, match=r"record 'f': cannot read the video file .*clip\.avi: .*pip install av"):
         pmod.pipelines.evaluate.evaluate(model, processor, records, tmp_path)
@@ -183,8 +184,8 @@ def test_llava_onevision_answers_video_files_of_different_lengths_in_groups(tmp_
 
 @pytest.mark.parametrize("container", ["avi", "mkv"])
 def test_the_lmms_eval_plugin_decodes_with_the_same_reader(container, tmp_path):
-    """The plugin's video files go through pmod.data.records.decode_video: Matroska / WebM (no frame count in the header)
-    decode, and all of a clip's frames come out in order."""
+    """The plugin's video files go through pmod.data.records.decode_video: Matroska / WebM (no frame count in the
+    header) decode, and all of a clip's frames come out in order."""
     pytest.importorskip("lmms_eval")  # the plugin's base class; installed in the main venv only
     from pmod.integrations.lmms_eval_plugin import PMod, _Media
 

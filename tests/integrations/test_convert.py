@@ -65,12 +65,15 @@ def test_convert_dense_rejects_broken_checkpoints(dense_dir, tmp_path):
     with pytest.raises(ConversionError, match="down_proj"):
         convert_dense(src, tmp_path / "out")
     # a missing tensor
-    save_file({k: v for k, v in state.items() if not k.endswith("layers.1.mlp.up_proj.weight")}, weights, metadata={"format": "pt"})
+    save_file({k: v for k, v in state.items() if not k.endswith("layers.1.mlp.up_proj.weight")}, weights,
+              metadata={"format": "pt"})
     with pytest.raises(ConversionError, match="missing .*layers.1.mlp.up_proj.weight"):
         convert_dense(src, tmp_path / "out")
     # a missing shard
     weights.unlink()
-    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors"}}))
+    (src / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors"}})
+    )
     with pytest.raises(ConversionError, match="missing weight shards"):
         convert_dense(src, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -90,8 +93,8 @@ def test_convert_dense_takes_every_family_of_the_table(family, tmp_path):
     from pmod.testing import tiny
 
     build = {"qwen3_vl": tiny.tiny_qwen3_vl, "qwen3_vl_moe": lambda: tiny.tiny_qwen3_vl(moe=True),
-             "internvl": tiny.tiny_internvl, "mistral3": tiny.tiny_mistral3, "llava_next_video": tiny.tiny_llava_next_video,
-             "gemma3": tiny.tiny_gemma3, "smolvlm": tiny.tiny_smolvlm,
+             "internvl": tiny.tiny_internvl, "mistral3": tiny.tiny_mistral3,
+             "llava_next_video": tiny.tiny_llava_next_video, "gemma3": tiny.tiny_gemma3, "smolvlm": tiny.tiny_smolvlm,
              "idefics3": lambda: tiny.tiny_smolvlm(version="idefics3")}[family]
     build().save_pretrained(tmp_path / "dense")
     assert main(["convert", "dense", str(tmp_path / "dense"), str(tmp_path / "out")]) == 0

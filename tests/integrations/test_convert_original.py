@@ -74,7 +74,8 @@ def write_original(path, state, config):
     """Two safetensors shards plus an index, as the original's save_pretrained writes them."""
     path.mkdir(parents=True, exist_ok=True)
     keys = sorted(state)
-    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2], "model-00002-of-00002.safetensors": keys[len(keys) // 2 :]}
+    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "model-00002-of-00002.safetensors": keys[len(keys) // 2 :]}
     for name, names in shards.items():
         save_file({k: state[k].contiguous() for k in names}, path / name, metadata={"format": "pt"})
     index = {"weight_map": {k: name for name, names in shards.items() for k in names}}
@@ -107,7 +108,8 @@ def _attention(state, p, x, pos):
 
 
 def _mlp(state, p, x):
-    return (F.silu(x @ state[p + "mlp.gate_proj.weight"].T) * (x @ state[p + "mlp.up_proj.weight"].T)) @ state[p + "mlp.down_proj.weight"].T
+    return (F.silu(x @ state[p + "mlp.gate_proj.weight"].T)
+            * (x @ state[p + "mlp.up_proj.weight"].T)) @ state[p + "mlp.down_proj.weight"].T
 
 
 def original_logits(state, vision, settings, ids, pixel_values, feats=None, base_tokens=0):
@@ -140,7 +142,8 @@ def original_logits(state, vision, settings, ids, pixel_values, feats=None, base
         s = x @ state[f"model.layers.{i}.router.router.weight"][0] + state[f"model.layers.{i}.router.router.bias"][0]
         g = 0.2 * torch.tanh(s) + 1.0
         vis = [j for j in range(len(rows)) if target[j]]
-        k = int(torch.tensor(float(len(vis)), dtype=torch.float32) * torch.tensor(settings.schedule[i], dtype=torch.float32))
+        k = int(torch.tensor(float(len(vis)), dtype=torch.float32)
+                * torch.tensor(settings.schedule[i], dtype=torch.float32))
         chosen = set(sorted(vis, key=lambda j: (-float(s[j]), j))[:k])
         keep = [j for j in range(len(rows)) if not target[j] or j in chosen]
         xs = x[keep]
@@ -171,7 +174,8 @@ def _original_tokenizer():
     words = ["<pad>", "<unk>", "<s>", "</s>", "USER", "ASSISTANT", ":", "?"] + [f"w{i}" for i in range(V - 8)]
     tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>")
 
 
 # ---------------------------------------------------------------------- tests

@@ -327,7 +327,8 @@ def _chat_row(doc):
 
 
 def _expected(model_dir, rows, batch_size=None):
-    """pmod.pipelines.generation.generate_batch's answers for (messages, images, videos) rows, rendered with the chat template."""
+    """pmod.pipelines.generation.generate_batch's answers for (messages, images, videos) rows, rendered with the chat
+    template."""
     model = pmod.load_model(model_dir).eval()
     processor = load_processor(model_dir, need_images=False)
     answers = []
@@ -403,7 +404,8 @@ def test_video_file_decoding_and_refusals(video_lm, chat_lm, plugin, monkeypatch
     clip = tmp_path / "clip.mp4"
     clip.write_bytes(b"\0")
     monkeypatch.setattr(plugin_module, "_video_backend", lambda: None)
-    with pytest.raises(pmod.PModInputError, match=r"task 'tiny' document 0: cannot read the video file .*no video decoder"):
+    with pytest.raises(pmod.PModInputError,
+                       match=r"task 'tiny' document 0: cannot read the video file .*no video decoder"):
         video_lm._visual_prompt("q", [str(clip)], {}, "tiny", 0)
 
     def load_video(path, backend, sample_indices_fn):  # a 20-frame clip at 10 fps whose frames hold their index
@@ -423,10 +425,11 @@ def test_video_file_decoding_and_refusals(video_lm, chat_lm, plugin, monkeypatch
     # a model without video support (LLaVA) refuses a video document, naming the task; audio is refused
     folder = str(VIDEO_DIR / "clips/red")
     video = _requests("generate_until", [("q", {"max_new_tokens": 1}, lambda d: [folder], 0, "tiny", "test")])
-    with pytest.raises(pmod.PModInputError, match=r"task 'tiny' document 0 has a video, but \w+ has no video processor"):
+    with pytest.raises(pmod.PModInputError,
+                       match=r"task 'tiny' document 0 has a video, but \w+ has no video processor"):
         plugin.generate_until(video)
-    audio = _requests("generate_until", [("q", {"max_new_tokens": 1}, lambda d: [{"array": [0.0], "sampling_rate": 16000}],
-                                          0, "tiny", "test")])
+    audio = _requests("generate_until", [("q", {"max_new_tokens": 1},
+                                          lambda d: [{"array": [0.0], "sampling_rate": 16000}], 0, "tiny", "test")])
     with pytest.raises(pmod.PModInputError, match="task 'tiny' document 0 has audio"):
         plugin.generate_until(audio)
 
@@ -439,8 +442,9 @@ def test_llava_onevision_videos_of_different_lengths(tmp_path):
     lm = PMod(pretrained=str(tmp_path), device="cpu", batch_size=4)
     docs = _video_docs()
     lm.task_dict = {"tiny": {"test": docs}}
-    answers = lm.generate_until(_requests("generate_until", [(d["question"], VIDEO_GEN, _doc_to_video, i, "tiny", "test")
-                                                             for i, d in enumerate(docs)]))
+    answers = lm.generate_until(_requests("generate_until",
+                                          [(d["question"], VIDEO_GEN, _doc_to_video, i, "tiny", "test")
+                                           for i, d in enumerate(docs)]))
     assert answers == _expected(tmp_path, [_video_row(d) for d in docs], batch_size=1) and len(set(answers)) > 1
 
 

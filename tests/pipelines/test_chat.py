@@ -95,7 +95,7 @@ def test_a_bad_line_is_refused_and_the_conversation_goes_on(chat_dir, capsys, mo
     this machine lacks is one clear line."""
     args = ["chat", str(chat_dir / "model"), "--image", str(chat_dir / "red.png"), "--max-new-tokens", "3"]
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO("what <image> is it ?\ncaf\xe9 ?\n".encode(
-        "latin-1") + "is it red ?\n".encode()), encoding="utf-8"))
+        "latin-1") + b"is it red ?\n"), encoding="utf-8"))
     assert main(args) == 0
     captured = capsys.readouterr()
     assert "the prompt contains <image>" in captured.err and "not UTF-8 text; not asked" in captured.err

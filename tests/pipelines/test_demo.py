@@ -84,7 +84,8 @@ def test_qwen2_vl_demo_shares_the_folder_without_touching_the_llava_run(demo_dir
 
 
 def _metrics(accuracies: dict[str, list[float]]) -> dict[int, dict[str, dict]]:
-    """Per-seed evaluation results as `pmod.pipelines.demo` collects them, with one question type per variant's value."""
+    """Per-seed evaluation results as `pmod.pipelines.demo` collects them, with one question type per variant's
+    value."""
     seeds = range(len(accuracies["dense"]))
     return {s: {n: {"accuracy": a[s], "accuracy_by_type": {"count_all": a[s] / 2}} for n, a in accuracies.items()}
             for s in seeds}
@@ -97,7 +98,8 @@ def test_accuracy_over_seeds_is_mean_and_sample_sd_of_each_seed():
     summary = summarise_accuracy(_metrics(acc), "pmod", majority=0.444)
     assert summary["accuracy"]["dense"] == pytest.approx(0.62)
     assert summary["accuracy_sd"]["dense"] == pytest.approx(0.02)  # sample sd: sqrt((0.02^2 + 0.02^2) / 2)
-    assert summary["accuracy_by_seed"]["1"] == pytest.approx({"pretrain": 0.52, "dense": 0.64, "pmod": 0.61, "gap_points": -3.0})
+    assert summary["accuracy_by_seed"]["1"] == pytest.approx({"pretrain": 0.52, "dense": 0.64, "pmod": 0.61,
+                                                              "gap_points": -3.0})
     assert summary["accuracy"]["gap_points"] == pytest.approx((1 - 3 - 3) / 3)
     assert summary["accuracy_sd"]["gap_points"] == pytest.approx(2.3094011)  # sd of (1, -3, -3)
     assert summary["accuracy_by_type"]["pmod"] == {"count_all": pytest.approx(0.3016667)}
@@ -131,7 +133,8 @@ def test_without_matplotlib_the_report_has_no_plots(demo_dir, monkeypatch, caplo
 
     out, _ = demo_dir
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else find_spec(name, *a))
     (out / "routing.png").unlink()
     with caplog.at_level("WARNING", logger="pmod.pipelines.demo"):
         assert main(["demo", "--quick", "--out", str(out)]) == 0

@@ -1,4 +1,5 @@
-"""pmod.pipelines.evaluate: answer normalisation and scores, batched evaluation, resuming, and the `pmod eval` command."""
+"""pmod.pipelines.evaluate: answer normalisation and scores, batched evaluation, resuming, and the `pmod eval`
+command."""
 
 import json
 import logging
@@ -291,7 +292,8 @@ def test_resume_answers_rows_without_a_prediction_again_and_refuses_foreign_file
     assert again.resumed == 3 and len(asked) == 2  # the re-answered rows now count
 
     foreign = tmp_path / "foreign.jsonl"
-    for content in (b"\xff\xfe caf\xe9\n", b"id,prediction\nr1,red\n" + json.dumps({"id": "t1", "prediction": "x"}).encode()):
+    for content in (b"\xff\xfe caf\xe9\n",
+                    b"id,prediction\nr1,red\n" + json.dumps({"id": "t1", "prediction": "x"}).encode()):
         foreign.write_bytes(content)
         with pytest.raises(pmod.PModInputError, match="not a pmod eval predictions"):
             _run(tiny, records=records[:3], predictions_path=foreign, resume=True)
@@ -342,7 +344,8 @@ def test_resume_refuses_predictions_of_other_records_models_or_settings(tiny, tm
 def test_all_empty_or_identical_predictions_are_warned_about(tmp_path, caplog):
     """A 20-step model answered nothing (accuracy 0.00%, every prediction empty) and looked like success."""
     records = [_record(str(i), "what ?", "red") for i in range(4)]
-    for preds, said in (({str(i): "" for i in range(4)}, "is empty"), ({str(i): "one" for i in range(4)}, "same answer")):
+    for preds, said in (({str(i): "" for i in range(4)}, "is empty"),
+                        ({str(i): "one" for i in range(4)}, "same answer")):
         path = tmp_path / "preds.jsonl"
         path.write_text("".join(json.dumps({"id": k, "prediction": v}) + "\n" for k, v in preds.items()))
         caplog.clear()

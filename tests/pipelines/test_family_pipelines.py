@@ -49,7 +49,8 @@ def test_labels_cover_only_the_replies_and_batches_equal_items(family, tmp_path)
             {"from": "human", "value": "is it blue ?"}, {"from": "gpt", "value": "no"}]},
         {"id": "2", "image": "b.png", "conversations": [
             {"from": "human", "value": "<image>\nwhat colour ?"}, {"from": "gpt", "value": "green"}]},
-        {"id": "3", "conversations": [{"from": "human", "value": "what is a circle ?"}, {"from": "gpt", "value": "a colour"}]},
+        {"id": "3", "conversations": [
+            {"from": "human", "value": "what is a circle ?"}, {"from": "gpt", "value": "a colour"}]},
     ]
     encoder = Encoder(processor, tmp_path)
     items = [encoder.encode(r) for r in records]

@@ -26,7 +26,8 @@ from pmod.testing.tiny import randomize_routers, tiny_llava, tiny_llava_next, ti
 
 
 def _routed_model(attn="sdpa", schedule=(0.5, 1.0, 0.3, 0.6)):
-    model = pmod.apply_pmod(tiny_llava(num_layers=len(schedule), attn_implementation=attn), pmod.PModConfig(schedule=list(schedule)))
+    model = pmod.apply_pmod(tiny_llava(num_layers=len(schedule), attn_implementation=attn),
+                            pmod.PModConfig(schedule=list(schedule)))
     randomize_routers(model)
     return model
 
@@ -41,7 +42,7 @@ def test_cached_decoding_equals_recomputation(attn):
         out = model(**inputs, use_cache=True)
         cache = output_cache(out)
         assert isinstance(cache, pmod.PModCache)
-        for step in range(4):
+        for _step in range(4):
             new = torch.randint(1, 120, (ids.shape[0], 1), generator=gen)
             ids = torch.cat([ids, new], 1)
             mask = torch.cat([mask, torch.ones_like(new)], 1)
@@ -98,7 +99,8 @@ def test_sampling_and_beam_search():
         torch.manual_seed(0)
         sampled = model.generate(**inputs, max_new_tokens=4, do_sample=True, top_k=20, suppress_tokens=_suppress(model))
         assert sampled.shape == (4, inputs["input_ids"].shape[1] + 4)
-        beams = model.generate(**inputs, max_new_tokens=4, num_beams=3, do_sample=False, suppress_tokens=_suppress(model))
+        beams = model.generate(**inputs, max_new_tokens=4, num_beams=3, do_sample=False,
+                               suppress_tokens=_suppress(model))
         assert beams.shape == (4, inputs["input_ids"].shape[1] + 4)
 
 
@@ -152,7 +154,8 @@ def test_mistral_sliding_window_generation_is_exact():
     from pmod.testing.tiny import tiny_causal_lm
 
     model = pmod.apply_pmod(
-        tiny_causal_lm("mistral", num_layers=3, sliding_window=8), pmod.PModConfig(schedule=[0.5, 1.0, 0.5], targets="all")
+        tiny_causal_lm("mistral", num_layers=3, sliding_window=8),
+        pmod.PModConfig(schedule=[0.5, 1.0, 0.5], targets="all")
     )
     randomize_routers(model)
     ids = torch.randint(1, 120, (1, 14))
@@ -260,7 +263,7 @@ def test_the_lmms_eval_plugin_prompts_as_chat_and_eval(untemplated, monkeypatch)
     assert len(seen) == 2 and all(torch.equal(ids, expected) for ids in seen)
 
 
-# ---------------------------------------------------------------------------------------------- pmod.pipelines.generation
+# ---------------------------------------------------------------------------------------- pmod.pipelines.generation
 def test_generate_takes_encoded_inputs():
     """Raw token ids in a batch: placeholders are never generated, nothing is skipped, streaming needs one row."""
     model = _routed_model()

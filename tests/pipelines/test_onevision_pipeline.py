@@ -35,7 +35,7 @@ def test_processor_token_counts_match_the_model_and_round_trip(setup, tmp_path):
     """The forward itself checks that placeholders equal features: anyres images of several sizes and a video."""
     model, processor = setup
     images = [Image.new("RGB", size, (10, 200, 10)) for size in ((28, 28), (56, 28), (50, 61))]
-    texts = [f"<|im_start|>user\n<image>\nwhat is in the image ?<|im_end|>\n" for _ in images]
+    texts = ["<|im_start|>user\n<image>\nwhat is in the image ?<|im_end|>\n" for _ in images]
     texts.append("<|im_start|>user\n<video>\nwhat is in the video ?<|im_end|>\n")
     video = [Image.new("RGB", (40, 30), (200, 20, 20 * i)) for i in range(4)]
     inputs = processor(text=texts, images=images, videos=[video], return_tensors="pt", padding=True)
@@ -61,8 +61,10 @@ def test_image_and_video_records_train_on_replies_and_batch_exactly(setup, tmp_p
         {"id": "i", "image": "wide.png", "conversations": [
             {"from": "human", "value": "<image>\nwhat colour is the circle ?"}, {"from": "gpt", "value": "blue"}]},
         {"id": "v", "video": _frames(tmp_path, "clip", 4), "conversations": [
-            {"from": "human", "value": "<video>\nwhat colour is the circle ?"}, {"from": "gpt", "value": "red circle"}]},
-        {"id": "t", "conversations": [{"from": "human", "value": "what is a circle ?"}, {"from": "gpt", "value": "a colour"}]},
+            {"from": "human", "value": "<video>\nwhat colour is the circle ?"},
+            {"from": "gpt", "value": "red circle"}]},
+        {"id": "t", "conversations": [
+            {"from": "human", "value": "what is a circle ?"}, {"from": "gpt", "value": "a colour"}]},
     ]
     item = Encoder(processor, tmp_path).encode(records[1])
     trained = processor.tokenizer.convert_ids_to_tokens(item["labels"][item["labels"] != IGNORE_INDEX].tolist())
@@ -74,8 +76,10 @@ def test_image_and_video_records_train_on_replies_and_batch_exactly(setup, tmp_p
         loss = model(**collator(items)).loss
         per_item = [model(**collator([it])) for it in items]
     counts = [int((it["labels"][1:] != IGNORE_INDEX).sum()) for it in items]
-    torch.testing.assert_close(loss, sum(o.loss * c for o, c in zip(per_item, counts)) / sum(counts), rtol=1e-5, atol=1e-5)
-    short = Encoder(processor, tmp_path).encode({**records[1], "id": "v3", "video": [f"clip/{i:03d}.png" for i in range(3)]})
+    torch.testing.assert_close(loss, sum(o.loss * c for o, c in zip(per_item, counts)) / sum(counts), rtol=1e-5,
+                               atol=1e-5)
+    short = Encoder(processor, tmp_path).encode({**records[1], "id": "v3",
+                                                 "video": [f"clip/{i:03d}.png" for i in range(3)]})
     with pytest.raises(PModInputError, match="same number of frames"):
         collator([items[1], short])
 
@@ -101,11 +105,13 @@ def test_training_learns_and_the_saved_model_evaluates(tmp_path):
     _frames(folder, "clip", 4)  # video questions batched with image and text ones (one frame count per batch)
     video = {"video": "clip", "conversations": [
         {"from": "human", "value": "<video>\nwhat colour is the circle ?"}, {"from": "gpt", "value": "red"}]}
-    text = {"id": "t", "conversations": [{"from": "human", "value": "what is a circle ?"}, {"from": "gpt", "value": "red"}]}
+    text = {"id": "t", "conversations": [
+        {"from": "human", "value": "what is a circle ?"}, {"from": "gpt", "value": "red"}]}
     records[1:1] = [{**video, "id": "v1"}, text]
     records.append({**video, "id": "v2"})
     processor = load_processor(tmp_path / "out")
-    batched = evaluate(model, processor, records, folder, batch_size=4, max_new_tokens=3, suppress_tokens=[0, 1, 2, 3, 4])
+    batched = evaluate(model, processor, records, folder, batch_size=4, max_new_tokens=3,
+                       suppress_tokens=[0, 1, 2, 3, 4])
     alone = evaluate(model, processor, records, folder, batch_size=1, max_new_tokens=3, suppress_tokens=[0, 1, 2, 3, 4])
     assert [q.prediction for q in batched.records] == [q.prediction for q in alone.records]
     assert all(len(q.prediction.split()) == 3 for q in batched.records)

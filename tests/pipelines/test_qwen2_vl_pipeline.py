@@ -84,8 +84,10 @@ def test_mixed_batch_loss_equals_one_by_one(setup, tmp_path):
         {"id": "i", "image": "wide.png", "conversations": [
             {"from": "human", "value": "<image>\nwhat colour is the circle ?"}, {"from": "gpt", "value": "blue"}]},
         {"id": "v", "video": _frames(tmp_path, "clip", 3), "conversations": [
-            {"from": "human", "value": "<video>\nwhat colour is the circle ?"}, {"from": "gpt", "value": "red circle"}]},
-        {"id": "t", "conversations": [{"from": "human", "value": "what is a circle ?"}, {"from": "gpt", "value": "a colour"}]},
+            {"from": "human", "value": "<video>\nwhat colour is the circle ?"},
+            {"from": "gpt", "value": "red circle"}]},
+        {"id": "t", "conversations": [
+            {"from": "human", "value": "what is a circle ?"}, {"from": "gpt", "value": "a colour"}]},
     ]
     dataset = LlavaDataset(records, processor, tmp_path)
     items = [dataset[i] for i in range(3)]
@@ -207,7 +209,8 @@ def test_video_record_forms_frame_order_and_literal_video_text(setup, tmp_path):
     with pytest.raises(PModInputError, match="list of frame files"):
         video_sources({"id": "m", "video": ["ff", "ff/1.png"]})
     # in a record without videos "<video>" is text (e.g. about HTML), not a placeholder
-    text = {"id": "t", "conversations": [{"from": "human", "value": "what is <video> ?"}, {"from": "gpt", "value": "a tag"}]}
+    text = {"id": "t", "conversations": [
+        {"from": "human", "value": "what is <video> ?"}, {"from": "gpt", "value": "a tag"}]}
     assert to_messages(text)[0]["content"] == [{"type": "text", "text": "what is <video> ?"}]
 
 
@@ -235,7 +238,8 @@ def test_evaluation_of_video_image_and_text_records_batched_equals_one_by_one(se
             {"from": "human", "value": "<image>\nwhat colour is the circle ?"}, {"from": "gpt", "value": "green"}]},
         {"id": "w", "video": [f"clip/{i:03d}.png" for i in (3, 2)], "fps": 4.0, "conversations": [  # 2 frames
             {"from": "human", "value": "what is in the video ?"}, {"from": "gpt", "value": "a circle"}]},
-        {"id": "t", "conversations": [{"from": "human", "value": "what is a circle ?"}, {"from": "gpt", "value": "a colour"}]},
+        {"id": "t", "conversations": [
+            {"from": "human", "value": "what is a circle ?"}, {"from": "gpt", "value": "a colour"}]},
     ]
     suppress = list(range(5))  # <pad> <unk> <s> <|im_end|> <|im_start|>: every answer has its full length
     seen = []

@@ -46,7 +46,8 @@ def test_labels_cover_only_the_replies_and_batches_equal_items(tmp_path):
             {"from": "human", "value": "is it blue ?"}, {"from": "gpt", "value": "no"}]},
         {"id": "2", "video": _frames(tmp_path, "clip", 4), "fps": 2.0, "conversations": [
             {"from": "human", "value": "<video>\nwhat colour is the circle ?"}, {"from": "gpt", "value": "red"}]},
-        {"id": "3", "conversations": [{"from": "human", "value": "what is a circle ?"}, {"from": "gpt", "value": "a colour"}]},
+        {"id": "3", "conversations": [
+            {"from": "human", "value": "what is a circle ?"}, {"from": "gpt", "value": "a colour"}]},
     ]
     encoder = Encoder(processor, tmp_path)
     items = [encoder.encode(r) for r in records]
@@ -120,7 +121,8 @@ def test_a_processor_missing_another_package_says_which(tmp_path, monkeypatch):
     from pmod.loading import load_processor
 
     def missing(*args, **kwargs):  # SmolVLM's processor spells numbers with num2words
-        raise ImportError("Package `num2words` is required to run SmolVLM processor. Install it with `pip install num2words`.")
+        raise ImportError("Package `num2words` is required to run SmolVLM processor. Install it with "
+                          "`pip install num2words`.")
 
     monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", missing)
     monkeypatch.setattr("pmod.processors.load_video_model_processor", lambda path: None)

@@ -26,7 +26,8 @@ def data(tmp_path_factory):
 
 
 def _config(data, out, **overrides) -> TrainConfig:
-    """A tiny run's recipe; keyword arguments that are not TrainConfig fields are trainer (TrainingArguments) settings."""
+    """A tiny run's recipe; keyword arguments that are not TrainConfig fields are trainer (TrainingArguments)
+    settings."""
     path, folder = data
     trainer = {"learning_rate": 3e-3, "per_device_train_batch_size": 8, "max_steps": 8, "logging_steps": 1,
                "save_steps": 4, "warmup_steps": 0, "report_to": []}
@@ -146,9 +147,11 @@ def test_load_config_overrides_and_errors(tmp_path):
                                       "trainer": {"max_steps": 5}}))
     config = load_config(recipe, ["trainer.learning_rate=1e-4", "pmod.average_ratio=0.3", "trainer.report_to=[]",
                                   "tiny_model.seed=3"])
-    assert config.pmod == pmod.PModConfig(average_ratio=0.3) and config.tiny_model == TinyModelSettings(num_layers=2, seed=3)
+    assert (config.pmod == pmod.PModConfig(average_ratio=0.3)
+            and config.tiny_model == TinyModelSettings(num_layers=2, seed=3))
     # the recipe's trainer settings over pmod's defaults, which differ from TrainingArguments' own
-    assert config.trainer == {**pmod.pipelines.train.TRAINER_DEFAULTS, "max_steps": 5, "learning_rate": 1e-4, "report_to": []}
+    assert config.trainer == {**pmod.pipelines.train.TRAINER_DEFAULTS, "max_steps": 5, "learning_rate": 1e-4,
+                              "report_to": []}
     assert load_config(recipe, ["pmod=null"]).pmod is None  # the dense baseline
     with pytest.raises(PModConfigError, match="did you mean 'learning_rate'"):
         load_config(recipe, ["trainer.learning_rat=1"])
@@ -275,7 +278,9 @@ def test_training_from_saved_directories(data, tmp_path):
     words = json.loads(Path(data[0]).read_text())[0]["conversations"][0]["value"].replace("<image>", "").split()
     dense = tiny_llava(num_layers=4)
     dense.save_pretrained(tmp_path / "dense")
-    tiny_llava_processor(dense, words + ["red", "green", "blue", "colour", "circle"]).save_pretrained(tmp_path / "dense")
+    tiny_llava_processor(dense, words + ["red", "green", "blue", "colour", "circle"]).save_pretrained(
+        tmp_path / "dense"
+    )
     common = {"tiny_model": None, "model_name_or_path": str(tmp_path / "dense"), "max_steps": 1}
     routed = train(_config(data, tmp_path / "routed", **common))
     assert AutoConfig.from_pretrained(routed.output_dir).model_type == "pmod_llava"
@@ -283,8 +288,11 @@ def test_training_from_saved_directories(data, tmp_path):
     assert AutoConfig.from_pretrained(baseline.output_dir).model_type == "llava"
     again = train(_config(data, tmp_path / "again", **{**common, "model_name_or_path": str(routed.output_dir)}))
     assert again.trainable_parameters["router"] > 0
-    with pytest.raises(PModConfigError, match=r"already a p-MoD model, with other settings .*average_ratio 0.3 \(saved: 0.5\)"
-                                              ".*pmod: null"):
-        train(_config(data, tmp_path / "x", pmod={"average_ratio": 0.3}, **{**common, "model_name_or_path": str(routed.output_dir)}))
-    as_saved = train(_config(data, tmp_path / "as-saved", pmod=None, **{**common, "model_name_or_path": str(routed.output_dir)}))
+    with pytest.raises(PModConfigError,
+                       match=(r"already a p-MoD model, with other settings .*average_ratio 0.3 \(saved: 0.5\)"
+                              ".*pmod: null")):
+        train(_config(data, tmp_path / "x", pmod={"average_ratio": 0.3},
+                      **{**common, "model_name_or_path": str(routed.output_dir)}))
+    as_saved = train(_config(data, tmp_path / "as-saved", pmod=None,
+                             **{**common, "model_name_or_path": str(routed.output_dir)}))
     assert AutoConfig.from_pretrained(as_saved.output_dir).model_type == "pmod_llava"

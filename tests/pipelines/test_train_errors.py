@@ -62,7 +62,8 @@ def _projector(model) -> torch.nn.Parameter:
 # ------------------------------------------------------------------------------------ non-finite training
 def test_a_non_finite_loss_stops_training_and_saves_nothing(data, tmp_path, monkeypatch):
     _poisoned(monkeypatch, lambda model: _projector(model).data.fill_(float("nan")))
-    with pytest.raises(PModTrainingError, match=r"step 1: the loss is nan.*lower learning rate.*check the data") as info:
+    with pytest.raises(PModTrainingError,
+                       match=r"step 1: the loss is nan.*lower learning rate.*check the data") as info:
         train(_tiny(data, tmp_path))
     assert isinstance(info.value, PModError)  # the CLI prints it as one line
     assert not (tmp_path / "model.safetensors").exists()
@@ -89,7 +90,8 @@ def test_non_finite_weights_are_never_saved(data, tmp_path, monkeypatch, save_st
         return optimizer
 
     monkeypatch.setattr(pmod.pipelines.train.PModTrainer, "create_optimizer", poisoning_optimizer)
-    with pytest.raises(PModTrainingError, match=r"refusing to save a model with non-finite weights .*multi_modal_projector"):
+    with pytest.raises(PModTrainingError,
+                       match=r"refusing to save a model with non-finite weights .*multi_modal_projector"):
         train(_tiny(data, tmp_path, max_steps=1, save_steps=save_steps))
     assert not list(tmp_path.glob("**/model.safetensors"))
 
@@ -137,7 +139,8 @@ def test_booleans_in_strings_are_read_as_booleans_everywhere(recipe, tmp_path):
     ("trainer.seed=-1", "trainer.seed must not be negative"),
     ("trainer.seed=4294967296", "trainer.seed must be below 2\\*\\*32"),
     ("trainer.bf16=maybe", "trainer.bf16 must be true or false, got 'maybe'"),
-    ("trainer.learning_rat=1e-3", r"unknown trainer setting 'learning_rat' \(did you mean 'learning_rate'\?\): .*no such"),
+    ("trainer.learning_rat=1e-3",
+     r"unknown trainer setting 'learning_rat' \(did you mean 'learning_rate'\?\): .*no such"),
     ("trainer.remove_unused_columns=true", "trainer.remove_unused_columns is set by pmod"),
     ("max_steps=3", "max_steps: Trainer settings go in the trainer mapping"),
     ("stage=pretrian", "stage must be one of 'pretrain', 'finetune'"),
@@ -287,7 +290,8 @@ def test_an_output_dir_in_the_base_model_is_refused(data, tmp_path):
     """The final model is saved into output_dir: a run started from a saved model into that same folder (or inside
     it) would overwrite what it trains from."""
     base = tmp_path / "base"
-    pmod.apply_pmod(pmod.testing.tiny.tiny_llava(num_layers=2), pmod.PModConfig(schedule=[0.5, 1.0])).save_pretrained(base)
+    pmod.apply_pmod(pmod.testing.tiny.tiny_llava(num_layers=2),
+                    pmod.PModConfig(schedule=[0.5, 1.0])).save_pretrained(base)
     before = sorted(p.name for p in base.iterdir())
     for out in (base, base / "run"):
         config = _config(data, out, tiny_model=None, model_name_or_path=str(base))
@@ -299,7 +303,8 @@ def test_an_output_dir_in_the_base_model_is_refused(data, tmp_path):
 @pytest.mark.parametrize("text, message", [
     ("output_dir: runs/x\npmod: {}\npmod: null\n", "the key .pmod. is given twice"),
     ("trainer:\n  max_steps: 5\n  max_steps: 6\n", "the key 'max_steps' is given twice"),
-    ("a: &a [1, 2, 3, 4, 5, 6, 7, 8, 9]\nb: [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n", r"aliases \(\*name\) are not allowed"),
+    ("a: &a [1, 2, 3, 4, 5, 6, 7, 8, 9]\nb: [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n",
+     r"aliases \(\*name\) are not allowed"),
 ])
 def test_duplicate_keys_and_aliases_in_a_recipe_are_refused(tmp_path, text, message):
     """A second `pmod:` (null) silently trained the dense baseline; an 8-level alias bomb of 512 bytes passed

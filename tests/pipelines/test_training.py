@@ -33,7 +33,7 @@ def test_router_gradient_comes_from_selected_and_skipped_tokens():
     for part in ("selected", "skipped"):
         model.zero_grad()
         captured = {}
-        handle = layer.register_forward_hook(lambda m, a, out: captured.update(out=out))
+        handle = layer.register_forward_hook(lambda m, a, out, captured=captured: captured.update(out=out))
         model(**inputs)
         handle.remove()
         r = layer.last_routing
@@ -85,11 +85,11 @@ def test_training_step_moves_routers():
     model = _model()
     inputs, _ = llava_inputs(model)
     labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
-    before = {i: l.router.weight.detach().clone() for i, l in model.routed_layers().items()}
+    before = {i: layer.router.weight.detach().clone() for i, layer in model.routed_layers().items()}
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     model(**inputs, labels=labels).loss.backward()
     opt.step()
-    assert all(not torch.equal(before[i], l.router.weight) for i, l in model.routed_layers().items())
+    assert all(not torch.equal(before[i], layer.router.weight) for i, layer in model.routed_layers().items())
 
 
 def test_text_only_training_batch_keeps_routers_in_the_graph():

@@ -217,7 +217,8 @@ def test_plot_writes_png(llava, shapes_image, tmp_path):
 
     legends = []
     original = Figure.legend
-    Figure.legend = lambda fig, *a, **kw: legends.append([h.get_label() for h in kw["handles"]]) or original(fig, *a, **kw)
+    Figure.legend = lambda fig, *a, **kw: (legends.append([h.get_label() for h in kw["handles"]])
+                                           or original(fig, *a, **kw))
     try:
         out = plot_routing(shapes_image, maps, tmp_path / "sub" / "routing.png", title="tiny")
     finally:
