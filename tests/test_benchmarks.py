@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # `pytest -m "not slow"` leaves these out
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--layers", "4", "--hidden", "64", "--intermediate", "128", "--heads", "4", "--text-tokens", "16"]
 

@@ -8,31 +8,6 @@ from pmod import PModConfig, PModConfigError, schedules
 from pmod.cli import main
 from pmod.config import ResolvedPMod
 
-VICUNA_TABLE = [0.8445, 0.8061, 0.7645, 0.7202, 0.6737, 0.6253, 0.5757, 0.5253, 0.4747, 0.4243, 0.3747, 0.3263,
-                0.2798, 0.2355, 0.1939, 0.1555]
-
-
-def test_shifted_cos_matches_paper_table_for_32_layers():
-    ratios = PModConfig().layer_ratios(32)
-    assert ratios[:8] == [1.0] * 8
-    assert [round(r, 4) for r in ratios[8:24]] == VICUNA_TABLE
-    assert ratios[24:] == [0.15] * 8
-    assert round(sum(ratios) / 32, 4) == 0.5375
-    assert PModConfig().resolve_routed_layers(32) == list(range(8, 32))
-
-
-def test_shifted_cos_general_depth_and_linear_constant_interleave():
-    r = PModConfig().layer_ratios(16)
-    assert r[0] == 1.0 and r[-1] == 0.15 and all(a >= b for a, b in zip(r, r[1:]))
-    lin = PModConfig(schedule="shifted_linear").layer_ratios(11)
-    assert lin[2] == pytest.approx(0.8) and lin[5] == pytest.approx(0.5) and lin[10] == 0.15 and lin[1] == 1.0
-    const = PModConfig(schedule="constant", average_ratio=0.4).layer_ratios(8)
-    assert const == [1.0, 1.0, 0.4, 0.4, 0.4, 0.4, 0.4, 1.0]
-    const_to_end = PModConfig(schedule="constant", average_ratio=0.4, constant_end=None).layer_ratios(8)
-    assert const_to_end[-1] == 0.4
-    inter = PModConfig(schedule="interleave", average_ratio=0.125).layer_ratios(6)
-    assert inter == [1.0, 0.125, 1.0, 0.125, 1.0, 0.125]
-
 
 def test_schedule_names_are_listed_once(capsys):
     """pmod.schedules.NAMES is what config validation, the CLI and the glossary of docs/method.md accept and name."""

@@ -8,6 +8,8 @@ from PIL import Image
 
 from pmod.cli import main
 
+pytestmark = pytest.mark.slow  # `pytest -m "not slow"` leaves these out
+
 
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
