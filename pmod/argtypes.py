@@ -71,6 +71,39 @@ def ratio(value: str) -> float:
     return number
 
 
+def integer(value: str) -> int:
+    return _parse(int, value, "an integer")
+
+
+def optional_int(value: str) -> int | None:
+    """An integer, or ``none``."""
+    return None if value.strip().lower() == "none" else integer(value)
+
+
+def finite_float(value: str) -> float:
+    number = _parse(float, value, "a number")
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {value}")
+    return number
+
+
+def int_list(value: str) -> list[int]:
+    """Comma-separated integers (``1,3,5``)."""
+    return [integer(part) for part in value.split(",") if part.strip()]
+
+
+def schedule_value(value: str) -> str | list[float]:
+    """A schedule: its name, or one keep ratio per layer, comma-separated (``1,1,0.5,0.25``)."""
+    from .schedules import NAMES
+
+    if value in NAMES:
+        return value
+    if "," not in value and not value.replace(".", "", 1).isdigit():
+        raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from {', '.join(NAMES)}, or give "
+                                         "one keep ratio per layer, comma-separated)")
+    return [ratio(part) for part in value.split(",") if part.strip()]
+
+
 def _parse(kind: type, value: str, what: str):
     try:
         return kind(value)

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import importlib
 import json
@@ -28,19 +29,25 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import get_args
 
 from . import __version__, schedules
 from .argtypes import (
+    finite_float,
+    int_list,
+    integer,
     layer_count,
     nonnegative_float,
     nonnegative_int,
+    optional_int,
     port,
     positive_float,
     positive_int,
     ratio,
+    schedule_value,
     temperature,
 )
-from .config import PModConfig
+from .config import PModConfig, TargetKind
 from .errors import PModError, one_line
 
 # Kept in step with pmod.efficiency.PRESETS and pmod.pipelines.demo.ARCHES by a test; listed here so that
@@ -59,20 +66,35 @@ def _emit(text: str = "") -> None:
     sys.stdout.flush()
 
 
-def _schedule_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--schedule", default="shifted_cos", choices=schedules.NAMES,
-                   help="how the keep ratio falls with depth (default: %(default)s, the paper's)")
-    p.add_argument("--average-ratio", type=ratio, default=0.5,
-                   help="mean keep ratio of the routed layers (default: %(default)s)")
-    p.add_argument("--max-ratio", type=ratio, default=0.85,
-                   help="keep ratio of the first routed layer (default: %(default)s)")
-    p.add_argument("--min-ratio", type=ratio, default=0.15, help="keep ratio of the last layers (default: %(default)s)")
+def _pmod_args(p: argparse.ArgumentParser) -> None:
+    """One flag per `PModConfig` field (``--average-ratio``, ``--no-string``, ...), with the field's own default and
+    help text (config.py): every setting can be given on the command line, and its default is written once."""
+    group = p.add_argument_group("p-MoD settings (pmod.PModConfig)")
+    for f in dataclasses.fields(PModConfig):
+        flag, kind = "--" + f.name.replace("_", "-"), str(f.type)
+        text = f.metadata["help"] + " (default: %(default)s)"
+        if kind == "bool":
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
+        elif f.name == "schedule":
+            group.add_argument(flag, type=schedule_value, default=f.default, metavar="{" + ",".join(schedules.NAMES)
+                               + "} | R0,R1,...", help=text)
+        elif f.name == "targets":
+            group.add_argument(flag, choices=get_args(TargetKind), default=f.default, help=text)
+        elif kind == "float":
+            group.add_argument(flag, type=ratio if f.name.endswith("_ratio") else finite_float, default=f.default,
+                               help=text)
+        elif kind == "int":
+            group.add_argument(flag, type=integer, default=f.default, help=text)
+        elif kind == "int | None":
+            group.add_argument(flag, type=optional_int, default=f.default, help=text)
+        elif kind == "list[int] | None":
+            group.add_argument(flag, type=int_list, default=f.default, metavar="I,J,...", help=text)
+        else:  # a new field needs its flag written here (a test builds every field's flag)
+            raise TypeError(f"no command-line flag for PModConfig.{f.name} ({kind})")
 
 
 def _config_from(args: argparse.Namespace) -> PModConfig:
-    return PModConfig(
-        schedule=args.schedule, average_ratio=args.average_ratio, max_ratio=args.max_ratio, min_ratio=args.min_ratio
-    )
+    return PModConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PModConfig)})
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
@@ -288,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("schedule", help="print the per-layer keep ratios of a schedule")
     p.add_argument("--layers", type=layer_count, default=32, help="decoder layers (default: 32)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    _schedule_args(p)
+    _pmod_args(p)
     p.set_defaults(func=cmd_schedule)
 
     p = sub.add_parser("info", help="print the p-MoD settings of a saved model")
@@ -302,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("src", help="the dense checkpoint folder")
     c.add_argument("out", help="the folder to write the p-MoD checkpoint to")
     c.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    _schedule_args(c)
+    _pmod_args(c)
     c.set_defaults(func=cmd_convert_dense)
     c = kinds.add_parser("original", help="a checkpoint of the original p-MoD code (LLaVA layout) -> pmod")
     c.add_argument("src", help="the original checkpoint folder")
@@ -322,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--causal", action="store_true",
                    help="count causal attention (half matrix), as sdpa/flash compute it")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    _schedule_args(p)
+    _pmod_args(p)
     p.set_defaults(func=cmd_flops)
 
     p = sub.add_parser("chat", help="answer questions about an image with a p-MoD model")
@@ -395,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="a miniature p-MoD experiment on CPU: train dense and p-MoD, evaluate, report")
     p.add_argument("--out", default="demo-output", help="folder for the runs, data and report (default: %(default)s)")
-    p.add_argument("--quick", action="store_true", help="smoke-test size (one seed, about 2 minutes)")
+    p.add_argument("--quick", action="store_true", help="smoke-test size (one seed, under a minute)")
     p.add_argument("--schedule", choices=["shifted_cos", "constant"], default="shifted_cos",
                    help="constant: the ratio-schedule ablation")
     p.add_argument("--no-tanh-norm", action="store_true", help="ablation: unbounded router weight alpha * s + beta")

@@ -48,20 +48,27 @@ class PModConfig:
             it is listed here (list a layer to route it even at ratio 1, e.g. to test the routed path).
     """
 
-    schedule: schedules.Name | list[float] = "shifted_cos"
-    average_ratio: float = 0.5
-    max_ratio: float = 0.85
-    min_ratio: float = 0.15
-    constant_start: int = 2
-    constant_end: int | None = -1
-    alpha: float = 0.2
-    beta: float = 1.0
-    tanh_norm: bool = True
-    string: bool = True
-    router_bias: bool = True
-    router_zero_init: bool = True
-    targets: TargetKind = "vision"
-    routed_layers: list[int] | None = field(default=None)
+    # each field's "help" is its one-line description on the command line (`pmod convert dense --help`, ...), where
+    # every field is a flag with this default
+    schedule: schedules.Name | list[float] = field(default="shifted_cos", metadata={
+        "help": "how the keep ratio falls with depth: a name, or one ratio per layer, comma-separated"})
+    average_ratio: float = field(default=0.5, metadata={"help": "mean keep ratio the decay schedules aim at"})
+    max_ratio: float = field(default=0.85, metadata={"help": "a layer whose ratio would exceed this stays dense"})
+    min_ratio: float = field(default=0.15, metadata={"help": "the lowest keep ratio of the decay schedules"})
+    constant_start: int = field(default=2, metadata={"help": "first routed layer of the constant schedule"})
+    constant_end: int | None = field(default=-1, metadata={
+        "help": "end of the constant schedule's routed layers, slice semantics ('none': to the last layer)"})
+    alpha: float = field(default=0.2, metadata={"help": "TanhNorm: router weight g = alpha * tanh(s) + beta"})
+    beta: float = field(default=1.0, metadata={"help": "TanhNorm's offset beta"})
+    tanh_norm: bool = field(default=True, metadata={
+        "help": "TanhNorm (--no-tanh-norm: the unbounded alpha * s + beta)"})
+    string: bool = field(default=True, metadata={"help": "STRing (--no-string: skipped tokens pass unchanged)"})
+    router_bias: bool = field(default=True, metadata={"help": "routers have a bias"})
+    router_zero_init: bool = field(default=True, metadata={
+        "help": "routers start at zero (a converted model starts as the dense one, some tokens skipping layers)"})
+    targets: TargetKind = field(default="vision", metadata={"help": "which tokens are routed"})
+    routed_layers: list[int] | None = field(default=None, metadata={
+        "help": "layers to route besides the schedule's, comma-separated indices"})
 
     def __post_init__(self) -> None:
         # Validated where the settings are made (code, recipes, CLI flags, config.json): a NaN, a ratio above 1 or

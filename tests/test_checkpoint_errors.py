@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_convert_original import _original_config, _original_state, write_original
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, LlavaForConditionalGeneration
 
 import pmod
@@ -18,6 +17,7 @@ from pmod.errors import CheckpointError
 from pmod.files import write_dir_atomic
 from pmod.integrations.convert import ConversionError, convert_dense, convert_original
 from pmod.testing.tiny import tiny_causal_lm, tiny_llava, tiny_llava_next, tiny_qwen2_vl
+from tests.helpers.original import _original_config, _original_state, write_original
 
 DEAD_PID = 2**31 - 2  # above any pid_max: no process has it
 

@@ -198,3 +198,27 @@ def test_every_flag_and_argument_says_what_it_is():
     missing = [f"{path} {'/'.join(a.option_strings) or a.dest}" for path, a in walk(build_parser(), "pmod")
                if not a.help]
     assert not missing, missing
+
+
+def test_every_pmod_setting_is_a_flag_with_the_config_default():
+    """cli.py restated PModConfig's defaults by hand and `convert dense` exposed 4 of its 14 fields: now every field
+    is a flag, its default the field's own, and the flags build the config they say."""
+    import dataclasses
+
+    from pmod.cli import _config_from, build_parser
+    from pmod.config import PModConfig
+
+    parser = build_parser()
+    defaults = _config_from(parser.parse_args(["convert", "dense", "src", "out"]))
+    assert defaults == PModConfig()
+    args = parser.parse_args(["convert", "dense", "src", "out", "--schedule", "1,0.5,0.25", "--average-ratio", "0.4",
+                              "--max-ratio", "0.9", "--min-ratio", "0.1", "--constant-start", "1", "--constant-end",
+                              "none", "--alpha", "0.3", "--beta", "0.9", "--no-tanh-norm", "--no-string",
+                              "--no-router-bias", "--no-router-zero-init", "--targets", "all",
+                              "--routed-layers", "0,2"])
+    assert _config_from(args) == PModConfig(
+        schedule=[1.0, 0.5, 0.25], average_ratio=0.4, max_ratio=0.9, min_ratio=0.1, constant_start=1,
+        constant_end=None, alpha=0.3, beta=0.9, tanh_norm=False, string=False, router_bias=False,
+        router_zero_init=False, targets="all", routed_layers=[0, 2])
+    flags = {a.dest for a in parser._subparsers._group_actions[0].choices["flops"]._actions}
+    assert {f.name for f in dataclasses.fields(PModConfig)} <= flags

@@ -5,7 +5,6 @@ import inspect
 
 import pytest
 import torch
-from test_models import llava_inputs
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaModel
 
@@ -14,6 +13,7 @@ from pmod.compat import CACHE_KWARG, CACHE_NAMES, output_cache
 from pmod.families import FAMILIES
 from pmod.routing import RoutingPlan
 from pmod.testing.tiny import randomize_routers, tiny_llava
+from tests.helpers.inputs import llava_inputs
 
 
 def _model():

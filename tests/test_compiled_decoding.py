@@ -3,14 +3,14 @@ one graph for every decoding step (no graph break, no recompilation), for LLaVA,
 
 import pytest
 import torch
-from test_models import llava_inputs, next_inputs
-from test_qwen2_vl import qwen_inputs
 from transformers import CompileConfig
 
 import pmod
 from pmod.compat import CACHE_KWARG, output_cache
 from pmod.efficiency import kv_cache_report
 from pmod.testing.tiny import randomize_routers, tiny_llava, tiny_llava_next, tiny_qwen2_vl
+from tests.helpers.inputs import llava_inputs, next_inputs
+from tests.helpers.qwen_inputs import qwen_inputs
 
 SCHEDULE = [1.0, 0.5, 0.3, 0.6]
 

@@ -1,10 +1,10 @@
 """Big-model loading: device_map="auto" never splits a routed decoder layer across devices."""
 
 import torch
-from test_models import llava_inputs
 
 import pmod
 from pmod.testing.tiny import randomize_routers, tiny_llava
+from tests.helpers.inputs import llava_inputs
 
 
 def test_device_map_auto_keeps_routed_layers_whole(tmp_path):

@@ -1,12 +1,12 @@
 import math
 
 import torch
-from test_models import llava_inputs
 
 import pmod
 from pmod.compat import output_cache
 from pmod.efficiency import kv_cache_report
 from pmod.testing.tiny import randomize_routers, tiny_llava
+from tests.helpers.inputs import llava_inputs
 
 SCHEDULE = [0.5, 1.0, 0.3, 0.6]
 

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from test_models import llava_inputs
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, StaticCache
 
 import pmod
 from pmod.testing.tiny import tiny_causal_lm, tiny_llava
+from tests.helpers.inputs import llava_inputs
 
 
 def _model(**kw):
@@ -27,9 +27,8 @@ def test_image_token_count_mismatch():
 
 def test_image_token_count_mismatch_on_qwen2_vl():
     """Qwen2-VL with more image tokens than features: the message was an AttributeError (no vision image_size)."""
-    from test_qwen2_vl import qwen_inputs
-
     from pmod.testing.tiny import tiny_qwen2_vl
+    from tests.helpers.qwen_inputs import qwen_inputs
 
     model = pmod.apply_pmod(tiny_qwen2_vl(), pmod.PModConfig(schedule=[0.5, 1.0, 0.3, 0.6]))
     inputs, _ = qwen_inputs(model, rows=[(("image", 1, 4, 4), (2, 3))])

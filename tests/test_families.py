@@ -4,17 +4,15 @@ Llama decoders), Mistral 3 (Pixtral images of different sizes, [IMG_BREAK] after
 Ministral 3 decoders, the latter's attention reading position ids) and LLaVA-NeXT-Video (anyres images and pooled
 video frames). Rows with 0, 1 and 2 images (and a video), left padded.
 
-For each: keep ratio 1 = the dense model; random routers = the per-example reference (tests/reference.py; eager and
-sdpa); batched generation = each row alone; cached decoding = recomputation; a dense checkpoint converts and a p-MoD
-one round-trips."""
+For each: keep ratio 1 = the dense model; random routers = the per-example reference (tests/helpers/reference.py;
+eager and sdpa); batched generation = each row alone; cached decoding = recomputation; a dense checkpoint converts and
+a p-MoD one round-trips."""
 
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
 import torch
-from batches import assert_keep_ratio_one_equals_dense, valid_rows
-from reference import reference_logits
 
 import pmod
 from pmod.compat import output_cache
@@ -27,6 +25,8 @@ from pmod.testing.tiny import (
     tiny_mistral3,
     tiny_smolvlm,
 )
+from tests.helpers.batches import assert_keep_ratio_one_equals_dense, valid_rows
+from tests.helpers.reference import reference_logits
 
 SCHEDULE = [0.5, 1.0, 0.3, 0.6]
 

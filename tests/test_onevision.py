@@ -4,12 +4,12 @@ import math
 
 import pytest
 import torch
-from batches import assert_keep_ratio_one_equals_dense, build_batch, valid_rows
-from reference import reference_logits
 
 import pmod
 from pmod.compat import output_cache
 from pmod.testing.tiny import randomize_routers, tiny_llava_onevision
+from tests.helpers.batches import assert_keep_ratio_one_equals_dense, build_batch, valid_rows
+from tests.helpers.reference import reference_logits
 
 # per row: image (h, w) | "video" | None, and (text before, text after)
 ROWS = [((28, 56), (2, 3)), ("video", (3, 1)), (None, (5, 2)), ((56, 56), (1, 1))]

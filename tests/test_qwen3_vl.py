@@ -3,13 +3,13 @@ guarantees hold, against a per-example reference that adds the DeepStack feature
 
 import pytest
 import torch
-from batches import assert_keep_ratio_one_equals_dense, valid_rows
-from reference import reference_logits
 
 import pmod
 from pmod.compat import output_cache
 from pmod.efficiency import kv_cache_report
 from pmod.testing.tiny import randomize_routers, tiny_qwen3_vl
+from tests.helpers.batches import assert_keep_ratio_one_equals_dense, valid_rows
+from tests.helpers.reference import reference_logits
 
 # per row: ("image", t, h, w) | ("video", t, h, w) | None, and (text before, text after); grids in patches
 ROWS = [(("image", 1, 4, 6), (2, 3)), (("video", 2, 4, 4), (3, 1)), (None, (5, 2)), (("image", 1, 6, 4), (1, 1))]
@@ -107,7 +107,7 @@ def test_random_routers_match_reference(moe, attn):
 def test_deepstack_reaches_skipped_tokens():
     """The reference without DeepStack differs: the features the model adds after layer 0 (routed, most vision tokens
     skipped) are part of what both compute."""
-    from reference import _inner, reference_language_model
+    from tests.helpers.reference import _inner, reference_language_model
 
     model = pmod.apply_pmod(tiny_qwen3_vl(), pmod.PModConfig(schedule=[0.2, 1.0, 1.0, 1.0]))
     randomize_routers(model)
@@ -116,7 +116,7 @@ def test_deepstack_reaches_skipped_tokens():
         got = model(**inputs).logits[0]
         ref = reference_logits(model, inputs["input_ids"], inputs["attention_mask"],
                                row_inputs=lambda b: {k: v for k, v in singles[b].items() if k != "input_ids"})[0]
-        from reference import merged_embeddings
+        from tests.helpers.reference import merged_embeddings
 
         x, positions, deepstack = merged_embeddings(model, **singles[0])
         without = reference_language_model(model, x[0], positions[-3:, 0],

@@ -3,12 +3,12 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_models import all_routed, llava_inputs, next_inputs
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
 import pmod
 from pmod.config import RoutedLayerSpec
 from pmod.testing.tiny import randomize_routers, tiny_causal_lm, tiny_llava, tiny_llava_next
+from tests.helpers.inputs import all_routed, llava_inputs, next_inputs
 
 
 def _state_equal(a, b):

@@ -4,8 +4,6 @@ them (`RoutingPlan._from_counts`, no device read), and pmod's generation path pa
 import pytest
 import torch
 from PIL import Image
-from test_models import llava_inputs, next_inputs
-from test_qwen2_vl import qwen_inputs
 
 import pmod
 from pmod.compat import output_cache
@@ -20,6 +18,8 @@ from pmod.testing.tiny import (
     tiny_llava_processor,
     tiny_qwen2_vl,
 )
+from tests.helpers.inputs import llava_inputs, next_inputs
+from tests.helpers.qwen_inputs import qwen_inputs
 
 
 def _plans(monkeypatch) -> list[str]:

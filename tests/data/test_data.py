@@ -5,7 +5,6 @@ import logging
 import numpy as np
 import pytest
 import torch
-from llava_data import colour_records, write_records
 from PIL import Image
 
 import pmod
@@ -22,6 +21,7 @@ from pmod.data.records import (
 )
 from pmod.errors import PModInputError
 from pmod.testing.tiny import randomize_routers, tiny_llava, tiny_llava_next, tiny_llava_processor
+from tests.helpers.llava_data import colour_records, write_records
 
 WORDS = "USER ASSISTANT : what is in the image ? a red blue green circle square triangle yes no and".split()
 

@@ -3,7 +3,6 @@ the record's rate, and given to the processor exactly as the same frames from a 
 
 import numpy as np
 import pytest
-import test_qwen2_vl_pipeline as qwen_pipeline
 import torch
 from PIL import Image
 
@@ -13,6 +12,7 @@ import pmod.pipelines.evaluate
 from pmod.data.records import Encoder, LlavaDataset, check_records, sample_frame_indices
 from pmod.errors import PModInputError
 from pmod.testing.tiny import randomize_routers, tiny_qwen2_vl, tiny_qwen2_vl_processor
+from tests.helpers.qwen_words import WORDS
 
 COLOURS = [(30 * i, 255 - 30 * i, 100) for i in range(8)]  # frame i of the clips: one solid colour
 QUESTION = [{"from": "human", "value": "<video>\nwhat colour is the circle ?"}, {"from": "gpt", "value": "red"}]
@@ -38,10 +38,6 @@ def _folder(folder, name, indices, size=28):
     for k, i in enumerate(indices):
         Image.new("RGB", (size, size), COLOURS[i]).save(folder / name / f"{k:03d}.png")
     return name
-
-
-WORDS = qwen_pipeline.WORDS
-setup = qwen_pipeline.setup  # the tiny Qwen2-VL / Qwen2.5-VL model and processor fixture, shared
 
 
 def test_sampling_at_the_record_rate():

@@ -3,13 +3,13 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_models import all_routed, llava_inputs
 from transformers import AutoProcessor
 
 import pmod
 from pmod.cli import main
 from pmod.integrations.convert import ConversionError, convert_dense
 from pmod.testing.tiny import tiny_llava, tiny_llava_processor
+from tests.helpers.inputs import all_routed, llava_inputs
 
 
 @pytest.fixture

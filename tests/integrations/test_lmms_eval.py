@@ -1,6 +1,6 @@
 """The lmms-eval model `pmod`: entry point, generate_until / loglikelihood against pmod.pipelines.evaluate and a manual
 computation, video documents and chat messages against pmod.pipelines.generation.generate_batch, and command-line runs
-(offline) on the local tasks in tests/data/lmms_eval_task (images) and tests/data/lmms_eval_video_task (videos,
+(offline) on the local tasks in tests/fixtures/lmms_eval_task (images) and tests/fixtures/lmms_eval_video_task (videos,
 chat messages)."""
 
 import importlib
@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_evaluate import SPECIALS, WORDS
 from transformers import AutoProcessor
 
 import pmod
@@ -33,6 +32,7 @@ from pmod.testing.tiny import (
     tiny_qwen2_vl,
     tiny_qwen2_vl_processor,
 )
+from tests.helpers.words import SPECIALS, WORDS
 
 # lmms-eval is installed by `make setup` (without its requirements); the guard only serves a bare environment.
 Instance = pytest.importorskip("lmms_eval.api.instance").Instance

@@ -13,11 +13,7 @@ from pmod.cli import build_parser
 from pmod.errors import PModInputError
 from pmod.pipelines.evaluate import evaluate, exact_match, load_records, normalize_answer, vqa_score
 from pmod.testing.tiny import randomize_routers, tiny_llava, tiny_llava_processor
-
-SPECIALS = [0, 1, 2, 3]  # the tiny tokenizer's <pad> <unk> <s> </s>: suppressed so every answer has its full length
-# Words for every id of the tiny vocabulary (128, the last one <image>), so that any generated id decodes to a word.
-WORDS = "USER ASSISTANT : what is in the image ? a red blue green circle square triangle yes no".split()
-WORDS += [f"w{i}" for i in range(128 - 1 - len(SPECIALS) - len(WORDS))]
+from tests.helpers.words import SPECIALS, WORDS
 
 
 @pytest.mark.parametrize(

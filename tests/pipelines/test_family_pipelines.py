@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-from llava_data import colour_records, write_records
 from PIL import Image
 
 from pmod.data.records import IGNORE_INDEX, Encoder, LlavaCollator
@@ -22,6 +21,7 @@ from pmod.testing.tiny import (
     tiny_mistral3,
     tiny_mistral3_processor,
 )
+from tests.helpers.llava_data import colour_records, write_records
 
 WORDS = "user assistant what is in the image ? a red blue green circle colour yes no".split()
 FAMILIES = {

@@ -6,9 +6,7 @@ import logging
 
 import pytest
 import torch
-from batches import rows_alone
 from PIL import Image
-from test_models import all_routed, llava_inputs, next_inputs
 
 import pmod
 from pmod.compat import output_cache
@@ -23,6 +21,8 @@ from pmod.pipelines.generation import (
     suppressed_tokens,
 )
 from pmod.testing.tiny import randomize_routers, tiny_llava, tiny_llava_next, tiny_llava_processor
+from tests.helpers.batches import rows_alone
+from tests.helpers.inputs import all_routed, llava_inputs, next_inputs
 
 
 def _routed_model(attn="sdpa", schedule=(0.5, 1.0, 0.3, 0.6)):

@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from llava_data import colour_records, write_records
-from test_models import llava_inputs
 
 import pmod
 from pmod.errors import PModConfigError
@@ -16,6 +14,8 @@ from pmod.loading import load_processor
 from pmod.pipelines.lora import LoraSettings, apply_lora, load_adapter
 from pmod.pipelines.train import TrainConfig, load_config, train
 from pmod.testing.tiny import randomize_routers, tiny_llava, tiny_llava_processor
+from tests.helpers.inputs import llava_inputs
+from tests.helpers.llava_data import colour_records, write_records
 
 peft = pytest.importorskip("peft")
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

@@ -6,24 +6,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from llava_data import colour_records, write_records
 from PIL import Image
 
-import pmod
 from pmod.data.records import IGNORE_INDEX, Encoder, LlavaCollator, LlavaDataset
 from pmod.errors import PModInputError
-from pmod.testing.tiny import randomize_routers, tiny_qwen2_vl, tiny_qwen2_vl_processor
-
-WORDS = "user assistant what is in the image video ? a red blue green circle colour moves yes no".split()
-WORDS += [f"w{i}" for i in range(128 - 4 - 5 - len(WORDS))]  # every id decodes to a word (4 placeholders, 5 specials)
-
-
-@pytest.fixture(scope="module", params=["2", "2.5"])
-def setup(request):
-    model = pmod.apply_pmod(tiny_qwen2_vl(version=request.param, patch_size=7),
-                            pmod.PModConfig(schedule=[1.0, 1.0, 0.5, 0.5]))
-    randomize_routers(model)
-    return model, tiny_qwen2_vl_processor(model, WORDS, image_size=28)
+from pmod.testing.tiny import tiny_qwen2_vl, tiny_qwen2_vl_processor
+from tests.helpers.llava_data import colour_records, write_records
+from tests.helpers.qwen_words import WORDS
 
 
 def _tokens(processor, ids):

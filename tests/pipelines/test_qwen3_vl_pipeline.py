@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-from llava_data import colour_records, write_records
 from PIL import Image
 
 import pmod
@@ -15,6 +14,7 @@ from pmod.data.records import IGNORE_INDEX, Encoder, LlavaCollator
 from pmod.errors import PModInputError
 from pmod.processors import has_torchvision
 from pmod.testing.tiny import randomize_routers, tiny_qwen3_vl
+from tests.helpers.llava_data import colour_records, write_records
 
 WORDS = "user assistant what is in the image video ? a red blue green circle colour moves yes no".split()
 WORDS += [f"w{i}" for i in range(128 - 4 - 5 - len(WORDS))]  # every id decodes to a word (4 placeholders, 5 specials)

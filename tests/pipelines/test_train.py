@@ -1,21 +1,20 @@
 """Training: losses fall, resuming is exact, routers learn, stages freeze the right parts, recipes parse."""
 
-import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from llava_data import colour_records, write_records
 
 import pmod
 from pmod.errors import PModConfigError
-from pmod.pipelines.train import TrainConfig, load_config, train
+from pmod.pipelines.train import load_config, train
 from pmod.testing.tiny import TinyModelSettings
+from tests.helpers.llava_data import colour_records, write_records
+from tests.helpers.train import _config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
 
 @pytest.fixture(scope="module")
@@ -23,18 +22,6 @@ def data(tmp_path_factory):
     folder = tmp_path_factory.mktemp("data")
     records = colour_records(folder, n=48)
     return write_records(folder, records), folder
-
-
-def _config(data, out, **overrides) -> TrainConfig:
-    """A tiny run's recipe; keyword arguments that are not TrainConfig fields are trainer (TrainingArguments)
-    settings."""
-    path, folder = data
-    trainer = {"learning_rate": 3e-3, "per_device_train_batch_size": 8, "max_steps": 8, "logging_steps": 1,
-               "save_steps": 4, "warmup_steps": 0, "report_to": []}
-    trainer.update({k: overrides.pop(k) for k in list(overrides) if k not in FIELDS})
-    values = {"output_dir": str(out), "tiny_model": {"num_layers": 4, "hidden_size": 64}, "pmod": {},
-              "data_path": str(path), "image_folder": str(folder), "trainer": trainer}
-    return TrainConfig(**{**values, **overrides})
 
 
 def _params(model, part):

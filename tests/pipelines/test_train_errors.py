@@ -5,14 +5,14 @@ import json
 import pytest
 import torch
 import yaml
-from llava_data import colour_records, write_records
-from test_train import _config
 
 import pmod
 import pmod.pipelines.train
 import pmod.testing.tiny
 from pmod.errors import PModConfigError, PModError, PModInputError, PModTrainingError
 from pmod.pipelines.train import TrainConfig, load_config, train
+from tests.helpers.llava_data import colour_records, write_records
+from tests.helpers.train import _config
 
 TINY = {"num_layers": 2, "hidden_size": 32}
 

@@ -2,13 +2,13 @@
 
 import pytest
 import torch
-from batches import valid_rows
-from reference import reference_logits
-from test_models import llava_inputs
 
 import pmod
 from pmod.compat import output_cache
 from pmod.testing.tiny import randomize_routers, tiny_llava
+from tests.helpers.batches import valid_rows
+from tests.helpers.inputs import llava_inputs
+from tests.helpers.reference import reference_logits
 
 
 def _model():
