@@ -9,6 +9,7 @@ from pmod.compat import output_cache
 from pmod.efficiency import kv_cache_report
 from pmod.testing.tiny import randomize_routers, tiny_qwen3_vl
 from tests.helpers.batches import assert_keep_ratio_one_equals_dense, valid_rows
+from tests.helpers.qwen_inputs import left_padded
 from tests.helpers.reference import reference_logits
 
 # per row: ("image", t, h, w) | ("video", t, h, w) | None, and (text before, text after); grids in patches
@@ -56,18 +57,7 @@ def qwen3_inputs(model, rows=ROWS, seed=0):
         seqs.append(torch.cat(parts))
         types.append(torch.cat(kinds))
         singles.append(single)
-    length = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), length, dtype=torch.long)
-    tt, mask = torch.zeros_like(ids), torch.zeros_like(ids)
-    for b, (s, k) in enumerate(zip(seqs, types)):
-        ids[b, length - len(s):], tt[b, length - len(s):], mask[b, length - len(s):] = s, k, 1
-        singles[b].update(input_ids=s[None], mm_token_type_ids=k[None])
-    inputs = dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=tt)
-    for kind, key in (("image", "pixel_values"), ("video", "pixel_values_videos")):
-        if pixels[kind]:
-            inputs[key] = torch.cat(pixels[kind])
-            inputs[f"{kind}_grid_thw"] = torch.tensor(grids[kind])
-    return inputs, singles
+    return left_padded(seqs, types, singles, pixels, grids)
 
 
 def _suppress(cfg):

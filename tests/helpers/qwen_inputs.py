@@ -37,6 +37,12 @@ def qwen_inputs(model, rows=ROWS, seed=0):
         seqs.append(torch.cat(parts))
         types.append(torch.cat(kinds))
         singles.append(single)
+    return left_padded(seqs, types, singles, pixels, grids)
+
+
+def left_padded(seqs, types, singles, pixels, grids):
+    """The rows' token ids and token types (``mm_token_type_ids``) left-padded into one batch with the pixels and
+    grids of every image and video, and each row's own inputs completed with its ids and types."""
     length = max(len(s) for s in seqs)
     ids = torch.zeros(len(seqs), length, dtype=torch.long)
     tt = torch.zeros_like(ids)
