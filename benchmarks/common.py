@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pmod  # noqa: E402
-from pmod.testing.tiny import tiny_causal_lm  # noqa: E402
+from pmod.tiny import tiny_causal_lm  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"  # the committed results: written on purpose (`make bench`, or --out)
 # where a run writes by default: an ignored folder, so that trying a benchmark never replaces a committed result

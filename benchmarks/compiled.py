@@ -40,7 +40,7 @@ from common import (
 )
 
 from pmod.efficiency import prefill_cost, shape_from_config
-from pmod.testing.tiny import randomize_routers
+from pmod.tiny import randomize_routers
 
 MODES = [("prefill", "none", False), ("prefill", "none", True), ("decode", "dynamic", False),
          ("decode", "static", False), ("decode", "static", True)]

@@ -26,7 +26,7 @@ from common import RESULTS, clock, decode_runner, machine, prefill_runner, write
 
 import pmod
 from pmod.efficiency import prefill_cost, shape_from_config
-from pmod.testing.tiny import randomize_routers
+from pmod.tiny import randomize_routers
 
 SHAPES = {  # layers, hidden, MLP width, heads
     "7b": (32, 4096, 11008, 32),

@@ -33,7 +33,7 @@ from common import OUT_HELP, SCRATCH, machine, write_result  # noqa: E402
 
 import pmod  # noqa: E402
 from pmod.pipelines.serve import ServeSettings, create_app  # noqa: E402
-from pmod.testing.tiny import randomize_routers, tiny_llava, tiny_llava_processor  # noqa: E402
+from pmod.tiny import randomize_routers, tiny_llava, tiny_llava_processor  # noqa: E402
 
 WORDS = "USER ASSISTANT : what is in the image ? describe it a red blue green circle square triangle yes no".split()
 # a word for every id of the tiny vocabulary (128: 4 specials, the words, <image> last), so that every generated token

@@ -25,7 +25,7 @@ STEP = """
 import statistics, sys, time, torch
 torch.set_num_threads({threads})
 sys.path.insert(0, {root!r})
-from pmod.testing.tiny import tiny_llava
+from pmod.tiny import tiny_llava
 model = tiny_llava(num_layers=4, hidden_size=64)
 ids = torch.randint(1, 100, (8, 40), generator=torch.Generator().manual_seed(0))
 ids[:, 2:18] = model.config.image_token_id

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import pmod
-from pmod.testing.tiny import randomize_routers, tiny_qwen2_vl, tiny_qwen2_vl_processor
+from pmod.tiny import randomize_routers, tiny_qwen2_vl, tiny_qwen2_vl_processor
 from tests.helpers.qwen_words import WORDS
 
 torch.set_num_threads(min(2, torch.get_num_threads()))

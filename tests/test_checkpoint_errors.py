@@ -16,7 +16,7 @@ from pmod.cli import main
 from pmod.errors import CheckpointError
 from pmod.files import write_dir_atomic
 from pmod.integrations.convert import ConversionError, convert_dense, convert_original
-from pmod.testing.tiny import tiny_causal_lm, tiny_llava, tiny_llava_next, tiny_qwen2_vl
+from pmod.tiny import tiny_causal_lm, tiny_llava, tiny_llava_next, tiny_qwen2_vl
 from tests.helpers.original import _original_config, _original_state, write_original
 
 DEAD_PID = 2**31 - 2  # above any pid_max: no process has it

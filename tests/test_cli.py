@@ -4,7 +4,7 @@ import pytest
 
 import pmod
 from pmod.cli import main
-from pmod.testing.tiny import tiny_llava
+from pmod.tiny import tiny_llava
 
 
 def test_schedule_json(capsys):
@@ -169,7 +169,7 @@ def test_commands_do_not_print_transformers_loading_bars(tmp_path):
     import subprocess
     import sys
 
-    from pmod.testing.tiny import tiny_llava
+    from pmod.tiny import tiny_llava
 
     tiny_llava(num_layers=2).save_pretrained(tmp_path / "dense")
     run = [sys.executable, "-m", "pmod"]

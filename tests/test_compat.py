@@ -12,7 +12,7 @@ import pmod
 from pmod.compat import CACHE_KWARG, CACHE_NAMES, output_cache
 from pmod.families import FAMILIES
 from pmod.routing import RoutingPlan
-from pmod.testing.tiny import randomize_routers, tiny_llava
+from pmod.tiny import randomize_routers, tiny_llava
 from tests.helpers.inputs import llava_inputs
 
 

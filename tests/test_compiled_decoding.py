@@ -8,7 +8,7 @@ from transformers import CompileConfig
 import pmod
 from pmod.compat import CACHE_KWARG, output_cache
 from pmod.efficiency import kv_cache_report
-from pmod.testing.tiny import randomize_routers, tiny_llava, tiny_llava_next, tiny_qwen2_vl
+from pmod.tiny import randomize_routers, tiny_llava, tiny_llava_next, tiny_qwen2_vl
 from tests.helpers.inputs import llava_inputs, next_inputs
 from tests.helpers.qwen_inputs import qwen_inputs
 
@@ -161,7 +161,7 @@ def test_target_counts_plan_prefill_on_the_host_and_compile_without_breaks():
     """Given each row's target count, routing is planned without reading the device: the same logits as the plan
     that reads it; a causal LM's prefill compiles with fullgraph=True; a LLaVA prefill has no graph break in pmod's
     code (transformers' own LLaVA forward keeps its breaks); a wrong count is caught on the device."""
-    from pmod.testing.tiny import tiny_causal_lm
+    from pmod.tiny import tiny_causal_lm
 
     model, inputs, _ = _case("llava")
     counts = (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()

@@ -3,7 +3,7 @@
 import torch
 
 import pmod
-from pmod.testing.tiny import randomize_routers, tiny_llava
+from pmod.tiny import randomize_routers, tiny_llava
 from tests.helpers.inputs import llava_inputs
 
 

@@ -5,7 +5,7 @@ import torch
 import pmod
 from pmod.compat import output_cache
 from pmod.efficiency import kv_cache_report
-from pmod.testing.tiny import randomize_routers, tiny_llava
+from pmod.tiny import randomize_routers, tiny_llava
 from tests.helpers.inputs import llava_inputs
 
 SCHEDULE = [0.5, 1.0, 0.3, 0.6]
@@ -70,7 +70,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from pmod.cli import main  # noqa: E402
 from pmod.efficiency import PRESETS, prefill_cost, realized_cost, shape_from_config  # noqa: E402
-from pmod.testing.tiny import tiny_causal_lm  # noqa: E402
+from pmod.tiny import tiny_causal_lm  # noqa: E402
 
 
 def test_paper_settings():
@@ -149,7 +149,7 @@ def test_flops_cli(tmp_path, capsys):
 def test_newer_architecture_presets_and_configs():
     from pmod.cli import PRESET_NAMES
     from pmod.efficiency import PRESETS, prefill_cost, shape_from_config
-    from pmod.testing.tiny import tiny_llava_onevision, tiny_qwen2_vl
+    from pmod.tiny import tiny_llava_onevision, tiny_qwen2_vl
 
     assert set(PRESET_NAMES) == set(PRESETS)
     for name in ("qwen2-vl-7b", "qwen2.5-vl-7b", "llava-onevision-7b"):
@@ -168,7 +168,7 @@ def test_analytic_flops_of_newer_families_match_flop_counter(family):
     computes the whole matrix, so the paper's full count applies)."""
     import transformers
 
-    from pmod.testing.tiny import tiny_gemma3, tiny_mistral3, tiny_qwen3_vl
+    from pmod.tiny import tiny_gemma3, tiny_mistral3, tiny_qwen3_vl
 
     if family == "qwen3-vl-moe":
         dense = tiny_qwen3_vl(moe=True, attn_implementation="eager")

@@ -5,7 +5,7 @@ import torch
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, StaticCache
 
 import pmod
-from pmod.testing.tiny import tiny_causal_lm, tiny_llava
+from pmod.tiny import tiny_causal_lm, tiny_llava
 from tests.helpers.inputs import llava_inputs
 
 
@@ -27,7 +27,7 @@ def test_image_token_count_mismatch():
 
 def test_image_token_count_mismatch_on_qwen2_vl():
     """Qwen2-VL with more image tokens than features: the message was an AttributeError (no vision image_size)."""
-    from pmod.testing.tiny import tiny_qwen2_vl
+    from pmod.tiny import tiny_qwen2_vl
     from tests.helpers.qwen_inputs import qwen_inputs
 
     model = pmod.apply_pmod(tiny_qwen2_vl(), pmod.PModConfig(schedule=[0.5, 1.0, 0.3, 0.6]))

@@ -17,7 +17,7 @@ import torch
 import pmod
 from pmod.compat import output_cache
 from pmod.efficiency import kv_cache_report
-from pmod.testing.tiny import (
+from pmod.tiny import (
     randomize_routers,
     tiny_gemma3,
     tiny_internvl,
@@ -362,7 +362,7 @@ def test_moe_checkpoint_takes_the_experts_implementations_of_its_dense_class(tmp
 
     assert PModQwen3VLMoeForConditionalGeneration._can_set_experts_implementation() is \
         Qwen3VLMoeForConditionalGeneration._can_set_experts_implementation()
-    from pmod.testing.tiny import tiny_qwen3_vl
+    from pmod.tiny import tiny_qwen3_vl
 
     pmod.apply_pmod(tiny_qwen3_vl(moe=True), pmod.PModConfig(schedule=SCHEDULE)).save_pretrained(tmp_path)
     code = ("import pmod, sys; m = pmod.load_model(sys.argv[1]); "

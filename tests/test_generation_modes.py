@@ -7,7 +7,7 @@ import torch
 
 import pmod
 from pmod.cache import PModCacheLayer
-from pmod.testing.tiny import randomize_routers, tiny_llava
+from pmod.tiny import randomize_routers, tiny_llava
 
 ALL_ROUTED = pmod.PModConfig(schedule=[1.0] * 4, routed_layers=[0, 1, 2, 3])
 
@@ -114,7 +114,7 @@ def test_generate_takes_the_prompts_target_mask_and_counts():
     """generate(target_mask=..., target_counts=...) on a causal LM (transformers refused both as unused model
     arguments): the prompt is routed by them, every step equals recomputing the sequence with the prompt's targets,
     beams repeat the counts, and at keep ratio 1 generation equals the dense model's."""
-    from pmod.testing.tiny import tiny_causal_lm
+    from pmod.tiny import tiny_causal_lm
 
     lm = pmod.apply_pmod(tiny_causal_lm("llama", num_layers=4), pmod.PModConfig(schedule=[1.0, 0.5, 0.3, 0.6]))
     randomize_routers(lm)

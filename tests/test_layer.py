@@ -12,7 +12,7 @@ from pmod.config import RoutedLayerSpec
 from pmod.errors import PModConfigError, PModInputError, UnsupportedModelError
 from pmod.layer import ROUTED_LAYERS, PModLayerMixin, Router, _check_cache, _check_weight_range, convert_decoder_layer
 from pmod.routing import keep_count
-from pmod.testing.tiny import randomize_routers, tiny_causal_lm
+from pmod.tiny import randomize_routers, tiny_causal_lm
 
 
 def spec(**changes):

@@ -6,7 +6,7 @@ import torch
 import pmod
 from pmod.compat import cache_kwargs, output_cache
 from pmod.config import ResolvedPMod
-from pmod.testing.tiny import randomize_routers, tiny_causal_lm, tiny_llava, tiny_llava_next
+from pmod.tiny import randomize_routers, tiny_causal_lm, tiny_llava, tiny_llava_next
 from tests.helpers.batches import build_batch, llava_tokens_per_image, rows_alone, valid_rows
 from tests.helpers.inputs import ROWS, all_routed, llava_inputs, next_inputs
 from tests.helpers.reference import reference_logits
@@ -221,7 +221,7 @@ def test_non_contiguous_hidden_states():
 
 def test_high_resolution_targets_refuse_multi_image_onevision_rows():
     """LLaVA-OneVision processes the images of a multi-image row as base grids only: no high-resolution part."""
-    from pmod.testing.tiny import tiny_llava_onevision
+    from pmod.tiny import tiny_llava_onevision
 
     model = pmod.apply_pmod(tiny_llava_onevision(), pmod.PModConfig(schedule=[1.0, 1.0, 0.5, 0.5], targets="vision_hr"))
     ids = torch.randint(1, 50, (1, 12))

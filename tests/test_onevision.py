@@ -7,7 +7,7 @@ import torch
 
 import pmod
 from pmod.compat import output_cache
-from pmod.testing.tiny import randomize_routers, tiny_llava_onevision
+from pmod.tiny import randomize_routers, tiny_llava_onevision
 from tests.helpers.batches import assert_keep_ratio_one_equals_dense, build_batch, valid_rows
 from tests.helpers.reference import reference_logits
 

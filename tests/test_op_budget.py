@@ -16,7 +16,7 @@ from transformers import StaticCache
 import pmod
 from pmod.cache import PModStaticCache
 from pmod.compat import cache_kwargs, output_cache
-from pmod.testing.tiny import tiny_causal_lm
+from pmod.tiny import tiny_causal_lm
 
 SYNC_OPS = ("_local_scalar_dense", "nonzero", "is_nonzero", "item", "equal")
 

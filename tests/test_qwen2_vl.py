@@ -5,7 +5,7 @@ import torch
 
 import pmod
 from pmod.compat import output_cache
-from pmod.testing.tiny import randomize_routers, tiny_qwen2_vl
+from pmod.tiny import randomize_routers, tiny_qwen2_vl
 from tests.helpers.batches import assert_keep_ratio_one_equals_dense, valid_rows
 from tests.helpers.qwen_inputs import ROWS, qwen_inputs
 from tests.helpers.reference import reference_logits

@@ -7,7 +7,7 @@ import torch
 import pmod
 from pmod.compat import output_cache
 from pmod.efficiency import kv_cache_report
-from pmod.testing.tiny import randomize_routers, tiny_qwen3_vl
+from pmod.tiny import randomize_routers, tiny_qwen3_vl
 from tests.helpers.batches import assert_keep_ratio_one_equals_dense, valid_rows
 from tests.helpers.qwen_inputs import left_padded
 from tests.helpers.reference import reference_logits

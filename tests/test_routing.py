@@ -3,7 +3,7 @@ import torch
 import pmod
 from pmod.config import ResolvedPMod
 from pmod.routing import RoutingPlan, select_tokens
-from pmod.testing.tiny import randomize_routers, tiny_llava
+from pmod.tiny import randomize_routers, tiny_llava
 
 
 def _layers(*ratios: float):

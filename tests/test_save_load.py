@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
 import pmod
 from pmod.config import RoutedLayerSpec
-from pmod.testing.tiny import randomize_routers, tiny_causal_lm, tiny_llava, tiny_llava_next
+from pmod.tiny import randomize_routers, tiny_causal_lm, tiny_llava, tiny_llava_next
 from tests.helpers.inputs import all_routed, llava_inputs, next_inputs
 
 
@@ -146,7 +146,7 @@ def test_load_model_rejects_wrong_inputs(tmp_path):
 
 def test_load_pretrained_keeps_dense_checkpoints_dense(tmp_path):
     from pmod.loading import load_pretrained
-    from pmod.testing.tiny import tiny_llava
+    from pmod.tiny import tiny_llava
 
     dense = tiny_llava(num_layers=4)
     dense.save_pretrained(tmp_path / "dense")

@@ -10,7 +10,7 @@ from pmod.compat import output_cache
 from pmod.efficiency import kv_cache_report
 from pmod.pipelines.generation import encode, generate, move_to_model
 from pmod.routing import RoutingPlan
-from pmod.testing.tiny import (
+from pmod.tiny import (
     randomize_routers,
     tiny_causal_lm,
     tiny_llava,

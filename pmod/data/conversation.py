@@ -38,7 +38,7 @@ VICUNA_V1_SYSTEM = (
 
 def vicuna_v1_template(system: str | None = VICUNA_V1_SYSTEM) -> str:
     """The original LLaVA ``vicuna_v1`` chat template, opening with ``system`` unless the conversation has a system
-    turn. ``system=None`` leaves the default system prompt out (`pmod.testing.tiny`'s word vocabularies have none of its
+    turn. ``system=None`` leaves the default system prompt out (`pmod.tiny`'s word vocabularies have none of its
     words); everything else uses `VICUNA_V1_TEMPLATE`."""
     return (
         ("{% if messages[0]['role'] != 'system' %}" + system + " {% endif %}" if system else "")

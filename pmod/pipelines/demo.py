@@ -124,7 +124,7 @@ class DemoConfig:
         return [self.seed + i for i in range(self.sizes()["seeds"])]
 
     def tiny_model(self, size: dict[str, Any], words: list[str], seed: int) -> dict[str, Any]:
-        """`pmod.testing.tiny.build_tiny` settings (`pmod.testing.tiny.TinyModelSettings`): 64 vision tokens per image
+        """`pmod.tiny.build_tiny` settings (`pmod.tiny.TinyModelSettings`): 64 vision tokens per image
         for every architecture."""
         common = {"num_layers": size["layers"], "hidden_size": size["hidden"], "seed": seed, "words": words}
         if self.arch == "llava":
@@ -251,7 +251,7 @@ def _pretrain_vision(seed: int, data, demo: DemoConfig, out: Path) -> dict[str, 
     (`pmod.pipelines.vision_pretrain`), saved with its processor to ``seedS/vision``; reuses a finished one with the
     same recipe. Returns the summary (held-out shape, colour and position accuracy)."""
     from ..data.records import load_image
-    from ..testing.tiny import TinyModelSettings, build_tiny
+    from ..tiny import TinyModelSettings, build_tiny
     from .vision_pretrain import pretrain_vision_tower
 
     size = demo.sizes()

@@ -44,7 +44,7 @@ from ..data.records import SKIP_KEY, LlavaCollator, LlavaDataset, check_records,
 from ..data.synthetic import SyntheticConfig
 from ..errors import PModConfigError, PModInputError, PModTrainingError
 from ..files import check_output_apart, output_lock, write_text_atomic
-from ..testing.tiny import TinyModelSettings, build_tiny
+from ..tiny import TinyModelSettings, build_tiny
 from .lora import LoraSettings
 
 logger = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class TrainConfig:
     Attributes:
         output_dir: where the run writes its checkpoints, the final model and, for ``synthetic_data``, the data.
         model_name_or_path: a saved model directory: dense (converted with ``pmod``) or already p-MoD.
-        tiny_model: instead of a checkpoint, build a tiny model (`pmod.testing.tiny.TinyModelSettings`), with a
+        tiny_model: instead of a checkpoint, build a tiny model (`pmod.tiny.TinyModelSettings`), with a
             word-level tokenizer over the training data's words (CPU recipes and the demo).
         pmod: the `PModConfig` applied to a dense model; null trains the dense model (a baseline). A p-MoD
             ``model_name_or_path`` trains with its own settings: give null or the same ones.

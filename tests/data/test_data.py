@@ -20,7 +20,7 @@ from pmod.data.records import (
     padding_image_processor,
 )
 from pmod.errors import PModInputError
-from pmod.testing.tiny import randomize_routers, tiny_llava, tiny_llava_next, tiny_llava_processor
+from pmod.tiny import randomize_routers, tiny_llava, tiny_llava_next, tiny_llava_processor
 from tests.helpers.llava_data import colour_records, write_records
 
 WORDS = "USER ASSISTANT : what is in the image ? a red blue green circle square triangle yes no and".split()

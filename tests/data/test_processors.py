@@ -12,7 +12,7 @@ import pmod
 from pmod.errors import PModInputError
 from pmod.loading import load_processor
 from pmod.processors import Qwen2VLFrameVideoProcessor, has_torchvision
-from pmod.testing.tiny import tiny_qwen2_vl, tiny_qwen2_vl_processor
+from pmod.tiny import tiny_qwen2_vl, tiny_qwen2_vl_processor
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
 

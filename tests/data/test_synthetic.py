@@ -179,7 +179,7 @@ def test_vocabulary_covers_every_word(dataset):
 
 def test_vocabulary_fits_a_word_tokenizer(dataset):
     """A tiny processor built from the vocabulary encodes every prompt and answer without <unk>."""
-    from pmod.testing.tiny import tiny_llava, tiny_llava_processor
+    from pmod.tiny import tiny_llava, tiny_llava_processor
 
     processor = tiny_llava_processor(tiny_llava(num_layers=1), words=dataset.vocabulary())
     tokenizer = processor.tokenizer

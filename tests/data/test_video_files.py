@@ -11,7 +11,7 @@ import pmod.data.records
 import pmod.pipelines.evaluate
 from pmod.data.records import Encoder, LlavaDataset, check_records, sample_frame_indices
 from pmod.errors import PModInputError
-from pmod.testing.tiny import randomize_routers, tiny_qwen2_vl, tiny_qwen2_vl_processor
+from pmod.tiny import randomize_routers, tiny_qwen2_vl, tiny_qwen2_vl_processor
 from tests.helpers.qwen_words import WORDS
 
 COLOURS = [(30 * i, 255 - 30 * i, 100) for i in range(8)]  # frame i of the clips: one solid colour
@@ -157,7 +157,7 @@ def test_evaluation_answers_a_video_file_as_its_frame_folder(setup, tmp_path, mo
 def test_llava_onevision_answers_video_files_of_different_lengths_in_groups(tmp_path, monkeypatch):
     """LLaVA-OneVision stacks the videos of a call: a batch whose decoded videos differ in frame count is
     answered in groups of one count, as one by one."""
-    from pmod.testing.tiny import tiny_llava_onevision, tiny_llava_onevision_processor
+    from pmod.tiny import tiny_llava_onevision, tiny_llava_onevision_processor
 
     model = pmod.apply_pmod(tiny_llava_onevision(), pmod.PModConfig(schedule=[1.0, 1.0, 0.5, 0.5]))
     randomize_routers(model)

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 from transformers import CLIPVisionModel
 
 from pmod.integrations.convert import parse_original_settings
-from pmod.testing.tiny import vision_config
+from pmod.tiny import vision_config
 
 L, D, H, KV, FF, V = 32, 32, 4, 2, 64, 96
 HD = D // H

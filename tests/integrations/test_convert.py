@@ -8,7 +8,7 @@ from transformers import AutoProcessor
 import pmod
 from pmod.cli import main
 from pmod.integrations.convert import ConversionError, convert_dense
-from pmod.testing.tiny import tiny_llava, tiny_llava_processor
+from pmod.tiny import tiny_llava, tiny_llava_processor
 from tests.helpers.inputs import all_routed, llava_inputs
 
 
@@ -90,7 +90,7 @@ def test_convert_dense_rejects_broken_checkpoints(dense_dir, tmp_path):
 def test_convert_dense_takes_every_family_of_the_table(family, tmp_path):
     """`pmod convert dense` on a tiny dense folder of each newer family: a p-MoD checkpoint of its own model type, every
     tensor kept, routers at zero (keep ratio 1 everywhere: the dense model's logits, tests/test_families.py)."""
-    from pmod.testing import tiny
+    from pmod import tiny
 
     build = {"qwen3_vl": tiny.tiny_qwen3_vl, "qwen3_vl_moe": lambda: tiny.tiny_qwen3_vl(moe=True),
              "internvl": tiny.tiny_internvl, "mistral3": tiny.tiny_mistral3,

@@ -23,7 +23,7 @@ from pmod.data.conversation import render, to_messages
 from pmod.loading import load_processor
 from pmod.pipelines.evaluate import evaluate, exact_match
 from pmod.pipelines.generation import generate_batch
-from pmod.testing.tiny import (
+from pmod.tiny import (
     randomize_routers,
     tiny_llava,
     tiny_llava_onevision,
@@ -274,7 +274,7 @@ def test_lmms_eval_command_line(model_dir, tmp_path):
 
 def test_qwen2_vl_through_the_plugin_equals_evaluate(tmp_path):
     """A Qwen2-VL model with its own processor and ChatML template (loaded without torchvision)."""
-    from pmod.testing.tiny import tiny_qwen2_vl, tiny_qwen2_vl_processor
+    from pmod.tiny import tiny_qwen2_vl, tiny_qwen2_vl_processor
 
     model = pmod.apply_pmod(tiny_qwen2_vl(patch_size=7), pmod.PModConfig(schedule=SCHEDULE))
     randomize_routers(model)
@@ -500,8 +500,8 @@ def test_video_and_chat_tasks_on_the_command_line(video_model_dir, tmp_path):
 def test_newer_families_through_the_plugin_equal_evaluate(family, tmp_path):
     """Gemma 3 (no torchvision needed), Qwen3-VL and InternVL (their video processors need torchvision) with their own
     processors: the plugin's answers and savings are pmod eval's."""
+    from pmod import tiny
     from pmod.processors import has_torchvision
-    from pmod.testing import tiny
 
     if family != "gemma3" and not has_torchvision():
         pytest.skip("its processor needs torchvision")

@@ -6,7 +6,7 @@ from PIL import Image
 import pmod
 from pmod.cli import main
 from pmod.pipelines.chat import ChatSession
-from pmod.testing.tiny import randomize_routers, tiny_llava, tiny_llava_processor
+from pmod.tiny import randomize_routers, tiny_llava, tiny_llava_processor
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_a_one_token_answer_has_no_decoding_speed(chat_dir, capsys):
 def test_chat_with_a_qwen2_vl_model(tmp_path, capsys):
     """`pmod chat` on a saved Qwen2-VL model: its ChatML processor loads without torchvision, vision and
     placeholder tokens are never generated, the cache shrinks."""
-    from pmod.testing.tiny import tiny_qwen2_vl, tiny_qwen2_vl_processor
+    from pmod.tiny import tiny_qwen2_vl, tiny_qwen2_vl_processor
 
     model = pmod.apply_pmod(tiny_qwen2_vl(patch_size=7), pmod.PModConfig(schedule=[1.0, 1.0, 0.3, 0.3]))
     randomize_routers(model)

@@ -12,7 +12,7 @@ import pmod.pipelines.evaluate as ev
 from pmod.cli import build_parser
 from pmod.errors import PModInputError
 from pmod.pipelines.evaluate import evaluate, exact_match, load_records, normalize_answer, vqa_score
-from pmod.testing.tiny import randomize_routers, tiny_llava, tiny_llava_processor
+from pmod.tiny import randomize_routers, tiny_llava, tiny_llava_processor
 from tests.helpers.words import SPECIALS, WORDS
 
 
@@ -375,7 +375,7 @@ def test_words_outside_a_word_level_vocabulary_are_warned_about(monkeypatch, cap
     """A tiny model's vocabulary is its training file's words: a question word first seen at evaluation silently
     became <unk>, and an answer word the tokenizer lacks can never be predicted. Both are named before generating."""
     from pmod.data.conversation import VICUNA_V1_TEMPLATE
-    from pmod.testing.tiny import word_tokenizer
+    from pmod.tiny import word_tokenizer
 
     tok = word_tokenizer(["what", "colour", "?", "red", "blue"], vocab_size=32)
     tok.chat_template = VICUNA_V1_TEMPLATE

@@ -11,7 +11,7 @@ from PIL import Image
 
 from pmod.data.records import IGNORE_INDEX, Encoder, LlavaCollator
 from pmod.processors import has_torchvision
-from pmod.testing.tiny import (
+from pmod.tiny import (
     tiny_gemma3,
     tiny_gemma3_processor,
     tiny_internvl,

@@ -20,7 +20,7 @@ from pmod.pipelines.generation import (
     move_to_model,
     suppressed_tokens,
 )
-from pmod.testing.tiny import randomize_routers, tiny_llava, tiny_llava_next, tiny_llava_processor
+from pmod.tiny import randomize_routers, tiny_llava, tiny_llava_next, tiny_llava_processor
 from tests.helpers.batches import rows_alone
 from tests.helpers.inputs import all_routed, llava_inputs, next_inputs
 
@@ -151,7 +151,7 @@ def test_generated_image_token_is_text():
 
 def test_mistral_sliding_window_generation_is_exact():
     """Sliding-window layers keep every entry in the p-MoD cache; the mask still applies the window."""
-    from pmod.testing.tiny import tiny_causal_lm
+    from pmod.tiny import tiny_causal_lm
 
     model = pmod.apply_pmod(
         tiny_causal_lm("mistral", num_layers=3, sliding_window=8),

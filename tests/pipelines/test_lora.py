@@ -13,7 +13,7 @@ from pmod.errors import PModConfigError
 from pmod.loading import load_processor
 from pmod.pipelines.lora import LoraSettings, apply_lora, load_adapter
 from pmod.pipelines.train import TrainConfig, load_config, train
-from pmod.testing.tiny import randomize_routers, tiny_llava, tiny_llava_processor
+from pmod.tiny import randomize_routers, tiny_llava, tiny_llava_processor
 from tests.helpers.inputs import llava_inputs
 from tests.helpers.llava_data import colour_records, write_records
 

@@ -11,7 +11,7 @@ import pmod
 from pmod.data.records import IGNORE_INDEX, Encoder, LlavaCollator, LlavaDataset
 from pmod.errors import PModInputError
 from pmod.loading import load_processor
-from pmod.testing.tiny import randomize_routers, tiny_llava_onevision, tiny_llava_onevision_processor
+from pmod.tiny import randomize_routers, tiny_llava_onevision, tiny_llava_onevision_processor
 from tests.helpers.llava_data import colour_records, write_records
 
 WORDS = "user assistant what is in the image video ? a red blue green circle colour yes no".split()

@@ -10,7 +10,7 @@ from PIL import Image
 
 from pmod.data.records import IGNORE_INDEX, Encoder, LlavaCollator, LlavaDataset
 from pmod.errors import PModInputError
-from pmod.testing.tiny import tiny_qwen2_vl, tiny_qwen2_vl_processor
+from pmod.tiny import tiny_qwen2_vl, tiny_qwen2_vl_processor
 from tests.helpers.llava_data import colour_records, write_records
 from tests.helpers.qwen_words import WORDS
 
@@ -256,7 +256,7 @@ def test_evaluation_of_video_image_and_text_records_batched_equals_one_by_one(se
 
 def test_evaluation_refuses_media_the_processor_cannot_take(tmp_path):
     from pmod.pipelines.evaluate import evaluate
-    from pmod.testing.tiny import tiny_llava, tiny_llava_processor
+    from pmod.tiny import tiny_llava, tiny_llava_processor
 
     llava = tiny_llava()
     video = {"id": "v", "video": _frames(tmp_path, "clip", 2), "conversations": [

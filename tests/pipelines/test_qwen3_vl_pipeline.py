@@ -13,7 +13,7 @@ import pmod
 from pmod.data.records import IGNORE_INDEX, Encoder, LlavaCollator
 from pmod.errors import PModInputError
 from pmod.processors import has_torchvision
-from pmod.testing.tiny import randomize_routers, tiny_qwen3_vl
+from pmod.tiny import randomize_routers, tiny_qwen3_vl
 from tests.helpers.llava_data import colour_records, write_records
 
 WORDS = "user assistant what is in the image video ? a red blue green circle colour moves yes no".split()
@@ -22,7 +22,7 @@ needs_torchvision = pytest.mark.skipif(not has_torchvision(), reason="Qwen3-VL's
 
 
 def _processor(model):
-    from pmod.testing.tiny import tiny_qwen3_vl_processor
+    from pmod.tiny import tiny_qwen3_vl_processor
 
     return tiny_qwen3_vl_processor(model, WORDS, image_size=28)
 

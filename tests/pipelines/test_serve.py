@@ -15,7 +15,7 @@ from PIL import Image
 import pmod
 from pmod.pipelines.batching import Batcher, Request
 from pmod.pipelines.evaluate import evaluate
-from pmod.testing.tiny import randomize_routers, tiny_llava, tiny_llava_processor
+from pmod.tiny import randomize_routers, tiny_llava, tiny_llava_processor
 
 openai = pytest.importorskip("openai")  # the serve extra and the openai client (the dev extra has both)
 uvicorn = pytest.importorskip("uvicorn")

@@ -10,7 +10,7 @@ import yaml
 import pmod
 from pmod.errors import PModConfigError
 from pmod.pipelines.train import load_config, train
-from pmod.testing.tiny import TinyModelSettings
+from pmod.tiny import TinyModelSettings
 from tests.helpers.llava_data import colour_records, write_records
 from tests.helpers.train import _config
 
@@ -80,7 +80,7 @@ def test_router_learning_rate_and_pretrain_stage(data, tmp_path):
     changed = {n for n, p in after.named_parameters() if not torch.equal(p, dict(before.named_parameters())[n])}
     assert changed and all("multi_modal_projector" in n for n in changed)
     with pytest.raises(PModConfigError, match="nothing to train"):
-        set_trainable(pmod.testing.tiny.tiny_causal_lm(), "pretrain")
+        set_trainable(pmod.tiny.tiny_causal_lm(), "pretrain")
 
 
 def test_finetune_keeps_the_vision_tower_frozen(data, tmp_path):
@@ -179,7 +179,7 @@ def test_deepspeed_and_fsdp_configs_name_real_classes():
         assert json.loads((CONFIGS / "deepspeed" / name).read_text())["train_micro_batch_size_per_gpu"] == "auto"
     fsdp = yaml.safe_load((CONFIGS / "accelerate/fsdp.yaml").read_text())
     wrapped = set(fsdp["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"].split(","))
-    model = pmod.apply_pmod(pmod.testing.tiny.tiny_llava(num_layers=4), pmod.PModConfig())
+    model = pmod.apply_pmod(pmod.tiny.tiny_llava(num_layers=4), pmod.PModConfig())
     classes = {type(m).__name__ for m in model.modules()}
     assert wrapped <= classes | {"LlamaDecoderLayer"}
     layer_classes = {type(layer).__name__ for layer in model.model.language_model.layers}
@@ -260,7 +260,7 @@ def test_training_from_saved_directories(data, tmp_path):
     """model_name_or_path: a dense checkpoint converted by the recipe, trained as dense, or an existing p-MoD one."""
     from transformers import AutoConfig
 
-    from pmod.testing.tiny import tiny_llava, tiny_llava_processor
+    from pmod.tiny import tiny_llava, tiny_llava_processor
 
     words = json.loads(Path(data[0]).read_text())[0]["conversations"][0]["value"].replace("<image>", "").split()
     dense = tiny_llava(num_layers=4)

@@ -8,7 +8,7 @@ import yaml
 
 import pmod
 import pmod.pipelines.train
-import pmod.testing.tiny
+import pmod.tiny
 from pmod.errors import PModConfigError, PModError, PModInputError, PModTrainingError
 from pmod.pipelines.train import TrainConfig, load_config, train
 from tests.helpers.llava_data import colour_records, write_records
@@ -290,7 +290,7 @@ def test_an_output_dir_in_the_base_model_is_refused(data, tmp_path):
     """The final model is saved into output_dir: a run started from a saved model into that same folder (or inside
     it) would overwrite what it trains from."""
     base = tmp_path / "base"
-    pmod.apply_pmod(pmod.testing.tiny.tiny_llava(num_layers=2),
+    pmod.apply_pmod(pmod.tiny.tiny_llava(num_layers=2),
                     pmod.PModConfig(schedule=[0.5, 1.0])).save_pretrained(base)
     before = sorted(p.name for p in base.iterdir())
     for out in (base, base / "run"):

@@ -5,7 +5,7 @@ import torch
 
 import pmod
 from pmod.compat import output_cache
-from pmod.testing.tiny import randomize_routers, tiny_llava
+from pmod.tiny import randomize_routers, tiny_llava
 from tests.helpers.batches import valid_rows
 from tests.helpers.inputs import llava_inputs
 from tests.helpers.reference import reference_logits

@@ -7,7 +7,7 @@ from PIL import Image
 from pmod.data.synthetic import SyntheticConfig, write_dataset
 from pmod.errors import PModConfigError
 from pmod.pipelines.vision_pretrain import _cell_index, pretrain_vision_tower, vision_tokens
-from pmod.testing.tiny import TinyModelSettings, build_tiny
+from pmod.tiny import TinyModelSettings, build_tiny
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pmod.data.synthetic import SyntheticConfig, make_sample
 from pmod.errors import PModInputError
 from pmod.pipelines.viz import kept_token_maps, plot_routing, vision_layout, visualize
 from pmod.routing import LayerRouting
-from pmod.testing.tiny import randomize_routers, tiny_llava, tiny_llava_next, tiny_llava_processor
+from pmod.tiny import randomize_routers, tiny_llava, tiny_llava_next, tiny_llava_processor
 
 G = 8  # 56 px images, 7 px patches: an 8 x 8 token grid
 

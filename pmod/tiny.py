@@ -21,7 +21,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from ..errors import PModConfigError
+from .errors import PModConfigError
 
 TEXT_CONFIGS = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
 
@@ -429,7 +429,7 @@ def tiny_llava_processor(model: LlavaForConditionalGeneration, words: list[str] 
     """A `LlavaProcessor` matching a `tiny_llava` model: word tokenizer, CLIP image processor, Vicuna chat template."""
     from transformers import LlavaProcessor
 
-    from ..data.conversation import vicuna_v1_template
+    from .data.conversation import vicuna_v1_template
 
     try:  # the PIL backend (no torchvision here); older transformers only has the one class
         from transformers import CLIPImageProcessorPil as CLIPImageProcessor
@@ -475,7 +475,7 @@ def _image_processor_class(name: str) -> type:
     torchvision is installed, else the PIL one (``{name}Pil``), so a saved and reloaded processor is the same."""
     import transformers
 
-    from ..processors import has_torchvision
+    from .processors import has_torchvision
 
     return getattr(transformers, name if has_torchvision() else f"{name}Pil")
 
@@ -485,7 +485,7 @@ def tiny_qwen2_vl_processor(model: PreTrainedModel, words: list[str] | None = No
     placeholder ids, transformers' image processor (every image resized to ``image_size`` squared pixels when
     given) and video processor (`pmod.processors.default_video_processor`: pmod's frame video processor where
     torchvision is missing), and a ChatML template."""
-    from ..processors import build_processor
+    from .processors import build_processor
 
     image_processor_class = _image_processor_class("Qwen2VLImageProcessor")
 
@@ -511,7 +511,7 @@ def tiny_qwen3_vl_processor(model: PreTrainedModel, words: list[str] | None = No
     torchvision code: transformers builds it only where torchvision is installed), and a ChatML template."""
     from transformers import Qwen3VLProcessor
 
-    from ..processors import has_torchvision
+    from .processors import has_torchvision
 
     if not has_torchvision():
         raise PModConfigError("Qwen3-VL's video processor is torchvision code: pip install torchvision")
@@ -580,7 +580,7 @@ def tiny_internvl_processor(model: PreTrainedModel, words: list[str] | None = No
     is installed), a ChatML template writing <IMG_CONTEXT> for an image and <video> for a video."""
     from transformers import InternVLProcessor
 
-    from ..processors import has_torchvision
+    from .processors import has_torchvision
 
     if not has_torchvision():
         raise PModConfigError("InternVL's video processor is torchvision code: pip install torchvision")
@@ -606,7 +606,7 @@ def tiny_llava_onevision_processor(model: PreTrainedModel, words: list[str] | No
     """A LLaVA-OneVision processor matching a `tiny_llava_onevision` model: word tokenizer (``<image>`` and
     ``<video>`` at the model's ids), transformers' anyres image processor with the model's grid pinpoints, its
     video processor (pmod's frame video processor where torchvision is missing), and a ChatML template."""
-    from ..processors import build_processor
+    from .processors import build_processor
 
     image_processor_class = _image_processor_class("LlavaOnevisionImageProcessor")
 
@@ -631,7 +631,7 @@ def tiny_llava_next_video_processor(model: PreTrainedModel, words: list[str] | N
     processor (torchvision code: transformers builds it only where torchvision is installed), a ChatML template."""
     from transformers import LlavaNextVideoProcessor
 
-    from ..processors import has_torchvision
+    from .processors import has_torchvision
 
     if not has_torchvision():
         raise PModConfigError("LLaVA-NeXT-Video's video processor is torchvision code: pip install torchvision")

@@ -1,1 +1,0 @@
-"""Tiny models and processors built from configs: for tests, CPU recipes and the demo (no downloads)."""
