@@ -51,27 +51,20 @@ def main() -> None:
     )
     text = (HERE / "README.template.md").read_text().replace("{{PREFILL_TABLE}}", table)
     text = text.replace("{{DECODE_TABLE}}", decode_table)
-    compiled = sorted((HERE / "results").glob("compiled*.md"))
-    text = text.replace("{{COMPILED_TABLES}}", "\n".join(
-        f"[{p.name}](results/{p.name}) ([{p.with_suffix('.json').name}](results/{p.with_suffix('.json').name})):\n\n"
-        + p.read_text() for p in compiled
-    ))
-    threads = sorted((HERE / "results").glob("threads*.md"))
-    text = text.replace("{{THREADS_TABLES}}", "\n".join(
-        f"[{p.name}](results/{p.name}) ([{p.with_suffix('.json').name}](results/{p.with_suffix('.json').name})):\n\n"
-        + p.read_text() for p in threads
-    ))
-    efficiency = sorted((HERE / "results").glob("efficiency*.md"))
-    text = text.replace("{{EFFICIENCY_TABLES}}", "\n".join(
-        f"[{p.name}](results/{p.name}), plot [{p.with_suffix('.png').name}](results/{p.with_suffix('.png').name}):\n\n"
-        + p.read_text() for p in efficiency
-    ))
-    serve = sorted((HERE / "results").glob("serve*.md"))
-    text = text.replace("{{SERVE_TABLES}}", "\n".join(
-        f"[{p.name}](results/{p.name}) ([{p.with_suffix('.json').name}](results/{p.with_suffix('.json').name})):\n\n"
-        + p.read_text() for p in serve
-    ))
+    for marker, pattern, extra in (("{{COMPILED_TABLES}}", "compiled*.md", ".json"),
+                                   ("{{THREADS_TABLES}}", "threads*.md", ".json"),
+                                   ("{{EFFICIENCY_TABLES}}", "efficiency*.md", ".png"),
+                                   ("{{SERVE_TABLES}}", "serve*.md", ".json")):
+        text = text.replace(marker, "\n".join(_with_link(p, extra) for p in sorted((HERE / "results").glob(pattern))))
     (HERE / "README.md").write_text(text)
+
+
+def _with_link(table: Path, extra: str) -> str:
+    """A committed result table under a line linking it and its JSON data (or its plot)."""
+    other = table.with_suffix(extra).name
+    link = f"plot [{other}](results/{other})" if extra == ".png" else f"([{other}](results/{other}))"
+    sep = ", " if extra == ".png" else " "
+    return f"[{table.name}](results/{table.name}){sep}{link}:\n\n" + table.read_text()
 
 
 if __name__ == "__main__":
