@@ -299,23 +299,24 @@ def _prefill_latency(models: dict[str, Any], processor, data, reps: int) -> dict
     """Median prefill (one forward over a batch of test prompts) per model, the models interleaved."""
     from ..data.conversation import prompt_and_answer, render
     from ..data.records import Encoder
+    from .generation import encode
 
     names = list(models)
     records = data.load("test")[:16]
     encoder = Encoder(processor, data.image_dir)
     texts = [render(processor, prompt_and_answer(r)[0], add_generation_prompt=True) for r in records]
-    images = [img for r in records for img in encoder.images(r)]
-    processor.tokenizer.padding_side = "left"
-    inputs = processor(text=texts, images=images, return_tensors="pt", padding=True)
+    images = [encoder.images(r) for r in records]
+    # the inputs `pmod eval` gives each model (left-padded; for p-MoD with its routing counts from the host)
+    inputs = {n: encode(models[n], processor, texts, images) for n in names}
     times: dict[str, list[float]] = {n: [] for n in names}
     with torch.inference_mode():
         for n in names:  # warm-up
             models[n].eval()
-            models[n](**inputs)
+            models[n](**inputs[n])
         for _ in range(reps):
             for n in names:
                 start = time.perf_counter()
-                models[n](**inputs)
+                models[n](**inputs[n])
                 times[n].append(time.perf_counter() - start)
     return {n: statistics.median(t) for n, t in times.items()}
 

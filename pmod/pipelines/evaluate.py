@@ -167,11 +167,11 @@ def _prepare(records: Sequence[dict[str, Any]], image_folder: Path | None) -> li
     return items
 
 
-def _resolve_media(pending: list[_Item], processor: Any, folder: Path | None, batch_size: int) -> None:
+def _resolve_media(pending: list[_Item], processor: Any, folder: Path | None) -> None:
     """Before any generation: check that the processor takes the pending records' images and videos, resolve
     their videos (video files, frame files), rates and frame limits into the items, and check the videos are
-    usable (a decoder for video files; frames of one size per video; LLaVA-OneVision: one frame count per batch
-    of frame videos, as it stacks them)."""
+    usable (a decoder for video files; frames of one size per video). LLaVA-OneVision's videos of different frame
+    counts are answered in groups of one count (`pmod.pipelines.generation.stacking_groups`, the one rule)."""
     from PIL import Image
 
     for it in pending:
@@ -196,17 +196,6 @@ def _resolve_media(pending: list[_Item], processor: Any, folder: Path | None, ba
                     raise PModInputError(f"record {it.id!r}: not a readable image file: {f}") from exc
             if len(sizes) > 1:
                 raise PModInputError(f"record {it.id!r}: the frames of a video differ in size {sorted(sizes)}")
-    video_processor = getattr(processor, "video_processor", None)
-    if "LlavaOnevision" in type(video_processor).__name__:  # stacks the videos of one call
-        for b in range(0, len(pending), batch_size):
-            counts = {min(len(v), it.max_frames or len(v)) for it in pending[b : b + batch_size] for v in it.videos
-                      if isinstance(v, list)}  # decoded videos' counts are known later: see stacking_groups
-            if len(counts) > 1:
-                raise PModInputError(
-                    f"LLaVA-OneVision stacks the videos of a batch, and the batch starting at record "
-                    f"{pending[b].id!r} has videos of {sorted(counts)} frames: give every video the same number "
-                    "of frames, or use batch size 1"
-                )
 
 
 def _record_sha(item: _Item) -> str:
@@ -383,7 +372,7 @@ def evaluate(
         _check_resumable(preds_file, done, items, run_sha)
     pending = [it for it in items if it.key not in done]
     _unknown_words(processor, pending)
-    _resolve_media(pending, processor, folder, batch_size)
+    _resolve_media(pending, processor, folder)
     frames = {it.key: [f for v in it.videos if isinstance(v, list) for f in v] for it in pending}
     missing = [(it.id, p) for it in pending for p in it.images + frames[it.key] if not p.is_file()]
     if missing:

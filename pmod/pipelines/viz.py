@@ -16,6 +16,7 @@ and `cmd_viz` is the `pmod viz` command:
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import math
 import os
@@ -266,9 +267,10 @@ def visualize(
     model's processor, or None to load it from that directory. ``image`` is a PIL image or a path.
     Returns the token maps.
     """
+    from ..data.conversation import render, tokenizer_of, use_chat_template
     from ..data.records import load_image
     from ..loading import load_model, read_checkpoint_config
-    from .generation import move_to_model
+    from .generation import encode
 
     if isinstance(model_dir_or_model, (str, os.PathLike)):
         config = read_checkpoint_config(model_dir_or_model)
@@ -285,12 +287,13 @@ def visualize(
     if isinstance(image, (str, os.PathLike)):
         image = load_image(image)
     image = image.convert("RGB")
-    if getattr(processor, "chat_template", None):
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    else:
-        text = f"{getattr(processor, 'image_token', '<image>')}\n{prompt}"
-    inputs = move_to_model(model, processor(images=image, text=text, return_tensors="pt"))
+    # the prompt `pmod chat` and `pmod eval` give the same question: the processor's chat template, or the LLaVA-1.5
+    # one with a warning (`use_chat_template`, on a copy: the caller's processor is left as it is)
+    if not getattr(processor, "chat_template", None) and not getattr(tokenizer_of(processor), "chat_template", None):
+        processor = copy.copy(processor)
+        use_chat_template(processor, None, "the processor")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    inputs = encode(model, processor, [render(processor, messages, add_generation_prompt=True)], [[image]])
     with torch.no_grad():
         model(**inputs, use_cache=False)
     maps = kept_token_maps(model, get_routing(model), inputs["input_ids"], 0, inputs.get("image_sizes"),

@@ -262,12 +262,15 @@ def test_visualize_end_to_end_and_cli(llava, shapes_image, tmp_path):
     # The in-memory model gives the same maps (the saved routers round-trip).
     again = visualize(model, processor, shapes_image, "what colour is the circle ?", tmp_path / "viz2.png")
     assert all(np.array_equal(maps[i].base, again[i].base) for i in maps)
-    # Without a chat template the prompt is "<image>\n" + text.
+    # Without a chat template the prompt is the one pmod chat and pmod eval would give (LLaVA-1.5's, with a warning),
+    # and the caller's processor is left without one.
     processor.chat_template, template = None, processor.chat_template
+    tokenizer_template, processor.tokenizer.chat_template = processor.tokenizer.chat_template, None
     try:
         plain = visualize(model, processor, shapes_image, "what colour is the circle ?", tmp_path / "viz3.png")
+        assert processor.chat_template is None
     finally:
-        processor.chat_template = template
+        processor.chat_template, processor.tokenizer.chat_template = template, tokenizer_template
     assert all(m.total == G * G for m in plain.values())
 
     parser = build_parser()
