@@ -14,15 +14,12 @@ each client sends its next request when its last one is answered.
 from __future__ import annotations
 
 import argparse
-import base64
 import copy
-import io
 import statistics
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -32,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OUT_HELP, SCRATCH, machine, write_result  # noqa: E402
 
 import pmod  # noqa: E402
-from pmod.pipelines.serve import ServeSettings, create_app  # noqa: E402
+from pmod.pipelines.serve import ServeSettings, create_app, image_data_url, serving_in_thread  # noqa: E402
 from pmod.tiny import randomize_routers, tiny_llava, tiny_llava_processor  # noqa: E402
 
 WORDS = "USER ASSISTANT : what is in the image ? describe it a red blue green circle square triangle yes no".split()
@@ -66,28 +63,10 @@ def models(args: argparse.Namespace):
     return dense, routed, tiny_llava_processor(dense, WORDS)
 
 
-@contextmanager
-def running(app):
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/v1"
-    finally:
-        server.should_exit = True
-        thread.join()
-
-
 def image_url(seed: int, size: int) -> str:
     g = torch.Generator().manual_seed(seed)
     pixels = torch.randint(0, 256, (size, size, 3), generator=g, dtype=torch.uint8).numpy()
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return image_data_url(Image.fromarray(pixels))
 
 
 def load(url: str, concurrency: int, n: int, max_tokens: int, images: list[str]) -> dict:
@@ -138,13 +117,9 @@ def load(url: str, concurrency: int, n: int, max_tokens: int, images: list[str])
             "completion_tokens": sum(tokens)}
 
 
-def percentile(values: list[float], q: float) -> float:
-    """The ``q``-th percentile (0-100) by linear interpolation between the sorted values."""
-    ordered = sorted(values)
-    at = (len(ordered) - 1) * q / 100
-    low = int(at)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (at - low)
+def percentile(values: list[float], q: int) -> float:
+    """The ``q``-th percentile (1-99), interpolated between the sorted values (one value: itself)."""
+    return values[0] if len(values) == 1 else statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
 def main() -> None:
@@ -163,7 +138,7 @@ def main() -> None:
         runs: dict[str, list[dict]] = {"dense": [], "pmod": []}
         for _ in range(args.rounds):
             for name, app in apps.items():
-                with running(app) as url:
+                with serving_in_thread(app) as url:
                     runs[name].append(load(url, c, args.requests, args.max_tokens, images))
         med = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
         row = {"concurrency": c, "dense": med["dense"], "pmod": med["pmod"],

@@ -25,7 +25,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..data.conversation import render, tokenizer_of
 from ..errors import PModError, PModInputError, one_line
-from .generation import Generation, cut_at_stop, encode, generate
+from .generation import Generation, cut_at_stop, encode, eos_ids, generate
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class _Rows(StoppingCriteria):
                 self.done[row], self.reason[row] = True, "stop"
             if req.stream and not self.done[row]:
                 hold = max((len(s) for s in req.stop), default=1) - 1
-                safe = cut_at_stop(raw, req.stop)[: len(raw) - hold if hold else None].rstrip("\ufffd")
+                safe = raw[: len(raw) - hold if hold else None].rstrip("\ufffd")  # no stop string in raw: not done
                 self._send(row, safe)
         return torch.tensor(self.done, device=input_ids.device)
 
@@ -285,9 +285,7 @@ class Batcher:
             sampling = {"do_sample": True, "temperature": first.temperature, "top_p": first.top_p or 1.0}
             if first.seed is not None:
                 torch.manual_seed(first.seed)
-        eos = [i for i in (self.model.generation_config.eos_token_id, self.tokenizer.eos_token_id) if i is not None]
-        eos = [int(i) for e in eos for i in (e if isinstance(e, (list, tuple)) else [e])]
-        rows = _Rows(requests, inputs["input_ids"].shape[1], self.tokenizer, eos)
+        rows = _Rows(requests, inputs["input_ids"].shape[1], self.tokenizer, eos_ids(self.model, self.tokenizer))
         self.batches.append(len(requests))
         out: Generation = generate(
             self.model, inputs, self.tokenizer, max_new_tokens=max(r.max_tokens for r in requests),

@@ -221,7 +221,7 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     return text.strip()
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+def eos_ids(model: Any, tokenizer: Any) -> list[int]:
     """The end-of-sequence ids of the model's generation config and of its tokenizer."""
     values = (getattr(getattr(model, "generation_config", None), "eos_token_id", None),
               getattr(tokenizer, "eos_token_id", None))
@@ -318,7 +318,7 @@ def generate(
     ids = inputs["input_ids"]
     if write is not None and (tokenizer is None or ids.shape[0] != 1):
         raise PModInputError("Streaming text needs a tokenizer and a batch of one; pass write=None for batches.")
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_ids(model, tokenizer)
     pad = getattr(tokenizer, "pad_token_id", None)
     kwargs: dict[str, Any] = {"do_sample": False, "pad_token_id": pad if pad is not None else (eos[0] if eos else 0),
                               **({"eos_token_id": eos} if eos else {}), **generate_kwargs}

@@ -25,8 +25,8 @@ import logging
 import queue
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -125,9 +125,7 @@ class ServeSettings(BaseModel):
 
 def model_context(model: Any) -> int | None:
     """The text model's ``max_position_embeddings``: prompt plus answer tokens a request may take."""
-    config = model.config
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    value = getattr(text, "max_position_embeddings", None)
+    value = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
     return int(value) if isinstance(value, int) and value > 0 else None
 
 
@@ -307,8 +305,7 @@ def create_app(model: Any, processor: Any, settings: ServeSettings, **generate_k
                         return JSONResponse(APIError(499, "the client closed the request").body(), status_code=499)
                     if loop.time() > deadline:
                         req.cancelled.set()
-                        raise APIError(504, f"no answer within {settings.request_timeout_s:g} s (--request-timeout)",
-                                       "timeout", kind="server_error") from None
+                        raise _timed_out(settings) from None
                     continue
                 if kind == "done":
                     break
@@ -323,6 +320,11 @@ def create_app(model: Any, processor: Any, settings: ServeSettings, **generate_k
                 "usage": usage(value)}
 
     return app
+
+
+def _timed_out(settings: ServeSettings) -> APIError:
+    return APIError(504, f"no answer within {settings.request_timeout_s:g} s (--request-timeout)", "timeout",
+                    kind="server_error")
 
 
 def _as_api_error(exc: BaseException) -> APIError:
@@ -354,9 +356,7 @@ async def _stream(events: asyncio.Queue, req: Request, rid: str, created: int, s
                 kind, value = await asyncio.wait_for(events.get(), timeout=max(0.0, deadline - loop.time()))
             except asyncio.TimeoutError:
                 req.cancelled.set()
-                error = APIError(504, f"no answer within {settings.request_timeout_s:g} s (--request-timeout)",
-                                 "timeout", kind="server_error")
-                yield f"data: {json.dumps(error.body())}\n\n"
+                yield f"data: {json.dumps(_timed_out(settings).body())}\n\n"
                 break
             if kind == "delta":
                 yield chunk({"content": value})
@@ -373,6 +373,36 @@ async def _stream(events: asyncio.Queue, req: Request, rid: str, created: int, s
         yield "data: [DONE]\n\n"
     finally:
         req.cancelled.set()  # a client that went away frees its row; a finished request is past caring
+
+
+@contextmanager
+def serving_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Serve ``app`` with uvicorn on a background thread (tests, benchmarks, a notebook) until the block ends; yields
+    the API's base URL (``port=0``: a free port)."""
+    import threading
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the server did not start on {host}:{port}")
+        time.sleep(0.01)
+    try:
+        yield f"http://{host}:{server.servers[0].sockets[0].getsockname()[1]}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def image_data_url(image: Any) -> str:
+    """A PIL image as the ``data:image/png;base64,...`` URL a chat request carries."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def serve(model_dir: str, *, host: str = "127.0.0.1", port: int = 8000, device: str | None = None,

@@ -267,7 +267,7 @@ def visualize(
     model's processor, or None to load it from that directory. ``image`` is a PIL image or a path.
     Returns the token maps.
     """
-    from ..data.conversation import render, tokenizer_of, use_chat_template
+    from ..data.conversation import render, use_chat_template
     from ..data.records import load_image
     from ..loading import load_model, read_checkpoint_config
     from .generation import encode
@@ -289,9 +289,8 @@ def visualize(
     image = image.convert("RGB")
     # the prompt `pmod chat` and `pmod eval` give the same question: the processor's chat template, or the LLaVA-1.5
     # one with a warning (`use_chat_template`, on a copy: the caller's processor is left as it is)
-    if not getattr(processor, "chat_template", None) and not getattr(tokenizer_of(processor), "chat_template", None):
-        processor = copy.copy(processor)
-        use_chat_template(processor, None, "the processor")
+    processor = copy.copy(processor)
+    use_chat_template(processor, None, "the processor")
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
     inputs = encode(model, processor, [render(processor, messages, add_generation_prompt=True)], [[image]])
     with torch.no_grad():

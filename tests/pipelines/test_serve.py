@@ -2,12 +2,8 @@
 `pmod eval`'s, concurrent clients are batched and get their own answers, streaming, per-request limits inside one
 batch, cancellation, and OpenAI-style errors."""
 
-import base64
-import io
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import pytest
 from PIL import Image
@@ -20,7 +16,7 @@ from pmod.tiny import randomize_routers, tiny_llava, tiny_llava_processor
 openai = pytest.importorskip("openai")  # the serve extra and the openai client (the dev extra has both)
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
-from pmod.pipelines.serve import ServeSettings, create_app  # noqa: E402
+from pmod.pipelines.serve import ServeSettings, create_app, image_data_url, serving_in_thread  # noqa: E402
 
 SUPPRESS = [0, 1, 2]  # <pad> <unk> <s>: never generated; </s> may end an answer
 WORDS = "USER ASSISTANT : what is in the image ? a red blue green circle square triangle yes no".split()
@@ -40,32 +36,13 @@ def tiny(tmp_path_factory):
     return model, tiny_llava_processor(model, WORDS), folder
 
 
-@contextmanager
-def running(app):
-    """The app on a free localhost port, in a thread; yields the API's base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(1000):
-        if server.started:
-            break
-        time.sleep(0.01)
-    assert server.started, "the server did not start"
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def server(tiny):
     model, processor, folder = tiny
     settings = ServeSettings(model_name="tiny", max_batch_size=8, batch_wait_ms=300, image_root=folder, max_images=1,
                              max_context=96)
     app = create_app(model, processor, settings, suppress_tokens=SUPPRESS)
-    with running(app) as url:
+    with serving_in_thread(app) as url:
         yield url, app
 
 
@@ -74,9 +51,7 @@ def client(url):
 
 
 def data_url(colour):
-    buffer = io.BytesIO()
-    Image.new("RGB", (40, 30), COLOURS[colour]).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return image_data_url(Image.new("RGB", (40, 30), COLOURS[colour]))
 
 
 def messages(question, image=None, url=None):
@@ -234,7 +209,7 @@ def test_a_request_the_processor_refuses_fails_alone(tiny, server):
 def test_requests_time_out_with_504(tiny):
     model, processor, _ = tiny
     app = create_app(model, processor, ServeSettings(model_name="tiny", batch_wait_ms=2000, request_timeout_s=0.05))
-    with running(app) as url, pytest.raises(openai.InternalServerError) as caught:
+    with serving_in_thread(app) as url, pytest.raises(openai.InternalServerError) as caught:
         client(url).chat.completions.create(model="tiny", messages=messages("what ?"), max_tokens=2)
     assert caught.value.status_code == 504 and "--request-timeout" in str(caught.value)
 
