@@ -21,13 +21,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
-import importlib
 import json
 import logging
 import os
 import re
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import get_args
 
@@ -239,7 +237,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train with a recipe; the final model and its processor land in the recipe's output_dir."""
-    from .pipelines.train import load_config, train
+    from .pipelines.recipe import load_config
+    from .pipelines.train import train
 
     config = load_config(args.config, args.overrides)
     logging.getLogger("pmod").setLevel(logging.INFO)  # progress of data preparation and resuming
@@ -251,6 +250,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         + (f", {result.skipped_records} records skipped" if result.skipped_records else "")
     )
     _emit(f"model saved to {result.output_dir} (load it with pmod.load_model)")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """`pmod eval`: evaluate a saved model on a LLaVA-format data file; writes predictions.jsonl and metrics.json.
+    The output folder is held for the run (`pmod.files.output_lock`): a second run into it is refused."""
+    from .pipelines.evaluate import run_eval
+
+    result = run_eval(args.model_dir, args.data, args.out, image_folder=args.image_folder, batch_size=args.batch_size,
+                      max_new_tokens=args.max_new_tokens, limit=args.limit, resume=args.resume, force=args.force,
+                      group_by=args.group_by, dtype=args.dtype, device=args.device, progress=not args.no_progress)
+    out = Path(args.out)
+    _emit(result.summary())
+    _emit(f"predictions: {out / 'predictions.jsonl'}  metrics: {out / 'metrics.json'}")
     return 0
 
 
@@ -266,6 +279,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.model_name:
         settings["model_name"] = args.model_name
     serve(args.model_dir, host=args.host, port=args.port, device=args.device, dtype=args.dtype, settings=settings)
+    return 0
+
+
+def cmd_viz(args: argparse.Namespace) -> int:
+    """`pmod viz`: plot which vision tokens each routed layer kept for one image and prompt."""
+    from .pipelines.viz import visualize
+
+    maps = visualize(args.model_dir, None, args.image, args.prompt, args.out)
+    for index, m in sorted(maps.items()):
+        _emit(f"layer {index:3d}: keep ratio {m.keep_ratio:.3f}, kept {m.kept}/{m.total} vision tokens")
+    _emit(f"wrote {args.out}")
     return 0
 
 
@@ -286,17 +310,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"prefill latency ratio {lat['ratio']:.3f}, training step time ratio {report['train_step_s']['ratio']:.3f}")
     _emit(f"report: {Path(args.out) / demo.file('report.md')} ({report['seconds']:.0f} s)")
     return 0
-
-
-def _lazy(module: str, name: str) -> Callable[[argparse.Namespace], int]:
-    """The command ``pmod.<module>.<name>``, imported when it runs: building the parser (``pmod --help``) must not
-    import torch and transformers."""
-
-    def run(args: argparse.Namespace) -> int:
-        return getattr(importlib.import_module(f".{module}", __package__), name)(args)
-
-    run.__name__ = name
-    return run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -381,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPES, default=None, help="load the weights in this type (default: as saved)")
     p.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: where the model loads)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    p.set_defaults(func=_lazy("pipelines.evaluate", "cmd_eval"))
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("serve", help="serve a model over HTTP: OpenAI's chat completions API, requests batched")
     p.add_argument("model_dir", help="a saved p-MoD (or dense) model with its processor")
@@ -413,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", required=True, help="the image to route (a file)")
     p.add_argument("--prompt", required=True, help="the question asked about it")
     p.add_argument("--out", default="outputs/viz/routing.png", help="the PNG to write (default: %(default)s)")
-    p.set_defaults(func=_lazy("pipelines.viz", "cmd_viz"))
+    p.set_defaults(func=cmd_viz)
 
     p = sub.add_parser("demo", help="a miniature p-MoD experiment on CPU: train dense and p-MoD, evaluate, report")
     p.add_argument("--out", default="demo-output", help="folder for the runs, data and report (default: %(default)s)")

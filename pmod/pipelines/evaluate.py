@@ -1,4 +1,4 @@
-"""Local evaluation of LLaVA-format question answering data, and the `pmod eval` command.
+"""Local evaluation of LLaVA-format question answering data, and an evaluation into a folder (`pmod eval`).
 
     result = evaluate(model, processor, records, image_folder, batch_size=8, predictions_path="preds.jsonl")
     print(result.accuracy, result.vqa_accuracy, result.flops_ratio, result.kv_ratio)
@@ -16,7 +16,6 @@ in the file are skipped and their stored predictions re-scored); metrics are wri
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -30,10 +29,12 @@ from typing import Any
 
 from ..data.conversation import image_paths, prompt_and_answer, render, video_sources
 from ..data.records import (
-    DEFAULT_VIDEO_FPS,
     check_processor_takes,
     load_image,
     load_records,  # noqa: F401  (part of this module's API)
+)
+from ..data.video import (
+    DEFAULT_VIDEO_FPS,
     load_videos,
     record_fps,
     record_max_frames,
@@ -469,55 +470,79 @@ def _groups(items: Sequence[_Item], results: Sequence[QuestionResult], key: str)
     return out
 
 
-# ====================================================================== `pmod eval`
-def cmd_eval(args: argparse.Namespace) -> int:
-    """`pmod eval`: evaluate a saved model on a LLaVA-format data file; writes predictions.jsonl and metrics.json.
-    The output folder is held for the run (`pmod.files.output_lock`): a second run into it is refused."""
-    check_output_apart(args.out, {"model folder": args.model_dir}, PModInputError)
-    records = load_records(args.data)
-    if args.limit is not None:
-        records = records[: args.limit]
+# ====================================================================== an evaluation into a folder (`pmod eval`)
+def run_eval(
+    model_dir: str | os.PathLike,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    image_folder: str | os.PathLike | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 32,
+    limit: int | None = None,
+    resume: bool = False,
+    force: bool = False,
+    group_by: str | None = None,
+    dtype: str | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> EvalResult:
+    """Evaluate a saved model on a LLaVA-format data file into the folder ``out``: ``out/predictions.jsonl`` (one row
+    per question, written batch by batch) and ``out/metrics.json`` (`EvalResult.to_dict` with the model, data file,
+    batch size and answer length). What `pmod eval` runs.
+
+    Args:
+        model_dir: a saved p-MoD (or dense) model with its processor; a dense baseline is evaluated dense, a
+            text-only model with its tokenizer as processor.
+        data: LLaVA-format records, .json (a list) or .jsonl.
+        out: the output folder; it may not lie inside the model folder, and is held for the run
+            (`pmod.files.output_lock`): a second run into it is refused.
+        image_folder: the folder the records' image and video paths are relative to (default: the data file's).
+        limit: evaluate the first ``limit`` records only.
+        resume: keep the answers already in ``out/predictions.jsonl`` (see `evaluate`).
+        force: replace the predictions and metrics already in ``out``. Without ``resume`` or ``force`` an earlier
+            evaluation in ``out`` is refused; with both, too.
+        dtype, device: how to load the model (`pmod.pipelines.generation.load_for_inference`).
+        batch_size, max_new_tokens, group_by, progress: as for `evaluate`.
+    """
+    check_output_apart(out, {"model folder": model_dir}, PModInputError)
+    records = load_records(data)
+    if limit is not None:
+        records = records[:limit]
     if not records:
-        raise PModInputError(f"{args.data} holds no records")
-    out = Path(args.out)
-    if getattr(args, "resume", False) and getattr(args, "force", False):
+        raise PModInputError(f"{data} holds no records")
+    out = Path(out)
+    if resume and force:
         raise PModInputError("--resume keeps the predictions in the output folder and --force replaces them; pass one.")
     with output_lock(out, "pmod eval", PModInputError):
         earlier = [name for name in ("predictions.jsonl", "metrics.json") if (out / name).exists()]
-        if earlier and not (args.resume or getattr(args, "force", False)):
+        if earlier and not (resume or force):
             raise PModInputError(
                 f"{out} holds an earlier evaluation ({', '.join(earlier)}): pass --resume to keep its answers, --force "
                 "to replace them, or --out another folder."
             )
-        return _eval_into(args, out, records)
-
-
-def _eval_into(args: argparse.Namespace, out: Path, records: list[dict[str, Any]]) -> int:
-    image_folder = Path(args.image_folder) if args.image_folder else Path(args.data).resolve().parent
-    # a dense baseline stays dense; text-only models evaluate too (a bare tokenizer as processor)
-    model, processor = load_for_inference(args.model_dir, dtype=args.dtype, device=args.device)
-    out.mkdir(parents=True, exist_ok=True)
-    result = evaluate(
-        model,
-        processor,
-        records,
-        image_folder,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        predictions_path=out / "predictions.jsonl",
-        resume=args.resume,
-        progress=not args.no_progress,
-        group_by=getattr(args, "group_by", None),
-    )
-    metrics = {
-        "model": str(args.model_dir),
-        "data": str(args.data),
-        "batch_size": args.batch_size,
-        "max_new_tokens": args.max_new_tokens,
-        **result.to_dict(),
-    }
-    write_json_atomic(out / "metrics.json", metrics)
-    sys.stdout.write(f"{result.summary()}\n")
-    sys.stdout.write(f"predictions: {out / 'predictions.jsonl'}  metrics: {out / 'metrics.json'}\n")
-    sys.stdout.flush()
-    return 0
+        folder = Path(image_folder) if image_folder else Path(data).resolve().parent
+        # a dense baseline stays dense; text-only models evaluate too (a bare tokenizer as processor)
+        model, processor = load_for_inference(model_dir, dtype=dtype, device=device)
+        out.mkdir(parents=True, exist_ok=True)
+        result = evaluate(
+            model,
+            processor,
+            records,
+            folder,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            predictions_path=out / "predictions.jsonl",
+            resume=resume,
+            progress=progress,
+            group_by=group_by,
+        )
+        metrics = {
+            "model": str(model_dir),
+            "data": str(data),
+            "batch_size": batch_size,
+            "max_new_tokens": max_new_tokens,
+            **result.to_dict(),
+        }
+        write_json_atomic(out / "metrics.json", metrics)
+    return result

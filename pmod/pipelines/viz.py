@@ -8,19 +8,17 @@ interpolates a large high-resolution grid down first, "anyres_max_N"); for Qwen2
 Qwen2.5-VL (dynamic resolution) the merged (h / merge, w / merge) grid of the image's ``image_grid_thw``, in
 raster order (the processor orders patches by merged cell, and the vision tower keeps that order). `plot_routing`
 draws them: kept tokens clear, skipped tokens darkened. `visualize` does both from a model and processor,
-and `cmd_viz` is the `pmod viz` command:
+which is what the `pmod viz` command runs:
 
     pmod viz MODEL_DIR --image photo.png --prompt "what colour is the circle ?" --out routing.png
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import logging
 import math
 import os
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -308,11 +306,3 @@ def visualize(
     plot_routing(image, maps, out_path, title=title if title is not None else prompt, base_image=base_view)
     return maps
 
-
-def cmd_viz(args: argparse.Namespace) -> int:
-    """`pmod viz`: plot which vision tokens each routed layer kept for one image and prompt."""
-    maps = visualize(args.model_dir, None, args.image, args.prompt, args.out)
-    for index, m in sorted(maps.items()):
-        sys.stdout.write(f"layer {index:3d}: keep ratio {m.keep_ratio:.3f}, kept {m.kept}/{m.total} vision tokens\n")
-    sys.stdout.write(f"wrote {args.out}\n")
-    return 0
