@@ -34,13 +34,19 @@ def inspect_weight_files(src: Path, error: type[CheckpointError] = ConversionErr
     seen: dict[str, str] = {}
     for name in names:
         path = src / name
-        dtypes = _safetensors_dtypes(path, error) if name.endswith(".safetensors") else _check_torch_file(path, error)
+        dtypes = check_weight_file(path, error)
         twice = sorted(k for k in dtypes if k in seen)
         if twice:
             raise error(f"{path}: tensors also stored in {seen[twice[0]]}: {describe_names(twice)}.")
         seen.update(dict.fromkeys(dtypes, name))
         files[name] = dtypes
     return files
+
+
+def check_weight_file(path: Path, error: type[CheckpointError] = CheckpointError) -> dict[str, str]:
+    """One file checked readable without loading it: a .safetensors header that covers the file ({tensor name:
+    dtype}), any other file a complete torch.save archive ({}); raises ``error`` naming the file."""
+    return _safetensors_dtypes(path, error) if path.name.endswith(".safetensors") else _check_torch_file(path, error)
 
 
 def _weight_file_names(src: Path, error: type[CheckpointError]) -> list[str]:

@@ -173,11 +173,13 @@ def check_loaded_weights(
     files: dict[str, dict[str, str]] | None = None,
     error: type[CheckpointError] = CheckpointError,
     allow_mismatched: bool = False,
+    advice: str = "save or download it again",
 ) -> None:
     """Raise ``error`` if ``from_pretrained``'s loading info reports missing, unexpected or wrongly shaped tensors,
     if a loaded tensor holds NaN or inf (a model that answers nothing, silently), or if the weight files
     (`pmod.checkpoints.inspect_weight_files`) hold integer tensors for a model of floats.
-    Tied weights (an LM head tied to the embeddings) and non-persistent buffers are not missing."""
+    Tied weights (an LM head tied to the embeddings) and non-persistent buffers are not missing. ``advice`` ends
+    the message: what to do about it."""
     from .checkpoints import non_floating_tensors
 
     problems = []
@@ -208,7 +210,7 @@ def check_loaded_weights(
         routers = any(".router." in k for k in info.get("missing_keys") or ())
         raise error(
             f"The weights in {source} do not match its config ({type(model).__name__}): {'; '.join(problems)}. The "
-            "checkpoint is incomplete, damaged or from another model: save or download it again"
+            f"checkpoint is incomplete, damaged or from another model: {advice}"
             + (" (routers start at zero only when a dense checkpoint is converted: pmod.load_model(DENSE_DIR, "
                "PModConfig(...)) or pmod convert dense)." if routers else ".")
         )

@@ -173,7 +173,8 @@ def _train_variant(name: str, seed: int, pmod: dict[str, Any] | None, data, demo
                    init: Path | None = None, stage: str = "finetune") -> dict[str, Any]:
     """Train one model for ``stage`` (``pretrain``: stage 1, ``finetune``: stage 2) from ``init`` (a random tiny model
     when None), or reuse a finished run with the same recipe; returns its training summary."""
-    from .train import TrainConfig, train
+    from .recipe import TrainConfig
+    from .train import train
 
     size = demo.sizes()
     folder = out / demo.folder(name, seed)

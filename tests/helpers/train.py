@@ -1,8 +1,10 @@
-"""Tiny training recipes."""
+"""Tiny training recipes, and a callback that interrupts a run."""
 
 import dataclasses
 
-from pmod.pipelines.train import TrainConfig
+from transformers import TrainerCallback
+
+from pmod.pipelines.recipe import TrainConfig
 
 FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
@@ -17,3 +19,16 @@ def _config(data, out, **overrides) -> TrainConfig:
     values = {"output_dir": str(out), "tiny_model": {"num_layers": 4, "hidden_size": 64}, "pmod": {},
               "data_path": str(path), "image_folder": str(folder), "trainer": trainer}
     return TrainConfig(**{**values, **overrides})
+
+
+class StopAfter(TrainerCallback):
+    """Stops a run after ``step`` optimizer steps with a checkpoint, as a kill between two saves would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+            control.should_save = True
+        return control

@@ -12,10 +12,12 @@ import pmod
 from pmod.errors import PModConfigError
 from pmod.loading import load_processor
 from pmod.pipelines.lora import LoraSettings, apply_lora, load_adapter
-from pmod.pipelines.train import TrainConfig, load_config, train
+from pmod.pipelines.recipe import TrainConfig, load_config
+from pmod.pipelines.train import train
 from pmod.tiny import randomize_routers, tiny_llava, tiny_llava_processor
 from tests.helpers.inputs import llava_inputs
 from tests.helpers.llava_data import colour_records, write_records
+from tests.helpers.train import StopAfter
 
 peft = pytest.importorskip("peft")
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -155,7 +157,7 @@ def test_lora_fine_tune_trains_adapters_routers_and_projector(lora_run, dense_ba
 
 def test_lora_run_resumes_from_an_adapter_checkpoint(lora_run, dense_base, data, tmp_path):
     full, _ = lora_run
-    killed = train(_config(data, dense_base, tmp_path), stop_after=2)
+    killed = train(_config(data, dense_base, tmp_path), callbacks=[StopAfter(2)])
     assert (tmp_path / "checkpoint-2/adapter_model.safetensors").is_file()
     resumed = train(_config(data, dense_base, tmp_path))
     assert resumed.resumed_from.endswith("checkpoint-2") and len(killed.losses) == 2

@@ -87,7 +87,8 @@ def test_image_and_video_records_train_on_replies_and_batch_exactly(setup, tmp_p
 def test_training_learns_and_the_saved_model_evaluates(tmp_path):
     from pmod.loading import load_pretrained
     from pmod.pipelines.evaluate import evaluate
-    from pmod.pipelines.train import TrainConfig, train
+    from pmod.pipelines.recipe import TrainConfig
+    from pmod.pipelines.train import train
 
     folder = tmp_path / "data"
     path = write_records(folder, colour_records(folder, n=48))

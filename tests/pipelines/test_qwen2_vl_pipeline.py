@@ -97,7 +97,7 @@ def data(tmp_path_factory):
 
 
 def _config(data, out, version="2", **overrides):
-    from pmod.pipelines.train import TrainConfig
+    from pmod.pipelines.recipe import TrainConfig
 
     path, folder = data
     values = dict(
@@ -276,7 +276,8 @@ def test_the_qwen2_vl_recipe_trains_a_saved_dense_folder(data, tmp_path):
     from pathlib import Path
 
     from pmod.loading import load_pretrained
-    from pmod.pipelines.train import load_config, train
+    from pmod.pipelines.recipe import load_config
+    from pmod.pipelines.train import train
 
     dense = tiny_qwen2_vl(patch_size=7)
     dense.save_pretrained(tmp_path / "dense")

@@ -69,7 +69,8 @@ def test_labels_cover_only_the_replies_and_batches_equal_items(tmp_path):
 def test_training_a_saved_dense_folder_learns_and_evaluates(tmp_path):
     from pmod.loading import load_pretrained, load_processor
     from pmod.pipelines.evaluate import evaluate
-    from pmod.pipelines.train import TrainConfig, train
+    from pmod.pipelines.recipe import TrainConfig
+    from pmod.pipelines.train import train
 
     dense = tiny_qwen3_vl(patch_size=7)
     dense.save_pretrained(tmp_path / "dense")

@@ -9,10 +9,11 @@ import yaml
 
 import pmod
 from pmod.errors import PModConfigError
-from pmod.pipelines.train import load_config, train
+from pmod.pipelines.recipe import load_config
+from pmod.pipelines.train import train
 from pmod.tiny import TinyModelSettings
 from tests.helpers.llava_data import colour_records, write_records
-from tests.helpers.train import _config
+from tests.helpers.train import StopAfter, _config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -55,8 +56,10 @@ def test_loss_falls_and_routers_learn_and_the_model_loads(data, tmp_path):
 
 def test_resume_reproduces_the_uninterrupted_run(data, tmp_path):
     full = train(_config(data, tmp_path / "full", max_steps=10))
-    killed = train(_config(data, tmp_path / "resumed", max_steps=10), stop_after=6)
+    killed = train(_config(data, tmp_path / "resumed", max_steps=10), callbacks=[StopAfter(6)])
     assert len(killed.losses) == 6 and (tmp_path / "resumed/checkpoint-6").is_dir()
+    # stopped by a callback before its last step: an interruption, so no final model is written over the checkpoint
+    assert full.completed and not killed.completed and not (tmp_path / "resumed/config.json").exists()
     resumed = train(_config(data, tmp_path / "resumed", max_steps=10))
     assert resumed.resumed_from.endswith("checkpoint-6")
     torch.testing.assert_close(torch.tensor(resumed.losses[6:]), torch.tensor(full.losses[6:]), rtol=1e-4, atol=1e-5)
@@ -137,7 +140,7 @@ def test_load_config_overrides_and_errors(tmp_path):
     assert (config.pmod == pmod.PModConfig(average_ratio=0.3)
             and config.tiny_model == TinyModelSettings(num_layers=2, seed=3))
     # the recipe's trainer settings over pmod's defaults, which differ from TrainingArguments' own
-    assert config.trainer == {**pmod.pipelines.train.TRAINER_DEFAULTS, "max_steps": 5, "learning_rate": 1e-4,
+    assert config.trainer == {**pmod.pipelines.recipe.TRAINER_DEFAULTS, "max_steps": 5, "learning_rate": 1e-4,
                               "report_to": []}
     assert load_config(recipe, ["pmod=null"]).pmod is None  # the dense baseline
     with pytest.raises(PModConfigError, match="did you mean 'learning_rate'"):
@@ -202,7 +205,7 @@ def test_cli_train(data, tmp_path, capsys):
 
 
 def test_resume_skips_incomplete_checkpoints_and_refuses_other_recipes(data, tmp_path):
-    train(_config(data, tmp_path, max_steps=6, save_steps=2), stop_after=4)
+    train(_config(data, tmp_path, max_steps=6, save_steps=2), callbacks=[StopAfter(4)])
     # a kill while saving checkpoint-6: weights written, trainer state not yet
     partial = tmp_path / "checkpoint-6"
     partial.mkdir()

@@ -10,9 +10,10 @@ import pmod
 import pmod.pipelines.train
 import pmod.tiny
 from pmod.errors import PModConfigError, PModError, PModInputError, PModTrainingError
-from pmod.pipelines.train import TrainConfig, load_config, train
+from pmod.pipelines.recipe import TrainConfig, load_config
+from pmod.pipelines.train import train
 from tests.helpers.llava_data import colour_records, write_records
-from tests.helpers.train import _config
+from tests.helpers.train import StopAfter, _config
 
 TINY = {"num_layers": 2, "hidden_size": 32}
 
@@ -139,6 +140,8 @@ def test_booleans_in_strings_are_read_as_booleans_everywhere(recipe, tmp_path):
     ("trainer.seed=-1", "trainer.seed must not be negative"),
     ("trainer.seed=4294967296", "trainer.seed must be below 2\\*\\*32"),
     ("trainer.bf16=maybe", "trainer.bf16 must be true or false, got 'maybe'"),
+    ("trainer.learning_rate=true", "trainer.learning_rate must be a finite number, got True"),
+    ("tiny_model.num_layers=true", "tiny_model.num_layers must be a whole number, got True"),
     ("trainer.learning_rat=1e-3",
      r"unknown trainer setting 'learning_rat' \(did you mean 'learning_rate'\?\): .*no such"),
     ("trainer.remove_unused_columns=true", "trainer.remove_unused_columns is set by pmod"),
@@ -232,7 +235,7 @@ def test_a_missing_image_folder_is_one_clear_error(data, tmp_path):
 
 # ------------------------------------------------------------------------------------------ checkpoints
 def test_a_damaged_checkpoint_is_named_not_a_traceback(data, tmp_path):
-    train(_tiny(data, tmp_path, max_steps=2, save_steps=1), stop_after=1)
+    train(_tiny(data, tmp_path, max_steps=2, save_steps=1), callbacks=[StopAfter(1)])
     checkpoint = tmp_path / "checkpoint-1"
     weights = (checkpoint / "model.safetensors").read_bytes()
     advice = r"checkpoint .*checkpoint-1 is damaged \(%s: .*\); delete that folder .*resume: false"
@@ -262,7 +265,7 @@ def test_a_damaged_checkpoint_is_named_not_a_traceback(data, tmp_path):
 def test_a_checkpoint_without_some_weights_is_not_resumed_with_random_ones(data, tmp_path, pmod_settings):
     from safetensors.torch import load_file, save_file
 
-    train(_tiny(data, tmp_path, pmod=pmod_settings, max_steps=2, save_steps=1), stop_after=1)
+    train(_tiny(data, tmp_path, pmod=pmod_settings, max_steps=2, save_steps=1), callbacks=[StopAfter(1)])
     weights = tmp_path / "checkpoint-1/model.safetensors"
     tensors = load_file(weights)
     dropped = next(k for k in tensors if "multi_modal_projector" in k)
@@ -320,7 +323,6 @@ def test_duplicate_keys_and_aliases_in_a_recipe_are_refused(tmp_path, text, mess
 def test_freeze_vision_tower_defaults_follow_the_model(tmp_path):
     """A tiny model's random vision tower is trained unless the recipe says otherwise; a saved model's stays frozen,
     as with LoRA; an explicit setting wins."""
-    from pmod.pipelines.train import TrainConfig
 
     base = {"pmod": {}, "data_path": "x.json", "output_dir": str(tmp_path)}
     assert TrainConfig(tiny_model=TINY, **base).freeze_vision_tower is False
