@@ -18,8 +18,9 @@ scores ``loglikelihood`` ones. ``model_args``:
     attn_implementation  sdpa (default) or eager
     chat_template        vicuna_v1, a template string or a file; default: the processor's own template, else vicuna_v1
     max_new_tokens       used when a task does not set it (default 128)
-    max_frames           videos are sampled uniformly down to this many frames (default 32; a task's
-                         ``metadata: sample_frames`` overrides it)
+    max_frames           the most frames taken of a video (or of its window), spread over all its frames as
+                         training and ``pmod eval`` spread them (`pmod.data.video.sample_frame_indices`; default 32;
+                         a task's ``metadata: sample_frames`` overrides it)
     video_fps            the frame rate of videos given as frames (a folder of images, a list; default 2)
     video_backend        the transformers video decoder for video files (pyav, decord, torchcodec, opencv,
                          torchvision); default: the first one installed
@@ -47,7 +48,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
@@ -55,14 +55,8 @@ from PIL import Image
 
 from ..config import PModConfig
 from ..data.conversation import FRAME_SUFFIXES, IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, render, to_messages, tokenizer_of
-from ..data.records import (
-    DEFAULT_VIDEO_FPS,
-    VIDEO_BACKENDS,
-    check_processor_takes,
-    decode_video,
-    load_image,
-    video_frame_paths,
-)
+from ..data.records import check_processor_takes, load_image
+from ..data.video import DEFAULT_VIDEO_FPS, VIDEO_BACKENDS, load_video_file, sample_frame_indices, video_frame_paths
 from ..efficiency import realized_cost
 from ..errors import PModConfigError, PModInputError
 from ..pipelines.generation import encode, generate_batch, is_pmod, load_for_inference
@@ -106,9 +100,6 @@ def _parse_option(name: str, value: Any) -> Any:
         except json.JSONDecodeError as exc:
             raise PModConfigError(f"model_args {name}={value!r} is not a JSON list: {exc}") from exc
     return value
-
-
-# transformers.video_utils decoders, in the order tried when model_args do not name one
 
 
 @dataclasses.dataclass
@@ -174,27 +165,6 @@ def _media_of_visuals(visuals: Any, what: str, frames_are_video: bool = False) -
     if frames_are_video and visuals and all(isinstance(v, Image.Image) for v in visuals):
         return [_Media("video", list(visuals))]
     return [_media_of(v, what) for v in visuals]
-
-
-def _sample(total: int, fps: float, max_frames: int, start: float | None, end: float | None) -> tuple[list[int], float]:
-    """At most ``max_frames`` frame indices spread uniformly over the frames between ``start`` and ``end`` seconds
-    (a video of ``total`` frames at ``fps``), and the frame rate of the sampled frames."""
-    if total < 1:
-        raise ValueError("the video has no frames")
-    first = 0 if start is None else min(total - 1, max(0, int(start * fps)))
-    last = total - 1 if end is None else max(first, min(total - 1, int(end * fps)))
-    count = last - first + 1
-    if count <= max_frames:
-        return list(range(first, last + 1)), fps
-    return np.linspace(first, last, max_frames, dtype=int).tolist(), fps * max_frames / count
-
-
-def _video_backend() -> str | None:
-    """The first installed transformers video decoder (`pmod.data.records.video_backend`: torchvision 0.26+ decodes
-    none)."""
-    from ..data.records import video_backend
-
-    return video_backend()
 
 
 class _CostLog:
@@ -351,14 +321,18 @@ class PMod(lmms):
         return _Prompt("", images, videos, rates[0] if rates else self.video_fps)
 
     def _video(self, media: _Media, what: str, max_frames: int) -> tuple[list[Image.Image], float]:
-        """A video's frames, uniformly sampled down to ``max_frames``, and their frame rate."""
+        """A video's frames, sampled down to ``max_frames``, and their frame rate. Every frame of the video (or of its
+        window) is a candidate: lmms-eval's tasks size videos by frame count, not rate. The frames are spread by
+        `sample_frame_indices`, the rule of training and ``pmod eval`` (not np.linspace, as lmms-eval's own models
+        spread them, which also keeps the last frame), so a model is evaluated on frames picked as in training."""
         source = media.source
         if isinstance(source, Path) and source.is_dir():
             if not any(f.suffix.lower() in FRAME_SUFFIXES for f in source.iterdir()):
                 raise PModInputError(f"{what}: no frames ({', '.join(FRAME_SUFFIXES)}) in the video folder {source}")
             (source,) = video_frame_paths({"id": what, "video": str(source)})  # its frame files, in name order
         if isinstance(source, list):
-            indices, fps = _sample(len(source), self.video_fps, max_frames, media.start, media.end)
+            indices, fps = sample_frame_indices(len(source), self.video_fps, max_frames=max_frames, start=media.start,
+                                                end=media.end)
             frames = [source[i] for i in indices]
             return [f.convert("RGB") if isinstance(f, Image.Image) else load_image(f) for f in frames], fps
         return self._decode(source, media, what, max_frames)
@@ -367,19 +341,9 @@ class PMod(lmms):
         """Frames of a video file, read with a transformers video decoder."""
         if not path.is_file():
             raise PModInputError(f"{what}: video not found: {path} (a video file or a folder of frames)")
-        backend = self.video_backend or _video_backend()
-        if backend is None:
-            raise PModInputError(
-                f"{what}: cannot read the video file {path}: no video decoder is installed (pip install av, or "
-                "decord, torchcodec, opencv-python); or give the task's videos as folders of frames"
-            )
-        rate: dict[str, float] = {}
-
-        def choose(total: int, fps: float | None) -> list[int]:
-            chosen, rate["fps"] = _sample(total, fps or self.video_fps, max_frames, media.start, media.end)
-            return list(chosen)
-
-        return decode_video(path, backend, choose, what), rate["fps"]
+        # fps None: every frame of the window is a candidate; video_fps stands in for a rate the header lacks
+        return load_video_file(path, None, max_frames, what, start=media.start, end=media.end,
+                               backend=self.video_backend, default_rate=self.video_fps)
 
     def _visual_prompt(self, context: str, visuals: Any, metadata: dict[str, Any], task: str, doc_id: Any) -> _Prompt:
         """A ``doc_to_visual`` / ``doc_to_text`` request's prompt: one placeholder per image or video in front of

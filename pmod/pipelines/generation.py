@@ -27,7 +27,8 @@ from ..cache import PModCache
 from ..compat import output_cache
 from ..config import PModConfig
 from ..data.conversation import tokenizer_of, use_chat_template
-from ..data.records import DEFAULT_VIDEO_FPS, check_processor_takes, video_metadata
+from ..data.records import check_processor_takes
+from ..data.video import DEFAULT_VIDEO_FPS, video_metadata
 from ..efficiency import KVCacheReport, kv_cache_report, realized_cost
 from ..errors import PModConfigError, PModInputError
 from ..loading import load_model, load_pretrained, load_processor

@@ -1,84 +1,48 @@
 """Video files in training and evaluation records: decoded with transformers' video loader (PyAV here), sampled at
 the record's rate, and given to the processor exactly as the same frames from a folder are."""
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import pmod
-import pmod.data.records
+import pmod.data.video
 import pmod.pipelines.evaluate
-from pmod.data.records import Encoder, LlavaDataset, check_records, sample_frame_indices
+from pmod.data.records import Encoder, LlavaDataset, check_records
 from pmod.errors import PModInputError
 from pmod.tiny import randomize_routers, tiny_qwen2_vl, tiny_qwen2_vl_processor
 from tests.helpers.qwen_words import WORDS
+from tests.helpers.videos import frame_index, write_clip, write_frames
 
-COLOURS = [(30 * i, 255 - 30 * i, 100) for i in range(8)]  # frame i of the clips: one solid colour
 QUESTION = [{"from": "human", "value": "<video>\nwhat colour is the circle ?"}, {"from": "gpt", "value": "red"}]
-
-
-def _clip(folder, name="clip.avi", codec="png", pix_fmt="rgb24", n=8, fps=4, size=28):
-    """A lossless clip of ``n`` solid-colour frames (.avi headers give the frame count, .mkv ones do not)."""
-    av = pytest.importorskip("av")
-    with av.open(str(folder / name), "w") as container:
-        stream = container.add_stream(codec, rate=fps)
-        stream.width = stream.height = size
-        stream.pix_fmt = pix_fmt
-        for colour in COLOURS[:n]:
-            frame = np.full((size, size, 3), colour, np.uint8)
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-    return name
-
-
-def _folder(folder, name, indices, size=28):
-    """The clip's frames ``indices`` as a folder of PNGs."""
-    (folder / name).mkdir()
-    for k, i in enumerate(indices):
-        Image.new("RGB", (size, size), COLOURS[i]).save(folder / name / f"{k:03d}.png")
-    return name
-
-
-def test_sampling_at_the_record_rate():
-    assert sample_frame_indices(8, 2.0, 4.0) == ([0, 2, 4, 6], 2.0)  # 8 frames at 4 fps, taken at 2 fps
-    assert sample_frame_indices(8, 1.0, 4.0) == ([0, 4], 1.0)
-    assert sample_frame_indices(8, 3.0, 4.0) == ([0, 1, 2, 4, 5, 6], 3.0)  # transformers' spread: i * 8 // 6
-    assert sample_frame_indices(8, 8.0, 4.0) == (list(range(8)), 4.0)  # no faster than the video: every frame
-    assert sample_frame_indices(8, 2.0, 4.0, max_frames=3) == ([0, 2, 5], 1.5)  # capped: the rate scales down
-    assert sample_frame_indices(4, 2.0, max_frames=2) == ([0, 2], 1.0)  # frames given at 2 fps, capped
-    assert sample_frame_indices(3, 2.0, 30.0) == ([0], 10.0)  # shorter than a sampling step: one frame for 0.1 s
-    with pytest.raises(ValueError, match="no frames"):
-        sample_frame_indices(0, 2.0, 4.0)
 
 
 @pytest.mark.parametrize("container", ["avi", "mkv"])
 def test_video_files_are_sampled_at_the_record_rate(container, tmp_path):
     codec = {"avi": ("png", "rgb24"), "mkv": ("ffv1", "bgr0")}[container]  # mkv: the frame count is counted
-    clip = _clip(tmp_path, f"clip.{container}", *codec)
-    _folder(tmp_path, "four", range(4))
+    clip = write_clip(tmp_path, f"clip.{container}", *codec)
+    write_frames(tmp_path, "four", range(4))
     encoder = Encoder(tiny_qwen2_vl_processor(tiny_qwen2_vl(patch_size=7), WORDS, image_size=28), tmp_path)
 
     def taken(**fields):
         (frames,), (rate,) = encoder.video_frames({"id": "v", "video": clip, **fields})
-        return [COLOURS.index(f.getpixel((5, 5))) for f in frames], rate
+        return [frame_index(f) for f in frames], rate
 
-    assert taken(fps=2) == taken() == ([0, 2, 4, 6], 2.0)  # default: pmod.data.records.DEFAULT_VIDEO_FPS
+    assert taken(fps=2) == taken() == ([0, 2, 4, 6], 2.0)  # default: pmod.data.video.DEFAULT_VIDEO_FPS
     assert taken(fps=1) == ([0, 4], 1.0)
     assert taken(fps=30) == (list(range(8)), 4.0)
     assert taken(fps=2, max_frames=3) == ([0, 2, 5], 1.5)
     (frames,), (rate,) = encoder.video_frames({"id": "d", "video": "four", "fps": 2, "max_frames": 2})
-    assert [COLOURS.index(f.getpixel((5, 5))) for f in frames] == [0, 2] and rate == 1.0  # frame folders too
+    assert [frame_index(f) for f in frames] == [0, 2] and rate == 1.0  # frame folders too
     with pytest.raises(PModInputError, match="'max_frames' must be a positive integer"):
         encoder.video_frames({"id": "v", "video": clip, "max_frames": 0})
 
 
 def test_a_video_file_gives_the_processor_inputs_of_its_frames_as_a_folder(setup, tmp_path):
     _, processor = setup
-    clip = _clip(tmp_path)
+    clip = write_clip(tmp_path)
     encoder = Encoder(processor, tmp_path)
     for fps, indices in ((2, (0, 2, 4, 6)), (1, (0, 4))):
-        folder = _folder(tmp_path, f"at{fps}", indices)
+        folder = write_frames(tmp_path, f"at{fps}", indices)
         from_file = encoder.encode({"id": "f", "video": clip, "fps": fps, "conversations": QUESTION})
         from_folder = encoder.encode({"id": "d", "video": folder, "fps": fps, "conversations": QUESTION})
         assert from_file.keys() == from_folder.keys() and "pixel_values_videos" in from_file
@@ -98,10 +62,10 @@ def test_a_video_file_gives_the_processor_inputs_of_its_frames_as_a_folder(setup
 def test_no_decoder_names_the_file_and_frame_videos_still_work(setup, tmp_path, monkeypatch):
     _, processor = setup
     (tmp_path / "clip.avi").write_bytes(b"\0")  # never decoded: no PyAV needed
-    _folder(tmp_path, "frames", (0, 2, 4, 6))
+    write_frames(tmp_path, "frames", (0, 2, 4, 6))
     from_file = {"id": "f", "video": "clip.avi", "conversations": QUESTION}
     from_folder = {"id": "d", "video": "frames", "conversations": QUESTION}
-    monkeypatch.setattr(pmod.data.records, "video_backend", lambda: None)
+    monkeypatch.setattr(pmod.data.video, "video_backend", lambda: None)
     no_decoder = r"record 'f': cannot read the video file .*clip\.avi: no video decoder is installed; pip install av"
     with pytest.raises(PModInputError, match=no_decoder):
         check_records([from_folder, from_file], "train.json")  # before any model is loaded
@@ -115,9 +79,9 @@ def test_no_decoder_names_the_file_and_frame_videos_still_work(setup, tmp_path, 
 
 def test_evaluation_answers_a_video_file_as_its_frame_folder(setup, tmp_path, monkeypatch):
     model, processor = setup
-    clip = _clip(tmp_path)
-    _folder(tmp_path, "frames", (0, 2, 4, 6))
-    _folder(tmp_path, "pair", (1, 7))
+    clip = write_clip(tmp_path)
+    write_frames(tmp_path, "frames", (0, 2, 4, 6))
+    write_frames(tmp_path, "pair", (1, 7))
     records = [
         {"id": "f", "video": clip, "conversations": QUESTION},
         {"id": "d", "video": "frames", "conversations": QUESTION},
@@ -149,7 +113,7 @@ def test_evaluation_answers_a_video_file_as_its_frame_folder(setup, tmp_path, mo
     with pytest.raises(PModInputError, match=r"record 'f': video not found: .*missing\.mp4"):
         pmod.pipelines.evaluate.evaluate(model, processor, [records[1], {**records[0], "video": "missing.mp4"}],
                                          tmp_path)
-    monkeypatch.setattr(pmod.data.records, "video_backend", lambda: None)
+    monkeypatch.setattr(pmod.data.video, "video_backend", lambda: None)
     with pytest.raises(PModInputError, match=r"record 'f': cannot read the video file .*clip\.avi: .*pip install av"):
         pmod.pipelines.evaluate.evaluate(model, processor, records, tmp_path)
 
@@ -162,8 +126,8 @@ def test_llava_onevision_answers_video_files_of_different_lengths_in_groups(tmp_
     model = pmod.apply_pmod(tiny_llava_onevision(), pmod.PModConfig(schedule=[1.0, 1.0, 0.5, 0.5]))
     randomize_routers(model)
     processor = tiny_llava_onevision_processor(model, [*WORDS, "w1000", "w1001"])  # 2 placeholders: 2 more words
-    records = [{"id": "long", "video": _clip(tmp_path), "conversations": QUESTION},  # 4 frames at 2 fps
-               {"id": "short", "video": _clip(tmp_path, "short.avi", n=4), "conversations": QUESTION},  # 2 frames
+    records = [{"id": "long", "video": write_clip(tmp_path), "conversations": QUESTION},  # 4 frames at 2 fps
+               {"id": "short", "video": write_clip(tmp_path, "short.avi", n=4), "conversations": QUESTION},  # 2 frames
                {"id": "long2", "video": "clip.avi", "conversations": QUESTION},
                {"id": "t", "conversations": [{"from": "human", "value": "what ?"}, {"from": "gpt", "value": "red"}]}]
     calls = []
@@ -176,37 +140,3 @@ def test_llava_onevision_answers_video_files_of_different_lengths_in_groups(tmp_
     assert [q.prediction for q in batched.records] == [q.prediction for q in alone.records]
     assert all(len(q.prediction.split()) == 3 for q in batched.records)
     assert [q.flops_ratio for q in batched.records] == pytest.approx([q.flops_ratio for q in alone.records])
-
-
-@pytest.mark.parametrize("container", ["avi", "mkv"])
-def test_the_lmms_eval_plugin_decodes_with_the_same_reader(container, tmp_path):
-    """The plugin's video files go through pmod.data.records.decode_video: Matroska / WebM (no frame count in the
-    header) decode, and all of a clip's frames come out in order."""
-    pytest.importorskip("lmms_eval")  # the plugin's base class; installed in the main venv only
-    from pmod.integrations.lmms_eval_plugin import PMod, _Media
-
-    codec = {"avi": ("png", "rgb24"), "mkv": ("ffv1", "bgr0")}[container]
-    name = _clip(tmp_path, f"clip.{container}", *codec)
-    plugin = PMod.__new__(PMod)  # only the decoding settings matter here
-    plugin.video_backend, plugin.video_fps = None, 2.0
-    frames, fps = plugin._decode(tmp_path / name, _Media("video", tmp_path / name), "task 't' document 0", max_frames=8)
-    assert len(frames) == 8 and fps == pytest.approx(4.0)
-    assert [f.getpixel((3, 3)) for f in frames] == COLOURS[:8]
-
-
-def test_channels_first_decoders_give_the_same_frames(tmp_path, monkeypatch):
-    """torchcodec and torchvision return (T, C, H, W) frames; decode_video turns them into the same images."""
-    from transformers import video_utils
-
-    from pmod.data.records import decode_video
-
-    frames = np.stack([np.full((28, 28, 3), c, np.uint8) for c in COLOURS[:4]])  # (T, H, W, C)
-    meta = video_utils.VideoMetadata(total_num_frames=4, fps=4.0, width=28, height=28, duration=1.0)
-
-    def channels_first(path, backend=None, sample_indices_fn=None, **kwargs):
-        chosen = sample_indices_fn(meta)
-        return frames[chosen].transpose(0, 3, 1, 2), meta  # (T, C, H, W)
-
-    monkeypatch.setattr(video_utils, "load_video", channels_first)
-    images = decode_video(tmp_path / "clip.mp4", "torchcodec", lambda total, rate: list(range(total)))
-    assert [im.getpixel((0, 0)) for im in images] == COLOURS[:4]

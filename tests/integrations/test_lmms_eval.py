@@ -19,7 +19,9 @@ from PIL import Image
 from transformers import AutoProcessor
 
 import pmod
+import pmod.data.video
 from pmod.data.conversation import render, to_messages
+from pmod.data.records import Encoder
 from pmod.loading import load_processor
 from pmod.pipelines.evaluate import evaluate, exact_match
 from pmod.pipelines.generation import generate_batch
@@ -32,6 +34,7 @@ from pmod.tiny import (
     tiny_qwen2_vl,
     tiny_qwen2_vl_processor,
 )
+from tests.helpers.videos import COLOURS, frame_index, write_clip, write_frames
 from tests.helpers.words import SPECIALS, WORDS
 
 # lmms-eval is installed by `make setup` (without its requirements); the guard only serves a bare environment.
@@ -384,7 +387,7 @@ def test_video_documents_equal_generate_batch(video_lm, video_model_dir):
     """Videos as a flat list of PIL frames (task metadata task_type: video), a list of frame files and a frame
     folder (with an image file first), sampled uniformly down to max_frames=3, through the simple path."""
     docs = _video_docs()
-    red = _frames(VIDEO_DIR / "clips/red")  # 4 frames: frames 0, 1 and 3 are kept
+    red = _frames(VIDEO_DIR / "clips/red")  # 4 frames: frames 0, 1 and 2 are kept (i * 4 // 3)
     frame_files = [str(VIDEO_DIR / "clips/blue" / f"{i}.png") for i in range(4)]
     as_frames = _requests("generate_until", [(docs[0]["question"], VIDEO_GEN, lambda d: red, 0, "tiny", "test")],
                           metadata={"task_type": "video"})
@@ -392,7 +395,7 @@ def test_video_documents_equal_generate_batch(video_lm, video_model_dir):
                                           [(1, lambda d: [frame_files]), (2, _doc_to_video)]])
     answers = video_lm.generate_until(as_frames + others)
     blue = _frames(VIDEO_DIR / "clips/blue")
-    rows = [_video_row(docs[0], [red[0], red[1], red[3]]), _video_row(docs[1], [blue[0], blue[1], blue[3]]),
+    rows = [_video_row(docs[0], [red[0], red[1], red[2]]), _video_row(docs[1], [blue[0], blue[1], blue[2]]),
             _video_row(docs[2])]
     assert answers == _expected(video_model_dir, rows) and len(set(answers)) == 3
     assert video_lm.efficiency["flops_ratio"] < 1.0
@@ -403,7 +406,7 @@ def test_video_file_decoding_and_refusals(video_lm, chat_lm, plugin, monkeypatch
 
     clip = tmp_path / "clip.mp4"
     clip.write_bytes(b"\0")
-    monkeypatch.setattr(plugin_module, "_video_backend", lambda: None)
+    monkeypatch.setattr(pmod.data.video, "video_backend", lambda: None)
     with pytest.raises(pmod.PModInputError,
                        match=r"task 'tiny' document 0: cannot read the video file .*no video decoder"):
         video_lm._visual_prompt("q", [str(clip)], {}, "tiny", 0)
@@ -413,14 +416,14 @@ def test_video_file_decoding_and_refusals(video_lm, chat_lm, plugin, monkeypatch
         indices = sample_indices_fn(metadata=metadata)
         return np.stack([np.full((28, 28, 3), i, np.uint8) for i in indices]), metadata
 
-    monkeypatch.setattr(plugin_module, "_video_backend", lambda: "pyav")
+    monkeypatch.setattr(pmod.data.video, "video_backend", lambda: "pyav")
     monkeypatch.setattr(video_utils, "load_video", load_video)
     prompt = video_lm._visual_prompt("q", [str(clip)], {"sample_frames": 4}, "tiny", 0)
-    assert [f.getpixel((0, 0))[0] for f in prompt.videos[0]] == [0, 6, 12, 19] and prompt.fps == pytest.approx(2.0)
+    assert [f.getpixel((0, 0))[0] for f in prompt.videos[0]] == [0, 5, 10, 15] and prompt.fps == pytest.approx(2.0)
     window = [{"role": "user", "content": [{"type": "video", "url": str(clip), "start_time": 1.0, "end_time": 1.5},
                                            {"type": "text", "text": "q"}]}]
     prompt = chat_lm._messages_prompt(window, {"sample_frames": 3}, "tiny", 0)  # 3 of frames 10..15
-    assert [f.getpixel((0, 0))[0] for f in prompt.videos[0]] == [10, 12, 15] and prompt.fps == pytest.approx(5.0)
+    assert [f.getpixel((0, 0))[0] for f in prompt.videos[0]] == [10, 12, 14] and prompt.fps == pytest.approx(5.0)
 
     # a model without video support (LLaVA) refuses a video document, naming the task; audio is refused
     folder = str(VIDEO_DIR / "clips/red")
@@ -432,6 +435,49 @@ def test_video_file_decoding_and_refusals(video_lm, chat_lm, plugin, monkeypatch
                                           lambda d: [{"array": [0.0], "sampling_rate": 16000}], 0, "tiny", "test")])
     with pytest.raises(pmod.PModInputError, match="task 'tiny' document 0 has audio"):
         plugin.generate_until(audio)
+
+
+def _decoding_plugin(max_frames=32, video_fps=2.0):
+    """A plugin with only its video settings (no model): enough for `_video`."""
+    lm = PMod.__new__(PMod)
+    lm.video_backend, lm.video_fps, lm.max_frames = None, video_fps, max_frames
+    return lm
+
+
+@pytest.mark.parametrize("container", ["avi", "mkv"])
+def test_the_plugin_decodes_with_the_records_reader(container, tmp_path):
+    """The plugin's video files go through pmod.data.video.load_video_file: Matroska / WebM (no frame count in the
+    header) decode, and all of a clip's frames come out in order."""
+    codec = {"avi": ("png", "rgb24"), "mkv": ("ffv1", "bgr0")}[container]
+    path = tmp_path / write_clip(tmp_path, f"clip.{container}", *codec)
+    frames, fps = _decoding_plugin()._video(plugin_module._Media("video", path), "task 't' document 0", max_frames=8)
+    assert len(frames) == 8 and fps == pytest.approx(4.0)
+    assert [f.getpixel((3, 3)) for f in frames] == COLOURS[:8]
+
+
+@pytest.mark.parametrize("max_frames", [1, 2, 3, 5, 6, 7, 8])
+def test_the_plugin_and_records_pick_the_same_frames(max_frames, tmp_path):
+    """One sampling rule (pmod.data.video.sample_frame_indices) for training records, `pmod eval` and lmms-eval: the
+    same video with the same settings gives the same frames at the same rate. The plugin takes every frame (no rate
+    to sample at): a record at a rate no slower than its video's does too; frames given as images are at the record's
+    fps, the plugin's video_fps. Fails if either path samples by a rule of its own again (lmms-eval's np.linspace
+    keeps the last frame: 3 of 8 frames are 0, 3, 7 there, 0, 2, 5 here)."""
+    write_clip(tmp_path)  # 8 frames at 4 fps
+    write_frames(tmp_path, "frames", range(8))
+    encoder = Encoder(tiny_qwen2_vl_processor(tiny_qwen2_vl(patch_size=7), VIDEO_WORDS, image_size=28), tmp_path)
+    plugin = _decoding_plugin(max_frames=max_frames, video_fps=4.0)
+    what = "task 't' document 0"
+    for source, record_fps in (("clip.avi", 30.0), ("frames", 4.0)):
+        (ours,), (our_rate,) = encoder.video_frames({"id": "v", "video": source, "fps": record_fps,
+                                                     "max_frames": max_frames})
+        theirs, their_rate = plugin._video(plugin_module._Media("video", tmp_path / source), what, max_frames)
+        picked = [frame_index(f) for f in ours]
+        assert picked == [frame_index(f) for f in theirs], source
+        assert our_rate == pytest.approx(their_rate), source
+        assert picked == [i * 8 // max_frames for i in range(max_frames)], source  # transformers' spread
+    listed = [Image.new("RGB", (28, 28), c) for c in COLOURS]  # frames as PIL images, as lmms-eval's tasks give them
+    frames, _ = plugin._video(plugin_module._Media("video", listed), what, max_frames)
+    assert [frame_index(f) for f in frames] == picked
 
 
 def test_llava_onevision_videos_of_different_lengths(tmp_path):
