@@ -19,6 +19,7 @@ from PIL import Image
 
 from ..errors import PModInputError
 from .conversation import FRAME_SUFFIXES, video_sources
+from .images import load_image
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +200,6 @@ def load_videos(sources: list[list[Path] | Path], fps: float, max_frames: int | 
     """The frames of each video of `video_paths` and their rate: a video file decoded at ``fps``
     (`load_video_file`), frame files read as they are, at ``fps``; at most ``max_frames`` of each, spread
     uniformly (the rate scaled down to match)."""
-    from .records import load_image  # records imports this module, so its image reader is taken at call time
 
     videos, rates = [], []
     for source in sources:

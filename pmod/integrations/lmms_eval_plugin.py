@@ -55,7 +55,8 @@ from PIL import Image
 
 from ..config import PModConfig
 from ..data.conversation import FRAME_SUFFIXES, IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, render, to_messages, tokenizer_of
-from ..data.records import check_processor_takes, load_image
+from ..data.images import load_image
+from ..data.records import check_processor_takes
 from ..data.video import DEFAULT_VIDEO_FPS, VIDEO_BACKENDS, load_video_file, sample_frame_indices, video_frame_paths
 from ..efficiency import realized_cost
 from ..errors import PModConfigError, PModInputError

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..data.conversation import PLACEHOLDERS, render
-from ..data.records import load_image  # noqa: F401  (part of this module's API: pmod.pipelines.chat.load_image)
+from ..data.images import load_image  # noqa: F401  (part of this module's API: pmod.pipelines.chat.load_image)
 from ..errors import PModError, PModInputError
 from .generation import Generation, generate_batch
 

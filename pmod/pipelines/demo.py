@@ -251,7 +251,7 @@ def _pretrain_vision(seed: int, data, demo: DemoConfig, out: Path) -> dict[str, 
     """Stage 0: a random tiny model whose vision tower is pretrained on the training images' per-cell labels
     (`pmod.pipelines.vision_pretrain`), saved with its processor to ``seedS/vision``; reuses a finished one with the
     same recipe. Returns the summary (held-out shape, colour and position accuracy)."""
-    from ..data.records import load_image
+    from ..data.images import load_image
     from ..tiny import TinyModelSettings, build_tiny
     from .vision_pretrain import pretrain_vision_tower
 

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from ..data.conversation import image_paths, prompt_and_answer, render, video_sources
+from ..data.images import load_image
 from ..data.records import (
     check_processor_takes,
-    load_image,
     load_records,  # noqa: F401  (part of this module's API)
 )
 from ..data.video import (

@@ -37,7 +37,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..data.conversation import PLACEHOLDERS
-from ..data.records import load_image
+from ..data.images import load_image
 from ..errors import PModError, PModInputError, one_line
 from .batching import Batcher, Completion, ContextLengthError, Request
 

@@ -266,7 +266,7 @@ def visualize(
     Returns the token maps.
     """
     from ..data.conversation import render, use_chat_template
-    from ..data.records import load_image
+    from ..data.images import load_image
     from ..loading import load_model, read_checkpoint_config
     from .generation import encode
 

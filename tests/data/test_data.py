@@ -9,13 +9,13 @@ from PIL import Image
 
 import pmod
 from pmod.data.conversation import VICUNA_V1_TEMPLATE, to_messages
+from pmod.data.images import load_image
 from pmod.data.records import (
     IGNORE_INDEX,
     SKIP_KEY,
     Encoder,
     LlavaCollator,
     LlavaDataset,
-    load_image,
     load_records,
     padding_image_processor,
 )
