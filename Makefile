@@ -48,7 +48,7 @@ lint: setup
 $(FLOOR_STAMP): pyproject.toml $(FLOOR)
 	test -x $(FLOOR_VENV)/bin/python || $(PYTHON) -m venv $(FLOOR_VENV)
 	$(FLOOR_VENV)/bin/python -m pip --disable-pip-version-check install -q "torch==$(TORCH_VERSION)"
-	$(FLOOR_VENV)/bin/python -m pip --disable-pip-version-check install -q -c $(FLOOR) -e ".[train,bench,lora,video,serve]" \
+	$(FLOOR_VENV)/bin/python -m pip --disable-pip-version-check install -q -c $(FLOOR) -e ".[train,bench,lora,video,serve,smolvlm]" \
 		"openai>=1.55.3" "pytest>=8" "pytest-timeout>=2.3"
 	touch $(FLOOR_STAMP)
 
@@ -58,7 +58,7 @@ test-floor: $(FLOOR_STAMP)
 $(TV_STAMP): pyproject.toml $(PINNED)
 	test -x $(TV_VENV)/bin/python || $(PYTHON) -m venv $(TV_VENV)
 	$(TV_VENV)/bin/python -m pip --disable-pip-version-check install -q "torch==$(TV_TORCH)" "torchvision==$(TV_TORCHVISION)"
-	$(TV_VENV)/bin/python -m pip --disable-pip-version-check install -q -c $(PINNED) -e ".[train,bench,lora,video,serve]" \
+	$(TV_VENV)/bin/python -m pip --disable-pip-version-check install -q -c $(PINNED) -e ".[train,bench,lora,video,serve,smolvlm]" \
 		"openai>=1.55.3" "pytest>=8" "pytest-timeout>=2.3"
 	touch $(TV_STAMP)
 

@@ -13,6 +13,8 @@ instead of silently bypassing the p-MoD cache.
   5.24 through the class hook ``_get_arguments_from_pretrained`` (it returns the list of parts); from 5.25 on
   through ``_resolve_subprocessors`` (it loads each part that ``processor_dict`` holds as a settings dict or not at
   all, and keeps one that is already an object).
+- Idefics3's and SmolVLM's PIL image processors: 5.17 exports them as placeholders that demand torchvision
+  (`export_pil_image_processors`).
 """
 
 from __future__ import annotations
@@ -101,12 +103,41 @@ def subprocessor_hook() -> str:
     )
 
 
+# (family module, class) of PIL image processors that transformers 5.17 takes for torchvision code
+MISEXPORTED_PIL_IMAGE_PROCESSORS = (("idefics3", "Idefics3ImageProcessorPil"), ("smolvlm", "SmolVLMImageProcessorPil"))
+
+
+def export_pil_image_processors() -> None:
+    """Export the real classes of `MISEXPORTED_PIL_IMAGE_PROCESSORS` where transformers exports placeholders.
+
+    transformers 5.17 decides that a processor module needs torchvision when its text holds the word
+    TorchvisionBackend, which these modules' docstrings do ("mirrors TorchvisionBackend.pad"): without torchvision,
+    ``transformers.Idefics3ImageProcessorPil`` and what ``AutoImageProcessor`` finds are placeholders that refuse to
+    start, so neither family's processor can be built or loaded. The modules import without torchvision: their
+    classes replace the placeholders in transformers' namespaces (5.25 exports them as they are: nothing changes).
+    Decided when a processor is built or loaded, not at import."""
+    import importlib
+
+    import transformers
+
+    for family, name in MISEXPORTED_PIL_IMAGE_PROCESSORS:
+        if not getattr(getattr(transformers, name, None), "is_dummy", False):
+            continue
+        try:
+            real = getattr(importlib.import_module(f"transformers.models.{family}.image_processing_pil_{family}"), name)
+        except (ImportError, AttributeError):  # a transformers laid out otherwise: its own error stands
+            continue
+        setattr(transformers, name, real)
+        setattr(importlib.import_module(f"transformers.models.{family}"), name, real)  # where AutoImageProcessor looks
+
+
 __all__ = [
     "CACHE_KWARG",
     "CACHE_NAMES",
     "SUBPROCESSOR_HOOKS",
     "VideoProcessorBase",
     "cache_kwargs",
+    "export_pil_image_processors",
     "output_cache",
     "pop_cache",
     "subprocessor_hook",

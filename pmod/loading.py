@@ -220,8 +220,10 @@ def load_processor(model_dir: str | os.PathLike, need_images: bool = True):
     """The processor saved next to a model, or a `PModInputError` that says how to save one."""
     from transformers import AutoProcessor
 
+    from .compat import export_pil_image_processors
     from .processors import load_video_model_processor
 
+    export_pil_image_processors()  # Idefics3 / SmolVLM without torchvision on transformers 5.17
     try:
         # video-model processors need torchvision in transformers; without it, pmod's frame video processors stand in
         processor = load_video_model_processor(model_dir) or AutoProcessor.from_pretrained(model_dir)
@@ -230,7 +232,7 @@ def load_processor(model_dir: str | os.PathLike, need_images: bool = True):
             raise PModInputError(
                 f"The processor saved in {model_dir} needs torchvision ({one_line(exc).split(' requires')[0]} is "
                 "torchvision code): pip install torchvision. pmod stands in its own video processors only for "
-                "Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision."
+                "Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision, InternVL and LLaVA-NeXT-Video."
             ) from exc
         raise PModInputError(f"The processor saved in {model_dir} needs a package that is not installed: "
                              f"{one_line(exc)}") from exc

@@ -1,17 +1,20 @@
-"""Video-model processors (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision) on machines without torchvision.
+"""Video-model processors (Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3-VL-MoE, LLaVA-OneVision, InternVL,
+LLaVA-NeXT-Video) on machines without torchvision.
 
-transformers (5.x) builds `Qwen2VLProcessor`, `Qwen2_5_VLProcessor` and `LlavaOnevisionProcessor` only when
-torchvision is installed: their video processors are torchvision code, and the processor's type check looks the
-video-processor base class up by a name transformers exports only with torchvision. pmod does not depend on
-torchvision (CPU machines, CI), so this module supplies the two missing pieces and keeps everything else
-transformers' own (placeholder expansion, ``mm_token_type_ids``, chat templates, saving):
+transformers (5.x) builds the processors of these families only when torchvision is installed: their video processors
+are torchvision code, and the processor's type check looks the video-processor base class up by a name transformers
+exports only with torchvision. pmod does not depend on torchvision (CPU machines, CI), so this module supplies the two
+missing pieces and keeps everything else transformers' own (placeholder expansion, Qwen3-VL's frame timestamps,
+``mm_token_type_ids``, chat templates, saving):
 
-- frame video processors: the model's video preprocessing of already-decoded frames, with the model's PIL image
-  processor per frame. `Qwen2VLFrameVideoProcessor` lays patches out as transformers' torchvision processor
-  does (time-major groups of ``temporal_patch_size`` frames, the last frame repeated to fill a group);
-  `LlavaOnevisionFrameVideoProcessor` resizes every frame to one square. Both save their settings in the
-  format of the transformers processor they stand in for, so a folder saved here loads with transformers'
-  own classes where torchvision is installed, and the other way round.
+- frame video processors: the model's video preprocessing of already-decoded frames, with PIL and numpy (Qwen's:
+  the model's PIL image processor per frame). `Qwen2VLFrameVideoProcessor` lays patches out as transformers'
+  torchvision processor does (time-major groups of ``temporal_patch_size`` frames, the last frame repeated to fill a
+  group); `Qwen3VLFrameVideoProcessor` does the same after sizing the whole video as Qwen3-VL does;
+  `LlavaOnevisionFrameVideoProcessor` and `InternVLFrameVideoProcessor` resize every frame to one size;
+  `LlavaNextVideoFrameVideoProcessor` resizes the shortest edge and crops the centre. All save their settings in the
+  format of the transformers processor they stand in for, so a folder saved here loads with transformers' own classes
+  where torchvision is installed, and the other way round.
 - `processor_class` / `build_processor` / `load_video_model_processor`: the installed processor class,
   subclassed only to accept such a video processor, used when torchvision is missing (with torchvision,
   transformers' classes as they are).
@@ -28,6 +31,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 from transformers.feature_extraction_utils import BatchFeature
+from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from .compat import VideoProcessorBase, subprocessor_hook
 from .errors import PModInputError
@@ -77,7 +81,9 @@ class _FrameVideoProcessor(VideoProcessorBase):
         return dict(size), metadata
 
     def to_dict(self) -> dict[str, Any]:
-        return {"video_processor_type": self.stands_in_for, **{k: getattr(self, k) for k in self.settings}}
+        # unset optional settings are left out, as transformers leaves out its own (the class default applies)
+        return {"video_processor_type": self.stands_in_for,
+                **{k: getattr(self, k) for k in self.settings if getattr(self, k) is not None}}
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> list[str]:
         path = Path(save_directory) / VIDEO_CONFIG
@@ -133,11 +139,16 @@ class Qwen2VLFrameVideoProcessor(_FrameVideoProcessor):
                 "do_sample_frames")
     also_read = ("min_pixels", "max_pixels")
     model_input_names: ClassVar[list[str]] = ["pixel_values_videos", "video_grid_thw"]
+    # the stood-in class's defaults
+    default_size: ClassVar[dict[str, int]] = {"shortest_edge": 128 * 28 * 28, "longest_edge": 768 * 28 * 28}
+    default_patch_size: ClassVar[int] = 14
+    default_mean: ClassVar[list[float]] = list(OPENAI_CLIP_MEAN)
+    default_std: ClassVar[list[float]] = list(OPENAI_CLIP_STD)
 
     def __init__(
         self,
         size: dict[str, int] | None = None,
-        patch_size: int = 14,
+        patch_size: int | None = None,
         temporal_patch_size: int = 2,
         merge_size: int = 2,
         image_mean: list[float] | None = None,
@@ -146,19 +157,17 @@ class Qwen2VLFrameVideoProcessor(_FrameVideoProcessor):
         do_sample_frames: bool = False,
         **kwargs: Any,
     ) -> None:
-        from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-
         for unused in ("min_pixels", "max_pixels"):  # older configs: folded into size below
             value = kwargs.pop(unused, None)
             if value is not None:
                 size = {**(size or {}), ("shortest_edge" if unused == "min_pixels" else "longest_edge"): value}
         super().__init__(do_sample_frames=do_sample_frames, **kwargs)
-        size = dict(size or {})
-        self.size = {"shortest_edge": size.get("shortest_edge", 128 * 28 * 28),
-                     "longest_edge": size.get("longest_edge", 768 * 28 * 28)}
-        self.patch_size, self.temporal_patch_size, self.merge_size = patch_size, temporal_patch_size, merge_size
-        self.image_mean = list(image_mean if image_mean is not None else OPENAI_CLIP_MEAN)
-        self.image_std = list(image_std if image_std is not None else OPENAI_CLIP_STD)
+        size = {**self.default_size, **(size or {})}
+        self.size = {"shortest_edge": size["shortest_edge"], "longest_edge": size["longest_edge"]}
+        self.patch_size = self.default_patch_size if patch_size is None else patch_size
+        self.temporal_patch_size, self.merge_size = temporal_patch_size, merge_size
+        self.image_mean = list(image_mean if image_mean is not None else self.default_mean)
+        self.image_std = list(image_std if image_std is not None else self.default_std)
         self.fps = fps
 
     def _frame_processor(self, size: dict[str, int]):
@@ -169,6 +178,11 @@ class Qwen2VLFrameVideoProcessor(_FrameVideoProcessor):
             merge_size=self.merge_size, image_mean=self.image_mean, image_std=self.image_std,
         )
 
+    def _resized(self, video: np.ndarray, size: dict[str, int]) -> tuple[np.ndarray, dict[str, int]]:
+        """The frames before the per-frame image processor, and the ``size`` it gets: as they are for Qwen2-VL,
+        whose image processor sizes each frame."""
+        return video, size
+
     def preprocess(self, videos: Any, return_tensors: str | None = None, **kwargs: Any) -> BatchFeature:
         from transformers.video_utils import VideoMetadata
 
@@ -176,11 +190,11 @@ class Qwen2VLFrameVideoProcessor(_FrameVideoProcessor):
         videos = _as_video_list(videos)
         if given_metadata is not None and len(given_metadata) != len(videos):
             raise PModInputError(f"video_metadata has {len(given_metadata)} entries for {len(videos)} videos")
-        frames = self._frame_processor(size)
         tp, p = self.temporal_patch_size, self.patch_size
         all_patches, grids, metadata = [], [], []
         for v, video in enumerate(videos):
-            out = frames.preprocess(list(video), return_tensors=None)  # frames share one size: one grid
+            video, frame_size = self._resized(video, size)
+            out = self._frame_processor(frame_size).preprocess(list(video), return_tensors=None)  # one size: one grid
             _, gh, gw = (int(g) for g in np.asarray(out["image_grid_thw"])[0])
             n = gh * gw
             # the image processor repeats each frame over the temporal axis: keep one copy per frame -> (T, n, C, p, p)
@@ -210,6 +224,63 @@ class Qwen2VLFrameVideoProcessor(_FrameVideoProcessor):
         groups = -(-num_frames // self.temporal_patch_size)
         return groups * (h // self.patch_size) * (w // self.patch_size)
 
+    def get_number_of_video_patches(self, num_frames: int, height: int, width: int,
+                                    videos_kwargs: dict | None = None) -> int:
+        """`get_num_of_video_patches` under the name transformers 5.17's Qwen3-VL processor calls."""
+        return self.get_num_of_video_patches(num_frames, height, width, videos_kwargs)
+
+
+class Qwen3VLFrameVideoProcessor(Qwen2VLFrameVideoProcessor):
+    """Qwen3-VL / Qwen3-VL-MoE video preprocessing of decoded frames: as `Qwen2VLFrameVideoProcessor` (same patch
+    layout, ``video_grid_thw`` and ``video_metadata``), but the frame size is chosen for the whole video, as
+    `Qwen3VLVideoProcessor` does: transformers' Qwen3-VL smart resize of T x H x W within ``size`` = {shortest_edge:
+    min pixels, longest_edge: max pixels} of the video (so longer videos get smaller frames; with
+    ``cap_pixels_per_frame``, qwen-vl-utils' per-frame cap of ``max_video_tokens``). Frames are resized to it with PIL
+    bicubic. Qwen3-VL's processor writes a timestamp before each time step from ``video_metadata`` (frames_indices /
+    fps: the call's metadata, else ``fps``, else transformers' 24 frames per second). A video needs at least
+    ``temporal_patch_size`` frames, as with transformers' own."""
+
+    stands_in_for = "Qwen3VLVideoProcessor"
+    settings = Qwen2VLFrameVideoProcessor.settings + ("cap_pixels_per_frame", "max_video_tokens")
+    default_size: ClassVar[dict[str, int]] = {"shortest_edge": 128 * 32 * 32, "longest_edge": 32 * 32 * 768}
+    default_patch_size: ClassVar[int] = 16
+    default_mean: ClassVar[list[float]] = list(IMAGENET_STANDARD_MEAN)
+    default_std: ClassVar[list[float]] = list(IMAGENET_STANDARD_STD)
+
+    def __init__(self, *args: Any, cap_pixels_per_frame: bool | None = None, max_video_tokens: int = 768,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.cap_pixels_per_frame = cap_pixels_per_frame  # None: transformers' default (no cap) and unsaved
+        self.max_video_tokens = max_video_tokens
+
+    def _frame_size(self, num_frames: int, height: int, width: int, size: dict[str, int]) -> tuple[int, int]:
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize
+
+        factor = self.patch_size * self.merge_size
+        max_pixels = size["longest_edge"]
+        if self.cap_pixels_per_frame:  # qwen-vl-utils' per-frame cap, computed as transformers computes it
+            frame_cap = self.max_video_tokens * factor * factor
+            per_frame = max(min(frame_cap, max_pixels // num_frames), int(size["shortest_edge"] * 1.05))
+            max_pixels = per_frame * num_frames
+        try:
+            return smart_resize(num_frames, height, width, temporal_factor=self.temporal_patch_size, factor=factor,
+                                min_pixels=size["shortest_edge"], max_pixels=max_pixels)
+        except ValueError as exc:  # e.g. fewer frames than temporal_patch_size
+            raise PModInputError(f"Qwen3-VL cannot take this video of {num_frames} frames of {height} x {width}: "
+                                 f"{exc}") from exc
+
+    def _resized(self, video: np.ndarray, size: dict[str, int]) -> tuple[np.ndarray, dict[str, int]]:
+        t, height, width = video.shape[:3]
+        h, w = self._frame_size(t, height, width, size)
+        # the frames are on the patch grid now: pixel bounds of exactly h * w keep them as they are
+        return _resize_frames(video, h, w), {"shortest_edge": h * w, "longest_edge": h * w}
+
+    def get_num_of_video_patches(self, num_frames: int, height: int, width: int,
+                                 videos_kwargs: dict | None = None) -> int:
+        h, w = self._frame_size(num_frames, height, width, self.size)
+        groups = -(-num_frames // self.temporal_patch_size)
+        return groups * (h // self.patch_size) * (w // self.patch_size)
+
 
 class LlavaOnevisionFrameVideoProcessor(_FrameVideoProcessor):
     """LLaVA-OneVision video preprocessing of decoded frames: every frame resized (bicubic) to ``size`` =
@@ -217,13 +288,12 @@ class LlavaOnevisionFrameVideoProcessor(_FrameVideoProcessor):
     of one call must have the same number of frames (they are stacked)."""
 
     stands_in_for = "LlavaOnevisionVideoProcessor"
+    family: ClassVar[str] = "LLaVA-OneVision"
     settings = ("size", "image_mean", "image_std", "do_sample_frames")
     model_input_names: ClassVar[list[str]] = ["pixel_values_videos"]
 
     def __init__(self, size: dict[str, int] | None = None, image_mean: list[float] | None = None,
                  image_std: list[float] | None = None, do_sample_frames: bool = False, **kwargs: Any) -> None:
-        from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-
         super().__init__(do_sample_frames=do_sample_frames, **kwargs)
         self.size = ({"height": 384, "width": 384} if size is None
                      else {"height": size["height"], "width": size["width"]})
@@ -231,28 +301,114 @@ class LlavaOnevisionFrameVideoProcessor(_FrameVideoProcessor):
         self.image_std = list(image_std if image_std is not None else OPENAI_CLIP_STD)
 
     def preprocess(self, videos: Any, return_tensors: str | None = None, **kwargs: Any) -> BatchFeature:
-        from PIL import Image
+        size, _ = self._call_settings(kwargs)  # OneVision and InternVL do not use the frames' timing
+        videos = _same_length(_as_video_list(videos), self.family)
+        out = [_normalised(_resize_frames(video, size["height"], size["width"]), self.image_mean, self.image_std)
+               for video in videos]  # (T, 3, H, W) each
+        return BatchFeature(data={"pixel_values_videos": np.stack(out)}, tensor_type=return_tensors)
 
-        size, _ = self._call_settings(kwargs)  # OneVision does not use the frames' timing
-        videos = _as_video_list(videos)
-        if len({len(v) for v in videos}) > 1:
-            raise PModInputError(
-                f"LLaVA-OneVision stacks the videos of one call: got {sorted({len(v) for v in videos})} frames; "
-                "sample the same number of frames from each video"
-            )
-        height, width = size["height"], size["width"]
-        mean, std = np.array(self.image_mean).reshape(3, 1, 1), np.array(self.image_std).reshape(3, 1, 1)
+
+class InternVLFrameVideoProcessor(LlavaOnevisionFrameVideoProcessor):
+    """InternVL video preprocessing of decoded frames, which is LLaVA-OneVision's (`InternVLVideoProcessor`: every
+    frame resized, bicubic, to ``size`` = {height, width}, rescaled and normalised with CLIP's mean and std by
+    default): ``pixel_values_videos`` (n_videos, T, 3, H, W), which InternVL's processor flattens into
+    ``pixel_values`` after the images and expands as one <img>...</img> per frame."""
+
+    stands_in_for = "InternVLVideoProcessor"
+    family = "InternVL"
+
+
+class LlavaNextVideoFrameVideoProcessor(_FrameVideoProcessor):
+    """LLaVA-NeXT-Video video preprocessing of decoded frames (`LlavaNextVideoVideoProcessor`, CLIP's recipe): the
+    shortest edge resized (bicubic) to ``size`` = {shortest_edge} (or every frame to {height, width}), the centre
+    cropped to ``crop_size`` (``do_center_crop``; zero-padded first where the frame is smaller), rescaled and
+    normalised. Outputs ``pixel_values_videos`` (n_videos, T, 3, H, W); the videos of one call must have the same
+    number of frames (they are stacked)."""
+
+    stands_in_for = "LlavaNextVideoVideoProcessor"
+    settings = ("size", "crop_size", "do_center_crop", "image_mean", "image_std", "do_sample_frames")
+    model_input_names: ClassVar[list[str]] = ["pixel_values_videos"]
+
+    def __init__(self, size: dict[str, int] | None = None, crop_size: dict[str, int] | None = None,
+                 do_center_crop: bool = True, image_mean: list[float] | None = None,
+                 image_std: list[float] | None = None, do_sample_frames: bool = False, **kwargs: Any) -> None:
+        super().__init__(do_sample_frames=do_sample_frames, **kwargs)
+        self.size = dict(size) if size is not None else {"shortest_edge": 224}
+        self.crop_size = ({"height": 224, "width": 224} if crop_size is None
+                          else {"height": crop_size["height"], "width": crop_size["width"]})
+        self.do_center_crop = do_center_crop
+        self.image_mean = list(image_mean if image_mean is not None else OPENAI_CLIP_MEAN)
+        self.image_std = list(image_std if image_std is not None else OPENAI_CLIP_STD)
+
+    def preprocess(self, videos: Any, return_tensors: str | None = None, **kwargs: Any) -> BatchFeature:
+        from transformers.image_transforms import get_resize_output_image_size
+        from transformers.image_utils import ChannelDimension
+
+        size, _ = self._call_settings(kwargs)  # LLaVA-NeXT-Video does not use the frames' timing
+        videos = _same_length(_as_video_list(videos), "LLaVA-NeXT-Video")
         out = []
         for video in videos:
-            frames = []
-            for frame in video:  # (H, W, 3) uint8, checked by _as_video_list
-                # PIL bicubic, as transformers' PIL image processors; torchvision's antialiased resize differs by a
-                # few 1/255 steps on frames that are not already at the target size
-                image = Image.fromarray(frame)
-                x = np.asarray(image.convert("RGB").resize((width, height), Image.Resampling.BICUBIC), dtype=np.float32)
-                frames.append((x.transpose(2, 0, 1) / 255.0 - mean) / std)  # (3, H, W)
-            out.append(np.stack(frames).astype(np.float32))  # (T, 3, H, W)
+            if "shortest_edge" in size:  # the size transformers' image and video processors compute alike
+                height, width = get_resize_output_image_size(
+                    video[0], size=size["shortest_edge"], default_to_square=False,
+                    input_data_format=ChannelDimension.LAST)
+            elif "height" in size and "width" in size:
+                height, width = size["height"], size["width"]
+            else:
+                raise PModInputError(f"LLaVA-NeXT-Video's video size must be {{shortest_edge}} or {{height, width}}, "
+                                     f"got {size}")
+            frames = _resize_frames(video, height, width)
+            if self.do_center_crop:
+                frames = _center_crop(frames, self.crop_size["height"], self.crop_size["width"])
+            out.append(_normalised(frames, self.image_mean, self.image_std))  # (T, 3, H, W)
         return BatchFeature(data={"pixel_values_videos": np.stack(out)}, tensor_type=return_tensors)
+
+
+def _resize_frames(video: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(T, H, W, 3) uint8 frames resized to (T, height, width, 3) with PIL bicubic, in two passes, width then
+    height, as torchvision's antialiased uint8 kernel (transformers' video processors) does: Pillow's one-call resize
+    may take the height first, and the 8-bit rounding and clipping between the passes then differs by up to 13 steps
+    on noisy frames (one step when the order is the same)."""
+    from PIL import Image
+
+    t, h, w = video.shape[:3]
+    if (h, w) == (height, width):
+        return video
+    out = []
+    for frame in video:
+        image = Image.fromarray(frame)
+        if w != width:
+            image = image.resize((width, h), Image.Resampling.BICUBIC)
+        if h != height:
+            image = image.resize((width, height), Image.Resampling.BICUBIC)
+        out.append(np.asarray(image))
+    return np.stack(out)
+
+
+def _center_crop(video: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The (height, width) centre of (T, H, W, 3) frames, zero-padded around first where they are smaller, with the
+    offsets of transformers' centre crop (the extra pixel of an odd margin at the bottom / right)."""
+    pad_h, pad_w = max(height - video.shape[1], 0), max(width - video.shape[2], 0)
+    if pad_h or pad_w:
+        video = np.pad(video, ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0)))
+    top, left = (video.shape[1] - height) // 2, (video.shape[2] - width) // 2
+    return video[:, top:top + height, left:left + width]
+
+
+def _normalised(video: np.ndarray, mean: list[float], std: list[float]) -> np.ndarray:
+    """(T, H, W, 3) uint8 -> (T, 3, H, W) float32, rescaled to [0, 1] and normalised per channel."""
+    x = video.astype(np.float32).transpose(0, 3, 1, 2) / 255.0  # (T, 3, H, W)
+    return ((x - np.array(mean).reshape(1, 3, 1, 1)) / np.array(std).reshape(1, 3, 1, 1)).astype(np.float32)
+
+
+def _same_length(videos: list[np.ndarray], family: str) -> list[np.ndarray]:
+    """``videos``, refused unless they have one number of frames (the processor stacks them)."""
+    if len({len(v) for v in videos}) > 1:
+        raise PModInputError(
+            f"{family} stacks the videos of one call: got {sorted({len(v) for v in videos})} frames; "
+            "sample the same number of frames from each video"
+        )
+    return videos
 
 
 def _as_video_list(videos: Any) -> list[np.ndarray]:
@@ -288,7 +444,10 @@ def _as_video_list(videos: Any) -> list[np.ndarray]:
 FRAME_VIDEO_PROCESSORS: dict[str, type[_FrameVideoProcessor]] = {
     "Qwen2VLProcessor": Qwen2VLFrameVideoProcessor,
     "Qwen2_5_VLProcessor": Qwen2VLFrameVideoProcessor,
+    "Qwen3VLProcessor": Qwen3VLFrameVideoProcessor,  # Qwen3-VL-MoE's processor too
     "LlavaOnevisionProcessor": LlavaOnevisionFrameVideoProcessor,
+    "InternVLProcessor": InternVLFrameVideoProcessor,
+    "LlavaNextVideoProcessor": LlavaNextVideoFrameVideoProcessor,
 }
 _CLASSES: dict[str, type] = {}
 
@@ -337,9 +496,10 @@ def processor_class(name: str) -> type:
                 from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
                 kwargs.pop("subfolder", None)
-                return [AutoImageProcessor.from_pretrained(path, **kwargs),
-                        AutoTokenizer.from_pretrained(path, **kwargs),
-                        saved_video_processor(path, processor_dict)]
+                parts = {"image_processor": AutoImageProcessor.from_pretrained(path, **kwargs),
+                         "tokenizer": AutoTokenizer.from_pretrained(path, **kwargs),
+                         "video_processor": saved_video_processor(path, processor_dict)}
+                return [parts[a] for a in cls.get_attributes()]  # the __init__ order (LLaVA-NeXT-Video: video first)
 
             hook = {"_get_arguments_from_pretrained": _get_arguments_from_pretrained}
 
@@ -367,8 +527,8 @@ def __getattr__(attribute: str) -> type:
 
 def build_processor(name: str, image_processor: Any, tokenizer: Any, video_processor: Any | None = None,
                     **kwargs: Any) -> Any:
-    """Processor ``name`` (``Qwen2VLProcessor``, ``Qwen2_5_VLProcessor``, ``LlavaOnevisionProcessor``) from its
-    parts; the video processor defaults to `default_video_processor`.
+    """Processor ``name`` (a key of `FRAME_VIDEO_PROCESSORS`: ``Qwen2VLProcessor``, ``Qwen3VLProcessor``,
+    ``InternVLProcessor``, ...) from its parts; the video processor defaults to `default_video_processor`.
     ``kwargs`` go to the processor (``chat_template``, OneVision's ``num_image_tokens``, ...)."""
     cls = processor_class(name)  # refuses unknown names
     if video_processor is None:
@@ -376,10 +536,11 @@ def build_processor(name: str, image_processor: Any, tokenizer: Any, video_proce
     return cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor, **kwargs)
 
 
-def default_video_processor(name: str, image_processor: Any) -> Any:
-    """The video processor of processor ``name`` with ``image_processor``'s settings: transformers' own (torchvision
+def default_video_processor(name: str, image_processor: Any, **settings: Any) -> Any:
+    """The video processor of processor ``name`` with ``image_processor``'s settings, ``settings`` (in the
+    transformers video processor's names, e.g. Qwen3-VL's video ``size``) over them: transformers' own (torchvision
     code) where torchvision is installed, pmod's frame video processor elsewhere."""
-    frame = FRAME_VIDEO_PROCESSORS[name].from_image_processor(image_processor)
+    frame = FRAME_VIDEO_PROCESSORS[name].from_dict({**image_processor.to_dict(), **settings})
     if not has_torchvision():
         return frame
     import transformers
@@ -403,8 +564,9 @@ def saved_processor_class(model_dir: str | os.PathLike) -> str | None:
 
 
 def load_video_model_processor(model_dir: str | os.PathLike) -> Any | None:
-    """A saved Qwen2-VL / Qwen2.5-VL / LLaVA-OneVision processor through `processor_class` when torchvision is
-    missing (None when the folder holds another processor, or when transformers' own loading can be used)."""
+    """A saved processor of `FRAME_VIDEO_PROCESSORS` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision, InternVL,
+    LLaVA-NeXT-Video) through `processor_class` when torchvision is missing (None when the folder holds another
+    processor, or when transformers' own loading can be used)."""
     name = saved_processor_class(model_dir)
     if name not in FRAME_VIDEO_PROCESSORS or has_torchvision():
         return None

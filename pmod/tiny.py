@@ -475,8 +475,10 @@ def _image_processor_class(name: str) -> type:
     torchvision is installed, else the PIL one (``{name}Pil``), so a saved and reloaded processor is the same."""
     import transformers
 
+    from .compat import export_pil_image_processors
     from .processors import has_torchvision
 
+    export_pil_image_processors()  # Idefics3 / SmolVLM without torchvision on transformers 5.17
     return getattr(transformers, name if has_torchvision() else f"{name}Pil")
 
 
@@ -507,15 +509,10 @@ def tiny_qwen2_vl_processor(model: PreTrainedModel, words: list[str] | None = No
 
 def tiny_qwen3_vl_processor(model: PreTrainedModel, words: list[str] | None = None, image_size: int = 28):
     """A Qwen3-VL processor matching a `tiny_qwen3_vl` model: word tokenizer with the model's placeholder ids,
-    transformers' image and video processors (images resized to ``image_size`` squared pixels; the video processor is
-    torchvision code: transformers builds it only where torchvision is installed), and a ChatML template."""
-    from transformers import Qwen3VLProcessor
-
-    from .processors import has_torchvision
-
-    if not has_torchvision():
-        raise PModConfigError("Qwen3-VL's video processor is torchvision code: pip install torchvision")
-    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+    transformers' image processor (images resized to ``image_size`` squared pixels) and video processor (video frames
+    of ``image_size`` squared to 8 times that pixels; `pmod.processors.default_video_processor`: pmod's frame video
+    processor where torchvision is missing), and a ChatML template."""
+    from .processors import build_processor, default_video_processor
 
     cfg = model.config
     vision = cfg.vision_config
@@ -527,10 +524,10 @@ def tiny_qwen3_vl_processor(model: PreTrainedModel, words: list[str] | None = No
                 temporal_patch_size=vision.temporal_patch_size)
     image_processor = _image_processor_class("Qwen2VLImageProcessor")(min_pixels=image_size**2,
                                                                       max_pixels=image_size**2, **grid)
-    video_processor = Qwen3VLVideoProcessor(size={"shortest_edge": image_size**2, "longest_edge": 8 * image_size**2},
-                                            **grid)
-    return Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
-                            chat_template=CHATML_TEMPLATE)
+    video_processor = default_video_processor(
+        "Qwen3VLProcessor", image_processor, size={"shortest_edge": image_size**2, "longest_edge": 8 * image_size**2})
+    return build_processor("Qwen3VLProcessor", image_processor, tokenizer, video_processor,
+                           chat_template=CHATML_TEMPLATE)
 
 
 def tiny_gemma3_processor(model: PreTrainedModel, words: list[str] | None = None):
@@ -576,15 +573,9 @@ def tiny_mistral3_processor(model: PreTrainedModel, words: list[str] | None = No
 def tiny_internvl_processor(model: PreTrainedModel, words: list[str] | None = None, tiles: bool = True):
     """An `InternVLProcessor` matching a `tiny_internvl` model: word tokenizer with <img>, </img>, <IMG_CONTEXT> and
     <video>, transformers' image processor (32-pixel tiles; ``tiles``: an image is cut into up to 4 tiles plus a
-    thumbnail, as InternVL does) and video processor (torchvision code: transformers builds it only where torchvision
-    is installed), a ChatML template writing <IMG_CONTEXT> for an image and <video> for a video."""
-    from transformers import InternVLProcessor
-
-    from .processors import has_torchvision
-
-    if not has_torchvision():
-        raise PModConfigError("InternVL's video processor is torchvision code: pip install torchvision")
-    from transformers import InternVLVideoProcessor
+    thumbnail, as InternVL does) and video processor (frames resized to one tile; pmod's frame video processor where
+    torchvision is missing), a ChatML template writing <IMG_CONTEXT> for an image and <video> for a video."""
+    from .processors import build_processor, default_video_processor
 
     cfg = model.config
     vocab = cfg.get_text_config().vocab_size
@@ -596,10 +587,11 @@ def tiny_internvl_processor(model: PreTrainedModel, words: list[str] | None = No
     side = side[0] if isinstance(side, (list, tuple)) else side  # InternViT's config gives (height, width)
     image_processor = _image_processor_class("GotOcr2ImageProcessor")(
         size={"height": side, "width": side}, crop_to_patches=tiles, min_patches=1, max_patches=4)
-    video_processor = InternVLVideoProcessor(size={"height": side, "width": side})
-    return InternVLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                             video_processor=video_processor, image_seq_length=cfg.image_seq_length,
-                             chat_template=chatml_template("<IMG_CONTEXT>", "<video>"))
+    video_processor = default_video_processor("InternVLProcessor", image_processor,
+                                              size={"height": side, "width": side})
+    return build_processor("InternVLProcessor", image_processor, tokenizer, video_processor,
+                           image_seq_length=cfg.image_seq_length,
+                           chat_template=chatml_template("<IMG_CONTEXT>", "<video>"))
 
 
 def tiny_llava_onevision_processor(model: PreTrainedModel, words: list[str] | None = None):
@@ -628,14 +620,9 @@ def tiny_llava_onevision_processor(model: PreTrainedModel, words: list[str] | No
 def tiny_llava_next_video_processor(model: PreTrainedModel, words: list[str] | None = None):
     """A `LlavaNextVideoProcessor` matching a `tiny_llava_next_video` model: word tokenizer (``<image>`` and
     ``<video>`` at the model's ids), transformers' anyres image processor with the model's grid pinpoints and its video
-    processor (torchvision code: transformers builds it only where torchvision is installed), a ChatML template."""
-    from transformers import LlavaNextVideoProcessor
-
-    from .processors import has_torchvision
-
-    if not has_torchvision():
-        raise PModConfigError("LLaVA-NeXT-Video's video processor is torchvision code: pip install torchvision")
-    from transformers import LlavaNextVideoVideoProcessor
+    processor (shortest edge resized and centre cropped to the tower's size; pmod's frame video processor where
+    torchvision is missing), a ChatML template."""
+    from .processors import build_processor, default_video_processor
 
     cfg = model.config
     vision = cfg.vision_config
@@ -646,13 +633,60 @@ def tiny_llava_next_video_processor(model: PreTrainedModel, words: list[str] | N
     image_processor = _image_processor_class("LlavaNextImageProcessor")(
         size={"shortest_edge": size}, crop_size={"height": size, "width": size},
         image_grid_pinpoints=cfg.image_grid_pinpoints)
-    video_processor = LlavaNextVideoVideoProcessor(size={"shortest_edge": size},
-                                                   crop_size={"height": size, "width": size})
-    return LlavaNextVideoProcessor(video_processor=video_processor, image_processor=image_processor,
-                                   tokenizer=tokenizer, chat_template=chatml_template("<image>", "<video>"),
-                                   patch_size=vision.patch_size,
-                                   vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-                                   num_additional_image_tokens=1)
+    video_processor = default_video_processor("LlavaNextVideoProcessor", image_processor, size={"shortest_edge": size},
+                                              crop_size={"height": size, "width": size})
+    return build_processor("LlavaNextVideoProcessor", image_processor, tokenizer, video_processor,
+                           chat_template=chatml_template("<image>", "<video>"), patch_size=vision.patch_size,
+                           vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+                           num_additional_image_tokens=1)
+
+
+def _idefics3_parts(model: PreTrainedModel, words: list[str] | None, image_processor: str):
+    """The word tokenizer, image processor and image tokens a crop of `tiny_smolvlm_processor` and
+    `tiny_idefics3_processor`: <image>, <end_of_utterance>, <fake_token_around_image>, <global-img> and the
+    <row_i_col_j> of up to 2 x 2 crops at the model's ids; transformers' image processor with the model's crop size
+    and no resizing to a longest edge (which would make every image the same number of crops), so an image of up to
+    one crop (32 pixels) is one image and a larger one is cut into crops, row by row, then the whole image resized
+    to one crop (the global image). Crops beyond 2 x 2 (images over 64 pixels) have no row / column token."""
+    cfg = model.config
+    vocab = cfg.get_text_config().vocab_size
+    vision = cfg.vision_config
+    tokens = {"<image>": cfg.image_token_id, "<end_of_utterance>": vocab - 2, "<fake_token_around_image>": vocab - 3,
+              "<global-img>": vocab - 4}
+    tokens |= {f"<row_{i + 1}_col_{j + 1}>": vocab - 5 - 2 * i - j for i in range(2) for j in range(2)}
+    tokenizer = word_tokenizer(words or CHATML_WORDS, vocab, tokens, specials=CHATML_SPECIALS, eos="<|im_end|>")
+    crop = {"longest_edge": vision.image_size}
+    processor = _image_processor_class(image_processor)(do_resize=False, max_image_size=crop)
+    return tokenizer, processor, (vision.image_size // vision.patch_size // cfg.scale_factor) ** 2
+
+
+def tiny_smolvlm_processor(model: PreTrainedModel, words: list[str] | None = None):
+    """A `SmolVLMProcessor` matching a `tiny_smolvlm` model (``version="smolvlm"``): `_idefics3_parts`, a video
+    processor taking each frame as one crop (torchvision code: transformers builds the processor only where
+    torchvision is installed), a ChatML template writing <image> for an image. Its processor needs `num2words`."""
+    from transformers import SmolVLMProcessor
+
+    from .processors import has_torchvision
+
+    if not has_torchvision():
+        raise PModConfigError("SmolVLM's video processor is torchvision code: pip install torchvision")
+    from transformers import SmolVLMVideoProcessor
+
+    tokenizer, image_processor, image_seq_len = _idefics3_parts(model, words, "SmolVLMImageProcessor")
+    crop = {"longest_edge": model.config.vision_config.image_size}
+    video_processor = SmolVLMVideoProcessor(size=crop, max_image_size=crop)
+    return SmolVLMProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
+                            image_seq_len=image_seq_len, chat_template=chatml_template("<image>", "<video>"))
+
+
+def tiny_idefics3_processor(model: PreTrainedModel, words: list[str] | None = None):
+    """An `Idefics3Processor` matching a `tiny_smolvlm` model (``version="idefics3"``): `_idefics3_parts`, a ChatML
+    template writing <image> for an image (no torchvision needed)."""
+    from transformers import Idefics3Processor
+
+    tokenizer, image_processor, image_seq_len = _idefics3_parts(model, words, "Idefics3ImageProcessor")
+    return Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=image_seq_len,
+                             chat_template=chatml_template("<image>", ""))
 
 
 TinyArch = Literal["llava", "llava-onevision", "qwen2-vl", "qwen2.5-vl"]

@@ -139,8 +139,11 @@ class Encoder:
             getattr(self.processor, "image_token", IMAGE_PLACEHOLDER)
         )
         video = getattr(self.processor, "video_token", None)
+        video_id = self.tokenizer.convert_tokens_to_ids(video) if video else None
+        # SmolVLM's processor names "<video>" whether or not its tokenizer has that token: an unknown one (the
+        # unknown-word id) is no placeholder, or words outside the vocabulary would pass for video tokens
         self.placeholder_ids = {self.image_token_id} | (
-            {self.tokenizer.convert_tokens_to_ids(video)} if video else set()
+            {video_id} if video_id is not None and video_id != self.tokenizer.unk_token_id else set()
         )
 
     def images(self, record: dict[str, Any]) -> list[Image.Image]:
@@ -391,6 +394,11 @@ class LlavaCollator:
             if key == "pixel_values" and parts[0].dim() == 5:  # (n_images, n_tiles, 3, H, W): pad the tiles
                 tiles = max(p.shape[1] for p in parts)
                 parts = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, tiles - p.shape[1])) for p in parts]
+            if key == "pixel_attention_mask" and parts[0].dim() == 4:
+                # SmolVLM / Idefics3: (1, n_crops, H, W) with the pixels' (1, n_crops, 3, H, W), a row's crop count its
+                # own: padded as the pixels are (padding crops masked out; the model drops their all-zero pixels)
+                tiles = max(p.shape[1] for p in parts)
+                parts = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, tiles - p.shape[1])) for p in parts]
             batch[key] = torch.cat(parts)
         if self.count_in_batch:
             batch[SKIP_KEY] = torch.tensor(len(skipped))

@@ -1,7 +1,11 @@
-"""pmod.processors: Qwen2-VL processors without torchvision (frame video processor, save / load)."""
+"""pmod.processors: video-model processors without torchvision (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision, Qwen3-VL,
+InternVL, LLaVA-NeXT-Video: frame video processors, save / load), compared with transformers' own where torchvision is
+installed."""
 
 import json
 import pickle
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,7 +16,17 @@ import pmod
 from pmod.errors import PModInputError
 from pmod.loading import load_processor
 from pmod.processors import Qwen2VLFrameVideoProcessor, has_torchvision
-from pmod.tiny import tiny_qwen2_vl, tiny_qwen2_vl_processor
+from pmod.tiny import (
+    CHATML_WORDS,
+    tiny_internvl,
+    tiny_internvl_processor,
+    tiny_llava_next_video,
+    tiny_llava_next_video_processor,
+    tiny_qwen2_vl,
+    tiny_qwen2_vl_processor,
+    tiny_qwen3_vl,
+    tiny_qwen3_vl_processor,
+)
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
 
@@ -231,3 +245,182 @@ def test_frame_video_processors_equal_transformers_own(height, width):
         # resized frames: PIL and torchvision round some resampled values to neighbouring 8-bit steps, so at most one
         # 1/255 step, divided by the smallest std (measured: exactly that, 0.0196)
         assert gap < (1e-5 if exact and frame is qwen else 1 / 255 / min(STD) + 1e-5), (frame.stands_in_for, gap)
+
+
+# Qwen3-VL, InternVL and LLaVA-NeXT-Video: pmod's frame video processors stand in for transformers' torchvision ones
+
+FAMILY_WORDS = [*CHATML_WORDS, "it", "<", ">", ".", ":", "seconds", *"0123456789", *(f"Frame{i}" for i in range(1, 9))]
+# family -> model, processor builder, processor class, image and video placeholders of its chat template
+FAMILIES = {
+    "qwen3_vl": (lambda: tiny_qwen3_vl(patch_size=7), tiny_qwen3_vl_processor, "Qwen3VLProcessor"),
+    "internvl": (tiny_internvl, tiny_internvl_processor, "InternVLProcessor"),
+    "llava_next_video": (tiny_llava_next_video, tiny_llava_next_video_processor, "LlavaNextVideoProcessor"),
+}
+# written by transformers 5.25 with torchvision: FAMILIES' processors (FAMILY_WORDS), with transformers' own video
+# processors, .save_pretrained(FIXTURES / family)
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "transformers_video_processors"
+# 8 frames of a 4-fps clip, every other one kept: Qwen3-VL's timestamps come from these indices and this rate
+METADATA = [{"fps": 4.0, "total_num_frames": 8, "frames_indices": [0, 2, 4, 6]}]
+
+
+def conversation_inputs(processor: Any) -> dict[str, Any]:
+    """An image and a video conversation through ``processor`` (its chat template, one 32 x 32 image, four frames)."""
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": " what is in the image ?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "a red circle"}]},
+        {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": " is it red ?"}]},
+    ]
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return processor(text=[text], images=[frames(1, 32, 32, seed=5)[0]], videos=[frames(4, 32, 32, seed=6)],
+                     video_metadata=METADATA, return_tensors="pt")
+
+
+def assert_same_inputs(ours: dict[str, Any], theirs: dict[str, Any], pixel_step: float = 0.0) -> None:
+    """Equal token ids and grids; pixels equal up to ``pixel_step`` (one resampled 8-bit step / std)."""
+    tensors = sorted(k for k, v in theirs.items() if isinstance(v, torch.Tensor))
+    assert sorted(k for k, v in ours.items() if isinstance(v, torch.Tensor)) == tensors
+    for key in tensors:
+        if ours[key].is_floating_point():
+            assert ours[key].shape == theirs[key].shape, key
+            gap = (ours[key] - theirs[key]).abs().max().item()
+            assert gap <= pixel_step + 1e-5, (key, gap)
+        else:
+            assert torch.equal(ours[key], theirs[key]), key
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_processors_take_videos_and_round_trip(family, tmp_path):
+    """Without torchvision these processors are transformers' classes with pmod's frame video processor; an image and
+    video conversation expands to the model's tokens (Qwen3-VL: a timestamp before each time step) and runs through
+    the model; saved, the folder loads back (pmod.loading.load_processor) to the same inputs, and pickles."""
+    from pmod.processors import FRAME_VIDEO_PROCESSORS
+
+    build, processor_of, name = FAMILIES[family]
+    model = build()
+    processor = processor_of(model, FAMILY_WORDS)
+    frame_cls = FRAME_VIDEO_PROCESSORS[name]
+    if not has_torchvision():
+        assert type(processor).__module__ == "pmod.processors" and type(processor).__name__ == name
+        assert type(processor.video_processor) is frame_cls
+    out = conversation_inputs(processor)
+    tokens = processor.tokenizer.convert_ids_to_tokens(out["input_ids"][0].tolist())
+    if family == "qwen3_vl":  # 28 x 28 frames: 2 time steps of 2 x 2 merged patches, each after its timestamp
+        assert tokens.count("<|video_pad|>") == 8 and tokens.count("seconds") == 2
+        assert " ".join(tokens).count("< 0 . 2 seconds > <|vision_start|>") == 1  # frames 0 and 2 at 4 fps: 0.25 s
+    elif family == "internvl":  # one tile for the image, one per frame; 4 tokens each
+        assert tokens.count("<IMG_CONTEXT>") == 4 + 4 * 4 and tokens.count("Frame4") == 1
+        assert out["pixel_values"].shape == (1 + 4, 3, 32, 32)  # the image's tile, then the frames
+    else:  # frames cropped to 28 x 28: 4 x 4 patches pooled 2 x 2, 4 tokens a frame
+        assert tokens.count("<video>") == 4 * 4 and out["pixel_values_videos"].shape == (1, 4, 3, 28, 28)
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in out.items() if isinstance(v, torch.Tensor)}).logits
+    assert logits.shape[:2] == out["input_ids"].shape and torch.isfinite(logits).all()
+
+    processor.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "processor_config.json").read_text())["video_processor"]
+    assert saved["video_processor_type"] == frame_cls.stands_in_for  # transformers' class, loadable by it
+    loaded = load_processor(tmp_path)
+    assert type(loaded).__name__ == name and type(loaded.video_processor) is type(processor.video_processor)
+    assert loaded.video_processor.to_dict() == processor.video_processor.to_dict()
+    assert_same_inputs(conversation_inputs(loaded), out)
+    unpickled = pickle.loads(pickle.dumps(loaded))
+    assert unpickled.video_processor.to_dict() == processor.video_processor.to_dict()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_folder_saved_by_transformers_own_classes_loads(family):
+    """A processor folder that transformers saved with its own (torchvision) video processor loads here (pmod's
+    stand-in without torchvision, transformers' class with it), with the saved settings, to the same inputs as the
+    processor built here."""
+    from pmod.processors import FRAME_VIDEO_PROCESSORS
+
+    build, processor_of, name = FAMILIES[family]
+    saved = json.loads((FIXTURES / family / "processor_config.json").read_text())["video_processor"]
+    loaded = load_processor(FIXTURES / family)
+    built = processor_of(build(), FAMILY_WORDS)
+    assert type(loaded).__name__ == name and type(loaded.video_processor) is type(built.video_processor)
+    settings = loaded.video_processor.to_dict()
+    for setting in FRAME_VIDEO_PROCESSORS[name].settings:
+        if setting in saved:
+            assert json.loads(json.dumps(settings[setting])) == saved[setting], setting  # tuples as lists
+    assert_same_inputs(conversation_inputs(loaded), conversation_inputs(built))
+
+
+def test_qwen3_vl_videos_are_sized_as_a_whole():
+    """Qwen3-VL sizes a video by its frames' total pixels: more frames, smaller frames; fewer frames than the
+    temporal patch are refused, as transformers refuses them."""
+    from pmod.processors import Qwen3VLFrameVideoProcessor
+
+    proc = Qwen3VLFrameVideoProcessor(size={"shortest_edge": 28 * 28, "longest_edge": 4 * 56 * 56}, patch_size=7)
+    grids = [proc([frames(n, 56, 56)], return_tensors="pt")["video_grid_thw"].tolist()[0] for n in (2, 4, 8)]
+    assert grids == [[1, 8, 8], [2, 8, 8], [4, 4, 4]]
+    assert [proc.get_num_of_video_patches(n, 56, 56) for n in (2, 4, 8)] == [64, 128, 64]
+    assert proc.get_number_of_video_patches(8, 56, 56) == 64  # the name transformers 5.17's processor calls
+    with pytest.raises(PModInputError, match="1 frames"):
+        proc([frames(1, 56, 56)])
+
+
+STAND_IN_CASES = [  # family, settings, frame size, exact (no resampling)
+    ("qwen3_vl", {"size": {"shortest_edge": 28 * 28, "longest_edge": 4 * 28 * 56}, "patch_size": 7}, (28, 56), True),
+    ("qwen3_vl", {"size": {"shortest_edge": 28 * 28, "longest_edge": 4 * 28 * 56}, "patch_size": 7}, (30, 40), False),
+    ("qwen3_vl", {"size": {"shortest_edge": 28 * 28, "longest_edge": 4 * 28 * 56}, "patch_size": 7,
+                  "cap_pixels_per_frame": True, "max_video_tokens": 4}, (56, 56), False),  # capped: 28 x 28 frames
+    ("internvl", {"size": {"height": 28, "width": 28}}, (28, 28), True),
+    ("internvl", {"size": {"height": 28, "width": 28}}, (37, 29), False),
+    ("llava_next_video", {"size": {"shortest_edge": 28}, "crop_size": {"height": 28, "width": 28}}, (28, 56), True),
+    ("llava_next_video", {"size": {"shortest_edge": 28}, "crop_size": {"height": 28, "width": 28}}, (37, 29), False),
+    ("llava_next_video", {"size": {"shortest_edge": 28}, "crop_size": {"height": 32, "width": 32}}, (30, 40), False),
+]
+
+
+@pytest.mark.skipif(not has_torchvision(), reason="compares with transformers' video processors (torchvision code)")
+@pytest.mark.parametrize("family, settings, size, exact", STAND_IN_CASES)
+def test_new_frame_video_processors_equal_transformers_own(family, settings, size, exact):
+    """pmod's stand-ins and transformers' own video processors on the same frames: the same grids and patch counts,
+    the same pixels where no resizing is needed, within one 8-bit step (over the smallest std) where PIL and
+    torchvision resample (measured: exactly one step, 0.0196)."""
+    import transformers
+
+    from pmod.processors import FRAME_VIDEO_PROCESSORS
+
+    frame = FRAME_VIDEO_PROCESSORS[FAMILIES[family][2]](image_mean=MEAN, image_std=STD, **settings)
+    own = getattr(transformers, frame.stands_in_for)(
+        **{k: v for k, v in frame.to_dict().items() if k != "video_processor_type"})
+    videos = [frames(4, *size, seed=1), frames(4, *size, seed=2)]
+    meta = METADATA * 2
+    ours, theirs = frame(videos, return_tensors="pt", video_metadata=meta), own(videos, return_tensors="pt",
+                                                                              video_metadata=meta)
+    assert_same_inputs(ours, theirs, 0.0 if exact else 1 / 255 / min(STD))
+    if family == "qwen3_vl":
+        assert ours["video_grid_thw"].tolist() == theirs["video_grid_thw"].tolist()
+        assert frame.get_num_of_video_patches(4, *size) == own.get_num_of_video_patches(4, *size)
+        if settings.get("cap_pixels_per_frame"):
+            assert ours["video_grid_thw"].tolist() == [[2, 4, 4]] * 2
+    if family == "llava_next_video" and size == (30, 40):  # a crop larger than the resized frame: zero padding
+        assert ours["pixel_values_videos"].shape[-2:] == (32, 32)
+
+
+@pytest.mark.skipif(not has_torchvision(), reason="compares with transformers' video processors (torchvision code)")
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_processors_with_the_stand_ins_give_transformers_inputs(family, tmp_path):
+    """The whole processor (text, image, video) with pmod's frame video processor in place of transformers' own:
+    the same input_ids (Qwen3-VL's timestamps included) and pixels within one resampled step; saved with the stand-in,
+    the folder loads with transformers' own classes, with the same settings, to transformers' inputs exactly."""
+    from pmod.processors import FRAME_VIDEO_PROCESSORS
+
+    build, processor_of, name = FAMILIES[family]
+    processor = processor_of(build(), FAMILY_WORDS)
+    own = processor.video_processor
+    theirs = conversation_inputs(processor)
+    processor.video_processor = FRAME_VIDEO_PROCESSORS[name].from_dict(own.to_dict())
+    ours = conversation_inputs(processor)
+    assert_same_inputs(ours, theirs, 1 / 255 / min(processor.video_processor.image_std))
+    tokens = processor.tokenizer.convert_ids_to_tokens(ours["input_ids"][0].tolist())
+    inserted = {"qwen3_vl": "seconds", "internvl": "Frame4"}.get(family)
+    assert inserted is None or inserted in tokens  # the timestamps / frame labels are words: compared word by word
+    processor.save_pretrained(tmp_path)
+    loaded = load_processor(tmp_path)
+    assert type(loaded.video_processor) is type(own)
+    assert {k: v for k, v in loaded.video_processor.to_dict().items() if k in processor.video_processor.settings} == \
+        {k: v for k, v in own.to_dict().items() if k in processor.video_processor.settings}
+    assert_same_inputs(conversation_inputs(loaded), theirs)

@@ -542,19 +542,18 @@ def test_video_and_chat_tasks_on_the_command_line(video_model_dir, tmp_path):
         assert 0 < results["throughput"][f"avg_pmod_flops_ratio/{name}"] < 1
 
 
-@pytest.mark.parametrize("family", ["gemma3", "qwen3_vl", "internvl"])
+@pytest.mark.parametrize("family", ["gemma3", "qwen3_vl", "internvl", "idefics3", "llava_next_video"])
 def test_newer_families_through_the_plugin_equal_evaluate(family, tmp_path):
-    """Gemma 3 (no torchvision needed), Qwen3-VL and InternVL (their video processors need torchvision) with their own
-    processors: the plugin's answers and savings are pmod eval's."""
+    """Families of the family table with their own processors (pmod's frame video processors where torchvision is
+    missing): the plugin's answers and savings are pmod eval's."""
     from pmod import tiny
-    from pmod.processors import has_torchvision
 
-    if family != "gemma3" and not has_torchvision():
-        pytest.skip("its processor needs torchvision")
     build, processor_of = {
         "gemma3": (tiny.tiny_gemma3, tiny.tiny_gemma3_processor),
         "qwen3_vl": (lambda: tiny.tiny_qwen3_vl(patch_size=7), lambda m, w: tiny.tiny_qwen3_vl_processor(m, w)),
         "internvl": (tiny.tiny_internvl, lambda m, w: tiny.tiny_internvl_processor(m, w, tiles=False)),
+        "idefics3": (lambda: tiny.tiny_smolvlm(version="idefics3"), tiny.tiny_idefics3_processor),
+        "llava_next_video": (tiny.tiny_llava_next_video, tiny.tiny_llava_next_video_processor),
     }[family]
     model = pmod.apply_pmod(build(), pmod.PModConfig(schedule=SCHEDULE))
     randomize_routers(model)
