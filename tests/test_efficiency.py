@@ -161,14 +161,15 @@ def test_newer_architecture_presets_and_configs():
     assert onevision.vision.hidden == 32 and onevision.crops == 5
 
 
-@pytest.mark.parametrize("family", ["qwen3-vl-moe", "gemma3-wide-heads", "mistral3"])
+@pytest.mark.parametrize("family", ["qwen3-vl-moe", "gemma3-wide-heads", "mistral3", "internvl-qwen3",
+                                    "llava-next-video", "idefics3"])
 def test_analytic_flops_of_newer_families_match_flop_counter(family):
     """Head sizes wider than hidden / heads (Gemma 3, Mistral-Small), sparse MoE layers with a dense first layer
     (Qwen3-VL-MoE) and sliding-window layers: the cost model counts what the layers compute (eager attention
     computes the whole matrix, so the paper's full count applies)."""
     import transformers
 
-    from pmod.tiny import tiny_gemma3, tiny_mistral3, tiny_qwen3_vl
+    from pmod.tiny import tiny_gemma3, tiny_internvl, tiny_llava_next_video, tiny_mistral3, tiny_qwen3_vl, tiny_smolvlm
 
     if family == "qwen3-vl-moe":
         dense = tiny_qwen3_vl(moe=True, attn_implementation="eager")
@@ -179,6 +180,12 @@ def test_analytic_flops_of_newer_families_match_flop_counter(family):
         cfg.text_config.query_pre_attn_scalar = 32
         cfg._attn_implementation = cfg.text_config._attn_implementation = "eager"
         dense = transformers.Gemma3ForConditionalGeneration(cfg).eval()
+    elif family == "internvl-qwen3":  # a Qwen3 decoder: q/k norms, head_dim from the config
+        dense = tiny_internvl(family="qwen3", attn_implementation="eager")
+    elif family == "llava-next-video":
+        dense = tiny_llava_next_video(attn_implementation="eager")
+    elif family == "idefics3":
+        dense = tiny_smolvlm(version="idefics3", attn_implementation="eager")
     else:
         dense = tiny_mistral3(attn_implementation="eager")
     shape = shape_from_config(dense.config)
