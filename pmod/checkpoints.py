@@ -12,6 +12,7 @@ from typing import Any
 
 from .errors import CheckpointError, ConversionError, describe_names, one_line
 
+DEFAULT_ADVICE = "download or save it again"  # what a message about a damaged file ends with, unless told otherwise
 _INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
@@ -21,7 +22,8 @@ def check_weight_files(src: Path, error: type[CheckpointError] = ConversionError
     return list(inspect_weight_files(src, error))
 
 
-def inspect_weight_files(src: Path, error: type[CheckpointError] = ConversionError) -> dict[str, dict[str, str]]:
+def inspect_weight_files(src: Path, error: type[CheckpointError] = ConversionError,
+                         advice: str = DEFAULT_ADVICE) -> dict[str, dict[str, str]]:
     """Weight file name -> {tensor name: safetensors dtype} (empty for .bin files, whose dtypes need a full read).
 
     Checks the shard index (a JSON object whose ``weight_map`` maps tensor names to file names in ``src``), that
@@ -34,7 +36,7 @@ def inspect_weight_files(src: Path, error: type[CheckpointError] = ConversionErr
     seen: dict[str, str] = {}
     for name in names:
         path = src / name
-        dtypes = check_weight_file(path, error)
+        dtypes = check_weight_file(path, error, advice)
         twice = sorted(k for k in dtypes if k in seen)
         if twice:
             raise error(f"{path}: tensors also stored in {seen[twice[0]]}: {describe_names(twice)}.")
@@ -43,10 +45,13 @@ def inspect_weight_files(src: Path, error: type[CheckpointError] = ConversionErr
     return files
 
 
-def check_weight_file(path: Path, error: type[CheckpointError] = CheckpointError) -> dict[str, str]:
+def check_weight_file(path: Path, error: type[CheckpointError] = CheckpointError,
+                      advice: str = DEFAULT_ADVICE) -> dict[str, str]:
     """One file checked readable without loading it: a .safetensors header that covers the file ({tensor name:
     dtype}), any other file a complete torch.save archive ({}); raises ``error`` naming the file."""
-    return _safetensors_dtypes(path, error) if path.name.endswith(".safetensors") else _check_torch_file(path, error)
+    if path.name.endswith(".safetensors"):
+        return _safetensors_dtypes(path, error, advice)
+    return _check_torch_file(path, error, advice)
 
 
 def _weight_file_names(src: Path, error: type[CheckpointError]) -> list[str]:
@@ -90,7 +95,7 @@ def preview(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _safetensors_dtypes(path: Path, error: type[CheckpointError]) -> dict[str, str]:
+def _safetensors_dtypes(path: Path, error: type[CheckpointError], advice: str) -> dict[str, str]:
     from safetensors import safe_open
 
     try:
@@ -98,10 +103,10 @@ def _safetensors_dtypes(path: Path, error: type[CheckpointError]) -> dict[str, s
             return {key: f.get_slice(key).get_dtype() for key in f.keys()}  # noqa: SIM118 (not iterable)
     except Exception as exc:  # SafetensorError (truncated, corrupt header), OSError: many types
         raise error(f"Cannot read weights from {path}: not a valid .safetensors file ({one_line(exc)}); it may be "
-                    "truncated or corrupt: download or save it again.") from exc
+                    f"truncated or corrupt: {advice}.") from exc
 
 
-def _check_torch_file(path: Path, error: type[CheckpointError]) -> dict[str, str]:
+def _check_torch_file(path: Path, error: type[CheckpointError], advice: str) -> dict[str, str]:
     """A .bin file must be a torch.save zip archive (or the legacy pickle format); its tensors are not read here."""
     try:
         with path.open("rb") as f:
@@ -112,7 +117,7 @@ def _check_torch_file(path: Path, error: type[CheckpointError]) -> dict[str, str
             raise ValueError("neither a zip archive nor a pickle")
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise error(f"Cannot read weights from {path}: not a PyTorch checkpoint ({one_line(exc)}); it may be "
-                    "truncated or corrupt: download or save it again.") from exc
+                    f"truncated or corrupt: {advice}.") from exc
     return {}
 
 

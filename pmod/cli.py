@@ -249,6 +249,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"trained {result.global_step} steps in {result.seconds:.0f} s{last}"
         + (f", {result.skipped_records} records skipped" if result.skipped_records else "")
     )
+    if not result.completed:  # a callback stopped it (e.g. the Trainer's checkpoint-on-SIGTERM): resumable
+        print(f"pmod train: stopped at step {result.global_step} of {result.max_steps} before the end; no final model "
+              f"was saved: run the same command to resume from the last checkpoint in {result.output_dir}",
+              file=sys.stderr)
+        return 1
     _emit(f"model saved to {result.output_dir} (load it with pmod.load_model)")
     return 0
 
@@ -443,9 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # packages that pmod's extras bring (pyproject.toml), by the import name an ImportError names
-_EXTRAS = {"accelerate": "train", "tensorboard": "train", "matplotlib": "bench", "peft": "lora", "av": "video",
-           "fastapi": "serve", "uvicorn": "serve", "lmms_eval": "eval", "datasets": "eval", "evaluate": "eval",
-           "loguru": "eval", "sacrebleu": "eval"}
+_EXTRAS = {"accelerate": "train", "tensorboard": "train", "pydantic": "train", "matplotlib": "bench", "peft": "lora",
+           "av": "video", "fastapi": "serve", "uvicorn": "serve", "lmms_eval": "eval", "datasets": "eval",
+           "evaluate": "eval", "loguru": "eval", "sacrebleu": "eval", "num2words": "smolvlm"}
 
 
 def _missing_extra(exc: BaseException) -> str | None:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, PreTrainedModel
 
+from .checkpoints import DEFAULT_ADVICE
 from .config import PModConfig, ResolvedPMod
 from .errors import CheckpointError, PModConfigError, PModInputError, UnsupportedModelError, describe_names, one_line
 from .families import FAMILIES, family_of_model_type
@@ -173,7 +174,7 @@ def check_loaded_weights(
     files: dict[str, dict[str, str]] | None = None,
     error: type[CheckpointError] = CheckpointError,
     allow_mismatched: bool = False,
-    advice: str = "save or download it again",
+    advice: str = DEFAULT_ADVICE,
 ) -> None:
     """Raise ``error`` if ``from_pretrained``'s loading info reports missing, unexpected or wrongly shaped tensors,
     if a loaded tensor holds NaN or inf (a model that answers nothing, silently), or if the weight files
@@ -207,7 +208,8 @@ def check_loaded_weights(
         if integers:
             problems.append(f"tensors that are not floating point {describe_names(integers)}")
     if problems:
-        routers = any(".router." in k for k in info.get("missing_keys") or ())
+        # the hint fits loading a model, not resuming a run (whose advice is its own)
+        routers = advice == DEFAULT_ADVICE and any(".router." in k for k in info.get("missing_keys") or ())
         raise error(
             f"The weights in {source} do not match its config ({type(model).__name__}): {'; '.join(problems)}. The "
             f"checkpoint is incomplete, damaged or from another model: {advice}"
@@ -232,7 +234,7 @@ def load_processor(model_dir: str | os.PathLike, need_images: bool = True):
             raise PModInputError(
                 f"The processor saved in {model_dir} needs torchvision ({one_line(exc).split(' requires')[0]} is "
                 "torchvision code): pip install torchvision. pmod stands in its own video processors only for "
-                "Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision, InternVL and LLaVA-NeXT-Video."
+                "Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision, InternVL, LLaVA-NeXT-Video and SmolVLM."
             ) from exc
         raise PModInputError(f"The processor saved in {model_dir} needs a package that is not installed: "
                              f"{one_line(exc)}") from exc

@@ -105,6 +105,8 @@ def test_lists_kept_out_of_the_heavy_modules_match_them():
                  "transformers[torch]` or `pip install 'accelerate>=1.1.0'`"), "train"),
     (ModuleNotFoundError("No module named 'matplotlib'", name="matplotlib"), "bench"),
     (ModuleNotFoundError("No module named 'peft'", name="peft"), "lora"),
+    (ModuleNotFoundError("No module named 'pydantic'", name="pydantic"), "train"),  # recipes are read by pydantic
+    (ModuleNotFoundError("No module named 'num2words'", name="num2words"), "smolvlm"),
 ])
 def test_a_missing_extra_is_named(monkeypatch, capsys, error, extra):
     """`pip install .` (the README offers it) has no extras: `pmod train` said "unexpected ImportError ... please

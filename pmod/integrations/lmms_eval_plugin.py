@@ -43,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -301,7 +302,17 @@ class PMod(lmms):
         """Read a document's media (after checking that the processor takes them): a prompt without its text."""
         check_processor_takes(self.processor, what, images=any(m.kind == "image" for m in media),
                               videos=any(m.kind == "video" for m in media))
-        max_frames = int((metadata or {}).get("sample_frames") or self.max_frames)
+        given = (metadata or {}).get("sample_frames") or self.max_frames
+        max_frames = int(given) if isinstance(given, int) or (isinstance(given, str) and given.isdigit()) else 0
+        if isinstance(given, bool) or max_frames < 1:
+            raise PModInputError(f"{what}: the task's metadata sample_frames must be a positive whole number, got "
+                                 f"{given!r}")
+        for m in media:  # a window from a task's documents: numbers of seconds, or not given
+            for name, value in (("start", m.start), ("end", m.end)):
+                if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                          or not math.isfinite(value)):
+                    raise PModInputError(f"{what}: the video's {name} time must be a finite number of seconds, got "
+                                         f"{value!r}")
         images, videos, rates = [], [], []
         try:
             for m in media:

@@ -199,21 +199,39 @@ def _validated(name: str, value: Any, hint: Any) -> Any:
 
 
 def _prepared(name: str, value: Any, hint: Any) -> Any:
-    """Where a recipe's rules differ from pydantic's lax ones, ``value`` (and a section's values) made to follow
-    them: paths are strings, ``1e3`` is a whole number, and true is not a number (pydantic would read it as 1)."""
+    """Where a recipe's rules differ from pydantic's lax ones, ``value`` (a section's values, a list's items) made to
+    follow them: paths are strings, ``1e3`` is a whole number, true is not a number (pydantic would read it as 1),
+    and spaces around a boolean word do not count."""
     options = _options(hint)
     section = next((o for o in options if dataclasses.is_dataclass(o)), None)
     if section is not None and isinstance(value, dict):
         fields = _field_types(section)
         return {k: _prepared(f"{name}.{k}", v, fields[k]) if k in fields else v for k, v in value.items()}
+    sequence = next((o for o in options if typing.get_origin(o) in (list, tuple)), None)
+    if sequence is not None and isinstance(value, (list, tuple)):
+        items = _item_types(sequence, len(value))
+        try:
+            return [_prepared(name, v, item) for v, item in zip(value, items)] + list(value[len(items):])
+        except PModConfigError:  # an item's error names the whole setting and value
+            raise PModConfigError(f"{name} must be {_describe(hint)}, got {list(value)!r}") from None
     if isinstance(value, os.PathLike) and str in options:
         value = os.fspath(value)
     if isinstance(value, bool) and bool not in options and {int, float} & set(options):
         raise PModConfigError(f"{name} must be {_describe(hint)}, got {value!r}")
+    if isinstance(value, str) and bool in options and str not in options:
+        value = value.strip()
     if isinstance(value, str) and int in options and str not in options:
         with contextlib.suppress(ValueError):  # YAML reads 1e3 as a string; pydantic takes integer strings only
             value = float(value) if float(value).is_integer() else value
     return value
+
+
+def _item_types(sequence: Any, length: int) -> tuple[Any, ...]:
+    """The item types of ``length`` values of a ``list[X]``, ``tuple[X, ...]`` or fixed ``tuple[X, Y]`` type."""
+    args = typing.get_args(sequence) or (Any,)
+    if typing.get_origin(sequence) is tuple and Ellipsis not in args:
+        return args
+    return (args[0],) * length
 
 
 def _has_enum(hint: Any) -> bool:
@@ -275,6 +293,10 @@ def _describe(hint: Any) -> str:
             else "a string" if kind is str
             else "one of " + ", ".join(repr(v) for v in typing.get_args(kind)) if origin is Literal
             else f"a list of {_describe(typing.get_args(kind)[0]).removeprefix('a ')}s" if origin is list
+            or (origin is tuple and Ellipsis in typing.get_args(kind))
+            else f"a list of {len(typing.get_args(kind))} {_describe(typing.get_args(kind)[0]).removeprefix('a ')}s"
+            if origin is tuple and len(set(typing.get_args(kind))) == 1
+            else "a list of: " + ", ".join(map(_describe, typing.get_args(kind))) if origin is tuple
             else "a mapping" if kind is dict or origin is dict or dataclasses.is_dataclass(kind)
             else f"a {getattr(kind, '__name__', kind)}"
         )

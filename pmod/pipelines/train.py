@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import time
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ from transformers import PreTrainedModel, TrainerCallback, TrainingArguments
 from ..checkpoints import check_weight_file, inspect_weight_files
 from ..data.conversation import PLACEHOLDERS
 from ..data.records import LlavaCollator, LlavaDataset, check_records, load_records, padding_image_processor
-from ..errors import CheckpointError, PModConfigError, PModInputError, PModTrainingError, one_line
+from ..errors import CheckpointError, PModConfigError, PModInputError, PModTrainingError
 from ..files import check_output_apart, output_lock, write_text_atomic
 from ..tiny import build_tiny
 from .recipe import Stage, TrainConfig, read_recipe_yaml, trainer_name
@@ -152,6 +153,7 @@ class TrainResult:
     log_history: list[dict[str, Any]] = field(repr=False, default_factory=list)
     adapter_dir: Path | None = None  # a LoRA run's adapter (the merged model is in output_dir)
     completed: bool = True  # false when a callback stopped the run early: no final model, resumable
+    max_steps: int = 0  # the steps the run was planned for
 
 
 def _report_to(wanted: list[str]) -> list[str]:
@@ -265,6 +267,7 @@ def _train(config: TrainConfig, out: Path, callbacks: list[TrainerCallback]) -> 
         log_history=history,
         adapter_dir=out / ADAPTER_DIR if lora_base is not None and completed else None,
         completed=completed,
+        max_steps=trainer.state.max_steps,
     )
 
 
@@ -382,30 +385,28 @@ _ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # LoRA ru
 def _check_checkpoint(path: Path) -> None:
     """A `PModInputError` naming checkpoint ``path`` when a file the resumption reads is unreadable (truncated by a
     full disk, a copy cut short): cheap checks of the trainer state, the weights (`pmod.checkpoints`: the shard index,
-    the safetensors headers) and the torch files (optimizer, scheduler, RNG states)."""
-    def broken(name: str, why: str) -> PModInputError:
-        return PModInputError(
-            f"checkpoint {path} is damaged ({name}: {why}); delete that folder to resume from an earlier "
-            "checkpoint, or set resume: false (override resume=false) to start over"
-        )
-
+    the safetensors headers) and the torch files (optimizer, scheduler, RNG states: complete zip archives, as the
+    Trainer writes them)."""
+    advice = f"delete {path} to resume from an earlier checkpoint, or set resume: false (override resume=false) to " \
+             "start over"
     state = path / "trainer_state.json"
     try:
         content = json.loads(state.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise broken(state.name, f"not valid JSON ({exc})") from exc
+        raise PModInputError(f"checkpoint {path} is damaged: {state.name} is not valid JSON ({exc}); {advice}") from exc
     if not isinstance(content, dict) or "global_step" not in content:
-        raise broken(state.name, "no global_step")
-    files = [path / n for n in _ADAPTER_WEIGHTS if (path / n).is_file()]
-    files += sorted(path.glob("*.pt")) + sorted(path.glob("*.pth"))
+        raise PModInputError(f"checkpoint {path} is damaged: {state.name} has no global_step; {advice}")
     try:
         if any((path / n).is_file() for n in _MODEL_WEIGHTS):
-            inspect_weight_files(path, CheckpointError)
-        for file in files:
-            check_weight_file(file, CheckpointError)
-    except CheckpointError as exc:  # its message names the file by its path
-        names = sorted((p.name for p in path.iterdir()), key=len, reverse=True)  # adapter_model.* before model.*
-        raise broken(next((n for n in names if str(path / n) in str(exc)), "weights"), one_line(exc)) from exc
+            inspect_weight_files(path, CheckpointError, advice)
+        for name in _ADAPTER_WEIGHTS:
+            if (path / name).is_file():
+                check_weight_file(path / name, CheckpointError, advice)
+    except CheckpointError as exc:  # its message names the file and ends with the advice
+        raise PModInputError(f"checkpoint {path} is damaged: {exc}") from exc
+    for file in sorted(path.glob("*.pt")) + sorted(path.glob("*.pth")):
+        if not zipfile.is_zipfile(file):
+            raise PModInputError(f"checkpoint {path} is damaged: {file.name} is not a complete torch file; {advice}")
 
 
 def _check_router_optimizer(config: TrainConfig) -> None:

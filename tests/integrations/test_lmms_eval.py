@@ -424,6 +424,14 @@ def test_video_file_decoding_and_refusals(video_lm, chat_lm, plugin, monkeypatch
                                            {"type": "text", "text": "q"}]}]
     prompt = chat_lm._messages_prompt(window, {"sample_frames": 3}, "tiny", 0)  # 3 of frames 10..15
     assert [f.getpixel((0, 0))[0] for f in prompt.videos[0]] == [10, 12, 14] and prompt.fps == pytest.approx(5.0)
+    # a task's bad frame count or window is named, not a traceback from the sampler
+    for metadata, bad in [({"sample_frames": -1}, "sample_frames must be a positive whole number, got -1"),
+                          ({"sample_frames": "all"}, "sample_frames must be a positive whole number, got 'all'")]:
+        with pytest.raises(pmod.PModInputError, match=f"task 'tiny' document 0: the task's metadata {bad}"):
+            video_lm._visual_prompt("q", [str(clip)], metadata, "tiny", 0)
+    for start in (float("nan"), "1s"):
+        with pytest.raises(pmod.PModInputError, match="document 0: the video's start time must be a finite number"):
+            video_lm._visual_prompt("q", [{"path": str(clip), "video_start": start}], {}, "tiny", 0)
 
     # a model without video support (LLaVA) refuses a video document, naming the task; audio is refused
     folder = str(VIDEO_DIR / "clips/red")

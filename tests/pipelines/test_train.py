@@ -204,6 +204,27 @@ def test_cli_train(data, tmp_path, capsys):
     assert main(["train", str(recipe), "no_such_setting=1"]) == 2
 
 
+def test_cli_reports_a_run_stopped_before_its_end(data, tmp_path, capsys, monkeypatch):
+    """A callback that stops the run (the Trainer's checkpoint-on-SIGTERM does) leaves no final model: the command
+    says so and how to resume, and fails, instead of printing "model saved"."""
+    import pmod.pipelines.train
+    from pmod.cli import main
+
+    real = pmod.pipelines.train.train
+    monkeypatch.setattr(pmod.pipelines.train, "train", lambda config: real(config, callbacks=[StopAfter(1)]))
+    path, folder = data
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "tiny_model": {"num_layers": 2, "hidden_size": 32}, "pmod": {}, "data_path": str(path),
+        "image_folder": str(folder), "output_dir": str(tmp_path / "out"),
+        "trainer": {"report_to": [], "max_steps": 3, "save_steps": 1, "per_device_train_batch_size": 4},
+    }))
+    assert main(["train", str(recipe)]) == 1
+    captured = capsys.readouterr()
+    assert "stopped at step 1 of 3" in captured.err and "resume" in captured.err and "model saved" not in captured.out
+    assert (tmp_path / "out/checkpoint-1").is_dir() and not (tmp_path / "out/config.json").exists()
+
+
 def test_resume_skips_incomplete_checkpoints_and_refuses_other_recipes(data, tmp_path):
     train(_config(data, tmp_path, max_steps=6, save_steps=2), callbacks=[StopAfter(4)])
     # a kill while saving checkpoint-6: weights written, trainer state not yet

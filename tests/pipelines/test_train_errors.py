@@ -105,7 +105,8 @@ def test_booleans_in_strings_are_read_as_booleans_everywhere(recipe, tmp_path):
                                       "trainer": {**values["trainer"], "bf16": "No"}}))
     config = load_config(quoted)
     assert config.freeze_vision_tower is False and config.trainer["bf16"] is False and config.resume is True
-    for word, expected in [("false", False), ("FALSE", False), ("'false'", False), ("no", False), ("0", False),
+    for word, expected in [("false", False), ("FALSE", False), ("'false'", False), ("' false '", False), ("no", False),
+                           ("0", False),
                            ("'yes'", True), ("On", True), ("1", True)]:
         assert load_config(recipe, [f"freeze_vision_tower={word}"]).freeze_vision_tower is expected, word
     for bad in ("maybe", "2", "0.5", "[]"):
@@ -142,6 +143,10 @@ def test_booleans_in_strings_are_read_as_booleans_everywhere(recipe, tmp_path):
     ("trainer.bf16=maybe", "trainer.bf16 must be true or false, got 'maybe'"),
     ("trainer.learning_rate=true", "trainer.learning_rate must be a finite number, got True"),
     ("tiny_model.num_layers=true", "tiny_model.num_layers must be a whole number, got True"),
+    ("pmod.schedule=[true, 0.5]", r"pmod.schedule must be .* a list of finite numbers, got \[True, 0.5\]"),
+    ("pmod.routed_layers=[true, 2]", "pmod.routed_layers must be a list of whole numbers or null"),
+    ("synthetic_data.shape_size=[0.5, 0.7, 0.9]", "synthetic_data.shape_size must be a list of 2 finite numbers"),
+    ("synthetic_data.colours=red", "synthetic_data.colours must be a list of strings, got 'red'"),
     ("trainer.learning_rat=1e-3",
      r"unknown trainer setting 'learning_rat' \(did you mean 'learning_rate'\?\): .*no such"),
     ("trainer.remove_unused_columns=true", "trainer.remove_unused_columns is set by pmod"),
@@ -238,7 +243,7 @@ def test_a_damaged_checkpoint_is_named_not_a_traceback(data, tmp_path):
     train(_tiny(data, tmp_path, max_steps=2, save_steps=1), callbacks=[StopAfter(1)])
     checkpoint = tmp_path / "checkpoint-1"
     weights = (checkpoint / "model.safetensors").read_bytes()
-    advice = r"checkpoint .*checkpoint-1 is damaged \(%s: .*\); delete that folder .*resume: false"
+    advice = r"checkpoint .*checkpoint-1 is damaged: .*%s.*[;:] delete .*resume: false"
 
     (checkpoint / "model.safetensors").write_bytes(weights[: len(weights) // 2])  # a disk full while copying
     with pytest.raises(PModInputError, match=advice % "model.safetensors"):
@@ -259,6 +264,32 @@ def test_a_damaged_checkpoint_is_named_not_a_traceback(data, tmp_path):
 
     result = train(_tiny(data, tmp_path, max_steps=2, save_steps=1, resume=False))  # the advice works
     assert result.resumed_from is None and result.global_step == 2
+
+
+def test_checkpoint_checks_cover_lora_and_deepspeed_layouts(tmp_path):
+    """A LoRA run's checkpoint holds adapter weights only, a DeepSpeed run's none beside its global_step folder: the
+    first is checked, the second accepted; optimizer states must be complete zip archives (as the Trainer writes)."""
+    from safetensors.torch import save_file
+
+    from pmod.pipelines.train import _check_checkpoint
+
+    deepspeed = tmp_path / "deepspeed"
+    (deepspeed / "global_step4").mkdir(parents=True)
+    (deepspeed / "trainer_state.json").write_text('{"global_step": 4}')
+    _check_checkpoint(deepspeed)
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    (lora / "trainer_state.json").write_text('{"global_step": 4}')
+    save_file({"a": torch.zeros(4, 4)}, lora / "adapter_model.safetensors")
+    _check_checkpoint(lora)
+    weights = (lora / "adapter_model.safetensors").read_bytes()
+    (lora / "adapter_model.safetensors").write_bytes(weights[:-8])
+    with pytest.raises(PModInputError, match=r"lora is damaged: .*adapter_model.safetensors.*: delete .*lora"):
+        _check_checkpoint(lora)
+    (lora / "adapter_model.safetensors").write_bytes(weights)
+    (lora / "optimizer.pt").write_bytes(b"\x80\x02legacy pickle, cut")
+    with pytest.raises(PModInputError, match=r"optimizer.pt is not a complete torch file"):
+        _check_checkpoint(lora)
 
 
 @pytest.mark.parametrize("pmod_settings", [None, {}], ids=["dense", "pmod"])
