@@ -173,6 +173,8 @@ def cmd_flops(args: argparse.Namespace) -> int:
             resolved = ResolvedPMod.from_dict(config.pmod)
     if args.crops is not None:
         shape = shape.with_crops(args.crops)
+    if args.frames:  # a video prompt: its frames, and image crops only where --crops asks for them
+        shape = shape.with_frames(args.frames).with_crops(args.crops or 0)
     cost = prefill_cost(shape, args.vision_tokens, args.text_tokens, _config_from(args), resolved, causal=args.causal)
     if args.json:
         _emit(json.dumps(cost.to_dict()))
@@ -188,6 +190,8 @@ def cmd_flops(args: argparse.Namespace) -> int:
           f"({cost.flops_ratio:.1%})")
     _emit(f"vision encoder {cost.vision_encoder_flops / scale:.3f}, projector {cost.projector_flops / scale:.3f}, "
           f"LM head {cost.lm_head_flops / scale:.4f} {unit} (the same in both)")
+    _emit(f"whole model: {(cost.dense_flops + cost.shared_flops) / scale:.2f} -> "
+          f"{(cost.pmod_flops + cost.shared_flops) / scale:.2f} {unit} ({cost.total_flops_ratio:.1%})")
     _emit(f"KV cache: {cost.dense_kv_bytes / 2**20:.1f} -> {cost.pmod_kv_bytes / 2**20:.1f} MiB "
           f"({cost.pmod_kv_bytes / cost.dense_kv_bytes:.1%}); vision-token entries {cost.kv_ratio:.2%} "
           f"(nominal mean keep ratio {cost.kv_ratio_nominal:.2%})")
@@ -358,7 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vision-tokens", type=nonnegative_int, required=True,
                    help="vision tokens of the prompt (e.g. 576)")
     p.add_argument("--text-tokens", type=nonnegative_int, required=True, help="text tokens of the prompt")
-    p.add_argument("--crops", type=positive_int, default=None, help="images through the vision tower per input image")
+    p.add_argument("--crops", type=positive_int, default=None,
+                   help="crops, tiles or images through the vision tower per example (default: the preset's or "
+                        "config's; tiled families: as many as the vision tokens fill)")
+    p.add_argument("--frames", type=nonnegative_int, default=0,
+                   help="a video prompt: frames through the vision tower (LLaVA-NeXT-Video pools them; Qwen3-VL "
+                        "takes them in pairs); with --crops, image crops besides")
     p.add_argument("--causal", action="store_true",
                    help="count causal attention (half matrix), as sdpa/flash compute it")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -2,13 +2,15 @@
 
 - `kv_cache_report`: KV-cache bytes a live `PModCache` holds, per layer and in total, against the dense cache.
 - `prefill_cost`: analytic prefill FLOPs (decoder layers, vision encoder, projector, LM head) and KV bytes,
-  dense vs p-MoD, for a model shape (`PRESETS` or `shape_from_config`) and given token counts.
+  dense vs p-MoD, for a model shape (`PRESETS` or `shape_from_config`) and given token counts; `flops_ratio` is the
+  decoder layers', `total_flops_ratio` the whole model's.
 - `realized_cost`: the FLOP and KV ratios the most recent forward pass actually achieved, per example.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -149,36 +151,79 @@ class DecoderShape:
 
 @dataclass(frozen=True)
 class VisionShape:
-    """A ViT encoder (CLIP-style, GELU MLP) plus LLaVA's 2-layer MLP projector."""
+    """A vision encoder (a ViT) and the projector that maps its patches into the decoder.
+
+    Encoder: ``num_layers`` blocks of width ``hidden`` (QKVO projections, full attention within each crop or image, an
+    MLP of width ``intermediate``: two matmuls, or three with ``gated_mlp``, Pixtral's SiLU-gated one) after a patch
+    embedding of 3 x ``temporal_patch`` x ``patch_size``^2 values per patch; ``cls_token`` adds one token per crop
+    (CLIP, InternViT); ``pool_head``: SigLIP's attention-pooling head (one probe query over the crop, then the MLP),
+    computed where the config enables it even though the VLM uses the patch features only.
+    ``image_size`` 0: dynamic resolution (Qwen3-VL, Pixtral): an image's patches are not fixed but derived from its
+    vision tokens, ``merge`` patches each.
+    Projector: ``merge`` patches become one vision token (2 x 2 merge or pixel shuffle: 4; Gemma 3's 4 x 4 average
+    pooling: 16), then each linear layer of ``projector`` (input, output widths) runs on every token; empty: LLaVA's
+    2-layer MLP (hidden -> decoder width -> decoder width) on every patch. ``frame_pool``: video frames are pooled
+    ``frame_pool`` x ``frame_pool`` before the projector (LLaVA-NeXT-Video).
+    """
 
     num_layers: int
     hidden: int
     intermediate: int
     image_size: int
     patch_size: int
+    cls_token: bool = True
+    gated_mlp: bool = False
+    temporal_patch: int = 1
+    merge: int = 1
+    projector: tuple[tuple[int, int], ...] = ()
+    frame_pool: int = 1
+    pool_head: bool = False
+    note: str = ""  # what the tower and projector are, for the printed assumptions
+
+    @property
+    def patches_per_crop(self) -> int:
+        """Patches of one crop at ``image_size`` (0 for a dynamic-resolution encoder)."""
+        return (self.image_size // self.patch_size) ** 2
 
     @property
     def tokens_per_crop(self) -> int:
-        return (self.image_size // self.patch_size) ** 2 + 1  # patches + CLS
+        """Tokens the encoder's layers process per crop: the patches and the CLS token."""
+        return self.patches_per_crop + self.cls_token
+
+    @property
+    def vision_tokens_per_crop(self) -> int:
+        """Vision tokens (decoder positions) one crop gives, after merging (LLaVA: every patch)."""
+        return self.patches_per_crop // self.merge
 
 
 @dataclass(frozen=True)
 class ModelShape:
+    """A model's cost-model shape. ``crops``: crops (tiles, images) the vision encoder runs on per example: LLaVA-NeXT's
+    anyres base image plus sub-images; None: as many fixed-size crops as the vision tokens fill (InternVL tiles, Gemma 3
+    pan-and-scan crops, Idefics3 / SmolVLM crops); a dynamic-resolution encoder splits the vision tokens evenly over
+    ``crops`` images. ``frames``: video frames the encoder also runs on (fixed-size encoders; LLaVA-NeXT-Video pools
+    them)."""
+
     name: str
     decoder: DecoderShape
     vision: VisionShape | None = None
-    crops: int = 1  # images the vision encoder runs on per input image (LLaVA-NeXT anyres: base + sub-images)
+    crops: int | None = 1
     bytes_per_value: int = 2  # bf16/fp16 KV cache
+    frames: int = 0
 
-    def with_crops(self, crops: int) -> ModelShape:
-        return ModelShape(self.name, self.decoder, self.vision, crops, self.bytes_per_value)
+    def with_crops(self, crops: int | None) -> ModelShape:
+        return replace(self, crops=crops)
+
+    def with_frames(self, frames: int) -> ModelShape:
+        return replace(self, frames=frames)
 
 
 _VICUNA_7B = DecoderShape(32, 4096, 11008, 32, 32, 32000)
 _VICUNA_13B = DecoderShape(40, 5120, 13824, 40, 40, 32000)
-_CLIP_L_336 = VisionShape(24, 1024, 4096, 336, 14)
+_CLIP_L_336 = VisionShape(24, 1024, 4096, 336, 14, note="CLIP ViT-L/14, LLaVA's 2-layer MLP projector")
 _QWEN2_7B = DecoderShape(28, 3584, 18944, 28, 4, 152064)  # Qwen2-7B and Qwen2.5-7B language models
-_SIGLIP_SO400M_384 = VisionShape(27, 1152, 4304, 384, 14)
+_SIGLIP_SO400M_384 = VisionShape(27, 1152, 4304, 384, 14, cls_token=False,
+                                 note="SigLIP so400m (no CLS token), LLaVA's 2-layer MLP projector")
 # the language models of newer VLMs, from their released config.json files
 _QWEN3_8B = DecoderShape(36, 4096, 12288, 32, 8, 151936, head_dim=128)  # Qwen3-VL-8B
 _QWEN3_30B_A3B = DecoderShape(48, 2048, 6144, 32, 4, 151936, head_dim=128, moe_layers=tuple(range(48)), num_experts=128,
@@ -188,6 +233,39 @@ _INTERNVL3_8B = DecoderShape(28, 3584, 18944, 28, 4, 151674)  # Qwen2.5-7B with 
 _GEMMA3_12B = DecoderShape(48, 3840, 15360, 16, 8, 262208, head_dim=256,
                            sliding_layers=tuple(i for i in range(48) if i % 6 != 5), sliding_window=1024)
 _MISTRAL_SMALL_24B = DecoderShape(40, 5120, 32768, 32, 8, 131072, head_dim=128)  # Mistral-Small-3.1-24B
+
+
+def _qwen3_vl_vision(depth: int, hidden: int, intermediate: int, patch: int, temporal: int, merge: int,
+                     out_hidden: int, deepstack: int) -> VisionShape:
+    """Qwen3-VL's ViT: its patch merger and each DeepStack merger is LayerNorm, (4d x 4d), GELU, (4d x out) on every
+    merged token (2 x 2 merge)."""
+    wide = hidden * merge**2
+    return VisionShape(depth, hidden, intermediate, 0, patch, cls_token=False, temporal_patch=temporal,
+                       merge=merge**2, projector=((wide, wide), (wide, out_hidden)) * (1 + deepstack),
+                       note=f"Qwen3-VL ViT, patch merger and {deepstack} DeepStack mergers")
+
+
+# vision towers of the newer presets, from the checkpoints' config.json (vision_config and the projector's settings):
+# Qwen/Qwen3-VL-8B-Instruct and Qwen3-VL-30B-A3B-Instruct: depth 27, hidden 1152, intermediate 4304, patch 16,
+#   temporal patch 2, spatial_merge_size 2, deepstack_visual_indexes [8, 16, 24], out_hidden_size 4096 / 2048
+_QWEN3_VL_8B_VISION = _qwen3_vl_vision(27, 1152, 4304, 16, 2, 2, 4096, 3)
+_QWEN3_VL_30B_VISION = _qwen3_vl_vision(27, 1152, 4304, 16, 2, 2, 2048, 3)
+# OpenGVLab/InternVL3-8B-hf: InternViT-300M (24 layers, hidden 1024, intermediate 4096, 448 px tiles, patch 14, CLS),
+#   downsample_ratio 0.5 (pixel shuffle: 4 patches a token, 256 a tile), projector LayerNorm, (4096 x 3584), GELU,
+#   (3584 x 3584)
+_INTERNVIT_300M = VisionShape(24, 1024, 4096, 448, 14, merge=4, projector=((4096, 3584), (3584, 3584)),
+                              note="InternViT-300M, pixel shuffle 0.5, 2-layer MLP projector")
+# google/gemma-3-12b-it: SigLIP so400m at 896 px (27 layers, hidden 1152, intermediate 4304, patch 14,
+#   vision_use_head false), mm_tokens_per_image 256 (64 x 64 patches average-pooled 4 x 4), projector RMSNorm and
+#   (1152 x 3840)
+_GEMMA3_SIGLIP = VisionShape(27, 1152, 4304, 896, 14, cls_token=False, merge=16, projector=((1152, 3840),),
+                             note="SigLIP so400m, 4 x 4 average pooling, linear projector")
+# mistralai/Mistral-Small-3.1-24B-Instruct-2503: Pixtral ViT (24 layers, hidden 1024, intermediate 4096, SiLU-gated MLP,
+#   patch 14, up to 1540 px), spatial_merge_size 2 (patch merger (4096 x 1024)), projector (1024 x 5120), GELU,
+#   (5120 x 5120), vision_feature_layer -1
+_PIXTRAL_MISTRAL_SMALL = VisionShape(24, 1024, 4096, 0, 14, cls_token=False, gated_mlp=True, merge=4,
+                                     projector=((4096, 1024), (1024, 5120), (5120, 5120)),
+                                     note="Pixtral ViT, 2 x 2 patch merger, 2-layer MLP projector")
 PRESETS: dict[str, ModelShape] = {
     "llava-1.5-7b": ModelShape("llava-1.5-7b", _VICUNA_7B, _CLIP_L_336, crops=1),
     "llava-1.5-13b": ModelShape("llava-1.5-13b", _VICUNA_13B, _CLIP_L_336, crops=1),
@@ -196,25 +274,83 @@ PRESETS: dict[str, ModelShape] = {
     "llava-next-13b": ModelShape("llava-next-13b", _VICUNA_13B, _CLIP_L_336, crops=5),
     # anyres_max_9: up to nine sub-images plus the base image
     "llava-onevision-7b": ModelShape("llava-onevision-7b", _QWEN2_7B, _SIGLIP_SO400M_384, crops=10),
-    # dynamic-resolution vision encoders: only the decoder (and LM head) is counted
+    # dynamic-resolution vision encoders with window attention: only the decoder (and LM head) is counted
     "qwen2-vl-7b": ModelShape("qwen2-vl-7b", _QWEN2_7B, None),
     "qwen2.5-vl-7b": ModelShape("qwen2.5-vl-7b", _QWEN2_7B, None),
-    # newer families: the decoder (and LM head) is counted; their vision towers and projectors are not
-    "qwen3-vl-8b": ModelShape("qwen3-vl-8b", _QWEN3_8B, None),
-    "qwen3-vl-30b-a3b": ModelShape("qwen3-vl-30b-a3b", _QWEN3_30B_A3B, None),
-    "internvl3-8b": ModelShape("internvl3-8b", _INTERNVL3_8B, None),
-    "gemma-3-12b": ModelShape("gemma-3-12b", _GEMMA3_12B, None),
-    "mistral-small-3.1-24b": ModelShape("mistral-small-3.1-24b", _MISTRAL_SMALL_24B, None),
+    # dynamic resolution: one image of (vision tokens x 4) patches
+    "qwen3-vl-8b": ModelShape("qwen3-vl-8b", _QWEN3_8B, _QWEN3_VL_8B_VISION, crops=1),
+    "qwen3-vl-30b-a3b": ModelShape("qwen3-vl-30b-a3b", _QWEN3_30B_A3B, _QWEN3_VL_30B_VISION, crops=1),
+    # fixed-size tiles / crops: as many as the vision tokens fill (256 tokens each)
+    "internvl3-8b": ModelShape("internvl3-8b", _INTERNVL3_8B, _INTERNVIT_300M, crops=None),
+    "gemma-3-12b": ModelShape("gemma-3-12b", _GEMMA3_12B, _GEMMA3_SIGLIP, crops=None),
+    "mistral-small-3.1-24b": ModelShape("mistral-small-3.1-24b", _MISTRAL_SMALL_24B, _PIXTRAL_MISTRAL_SMALL, crops=1),
 }
 
-# configs whose vision tower the cost model counts (a ViT on fixed-size crops and LLaVA's MLP projector)
+# configs whose vision tower the cost model counts as LLaVA's: a ViT on fixed-size crops and a 2-layer MLP projector
 _LLAVA_VISION = ("llava", "llava_next", "llava_onevision", "llava_next_video")
+
+
+def _side(value) -> int:
+    """An image or patch size that a config gives as an int or as (height, width) (InternVL); square assumed."""
+    return int(value[0] if isinstance(value, (list, tuple)) else value)
+
+
+def _vision_from_config(config, llm_hidden: int) -> tuple[VisionShape | None, int | None]:
+    """The vision tower and projector of a VLM config and its crops per example (see `ModelShape`), or (None, 1)
+    for a config whose tower the cost model does not count (Qwen2-VL / Qwen2.5-VL, plain decoders)."""
+    kind = config.model_type.removeprefix("pmod_")
+    vc = getattr(config, "vision_config", None)
+    if vc is None:
+        return None, 1
+    # SigLIP computes its attention-pooling head where the config enables it (transformers' default), used or not
+    head = getattr(vc, "model_type", "") == "siglip_vision_model" and bool(getattr(vc, "vision_use_head", True))
+    if kind in ("qwen3_vl", "qwen3_vl_moe"):
+        deepstack = len(getattr(vc, "deepstack_visual_indexes", None) or ())
+        vision = _qwen3_vl_vision(vc.depth, vc.hidden_size, vc.intermediate_size, vc.patch_size,
+                                  vc.temporal_patch_size, vc.spatial_merge_size, vc.out_hidden_size, deepstack)
+        return vision, 1
+    if kind == "internvl":  # pixel shuffle by downsample_ratio, then LayerNorm + 2-layer MLP on every token
+        shuffle = round(1 / config.downsample_ratio) ** 2
+        wide = vc.hidden_size * shuffle
+        return VisionShape(vc.num_hidden_layers, vc.hidden_size, vc.intermediate_size, _side(vc.image_size),
+                           _side(vc.patch_size), merge=shuffle,
+                           projector=((wide, llm_hidden), (llm_hidden, llm_hidden)),
+                           note="InternViT, pixel shuffle, 2-layer MLP projector"), None
+    if kind == "gemma3":  # average pooling down to mm_tokens_per_image, then RMSNorm + one matmul
+        side = vc.image_size // vc.patch_size
+        kernel = side // math.isqrt(config.mm_tokens_per_image)
+        return VisionShape(vc.num_hidden_layers, vc.hidden_size, vc.intermediate_size, vc.image_size, vc.patch_size,
+                           cls_token=False, merge=kernel**2, projector=((vc.hidden_size, llm_hidden),), pool_head=head,
+                           note=f"SigLIP, {kernel} x {kernel} average pooling, linear projector"), None
+    if kind == "mistral3":  # RMSNorm, patch merger (m^2 d -> d), then a 2-layer MLP on every merged token
+        m, d = config.spatial_merge_size, vc.hidden_size
+        return VisionShape(vc.num_hidden_layers, d, vc.intermediate_size, 0, vc.patch_size, cls_token=False,
+                           gated_mlp=True, merge=m * m,
+                           projector=((d * m * m, d), (d, llm_hidden), (llm_hidden, llm_hidden)),
+                           note=f"Pixtral ViT, {m} x {m} patch merger, 2-layer MLP projector"), 1
+    if kind in ("smolvlm", "idefics3"):  # pixel shuffle by scale_factor, then one matmul
+        shuffle = config.scale_factor**2
+        return VisionShape(vc.num_hidden_layers, vc.hidden_size, vc.intermediate_size, vc.image_size, vc.patch_size,
+                           cls_token=False, merge=shuffle, projector=((vc.hidden_size * shuffle, llm_hidden),),
+                           note="SigLIP, pixel shuffle, linear projector"), None
+    if kind not in _LLAVA_VISION or not all(hasattr(vc, k) for k in ("image_size", "intermediate_size",
+                                                                       "num_hidden_layers")):
+        return None, 1
+    siglip = getattr(vc, "model_type", "") == "siglip_vision_model"
+    # LLaVA-NeXT-Video pools each video frame (average or max pooling; the "conv" mode's convolution is not counted)
+    pool = (getattr(config, "spatial_pool_stride", None) or 1) if kind == "llava_next_video" else 1
+    vision = VisionShape(vc.num_hidden_layers, vc.hidden_size, vc.intermediate_size, vc.image_size, vc.patch_size,
+                         cls_token=not siglip, frame_pool=pool, pool_head=head,
+                         note=f"{'SigLIP' if siglip else 'CLIP'} ViT, LLaVA's 2-layer MLP projector")
+    # anyres: the largest tiling plus the base image (LLaVA-NeXT: 4 + 1); an upper bound per image
+    pinpoints, size = getattr(config, "image_grid_pinpoints", None), vc.image_size
+    return vision, (1 + max((h // size) * (w // size) for h, w in pinpoints)) if pinpoints else 1
 
 
 def shape_from_config(config, name: str = "model") -> ModelShape:
     """The cost-model shape of a transformers config (any supported family, dense or p-MoD, or a plain decoder): the
-    decoder with its head size, sparse MoE layers and sliding-window layers; the vision tower only for LLaVA-style
-    models (a ViT on fixed-size crops)."""
+    decoder with its head size, sparse MoE layers and sliding-window layers, and the vision tower and projector of the
+    LLaVA family, Qwen3-VL, InternVL, Gemma 3, Mistral 3, SmolVLM and Idefics3 (not Qwen2-VL's / Qwen2.5-VL's)."""
     text = config.get_text_config(decoder=True)
     layers = text.num_hidden_layers
     moe: dict = {}
@@ -238,16 +374,7 @@ def shape_from_config(config, name: str = "model") -> ModelShape:
         sliding_window=window if sliding else 0,
         **moe,
     )
-    vision = None
-    vc = getattr(config, "vision_config", None)
-    llava_like = config.model_type.removeprefix("pmod_") in _LLAVA_VISION
-    fixed_size = llava_like and all(hasattr(vc, k) for k in ("image_size", "intermediate_size", "num_hidden_layers"))
-    if fixed_size:  # a ViT on fixed-size crops; Qwen2-VL's dynamic-resolution encoder is not counted
-        vision = VisionShape(vc.num_hidden_layers, vc.hidden_size, vc.intermediate_size, vc.image_size, vc.patch_size)
-    pinpoints = getattr(config, "image_grid_pinpoints", None)
-    size = vc.image_size if fixed_size else 1
-    # anyres: the largest tiling plus the base image (LLaVA-NeXT: 4 + 1); an upper bound per image
-    crops = 1 + max((h // size) * (w // size) for h, w in pinpoints) if pinpoints and fixed_size else 1
+    vision, crops = _vision_from_config(config, text.hidden_size)
     return ModelShape(name, decoder, vision, crops)
 
 
@@ -269,16 +396,58 @@ def decoder_layer_flops(n: float, shape: DecoderShape, causal: bool = False, lay
     return 2 * n * d * (2 * shape.q_width + 2 * shape.kv_width) + 4 * pairs * shape.q_width + mlp
 
 
-def vision_encoder_flops(shape: VisionShape, crops: int) -> float:
-    t, d, f = shape.tokens_per_crop, shape.hidden, shape.intermediate
-    patch_embed = 2 * (t - 1) * 3 * shape.patch_size**2 * d
-    per_layer = 8 * t * d * d + 4 * t * t * d + 4 * t * d * f  # QKVO, attention, 2-matmul GELU MLP
-    return crops * (patch_embed + shape.num_layers * per_layer)
+# Vision side (the same in the dense and the p-MoD model), per crop or image of p patches and t = p (+ 1 CLS) encoder
+# tokens, width d, MLP width f:
+#     patch embedding    2 p (3 T P^2) d              a matmul on each patch's pixels (P: patch size; T: temporal patch,
+#                                                     Qwen3-VL's 2 for a still image)
+#     each layer         8 t d^2 + 4 t^2 d + 4 t d f  QKVO, attention within the crop (all t^2 pairs), MLP (6 t d f
+#                                                     with a gated MLP)
+#     projector          2 n sum(in x out)            every linear layer of the projector on each of its n tokens
+# Norms, position embeddings, pixel shuffles, pooling and activations are not counted.
+def vision_encoder_flops(shape: VisionShape, crops: float, patches: float | None = None) -> float:
+    """Encoder FLOPs of ``crops`` crops (images) of ``patches`` patches each (default: a crop at ``image_size``)."""
+    p = shape.patches_per_crop if patches is None else patches
+    t, d, f = p + shape.cls_token, shape.hidden, shape.intermediate
+    patch_embed = 2 * p * 3 * shape.temporal_patch * shape.patch_size**2 * d
+    mlp = (6 if shape.gated_mlp else 4) * t * d * f
+    per_layer = 8 * t * d * d + 4 * t * t * d + mlp
+    # SigLIP's pooling head: K and V of every token, Q and out projections of the one probe, its attention, an MLP
+    head = 4 * t * d * d + 4 * d * d + 4 * t * d + 4 * d * f if shape.pool_head else 0
+    return crops * (patch_embed + shape.num_layers * per_layer + head)
 
 
-def projector_flops(shape: VisionShape, llm_hidden: int, crops: int) -> float:
-    patches = crops * (shape.tokens_per_crop - 1)
-    return 2 * patches * (shape.hidden * llm_hidden + llm_hidden * llm_hidden)
+def projector_flops(shape: VisionShape, llm_hidden: int, crops: float, tokens: float | None = None) -> float:
+    """Projector FLOPs on ``tokens`` tokens (default: those of ``crops`` crops at ``image_size``); LLaVA's MLP
+    (``projector`` empty) runs on every patch into a decoder of width ``llm_hidden``."""
+    n = crops * shape.vision_tokens_per_crop if tokens is None else tokens
+    layers = shape.projector or ((shape.hidden, llm_hidden), (llm_hidden, llm_hidden))
+    return 2 * n * sum(i * o for i, o in layers)
+
+
+def vision_inputs(shape: ModelShape, vision_tokens: int) -> tuple[float, float, float]:
+    """What the vision side of ``shape`` processes for an example of ``vision_tokens`` vision tokens: (crops, images
+    and frames through the encoder; patches in each; tokens the projector's layers run on).
+
+    Fixed-size encoders: ``shape.crops`` crops (None: as many as the vision tokens fill, rounded up) plus
+    ``shape.frames`` video frames, each at ``image_size``; a frame gives its patches pooled by ``frame_pool``^2.
+    Dynamic resolution (Qwen3-VL, Pixtral): the patch count follows from the vision tokens asked for (tokens x
+    ``merge``, the merge being 2 x 2): ``shape.crops`` images (None: 1) and the video frames in groups of
+    ``temporal_patch`` (Qwen3-VL attends within each pair of frames) share them evenly, attention within each. With
+    several images Pixtral's eager and sdpa attention compute one masked matrix over all of them (flash attention, per
+    image); the count is per image.
+    """
+    vision = shape.vision
+    if vision is None:
+        return 0, 0, 0
+    if not vision.image_size:
+        images = max(1, (1 if shape.crops is None else shape.crops) + -(-shape.frames // vision.temporal_patch))
+        return images, vision_tokens * vision.merge / images, vision_tokens
+    per_crop = vision.vision_tokens_per_crop
+    per_frame = per_crop // vision.frame_pool**2
+    crops = shape.crops
+    if crops is None:
+        crops = -(-max(0, vision_tokens - shape.frames * per_frame) // per_crop)  # ceiling
+    return crops + shape.frames, vision.patches_per_crop, crops * per_crop + shape.frames * per_frame
 
 
 @dataclass
@@ -314,6 +483,17 @@ class PrefillCost:
         return self.pmod_flops / self.dense_flops
 
     @property
+    def shared_flops(self) -> float:
+        """Vision encoder, projector and LM head: the same in the dense and the p-MoD model."""
+        return self.vision_encoder_flops + self.projector_flops + self.lm_head_flops
+
+    @property
+    def total_flops_ratio(self) -> float:
+        """Whole-model prefill FLOPs (decoder layers, vision encoder, projector, LM head), p-MoD over dense: above
+        `flops_ratio` by what the vision side costs both."""
+        return (self.pmod_flops + self.shared_flops) / (self.dense_flops + self.shared_flops)
+
+    @property
     def kv_ratio(self) -> float:
         """Vision-token KV entries, p-MoD over dense (with integer k, as the model runs)."""
         return sum(self.kept_vision) / (len(self.kept_vision) * self.vision_tokens) if self.vision_tokens else 1.0
@@ -329,9 +509,12 @@ class PrefillCost:
             "vision_tokens": self.vision_tokens,
             "text_tokens": self.text_tokens,
             "flops_ratio": self.flops_ratio,
+            "total_flops_ratio": self.total_flops_ratio,
             "kv_ratio": self.kv_ratio,
             "kv_ratio_nominal": self.kv_ratio_nominal,
             "decoder_tflops": {"dense": self.dense_flops / 1e12, "pmod": self.pmod_flops / 1e12},
+            "total_tflops": {"dense": (self.dense_flops + self.shared_flops) / 1e12,
+                             "pmod": (self.pmod_flops + self.shared_flops) / 1e12},
             "vision_encoder_tflops": self.vision_encoder_flops / 1e12,
             "projector_tflops": self.projector_flops / 1e12,
             "lm_head_tflops": self.lm_head_flops / 1e12,
@@ -346,6 +529,41 @@ class PrefillCost:
             ],
             "assumptions": self.assumptions,
         }
+
+
+def _vision_assumption(shape: ModelShape, vision_tokens: int, crops: float, patches: float, projected: float) -> str:
+    vision = shape.vision
+    tower = f"{vision.num_layers}-layer ViT (d={vision.hidden})"
+    if vision.image_size:
+        what = f"{crops - shape.frames:g} crop(s)"
+        if shape.crops is None:
+            what += f" (as many as {vision_tokens} vision tokens fill, {vision.vision_tokens_per_crop} a crop)"
+        if shape.frames:
+            what = (what + " and " if crops > shape.frames else "") + f"{shape.frames} video frame(s)"
+        what += f" of {vision.image_size}px, {patches + vision.cls_token:g} tokens each"
+    else:
+        groups = -(-shape.frames // vision.temporal_patch)
+        parts = [f"{crops - groups:g} image(s)"] if crops > groups else []
+        if shape.frames:
+            parts.append(f"{shape.frames} video frame(s)" + (f" in {groups} group(s) of {vision.temporal_patch}"
+                                                             if vision.temporal_patch > 1 else ""))
+        what = (" and ".join(parts) + f", {patches:g} patches each (dynamic resolution: the {vision_tokens} vision "
+                f"tokens x {vision.merge} patches, shared evenly; attention within each)")
+    pool = vision.frame_pool
+    pooled = f"; video frames pooled {pool}x{pool}" if shape.frames and pool > 1 else ""
+    if vision.projector:
+        layers, repeats = vision.projector, 1
+        for period in range(1, len(layers)):  # Qwen3-VL's identical mergers once, with their count
+            if len(layers) % period == 0 and layers == layers[:period] * (len(layers) // period):
+                layers, repeats = layers[:period], len(layers) // period
+                break
+        projector = (f"projector on {projected:g} tokens ({vision.merge} patches merged into each): "
+                     + ", ".join(f"{i}x{o}" for i, o in layers) + (f" ({repeats} times)" if repeats > 1 else ""))
+    else:
+        projector = f"projector 2-layer MLP on {projected:g} tokens" + ("" if pooled else " (every patch)")
+    head = "; SigLIP's pooling head counted (the config computes it)" if vision.pool_head else ""
+    return (f"vision encoder{f' ({vision.note})' if vision.note else ''}: {what} through a {tower}, {projector}"
+            f"{pooled}{head}; the same in both models (total_flops_ratio counts them, flops_ratio does not)")
 
 
 def prefill_cost(
@@ -392,11 +610,9 @@ def prefill_cost(
         "batch 1, no padding; LM head on the last position only (generation prefill)",
         f"KV cache in {8 * shape.bytes_per_value}-bit values, keys and values of every processed token",
     ]
+    crops, patches, projected = vision_inputs(shape, vision_tokens)
     if vision is not None:
-        assumptions.append(
-            f"vision encoder: {shape.crops} crop(s) of {vision.image_size}px through a {vision.num_layers}-layer ViT "
-            f"(d={vision.hidden}, {vision.tokens_per_crop} tokens each), projector 2-layer MLP on every patch"
-        )
+        assumptions.append(_vision_assumption(shape, vision_tokens, crops, patches, projected))
     else:
         assumptions.append("the vision encoder and projector are not counted (only the decoder and the LM head)")
     if dec.moe_layers:
@@ -411,15 +627,13 @@ def prefill_cost(
         kept_vision=kept,
         dense_layer_flops=dense_f,
         pmod_layer_flops=pmod_f,
-        vision_encoder_flops=vision_encoder_flops(vision, shape.crops) if vision else 0.0,
-        projector_flops=projector_flops(vision, dec.hidden, shape.crops) if vision else 0.0,
+        vision_encoder_flops=vision_encoder_flops(vision, crops, patches) if vision else 0.0,
+        projector_flops=projector_flops(vision, dec.hidden, crops, projected) if vision else 0.0,
         lm_head_flops=2.0 * dec.hidden * dec.vocab_size,
         dense_kv_bytes=dec.num_layers * n_dense * per_entry,
         pmod_kv_bytes=sum(k + text_tokens for k in kept) * per_entry,
         assumptions=assumptions,
     )
-
-
 
 
 # ====================================================================== runtime accounting

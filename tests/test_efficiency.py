@@ -132,9 +132,17 @@ def test_flops_cli(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert 0.55 < out["flops_ratio"] < 0.6 and round(out["kv_ratio"], 4) == 0.5369
     assert len(out["layers"]) == 32 and out["assumptions"]
+    assert out["flops_ratio"] < out["total_flops_ratio"] < out["flops_ratio"] + 0.02  # one 336 px crop: cheap
+    args = ["flops", "--preset", "llava-1.5-7b", "--vision-tokens", "576", "--text-tokens", "64", "--json"]
+    assert main([*args, "--frames", "2"]) == 0  # a video of two frames through the tower
+    assert json.loads(capsys.readouterr().out)["vision_encoder_tflops"] == pytest.approx(
+        2 * out["vision_encoder_tflops"])
+    assert main([*args, "--frames", "2", "--crops", "1"]) == 0  # and an image besides
+    assert json.loads(capsys.readouterr().out)["vision_encoder_tflops"] == pytest.approx(
+        3 * out["vision_encoder_tflops"])
     assert main(["flops", "--preset", "llava-next-7b", "--vision-tokens", "2880", "--text-tokens", "200"]) == 0
     text = capsys.readouterr().out
-    assert "TFLOPs" in text and "assumptions" in text
+    assert "TFLOPs" in text and "assumptions" in text and "whole model:" in text
     model = _model()
     model.save_pretrained(tmp_path)
     assert main(["flops", "--model", str(tmp_path), "--vision-tokens", "16", "--text-tokens", "8", "--json"]) == 0
@@ -201,18 +209,131 @@ def test_analytic_flops_of_newer_families_match_flop_counter(family):
     assert abs(cost.dense_flops / measured_dense - 1) < 0.05
     assert abs(cost.pmod_flops / measured_pmod - 1) < 0.05
     if family == "qwen3-vl-moe":
-        assert shape.decoder.moe_layers == (1, 2, 3) and shape.vision is None
+        assert shape.decoder.moe_layers == (1, 2, 3) and shape.vision.merge == 4 and shape.vision.image_size == 0
     if family == "gemma3-wide-heads":
         assert shape.decoder.q_width == 128 and shape.decoder.sliding_layers == (0, 2)
 
 
+def _vision_inputs(family: str):
+    """A tiny model of ``family`` (eager attention), a call of its vision tower and projector as the model's forward
+    makes it, and the shape and vision tokens that call corresponds to."""
+    import transformers
+
+    from pmod.tiny import tiny_gemma3, tiny_internvl, tiny_llava_next_video, tiny_mistral3, tiny_qwen3_vl, tiny_smolvlm
+
+    if family in ("qwen3-vl", "qwen3-vl-moe"):  # one image of 8 x 8 patches (2 px, temporal patch 2): 16 tokens
+        model = tiny_qwen3_vl(moe=family == "qwen3-vl-moe", attn_implementation="eager")
+        return model, lambda: model.model.get_image_features(torch.randn(64, 24), torch.tensor([[1, 8, 8]])), \
+            shape_from_config(model.config), 16
+    if family == "qwen3-vl-video":  # four frames of 4 x 4 patches: two temporal patches (attended apart), 8 tokens
+        model = tiny_qwen3_vl(attn_implementation="eager")
+        return model, lambda: model.model.get_video_features(torch.randn(32, 24), torch.tensor([[2, 4, 4]])), \
+            shape_from_config(model.config).with_crops(0).with_frames(4), 8
+    if family == "internvl":  # three 32 px tiles of 16 patches and a CLS token, pixel-shuffled to 4 tokens each
+        model = tiny_internvl(attn_implementation="eager")
+        return model, lambda: model.model.get_image_features(
+            torch.randn(3, 3, 32, 32), vision_feature_layer=-1, vision_feature_select_strategy="default"), \
+            shape_from_config(model.config), 12
+    if family == "gemma3":  # two 32 px images of 16 patches, pooled 2 x 2 to 4 tokens each (SigLIP's head computed)
+        model = tiny_gemma3(attn_implementation="eager")
+        return model, lambda: model.model.get_image_features(torch.randn(2, 3, 32, 32)), \
+            shape_from_config(model.config), 8
+    if family == "gemma3-no-head":  # as the released checkpoints: vision_use_head false
+        cfg = tiny_gemma3().config
+        cfg.vision_config.vision_use_head = False
+        cfg._attn_implementation = cfg.vision_config._attn_implementation = "eager"
+        model = transformers.Gemma3ForConditionalGeneration(cfg).eval()
+        return model, lambda: model.model.get_image_features(torch.randn(2, 3, 32, 32)), \
+            shape_from_config(model.config), 8
+    if family == "mistral3":  # one 32 x 24 px image: 8 x 6 patches of 4 px, merged 2 x 2 into 12 tokens
+        model = tiny_mistral3(attn_implementation="eager")
+        return model, lambda: model.model.get_image_features(
+            torch.randn(1, 3, 32, 24), image_sizes=torch.tensor([[32, 24]]), vision_feature_layer=-1), \
+            shape_from_config(model.config), 12
+    if family == "llava-next-video-image":  # a 56 px image: anyres 2 x 2 crops and the base image, 16 patches each
+        model = tiny_llava_next_video(attn_implementation="eager")
+        return model, lambda: model.model.get_image_features(
+            torch.randn(1, 5, 3, 28, 28), image_sizes=torch.tensor([[56, 56]]), vision_feature_layer=-2,
+            vision_feature_select_strategy="default"), shape_from_config(model.config), 5 * 16
+    if family == "llava-next-video-video":  # three frames of 16 patches, pooled 2 x 2 to 4 tokens each
+        model = tiny_llava_next_video(attn_implementation="eager")
+        return model, lambda: model.model.get_video_features(
+            torch.randn(1, 3, 3, 28, 28), vision_feature_layer=-2, vision_feature_select_strategy="default"), \
+            shape_from_config(model.config).with_crops(0).with_frames(3), 12
+    # SmolVLM / Idefics3: five 32 px crops of 16 patches, pixel-shuffled (scale 2) to 4 tokens each
+    model = tiny_smolvlm(version=family, attn_implementation="eager")
+    return model, lambda: model.model.get_image_features(torch.randn(1, 5, 3, 32, 32)), \
+        shape_from_config(model.config), 20
+
+
+@pytest.mark.parametrize("family", ["qwen3-vl", "qwen3-vl-moe", "qwen3-vl-video", "internvl", "gemma3",
+                                    "gemma3-no-head", "mistral3", "llava-next-video-image", "llava-next-video-video",
+                                    "smolvlm", "idefics3"])
+def test_analytic_vision_flops_match_flop_counter(family):
+    """The vision tower and projector as the model runs them (its get_image_features / get_video_features, eager
+    attention): the cost model counts what they compute for that many images, tiles, crops or frames."""
+    model, run, shape, n_vision = _vision_inputs(family)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        features = run()
+    measured = counter.get_total_flops()
+    cost = prefill_cost(shape, n_vision, 4)
+    analytic = cost.vision_encoder_flops + cost.projector_flops
+    assert abs(analytic / measured - 1) < 0.05, (family, analytic, measured)
+    assert cost.total_flops_ratio > cost.flops_ratio
+    pooled = features.pooler_output
+    if family != "llava-next-video-image":  # anyres: the decoder gets the crops' features unpadded, plus newlines
+        tokens = sum(f[..., 0].numel() for f in (pooled if isinstance(pooled, (list, tuple)) else [pooled]))
+        assert tokens == n_vision  # the token count the analytic shape derived its patches or crops from
+
+
+def _released_configs() -> dict:
+    """The published configs' vision settings (and the decoder widths the projectors map into) of the presets."""
+    import transformers
+
+    qwen3_vision = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16,
+                        temporal_patch_size=2, spatial_merge_size=2, deepstack_visual_indexes=[8, 16, 24])
+    return {
+        "qwen3-vl-8b": transformers.Qwen3VLConfig(vision_config=dict(qwen3_vision, out_hidden_size=4096),
+                                                  text_config=dict(hidden_size=4096)),
+        "qwen3-vl-30b-a3b": transformers.Qwen3VLMoeConfig(vision_config=dict(qwen3_vision, out_hidden_size=2048),
+                                                          text_config=dict(hidden_size=2048)),
+        "internvl3-8b": transformers.InternVLConfig(
+            vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                               image_size=[448, 448], patch_size=[14, 14]),
+            text_config=dict(model_type="qwen2", hidden_size=3584), downsample_ratio=0.5),
+        "gemma-3-12b": transformers.Gemma3Config(
+            vision_config=dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304,
+                               num_hidden_layers=27, num_attention_heads=16, image_size=896, patch_size=14,
+                               vision_use_head=False),
+            text_config=dict(hidden_size=3840), mm_tokens_per_image=256),
+        "mistral-small-3.1-24b": transformers.Mistral3Config(
+            vision_config=dict(model_type="pixtral", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                               num_attention_heads=16, head_dim=64, image_size=1540, patch_size=14),
+            text_config=dict(model_type="mistral", hidden_size=5120), spatial_merge_size=2, vision_feature_layer=-1,
+            multimodal_projector_bias=False),
+    }
+
+
 def test_newer_family_presets():
+    import dataclasses
+
     from pmod.efficiency import decoder_layer_flops
 
+    released = _released_configs()
     for name in ("qwen3-vl-8b", "qwen3-vl-30b-a3b", "internvl3-8b", "gemma-3-12b", "mistral-small-3.1-24b"):
         cost = prefill_cost(PRESETS[name], 1024, 64, pmod.PModConfig())
         assert 0.4 < cost.flops_ratio < 0.7 and cost.kv_ratio < 0.65, name
-        assert any("vision encoder and projector are not counted" in a for a in cost.assumptions)
+        assert not any("vision encoder and projector are not counted" in a for a in cost.assumptions), name
+        assert cost.vision_encoder_flops > 0 and cost.projector_flops > 0, name
+        # the vision tower costs the dense and the p-MoD model the same: the whole model saves less than its decoder
+        assert cost.flops_ratio + 0.03 < cost.total_flops_ratio < 0.85, name
+        # the preset's vision shape is what shape_from_config reads from the released config
+        assert (dataclasses.replace(shape_from_config(released[name]).vision, note="")
+                == dataclasses.replace(PRESETS[name].vision, note="")), name
+    qwen = prefill_cost(PRESETS["qwen3-vl-8b"], 1024, 64)
+    assert any("4096 patches" in a and "(4 times)" in a for a in qwen.assumptions)  # merger + 3 DeepStack mergers
+    intern = prefill_cost(PRESETS["internvl3-8b"], 1024, 64)
+    assert any("4 crop(s)" in a and "1025 tokens each" in a for a in intern.assumptions)  # 448 px tiles + CLS
     moe = PRESETS["qwen3-vl-30b-a3b"].decoder
     # about 3B of its 30B parameters are active: a token costs close to 2 x 3B FLOPs in its layers' matmuls
     per_token = sum(decoder_layer_flops(1, moe, layer=i) for i in range(moe.num_layers))
@@ -220,3 +341,6 @@ def test_newer_family_presets():
     gemma = PRESETS["gemma-3-12b"].decoder
     assert (decoder_layer_flops(8192, gemma, causal=True, layer=0)
             < decoder_layer_flops(8192, gemma, causal=True, layer=5))
+    # Qwen2-VL's and Qwen2.5-VL's windowed dynamic-resolution towers stay uncounted, and say so
+    assert any("vision encoder and projector are not counted" in a
+               for a in prefill_cost(PRESETS["qwen2-vl-7b"], 1024, 64).assumptions)
