@@ -1,5 +1,5 @@
 """Video-model processors (Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3-VL-MoE, LLaVA-OneVision, InternVL,
-LLaVA-NeXT-Video) on machines without torchvision.
+LLaVA-NeXT-Video, SmolVLM) on machines without torchvision.
 
 transformers (5.x) builds the processors of these families only when torchvision is installed: their video processors
 are torchvision code, and the processor's type check looks the video-processor base class up by a name transformers
@@ -12,9 +12,11 @@ missing pieces and keeps everything else transformers' own (placeholder expansio
   torchvision processor does (time-major groups of ``temporal_patch_size`` frames, the last frame repeated to fill a
   group); `Qwen3VLFrameVideoProcessor` does the same after sizing the whole video as Qwen3-VL does;
   `LlavaOnevisionFrameVideoProcessor` and `InternVLFrameVideoProcessor` resize every frame to one size;
-  `LlavaNextVideoFrameVideoProcessor` resizes the shortest edge and crops the centre. All save their settings in the
-  format of the transformers processor they stand in for, so a folder saved here loads with transformers' own classes
-  where torchvision is installed, and the other way round.
+  `LlavaNextVideoFrameVideoProcessor` resizes the shortest edge and crops the centre; `SmolVLMFrameVideoProcessor`
+  resizes every frame to one square global image with torch's own resampling kernel (the pixels of transformers'
+  processor exactly) and pads the videos of a call to one length. All save their settings in the format of the
+  transformers processor they stand in for, so a folder saved here loads with transformers' own classes where
+  torchvision is installed, and the other way round.
 - `processor_class` / `build_processor` / `load_video_model_processor`: the installed processor class,
   subclassed only to accept such a video processor, used when torchvision is missing (with torchvision,
   transformers' classes as they are).
@@ -364,11 +366,105 @@ class LlavaNextVideoFrameVideoProcessor(_FrameVideoProcessor):
         return BatchFeature(data={"pixel_values_videos": np.stack(out)}, tensor_type=return_tensors)
 
 
-def _resize_frames(video: np.ndarray, height: int, width: int) -> np.ndarray:
-    """(T, H, W, 3) uint8 frames resized to (T, height, width, 3) with PIL bicubic, in two passes, width then
-    height, as torchvision's antialiased uint8 kernel (transformers' video processors) does: Pillow's one-call resize
-    may take the height first, and the 8-bit rounding and clipping between the passes then differs by up to 13 steps
-    on noisy frames (one step when the order is the same)."""
+class SmolVLMFrameVideoProcessor(_FrameVideoProcessor):
+    """SmolVLM video preprocessing of decoded frames (`SmolVLMVideoProcessor`; a video = a list of PIL images or HWC
+    arrays, already sampled): each frame resized (``resample``, LANCZOS by default, with `_resize_frames_torch`) so
+    its longest edge is ``size`` = {longest_edge} (the other edge kept in proportion and rounded up to an even number;
+    or to ``size`` = {height, width}), then again to the ``max_image_size`` square (videos are never split into crops:
+    one global image a frame), rescaled and normalised. The videos of one call are padded with zeros to the most
+    frames (and to the largest frame, with ``do_resize=False``). Outputs ``pixel_values`` (n_videos, T, 3, H, W),
+    ``pixel_attention_mask`` (n_videos, T, H, W; with ``do_pad``) and ``video_metadata``, from which SmolVLM's
+    processor writes each frame's timestamp (frames_indices / fps: the call's metadata, else transformers' 24 frames
+    per second). ``num_frames`` and ``fps`` are sampling settings: kept and saved (the processor's chat template
+    passes them back) but not applied: frames come sampled."""
+
+    stands_in_for = "SmolVLMVideoProcessor"
+    settings = ("size", "max_image_size", "resample", "do_resize", "do_pad", "image_mean", "image_std",
+                "do_sample_frames", "num_frames", "fps")
+    also_read = ("video_sampling",)  # hub configs: {fps, max_frames, video_size}
+    model_input_names: ClassVar[list[str]] = ["pixel_values", "pixel_attention_mask"]
+    max_side: ClassVar[int] = 4096  # transformers' cap on a resized frame's longest edge (MAX_IMAGE_SIZE)
+
+    def __init__(self, size: dict[str, int] | None = None, max_image_size: dict[str, int] | None = None,
+                 resample: int = 1, do_resize: bool = True, do_pad: bool = True, image_mean: list[float] | None = None,
+                 image_std: list[float] | None = None, do_sample_frames: bool = False, num_frames: int | None = None,
+                 fps: float | None = None, video_sampling: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(do_sample_frames=do_sample_frames, **kwargs)
+        if video_sampling:  # as transformers reads it: a given size wins over video_size, the sampling over the rest
+            size = size or video_sampling.get("video_size")
+            num_frames, fps = video_sampling.get("max_frames", num_frames), video_sampling.get("fps", fps)
+        self.size = dict(size) if size is not None else {"longest_edge": 4 * 364}
+        self.max_image_size = {"longest_edge": (max_image_size or {"longest_edge": 364})["longest_edge"]}
+        self.resample = int(resample)  # a PIL resampling filter (1: LANCZOS), as transformers saves it
+        self.do_resize, self.do_pad = do_resize, do_pad
+        self.image_mean = list(image_mean if image_mean is not None else IMAGENET_STANDARD_MEAN)
+        self.image_std = list(image_std if image_std is not None else IMAGENET_STANDARD_STD)
+        self.num_frames, self.fps = num_frames, fps
+
+    def _frame_size(self, height: int, width: int, size: dict[str, int]) -> tuple[int, int]:
+        """The first resize's output size, as transformers' SmolVLM ``get_resize_output_image_size`` computes it."""
+        if "longest_edge" in size:
+            side = min(self.max_side, size["longest_edge"])
+            if width >= height:
+                height, width = int(side / (width / height)), side
+                height += height % 2  # rounded up to an even number
+            else:
+                height, width = side, int(side * (width / height))
+                width += width % 2
+            return max(height, 1), max(width, 1)
+        if "height" in size and "width" in size:
+            return size["height"], size["width"]
+        raise PModInputError(f"SmolVLM's video size must be {{longest_edge}} or {{height, width}}, got {size}")
+
+    def preprocess(self, videos: Any, return_tensors: str | None = None, **kwargs: Any) -> BatchFeature:
+        from transformers.video_utils import VideoMetadata
+
+        for sampling in ("num_frames", "fps"):  # passed by SmolVLMProcessor.apply_chat_template; transformers uses
+            kwargs.pop(sampling, None)  # them only to sample frames, which do_sample_frames (refused below) asks for
+        do_resize, do_pad = kwargs.pop("do_resize", None), kwargs.pop("do_pad", None)
+        do_resize = self.do_resize if do_resize is None else do_resize
+        do_pad = self.do_pad if do_pad is None else do_pad
+        size, given_metadata = self._call_settings(kwargs)
+        videos = _as_video_list(videos)
+        if given_metadata is not None and len(given_metadata) != len(videos):
+            raise PModInputError(f"video_metadata has {len(given_metadata)} entries for {len(videos)} videos")
+        square, out, metadata = self.max_image_size["longest_edge"], [], []
+        for v, video in enumerate(videos):
+            t, height, width = video.shape[:3]
+            if do_resize:  # to the longest edge, then to the square one global image takes (never split)
+                frames = _resize_frames_torch(video, *self._frame_size(height, width, size), self.resample)
+                video = _resize_frames_torch(frames, square, square, self.resample)
+            out.append(_normalised(video, self.image_mean, self.image_std, fused=True))  # (T, 3, H, W)
+            meta = {"total_num_frames": t, "frames_indices": list(range(t)), "height": height, "width": width}
+            if given_metadata is not None:  # the frames' own indices and rate: the timestamps the processor writes
+                meta.update({key: value for key, value in dict(given_metadata[v]).items() if value is not None})
+            metadata.append(VideoMetadata(**meta))  # fps None: the processor takes transformers' 24 per second
+        if do_pad:
+            frames_max = max(len(x) for x in out)
+            height_max, width_max = max(x.shape[2] for x in out), max(x.shape[3] for x in out)
+            # padded frames and pixels are zeros; the mask is 1 over a video's own height and width in every frame,
+            # padded frames included, as transformers' is
+            mask = np.zeros((len(out), frames_max, height_max, width_max), dtype=np.int64)  # (n, T, H, W)
+            padded = np.zeros((len(out), frames_max, 3, height_max, width_max), dtype=np.float32)  # (n, T, 3, H, W)
+            for i, x in enumerate(out):
+                padded[i, :len(x), :, :x.shape[2], :x.shape[3]] = x
+                mask[i, :, :x.shape[2], :x.shape[3]] = 1
+            data = {"pixel_values": padded, "pixel_attention_mask": mask}
+        elif len({x.shape for x in out}) > 1:
+            raise PModInputError("SmolVLM stacks the videos of one call: without do_pad they need the same number of "
+                                 f"frames and frame size, got {sorted({x.shape[:1] + x.shape[2:] for x in out})}")
+        else:
+            data = {"pixel_values": np.stack(out)}  # (n, T, 3, H, W)
+        feature = BatchFeature(data=data, tensor_type=return_tensors)
+        feature["video_metadata"] = metadata
+        return feature
+
+
+def _resize_frames(video: np.ndarray, height: int, width: int, resample: int = 3) -> np.ndarray:
+    """(T, H, W, 3) uint8 frames resized to (T, height, width, 3) with PIL ``resample`` (3: bicubic; SmolVLM's 1:
+    LANCZOS), in two passes, width then height, as torchvision's antialiased uint8 kernel (transformers' video
+    processors) does: Pillow's one-call resize may take the height first, and the 8-bit rounding and clipping between
+    the passes then differs by up to 13 steps on noisy frames (one step when the order is the same)."""
     from PIL import Image
 
     t, h, w = video.shape[:3]
@@ -378,11 +474,38 @@ def _resize_frames(video: np.ndarray, height: int, width: int) -> np.ndarray:
     for frame in video:
         image = Image.fromarray(frame)
         if w != width:
-            image = image.resize((width, h), Image.Resampling.BICUBIC)
+            image = image.resize((width, h), Image.Resampling(resample))
         if h != height:
-            image = image.resize((width, height), Image.Resampling.BICUBIC)
+            image = image.resize((width, height), Image.Resampling(resample))
         out.append(np.asarray(image))
     return np.stack(out)
+
+
+# PIL resampling filters (transformers' ``resample``) that torch's antialiased uint8 kernel implements
+TORCH_MODES = {1: "lanczos", 3: "bicubic"}
+
+
+def _resize_frames_torch(video: np.ndarray, height: int, width: int, resample: int) -> np.ndarray:
+    """(T, H, W, 3) uint8 frames resized to (T, height, width, 3) by torch's antialiased uint8 kernel, the call
+    torchvision makes for transformers' video processors on CPU, so the pixels are theirs exactly (torch is pmod's
+    dependency; torchvision is not). PIL's kernel keeps more bits of each weight and rounds some pixels one step
+    apart per resize, which SmolVLM's two resizes compound to two (measured, LANCZOS and bicubic alike). Filters torch
+    lacks here (lanczos before torch had it; nearest, bilinear, box, hamming): `_resize_frames` with PIL."""
+    import torch
+    import torch.nn.functional as F
+
+    if video.shape[1:3] == (height, width):  # as torchvision: frames already at the size are kept as they are
+        return video
+    if resample in TORCH_MODES:
+        frames = torch.from_numpy(np.ascontiguousarray(video)).permute(0, 3, 1, 2).contiguous()  # (T, 3, H, W)
+        try:
+            out = F.interpolate(frames, size=[height, width], mode=TORCH_MODES[resample], align_corners=False,
+                                antialias=True)
+        except (NotImplementedError, RuntimeError, ValueError):  # this torch lacks the mode (or its uint8 kernel)
+            pass
+        else:
+            return out.permute(0, 2, 3, 1).numpy()  # (T, height, width, 3)
+    return _resize_frames(video, height, width, resample)
 
 
 def _center_crop(video: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -395,8 +518,15 @@ def _center_crop(video: np.ndarray, height: int, width: int) -> np.ndarray:
     return video[:, top:top + height, left:left + width]
 
 
-def _normalised(video: np.ndarray, mean: list[float], std: list[float]) -> np.ndarray:
-    """(T, H, W, 3) uint8 -> (T, 3, H, W) float32, rescaled to [0, 1] and normalised per channel."""
+def _normalised(video: np.ndarray, mean: list[float], std: list[float], fused: bool = False) -> np.ndarray:
+    """(T, H, W, 3) uint8 -> (T, 3, H, W) float32, rescaled to [0, 1] and normalised per channel. ``fused``: in one
+    step, (x - 255 mean) / (255 std) in float32, as transformers' torchvision processors compute it (bit for bit;
+    the two steps differ from it by up to 2.4e-7)."""
+    if fused:
+        x = video.astype(np.float32).transpose(0, 3, 1, 2)  # (T, 3, H, W)
+        scale = np.float32(1 / (1 / 255))  # transformers' 1 / rescale_factor
+        mean_255 = np.array(mean, dtype=np.float32).reshape(1, 3, 1, 1) * scale
+        return (x - mean_255) / (np.array(std, dtype=np.float32).reshape(1, 3, 1, 1) * scale)
     x = video.astype(np.float32).transpose(0, 3, 1, 2) / 255.0  # (T, 3, H, W)
     return ((x - np.array(mean).reshape(1, 3, 1, 1)) / np.array(std).reshape(1, 3, 1, 1)).astype(np.float32)
 
@@ -448,6 +578,7 @@ FRAME_VIDEO_PROCESSORS: dict[str, type[_FrameVideoProcessor]] = {
     "LlavaOnevisionProcessor": LlavaOnevisionFrameVideoProcessor,
     "InternVLProcessor": InternVLFrameVideoProcessor,
     "LlavaNextVideoProcessor": LlavaNextVideoFrameVideoProcessor,
+    "SmolVLMProcessor": SmolVLMFrameVideoProcessor,
 }
 _CLASSES: dict[str, type] = {}
 
@@ -565,7 +696,7 @@ def saved_processor_class(model_dir: str | os.PathLike) -> str | None:
 
 def load_video_model_processor(model_dir: str | os.PathLike) -> Any | None:
     """A saved processor of `FRAME_VIDEO_PROCESSORS` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision, InternVL,
-    LLaVA-NeXT-Video) through `processor_class` when torchvision is missing (None when the folder holds another
+    LLaVA-NeXT-Video, SmolVLM) through `processor_class` when torchvision is missing (None when the folder holds another
     processor, or when transformers' own loading can be used)."""
     name = saved_processor_class(model_dir)
     if name not in FRAME_VIDEO_PROCESSORS or has_torchvision():

@@ -662,21 +662,17 @@ def _idefics3_parts(model: PreTrainedModel, words: list[str] | None, image_proce
 
 def tiny_smolvlm_processor(model: PreTrainedModel, words: list[str] | None = None):
     """A `SmolVLMProcessor` matching a `tiny_smolvlm` model (``version="smolvlm"``): `_idefics3_parts`, a video
-    processor taking each frame as one crop (torchvision code: transformers builds the processor only where
-    torchvision is installed), a ChatML template writing <image> for an image. Its processor needs `num2words`."""
-    from transformers import SmolVLMProcessor
-
-    from .processors import has_torchvision
-
-    if not has_torchvision():
-        raise PModConfigError("SmolVLM's video processor is torchvision code: pip install torchvision")
-    from transformers import SmolVLMVideoProcessor
+    processor taking each frame as one crop (`pmod.processors.default_video_processor`: pmod's frame video processor
+    where torchvision is missing), a ChatML template writing <image> for an image. Its processor needs `num2words`."""
+    from .processors import build_processor, default_video_processor
 
     tokenizer, image_processor, image_seq_len = _idefics3_parts(model, words, "SmolVLMImageProcessor")
     crop = {"longest_edge": model.config.vision_config.image_size}
-    video_processor = SmolVLMVideoProcessor(size=crop, max_image_size=crop)
-    return SmolVLMProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
-                            image_seq_len=image_seq_len, chat_template=chatml_template("<image>", "<video>"))
+    # frames are resized, unlike this image processor's images (do_resize=False): to one crop each
+    video_processor = default_video_processor("SmolVLMProcessor", image_processor, size=crop, max_image_size=crop,
+                                              do_resize=True)
+    return build_processor("SmolVLMProcessor", image_processor, tokenizer, video_processor,
+                           image_seq_len=image_seq_len, chat_template=chatml_template("<image>", "<video>"))
 
 
 def tiny_idefics3_processor(model: PreTrainedModel, words: list[str] | None = None):

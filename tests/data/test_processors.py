@@ -1,6 +1,6 @@
 """pmod.processors: video-model processors without torchvision (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision, Qwen3-VL,
-InternVL, LLaVA-NeXT-Video: frame video processors, save / load), compared with transformers' own where torchvision is
-installed."""
+InternVL, LLaVA-NeXT-Video, SmolVLM: frame video processors, save / load), compared with transformers' own where
+torchvision is installed."""
 
 import json
 import pickle
@@ -26,6 +26,8 @@ from pmod.tiny import (
     tiny_qwen2_vl_processor,
     tiny_qwen3_vl,
     tiny_qwen3_vl_processor,
+    tiny_smolvlm,
+    tiny_smolvlm_processor,
 )
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
@@ -424,3 +426,179 @@ def test_processors_with_the_stand_ins_give_transformers_inputs(family, tmp_path
     assert {k: v for k, v in loaded.video_processor.to_dict().items() if k in processor.video_processor.settings} == \
         {k: v for k, v in own.to_dict().items() if k in processor.video_processor.settings}
     assert_same_inputs(conversation_inputs(loaded), theirs)
+
+
+# SmolVLM: pmod's frame video processor stands in for transformers' torchvision one. The processor writes each frame as
+# one global image after its timestamp ("Frame from 00:01:"), and a call with images and a video returns the video's
+# pixel_values (it merges its parts' outputs by name; transformers' own video processor gives the same)
+
+SMOLVLM_WORDS = [*CHATML_WORDS, "it", ":", "Frame", "from", "00", "01", "four", "frames", "video"]
+# written by transformers 5.25 with torchvision: tiny_smolvlm_processor(tiny_smolvlm(), SMOLVLM_WORDS) with
+# transformers' own SmolVLMVideoProcessor given hub-style video_sampling (8 frames at 2 fps), .save_pretrained(...)
+SMOLVLM_FIXTURE = FIXTURES / "smolvlm"
+
+
+def smolvlm_inputs(processor: Any, image: bool = True, metadata: bool = True) -> dict[str, Any]:
+    """A conversation through SmolVLM's ``processor``: (``image``) a 32 x 32 image, then a video of four 37 x 29
+    frames (resized twice: to a longest edge of 32, 32 x 26, then to the 32-pixel square), taken at 0, 0.5, 1 and 1.5
+    seconds (METADATA; without ``metadata``, transformers' 24 frames per second)."""
+    video_turn = {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": " is it red ?"}]}
+    messages = [video_turn] if not image else [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": " what is in the image ?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "a red circle"}]},
+        video_turn,
+    ]
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # one sample holding one video (and one image): the nesting transformers 5.17's SmolVLM processor counts
+    return processor(text=[text], images=[[frames(1, 32, 32, seed=5)[0]]] if image else None,
+                     videos=[[frames(4, 37, 29, seed=6)]], video_metadata=METADATA if metadata else None,
+                     return_tensors="pt")
+
+
+def test_smolvlm_processor_takes_videos_and_round_trips(tmp_path):
+    """Without torchvision SmolVLM's processor is transformers' class with pmod's frame video processor: each frame
+    is one global image after its timestamp, videos of one call are padded to one length, a video runs through the
+    model; saved, the folder loads back (pmod.loading.load_processor) to the same inputs, and pickles."""
+    from pmod.processors import SmolVLMFrameVideoProcessor
+
+    model = tiny_smolvlm()
+    processor = tiny_smolvlm_processor(model, SMOLVLM_WORDS)
+    if not has_torchvision():
+        assert type(processor).__module__ == "pmod.processors" and type(processor).__name__ == "SmolVLMProcessor"
+        assert type(processor.video_processor) is SmolVLMFrameVideoProcessor
+    out = smolvlm_inputs(processor)
+    words = " ".join(processor.tokenizer.convert_ids_to_tokens(out["input_ids"][0].tolist()))
+    assert words.count("<image>") == 4 + 4 * 4 and words.count("<global-img>") == 1 + 4  # 4 tokens an image / frame
+    frame = "<fake_token_around_image> <global-img> <image> <image> <image> <image> <fake_token_around_image>"
+    assert words.count(f"Frame from 00 : 00 : {frame}") == 2 and words.count(f"Frame from 00 : 01 : {frame}") == 2
+    assert out["pixel_values"].shape == (1, 4, 3, 32, 32) and out["pixel_attention_mask"].all()
+    video = smolvlm_inputs(processor, image=False)
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in video.items() if isinstance(v, torch.Tensor)}).logits
+    assert logits.shape[:2] == video["input_ids"].shape and torch.isfinite(logits).all()
+    padded = processor.video_processor([frames(4, 32, 32, seed=1), frames(2, 32, 32, seed=2)], return_tensors="pt")
+    assert padded["pixel_values"].shape == (2, 4, 3, 32, 32) and not padded["pixel_values"][1, 2:].any()
+
+    processor.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "processor_config.json").read_text())["video_processor"]
+    assert saved["video_processor_type"] == "SmolVLMVideoProcessor"  # transformers' class, loadable by it
+    loaded = load_processor(tmp_path)
+    assert type(loaded).__name__ == "SmolVLMProcessor"
+    assert type(loaded.video_processor) is type(processor.video_processor)
+    assert loaded.video_processor.to_dict() == processor.video_processor.to_dict()
+    assert_same_inputs(smolvlm_inputs(loaded), out)
+    assert pickle.loads(pickle.dumps(loaded)).video_processor.to_dict() == processor.video_processor.to_dict()
+
+
+def test_smolvlm_settings_are_read_as_transformers_reads_them():
+    """SmolVLM2's hub configs give the video size and the sampling in ``video_sampling``: read as transformers reads
+    it (a given size first), saved under transformers' names. The sampling settings come back from the processor's
+    chat template and are ignored, as transformers ignores them without do_sample_frames; what the stand-in cannot
+    do is refused."""
+    from pmod.processors import SmolVLMFrameVideoProcessor
+
+    hub = {"video_processor_type": "SmolVLMVideoProcessor", "resample": 1, "max_image_size": {"longest_edge": 384},
+           "video_sampling": {"fps": 1, "max_frames": 64, "video_size": {"longest_edge": 1536}},
+           "do_image_splitting": True, "image_mean": MEAN, "image_std": STD}
+    video = SmolVLMFrameVideoProcessor.from_dict(hub)
+    assert video.to_dict() == {
+        "video_processor_type": "SmolVLMVideoProcessor", "size": {"longest_edge": 1536},
+        "max_image_size": {"longest_edge": 384}, "resample": 1, "do_resize": True, "do_pad": True, "image_mean": MEAN,
+        "image_std": STD, "do_sample_frames": False, "num_frames": 64, "fps": 1}
+    assert SmolVLMFrameVideoProcessor.from_dict({**hub, "size": {"longest_edge": 768}}).size == {"longest_edge": 768}
+    if has_torchvision():
+        import transformers
+
+        own = transformers.SmolVLMVideoProcessor(**{k: v for k, v in hub.items() if k != "video_processor_type"})
+        assert (own.size, own.num_frames, own.fps) == (video.size, video.num_frames, video.fps)
+    small = SmolVLMFrameVideoProcessor(size={"longest_edge": 32}, max_image_size={"longest_edge": 32})
+    clip = [frames(3, 37, 29)]
+    torch.testing.assert_close(small(clip, return_tensors="pt", num_frames=8, fps=2.0)["pixel_values"],
+                               small(clip, return_tensors="pt")["pixel_values"], rtol=0, atol=0)
+    bilinear = SmolVLMFrameVideoProcessor(size={"longest_edge": 32}, max_image_size={"longest_edge": 32}, resample=2)
+    assert bilinear(clip)["pixel_values"].shape == (1, 3, 3, 32, 32)  # a filter torch's uint8 kernel lacks: PIL's
+    with pytest.raises(PModInputError, match="already sampled"):
+        small(clip, do_sample_frames=True, num_frames=2)
+    with pytest.raises(PModInputError, match="max_image_size"):  # transformers' own would ignore it
+        small(clip, max_image_size={"longest_edge": 64})
+    with pytest.raises(PModInputError, match="same number of frames"):
+        small([frames(3, 32, 32), frames(2, 32, 32)], do_pad=False)
+
+
+def test_a_folder_saved_by_transformers_smolvlm_processor_loads():
+    """A SmolVLM processor folder that transformers saved with its own (torchvision) video processor, hub-style
+    video_sampling included, loads here (pmod's stand-in without torchvision, transformers' class with it) with the
+    saved settings, to the same inputs as the processor built here."""
+    from pmod.processors import SmolVLMFrameVideoProcessor
+
+    saved = json.loads((SMOLVLM_FIXTURE / "processor_config.json").read_text())["video_processor"]
+    loaded = load_processor(SMOLVLM_FIXTURE)
+    built = tiny_smolvlm_processor(tiny_smolvlm(), SMOLVLM_WORDS)
+    assert type(loaded).__name__ == "SmolVLMProcessor" and type(loaded.video_processor) is type(built.video_processor)
+    settings = loaded.video_processor.to_dict()
+    for setting in SmolVLMFrameVideoProcessor.settings:
+        if setting in saved:
+            assert json.loads(json.dumps(settings[setting])) == saved[setting], setting  # tuples as lists
+    assert (loaded.video_processor.num_frames, loaded.video_processor.fps) == (8, 2)
+    assert_same_inputs(smolvlm_inputs(loaded), smolvlm_inputs(built))
+
+
+SMOLVLM_CASES = [  # settings over 32-pixel frames, the two videos' frame sizes and lengths
+    ({}, [(32, 32), (32, 32)], (4, 4)),  # no resizing
+    ({}, [(37, 29), (37, 29)], (4, 2)),  # two resizes (32 x 26, then the square); the shorter video padded
+    ({}, [(20, 20), (64, 48)], (3, 3)),  # upscaled; two sizes in one call
+    ({"resample": 3}, [(30, 40), (30, 40)], (4, 4)),  # bicubic
+    ({"size": {"height": 30, "width": 20}}, [(37, 29), (37, 29)], (2, 2)),
+    ({"size": {"longest_edge": 64}, "max_image_size": {"longest_edge": 28}}, [(100, 60), (100, 60)], (3, 3)),
+    ({"do_resize": False}, [(20, 28), (24, 16)], (2, 3)),  # frames kept: padded to 24 x 28
+    ({"do_pad": False}, [(37, 29), (37, 29)], (2, 2)),  # no mask
+]
+
+
+@pytest.mark.skipif(not has_torchvision(), reason="compares with transformers' video processors (torchvision code)")
+@pytest.mark.parametrize("settings, sizes, lengths", SMOLVLM_CASES)
+def test_smolvlm_stand_in_equals_transformers_own(settings, sizes, lengths):
+    """pmod's SmolVLM stand-in and transformers' own video processor on the same frames: the same pixels bit for bit
+    (both resize with torch's antialiased uint8 kernel and normalise in one float32 step) and the same
+    pixel_attention_mask (over each video's own frame size, in padded frames too)."""
+    import transformers
+
+    from pmod.processors import SmolVLMFrameVideoProcessor
+
+    crop = {"longest_edge": 32}
+    frame = SmolVLMFrameVideoProcessor(**{"size": crop, "max_image_size": crop, "image_mean": MEAN, "image_std": STD,
+                                          **settings})
+    own = transformers.SmolVLMVideoProcessor(
+        **{k: v for k, v in frame.to_dict().items() if k != "video_processor_type"})
+    videos = [frames(n, *size, seed=i) for i, (n, size) in enumerate(zip(lengths, sizes))]
+    ours, theirs = frame(videos, return_tensors="pt", video_metadata=METADATA * 2), own(videos, return_tensors="pt",
+                                                                                      video_metadata=METADATA * 2)
+    assert sorted(ours) == sorted([*theirs, "video_metadata"])  # transformers' returns metadata when asked
+    for key in theirs:
+        assert ours[key].dtype == theirs[key].dtype and torch.equal(ours[key], theirs[key]), key
+
+
+@pytest.mark.skipif(not has_torchvision(), reason="compares with transformers' video processors (torchvision code)")
+def test_smolvlm_processor_with_the_stand_in_gives_transformers_inputs(tmp_path):
+    """The whole SmolVLM processor (text, image, video) with pmod's frame video processor in place of transformers'
+    own: the same input_ids, timestamps included (with and without the frames' rate), the same pixels and mask;
+    saved with the stand-in, the folder loads with transformers' own classes, with the same settings, to the same
+    inputs."""
+    from pmod.processors import SmolVLMFrameVideoProcessor
+
+    processor = tiny_smolvlm_processor(tiny_smolvlm(), SMOLVLM_WORDS)
+    own = processor.video_processor
+    theirs = [smolvlm_inputs(processor), smolvlm_inputs(processor, metadata=False)]
+    processor.video_processor = SmolVLMFrameVideoProcessor.from_dict(own.to_dict())
+    ours = [smolvlm_inputs(processor), smolvlm_inputs(processor, metadata=False)]
+    for mine, transformers_own in zip(ours, theirs):
+        assert_same_inputs(mine, transformers_own)
+    tokens = processor.tokenizer.convert_ids_to_tokens(ours[0]["input_ids"][0].tolist())
+    assert "01" in tokens and "Frame" in tokens  # the timestamps are words: compared word by word
+    processor.save_pretrained(tmp_path)
+    loaded = load_processor(tmp_path)
+    assert type(loaded.video_processor) is type(own)
+    settings = SmolVLMFrameVideoProcessor.settings
+    assert {k: v for k, v in loaded.video_processor.to_dict().items() if k in settings} == \
+        {k: v for k, v in own.to_dict().items() if k in settings}
+    assert_same_inputs(smolvlm_inputs(loaded), theirs[0])

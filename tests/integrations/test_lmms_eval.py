@@ -550,7 +550,7 @@ def test_video_and_chat_tasks_on_the_command_line(video_model_dir, tmp_path):
         assert 0 < results["throughput"][f"avg_pmod_flops_ratio/{name}"] < 1
 
 
-@pytest.mark.parametrize("family", ["gemma3", "qwen3_vl", "internvl", "idefics3", "llava_next_video"])
+@pytest.mark.parametrize("family", ["gemma3", "qwen3_vl", "internvl", "idefics3", "smolvlm", "llava_next_video"])
 def test_newer_families_through_the_plugin_equal_evaluate(family, tmp_path):
     """Families of the family table with their own processors (pmod's frame video processors where torchvision is
     missing): the plugin's answers and savings are pmod eval's."""
@@ -561,6 +561,7 @@ def test_newer_families_through_the_plugin_equal_evaluate(family, tmp_path):
         "qwen3_vl": (lambda: tiny.tiny_qwen3_vl(patch_size=7), lambda m, w: tiny.tiny_qwen3_vl_processor(m, w)),
         "internvl": (tiny.tiny_internvl, lambda m, w: tiny.tiny_internvl_processor(m, w, tiles=False)),
         "idefics3": (lambda: tiny.tiny_smolvlm(version="idefics3"), tiny.tiny_idefics3_processor),
+        "smolvlm": (tiny.tiny_smolvlm, tiny.tiny_smolvlm_processor),
         "llava_next_video": (tiny.tiny_llava_next_video, tiny.tiny_llava_next_video_processor),
     }[family]
     model = pmod.apply_pmod(build(), pmod.PModConfig(schedule=SCHEDULE))

@@ -1,9 +1,9 @@
 """Families added through the family table, through the pipeline with transformers' own processors: labels cover only
 the replies, a saved dense folder trains through `pmod train`'s entry point and learns, and its evaluation batched
-equals one by one. Gemma 3's processor needs no torchvision; Mistral 3's (PixtralProcessor) does, so its cases run
-where torchvision is installed (CI's torchvision venv, GPU machines). So do SmolVLM's (its video processor is
-torchvision code; Idefics3's processor, the same images and tokens without videos, runs everywhere); both split a
-64-pixel image into 2 x 2 crops and a global image and keep a 32-pixel one whole."""
+equals one by one. Mistral 3's processor (PixtralProcessor) needs torchvision, so its cases run where torchvision is
+installed (CI's torchvision venv, GPU machines); the others run everywhere (pmod's frame video processors stand in for
+the torchvision ones). SmolVLM and Idefics3 split a 64-pixel image into 2 x 2 crops and a global image and keep a
+32-pixel one whole."""
 
 import json
 from functools import partial
@@ -38,7 +38,7 @@ FAMILIES = {
     "smolvlm": (tiny_smolvlm, tiny_smolvlm_processor, "pmod_smolvlm"),
     "idefics3": (partial(tiny_smolvlm, version="idefics3"), tiny_idefics3_processor, "pmod_idefics3"),
 }
-NEED_TORCHVISION = {"mistral3", "smolvlm"}
+NEED_TORCHVISION = {"mistral3"}
 VIDEO = {"internvl", "llava_next_video"}  # families whose processors take videos
 # processors that keep an image's size and cut one larger than the model's 32-pixel crop into crops and a global image
 SPLIT = {"smolvlm", "idefics3"}
