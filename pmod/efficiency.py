@@ -157,9 +157,11 @@ class VisionShape:
     MLP of width ``intermediate``: two matmuls, or three with ``gated_mlp``, Pixtral's SiLU-gated one) after a patch
     embedding of 3 x ``temporal_patch`` x ``patch_size``^2 values per patch; ``cls_token`` adds one token per crop
     (CLIP, InternViT); ``pool_head``: SigLIP's attention-pooling head (one probe query over the crop, then the MLP),
-    computed where the config enables it even though the VLM uses the patch features only.
-    ``image_size`` 0: dynamic resolution (Qwen3-VL, Pixtral): an image's patches are not fixed but derived from its
-    vision tokens, ``merge`` patches each.
+    computed where the config enables it even though the VLM uses the patch features only. ``window`` > 0:
+    ``windowed_layers`` of the blocks attend within windows of ``window`` patches instead (Qwen2.5-VL; the others
+    attend within the whole image).
+    ``image_size`` 0: dynamic resolution (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Pixtral): an image's patches are not fixed
+    but derived from its vision tokens, ``merge`` patches each.
     Projector: ``merge`` patches become one vision token (2 x 2 merge or pixel shuffle: 4; Gemma 3's 4 x 4 average
     pooling: 16), then each linear layer of ``projector`` (input, output widths) runs on every token; empty: LLaVA's
     2-layer MLP (hidden -> decoder width -> decoder width) on every patch. ``frame_pool``: video frames are pooled
@@ -178,6 +180,8 @@ class VisionShape:
     projector: tuple[tuple[int, int], ...] = ()
     frame_pool: int = 1
     pool_head: bool = False
+    window: int = 0
+    windowed_layers: int = 0
     note: str = ""  # what the tower and projector are, for the printed assumptions
 
     @property
@@ -245,6 +249,33 @@ def _qwen3_vl_vision(depth: int, hidden: int, intermediate: int, patch: int, tem
                        note=f"Qwen3-VL ViT, patch merger and {deepstack} DeepStack mergers")
 
 
+def _qwen2_vl_vision(depth: int, hidden: int, intermediate: int, patch: int, temporal: int, merge: int,
+                     out_hidden: int, window_size: int = 0, fullatt_blocks=()) -> VisionShape:
+    """Qwen2-VL's ViT (GELU MLP, full attention within each image or frame pair) or, with ``window_size`` (pixels),
+    Qwen2.5-VL's (SwiGLU MLP; the blocks not in ``fullatt_blocks`` attend within windows of ``window_size`` px
+    square); either's patch merger is a norm, (4d x 4d), GELU, (4d x out) on every merged token (2 x 2 merge)."""
+    wide = hidden * merge**2
+    windowed = depth - len(set(fullatt_blocks) & set(range(depth))) if window_size else 0
+    # a window is (window_size // merge // patch) merged cells a side, as transformers' get_vision_window_index has it
+    window = (window_size // merge // patch * merge) ** 2 if window_size else 0
+    name = "Qwen2.5-VL ViT (window attention)" if window_size else "Qwen2-VL ViT"
+    return VisionShape(depth, hidden, intermediate, 0, patch, cls_token=False, gated_mlp=bool(window_size),
+                       temporal_patch=temporal, merge=merge**2, projector=((wide, wide), (wide, out_hidden)),
+                       window=window, windowed_layers=windowed, note=f"{name}, patch merger")
+
+
+# Qwen/Qwen2-VL-7B-Instruct's config.json vision_config: depth 32, embed_dim 1280, mlp_ratio 4, num_heads 16, patch 14,
+#   spatial_merge_size 2, temporal_patch_size 2, hidden_size (the merger's output) 3584 -- transformers'
+#   Qwen2VLVisionConfig defaults to the same
+_QWEN2_VL_7B_VISION = _qwen2_vl_vision(32, 1280, 1280 * 4, 14, 2, 2, 3584)
+# Qwen/Qwen2.5-VL-7B-Instruct's config.json vision_config: depth 32, hidden_size 1280, intermediate_size 3420,
+#   num_heads 16, patch 14, spatial_merge_size 2, temporal_patch_size 2, window_size 112 (8 x 8 patches),
+#   fullatt_block_indexes [7, 15, 23, 31], out_hidden_size 3584 -- transformers' Qwen2_5_VLVisionConfig defaults to
+#   the same except hidden_size (3584 there)
+_QWEN2_5_VL_7B_VISION = _qwen2_vl_vision(32, 1280, 3420, 14, 2, 2, 3584, window_size=112,
+                                         fullatt_blocks=(7, 15, 23, 31))
+
+
 # vision towers of the newer presets, from the checkpoints' config.json (vision_config and the projector's settings):
 # Qwen/Qwen3-VL-8B-Instruct and Qwen3-VL-30B-A3B-Instruct: depth 27, hidden 1152, intermediate 4304, patch 16,
 #   temporal patch 2, spatial_merge_size 2, deepstack_visual_indexes [8, 16, 24], out_hidden_size 4096 / 2048
@@ -274,10 +305,9 @@ PRESETS: dict[str, ModelShape] = {
     "llava-next-13b": ModelShape("llava-next-13b", _VICUNA_13B, _CLIP_L_336, crops=5),
     # anyres_max_9: up to nine sub-images plus the base image
     "llava-onevision-7b": ModelShape("llava-onevision-7b", _QWEN2_7B, _SIGLIP_SO400M_384, crops=10),
-    # dynamic-resolution vision encoders with window attention: only the decoder (and LM head) is counted
-    "qwen2-vl-7b": ModelShape("qwen2-vl-7b", _QWEN2_7B, None),
-    "qwen2.5-vl-7b": ModelShape("qwen2.5-vl-7b", _QWEN2_7B, None),
-    # dynamic resolution: one image of (vision tokens x 4) patches
+    # dynamic resolution: one image of (vision tokens x 4) patches (Qwen2.5-VL: its grid fills whole windows)
+    "qwen2-vl-7b": ModelShape("qwen2-vl-7b", _QWEN2_7B, _QWEN2_VL_7B_VISION, crops=1),
+    "qwen2.5-vl-7b": ModelShape("qwen2.5-vl-7b", _QWEN2_7B, _QWEN2_5_VL_7B_VISION, crops=1),
     "qwen3-vl-8b": ModelShape("qwen3-vl-8b", _QWEN3_8B, _QWEN3_VL_8B_VISION, crops=1),
     "qwen3-vl-30b-a3b": ModelShape("qwen3-vl-30b-a3b", _QWEN3_30B_A3B, _QWEN3_VL_30B_VISION, crops=1),
     # fixed-size tiles / crops: as many as the vision tokens fill (256 tokens each)
@@ -297,7 +327,7 @@ def _side(value) -> int:
 
 def _vision_from_config(config, llm_hidden: int) -> tuple[VisionShape | None, int | None]:
     """The vision tower and projector of a VLM config and its crops per example (see `ModelShape`), or (None, 1)
-    for a config whose tower the cost model does not count (Qwen2-VL / Qwen2.5-VL, plain decoders)."""
+    for a config whose tower the cost model does not count (plain decoders, families it does not know)."""
     kind = config.model_type.removeprefix("pmod_")
     vc = getattr(config, "vision_config", None)
     if vc is None:
@@ -308,6 +338,15 @@ def _vision_from_config(config, llm_hidden: int) -> tuple[VisionShape | None, in
         deepstack = len(getattr(vc, "deepstack_visual_indexes", None) or ())
         vision = _qwen3_vl_vision(vc.depth, vc.hidden_size, vc.intermediate_size, vc.patch_size,
                                   vc.temporal_patch_size, vc.spatial_merge_size, vc.out_hidden_size, deepstack)
+        return vision, 1
+    if kind == "qwen2_vl":  # the ViT's width is embed_dim, hidden_size the merger's output
+        vision = _qwen2_vl_vision(vc.depth, vc.embed_dim, int(vc.embed_dim * vc.mlp_ratio), vc.patch_size,
+                                  vc.temporal_patch_size, vc.spatial_merge_size, vc.hidden_size)
+        return vision, 1
+    if kind == "qwen2_5_vl":
+        vision = _qwen2_vl_vision(vc.depth, vc.hidden_size, vc.intermediate_size, vc.patch_size,
+                                  vc.temporal_patch_size, vc.spatial_merge_size, vc.out_hidden_size,
+                                  window_size=vc.window_size, fullatt_blocks=tuple(vc.fullatt_block_indexes))
         return vision, 1
     if kind == "internvl":  # pixel shuffle by downsample_ratio, then LayerNorm + 2-layer MLP on every token
         shuffle = round(1 / config.downsample_ratio) ** 2
@@ -350,7 +389,7 @@ def _vision_from_config(config, llm_hidden: int) -> tuple[VisionShape | None, in
 def shape_from_config(config, name: str = "model") -> ModelShape:
     """The cost-model shape of a transformers config (any supported family, dense or p-MoD, or a plain decoder): the
     decoder with its head size, sparse MoE layers and sliding-window layers, and the vision tower and projector of the
-    LLaVA family, Qwen3-VL, InternVL, Gemma 3, Mistral 3, SmolVLM and Idefics3 (not Qwen2-VL's / Qwen2.5-VL's)."""
+    LLaVA family, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, InternVL, Gemma 3, Mistral 3, SmolVLM and Idefics3."""
     text = config.get_text_config(decoder=True)
     layers = text.num_hidden_layers
     moe: dict = {}
@@ -399,9 +438,11 @@ def decoder_layer_flops(n: float, shape: DecoderShape, causal: bool = False, lay
 # Vision side (the same in the dense and the p-MoD model), per crop or image of p patches and t = p (+ 1 CLS) encoder
 # tokens, width d, MLP width f:
 #     patch embedding    2 p (3 T P^2) d              a matmul on each patch's pixels (P: patch size; T: temporal patch,
-#                                                     Qwen3-VL's 2 for a still image)
+#                                                     Qwen-VL's 2 for a still image)
 #     each layer         8 t d^2 + 4 t^2 d + 4 t d f  QKVO, attention within the crop (all t^2 pairs), MLP (6 t d f
-#                                                     with a gated MLP)
+#                                                     with a gated MLP); a windowed layer (Qwen2.5-VL) attends
+#                                                     within windows of w patches: 4 t min(w, t) d, its grid assumed
+#                                                     to fill whole windows (eager attention runs each window apart)
 #     projector          2 n sum(in x out)            every linear layer of the projector on each of its n tokens
 # Norms, position embeddings, pixel shuffles, pooling and activations are not counted.
 def vision_encoder_flops(shape: VisionShape, crops: float, patches: float | None = None) -> float:
@@ -411,9 +452,11 @@ def vision_encoder_flops(shape: VisionShape, crops: float, patches: float | None
     patch_embed = 2 * p * 3 * shape.temporal_patch * shape.patch_size**2 * d
     mlp = (6 if shape.gated_mlp else 4) * t * d * f
     per_layer = 8 * t * d * d + 4 * t * t * d + mlp
+    # windowed layers: each patch attends to the w patches of its window instead of the whole image's t
+    windowed = shape.windowed_layers * 4 * t * (t - min(shape.window, t)) * d if shape.window else 0
     # SigLIP's pooling head: K and V of every token, Q and out projections of the one probe, its attention, an MLP
     head = 4 * t * d * d + 4 * d * d + 4 * t * d + 4 * d * f if shape.pool_head else 0
-    return crops * (patch_embed + shape.num_layers * per_layer + head)
+    return crops * (patch_embed + shape.num_layers * per_layer - windowed + head)
 
 
 def projector_flops(shape: VisionShape, llm_hidden: int, crops: float, tokens: float | None = None) -> float:
@@ -430,11 +473,12 @@ def vision_inputs(shape: ModelShape, vision_tokens: int) -> tuple[float, float, 
 
     Fixed-size encoders: ``shape.crops`` crops (None: as many as the vision tokens fill, rounded up) plus
     ``shape.frames`` video frames, each at ``image_size``; a frame gives its patches pooled by ``frame_pool``^2.
-    Dynamic resolution (Qwen3-VL, Pixtral): the patch count follows from the vision tokens asked for (tokens x
-    ``merge``, the merge being 2 x 2): ``shape.crops`` images (None: 1) and the video frames in groups of
-    ``temporal_patch`` (Qwen3-VL attends within each pair of frames) share them evenly, attention within each. With
-    several images Pixtral's eager and sdpa attention compute one masked matrix over all of them (flash attention, per
-    image); the count is per image.
+    Dynamic resolution (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Pixtral): the patch count follows from the vision tokens
+    asked for (tokens x ``merge``, the merge being 2 x 2): ``shape.crops`` images (None: 1) and the video frames in
+    groups of ``temporal_patch`` (the Qwen-VLs attend within each pair of frames) share them evenly, attention within
+    each (Qwen2.5-VL's windowed layers: within each window of the image or frame pair, the grid assumed to fill whole
+    windows). With several images Pixtral's eager and sdpa attention compute one masked matrix over all of them (flash
+    attention, per image); the count is per image.
     """
     vision = shape.vision
     if vision is None:
@@ -534,6 +578,12 @@ class PrefillCost:
 def _vision_assumption(shape: ModelShape, vision_tokens: int, crops: float, patches: float, projected: float) -> str:
     vision = shape.vision
     tower = f"{vision.num_layers}-layer ViT (d={vision.hidden})"
+    if vision.window:  # Qwen2.5-VL
+        side = math.isqrt(vision.window)
+        tower = (f"{vision.num_layers}-layer ViT (d={vision.hidden}; {vision.windowed_layers} of its layers attend "
+                 f"within windows of {side}x{side} patches, the others within the whole image or frame pair; the "
+                 f"grid assumed to fill whole windows, as a side of a multiple of {side} patches does: windows cut "
+                 f"short at an edge cost less)")
     if vision.image_size:
         what = f"{crops - shape.frames:g} crop(s)"
         if shape.crops is None:

@@ -164,7 +164,13 @@ def test_newer_architecture_presets_and_configs():
         cost = prefill_cost(PRESETS[name], 1024, 64, pmod.PModConfig())
         assert 0.45 < cost.flops_ratio < 0.65 and cost.kv_ratio == pytest.approx(0.5375, abs=0.01)
     qwen = shape_from_config(pmod.apply_pmod(tiny_qwen2_vl(), pmod.PModConfig()).config)
-    assert qwen.vision is None and qwen.decoder.num_layers == 4 and qwen.decoder.num_kv_heads == 2
+    assert qwen.decoder.num_layers == 4 and qwen.decoder.num_kv_heads == 2
+    # the ViT's width is embed_dim (32), its merger maps 4 x 32 into the decoder's 64; full attention, GELU MLP
+    assert (qwen.vision.hidden, qwen.vision.intermediate, qwen.vision.merge, qwen.vision.image_size) == (32, 64, 4, 0)
+    assert qwen.vision.projector == ((128, 128), (128, 64)) and not qwen.vision.window and not qwen.vision.gated_mlp
+    qwen25 = shape_from_config(pmod.apply_pmod(tiny_qwen2_vl(version="2.5"), pmod.PModConfig()).config).vision
+    # windows of 8 px = 4 x 4 patches in block 0, full attention in block 1 (fullatt_block_indexes [1]); SwiGLU MLP
+    assert (qwen25.window, qwen25.windowed_layers, qwen25.gated_mlp) == (16, 1, True)
     onevision = shape_from_config(tiny_llava_onevision().config)
     assert onevision.vision.hidden == 32 and onevision.crops == 5
 
@@ -221,6 +227,21 @@ def _vision_inputs(family: str):
 
     from pmod.tiny import tiny_gemma3, tiny_internvl, tiny_llava_next_video, tiny_mistral3, tiny_qwen3_vl, tiny_smolvlm
 
+    if family.startswith(("qwen2-vl", "qwen2.5-vl")):  # patch 2, temporal patch 2, 2 x 2 merge; 2.5: windows of 4 x 4
+        # patches (2 x 2 merged cells) in block 0, full attention in block 1
+        from pmod.tiny import tiny_qwen2_vl
+
+        model = tiny_qwen2_vl(version=family.split("-")[0][4:], attn_implementation="eager")
+        shape = shape_from_config(model.config)
+        if family.endswith("-video"):  # four frames of 8 x 4 patches: two frame pairs (attended apart), 16 tokens
+            return model, lambda: model.model.get_video_features(torch.randn(64, 24), torch.tensor([[2, 8, 4]])), \
+                shape.with_crops(0).with_frames(4), 16
+        if family.endswith("-two"):  # two images of 8 x 8 patches (four windows each): 32 tokens
+            return model, lambda: model.model.get_image_features(torch.randn(128, 24), torch.tensor([[1, 8, 8]] * 2)), \
+                shape.with_crops(2), 32
+        # one image of 16 x 8 patches (eight windows): 32 tokens
+        return model, lambda: model.model.get_image_features(torch.randn(128, 24), torch.tensor([[1, 16, 8]])), \
+            shape, 32
     if family in ("qwen3-vl", "qwen3-vl-moe"):  # one image of 8 x 8 patches (2 px, temporal patch 2): 16 tokens
         model = tiny_qwen3_vl(moe=family == "qwen3-vl-moe", attn_implementation="eager")
         return model, lambda: model.model.get_image_features(torch.randn(64, 24), torch.tensor([[1, 8, 8]])), \
@@ -266,9 +287,10 @@ def _vision_inputs(family: str):
         shape_from_config(model.config), 20
 
 
-@pytest.mark.parametrize("family", ["qwen3-vl", "qwen3-vl-moe", "qwen3-vl-video", "internvl", "gemma3",
-                                    "gemma3-no-head", "mistral3", "llava-next-video-image", "llava-next-video-video",
-                                    "smolvlm", "idefics3"])
+@pytest.mark.parametrize("family", ["qwen2-vl", "qwen2-vl-two", "qwen2-vl-video", "qwen2.5-vl", "qwen2.5-vl-two",
+                                    "qwen2.5-vl-video", "qwen3-vl", "qwen3-vl-moe", "qwen3-vl-video", "internvl",
+                                    "gemma3", "gemma3-no-head", "mistral3", "llava-next-video-image",
+                                    "llava-next-video-video", "smolvlm", "idefics3"])
 def test_analytic_vision_flops_match_flop_counter(family):
     """The vision tower and projector as the model runs them (its get_image_features / get_video_features, eager
     attention): the cost model counts what they compute for that many images, tiles, crops or frames."""
@@ -279,11 +301,28 @@ def test_analytic_vision_flops_match_flop_counter(family):
     cost = prefill_cost(shape, n_vision, 4)
     analytic = cost.vision_encoder_flops + cost.projector_flops
     assert abs(analytic / measured - 1) < 0.05, (family, analytic, measured)
+    if family.startswith("qwen"):  # the patch embedding, every block's matmuls and the mergers: exactly
+        assert analytic == measured, (family, analytic, measured)
     assert cost.total_flops_ratio > cost.flops_ratio
     pooled = features.pooler_output
     if family != "llava-next-video-image":  # anyres: the decoder gets the crops' features unpadded, plus newlines
         tokens = sum(f[..., 0].numel() for f in (pooled if isinstance(pooled, (list, tuple)) else [pooled]))
         assert tokens == n_vision  # the token count the analytic shape derived its patches or crops from
+
+
+def test_qwen2_5_vl_windows_cut_short_cost_less_than_counted():
+    """The count assumes an image whose grid fills whole windows; one whose sides are not multiples of a window's
+    (here 6 x 6 patches against windows of 4 x 4: windows of 16, 8, 8 and 4 patches) computes less in its windowed
+    layers, never more."""
+    from pmod.tiny import tiny_qwen2_vl
+
+    model = tiny_qwen2_vl(version="2.5", attn_implementation="eager")
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.model.get_image_features(torch.randn(36, 24), torch.tensor([[1, 6, 6]]))
+    cost = prefill_cost(shape_from_config(model.config), 9, 4)
+    d = 32
+    cut_short = 4 * d * (36 * 16 - (16**2 + 8**2 + 8**2 + 4**2))  # block 0's attention: 36 x 16 pairs counted
+    assert cost.vision_encoder_flops + cost.projector_flops - counter.get_total_flops() == cut_short
 
 
 def _released_configs() -> dict:
@@ -293,6 +332,17 @@ def _released_configs() -> dict:
     qwen3_vision = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16,
                         temporal_patch_size=2, spatial_merge_size=2, deepstack_visual_indexes=[8, 16, 24])
     return {
+        # Qwen/Qwen2-VL-7B-Instruct: its vision hidden_size is the merger's output, embed_dim the ViT's width
+        "qwen2-vl-7b": transformers.Qwen2VLConfig(
+            vision_config=dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, patch_size=14,
+                               spatial_merge_size=2, temporal_patch_size=2, hidden_size=3584),
+            text_config=dict(hidden_size=3584)),
+        # Qwen/Qwen2.5-VL-7B-Instruct
+        "qwen2.5-vl-7b": transformers.Qwen2_5_VLConfig(
+            vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
+                               spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                               fullatt_block_indexes=[7, 15, 23, 31], out_hidden_size=3584),
+            text_config=dict(hidden_size=3584)),
         "qwen3-vl-8b": transformers.Qwen3VLConfig(vision_config=dict(qwen3_vision, out_hidden_size=4096),
                                                   text_config=dict(hidden_size=4096)),
         "qwen3-vl-30b-a3b": transformers.Qwen3VLMoeConfig(vision_config=dict(qwen3_vision, out_hidden_size=2048),
@@ -320,7 +370,8 @@ def test_newer_family_presets():
     from pmod.efficiency import decoder_layer_flops
 
     released = _released_configs()
-    for name in ("qwen3-vl-8b", "qwen3-vl-30b-a3b", "internvl3-8b", "gemma-3-12b", "mistral-small-3.1-24b"):
+    for name in ("qwen2-vl-7b", "qwen2.5-vl-7b", "qwen3-vl-8b", "qwen3-vl-30b-a3b", "internvl3-8b", "gemma-3-12b",
+                 "mistral-small-3.1-24b"):
         cost = prefill_cost(PRESETS[name], 1024, 64, pmod.PModConfig())
         assert 0.4 < cost.flops_ratio < 0.7 and cost.kv_ratio < 0.65, name
         assert not any("vision encoder and projector are not counted" in a for a in cost.assumptions), name
@@ -341,6 +392,9 @@ def test_newer_family_presets():
     gemma = PRESETS["gemma-3-12b"].decoder
     assert (decoder_layer_flops(8192, gemma, causal=True, layer=0)
             < decoder_layer_flops(8192, gemma, causal=True, layer=5))
-    # Qwen2-VL's and Qwen2.5-VL's windowed dynamic-resolution towers stay uncounted, and say so
-    assert any("vision encoder and projector are not counted" in a
-               for a in prefill_cost(PRESETS["qwen2-vl-7b"], 1024, 64).assumptions)
+    # Qwen2.5-VL: 28 of its 32 blocks attend within windows of 112 px (8 x 8 patches), and the assumption says so;
+    # Qwen2-VL's blocks all attend within the whole image, so its tower costs more at the same width
+    qwen25 = prefill_cost(PRESETS["qwen2.5-vl-7b"], 1024, 64)
+    assert any("4096 patches" in a and "28 of its layers attend within windows of 8x8 patches" in a
+               and "grid assumed to fill whole windows" in a for a in qwen25.assumptions)
+    assert qwen25.vision_encoder_flops < prefill_cost(PRESETS["qwen2-vl-7b"], 1024, 64).vision_encoder_flops
