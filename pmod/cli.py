@@ -50,7 +50,7 @@ from .errors import PModError, one_line
 
 # Kept in step with pmod.efficiency.PRESETS and pmod.pipelines.demo.ARCHES by a test; listed here so that
 # `pmod --help` does not import torch.
-DEMO_ARCHES = ("llava", "qwen2-vl", "qwen2.5-vl")
+DEMO_ARCHES = ("llava", "qwen2-vl", "qwen2.5-vl", "qwen3-vl", "gemma3")
 DTYPES = ("float32", "bfloat16", "float16")
 PRESET_NAMES = ("llava-1.5-7b", "llava-1.5-13b", "llava-next-7b", "llava-next-13b", "llava-onevision-7b", "qwen2-vl-7b",
                 "qwen2.5-vl-7b", "qwen3-vl-8b", "qwen3-vl-30b-a3b", "internvl3-8b", "gemma-3-12b",
@@ -451,7 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-string", action="store_true", help="ablation: skipped tokens pass unchanged (no STRing)")
     p.add_argument("--seed", type=int, default=0, help="base seed: of the data and the first of the repetitions")
     p.add_argument("--arch", choices=DEMO_ARCHES, default="llava",
-                   help="the tiny model's architecture (qwen2-vl: dynamic-resolution patches, M-RoPE)")
+                   help="the tiny model's architecture (qwen2-vl: dynamic-resolution patches, M-RoPE; gemma3: "
+                        "sliding-window and global layers)")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -1,5 +1,5 @@
 """Where one image's vision tokens sit in the token sequence, per model family (LLaVA, LLaVA-NeXT anyres,
-LLaVA-OneVision, Qwen2-VL): the base-image grid, the high-resolution grid and its newline tokens.
+LLaVA-OneVision, Qwen2-VL and Qwen3-VL, Gemma 3): the base-image grid, the high-resolution grid and its newline tokens.
 
 Used to route only the high-resolution part (``PModConfig(targets="vision_hr")``) and to draw kept-token maps.
 """
@@ -45,7 +45,8 @@ class VisionLayout:
 
 def vision_layout(config: Any, image_size: Sequence[int] | None = None,
                   grid_thw: Sequence[int] | None = None) -> VisionLayout:
-    """The token layout of one image for a LLaVA, LLaVA-NeXT, LLaVA-OneVision or Qwen2-VL config.
+    """The token layout of one image for a LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL (Qwen3-VL) or Gemma 3
+    config.
 
     ``image_size`` is the original image's (height, width), as the processor returns it in ``image_sizes``;
     LLaVA-NeXT and LLaVA-OneVision need it, because the high-resolution grid is cropped back to the image's aspect
@@ -62,6 +63,10 @@ def vision_layout(config: Any, image_size: Sequence[int] | None = None,
         if t != 1:
             raise PModInputError(f"token maps are drawn for images; this grid has {t} time steps (a video).")
         return VisionLayout(base=(h // merge, w // merge))
+    pooled = getattr(config, "mm_tokens_per_image", None)
+    if pooled is not None:  # Gemma 3: the patch grid average-pooled to a (side, side) grid, kept in raster order
+        side = math.isqrt(pooled)
+        return VisionLayout(base=(side, side))
     g = vision.image_size // vision.patch_size
     strategy = getattr(config, "vision_feature_select_strategy", "default")
     pinpoints = getattr(config, "image_grid_pinpoints", None)

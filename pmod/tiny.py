@@ -259,6 +259,15 @@ def _finish(model_cls: type, cfg, attn_implementation: str) -> PreTrainedModel:
     return model_cls(cfg).eval()
 
 
+def _pooled_side(image_size: int, patch_size: int) -> int:
+    """Image tokens a side for towers that merge 2 x 2 patches into a token (Gemma 3's pooling, InternVL's and
+    Idefics3's pixel shuffle): the patches a side must be a whole, even number."""
+    if image_size % patch_size or (image_size // patch_size) % 2:
+        raise ValueError(f"image_size ({image_size}) must be an even multiple of patch_size ({patch_size}): 2 x 2 "
+                         "patches make an image token")
+    return image_size // patch_size // 2
+
+
 def tiny_internvl(
     num_layers: int = 4,
     hidden_size: int = 64,
@@ -266,17 +275,20 @@ def tiny_internvl(
     family: str = "qwen2",
     attn_implementation: str = "sdpa",
     seed: int = 0,
+    image_size: int = 32,
+    patch_size: int = 8,
 ) -> PreTrainedModel:
-    """An InternVL-shaped model (InternVL3 / 3.5 -hf): 32-pixel tiles of 8-pixel patches, pixel-shuffled (0.5) into 4
-    image tokens per tile; a ``family`` decoder ("qwen2", "qwen3" or "llama"). Image token = vocab_size - 1, <img> and
-    </img> = vocab_size - 3 and - 4."""
+    """An InternVL-shaped model (InternVL3 / 3.5 -hf): ``image_size``-pixel tiles of ``patch_size``-pixel patches
+    (32 and 8 by default), pixel-shuffled (0.5) into image tokens (4 per tile by default); a ``family`` decoder
+    ("qwen2", "qwen3" or "llama"). Image token = vocab_size - 1, <img> and </img> = vocab_size - 3 and - 4."""
     from transformers import InternVLConfig, InternVLForConditionalGeneration
 
     torch.manual_seed(seed)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-                  patch_size=8)
+    side = _pooled_side(image_size, patch_size)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=image_size, patch_size=patch_size)
     cfg = InternVLConfig(text_config=_text_dict(family, vocab_size, hidden_size, num_layers), vision_config=vision,
-                         image_token_id=vocab_size - 1, image_seq_length=4, downsample_ratio=0.5,
+                         image_token_id=vocab_size - 1, image_seq_length=side**2, downsample_ratio=0.5,
                          vision_feature_layer=-1, vision_feature_select_strategy="default", tie_word_embeddings=False)
     return _finish(InternVLForConditionalGeneration, cfg, attn_implementation)
 
@@ -335,10 +347,13 @@ def tiny_gemma3(
     sliding_window: int = 6,
     attn_implementation: str = "sdpa",
     seed: int = 0,
+    image_size: int = 32,
+    patch_size: int = 8,
 ) -> PreTrainedModel:
-    """A Gemma 3-shaped image-text model: a SigLIP tower of 32-pixel images in 8-pixel patches, pooled to 4 image
-    tokens an image; sliding-window (``sliding_window``, short enough to matter in tiny prompts) and global layers
-    alternating. Image token = vocab_size - 1, start / end of image = vocab_size - 3 / - 4; end of sequence 1."""
+    """A Gemma 3-shaped image-text model: a SigLIP tower of ``image_size``-pixel images in ``patch_size``-pixel
+    patches, pooled 2 x 2 into image tokens (4 an image by default); sliding-window (``sliding_window``, short enough
+    to matter in tiny prompts) and global layers alternating. Image token = vocab_size - 1, start / end of image =
+    vocab_size - 3 / - 4; end of sequence 1."""
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
     torch.manual_seed(seed)
@@ -348,9 +363,11 @@ def tiny_gemma3(
                 query_pre_attn_scalar=head_dim, max_position_embeddings=4096, sliding_window=sliding_window,
                 layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)],
                 pad_token_id=0, bos_token_id=2, eos_token_id=1)
+    side = _pooled_side(image_size, patch_size)
     vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=2, image_size=32, patch_size=8)
-    cfg = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=vocab_size - 1,
+                  num_attention_heads=2, image_size=image_size, patch_size=patch_size)
+    cfg = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=side**2,
+                       image_token_index=vocab_size - 1,
                        boi_token_index=vocab_size - 3, eoi_token_index=vocab_size - 4)
     return _finish(Gemma3ForConditionalGeneration, cfg, attn_implementation)
 
@@ -362,9 +379,12 @@ def tiny_smolvlm(
     version: str = "smolvlm",
     attn_implementation: str = "sdpa",
     seed: int = 0,
+    image_size: int = 32,
+    patch_size: int = 8,
 ) -> PreTrainedModel:
-    """A SmolVLM-shaped (``version="smolvlm"``) or Idefics3-shaped (``"idefics3"``) model: 32-pixel crops of 8-pixel
-    patches, pixel-shuffled (scale 2) into 4 image tokens a crop; a Llama decoder. Image token = vocab_size - 1,
+    """A SmolVLM-shaped (``version="smolvlm"``) or Idefics3-shaped (``"idefics3"``) model: ``image_size``-pixel crops
+    of ``patch_size``-pixel patches (32 and 8 by default), pixel-shuffled (scale 2) into image tokens (4 a crop by
+    default); a Llama decoder. Image token = vocab_size - 1,
     <fake_token_around_image> = vocab_size - 3, <global-img> = vocab_size - 4, <row_1_col_j> = vocab_size - 5 - j."""
     import transformers
 
@@ -373,8 +393,9 @@ def tiny_smolvlm(
         "smolvlm": (transformers.SmolVLMConfig, transformers.SmolVLMForConditionalGeneration),
         "idefics3": (transformers.Idefics3Config, transformers.Idefics3ForConditionalGeneration),
     }[version]
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-                  patch_size=8)
+    _pooled_side(image_size, patch_size)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=image_size, patch_size=patch_size)
     cfg = config_cls(text_config=_text_dict("llama", vocab_size, hidden_size, num_layers), vision_config=vision,
                      image_token_id=vocab_size - 1, scale_factor=2, tie_word_embeddings=False, pad_token_id=0)
     return _finish(model_cls, cfg, attn_implementation)
@@ -520,6 +541,9 @@ def tiny_qwen3_vl_processor(model: PreTrainedModel, words: list[str] | None = No
                     "<|vision_start|>": cfg.vision_start_token_id, "<|vision_end|>": cfg.vision_end_token_id}
     tokenizer = word_tokenizer(words or CHATML_WORDS, cfg.get_text_config().vocab_size, placeholders,
                                specials=CHATML_SPECIALS, eos="<|im_end|>")
+    factor = vision.patch_size * vision.spatial_merge_size
+    if image_size % factor:  # the processor would round it to another size, and another token count
+        raise ValueError(f"image_size must be a multiple of patch_size * spatial_merge_size = {factor}")
     grid = dict(patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
                 temporal_patch_size=vision.temporal_patch_size)
     image_processor = _image_processor_class("Qwen2VLImageProcessor")(min_pixels=image_size**2,
@@ -646,8 +670,9 @@ def _idefics3_parts(model: PreTrainedModel, words: list[str] | None, image_proce
     `tiny_idefics3_processor`: <image>, <end_of_utterance>, <fake_token_around_image>, <global-img> and the
     <row_i_col_j> of up to 2 x 2 crops at the model's ids; transformers' image processor with the model's crop size
     and no resizing to a longest edge (which would make every image the same number of crops), so an image of up to
-    one crop (32 pixels) is one image and a larger one is cut into crops, row by row, then the whole image resized
-    to one crop (the global image). Crops beyond 2 x 2 (images over 64 pixels) have no row / column token."""
+    one crop (32 pixels by default) is one image and a larger one is cut into crops, row by row, then the whole image
+    resized to one crop (the global image). Crops beyond 2 x 2 (images over two crops a side) have no row / column
+    token."""
     cfg = model.config
     vocab = cfg.get_text_config().vocab_size
     vision = cfg.vision_config
@@ -685,7 +710,11 @@ def tiny_idefics3_processor(model: PreTrainedModel, words: list[str] | None = No
                              chat_template=chatml_template("<image>", ""))
 
 
-TinyArch = Literal["llava", "llava-onevision", "qwen2-vl", "qwen2.5-vl"]
+TinyArch = Literal["llava", "llava-onevision", "llava-next-video", "qwen2-vl", "qwen2.5-vl", "qwen3-vl", "gemma3",
+                   "internvl", "smolvlm", "idefics3"]
+# the top ids each arch's tiny processor gives its placeholder tokens (see the builders), and the ids below them
+# that the word tokenizer's specials (5: ChatML's, 4 for llava) and a spare id take
+_RESERVED = {"llava": 6, "smolvlm": 14, "idefics3": 14}
 
 
 @dataclass
@@ -694,13 +723,19 @@ class TinyModelSettings:
     recipe; `build_tiny`).
 
     Attributes:
-        arch: ``llava`` (`tiny_llava`), ``llava-onevision`` (`tiny_llava_onevision`), ``qwen2-vl`` or ``qwen2.5-vl``
-            (`tiny_qwen2_vl`).
+        arch: ``llava`` (`tiny_llava`), ``llava-onevision`` (`tiny_llava_onevision`), ``llava-next-video``
+            (`tiny_llava_next_video`), ``qwen2-vl`` or ``qwen2.5-vl`` (`tiny_qwen2_vl`), ``qwen3-vl``
+            (`tiny_qwen3_vl`), ``gemma3`` (`tiny_gemma3`), ``internvl`` (`tiny_internvl`, Qwen2 decoder),
+            ``smolvlm`` or ``idefics3`` (`tiny_smolvlm`); each with its tiny processor and a ChatML template (Vicuna
+            for llava).
         num_layers, hidden_size, seed: the builder's arguments.
         vocab_size: null fits the vocabulary to the words (the training data's, then ``words``).
-        image_size: the vision encoder's image size (LLaVA family, default 28); for Qwen2-VL the processor resizes
-            images to about ``image_size**2`` pixels (null: kept at their size).
-        patch_size: the vision encoder's patch size (null: the builder's default, 7 or 2 for Qwen2-VL).
+        image_size: the vision encoder's image size (LLaVA family, default 28; Gemma 3, InternVL's tiles and
+            SmolVLM / Idefics3's crops: default 32, an even multiple of ``patch_size``); for Qwen2-VL the processor
+            resizes images to about ``image_size**2`` pixels (null: kept at their size), for Qwen3-VL to
+            ``image_size**2`` (null: 28).
+        patch_size: the vision encoder's patch size (null: the builder's default: 7, 2 for Qwen2-VL and Qwen3-VL, 8
+            for Gemma 3, InternVL and SmolVLM / Idefics3).
         vision_hidden_size: the vision encoder's width (``arch: llava`` only; null: 32).
         family: the text model of ``arch: llava`` (`TEXT_CONFIGS`).
         words: vocabulary words beyond those of the training data.
@@ -730,6 +765,9 @@ class TinyModelSettings:
         if self.vision_hidden_size is not None and self.vision_hidden_size % 4:
             raise PModConfigError(f"tiny_model.vision_hidden_size must be a multiple of 4 (4 attention heads), got "
                                   f"{self.vision_hidden_size}")
+        if self.vision_hidden_size is not None and self.arch != "llava":
+            raise PModConfigError(f"tiny_model.vision_hidden_size is for arch llava only (the others' vision "
+                                  f"encoders have a fixed width), got arch {self.arch!r}")
         if self.family not in TEXT_CONFIGS or (self.family != "llama" and self.arch != "llava"):
             raise PModConfigError(f"tiny_model.family must be one of {', '.join(TEXT_CONFIGS)} with arch llava (the "
                                   f"others have their own text model), got {self.family!r} with arch {self.arch!r}")
@@ -742,7 +780,7 @@ def build_tiny(settings: TinyModelSettings, words: list[str],
     arch = settings.arch
     roles = ["USER", "ASSISTANT", ":"] if arch == "llava" else ["user", "assistant", "system"]
     words = roles + list(words) + settings.words
-    reserved = 6 if arch == "llava" else 10  # special and placeholder tokens, and a spare id
+    reserved = _RESERVED.get(arch, 10)  # special and placeholder tokens, and a spare id
     vocab = settings.vocab_size or 8 * math.ceil((len(set(words)) + reserved) / 8)
     kwargs = {"num_layers": settings.num_layers, "hidden_size": settings.hidden_size, "vocab_size": vocab,
               "seed": settings.seed}
@@ -751,13 +789,30 @@ def build_tiny(settings: TinyModelSettings, words: list[str],
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        if arch.startswith("qwen"):
+        if arch in ("qwen2-vl", "qwen2.5-vl"):
             image_size = kwargs.pop("image_size", None)  # a processor setting: Qwen2-VL's encoder takes any size
             model = tiny_qwen2_vl(version=arch[4:-3], **kwargs)
             return model, tiny_qwen2_vl_processor(model, words, image_size=image_size)
+        if arch == "qwen3-vl":
+            image_size = kwargs.pop("image_size", 28)  # a processor setting, as Qwen2-VL's
+            model = tiny_qwen3_vl(**kwargs)
+            return model, tiny_qwen3_vl_processor(model, words, image_size=image_size)
         if arch == "llava":
             model = tiny_llava(family=settings.family, **kwargs)
             return model, tiny_llava_processor(model, words)
+        if arch == "gemma3":
+            model = tiny_gemma3(**kwargs)
+            return model, tiny_gemma3_processor(model, words)
+        if arch == "internvl":
+            model = tiny_internvl(**kwargs)
+            return model, tiny_internvl_processor(model, words)
+        if arch in ("smolvlm", "idefics3"):
+            model = tiny_smolvlm(version=arch, **kwargs)
+            processor = tiny_smolvlm_processor if arch == "smolvlm" else tiny_idefics3_processor
+            return model, processor(model, words)
+        if arch == "llava-next-video":
+            model = tiny_llava_next_video(**kwargs)
+            return model, tiny_llava_next_video_processor(model, words)
         model = tiny_llava_onevision(**kwargs)
         return model, tiny_llava_onevision_processor(model, words)
     except (TypeError, ValueError, ArithmeticError) as exc:  # e.g. a hidden size the heads do not divide

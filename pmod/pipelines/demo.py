@@ -75,6 +75,7 @@ FULL = DemoSize(n_train=6000, n_test=500, layers=8, hidden=128, pretrain_epochs=
                 lr=1e-3, finetune_lr=5e-4, train_questions=4, seeds=3, reps=7, vision_hidden=128, vision_steps=1500)
 # The tiny Qwen2-VL at lr 1e-3 left its dense baseline at 49% and 51% (seeds 0, 1; majority baseline 44%);
 # lr 5e-4 reached 58% in the same steps.
+# (also the full size of the other non-LLaVA architectures, not tuned for them)
 FULL_QWEN = dataclasses.replace(FULL, lr=5e-4, finetune_lr=2.5e-4, vision_steps=0)  # stage 0 is LLaVA-only
 
 
@@ -90,8 +91,10 @@ class DemoConfig:
         tanh_norm, string: ablation switches (see `pmod.PModConfig`).
         seed: the base seed: of the data, and of the first repetition (the others use ``seed + 1``, ...).
         size: explicit sizes instead of the quick or full preset.
-        arch: ``llava`` (tiny CLIP + Llama, LLaVA-1.5 layout) or ``qwen2-vl`` / ``qwen2.5-vl`` (tiny Qwen2-VL-style
-            model: dynamic-resolution patches, M-RoPE, ChatML). Other architectures keep their models and
+        arch: ``llava`` (tiny CLIP + Llama, LLaVA-1.5 layout), ``qwen2-vl`` / ``qwen2.5-vl`` (tiny Qwen2-VL-style
+            model: dynamic-resolution patches, M-RoPE, ChatML), ``qwen3-vl`` (tiny Qwen3-VL-style model: as
+            Qwen2-VL with interleaved M-RoPE and DeepStack) or ``gemma3`` (tiny Gemma 3-style model: a SigLIP-style
+            tower pooled 2 x 2, sliding-window and global layers). Other architectures keep their models and
             reports apart (``qwen2-vl/``, ``report-qwen2-vl.md``), so runs of several architectures can
             share the output folder, one run after the other (each run rewrites the shared ``data/``).
     """
@@ -130,7 +133,8 @@ class DemoConfig:
         if self.arch == "llava":
             return {**common, "image_size": IMAGE_SIZE, "patch_size": PATCH,
                     "vision_hidden_size": size["vision_hidden"]}
-        # 7-pixel patches merged 2 x 2: (112 / 14)^2 = 64 tokens, as LLaVA's 14-pixel patches give
+        # 7-pixel patches merged (Qwen) or pooled (Gemma 3) 2 x 2: (112 / 14)^2 = 64 tokens, as LLaVA's 14-pixel
+        # patches give
         return {**common, "arch": self.arch, "image_size": IMAGE_SIZE, "patch_size": PATCH // 2}
 
     def vision_stage(self) -> bool:
@@ -164,9 +168,10 @@ IMAGE_SIZE, PATCH = 112, 14  # 8 x 8 = 64 vision tokens per image
 # A comparison needs a dense baseline that learned the task: this far above the majority-per-type answer on every
 # seed (below LEARNED_MARGIN the comparison is inconclusive; TARGET_MARGIN is the demo's target for both models).
 LEARNED_MARGIN, TARGET_MARGIN = 0.10, 0.14
-ARCHES = ("llava", "qwen2-vl", "qwen2.5-vl")
+ARCHES = ("llava", "qwen2-vl", "qwen2.5-vl", "qwen3-vl", "gemma3")
 MODEL_NAMES = {"llava": "tiny LLaVA", "qwen2-vl": "tiny Qwen2-VL-style model",
-               "qwen2.5-vl": "tiny Qwen2.5-VL-style model"}
+               "qwen2.5-vl": "tiny Qwen2.5-VL-style model", "qwen3-vl": "tiny Qwen3-VL-style model",
+               "gemma3": "tiny Gemma 3-style model"}
 
 
 def _train_variant(name: str, seed: int, pmod: dict[str, Any] | None, data, demo: DemoConfig, out: Path,

@@ -9,9 +9,10 @@ import yaml
 
 import pmod
 from pmod.errors import PModConfigError
+from pmod.loading import load_processor
 from pmod.pipelines.recipe import load_config
 from pmod.pipelines.train import train
-from pmod.tiny import TinyModelSettings
+from pmod.tiny import TinyModelSettings, build_tiny
 from tests.helpers.llava_data import colour_records, write_records
 from tests.helpers.train import StopAfter, _config
 
@@ -161,7 +162,7 @@ def test_load_config_overrides_and_errors(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["pmod-llava-1.5-7b.yaml", "pmod-llava-next-7b.yaml", "pmod-qwen2-vl-7b.yaml",
-                                  "tiny-cpu.yaml"])
+                                  "tiny-cpu.yaml", "tiny-cpu-qwen3-vl.yaml", "tiny-cpu-gemma3.yaml"])
 def test_recipes_parse(name):
     config = load_config(CONFIGS / name)
     trainer = config.trainer
@@ -268,16 +269,52 @@ def test_bf16_autocast_training(data, tmp_path):
     torch.testing.assert_close(torch.tensor(bf16.losses[:2]), torch.tensor(fp32.losses[:2]), rtol=0.05, atol=0.05)
 
 
-def test_tiny_cpu_recipe_runs(tmp_path):
-    """configs/tiny-cpu.yaml end to end (generated data, tiny model), shortened."""
-    config = load_config(CONFIGS / "tiny-cpu.yaml", [
+@pytest.mark.parametrize(("name", "model_type"), [("tiny-cpu.yaml", "pmod_llava"),
+                                                  ("tiny-cpu-qwen3-vl.yaml", "pmod_qwen3_vl"),
+                                                  ("tiny-cpu-gemma3.yaml", "pmod_gemma3")])
+def test_tiny_cpu_recipe_runs(tmp_path, name, model_type):
+    """configs/tiny-cpu*.yaml end to end (generated data, tiny model), shortened."""
+    config = load_config(CONFIGS / name, [
         f"output_dir={tmp_path}", "trainer.max_steps=2", "synthetic_data.n_train=16", "synthetic_data.n_val=2",
         "synthetic_data.n_test=2", "trainer.report_to=[]",
     ])
     result = train(config)
     assert result.global_step == 2 and (tmp_path / "data/train.json").is_file()
     model = pmod.load_model(tmp_path)
-    assert model.config.text_config.num_hidden_layers == 8 and model.config.model_type == "pmod_llava"
+    assert model.config.get_text_config().num_hidden_layers == 8 and model.config.model_type == model_type
+    assert load_processor(tmp_path) is not None  # the saved processor loads back
+
+
+def test_every_tiny_cpu_recipe_is_tested():
+    """A new configs/tiny-cpu*.yaml joins `test_tiny_cpu_recipe_runs` (the LoRA one has its own test)."""
+    params = next(m for m in test_tiny_cpu_recipe_runs.pytestmark if m.name == "parametrize").args[1]
+    tested = {name for name, _ in params} | {"tiny-cpu-lora.yaml"}
+    assert {p.name for p in CONFIGS.glob("tiny-cpu*.yaml")} == tested
+
+
+@pytest.mark.parametrize(("arch", "model_type", "processor"), [
+    ("qwen3-vl", "qwen3_vl", "Qwen3VLProcessor"), ("gemma3", "gemma3", "Gemma3Processor"),
+    ("internvl", "internvl", "InternVLProcessor"), ("smolvlm", "smolvlm", "SmolVLMProcessor"),
+    ("idefics3", "idefics3", "Idefics3Processor"), ("llava-next-video", "llava_next_video", "LlavaNextVideoProcessor"),
+])
+def test_tiny_model_arches_build_with_their_processor(arch, model_type, processor):
+    """Every `tiny_model.arch`: the family's model with the settings' sizes, and its processor over the words."""
+    words = "what colour is the circle ? red".split()
+    model, proc = build_tiny(TinyModelSettings(arch=arch, num_layers=2, hidden_size=32, seed=1), words)
+    assert model.config.model_type == model_type and type(proc).__name__ == processor
+    text = model.config.get_text_config()
+    assert text.num_hidden_layers == 2 and text.hidden_size == 32
+    assert all(proc.tokenizer.convert_tokens_to_ids(w) != proc.tokenizer.unk_token_id for w in words)
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"arch": "gemma3", "image_size": 56, "patch_size": 8}, "even multiple of patch_size"),
+    ({"arch": "internvl", "image_size": 21, "patch_size": 7}, "even multiple of patch_size"),
+    ({"arch": "qwen3-vl", "image_size": 30, "patch_size": 7}, "multiple of patch_size"),
+])
+def test_tiny_model_sizes_an_arch_cannot_take_are_refused(settings, message):
+    with pytest.raises(PModConfigError, match=message):
+        build_tiny(TinyModelSettings(num_layers=2, hidden_size=32, **settings), ["red"])
 
 
 def test_training_from_saved_directories(data, tmp_path):

@@ -166,6 +166,7 @@ def test_booleans_in_strings_are_read_as_booleans_everywhere(recipe, tmp_path):
     ("tiny_model.words=abc", "tiny_model.words must be a list of strings"),
     ("tiny_model.family=qwen9", "tiny_model.family must be one of llama, qwen2, mistral"),
     ("tiny_model.attn_implementation=eager", "unknown tiny_model setting 'attn_implementation'"),
+    ("tiny_model={arch: gemma3, vision_hidden_size: 32}", "tiny_model.vision_hidden_size is for arch llava only"),
     ("synthetic_data.n_trian=3", r"unknown synthetic_data setting 'n_trian' \(did you mean 'n_train'\?\)"),
     ("synthetic_data.grid=5", "synthetic_data: grid must be 2 or 3"),
     ("report_to=[", "override 'report_to=\\[': the value is not valid YAML"),

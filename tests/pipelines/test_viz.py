@@ -287,3 +287,12 @@ def test_visualize_end_to_end_and_cli(llava, shapes_image, tmp_path):
     args = parser.parse_args(["viz", str(model_dir), "--image", str(tmp_path / "missing.png"), "--prompt", "what ?"])
     with pytest.raises(PModInputError, match="not found"):
         args.func(args)
+
+
+def test_gemma3_layout_is_the_pooled_grid():
+    """Gemma 3 average-pools its (p, p) patch grid to mm_tokens_per_image tokens, in raster order."""
+    from pmod.tiny import tiny_gemma3
+
+    model = tiny_gemma3(num_layers=2, hidden_size=32, image_size=56, patch_size=7)  # 8 x 8 patches, pooled 2 x 2
+    layout = vision_layout(model.config)
+    assert layout.base == (4, 4) and layout.highres is None and layout.num_tokens == model.config.mm_tokens_per_image
