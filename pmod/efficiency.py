@@ -239,48 +239,41 @@ _GEMMA3_12B = DecoderShape(48, 3840, 15360, 16, 8, 262208, head_dim=256,
 _MISTRAL_SMALL_24B = DecoderShape(40, 5120, 32768, 32, 8, 131072, head_dim=128)  # Mistral-Small-3.1-24B
 
 
-def _qwen3_vl_vision(depth: int, hidden: int, intermediate: int, patch: int, temporal: int, merge: int,
-                     out_hidden: int, deepstack: int) -> VisionShape:
-    """Qwen3-VL's ViT: its patch merger and each DeepStack merger is LayerNorm, (4d x 4d), GELU, (4d x out) on every
-    merged token (2 x 2 merge)."""
-    wide = hidden * merge**2
-    return VisionShape(depth, hidden, intermediate, 0, patch, cls_token=False, temporal_patch=temporal,
-                       merge=merge**2, projector=((wide, wide), (wide, out_hidden)) * (1 + deepstack),
-                       note=f"Qwen3-VL ViT, patch merger and {deepstack} DeepStack mergers")
-
-
-def _qwen2_vl_vision(depth: int, hidden: int, intermediate: int, patch: int, temporal: int, merge: int,
-                     out_hidden: int, window_size: int = 0, fullatt_blocks=()) -> VisionShape:
-    """Qwen2-VL's ViT (GELU MLP, full attention within each image or frame pair) or, with ``window_size`` (pixels),
-    Qwen2.5-VL's (SwiGLU MLP; the blocks not in ``fullatt_blocks`` attend within windows of ``window_size`` px
-    square); either's patch merger is a norm, (4d x 4d), GELU, (4d x out) on every merged token (2 x 2 merge)."""
+def _qwen_vl_vision(depth: int, hidden: int, intermediate: int, patch: int, temporal: int, merge: int,
+                    out_hidden: int, deepstack: int = 0, window_size: int = 0, fullatt_blocks=()) -> VisionShape:
+    """A Qwen-VL ViT and its patch merger (a norm, (4d x 4d), GELU, (4d x out) on every merged token, 2 x 2 merge).
+    Qwen2-VL: GELU MLP, full attention within each image or frame pair. Qwen2.5-VL (``window_size``, pixels): SwiGLU
+    MLP, and the blocks not in ``fullatt_blocks`` attend within windows of ``window_size`` px square. Qwen3-VL
+    (``deepstack``): GELU MLP and a DeepStack merger, shaped as the patch merger, for each of ``deepstack`` layers."""
     wide = hidden * merge**2
     windowed = depth - len(set(fullatt_blocks) & set(range(depth))) if window_size else 0
     # a window is (window_size // merge // patch) merged cells a side, as transformers' get_vision_window_index has it
     window = (window_size // merge // patch * merge) ** 2 if window_size else 0
-    name = "Qwen2.5-VL ViT (window attention)" if window_size else "Qwen2-VL ViT"
+    note = (f"Qwen3-VL ViT, patch merger and {deepstack} DeepStack mergers" if deepstack
+            else "Qwen2.5-VL ViT (window attention), patch merger" if window_size else "Qwen2-VL ViT, patch merger")
     return VisionShape(depth, hidden, intermediate, 0, patch, cls_token=False, gated_mlp=bool(window_size),
-                       temporal_patch=temporal, merge=merge**2, projector=((wide, wide), (wide, out_hidden)),
-                       window=window, windowed_layers=windowed, note=f"{name}, patch merger")
+                       temporal_patch=temporal, merge=merge**2,
+                       projector=((wide, wide), (wide, out_hidden)) * (1 + deepstack),
+                       window=window, windowed_layers=windowed, note=note)
 
 
 # Qwen/Qwen2-VL-7B-Instruct's config.json vision_config: depth 32, embed_dim 1280, mlp_ratio 4, num_heads 16, patch 14,
 #   spatial_merge_size 2, temporal_patch_size 2, hidden_size (the merger's output) 3584 -- transformers'
 #   Qwen2VLVisionConfig defaults to the same
-_QWEN2_VL_7B_VISION = _qwen2_vl_vision(32, 1280, 1280 * 4, 14, 2, 2, 3584)
+_QWEN2_VL_7B_VISION = _qwen_vl_vision(32, 1280, 1280 * 4, 14, 2, 2, 3584)
 # Qwen/Qwen2.5-VL-7B-Instruct's config.json vision_config: depth 32, hidden_size 1280, intermediate_size 3420,
 #   num_heads 16, patch 14, spatial_merge_size 2, temporal_patch_size 2, window_size 112 (8 x 8 patches),
 #   fullatt_block_indexes [7, 15, 23, 31], out_hidden_size 3584 -- transformers' Qwen2_5_VLVisionConfig defaults to
 #   the same except hidden_size (3584 there)
-_QWEN2_5_VL_7B_VISION = _qwen2_vl_vision(32, 1280, 3420, 14, 2, 2, 3584, window_size=112,
-                                         fullatt_blocks=(7, 15, 23, 31))
+_QWEN2_5_VL_7B_VISION = _qwen_vl_vision(32, 1280, 3420, 14, 2, 2, 3584, window_size=112,
+                                        fullatt_blocks=(7, 15, 23, 31))
 
 
 # vision towers of the newer presets, from the checkpoints' config.json (vision_config and the projector's settings):
 # Qwen/Qwen3-VL-8B-Instruct and Qwen3-VL-30B-A3B-Instruct: depth 27, hidden 1152, intermediate 4304, patch 16,
 #   temporal patch 2, spatial_merge_size 2, deepstack_visual_indexes [8, 16, 24], out_hidden_size 4096 / 2048
-_QWEN3_VL_8B_VISION = _qwen3_vl_vision(27, 1152, 4304, 16, 2, 2, 4096, 3)
-_QWEN3_VL_30B_VISION = _qwen3_vl_vision(27, 1152, 4304, 16, 2, 2, 2048, 3)
+_QWEN3_VL_8B_VISION = _qwen_vl_vision(27, 1152, 4304, 16, 2, 2, 4096, deepstack=3)
+_QWEN3_VL_30B_VISION = _qwen_vl_vision(27, 1152, 4304, 16, 2, 2, 2048, deepstack=3)
 # OpenGVLab/InternVL3-8B-hf: InternViT-300M (24 layers, hidden 1024, intermediate 4096, 448 px tiles, patch 14, CLS),
 #   downsample_ratio 0.5 (pixel shuffle: 4 patches a token, 256 a tile), projector LayerNorm, (4096 x 3584), GELU,
 #   (3584 x 3584)
@@ -336,17 +329,17 @@ def _vision_from_config(config, llm_hidden: int) -> tuple[VisionShape | None, in
     head = getattr(vc, "model_type", "") == "siglip_vision_model" and bool(getattr(vc, "vision_use_head", True))
     if kind in ("qwen3_vl", "qwen3_vl_moe"):
         deepstack = len(getattr(vc, "deepstack_visual_indexes", None) or ())
-        vision = _qwen3_vl_vision(vc.depth, vc.hidden_size, vc.intermediate_size, vc.patch_size,
-                                  vc.temporal_patch_size, vc.spatial_merge_size, vc.out_hidden_size, deepstack)
+        vision = _qwen_vl_vision(vc.depth, vc.hidden_size, vc.intermediate_size, vc.patch_size,
+                                 vc.temporal_patch_size, vc.spatial_merge_size, vc.out_hidden_size, deepstack=deepstack)
         return vision, 1
     if kind == "qwen2_vl":  # the ViT's width is embed_dim, hidden_size the merger's output
-        vision = _qwen2_vl_vision(vc.depth, vc.embed_dim, int(vc.embed_dim * vc.mlp_ratio), vc.patch_size,
-                                  vc.temporal_patch_size, vc.spatial_merge_size, vc.hidden_size)
+        vision = _qwen_vl_vision(vc.depth, vc.embed_dim, int(vc.embed_dim * vc.mlp_ratio), vc.patch_size,
+                                 vc.temporal_patch_size, vc.spatial_merge_size, vc.hidden_size)
         return vision, 1
     if kind == "qwen2_5_vl":
-        vision = _qwen2_vl_vision(vc.depth, vc.hidden_size, vc.intermediate_size, vc.patch_size,
-                                  vc.temporal_patch_size, vc.spatial_merge_size, vc.out_hidden_size,
-                                  window_size=vc.window_size, fullatt_blocks=tuple(vc.fullatt_block_indexes))
+        vision = _qwen_vl_vision(vc.depth, vc.hidden_size, vc.intermediate_size, vc.patch_size,
+                                 vc.temporal_patch_size, vc.spatial_merge_size, vc.out_hidden_size,
+                                 window_size=vc.window_size, fullatt_blocks=tuple(vc.fullatt_block_indexes))
         return vision, 1
     if kind == "internvl":  # pixel shuffle by downsample_ratio, then LayerNorm + 2-layer MLP on every token
         shuffle = round(1 / config.downsample_ratio) ** 2
