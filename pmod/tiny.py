@@ -259,6 +259,13 @@ def _finish(model_cls: type, cfg, attn_implementation: str) -> PreTrainedModel:
     return model_cls(cfg).eval()
 
 
+def _tiny_vit(image_size: int, patch_size: int, **extra) -> dict:
+    """The vision config (a dict) of the tiny towers built from one: 2 layers of width 32 with 2 heads, for
+    ``image_size``-pixel images in ``patch_size``-pixel patches; ``extra`` adds the family's own keys."""
+    return dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=image_size,
+                patch_size=patch_size, **extra)
+
+
 def _pooled_side(image_size: int, patch_size: int) -> int:
     """Image tokens a side for towers that merge 2 x 2 patches into a token (Gemma 3's pooling, InternVL's and
     Idefics3's pixel shuffle): the patches a side must be a whole, even number."""
@@ -285,9 +292,8 @@ def tiny_internvl(
 
     torch.manual_seed(seed)
     side = _pooled_side(image_size, patch_size)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                  image_size=image_size, patch_size=patch_size)
-    cfg = InternVLConfig(text_config=_text_dict(family, vocab_size, hidden_size, num_layers), vision_config=vision,
+    cfg = InternVLConfig(text_config=_text_dict(family, vocab_size, hidden_size, num_layers),
+                         vision_config=_tiny_vit(image_size, patch_size),
                          image_token_id=vocab_size - 1, image_seq_length=side**2, downsample_ratio=0.5,
                          vision_feature_layer=-1, vision_feature_select_strategy="default", tie_word_embeddings=False)
     return _finish(InternVLForConditionalGeneration, cfg, attn_implementation)
@@ -307,8 +313,7 @@ def tiny_mistral3(
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration
 
     torch.manual_seed(seed)
-    vision = dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=2, head_dim=16, patch_size=4, image_size=64)
+    vision = _tiny_vit(64, 4, model_type="pixtral", head_dim=16)
     cfg = Mistral3Config(text_config=_text_dict(family, vocab_size, hidden_size, num_layers), vision_config=vision,
                          image_token_index=vocab_size - 1, spatial_merge_size=2, vision_feature_layer=-1,
                          tie_word_embeddings=False)
@@ -364,8 +369,7 @@ def tiny_gemma3(
                 layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)],
                 pad_token_id=0, bos_token_id=2, eos_token_id=1)
     side = _pooled_side(image_size, patch_size)
-    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=2, image_size=image_size, patch_size=patch_size)
+    vision = _tiny_vit(image_size, patch_size, model_type="siglip_vision_model")
     cfg = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=side**2,
                        image_token_index=vocab_size - 1,
                        boi_token_index=vocab_size - 3, eoi_token_index=vocab_size - 4)
@@ -393,10 +397,9 @@ def tiny_smolvlm(
         "smolvlm": (transformers.SmolVLMConfig, transformers.SmolVLMForConditionalGeneration),
         "idefics3": (transformers.Idefics3Config, transformers.Idefics3ForConditionalGeneration),
     }[version]
-    _pooled_side(image_size, patch_size)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                  image_size=image_size, patch_size=patch_size)
-    cfg = config_cls(text_config=_text_dict("llama", vocab_size, hidden_size, num_layers), vision_config=vision,
+    _pooled_side(image_size, patch_size)  # refuses sizes the pixel shuffle cannot take
+    cfg = config_cls(text_config=_text_dict("llama", vocab_size, hidden_size, num_layers),
+                     vision_config=_tiny_vit(image_size, patch_size),
                      image_token_id=vocab_size - 1, scale_factor=2, tie_word_embeddings=False, pad_token_id=0)
     return _finish(model_cls, cfg, attn_implementation)
 
