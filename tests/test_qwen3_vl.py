@@ -9,7 +9,7 @@ from pmod.compat import output_cache
 from pmod.efficiency import kv_cache_report
 from pmod.tiny import randomize_routers, tiny_qwen3_vl
 from tests.helpers.batches import assert_keep_ratio_one_equals_dense, valid_rows
-from tests.helpers.qwen_inputs import left_padded
+from tests.helpers.qwen_inputs import left_padded, media_patches
 from tests.helpers.reference import reference_logits
 
 # per row: ("image", t, h, w) | ("video", t, h, w) | None, and (text before, text after); grids in patches
@@ -47,11 +47,7 @@ def qwen3_inputs(model, rows=ROWS, seed=0):
                           torch.tensor([cfg.vision_end_token_id])]
                 kinds += [torch.zeros(1, dtype=torch.long), torch.full((per_frame,), kind_id),
                           torch.zeros(1, dtype=torch.long)]
-            px = torch.randn(t * h * w, patch_dim, generator=gen)
-            pixels[kind].append(px)
-            grids[kind].append([t, h, w])
-            key = "pixel_values" if kind == "image" else "pixel_values_videos"
-            single = {key: px, f"{kind}_grid_thw": torch.tensor([[t, h, w]])}
+            single = media_patches(kind, t, h, w, patch_dim, gen, pixels, grids)
         parts.append(text(after))
         kinds.append(torch.zeros(after, dtype=torch.long))
         seqs.append(torch.cat(parts))

@@ -6,6 +6,16 @@ import torch
 ROWS = [(("image", 1, 4, 6), (2, 3)), (("video", 2, 4, 4), (3, 1)), (None, (5, 2)), (("image", 1, 6, 4), (1, 1))]
 
 
+def media_patches(kind, t, h, w, patch_dim, gen, pixels, grids):
+    """An image's or video's random flat patches and grid, added to the batch's ``pixels`` and ``grids``; returns
+    them as that row's own inputs."""
+    px = torch.randn(t * h * w, patch_dim, generator=gen)
+    pixels[kind].append(px)
+    grids[kind].append([t, h, w])
+    key = "pixel_values" if kind == "image" else "pixel_values_videos"
+    return {key: px, f"{kind}_grid_thw": torch.tensor([[t, h, w]])}
+
+
 def qwen_inputs(model, rows=ROWS, seed=0):
     """A left-padded batch, and each row's own inputs (for the per-example reference and one-by-one runs)."""
     gen = torch.Generator().manual_seed(seed)
@@ -27,11 +37,7 @@ def qwen_inputs(model, rows=ROWS, seed=0):
                       torch.tensor([cfg.vision_end_token_id])]
             kinds += [torch.zeros(1, dtype=torch.long), torch.full((n,), 1 if kind == "image" else 2),
                       torch.zeros(1, dtype=torch.long)]
-            px = torch.randn(t * h * w, patch_dim, generator=gen)
-            pixels[kind].append(px)
-            grids[kind].append([t, h, w])
-            key = "pixel_values" if kind == "image" else "pixel_values_videos"
-            single = {key: px, f"{kind}_grid_thw": torch.tensor([[t, h, w]])}
+            single = media_patches(kind, t, h, w, patch_dim, gen, pixels, grids)
         parts.append(text(after))
         kinds.append(torch.zeros(after, dtype=torch.long))
         seqs.append(torch.cat(parts))
