@@ -6,8 +6,11 @@ import argparse
 import copy
 import os
 import platform
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -106,17 +109,85 @@ def write_result(path: Path, result: dict) -> None:
     path.write_text(json.dumps(result, indent=2) + "\n")
 
 
-def prefill_runner(model, ids: torch.Tensor, target: torch.Tensor | None, compile_options: dict | None = None):
-    """One prefill of ``ids`` (no cache, logits of the last position) as a no-argument callable; p-MoD models get the
-    routing targets and their per-row counts (``target_counts``: routing planned without reading the device).
-    ``compile_options``: ``torch.compile`` keyword arguments (None: eager)."""
+def prefill_runner(model, ids: torch.Tensor, target: torch.Tensor | None, compile_options: dict | None = None,
+                   logits_to_keep: int = 1):
+    """One prefill of ``ids`` (no cache, logits of the last ``logits_to_keep`` positions; 0: all) as a no-argument
+    callable; p-MoD models get the routing targets and their per-row counts (``target_counts``: routing planned
+    without reading the device). ``compile_options``: ``torch.compile`` keyword arguments (None: eager)."""
     extra = {} if target is None else {"target_mask": target, "target_counts": target.sum(1).tolist()}
 
     def run(ids):
-        return model(input_ids=ids, use_cache=False, logits_to_keep=1, **extra).logits
+        return model(input_ids=ids, use_cache=False, logits_to_keep=logits_to_keep, **extra).logits
 
     run = torch.compile(run, **compile_options) if compile_options is not None else run
     return lambda: run(ids)
+
+
+def ideal_prefill_runner(dense, routed, ids: torch.Tensor, target: torch.Tensor, compile_options: dict | None = None,
+                         logits_to_keep: int = 1):
+    """The time any p-MoD implementation pays for a prefill on this machine: ``dense``'s own layers, each routed layer
+    of ``routed`` run on as many tokens as it processes (the first S_l of the prompt: no router, no selection, no
+    gather; the layer's output written back into the full hidden states, as p-MoD writes its processed slots back).
+    It computes what p-MoD computes, row for row (the same matrix multiplies, causal attention over S_l tokens), so
+    p-MoD / ideal is the cost of routing itself, and ideal / dense what this machine's kernels give for fewer rows.
+    A Llama-layout decoder (the benchmark's), a prompt without padding, ``target`` its (B, T) routing targets, the same
+    number in every row; ``compile_options`` and ``logits_to_keep`` as `prefill_runner`'s.
+    """
+    from pmod.routing import keep_count
+
+    inner = dense.model
+    length = ids.shape[1]
+    counts = set(target.sum(dim=1).tolist())
+    if len(counts) != 1:
+        raise ValueError(f"ideal_prefill_runner needs the same number of routing targets in every row, got {counts}")
+    targets = counts.pop()
+    # the rows each routed layer processes: its kept targets and every other token
+    processed = {spec.index: keep_count(targets, spec.keep_ratio) + length - targets for spec in routed.pmod.layers}
+    position_ids = torch.arange(length, device=ids.device)[None]  # (1, T)
+
+    def run(ids):
+        x = inner.embed_tokens(ids)  # (B, T, D)
+        cos, sin = inner.rotary_emb(x, position_ids=position_ids)  # (1, T, d) each
+        for index, layer in enumerate(inner.layers):
+            rows = processed.get(index)
+            if rows is None:
+                x = layer(x, attention_mask=None, position_embeddings=(cos, sin))
+            else:
+                out = x.clone()  # p-MoD writes into a fresh tensor too
+                out[:, :rows] = layer(x[:, :rows], attention_mask=None,
+                                      position_embeddings=(cos[:, :rows], sin[:, :rows]))
+                x = out
+        return dense.lm_head(inner.norm(x[:, -logits_to_keep:]))  # (B, logits_to_keep or T, V)
+
+    run = torch.compile(run, **compile_options) if compile_options is not None else run
+    return lambda: run(ids)
+
+
+# machine load -> (label, the competing process's code or None)
+LOADS = {
+    "idle": ("idle", None),
+    "busy": ("one busy process", "import time\nend = time.time() + 3600\nwhile time.time() < end: pass"),
+    "torch": ("a torch process on 2 threads",
+              ("import time, torch\ntorch.set_num_threads(2)\na = torch.randn(256, 256)\n"
+               "end = time.time() + 3600\nwhile time.time() < end: a @ a")),
+}
+
+
+@contextmanager
+def machine_load(name: str) -> Iterator[str]:
+    """Run the body beside the competing process ``LOADS[name]`` (none for "idle"), killed on exit; yields the load's
+    label. Users' laptops are busy: the benchmarks measure beside one other process too."""
+    label, code = LOADS[name]
+    competitor = None
+    if code is not None:
+        competitor = subprocess.Popen([sys.executable, "-c", code])
+        time.sleep(2.0)  # let it start spinning
+    try:
+        yield label
+    finally:
+        if competitor is not None:
+            competitor.kill()
+            competitor.wait()
 
 
 def decode_runner(model, ids: torch.Tensor, target: torch.Tensor | None, cache_kind: str, steps: int,

@@ -3,17 +3,25 @@
 Modes, each timed for both models interleaved (medians, same weights; p-MoD with random routers):
 
 - prefill, eager: one forward over the prompt (576 vision + 64 text tokens), no cache, logits of the last position;
-  p-MoD is given ``target_counts`` so that it plans routing without reading the device.
-- prefill, compiled: the same forward under ``torch.compile(fullgraph=True)``.
+  p-MoD is given ``target_counts`` so that it plans routing without reading the device. Timed beside them, the ideal
+  prefill: the dense model's layers, each routed layer run on as many tokens as p-MoD's processes, without routing
+  (`common.ideal_prefill_runner`). ideal / dense is what this machine's kernels give for fewer rows (a CPU's matrix
+  multiply is less efficient on few rows than on many); p-MoD / ideal is the cost of routing itself.
+- prefill, compiled: the same three forwards under ``torch.compile(fullgraph=True)``.
 - decode, eager (dynamic cache): single-token steps with transformers' `DynamicCache` / `pmod.PModCache`.
 - decode, eager (static cache): the same with `StaticCache` / `pmod.PModStaticCache` (every step has one shape).
 - decode, compiled: the static-cache step under ``torch.compile(fullgraph=True)``: one graph for every step.
 
-    python benchmarks/compiled.py --threads 2          # -> benchmarks/results/compiled_cpu.{json,md}
+    python benchmarks/compiled.py --threads 2          # -> runs/benchmarks/compiled_cpu.{json,md}
+    python benchmarks/compiled.py --threads 2 --load busy   # the same beside one busy process
     python benchmarks/compiled.py --layers 4 --hidden 64 --intermediate 128 --heads 4 --backend eager  # smoke test
 
 A static cache's step costs the same at every fill (attention reads the whole preallocated cache, masked), so each
 decoding mode takes its steps one after another from a single prompt and reports the median step.
+
+The models take turns (dense, p-MoD, ideal; the next repetition in reverse order, so that a slow spell of a shared
+machine falls on each alike); besides the ratio of the medians, each row gives the quartiles of the ratios of the
+repetitions' adjacent pairs: how far one run of the benchmark can be trusted.
 """
 
 from __future__ import annotations
@@ -26,13 +34,16 @@ from pathlib import Path
 
 import torch
 from common import (
+    LOADS,
     OUT_HELP,
     SCRATCH,
     add_model_args,
     clock,
     decode_runner,
     dense_and_pmod,
+    ideal_prefill_runner,
     machine,
+    machine_load,
     prefill_runner,
     prompt,
     shape,
@@ -53,24 +64,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=24, help="timed decoding steps per model and mode (after a warm-up)")
     p.add_argument("--backend", default="inductor", help="torch.compile backend (eager: a quick check of the graphs)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    p.add_argument("--load", choices=list(LOADS), default="idle",
+                   help="run beside a competing process: busy (a Python loop) or torch (a 2-thread matrix multiply)")
     p.add_argument("--out", type=Path, default=SCRATCH / "compiled_cpu.json", help=OUT_HELP)
     return p.parse_args(argv)
 
 
+def quartiles(values: list[float]) -> tuple[float, float]:
+    """The first and third quartiles (the values themselves for fewer than two)."""
+    if len(values) < 2:
+        return min(values), max(values)
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q3
+
+
 def interleaved(runs: dict, reps: int, device: str) -> dict:
-    """Median ms of each model's callable, after one warm-up call each (compilation included, timed apart)."""
+    """Median ms of each callable ("dense", "pmod" and, optionally, "ideal"), after one warm-up call each (compilation
+    included, timed apart); the callables take turns, in reverse order every other repetition. Besides the ratios of
+    the medians, the quartiles of p-MoD / dense over the repetitions (each p-MoD run over the dense run beside it)."""
     start = time.perf_counter()
     for run in runs.values():
         run()
     warmup = time.perf_counter() - start
     times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(reps):
-        for name, run in runs.items():
+    names = list(runs)
+    for rep in range(reps):
+        for name in names if rep % 2 == 0 else names[::-1]:
             begin = clock(device)
-            run()
+            runs[name]()
             times[name].append(clock(device) - begin)
-    dense, routed = statistics.median(times["dense"]), statistics.median(times["pmod"])
-    return {"dense_ms": dense * 1e3, "pmod_ms": routed * 1e3, "ratio": routed / dense, "warmup_s": warmup}
+    median = {name: statistics.median(values) for name, values in times.items()}
+    low, high = quartiles([p / d for p, d in zip(times["pmod"], times["dense"])])
+    result = {"dense_ms": median["dense"] * 1e3, "pmod_ms": median["pmod"] * 1e3,
+              "ratio": median["pmod"] / median["dense"], "ratio_q1": low, "ratio_q3": high, "warmup_s": warmup}
+    if "ideal" in runs:
+        result.update(ideal_ms=median["ideal"] * 1e3, ideal_ratio=median["ideal"] / median["dense"],
+                      routing_overhead=median["pmod"] / median["ideal"])
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,30 +113,16 @@ def main(argv: list[str] | None = None) -> int:
     cost = prefill_cost(shape_from_config(routed.config, "bench"), args.vision_tokens, args.text_tokens,
                         resolved=routed.pmod, causal=True)
     rows = []
-    for case, cache_kind, compiled in MODES:
-        torch._dynamo.reset()
-        options = {"fullgraph": True, "backend": args.backend} if compiled else None
-        if case == "prefill":
-            runs = {"dense": prefill_runner(dense, ids, None, options),
-                    "pmod": prefill_runner(routed, ids, target, options)}
-            with torch.no_grad():
-                result = interleaved(runs, args.reps, args.device)
-        else:
-            steps = args.steps + 1  # one warm-up step
-            runs = {"dense": decode_runner(dense, ids, None, cache_kind, steps, options),
-                    "pmod": decode_runner(routed, ids, target, cache_kind, steps, options)}
-            result = interleaved(runs, args.steps, args.device)
-        row = {"case": case, "cache": cache_kind, "compiled": compiled, **result}
-        rows.append(row)
-        print(f"{case:7s} {'compiled' if compiled else 'eager':8s} cache={cache_kind:7s} dense "
-              f"{row['dense_ms']:9.2f} ms  p-MoD {row['pmod_ms']:9.2f} ms  ratio {row['ratio']:.3f}  "
-              f"(warm-up {row['warmup_s']:.1f} s)",
-              file=sys.stderr)
+    with machine_load(args.load) as load:
+        for case, cache_kind, compiled in MODES:
+            rows.append(measure(args, dense, routed, ids, target, case, cache_kind, compiled))
     result = {
         "benchmark": "compiled",
         "what": "median ms of a prefill (batch 1, no cache) and of a decoding step after it, dense vs p-MoD "
-                "interleaved, eager and torch.compile(fullgraph=True)",
+                "interleaved, eager and torch.compile(fullgraph=True); for the prefill also the ideal one (dense "
+                "layers on p-MoD's processed-token counts, no routing)",
         "shape": {**shape(args), "batch": 1, "backend": args.backend},
+        "load": load,
         "flops_ratio": cost.flops_ratio,
         "reps": args.reps,
         "steps": args.steps,
@@ -114,16 +130,49 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(args.device),
     }
     write_result(args.out, result)
-    lines = ["| case | mode | cache | dense ms | p-MoD ms | p-MoD / dense |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['case']} | {'compiled' if r['compiled'] else 'eager'} | {r['cache']} | {r['dense_ms']:.2f} | "
-              f"{r['pmod_ms']:.2f} | {r['ratio']:.3f} |" for r in rows]
-    info = result["machine"]
-    note = (f"Analytic prefill FLOP ratio {cost.flops_ratio:.3f}. Backend {args.backend}; {info['torch_threads']} "
-            f"torch threads on {info['cpu_count']} CPUs ({info['processor']}); torch {info['torch']}, transformers "
-            f"{info['transformers']}.")
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n\n" + note + "\n")
+    args.out.with_suffix(".md").write_text(markdown(result))
     print(f"-> {args.out}", file=sys.stderr)
     return 0
+
+
+def measure(args: argparse.Namespace, dense, routed, ids, target, case: str, cache_kind: str, compiled: bool) -> dict:
+    """One row: dense and p-MoD (and, for a prefill, the ideal) timed side by side in one mode."""
+    torch._dynamo.reset()
+    options = {"fullgraph": True, "backend": args.backend} if compiled else None
+    if case == "prefill":
+        runs = {"dense": prefill_runner(dense, ids, None, options),
+                "pmod": prefill_runner(routed, ids, target, options),
+                "ideal": ideal_prefill_runner(dense, routed, ids, target, options)}
+        with torch.no_grad():
+            result = interleaved(runs, args.reps, args.device)
+    else:
+        steps = args.steps + 1  # one warm-up step
+        runs = {"dense": decode_runner(dense, ids, None, cache_kind, steps, options),
+                "pmod": decode_runner(routed, ids, target, cache_kind, steps, options)}
+        result = interleaved(runs, args.steps, args.device)
+    row = {"case": case, "cache": cache_kind, "compiled": compiled, **result}
+    ideal = f"  ideal {row['ideal_ratio']:.3f}  routing x{row['routing_overhead']:.3f}" if "ideal_ms" in row else ""
+    print(f"{case:7s} {'compiled' if compiled else 'eager':8s} cache={cache_kind:7s} dense "
+          f"{row['dense_ms']:9.2f} ms  p-MoD {row['pmod_ms']:9.2f} ms  ratio {row['ratio']:.3f} "
+          f"({row['ratio_q1']:.3f}-{row['ratio_q3']:.3f}){ideal}  (warm-up {row['warmup_s']:.1f} s)", file=sys.stderr)
+    return row
+
+
+def markdown(result: dict) -> str:
+    """The result as the table benchmarks/README.md shows."""
+    lines = ["| case | mode | cache | dense ms | p-MoD ms | p-MoD / dense | quartiles | ideal / dense "
+             "| p-MoD / ideal |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        ideal = (f"{r['ideal_ratio']:.3f} | {r['routing_overhead']:.3f}" if "ideal_ms" in r else "- | -")
+        lines.append(f"| {r['case']} | {'compiled' if r['compiled'] else 'eager'} | {r['cache']} | {r['dense_ms']:.2f} "
+                     f"| {r['pmod_ms']:.2f} | {r['ratio']:.3f} | {r['ratio_q1']:.3f}-{r['ratio_q3']:.3f} | {ideal} |")
+    info = result["machine"]
+    note = (f"Analytic prefill FLOP ratio {result['flops_ratio']:.3f}. Machine load: {result['load']}. Backend "
+            f"{result['shape']['backend']}; {info['torch_threads']} torch threads on {info['cpu_count']} CPUs "
+            f"({info['processor']}); torch {info['torch']}, transformers {info['transformers']}. Quartiles: of "
+            f"p-MoD / dense over the {result['reps']} prefills ({result['steps']} decoding steps) of each model. "
+            "Ideal: the dense layers on p-MoD's processed-token counts, without routing.")
+    return "\n".join(lines) + "\n\n" + note + "\n"
 
 
 if __name__ == "__main__":

@@ -16,10 +16,9 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from common import OUT_HELP, SCRATCH, machine, write_result
+from common import LOADS, OUT_HELP, SCRATCH, machine, machine_load, write_result
 
 STEP = """
 import statistics, sys, time, torch
@@ -37,16 +36,6 @@ while time.perf_counter() - start < {seconds}:
     times.append(time.perf_counter() - begin)
 print(statistics.median(times[1:] or times))
 """
-
-
-# machine load -> (label, the competing process's code or None)
-LOADS = {
-    "idle": ("idle", None),
-    "busy": ("one busy process", "import time\nend = time.time() + 3600\nwhile time.time() < end: pass"),
-    "torch": ("a torch process on 2 threads",
-              ("import time, torch\ntorch.set_num_threads(2)\na = torch.randn(256, 256)\n"
-               "end = time.time() + 3600\nwhile time.time() < end: a @ a")),
-}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -71,20 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = [(threads, policy) for threads in args.threads for policy in args.policies]
     rows = []
-    for load, busy_code in (LOADS[name] for name in args.loads):
-        competitor = None
-        if busy_code is not None:
-            competitor = subprocess.Popen([sys.executable, "-c", busy_code])
-            time.sleep(2.0)
-        try:
+    for name in args.loads:
+        with machine_load(name) as load:
             times: dict[tuple[int, str], list[float]] = {s: [] for s in settings}
             for _ in range(args.reps):
                 for threads, policy in settings:
                     times[(threads, policy)].append(step_ms(threads, policy, args.seconds))
-        finally:
-            if competitor is not None:
-                competitor.kill()
-                competitor.wait()
         for (threads, policy), values in times.items():
             rows.append({"load": load, "threads": threads, "wait_policy": policy,
                          "step_ms": statistics.median(values), "runs_ms": values})

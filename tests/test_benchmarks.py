@@ -69,7 +69,9 @@ def test_compiled_benchmark(tmp_path):
     assert [(r["case"], r["cache"], r["compiled"]) for r in result["rows"]] == [
         ("prefill", "none", False), ("prefill", "none", True), ("decode", "dynamic", False),
         ("decode", "static", False), ("decode", "static", True)]
-    assert all(r["dense_ms"] > 0 and r["pmod_ms"] > 0 for r in result["rows"]) and 0 < result["flops_ratio"] < 1
+    assert all(r["dense_ms"] > 0 and r["pmod_ms"] > 0 and r["ratio_q1"] <= r["ratio_q3"] for r in result["rows"])
+    assert [r["case"] for r in result["rows"] if r.get("ideal_ms", 0) > 0] == ["prefill", "prefill"]
+    assert 0 < result["flops_ratio"] < 1 and result["load"] == "idle"
     assert out.with_suffix(".md").read_text().count("\n| ") == 5  # a row per mode
 
 
@@ -81,6 +83,38 @@ def test_threads_benchmark(tmp_path):
     assert [(r["load"], r["threads"], r["wait_policy"]) for r in rows] == [
         ("idle", 2, "PASSIVE"), ("one busy process", 2, "PASSIVE")]
     assert all(r["step_ms"] > 0 for r in rows) and out.with_suffix(".md").read_text().count("\n| ") == 2  # rows
+
+
+def test_the_ideal_prefill_computes_what_pmod_computes(monkeypatch):
+    """compiled.py's ideal prefill (dense layers on p-MoD's processed counts, no routing) is p-MoD's computation, at
+    every position: equal to p-MoD when p-MoD processes the first tokens (text first, then the targets; zero routers
+    rank by position, so each layer keeps the first k targets, and skipped ones pass with g = beta = 1), and to dense
+    when every routed layer keeps every token."""
+    import copy
+
+    import torch
+
+    import pmod
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from common import dense_model, ideal_prefill_runner, prefill_runner
+
+    args = type("Args", (), dict(layers=6, hidden=64, intermediate=128, heads=4, attn="sdpa", dtype="float32",
+                                 device="cpu"))()
+    dense = dense_model(args)
+    ids = torch.randint(0, 1024, (2, 40))
+    target = (torch.arange(40) >= 8).expand(2, 40)  # 8 text tokens, then 32 targets
+    routed = pmod.apply_pmod(copy.deepcopy(dense), pmod.PModConfig())
+    assert len({spec.keep_ratio for spec in routed.pmod.layers}) > 1  # routed layers process different counts
+    with torch.no_grad():
+        ideal = ideal_prefill_runner(dense, routed, ids, target, logits_to_keep=0)()  # (B, T, V)
+        torch.testing.assert_close(ideal, prefill_runner(routed, ids, target, logits_to_keep=0)())
+        assert not torch.allclose(ideal, prefill_runner(dense, ids, None, logits_to_keep=0)(), atol=1e-3)
+        keep_all = pmod.apply_pmod(copy.deepcopy(dense), pmod.PModConfig(schedule=[1.0] * 6, routed_layers=[2, 4]))
+        torch.testing.assert_close(ideal_prefill_runner(dense, keep_all, ids, target, logits_to_keep=0)(),
+                                   prefill_runner(dense, ids, None, logits_to_keep=0)())
+    with pytest.raises(ValueError, match="same number of routing targets"):
+        ideal_prefill_runner(dense, routed, ids, target & (torch.arange(2)[:, None] == 0))
 
 
 @pytest.mark.parametrize("script", ["prefill", "decode", "efficiency", "compiled", "threads"])
