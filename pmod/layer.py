@@ -134,7 +134,7 @@ class PModLayerMixin:
         h, mlp_out = self._attention_mlp(xs, mask, position_ids, (cos, sin), attend)
 
         slot_weight = weight.gather(1, pos)[..., None]  # (B, S, 1)
-        out_slots = h + slot_weight * mlp_out  # (B, S, D)
+        out_slots = torch.addcmul(h, slot_weight, mlp_out)  # h + g * mlp_out, (B, S, D), one kernel
         if not uniform:
             # Empty slots point at distinct unprocessed positions: write back what `out` holds there.
             out_slots = torch.where(sel.slot_valid[..., None], out_slots, xs * skip_weight.gather(1, pos)[..., None])
