@@ -75,7 +75,7 @@ class PModLayerMixin:
             )
         x = hidden_states
         _check_weight_range(spec, x.dtype)
-        batch, length, hidden = x.shape
+        batch, length, _ = x.shape
         float_dtype = x.dtype if attn_impl == "eager" else None
         attend = {CACHE_KWARG: cache, "use_cache": use_cache, **kwargs}
 
@@ -101,47 +101,52 @@ class PModLayerMixin:
             return h + mlp_out
 
         # Router on the raw layer input, in fp32 so ranking does not suffer bf16 ties.
-        logits = self.router(x).squeeze(-1)  # (B, T) fp32
+        scores = self.router(x)  # (B, T, 1) fp32
+        logits = scores.squeeze(-1)  # (B, T)
         sel = select_tokens(logits, pmod_plan, spec.index)
         pos = sel.positions  # (B, S)
         width = pos.shape[1]
         # STRing: targets carry g = alpha * tanh(s) + beta; text tokens are plain dense tokens (weight 1).
-        g = self.router_weight(logits).to(x.dtype)  # (B, T)
-        weight = g.masked_fill(pmod_plan.not_target, 1.0)  # (B, T)
-        skip_weight = weight if spec.string else torch.ones_like(weight)  # (B, T)
-        # Skipped targets become g * x, padding passes through; processed slots are overwritten below (through a
-        # flat view, so the product must be contiguous even when the caller's hidden states are not).
-        out = (x * skip_weight[..., None]).contiguous()
+        weight = self._token_weights(scores, pmod_plan).to(x.dtype)  # (B, T, 1)
+        skip_weight = weight if spec.string else torch.ones_like(weight)  # (B, T, 1)
+        # Skipped targets become g * x, padding passes through; processed slots are overwritten below (in place, so
+        # the product must be contiguous even when the caller's hidden states are not).
+        out = (x * skip_weight).contiguous()
         if width == 0:  # no example processes any token in this layer
             if cache is not None:
                 cache.layers[spec.index].skip(length, batch, x.device)  # protocol step 3b (pmod/cache.py)
             self._record(pmod_plan, sel, logits)
             return out
 
-        # Row-major flat indices: one index per token (index_select / index_copy_) instead of one per element
-        # (gather / scatter over an expanded (B, S, D) index), which is markedly faster on long sequences.
-        flat = (pos if pmod_plan.row_start is None else pos + pmod_plan.row_start).flatten()  # (B*S,)
-        xs = x.reshape(batch * length, hidden).index_select(0, flat).view(batch, width, hidden)  # (B, S, D)
-        cos, sin = _rotary_rows(position_embeddings, pmod_plan, pos, flat)  # (B, S, head_dim), original positions
+        rows = _Rows(pos, pmod_plan.row_start)
+        xs = rows.take(x)  # (B, S, D)
+        cos, sin = _rotary_rows(position_embeddings, pmod_plan, rows)  # (B, S, head_dim), original positions
         # the gathered tokens' positions live in (cos, sin); position ids are passed on only to attentions that read
         # them (`reads_position_ids`: Ministral 3's length scaling), gathered like the tokens (flash-attention would
         # read non-contiguous ids at batch 1 as packed sequences; eager and sdpa do not read them)
-        position_ids = _position_rows(position_ids, pos, flat) if self.reads_position_ids else None
+        position_ids = _position_rows(position_ids, rows) if self.reads_position_ids else None
         uniform = pmod_plan.uniform[spec.index]
         mask, held = self._stage_and_mask(attention_mask, sel, cache, pmod_plan, length, uniform, float_dtype)
         if kwargs.get("output_attentions"):
             self._keep_layout(pos, sel.slot_valid, held, attention_mask, cache, pmod_plan, length)
         h, mlp_out = self._attention_mlp(xs, mask, position_ids, (cos, sin), attend)
 
-        slot_weight = weight.gather(1, pos)[..., None]  # (B, S, 1)
-        out_slots = torch.addcmul(h, slot_weight, mlp_out)  # h + g * mlp_out, (B, S, D), one kernel
+        out_slots = torch.addcmul(h, rows.take(weight), mlp_out)  # h + g * mlp_out, (B, S, D), one kernel
         if not uniform:
             # Empty slots point at distinct unprocessed positions: write back what `out` holds there.
-            out_slots = torch.where(sel.slot_valid[..., None], out_slots, xs * skip_weight.gather(1, pos)[..., None])
+            out_slots = torch.where(sel.slot_valid[..., None], out_slots, xs * rows.take(skip_weight))
         # out is a fresh product that no saved tensor refers to; slots hold distinct positions.
-        out.view(batch * length, hidden).index_copy_(0, flat, out_slots.reshape(batch * width, hidden))
+        rows.put(out, out_slots)
         self._record(pmod_plan, sel, logits)
         return out
+
+    def _token_weights(self, scores: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+        """(B, T, 1) fp32 weight of every token from the router scores ``scores`` (B, T, 1): g (`router_weight`) at
+        targets, 1 elsewhere, as ``offset + scale * tanh(s)`` with the plan's per-forward terms (two kernels where
+        `router_weight` and a masked fill take four; a GPU at batch 1 pays per kernel)."""
+        spec = self.pmod_spec
+        offset, scale = plan.weight_terms(spec.alpha, spec.beta)  # (B, T, 1) each
+        return torch.addcmul(offset, torch.tanh(scores) if spec.tanh_norm else scores, scale)
 
     def router_weight(self, logits: torch.Tensor) -> torch.Tensor:
         """TanhNorm: g = alpha * tanh(s) + beta (``alpha * s + beta`` with the ``tanh_norm=False`` ablation)."""
@@ -206,7 +211,7 @@ class PModLayerMixin:
     def _record(self, plan: RoutingPlan, sel: Selection, logits: torch.Tensor) -> None:
         self.last_routing = LayerRouting(
             target=plan.target,
-            router_logits=logits.detach(),
+            router_logits=logits.detach() if logits.requires_grad else logits,
             keep_ratio=self.pmod_spec.keep_ratio,
             selection=sel,
         )
@@ -279,32 +284,54 @@ def _check_cache(cache) -> PModCache | PModStaticCache:
     return cache
 
 
-def _rotary_rows(position_embeddings: tuple[torch.Tensor, torch.Tensor], plan: RoutingPlan, pos: torch.Tensor,
-                 flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows at ``pos`` (B, S) of the rotary tables ``(cos, sin)``, each (1 | B, T, d), as two (B, S, d): one
-    gather of ``cat([cos, sin])``, concatenated once per forward for the layers that share the tables (the plan keeps
-    them). ``flat`` are the flat indices of ``pos``."""
+class _Rows:
+    """Reads and writes the rows ``pos`` (B, S) of (B, T, ...) tensors: along the sequence dimension at batch 1
+    (``row_start`` None: one kernel each), through flat row indices otherwise (one index per token, not per element:
+    index_select / index_copy_ are markedly faster than gather / scatter over an expanded index on long sequences)."""
+
+    def __init__(self, pos: torch.Tensor, row_start: torch.Tensor | None) -> None:
+        self.pos = pos
+        self.by_sequence = row_start is None
+        self.index = pos[0] if self.by_sequence else (pos + row_start).flatten()  # (S,) or (B*S,)
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (B, T) or (B, T, ...) at the rows: (B, S) or (B, S, ...)."""
+        if self.by_sequence:
+            return t.index_select(1, self.index)
+        return t.flatten(0, 1).index_select(0, self.index).view(*self.pos.shape, *t.shape[2:])
+
+    def put(self, out: torch.Tensor, values: torch.Tensor) -> None:
+        """Write ``values`` (B, S, ...) into the rows of the contiguous ``out`` (B, T, ...), in place."""
+        if self.by_sequence:
+            out.index_copy_(1, self.index, values)
+        else:
+            out.view(-1, *out.shape[2:]).index_copy_(0, self.index, values.flatten(0, 1))
+
+
+def _rotary_rows(position_embeddings: tuple[torch.Tensor, torch.Tensor], plan: RoutingPlan,
+                 rows: _Rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``rows`` of the rotary tables ``(cos, sin)``, each (1 | B, T, d), as two (B, S, d): one gather of
+    ``cat([cos, sin])``, concatenated once per forward for the layers that share the tables (the plan keeps them)."""
     cos, sin = position_embeddings
     both = next((joined for table, joined in plan.rotary if table is cos), None)
     if both is None:  # the first layer with these tables (Gemma 3 has one pair per layer type)
         both = torch.cat([cos, sin], dim=-1)  # (1 | B, T, 2d)
         plan.rotary.append((cos, both))
     dim = cos.shape[-1]
-    if both.shape[0] == 1:  # shared by the batch (position ids without padding): index it once per row of pos
-        rows = both[0].index_select(0, pos.flatten())
+    if both.shape[0] == 1 and not rows.by_sequence:  # shared by the batch (no padding): index it once per row
+        picked = both[0].index_select(0, rows.pos.flatten()).view(*rows.pos.shape, 2 * dim)
     else:
-        rows = both.reshape(-1, 2 * dim).index_select(0, flat)
-    rows = rows.view(*pos.shape, 2 * dim)  # (B, S, 2d)
-    return rows[..., :dim], rows[..., dim:]
+        picked = rows.take(both)  # (B, S, 2d)
+    return picked[..., :dim], picked[..., dim:]
 
 
-def _position_rows(position_ids: torch.Tensor | None, pos: torch.Tensor, flat: torch.Tensor) -> torch.Tensor | None:
-    """The position ids (1 | B, T) at ``pos`` (B, S), as (B, S); ``flat`` are the flat indices of pos."""
+def _position_rows(position_ids: torch.Tensor | None, rows: _Rows) -> torch.Tensor | None:
+    """The position ids (1 | B, T) at the ``rows``, as (B, S)."""
     if position_ids is None:
         return None
-    if position_ids.shape[0] == 1:
-        return position_ids[0].index_select(0, pos.flatten()).view(pos.shape)
-    return position_ids.reshape(-1).index_select(0, flat).view(pos.shape)
+    if position_ids.shape[0] == 1 and not rows.by_sequence:
+        return position_ids[0].index_select(0, rows.pos.flatten()).view(rows.pos.shape)
+    return rows.take(position_ids)
 
 
 def _subset_mask(

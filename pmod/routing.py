@@ -71,6 +71,7 @@ class RoutingPlan:
             for a regular plan (None otherwise).
         rotary: the rotary tables the routed layers were given, each as ``(cos, torch.cat([cos, sin], -1))``: layers
             that share them gather both with one index (cached here for the forward).
+        token_weight_terms: (alpha, beta) -> `weight_terms`' tensors, made once per forward.
     """
 
     target: torch.Tensor
@@ -90,6 +91,18 @@ class RoutingPlan:
     shared_keep: dict[int, int] | None = None
     text_positions: torch.Tensor | None = None
     rotary: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    token_weight_terms: dict[tuple[float, float], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def weight_terms(self, alpha: float, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(offset, scale), each (B, T, 1) fp32: beta and alpha at targets, 1 and 0 elsewhere, so that a token's weight
+        is ``offset + scale * t`` (t = tanh(s), TanhNorm's g at targets, 1 at plain dense tokens); made once per forward
+        for the layers that share the settings."""
+        terms = self.token_weight_terms.get((alpha, beta))
+        if terms is None:
+            target = self.target[..., None]  # (B, T, 1)
+            terms = (torch.where(target, beta, 1.0).float(), torch.where(target, alpha, 0.0).float())
+            self.token_weight_terms[(alpha, beta)] = terms
+        return terms
 
     def __post_init__(self) -> None:
         batch, length = self.target.shape

@@ -72,14 +72,16 @@ def test_pmod_forward_op_and_sync_budget():
     pmod_static_step = _count(routed, **static, **cache_kwargs(pmod_cache))
 
     assert pmod_prefill.syncs == {} and pmod_step.syncs == {} and pmod_static_step.syncs == {}
-    # measured 2026-12-07 (transformers 5.25 and 5.17): prefill 1.34x the dense op count (1.60x before the plan
+    # measured 2026-12-07 (transformers 5.25 and 5.17): prefill 1.23x the dense op count (1.60x before the plan
     # computed the selection's shared tensors once, 1.44x before a batch of rows with equal target counts selected by
     # slicing its ranking and the rotary tables were gathered once per layer, 1.35x before the weighted residual became
-    # one addcmul), 1.33x given target_counts; decoding step 1.01x (1.16x before decoding steps skipped the router and
-    # built their masks in one pass), static decoding step 1.12x
-    assert pmod_prefill.total <= 1.40 * dense_prefill.total, (pmod_prefill.total, dense_prefill.total)
+    # one addcmul, 1.34x before the token weights took two kernels and a batch of one indexed its rows along the
+    # sequence: 21 ops per routed layer beside the dense layer's 70, 33 before), 1.21x given target_counts; decoding
+    # step 1.01x (1.16x before decoding steps skipped the router and built their masks in one pass), static decoding
+    # step 1.12x
+    assert pmod_prefill.total <= 1.26 * dense_prefill.total, (pmod_prefill.total, dense_prefill.total)
     planned = _count(routed, input_ids=ids, target_mask=target, target_counts=[576], use_cache=True)
-    assert planned.syncs == {} and planned.total <= 1.40 * dense_prefill.total, (planned.total, dense_prefill.total)
+    assert planned.syncs == {} and planned.total <= 1.24 * dense_prefill.total, (planned.total, dense_prefill.total)
     assert pmod_step.total <= 1.05 * dense_step.total, (pmod_step.total, dense_step.total)
     assert pmod_static_step.total <= 1.15 * dense_static_step.total, (pmod_static_step.total, dense_static_step.total)
 
