@@ -6,6 +6,7 @@ import argparse
 import copy
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -99,6 +100,42 @@ def machine(device: str) -> dict:
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def interleaved(runs: dict, reps: int, device: str) -> tuple[dict[str, list[float]], float]:
+    """Seconds of each no-argument callable in ``runs`` over ``reps`` repetitions, after one warm-up call each
+    (compilation included; its seconds returned apart). The callables take turns, in reverse order every other
+    repetition, so that a slow spell of a shared machine falls on each alike."""
+    start = time.perf_counter()
+    for run in runs.values():
+        run()
+    warmup = time.perf_counter() - start
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
+    for rep in range(reps):
+        for name in names if rep % 2 == 0 else names[::-1]:
+            begin = clock(device)
+            runs[name]()
+            times[name].append(clock(device) - begin)
+    return times, warmup
+
+
+def compare(times: dict[str, list[float]]) -> dict[str, float]:
+    """Median seconds of "dense", "pmod" and, when timed, "ideal" (`ideal_prefill_runner`), their ratios, and the
+    quartiles of p-MoD / dense over the repetitions (each p-MoD run over the dense run beside it): how far one run of
+    a benchmark can be trusted."""
+    median = {name: statistics.median(values) for name, values in times.items()}
+    pairs = [routed / dense for routed, dense in zip(times["pmod"], times["dense"])]
+    if len(pairs) < 2:
+        low, high = min(pairs), max(pairs)
+    else:
+        low, _, high = statistics.quantiles(pairs, n=4, method="inclusive")
+    result = {"dense_s": median["dense"], "pmod_s": median["pmod"], "ratio": median["pmod"] / median["dense"],
+              "ratio_q1": low, "ratio_q3": high}
+    if "ideal" in median:
+        result.update(ideal_s=median["ideal"], ideal_ratio=median["ideal"] / median["dense"],
+                      routing_overhead=median["pmod"] / median["ideal"])
+    return result
 
 
 def write_result(path: Path, result: dict) -> None:

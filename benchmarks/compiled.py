@@ -27,9 +27,7 @@ repetitions' adjacent pairs: how far one run of the benchmark can be trusted.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -38,10 +36,11 @@ from common import (
     OUT_HELP,
     SCRATCH,
     add_model_args,
-    clock,
+    compare,
     decode_runner,
     dense_and_pmod,
     ideal_prefill_runner,
+    interleaved,
     machine,
     machine_load,
     prefill_runner,
@@ -68,39 +67,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run beside a competing process: busy (a Python loop) or torch (a 2-thread matrix multiply)")
     p.add_argument("--out", type=Path, default=SCRATCH / "compiled_cpu.json", help=OUT_HELP)
     return p.parse_args(argv)
-
-
-def quartiles(values: list[float]) -> tuple[float, float]:
-    """The first and third quartiles (the values themselves for fewer than two)."""
-    if len(values) < 2:
-        return min(values), max(values)
-    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return q1, q3
-
-
-def interleaved(runs: dict, reps: int, device: str) -> dict:
-    """Median ms of each callable ("dense", "pmod" and, optionally, "ideal"), after one warm-up call each (compilation
-    included, timed apart); the callables take turns, in reverse order every other repetition. Besides the ratios of
-    the medians, the quartiles of p-MoD / dense over the repetitions (each p-MoD run over the dense run beside it)."""
-    start = time.perf_counter()
-    for run in runs.values():
-        run()
-    warmup = time.perf_counter() - start
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    names = list(runs)
-    for rep in range(reps):
-        for name in names if rep % 2 == 0 else names[::-1]:
-            begin = clock(device)
-            runs[name]()
-            times[name].append(clock(device) - begin)
-    median = {name: statistics.median(values) for name, values in times.items()}
-    low, high = quartiles([p / d for p, d in zip(times["pmod"], times["dense"])])
-    result = {"dense_ms": median["dense"] * 1e3, "pmod_ms": median["pmod"] * 1e3,
-              "ratio": median["pmod"] / median["dense"], "ratio_q1": low, "ratio_q3": high, "warmup_s": warmup}
-    if "ideal" in runs:
-        result.update(ideal_ms=median["ideal"] * 1e3, ideal_ratio=median["ideal"] / median["dense"],
-                      routing_overhead=median["pmod"] / median["ideal"])
-    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,16 +110,16 @@ def measure(args: argparse.Namespace, dense, routed, ids, target, case: str, cac
                 "pmod": prefill_runner(routed, ids, target, options),
                 "ideal": ideal_prefill_runner(dense, routed, ids, target, options)}
         with torch.no_grad():
-            result = interleaved(runs, args.reps, args.device)
+            times, warmup = interleaved(runs, args.reps, args.device)
     else:
         steps = args.steps + 1  # one warm-up step
         runs = {"dense": decode_runner(dense, ids, None, cache_kind, steps, options),
                 "pmod": decode_runner(routed, ids, target, cache_kind, steps, options)}
-        result = interleaved(runs, args.steps, args.device)
-    row = {"case": case, "cache": cache_kind, "compiled": compiled, **result}
-    ideal = f"  ideal {row['ideal_ratio']:.3f}  routing x{row['routing_overhead']:.3f}" if "ideal_ms" in row else ""
+        times, warmup = interleaved(runs, args.steps, args.device)
+    row = {"case": case, "cache": cache_kind, "compiled": compiled, **compare(times), "warmup_s": warmup}
+    ideal = f"  ideal {row['ideal_ratio']:.3f}  routing x{row['routing_overhead']:.3f}" if "ideal_s" in row else ""
     print(f"{case:7s} {'compiled' if compiled else 'eager':8s} cache={cache_kind:7s} dense "
-          f"{row['dense_ms']:9.2f} ms  p-MoD {row['pmod_ms']:9.2f} ms  ratio {row['ratio']:.3f} "
+          f"{row['dense_s'] * 1e3:9.2f} ms  p-MoD {row['pmod_s'] * 1e3:9.2f} ms  ratio {row['ratio']:.3f} "
           f"({row['ratio_q1']:.3f}-{row['ratio_q3']:.3f}){ideal}  (warm-up {row['warmup_s']:.1f} s)", file=sys.stderr)
     return row
 
@@ -163,9 +129,10 @@ def markdown(result: dict) -> str:
     lines = ["| case | mode | cache | dense ms | p-MoD ms | p-MoD / dense | quartiles | ideal / dense "
              "| p-MoD / ideal |", "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        ideal = (f"{r['ideal_ratio']:.3f} | {r['routing_overhead']:.3f}" if "ideal_ms" in r else "- | -")
-        lines.append(f"| {r['case']} | {'compiled' if r['compiled'] else 'eager'} | {r['cache']} | {r['dense_ms']:.2f} "
-                     f"| {r['pmod_ms']:.2f} | {r['ratio']:.3f} | {r['ratio_q1']:.3f}-{r['ratio_q3']:.3f} | {ideal} |")
+        ideal = (f"{r['ideal_ratio']:.3f} | {r['routing_overhead']:.3f}" if "ideal_s" in r else "- | -")
+        lines.append(f"| {r['case']} | {'compiled' if r['compiled'] else 'eager'} | {r['cache']} | "
+                     f"{r['dense_s'] * 1e3:.2f} | {r['pmod_s'] * 1e3:.2f} | {r['ratio']:.3f} | "
+                     f"{r['ratio_q1']:.3f}-{r['ratio_q3']:.3f} | {ideal} |")
     info = result["machine"]
     note = (f"Analytic prefill FLOP ratio {result['flops_ratio']:.3f}. Machine load: {result['load']}. Backend "
             f"{result['shape']['backend']}; {info['torch_threads']} torch threads on {info['cpu_count']} CPUs "

@@ -5,8 +5,10 @@
 
 Both models are built directly on the device (random weights, seeded; the p-MoD one is a copy with the paper's
 schedule and random routers, so routing is not trivially the first tokens). Every case times the two models
-interleaved, rep by rep, and reports medians and their ratio; absolute times drift between runs, ratios measured
-side by side do not. Cases: prefill (batch 1 and 8 at 576 vision + 64 text tokens, batch 1 and 4 at 2880 + 200),
+interleaved, rep by rep, and reports medians, their ratio and the quartiles of the paired ratios; absolute times
+drift between runs, ratios measured side by side do not. Prefills also time the ideal one (the dense layers on
+p-MoD's processed-token counts, no routing: `common.ideal_prefill_runner`), so p-MoD / ideal is the routing's own
+cost on this GPU. Cases: prefill (batch 1 and 8 at 576 vision + 64 text tokens, batch 1 and 4 at 2880 + 200),
 eager and compiled (fullgraph; p-MoD given ``target_counts``); one training step (forward and backward, batch 4,
 576 + 64); and decoding steps after a prompt (batch 1 and 32 after 576 + 64, batch 8 after 2880 + 200) in each mode:
 eager with the dynamic cache (cuDNN attention on and off), eager with a static cache, compiled (fullgraph) and
@@ -17,12 +19,21 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 from pathlib import Path
 
 import torch
-from common import RESULTS, clock, decode_runner, machine, prefill_runner, write_result
+from common import (
+    RESULTS,
+    clock,
+    compare,
+    decode_runner,
+    ideal_prefill_runner,
+    interleaved,
+    machine,
+    prefill_runner,
+    write_result,
+)
 
 import pmod
 from pmod.efficiency import prefill_cost, shape_from_config
@@ -89,26 +100,15 @@ def scaled(case: tuple[int, int, int], small: bool) -> tuple[int, int, int]:
     return (batch, vision // 18, text // 4) if small else case  # 576 -> 32, 2880 -> 160 tokens
 
 
-def timed_pair(run_dense, run_pmod, reps: int, device: str) -> dict[str, float]:
-    """Median seconds of each model, interleaved rep by rep after one warm-up each."""
-    run_dense(), run_pmod()
-    times: dict[str, list[float]] = {"dense": [], "pmod": []}
-    for _ in range(reps):
-        for name, run in (("dense", run_dense), ("pmod", run_pmod)):
-            start = clock(device)
-            run()
-            times[name].append(clock(device) - start)
-    dense, routed = statistics.median(times["dense"]), statistics.median(times["pmod"])
-    return {"dense_s": dense, "pmod_s": routed, "ratio": routed / dense}
-
-
 def prefill_case(dense, routed, args, case, mode: str = "eager") -> dict:
     x = inputs(args, *case, dense.config.vocab_size)
     options = None if mode == "eager" else {"fullgraph": True, "backend": args.backend}
     torch._dynamo.reset()
+    runs = {"dense": prefill_runner(dense, x["input_ids"], None, options),
+            "pmod": prefill_runner(routed, x["input_ids"], x["target_mask"], options),
+            "ideal": ideal_prefill_runner(dense, routed, x["input_ids"], x["target_mask"], options)}
     with torch.no_grad():
-        return timed_pair(prefill_runner(dense, x["input_ids"], None, options),
-                          prefill_runner(routed, x["input_ids"], x["target_mask"], options), args.reps, args.device)
+        return compare(interleaved(runs, args.reps, args.device)[0])
 
 
 def train_case(dense, routed, args, case) -> dict:
@@ -122,8 +122,8 @@ def train_case(dense, routed, args, case) -> dict:
 
     dense.train(), routed.train()
     try:
-        result = timed_pair(step(dense), step(routed, target_mask=x["target_mask"]), max(3, args.reps // 2),
-                            args.device)
+        runs = {"dense": step(dense), "pmod": step(routed, target_mask=x["target_mask"])}
+        result = compare(interleaved(runs, max(3, args.reps // 2), args.device)[0])
     finally:
         for model in (dense, routed):
             model.zero_grad(set_to_none=True)
@@ -164,9 +164,8 @@ def decode_case(dense, routed, args, case, mode: str = "eager") -> dict:
                     times[name].append(clock(args.device) - start)
     finally:
         torch.backends.cuda.enable_cudnn_sdp(previous)
-    dense_s, pmod_s = statistics.median(times["dense"]), statistics.median(times["pmod"])
-    return {"dense_s": dense_s, "pmod_s": pmod_s, "ratio": pmod_s / dense_s,
-            "batch_tokens_per_s": {"dense": case[0] / dense_s, "pmod": case[0] / pmod_s}}
+    result = compare(times)
+    return {**result, "batch_tokens_per_s": {"dense": case[0] / result["dense_s"], "pmod": case[0] / result["pmod_s"]}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,10 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     name = machine(args.device).get("gpu", args.device).split()[-1].lower() if args.device.startswith("cuda") else "cpu"
     out = args.out or RESULTS / f"gpu_{name}.json"
     write_result(out, result)
-    lines = ["| case | mode | batch | tokens | dense ms | p-MoD ms | p-MoD / dense | FLOP ratio |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| case | mode | batch | tokens | dense ms | p-MoD ms | p-MoD / dense | quartiles | FLOP ratio | "
+             "ideal / dense | p-MoD / ideal |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['case']} | {r.get('mode', '')} | {r['batch']} | {r['vision_tokens']} + {r['text_tokens']} | "
-              f"{r['dense_s'] * 1e3:.2f} | {r['pmod_s'] * 1e3:.2f} | {r['ratio']:.3f} | {r['flops_ratio']:.3f} |"
+              f"{r['dense_s'] * 1e3:.2f} | {r['pmod_s'] * 1e3:.2f} | {r['ratio']:.3f} | "
+              f"{r['ratio_q1']:.3f}-{r['ratio_q3']:.3f} | {r['flops_ratio']:.3f} | "
+              + (f"{r['ideal_ratio']:.3f} | {r['routing_overhead']:.3f} |" if "ideal_s" in r else "- | - |")
               for r in rows]
     out.with_suffix(".md").write_text(f"{result['machine']}\n\n" + "\n".join(lines) + "\n")
     return 0

@@ -56,6 +56,8 @@ def test_gpu_benchmark_script_at_a_small_shape(tmp_path):
         ("prefill", "compiled", 1), ("prefill", "compiled", 8), ("prefill", "compiled", 1), ("prefill", "compiled", 4),
         ("decode", "cudagraphs", 1), ("decode", "cudagraphs", 32), ("decode", "cudagraphs", 8)]
     assert all(r["dense_s"] > 0 and r["pmod_s"] > 0 and 0.5 < r["flops_ratio"] < 0.75 for r in result["rows"])
+    ideal = [r for r in result["rows"] if "ideal_s" in r]  # every prefill, and only prefills, times the ideal one
+    assert [r["case"] for r in ideal] == ["prefill"] * 4 and all(r["ideal_s"] > 0 for r in ideal)
     assert result["machine"]["torch"] and out.with_suffix(".md").read_text().count("\n| ") == 8  # header + rows
 
 
@@ -69,8 +71,8 @@ def test_compiled_benchmark(tmp_path):
     assert [(r["case"], r["cache"], r["compiled"]) for r in result["rows"]] == [
         ("prefill", "none", False), ("prefill", "none", True), ("decode", "dynamic", False),
         ("decode", "static", False), ("decode", "static", True)]
-    assert all(r["dense_ms"] > 0 and r["pmod_ms"] > 0 and r["ratio_q1"] <= r["ratio_q3"] for r in result["rows"])
-    assert [r["case"] for r in result["rows"] if r.get("ideal_ms", 0) > 0] == ["prefill", "prefill"]
+    assert all(r["dense_s"] > 0 and r["pmod_s"] > 0 and r["ratio_q1"] <= r["ratio_q3"] for r in result["rows"])
+    assert [r["case"] for r in result["rows"] if r.get("ideal_s", 0) > 0] == ["prefill", "prefill"]
     assert 0 < result["flops_ratio"] < 1 and result["load"] == "idle"
     assert out.with_suffix(".md").read_text().count("\n| ") == 5  # a row per mode
 
