@@ -102,7 +102,8 @@ bench: setup
 	$(PY) benchmarks/prefill.py --out benchmarks/results/prefill_cpu.json
 	$(PY) benchmarks/decode.py --out benchmarks/results/decode_cpu.json
 	$(PY) benchmarks/efficiency.py --out benchmarks/results/efficiency_cpu.json
-	$(PY) benchmarks/compiled.py --threads 2 --out benchmarks/results/compiled_cpu.json
+	$(PY) benchmarks/compiled.py --threads 2 --reps 9 --out benchmarks/results/compiled_cpu.json
+	$(PY) benchmarks/compiled.py --threads 1 --reps 11 --steps 32 --load busy --out benchmarks/results/compiled_cpu_busy.json
 	$(PY) benchmarks/threads.py --out benchmarks/results/threads_cpu.json
 	$(PY) benchmarks/serve.py --out benchmarks/results/serve_cpu.json
 	$(PY) benchmarks/report.py

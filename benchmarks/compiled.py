@@ -134,8 +134,9 @@ def markdown(result: dict) -> str:
                      f"{r['dense_s'] * 1e3:.2f} | {r['pmod_s'] * 1e3:.2f} | {r['ratio']:.3f} | "
                      f"{r['ratio_q1']:.3f}-{r['ratio_q3']:.3f} | {ideal} |")
     info = result["machine"]
+    threads = f"{info['torch_threads']} torch thread{'s' * (info['torch_threads'] != 1)}"
     note = (f"Analytic prefill FLOP ratio {result['flops_ratio']:.3f}. Machine load: {result['load']}. Backend "
-            f"{result['shape']['backend']}; {info['torch_threads']} torch threads on {info['cpu_count']} CPUs "
+            f"{result['shape']['backend']}; {threads} on {info['cpu_count']} CPUs "
             f"({info['processor']}); torch {info['torch']}, transformers {info['transformers']}. Quartiles: of "
             f"p-MoD / dense over the {result['reps']} prefills ({result['steps']} decoding steps) of each model. "
             "Ideal: the dense layers on p-MoD's processed-token counts, without routing.")
