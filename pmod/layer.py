@@ -420,6 +420,9 @@ class Router(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.float()
+        if torch.is_autocast_enabled(x.device.type):  # autocast would run the product in bf16 / fp16 all the same
+            with torch.autocast(x.device.type, enabled=False):
+                return F.linear(x.float(), self.weight.float(), bias)
         return F.linear(x.float(), self.weight.float(), bias)
 
 

@@ -100,7 +100,9 @@ class RoutingPlan:
         terms = self.token_weight_terms.get((alpha, beta))
         if terms is None:
             target = self.target[..., None]  # (B, T, 1)
-            terms = (torch.where(target, beta, 1.0).float(), torch.where(target, alpha, 0.0).float())
+            # fp32 whatever torch's default dtype: alpha and beta must not be rounded to a bf16 default first
+            ones = torch.ones(target.shape, dtype=torch.float32, device=target.device)
+            terms = (ones.masked_fill(target, beta), torch.zeros_like(ones).masked_fill_(target, alpha))
             self.token_weight_terms[(alpha, beta)] = terms
         return terms
 

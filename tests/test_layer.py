@@ -59,6 +59,22 @@ def test_router_weight_is_tanh_norm(tanh_norm):
     torch.testing.assert_close(layer.router_weight(s), expected)
 
 
+def test_the_router_scores_in_fp32_under_autocast():
+    """Mixed-precision training runs the model under autocast (the Trainer's bf16); the router's product must stay
+    fp32 there too, or scores tie and the ranking changes with the precision."""
+    model = tiny_causal_lm(num_layers=3)
+    routed = pmod.apply_pmod(model, pmod.PModConfig(schedule=[1.0, 0.5, 0.5]))
+    randomize_routers(routed)
+    router = routed.model.layers[1].router
+    x = torch.randn(2, 7, model.config.hidden_size)
+    plain = router(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = router(x)
+        assert torch.nn.functional.linear(x, router.weight).dtype == torch.bfloat16  # autocast is on
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, plain, rtol=0, atol=0)
+
+
 def test_router_weights_beyond_the_dtype_and_a_foreign_cache_are_refused():
     with pytest.raises(PModConfigError, match="beyond what torch.float16 holds"):
         _check_weight_range(spec(alpha=1e5), torch.float16)

@@ -98,3 +98,21 @@ def test_shared_keep_selection_equals_the_general_one():
                 assert got.chosen is not None and got.slot_valid is None
                 assert torch.equal(got.positions, want.positions)
                 assert torch.equal(got.selected, want.selected) and torch.equal(got.processed, want.processed)
+
+
+def test_token_weight_terms_are_fp32_whatever_the_default_dtype():
+    """offset + scale * tanh(s): beta and alpha at targets, 1 and 0 elsewhere, in fp32 even when torch's default dtype
+    is bf16 (alpha = 0.2 would otherwise become 0.2002 before the layers see it)."""
+    target = torch.tensor([[False, True, True, False]])
+    plan = RoutingPlan.build(target, torch.ones_like(target), [], counts=[2], padded=False)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        offset, scale = plan.weight_terms(0.2, 0.9)
+    finally:
+        torch.set_default_dtype(before)
+    assert offset.dtype == scale.dtype == torch.float32 and offset.shape == (1, 4, 1)
+    f32 = torch.tensor([0.2, 0.9], dtype=torch.float32)
+    assert offset[0, :, 0].tolist() == [1.0, f32[1].item(), f32[1].item(), 1.0]
+    assert scale[0, :, 0].tolist() == [0.0, f32[0].item(), f32[0].item(), 0.0]
+    assert plan.weight_terms(0.2, 0.9)[0] is offset  # made once per forward
