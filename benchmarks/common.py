@@ -181,6 +181,13 @@ def ideal_prefill_runner(dense, routed, ids: torch.Tensor, target: torch.Tensor,
     # the rows each routed layer processes: its kept targets and every other token
     processed = {spec.index: keep_count(targets, spec.keep_ratio) + length - targets for spec in routed.pmod.layers}
     position_ids = torch.arange(length, device=ids.device)[None]  # (1, T)
+    attn = dense.config._attn_implementation
+    if attn not in ("sdpa", "eager"):
+        raise ValueError(f"ideal_prefill_runner runs sdpa or eager attention, not {attn!r}")
+    # sdpa is causal without a mask; eager attention needs one: (1, 1, n, n) additive, per token count, made here
+    low = torch.finfo(dense.dtype).min
+    masks = {n: torch.full((n, n), low, dtype=dense.dtype, device=ids.device).triu(1)[None, None] if attn == "eager"
+             else None for n in {length, *processed.values()}}
 
     def run(ids):
         x = inner.embed_tokens(ids)  # (B, T, D)
@@ -188,13 +195,13 @@ def ideal_prefill_runner(dense, routed, ids: torch.Tensor, target: torch.Tensor,
         for index, layer in enumerate(inner.layers):
             rows = processed.get(index)
             if rows is None:
-                x = layer(x, attention_mask=None, position_embeddings=(cos, sin))
+                x = layer(x, attention_mask=masks[length], position_embeddings=(cos, sin))
             else:
                 out = x.clone()  # p-MoD writes into a fresh tensor too
-                out[:, :rows] = layer(x[:, :rows], attention_mask=None,
+                out[:, :rows] = layer(x[:, :rows], attention_mask=masks[rows],
                                       position_embeddings=(cos[:, :rows], sin[:, :rows]))
                 x = out
-        return dense.lm_head(inner.norm(x[:, -logits_to_keep:]))  # (B, logits_to_keep or T, V)
+        return dense.lm_head(inner.norm(x)[:, -logits_to_keep:])  # (B, logits_to_keep or T, V), normed as the model
 
     run = torch.compile(run, **compile_options) if compile_options is not None else run
     return lambda: run(ids)

@@ -87,7 +87,8 @@ def test_threads_benchmark(tmp_path):
     assert all(r["step_ms"] > 0 for r in rows) and out.with_suffix(".md").read_text().count("\n| ") == 2  # rows
 
 
-def test_the_ideal_prefill_computes_what_pmod_computes(monkeypatch):
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_the_ideal_prefill_computes_what_pmod_computes(attn, monkeypatch):
     """compiled.py's ideal prefill (dense layers on p-MoD's processed counts, no routing) is p-MoD's computation, at
     every position: equal to p-MoD when p-MoD processes the first tokens (text first, then the targets; zero routers
     rank by position, so each layer keeps the first k targets, and skipped ones pass with g = beta = 1), and to dense
@@ -101,7 +102,7 @@ def test_the_ideal_prefill_computes_what_pmod_computes(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     from common import dense_model, ideal_prefill_runner, prefill_runner
 
-    args = type("Args", (), dict(layers=6, hidden=64, intermediate=128, heads=4, attn="sdpa", dtype="float32",
+    args = type("Args", (), dict(layers=6, hidden=64, intermediate=128, heads=4, attn=attn, dtype="float32",
                                  device="cpu"))()
     dense = dense_model(args)
     ids = torch.randint(0, 1024, (2, 40))
