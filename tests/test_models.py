@@ -51,6 +51,25 @@ def test_random_routers_match_reference(attn, padding_side):
     assert kept == [int(16 * 0.15), int(32 * 0.15), 0, int(16 * 0.15)]
 
 
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_a_padded_batch_of_one_matches_reference(padding_side):
+    """A batch of one reads and writes its rows along the sequence (no flat indices). Padded, and planned from
+    ``target_counts`` alone (its widths then count the padding as possible slots), its routed layers have empty slots
+    that point at unprocessed positions. Against the per-example reference, planned on the device and on the host."""
+    model = pmod.apply_pmod(tiny_llava(num_layers=6), pmod.PModConfig())
+    randomize_routers(model)
+    vision = 2 * llava_tokens_per_image(model)
+    batch, _ = llava_inputs(model, [(3, 2, 4), (vision + 16, 0, 0)], padding_side=padding_side)  # row 0 is padded
+    inputs = {k: v[:1] if k != "pixel_values" else v for k, v in batch.items()}
+    assert not inputs["attention_mask"].all()
+    with torch.no_grad():
+        ref = reference_logits(model, **inputs, images_per_row=[2])
+        for counts in ({}, {"target_counts": [vision]}):
+            got = valid_rows(model(**inputs, **counts).logits, inputs["attention_mask"])
+            torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
+            assert model.routing()[5].selected.sum().item() == int(vision * 0.15)  # the deepest layer's keep count
+
+
 @pytest.mark.parametrize("ablation", [{"tanh_norm": False}, {"string": False}])
 def test_ablations_match_reference(ablation):
     """TanhNorm off (g = alpha * s + beta) and STRing off (skipped targets unchanged) against the reference."""
