@@ -295,9 +295,12 @@ class _Rows:
         self.index = pos[0] if self.by_sequence else (pos + row_start).flatten()  # (S,) or (B*S,)
 
     def take(self, t: torch.Tensor) -> torch.Tensor:
-        """``t`` (B, T) or (B, T, ...) at the rows: (B, S) or (B, S, ...)."""
+        """``t`` (B, T) or (B, T, ...) at the rows: (B, S) or (B, S, ...). A (1, T, ...) ``t`` beside a larger batch is
+        shared by its rows (rotary tables, position ids without padding): indexed once per row of ``pos``."""
         if self.by_sequence:
             return t.index_select(1, self.index)
+        if t.shape[0] == 1:
+            return t[0].index_select(0, self.pos.flatten()).view(*self.pos.shape, *t.shape[2:])
         return t.flatten(0, 1).index_select(0, self.index).view(*self.pos.shape, *t.shape[2:])
 
     def put(self, out: torch.Tensor, values: torch.Tensor) -> None:
@@ -318,20 +321,13 @@ def _rotary_rows(position_embeddings: tuple[torch.Tensor, torch.Tensor], plan: R
         both = torch.cat([cos, sin], dim=-1)  # (1 | B, T, 2d)
         plan.rotary.append((cos, both))
     dim = cos.shape[-1]
-    if both.shape[0] == 1 and not rows.by_sequence:  # shared by the batch (no padding): index it once per row
-        picked = both[0].index_select(0, rows.pos.flatten()).view(*rows.pos.shape, 2 * dim)
-    else:
-        picked = rows.take(both)  # (B, S, 2d)
+    picked = rows.take(both)  # (B, S, 2d)
     return picked[..., :dim], picked[..., dim:]
 
 
 def _position_rows(position_ids: torch.Tensor | None, rows: _Rows) -> torch.Tensor | None:
     """The position ids (1 | B, T) at the ``rows``, as (B, S)."""
-    if position_ids is None:
-        return None
-    if position_ids.shape[0] == 1 and not rows.by_sequence:
-        return position_ids[0].index_select(0, rows.pos.flatten()).view(rows.pos.shape)
-    return rows.take(position_ids)
+    return None if position_ids is None else rows.take(position_ids)
 
 
 def _subset_mask(
