@@ -102,14 +102,15 @@ def machine(device: str) -> dict:
     return info
 
 
-def interleaved(runs: dict, reps: int, device: str) -> tuple[dict[str, list[float]], float]:
-    """Seconds of each no-argument callable in ``runs`` over ``reps`` repetitions, after one warm-up call each
-    (compilation included; its seconds returned apart). The callables take turns, in reverse order every other
+def interleaved(runs: dict, reps: int, device: str, warmup: int = 1) -> tuple[dict[str, list[float]], float]:
+    """Seconds of each no-argument callable in ``runs`` over ``reps`` repetitions, after ``warmup`` untimed rounds of
+    calls (compilation included; their seconds returned apart). The callables take turns, in reverse order every other
     repetition, so that a slow spell of a shared machine falls on each alike."""
     start = time.perf_counter()
-    for run in runs.values():
-        run()
-    warmup = time.perf_counter() - start
+    for _ in range(warmup):
+        for run in runs.values():
+            run()
+    warmup_s = time.perf_counter() - start
     times: dict[str, list[float]] = {name: [] for name in runs}
     names = list(runs)
     for rep in range(reps):
@@ -117,7 +118,7 @@ def interleaved(runs: dict, reps: int, device: str) -> tuple[dict[str, list[floa
             begin = clock(device)
             runs[name]()
             times[name].append(clock(device) - begin)
-    return times, warmup
+    return times, warmup_s
 
 
 def compare(times: dict[str, list[float]]) -> dict[str, float]:

@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 from common import (
     RESULTS,
-    clock,
     compare,
     decode_runner,
     ideal_prefill_runner,
@@ -155,13 +154,7 @@ def decode_case(dense, routed, args, case, mode: str = "eager") -> dict:
         steps = args.decode_steps + warm
         runs = {"dense": decode_runner(dense, x["input_ids"], None, cache_kind, steps, options),
                 "pmod": decode_runner(routed, x["input_ids"], x["target_mask"], cache_kind, steps, options)}
-        times: dict[str, list[float]] = {"dense": [], "pmod": []}
-        for step in range(steps):
-            for name, run in runs.items():
-                start = clock(args.device)
-                run()
-                if step >= warm:
-                    times[name].append(clock(args.device) - start)
+        times, _ = interleaved(runs, args.decode_steps, args.device, warmup=warm)
     finally:
         torch.backends.cuda.enable_cudnn_sdp(previous)
     result = compare(times)
